@@ -1,0 +1,1 @@
+"""Aggregation math and server optimizers: pure functions on arrays."""

@@ -1,0 +1,54 @@
+"""Weighted mean of client updates, as a pure function and as a streaming accumulator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedforge.core.errors import FedforgeError
+from fedforge.core.params import Params
+
+
+def weighted_mean(updates: np.ndarray, weights: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Mean of ``updates`` (stacked along axis 0) weighted by ``weights``, in float64."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or len(w) != len(updates):
+        raise ValueError(f"need one weight per update: {len(updates)} updates, weights {w.shape}")
+    if np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("weights must be non-negative with a positive sum")
+    stacked = np.asarray(updates, dtype=np.float64)
+    mean: np.ndarray = np.tensordot(w, stacked, axes=1) / w.sum()
+    return mean
+
+
+class StreamingMean:
+    """Running weighted sum of updates: memory O(model), whatever the number of clients.
+
+    Sums are kept in float64 and cast back to each array's dtype by :meth:`result`.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, np.ndarray] = {}
+        self._dtypes: dict[str, np.dtype] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, update: Params, weight: float) -> None:
+        if weight <= 0:
+            raise ValueError(f"aggregation weight must be positive, got {weight}")
+        if not self._sums:
+            self._sums = {k: np.zeros(v.shape, np.float64) for k, v in update.items()}
+            self._dtypes = {k: v.dtype for k, v in update.items()}
+        for name, total in self._sums.items():
+            total += weight * update[name].astype(np.float64, copy=False)
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> Params:
+        if self.count == 0:
+            raise FedforgeError("no update was aggregated")
+        return {
+            name: (total / self.total_weight).astype(self._dtypes[name])
+            for name, total in self._sums.items()
+        }

@@ -1,0 +1,155 @@
+"""Typed run configuration: TOML file + ``--set key=value`` overrides, validated up front."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedforge.core.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Which built-in dataset to use (all offline)."""
+
+    dataset: Literal["mnist5k", "digits", "synthetic"] = "mnist5k"
+    alpha: float = Field(1.0, ge=0, description="synthetic only: model heterogeneity")
+    beta: float = Field(1.0, ge=0, description="synthetic only: feature heterogeneity")
+    devices: int = Field(30, ge=1, description="synthetic only: number of devices")
+
+
+class PartitionConfig(_Section):
+    """How training examples are split across clients."""
+
+    scheme: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "dirichlet"
+    num_clients: int = Field(100, ge=1)
+    alpha: float = Field(0.5, gt=0, description="dirichlet: concentration")
+    shards_per_client: int = Field(2, ge=1, description="shards: label shards per client")
+    exponent: float = Field(1.5, gt=0, description="quantity: Pareto tail exponent")
+
+
+class ModelConfig(_Section):
+    name: Literal["mlp", "logistic"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [200, 200], description="mlp widths")
+
+
+class ClientConfig(_Section):
+    """Local training on each client."""
+
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(10, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class ServerConfig(_Section):
+    """The round loop and the server optimizer."""
+
+    rounds: int = Field(50, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    lr: float = Field(1.0, gt=0, description="server learning rate (1.0 = plain FedAvg)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="server momentum (FedAvgM)")
+
+
+class RuntimeConfig(_Section):
+    backend: Literal["sequential"] = "sequential"
+    threads: int = Field(1, ge=1, description="torch intra-op threads")
+
+
+class RunConfig(_Section):
+    """A whole run. Every key has a default, so an empty file is the embedded default."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    client: ClientConfig = ClientConfig()
+    server: ServerConfig = ServerConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.partition.scheme == "natural" and self.data.dataset != "synthetic":
+            raise ValueError(
+                "partition.scheme 'natural' needs data.dataset = 'synthetic' "
+                "(the only dataset with its own devices)"
+            )
+        clients = (
+            self.data.devices if self.partition.scheme == "natural" else self.partition.num_clients
+        )
+        if self.server.clients_per_round > clients:
+            raise ValueError(
+                f"server.clients_per_round ({self.server.clients_per_round}) exceeds the "
+                f"number of clients ({clients})"
+            )
+        return self
+
+
+def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<config>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            section: Any = model
+            for part in err["loc"][:-1]:
+                section = section.model_fields[str(part)].annotation
+            allowed = ", ".join(section.model_fields)
+            msg = f"unknown key; allowed keys here: {allowed}"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is read as TOML."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    *sections, leaf = key.strip().split(".")
+    node = raw
+    for part in sections:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = _parse_value(value.strip())
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (or the defaults), apply ``overrides``, validate; raise ConfigError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, RunConfig)) from None
+
+
+def to_toml(config: RunConfig) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(config.model_dump(mode="json"))

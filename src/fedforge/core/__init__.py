@@ -1,0 +1,1 @@
+"""Framework-neutral building blocks: parameters, results, randomness, errors."""

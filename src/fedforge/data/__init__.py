@@ -1,0 +1,1 @@
+"""Offline datasets and the partitioners that split them across clients."""

@@ -1,0 +1,1 @@
+"""Run history, run directories and plots."""

@@ -1,0 +1,48 @@
+"""Live terminal progress for a run: round, accuracy, loss, clients done."""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedforge.core.results import ClientOutcome
+from fedforge.report.history import RoundRecord
+from fedforge.runtime.loop import RoundListener
+
+
+class ProgressListener(RoundListener):
+    """Drives a rich progress bar from round-loop events."""
+
+    def __init__(self, progress: Progress, total_rounds: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task(
+            "training", total=total_rounds, acc="  -  ", loss="  -  ", clients="-"
+        )
+        self._sampled = 0
+        self._done = 0
+
+    @staticmethod
+    def make_progress() -> Progress:
+        return Progress(
+            TextColumn("round {task.completed:>4.0f}/{task.total:.0f}"),
+            BarColumn(),
+            TextColumn("acc {task.fields[acc]}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("clients {task.fields[clients]}"),
+            TimeElapsedColumn(),
+        )
+
+    def round_started(self, round_number: int, client_ids: list[int]) -> None:
+        self._sampled, self._done = len(client_ids), 0
+        self.progress.update(self.task, clients=f"0/{self._sampled}")
+
+    def client_done(self, outcome: ClientOutcome, accepted: bool) -> None:
+        self._done += 1
+        self.progress.update(self.task, clients=f"{self._done}/{self._sampled}")
+
+    def round_finished(self, record: RoundRecord) -> None:
+        self.progress.update(
+            self.task,
+            advance=1,
+            acc=f"{100 * record.test_accuracy:5.1f}%",
+            loss=f"{record.test_loss:.3f}",
+        )

@@ -1,0 +1,1 @@
+"""Runtimes: the round loop and the backends that execute client work."""

@@ -1,0 +1,1 @@
+"""Client-side local training for PyTorch models."""

@@ -1,0 +1,35 @@
+"""Shared fixtures: small, fast federated problems."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedforge.data import partition
+from fedforge.data.datasets import ArrayDataset
+from fedforge.data.federated import FederatedDataset
+
+torch.set_num_threads(1)
+
+
+def make_blobs(n: int, dim: int = 8, classes: int = 3, seed: int = 0) -> ArrayDataset:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (classes, dim))
+    y = rng.integers(0, classes, n)
+    x = (centers[y] + rng.normal(size=(n, dim))).astype(np.float32)
+    return ArrayDataset(x, y.astype(np.int64))
+
+
+@pytest.fixture
+def small_federated() -> FederatedDataset:
+    train, test = make_blobs(300, seed=0), make_blobs(100, seed=1)
+    parts = partition.dirichlet(train.y, 10, 0.5, np.random.default_rng(0))
+    return FederatedDataset(train, test, parts)
+
+
+def small_mlp(dim: int = 8, classes: int = 3, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(dim, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes)
+    )
