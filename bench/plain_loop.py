@@ -1,0 +1,66 @@
+"""A plain PyTorch FedAvg loop: the baseline fedforge is measured against.
+
+No fedforge abstractions: a module, ``load_state_dict``, ``torch.optim.SGD`` and a weighted
+sum of state dicts. It draws sampling and batch order from the same seeded streams as
+fedforge so both train on identical batches, which makes accuracy directly comparable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedforge.core.rng import Purpose, RngStreams
+from fedforge.data.federated import FederatedDataset
+
+
+def plain_fedavg(
+    model: torch.nn.Module,
+    data: FederatedDataset,
+    *,
+    rounds: int,
+    clients_per_round: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> list[float]:
+    """Run FedAvg; return the test accuracy after every round."""
+    streams = RngStreams(seed)
+    x_all, y_all = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
+    x_test, y_test = torch.from_numpy(data.test.x), torch.from_numpy(data.test.y)
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    accuracies = []
+    for r in range(1, rounds + 1):
+        sampling = streams.generator(Purpose.SAMPLING, r)
+        chosen = sorted(sampling.choice(data.num_clients, clients_per_round, replace=False))
+        sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
+        total = 0
+        for cid in chosen:
+            idx = torch.from_numpy(data.partition[cid])
+            x, y = x_all[idx], y_all[idx]
+            model.load_state_dict(global_state)
+            opt = torch.optim.SGD(model.parameters(), lr=lr)
+            rng = streams.generator(Purpose.CLIENT, r, int(cid))
+            for _ in range(epochs):
+                perm = torch.from_numpy(rng.permutation(len(y)))
+                for start in range(0, len(y), batch_size):
+                    b = perm[start : start + batch_size]
+                    opt.zero_grad()
+                    F.cross_entropy(model(x[b]), y[b]).backward()
+                    opt.step()
+            n = len(y)
+            for k, v in model.state_dict().items():
+                sums[k] += n * v.double()
+            total += n
+        global_state = {k: (s / total).to(global_state[k].dtype) for k, s in sums.items()}
+        model.load_state_dict(global_state)
+        with torch.no_grad():
+            accuracies.append(float((model(x_test).argmax(1) == y_test).float().mean()))
+    return accuracies
+
+
+def batch_rng(seed: int, round_number: int, client_id: int) -> np.random.Generator:
+    """The client stream both loops use (exposed for tests)."""
+    return RngStreams(seed).generator(Purpose.CLIENT, round_number, client_id)
