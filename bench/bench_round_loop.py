@@ -15,11 +15,10 @@ import time
 
 import torch
 
+from bench.plain_loop import plain_fedavg
 from fedforge.config import load_config
 from fedforge.experiment import build_algorithm, build_dataset, build_model
 from fedforge.runtime.simulation import simulate
-
-from bench.plain_loop import plain_fedavg
 
 
 def main() -> None:
@@ -36,14 +35,27 @@ def main() -> None:
     c, s = cfg.client, cfg.server
 
     def run_fedforge() -> float:
-        result = simulate(copy.deepcopy(model), data, build_algorithm(cfg), rounds=s.rounds,
-                          clients_per_round=s.clients_per_round, seed=cfg.seed)
+        result = simulate(
+            copy.deepcopy(model),
+            data,
+            build_algorithm(cfg),
+            rounds=s.rounds,
+            clients_per_round=s.clients_per_round,
+            seed=cfg.seed,
+        )
         return result.history[-1].test_accuracy
 
     def run_plain() -> float:
-        accs = plain_fedavg(copy.deepcopy(model), data, rounds=s.rounds,
-                            clients_per_round=s.clients_per_round, epochs=c.epochs,
-                            batch_size=c.batch_size, lr=c.lr, seed=cfg.seed)
+        accs = plain_fedavg(
+            copy.deepcopy(model),
+            data,
+            rounds=s.rounds,
+            clients_per_round=s.clients_per_round,
+            epochs=c.epochs,
+            batch_size=c.batch_size,
+            lr=c.lr,
+            seed=cfg.seed,
+        )
         return accs[-1]
 
     times: dict[str, list[float]] = {"fedforge sequential": [], "plain PyTorch loop": []}
@@ -54,10 +66,12 @@ def main() -> None:
             accuracy[name] = fn()
             times[name].append(time.perf_counter() - start)
 
-    print(f"workload: {cfg.data.dataset}, {cfg.partition.num_clients} clients "
-          f"{cfg.partition.scheme}({cfg.partition.alpha}), {s.clients_per_round}/round, "
-          f"{s.rounds} rounds, E={c.epochs} B={c.batch_size} lr={c.lr}, torch threads=1, "
-          f"median of {args.repeats}")
+    print(
+        f"workload: {cfg.data.dataset}, {cfg.partition.num_clients} clients "
+        f"{cfg.partition.scheme}({cfg.partition.alpha}), {s.clients_per_round}/round, "
+        f"{s.rounds} rounds, E={c.epochs} B={c.batch_size} lr={c.lr}, torch threads=1, "
+        f"median of {args.repeats}"
+    )
     base = statistics.median(times["plain PyTorch loop"])
     print(f"{'runtime':<22}{'round loop s':>14}{'ratio':>8}{'accuracy':>10}")
     for name, ts in times.items():

@@ -50,7 +50,7 @@ def run(
         raise typer.Exit(2) from None
     out_dir = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     logging.basicConfig(
-        level=logging.WARNING,
+        level=logging.INFO,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )

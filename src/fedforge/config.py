@@ -59,8 +59,16 @@ class ServerConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    backend: Literal["sequential"] = "sequential"
-    threads: int = Field(1, ge=1, description="torch intra-op threads")
+    """How clients execute in simulation."""
+
+    backend: Literal["auto", "sequential", "vectorized", "workers", "ray"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch threads (default: per backend)")
+    num_workers: int = Field(2, ge=1, description="workers / ray: processes or actors")
+    memory_budget_mb: int | None = Field(None, ge=1, description="vectorized: MiB per chunk")
+    device: str | None = Field(
+        None, description="vectorized: torch device (default: cuda if present)"
+    )
+    ray_address: str | None = Field(None, description="ray: cluster address (default: local)")
 
 
 class RunConfig(_Section):
@@ -152,4 +160,5 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 def to_toml(config: RunConfig) -> str:
     import tomli_w
 
-    return tomli_w.dumps(config.model_dump(mode="json"))
+    # TOML has no null: keys left at None ("decide automatically") are omitted.
+    return tomli_w.dumps(config.model_dump(mode="json", exclude_none=True))

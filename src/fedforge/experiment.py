@@ -14,6 +14,7 @@ from fedforge.data import partition as part
 from fedforge.data.datasets import load_digits, load_mnist5k, make_synthetic
 from fedforge.data.federated import FederatedDataset
 from fedforge.report.rundir import write_run_dir
+from fedforge.runtime.backends import BackendOptions
 from fedforge.runtime.loop import RoundListener
 from fedforge.runtime.simulation import SimulationResult, simulate
 from fedforge.train.local_sgd import LocalSGD
@@ -63,6 +64,16 @@ def build_algorithm(config: RunConfig) -> FedAvg:
     )
 
 
+def backend_options(config: RunConfig) -> BackendOptions:
+    rt = config.runtime
+    return BackendOptions(
+        num_workers=rt.num_workers,
+        memory_budget=rt.memory_budget_mb << 20 if rt.memory_budget_mb else None,
+        device=rt.device,
+        ray_address=rt.ray_address,
+    )
+
+
 def run_experiment(
     config: RunConfig, out_dir: Path, listener: RoundListener | None = None
 ) -> SimulationResult:
@@ -75,6 +86,8 @@ def run_experiment(
         rounds=config.server.rounds,
         clients_per_round=config.server.clients_per_round,
         seed=config.seed,
+        backend=config.runtime.backend,
+        options=backend_options(config),
         threads=config.runtime.threads,
         listener=listener,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
@@ -12,8 +13,8 @@ from fedforge.algorithms.fedavg import FedAvg
 from fedforge.core.rng import RngStreams
 from fedforge.data.federated import FederatedDataset
 from fedforge.report.history import History
+from fedforge.runtime.backends import BackendName, BackendOptions, make_backend, resolve_backend
 from fedforge.runtime.loop import RoundListener, RoundLoop
-from fedforge.runtime.sequential import SequentialBackend
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.torch_model import TorchModel
 
@@ -25,6 +26,7 @@ class SimulationResult:
     history: History
     state: ServerState
     model: torch.nn.Module
+    backend: str
 
 
 def simulate(
@@ -35,30 +37,37 @@ def simulate(
     rounds: int,
     clients_per_round: int,
     seed: int = 0,
-    threads: int | None = 1,
+    backend: BackendName = "sequential",
+    options: BackendOptions | None = None,
+    threads: int | None = None,
     listener: RoundListener | None = None,
 ) -> SimulationResult:
-    """Run ``rounds`` of federated training in this process and return the result.
+    """Run ``rounds`` of federated training and return the result.
 
     ``model``'s current weights are the initial global model; it is not modified (the
-    returned ``result.model`` is a trained copy). ``threads`` sets torch's intra-op thread
-    count for the run (1 is fastest for small per-client models; ``None`` leaves it alone).
+    returned ``result.model`` is a trained copy). ``backend`` picks how clients execute:
+    ``sequential`` (reference), ``vectorized`` (one batched program per cohort, CUDA when
+    present), ``workers`` (persistent forked processes), ``ray``, or ``auto``. ``threads``
+    sets torch's intra-op threads in this process; by default 1 (fastest for one small
+    client at a time) except for ``vectorized``, which uses every core.
     """
-    if threads is not None:
-        torch.set_num_threads(threads)
     algorithm = algorithm or FedAvg()
+    chosen = resolve_backend(backend, algorithm, model)
+    default_threads = (os.cpu_count() or 1) if chosen == "vectorized" else 1
+    torch.set_num_threads(threads or default_threads)
     streams = RngStreams(seed)
-    client_model = TorchModel(copy.deepcopy(model))
     eval_model = TorchModel(copy.deepcopy(model))
 
     def evaluator(params: dict) -> Evaluation:  # type: ignore[type-arg]
         eval_model.set_params(params)
         return evaluate(eval_model, data.test)
 
-    backend = SequentialBackend(algorithm, client_model, data, streams)
+    runner = make_backend(
+        chosen, algorithm, copy.deepcopy(model), data, streams, options or BackendOptions()
+    )
     loop = RoundLoop(
         algorithm=algorithm,
-        backend=backend,
+        backend=runner,
         num_clients=data.num_clients,
         clients_per_round=clients_per_round,
         streams=streams,
@@ -73,6 +82,6 @@ def simulate(
             state, record = loop.run_round(state)
             history.append(record)
     finally:
-        backend.close()
+        runner.close()
     eval_model.set_params(state.params)
-    return SimulationResult(history=history, state=state, model=eval_model.module)
+    return SimulationResult(history=history, state=state, model=eval_model.module, backend=chosen)

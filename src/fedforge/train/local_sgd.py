@@ -44,6 +44,10 @@ class LocalSGD:
     weight_decay: float = 0.0
     loss_fn: LossFn = F.cross_entropy
 
+    def num_steps(self, num_examples: int) -> int:
+        """Local SGD steps a client with ``num_examples`` examples takes per round."""
+        return self.epochs * -(-num_examples // self.batch_size)
+
     def train(self, model: TorchModel, data: ArrayDataset, rng: np.random.Generator) -> float:
         """Train ``model`` in place; return the example-weighted mean training loss."""
         module = model.module
