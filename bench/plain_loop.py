@@ -7,6 +7,8 @@ fedforge so both train on identical batches, which makes accuracy directly compa
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,14 +27,17 @@ def plain_fedavg(
     batch_size: int,
     lr: float,
     seed: int,
+    round_times: list[float] | None = None,
 ) -> list[float]:
-    """Run FedAvg; return the test accuracy after every round."""
+    """Run FedAvg; return the test accuracy after every round (and append round seconds to
+    ``round_times`` if given)."""
     streams = RngStreams(seed)
     x_all, y_all = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
     x_test, y_test = torch.from_numpy(data.test.x), torch.from_numpy(data.test.y)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     accuracies = []
     for r in range(1, rounds + 1):
+        started = time.perf_counter()
         sampling = streams.generator(Purpose.SAMPLING, r)
         chosen = sorted(sampling.choice(data.num_clients, clients_per_round, replace=False))
         sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
@@ -58,6 +63,8 @@ def plain_fedavg(
         model.load_state_dict(global_state)
         with torch.no_grad():
             accuracies.append(float((model(x_test).argmax(1) == y_test).float().mean()))
+        if round_times is not None:
+            round_times.append(time.perf_counter() - started)
     return accuracies
 
 

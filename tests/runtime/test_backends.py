@@ -14,6 +14,7 @@ from fedforge.core.results import ClientResult
 from fedforge.experiment import build_algorithm, build_dataset, build_model
 from fedforge.runtime.backends import BackendOptions, resolve_backend
 from fedforge.runtime.simulation import simulate
+from fedforge.train.cohort_mlp import mlp_structure
 from fedforge.train.local_sgd import LocalSGD
 from tests.conftest import small_mlp
 
@@ -34,17 +35,38 @@ def _assert_same(a, b, atol: float = 1e-5) -> None:  # type: ignore[no-untyped-d
         assert ra.test_loss == pytest.approx(rb.test_loss, rel=1e-4)
 
 
+def tanh_net() -> torch.nn.Module:
+    """Not a Linear/ReLU stack, so the vectorized backend takes the generic vmap path."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+
+
+@pytest.mark.parametrize(
+    "local", [LOCAL, LocalSGD(lr=0.2, epochs=1, batch_size=5)], ids=["momentum-wd", "plain-sgd"]
+)
+@pytest.mark.parametrize("make_model", [small_mlp, tanh_net], ids=["mlp-fused", "tanh-vmap"])
 @pytest.mark.parametrize("backend", ["vectorized", "workers"])
-def test_backend_equals_sequential_on_ragged_dirichlet(small_federated, backend: str) -> None:  # type: ignore[no-untyped-def]
+def test_backend_equals_sequential_on_ragged_dirichlet(  # type: ignore[no-untyped-def]
+    small_federated, backend: str, make_model, local: LocalSGD
+) -> None:
     sizes = [small_federated.client_size(c) for c in range(10)]
     assert max(sizes) > 3 * min(sizes)  # really ragged
     kwargs = dict(rounds=3, clients_per_round=6, seed=4)
     seq = simulate(
-        small_mlp(), small_federated, FedAvg(local=LOCAL), backend="sequential", **kwargs
+        make_model(), small_federated, FedAvg(local=local), backend="sequential", **kwargs
     )  # type: ignore[arg-type]
-    other = simulate(small_mlp(), small_federated, FedAvg(local=LOCAL), backend=backend, **kwargs)  # type: ignore[arg-type]
+    other = simulate(make_model(), small_federated, FedAvg(local=local), backend=backend, **kwargs)  # type: ignore[arg-type]
     assert other.backend == backend
     _assert_same(seq, other)
+
+
+def test_mlp_structure_detection() -> None:
+    assert mlp_structure(small_mlp()) is not None
+    assert mlp_structure(tanh_net()) is None
+    relu_last = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    assert mlp_structure(relu_last) is None
+    layers = mlp_structure(torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False)))
+    assert layers is not None and layers[0].bias is None
 
 
 def test_vectorized_chunks_do_not_change_results(small_federated) -> None:  # type: ignore[no-untyped-def]

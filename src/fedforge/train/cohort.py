@@ -3,7 +3,8 @@
 Per-client parameters are stacked along a leading axis and every local step runs
 ``vmap(grad(loss))`` over the clients that still have a batch at that step. Clients are
 ordered by their number of steps (most first), so the clients active at any step are a
-prefix of the stack and no work is spent on clients that are done. A short last batch is
+prefix of the stack and no work is spent on clients that are done. Plain MLPs take a fused
+path (:mod:`fedforge.train.cohort_mlp`) that never materializes gradients. A short last batch is
 padded and masked, so each client's loss is the mean over its real examples, exactly as in
 :class:`~fedforge.train.local_sgd.LocalSGD`. Batch order comes from the same
 :func:`~fedforge.train.local_sgd.batch_order`, so the steps equal the sequential runtime's.
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedforge.train.cohort_mlp import fused_sgd_step, mlp_structure
 from fedforge.train.local_sgd import LocalSGD, batch_order
 
 
@@ -85,6 +87,7 @@ class CohortTrainer:
             return (F.cross_entropy(logits, y, reduction="none") * m).sum() / m.sum()
 
         self._grads = vmap(grad_and_value(masked_loss), randomness="error")
+        self._mlp = mlp_structure(module)
 
     def bytes_per_client(self, sample_params: dict[str, np.ndarray]) -> int:
         """Rough peak memory one client adds to a chunk (params, grads, momentum, activations)."""
@@ -145,6 +148,22 @@ class CohortTrainer:
         mask = torch.from_numpy(mask_np).to(self.device)
         x, y = self.x[idx], self.y[idx]
         params = {n: t[:active] for n, t in stacked.items()}
+        if self._mlp is not None:
+            with torch.no_grad():
+                buffers = {n: t[:active] for n, t in momentum.items()}
+                losses = fused_sgd_step(
+                    self._mlp,
+                    params,
+                    buffers,
+                    x,
+                    y,
+                    mask,
+                    local.lr,
+                    local.momentum,
+                    local.weight_decay,
+                )
+                loss_sum[:active] += losses.double() * mask.sum(dim=1).double()
+            return
         grads, losses = self._grads(params, x, y, mask)
         with torch.no_grad():
             loss_sum[:active] += losses.double() * mask.sum(dim=1).double()
