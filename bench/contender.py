@@ -39,22 +39,8 @@ class Timer(RoundListener):
         self.rounds.append(record.wall_seconds)
 
 
-def warm_up() -> None:
-    """Pay torch's lazy first-use imports (optimizer, torch.func: ~1.3 s) before timing, so
-    round times measure rounds; the cost still counts in start-up and whole-process time."""
-    layer = torch.nn.Linear(2, 2)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-    layer(torch.ones(1, 2)).sum().backward()
-    opt.step()
-    params = dict(layer.named_parameters())
-    torch.func.vmap(torch.func.grad(lambda p, x: torch.func.functional_call(layer, p, (x,)).sum()))(
-        {k: v.detach().unsqueeze(0) for k, v in params.items()}, torch.ones(1, 1, 2)
-    )
-
-
 def main() -> None:
     name, n, k, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    warm_up()
     work = wl.build(n)
     model = mlp(784, 10)
     TorchModel(model).set_params(work.init)

@@ -75,5 +75,132 @@ def run(
     )
 
 
+keys_app = typer.Typer(help="Create and manage deployment credentials.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=level, format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+def _fail(exc: Exception, code: int = 1) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(code)
+
+
+@keys_app.command("init")
+def keys_init(
+    directory: Annotated[Path, typer.Argument(help="Keys directory to create.")] = Path("keys"),
+    name: Annotated[
+        list[str] | None,
+        typer.Option("--name", help="Server DNS name or IP (repeatable)."),
+    ] = None,
+) -> None:
+    """Create a CA and a server certificate (default names: localhost, 127.0.0.1)."""
+    from fedforge.net.keys import init_keys
+
+    try:
+        init_keys(directory, name or ["localhost", "127.0.0.1"])
+    except FedforgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"created CA and server certificate in {directory}")
+
+
+@keys_app.command("add-client")
+def keys_add_client(
+    name: Annotated[str, typer.Argument(help="Client name (its identity).")],
+    keys: Annotated[Path, typer.Option("--keys", help="Keys directory.")] = Path("keys"),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Credentials directory (default KEYS/NAME).")
+    ] = None,
+) -> None:
+    """Issue a client certificate and write the client's credentials directory."""
+    from fedforge.net.keys import add_client
+
+    target = out or keys / name
+    try:
+        add_client(keys, name, target)
+    except FedforgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"client {name!r}: credentials in {target} (hand this directory to the client)")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    name: Annotated[str, typer.Argument(help="Client to revoke.")],
+    keys: Annotated[Path, typer.Option("--keys", help="Keys directory.")] = Path("keys"),
+) -> None:
+    """Revoke a client's certificate (takes effect when the server next starts)."""
+    from fedforge.net.keys import revoke_client
+
+    try:
+        serial = revoke_client(keys, name)
+    except FedforgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"revoked {name!r} (serial {serial})")
+
+
+@app.command()
+def server(
+    config: Annotated[Path | None, typer.Argument(help="TOML run configuration.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key.")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="No TLS or authentication (local demos only).")
+    ] = False,
+    client: Annotated[
+        list[str] | None, typer.Option("--client", help="--insecure only: allowed client names.")
+    ] = None,
+) -> None:
+    """Serve a federated run over gRPC (mutual TLS); resumes from deploy.state_dir."""
+    from fedforge.config import load_config
+
+    _setup_logging()
+    try:
+        cfg = load_config(config, set_)
+    except FedforgeError as exc:
+        raise _fail(exc, 2) from None
+    from fedforge.net.server import run_server
+
+    if insecure:
+        console.print("[bold red]WARNING: --insecure: traffic is unencrypted and clients are "
+                      "not authenticated. Never use this beyond localhost.[/]")
+    try:
+        result = run_server(cfg, insecure=insecure, client_names=client)
+    except FedforgeError as exc:
+        raise _fail(exc) from None
+    last = result.history[-1]
+    console.print(f"run {result.run_id} complete: {len(result.history)} rounds, test accuracy "
+                  f"{100 * last.test_accuracy:.2f}%", soft_wrap=True)
+
+
+@app.command("client")
+def client_command(
+    server_address: Annotated[str, typer.Option("--server", help="Server HOST:PORT.")],
+    credentials: Annotated[
+        Path | None, typer.Option("--credentials", help="Credentials directory (add-client).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Local data .npz (arrays x, y); default: the run's partition."),
+    ] = None,
+    name: Annotated[str, typer.Option("--name", help="--insecure servers only: client name.")] = "",
+) -> None:
+    """Join a federated run: train on pushed work until the run completes."""
+    from fedforge.net.client import FederatedClient, builtin_partition, npz_loader
+    from fedforge.net.keys import ClientCredentials
+
+    _setup_logging()
+    try:
+        creds = ClientCredentials.load(credentials) if credentials else None
+        loader = npz_loader(str(data)) if data else builtin_partition
+        rounds = FederatedClient(server_address, creds, loader, name=name).run()
+    except FedforgeError as exc:
+        raise _fail(exc) from None
+    console.print(f"done: trained in {rounds} rounds")
+
+
 if __name__ == "__main__":
     app()

@@ -71,6 +71,23 @@ class RuntimeConfig(_Section):
     ray_address: str | None = Field(None, description="ray: cluster address (default: local)")
 
 
+class DeployConfig(_Section):
+    """The network server (``fedforge server``); ignored by simulations."""
+
+    address: str = Field("127.0.0.1:8443", description="host:port to listen on")
+    keys: str = Field("keys", description="keys directory from `fedforge keys init`")
+    state_dir: str = Field("server-state", description="checkpoints (SQLite + safetensors)")
+    min_clients: int = Field(2, ge=1, description="connected clients needed to start a round")
+    min_completed: int = Field(1, ge=1, description="accepted results for a round to count")
+    round_timeout_s: float = Field(120.0, gt=0, description="deadline for a client's result")
+    max_retries: int = Field(3, ge=0, description="re-sampled attempts of a failed round")
+    heartbeat_s: float = Field(5.0, gt=0, description="idle heartbeat interval")
+    max_message_mb: int = Field(16, ge=2, description="gRPC message size limit")
+    chunk_kb: int = Field(1024, ge=1, description="size of one streamed chunk")
+    max_payload_mb: int = Field(4096, ge=1, description="largest model or update accepted")
+    max_examples: int = Field(10_000_000, ge=1, description="hard cap on a claimed sample count")
+
+
 class RunConfig(_Section):
     """A whole run. Every key has a default, so an empty file is the embedded default."""
 
@@ -81,6 +98,7 @@ class RunConfig(_Section):
     client: ClientConfig = ClientConfig()
     server: ServerConfig = ServerConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

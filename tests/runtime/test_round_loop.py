@@ -118,7 +118,7 @@ def test_sampling_is_uniform_without_replacement() -> None:
     rng = np.random.default_rng(0)
     counts = np.zeros(20)
     for _ in range(2000):
-        ids = sample_clients(20, 5, rng)
+        ids = sample_clients(range(20), 5, rng)
         assert len(set(ids)) == 5 and ids == sorted(ids)
         counts[ids] += 1
     np.testing.assert_allclose(counts / 2000, 0.25, atol=0.04)

@@ -30,6 +30,7 @@ class StreamingMean:
 
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
+        self._scratch: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] = {}
         self.total_weight = 0.0
         self.count = 0
@@ -39,9 +40,12 @@ class StreamingMean:
             raise ValueError(f"aggregation weight must be positive, got {weight}")
         if not self._sums:
             self._sums = {k: np.zeros(v.shape, np.float64) for k, v in update.items()}
+            self._scratch = {k: np.empty(v.shape, np.float64) for k, v in update.items()}
             self._dtypes = {k: v.dtype for k, v in update.items()}
         for name, total in self._sums.items():
-            total += weight * update[name].astype(np.float64, copy=False)
+            # weight * update, widened to float64 inside the ufunc (no temporary copies).
+            product = np.multiply(update[name], weight, out=self._scratch[name], dtype=np.float64)
+            total += product
         self.total_weight += weight
         self.count += 1
 

@@ -23,11 +23,16 @@ class ClientResult:
 
 @dataclass(frozen=True)
 class ClientFailure:
-    """A client that raised, crashed or timed out; the round goes on without it."""
+    """A client that raised, crashed or timed out; the round goes on without it.
+
+    ``rejected`` marks a result that arrived but broke the protocol (bad chunks, digest,
+    encoding); the round loop counts it with the rejected results.
+    """
 
     client_id: int
     error: str
     traceback: str = ""
+    rejected: bool = False
 
 
 ClientOutcome = ClientResult | ClientFailure

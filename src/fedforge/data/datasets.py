@@ -32,12 +32,21 @@ class ArrayDataset:
 def _stratified_split(
     x: np.ndarray, y: np.ndarray, test_size: int, seed: int
 ) -> tuple[ArrayDataset, ArrayDataset]:
-    from sklearn.model_selection import train_test_split
-
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_size, stratify=y, random_state=seed
-    )
-    return ArrayDataset(x_tr, y_tr), ArrayDataset(x_te, y_te)
+    """Split keeping class proportions: each class gives its share (largest remainder) of
+    ``test_size`` examples, chosen by a fixed permutation."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    exact = test_size * counts / counts.sum()
+    take = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - take), kind="stable")[: test_size - take.sum()]:
+        take[i] += 1
+    test_idx = np.concatenate([
+        rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take, strict=True)
+    ])
+    is_test = np.zeros(len(y), dtype=bool)
+    is_test[test_idx] = True
+    train_idx, test_idx = rng.permutation(np.flatnonzero(~is_test)), np.sort(test_idx)
+    return ArrayDataset(x[train_idx], y[train_idx]), ArrayDataset(x[test_idx], y[test_idx])
 
 
 def load_mnist5k() -> tuple[ArrayDataset, ArrayDataset]:

@@ -6,6 +6,8 @@ and is deterministic given its generator.
 
 from __future__ import annotations
 
+import heapq
+
 import numpy as np
 
 from fedforge.core.errors import DataError
@@ -23,12 +25,17 @@ def _check(n: int, num_clients: int) -> None:
 
 
 def _fill_empty(parts: list[list[int]] | list[np.ndarray]) -> Partition:
-    """Move one example from the largest client to each empty one."""
+    """Move one example from the currently largest client to each empty one."""
     out = [np.asarray(p, dtype=np.int64) for p in parts]
-    for i, part in enumerate(out):
-        if len(part) == 0:
-            donor = max(range(len(out)), key=lambda j: len(out[j]))
+    empty = [i for i, part in enumerate(out) if len(part) == 0]
+    if empty:
+        donors = [(-len(part), i) for i, part in enumerate(out) if len(part) > 1]
+        heapq.heapify(donors)
+        for i in empty:
+            _, donor = heapq.heappop(donors)
             out[i], out[donor] = out[donor][-1:], out[donor][:-1]
+            if len(out[donor]) > 1:
+                heapq.heappush(donors, (-len(out[donor]), donor))
     return [np.sort(p) for p in out]
 
 

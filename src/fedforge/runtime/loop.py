@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from fedforge.algorithms.base import Algorithm, ServerState
@@ -45,26 +45,29 @@ class RoundListener:
 class RoundLoop:
     """Drives rounds of ``algorithm`` on ``backend``.
 
-    ``example_cap(client_id)`` is the largest sample count the server accepts from that
-    client (in simulation, the size of its dataset).
+    ``population()`` lists the client ids that may be sampled now (in simulation all of
+    them; in deployment the connected ones). ``example_cap(client_id)`` is the largest sample
+    count the server accepts from that client (in simulation, the size of its dataset).
     """
 
     algorithm: Algorithm
     backend: ClientBackend
-    num_clients: int
+    population: Callable[[], Sequence[int]]
     clients_per_round: int
     streams: RngStreams
     example_cap: Callable[[int], int]
     evaluator: Evaluator | None = None
     listener: RoundListener = field(default_factory=RoundListener)
 
-    def run_round(self, state: ServerState) -> tuple[ServerState, RoundRecord]:
+    def run_round(self, state: ServerState, attempt: int = 0) -> tuple[ServerState, RoundRecord]:
+        """Run round ``state.round + 1``; ``attempt`` > 0 re-draws the sample for a retry."""
         start = time.perf_counter()
         round_number = state.round + 1
+        coords = (round_number,) if attempt == 0 else (round_number, attempt)
         sampled = sample_clients(
-            self.num_clients,
+            self.population(),
             self.clients_per_round,
-            self.streams.generator(Purpose.SAMPLING, round_number),
+            self.streams.generator(Purpose.SAMPLING, *coords),
         )
         self.listener.round_started(round_number, sampled)
         spec = spec_of(state.params)
@@ -73,7 +76,15 @@ class RoundLoop:
         loss_sum = weight_sum = 0.0
         for outcome in self.backend.run(round_number, sampled, state.params):
             accepted = False
-            if isinstance(outcome, ClientFailure):
+            if isinstance(outcome, ClientFailure) and outcome.rejected:
+                rejected += 1
+                log.warning(
+                    "round %d: rejected result of client %d: %s",
+                    round_number,
+                    outcome.client_id,
+                    outcome.error,
+                )
+            elif isinstance(outcome, ClientFailure):
                 failed += 1
                 log.warning(
                     "round %d: client %d failed: %s\n%s",

@@ -68,7 +68,7 @@ def simulate(
     loop = RoundLoop(
         algorithm=algorithm,
         backend=runner,
-        num_clients=data.num_clients,
+        population=lambda: range(data.num_clients),
         clients_per_round=clients_per_round,
         streams=streams,
         example_cap=data.client_size,

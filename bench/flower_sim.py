@@ -1,0 +1,123 @@
+"""Flower's simulation on the benchmark workload; runs in the Flower venv (no fedforge there).
+
+    .venv-flwr/bin/python bench/flower_sim.py WORKLOAD.npz N K ROUNDS
+
+Uses flwr 1.41's ``run_simulation`` with the Ray backend, the FedAvg strategy, centralized
+evaluation each round, and the same local training as the plain loop (same arrays,
+partition, initial weights and per-(round, client) batch-order streams; Flower samples the
+clients itself). Prints one JSON line like ``bench/contender.py``.
+"""
+
+from __future__ import annotations
+
+import time
+
+PROCESS_START = time.perf_counter()
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+WORKLOAD, N, K, ROUNDS = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+EPOCHS, BATCH, LR, SEED = 1, 10, 0.05, 0
+
+
+def load() -> dict[str, np.ndarray]:
+    with np.load(WORKLOAD, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def make_model() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(784, 200), torch.nn.ReLU(), torch.nn.Linear(200, 200), torch.nn.ReLU(),
+        torch.nn.Linear(200, 10),
+    )
+
+
+def set_weights(model: torch.nn.Module, weights: list[np.ndarray]) -> None:
+    state = dict(zip(model.state_dict(), (torch.from_numpy(np.copy(w)) for w in weights),
+                     strict=True))
+    model.load_state_dict(state)
+
+
+def main() -> None:
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    data = load()
+    init = [data[f"init/{k}"] for k in make_model().state_dict()]
+    offsets = data["part_offsets"]
+
+    class TorchClient(NumPyClient):  # type: ignore[misc]
+        def __init__(self, cid: int) -> None:
+            torch.set_num_threads(1)
+            idx = data["part_indices"][offsets[cid] : offsets[cid + 1]]
+            self.cid = cid
+            self.x = torch.from_numpy(data["x_train"][idx])
+            self.y = torch.from_numpy(data["y_train"][idx])
+            self.model = make_model()
+
+        def fit(self, parameters, config):  # type: ignore[no-untyped-def]
+            set_weights(self.model, parameters)
+            opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+            seq = np.random.SeedSequence(SEED, spawn_key=(3, int(config["round"]), self.cid))
+            rng = np.random.default_rng(seq)
+            for _ in range(EPOCHS):
+                perm = torch.from_numpy(rng.permutation(len(self.y)))
+                for s in range(0, len(self.y), BATCH):
+                    b = perm[s : s + BATCH]
+                    opt.zero_grad()
+                    F.cross_entropy(self.model(self.x[b]), self.y[b]).backward()
+                    opt.step()
+            weights = [v.detach().numpy() for v in self.model.state_dict().values()]
+            return weights, len(self.y), {}
+
+    def client_fn(context: Context):  # type: ignore[no-untyped-def]
+        return TorchClient(int(context.node_config["partition-id"])).to_client()
+
+    marks: list[float] = []
+    accuracy: list[float] = []
+    x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
+    eval_model = make_model()
+
+    def evaluate(server_round, parameters, config):  # type: ignore[no-untyped-def]
+        set_weights(eval_model, parameters)
+        with torch.no_grad():
+            logits = eval_model(x_test)
+        accuracy.append(float((logits.argmax(1) == y_test).float().mean()))
+        marks.append(time.perf_counter())
+        return float(F.cross_entropy(logits, y_test)), {}
+
+    def server_fn(context: Context) -> ServerAppComponents:
+        strategy = FedAvg(
+            fraction_fit=K / N, min_fit_clients=K, min_available_clients=N,
+            fraction_evaluate=0.0, min_evaluate_clients=0, evaluate_fn=evaluate,
+            on_fit_config_fn=lambda r: {"round": r},
+            initial_parameters=ndarrays_to_parameters(init),
+        )
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=ROUNDS))
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(
+        server_app=ServerApp(server_fn=server_fn),
+        client_app=ClientApp(client_fn=client_fn),
+        num_supernodes=N,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": os.cpu_count() or 1}},
+    )
+    # marks[0] is the evaluation of the initial model, right before round 1.
+    rounds = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    print(json.dumps({"startup_s": marks[0] - PROCESS_START, "round_s": rounds,
+                      "accuracy": accuracy[-1]}))
+
+
+if __name__ == "__main__":
+    main()

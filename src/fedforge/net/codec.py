@@ -1,0 +1,102 @@
+"""Wire encoding: parameters as safetensors bytes, streamed in integrity-checked chunks.
+
+Pure functions and one small reassembler; every malformed input raises ProtocolError, so a
+decoder fed garbage fails cleanly and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load, save
+
+from fedforge.core.errors import FedforgeError
+from fedforge.core.params import Params
+from fedforge.net.proto import fedforge_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB pieces: far below gRPC's message limits
+ALLOWED_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+
+
+class ProtocolError(FedforgeError):
+    """A message broke the protocol (bad chunk, digest, encoding, replay, ...)."""
+
+
+def encode_params(params: Params) -> bytes:
+    return save({k: np.ascontiguousarray(v) for k, v in params.items()})
+
+
+def decode_params(payload: bytes) -> Params:
+    """Parse safetensors bytes into float arrays; raise ProtocolError on anything else."""
+    try:
+        params = load(payload)
+    except (SafetensorError, ValueError, TypeError, OverflowError) as exc:
+        raise ProtocolError(f"undecodable parameter payload: {exc}") from None
+    for name, arr in params.items():
+        if arr.dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"{name}: dtype {arr.dtype} is not a float type")
+    return params
+
+
+def split_payload(
+    payload: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES, digest: bytes | None = None
+) -> Iterator[pb.Chunk]:
+    """Chunks of ``payload``, each carrying the transfer id, position and whole-payload digest
+    (pass ``digest`` to reuse one computed earlier). Chunks are produced lazily."""
+    transfer_id = os.urandom(16)
+    digest = digest or hashlib.sha256(payload).digest()
+    count = max(1, -(-len(payload) // chunk_bytes))
+    for index in range(count):
+        yield pb.Chunk(
+            transfer_id=transfer_id, index=index, count=count, total_bytes=len(payload),
+            sha256=digest, data=payload[index * chunk_bytes : (index + 1) * chunk_bytes],
+        )
+
+
+class Reassembler:
+    """Collects the chunks of one transfer in order and checks size and digest."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._first: pb.Chunk | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: pb.Chunk) -> bytes | None:
+        """Add the next chunk; return the payload when complete, else None."""
+        first = self._first
+        if first is None:
+            if chunk.index != 0:
+                raise ProtocolError(f"transfer starts at chunk {chunk.index}, expected 0")
+            if chunk.count < 1 or chunk.total_bytes > self.max_bytes:
+                raise ProtocolError(
+                    f"transfer of {chunk.total_bytes} bytes in {chunk.count} chunks exceeds "
+                    f"the limit of {self.max_bytes} bytes"
+                )
+            if len(chunk.sha256) != 32 or len(chunk.transfer_id) != 16:
+                raise ProtocolError("chunk header has a malformed digest or transfer id")
+            self._first = first = chunk
+        elif (chunk.transfer_id, chunk.count, chunk.total_bytes, chunk.sha256) != (
+            first.transfer_id, first.count, first.total_bytes, first.sha256
+        ):
+            raise ProtocolError("chunk does not belong to the transfer in progress")
+        elif chunk.index != len(self._parts):
+            raise ProtocolError(f"chunk {chunk.index} out of order, expected {len(self._parts)}")
+        self._size += len(chunk.data)
+        if self._size > first.total_bytes:
+            raise ProtocolError("transfer is longer than announced")
+        self._parts.append(chunk.data)
+        if len(self._parts) < first.count:
+            return None
+        payload = b"".join(self._parts)
+        if len(payload) != first.total_bytes:
+            raise ProtocolError(
+                f"transfer truncated: {len(payload)} of {first.total_bytes} bytes"
+            )
+        if hashlib.sha256(payload).digest() != first.sha256:
+            raise ProtocolError("payload digest mismatch (corrupted or tampered transfer)")
+        return payload

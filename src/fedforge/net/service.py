@@ -1,0 +1,145 @@
+"""The gRPC service: authenticates a client, then streams its session both ways."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from fedforge.core.results import ClientFailure, ClientResult
+from fedforge.net.codec import ProtocolError, decode_params
+from fedforge.net.hub import DuplicateClientError, Hub, Session
+from fedforge.net.keys import ServerCredentials, certificate_identity
+from fedforge.net.proto import fedforge_pb2 as pb
+from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedforge")
+PROTOCOL_VERSION = 1
+
+
+class FederationService(pb_grpc.FederationServicer):
+    """One ``Connect`` stream per client; the server pushes, the client answers."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        credentials: ServerCredentials | None,
+        client_ids: dict[str, int],
+        welcome_config: str,
+        heartbeat_s: float,
+    ) -> None:
+        self.hub = hub
+        self.credentials = credentials
+        self.client_ids = client_ids
+        self.welcome_config = welcome_config
+        self.heartbeat_s = heartbeat_s
+
+    def _identify(self, context: grpc.ServicerContext, hello: pb.Hello) -> str:
+        """The client's name from its verified certificate (or its Hello when insecure)."""
+        if self.credentials is None:
+            return hello.name
+        pem = context.auth_context().get("x509_pem_cert")
+        if not pem:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        name, serial = certificate_identity(pem[0])
+        if serial in self.credentials.revoked:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate of {name!r} is revoked")
+        if self.credentials.clients.get(name) != serial:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{name!r} is not a registered client")
+        return name
+
+    def Connect(  # noqa: N802 (gRPC method name)
+        self, request_iterator: Iterator[pb.ClientMessage], context: grpc.ServicerContext
+    ) -> Iterator[pb.ServerMessage]:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("body") != "hello":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
+        if first.hello.protocol_version != PROTOCOL_VERSION:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"protocol version {first.hello.protocol_version} unsupported")
+        name = self._identify(context, first.hello)
+        if name not in self.client_ids:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unknown client {name!r}")
+        try:
+            session = self.hub.open(name, self.client_ids[name], first.hello.num_examples)
+        except DuplicateClientError as exc:
+            log.warning("rejected connection: %s", exc)
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        log.info("client %s (id %d) connected from %s", name, session.client_id, context.peer())
+        reader = threading.Thread(
+            target=self._read, args=(request_iterator, session), daemon=True, name=f"read-{name}"
+        )
+        reader.start()
+        context.add_callback(lambda: self.hub.close(session))
+        welcome = pb.Welcome(client_name=name, client_id=session.client_id,
+                             config_toml=self.welcome_config,
+                             heartbeat_ms=int(self.heartbeat_s * 1000))
+        yield pb.ServerMessage(envelope=self.hub.envelope(), welcome=welcome)
+        yield from session.drain(self.heartbeat_s, pb.ServerMessage(heartbeat=pb.Heartbeat()))
+
+    def _read(self, requests: Iterator[pb.ClientMessage], session: Session) -> None:
+        try:
+            for message in requests:
+                self._handle(session, message)
+        except grpc.RpcError:
+            pass  # the stream broke; the close callback reports any task in flight
+        except Exception:
+            log.exception("unexpected error reading from client %s", session.name)
+        finally:
+            self.hub.close(session)
+
+    def _reject(self, session: Session, reason: str, *, fail_task: bool) -> None:
+        log.warning("client %s: %s", session.name, reason)
+        session.send(pb.ServerMessage(envelope=self.hub.envelope(), reject=pb.Reject(reason=reason)))
+        if not fail_task:
+            return
+        with session.lock:
+            task, session.task = session.task, None
+        if task is not None:
+            self.hub.results.put(
+                (task.round, ClientFailure(session.client_id, reason, rejected=True))
+            )
+
+    def _handle(self, session: Session, message: pb.ClientMessage) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "heartbeat" or kind == "hello":
+            return
+        env = message.envelope
+        if env.run_id != self.hub.run_id:
+            self._reject(session, f"message for run {env.run_id!r} rejected", fail_task=False)
+            return
+        task = session.task
+        if task is None or env.round != task.round:
+            self._reject(session, f"message for round {env.round} rejected: no task in progress",
+                         fail_task=False)
+            return
+        if not self.hub.fresh_nonce(env.nonce):
+            self._reject(session, "replayed or malformed nonce rejected", fail_task=False)
+            return
+        if kind == "failure":
+            with session.lock:
+                session.task = None
+            self.hub.results.put(
+                (task.round, ClientFailure(session.client_id, message.failure.error[:2000]))
+            )
+            return
+        if kind != "result":
+            self._reject(session, f"unexpected message {kind!r}", fail_task=True)
+            return
+        try:
+            payload = task.reassembler.add(message.result.chunk)
+            if payload is None:
+                return
+            update = decode_params(payload)
+        except ProtocolError as exc:
+            self._reject(session, f"result rejected: {exc}", fail_task=True)
+            return
+        with session.lock:
+            if session.task is not task:
+                return
+            session.task = None
+        result = ClientResult(session.client_id, int(message.result.num_examples), update,
+                              float(message.result.train_loss))
+        self.hub.results.put((task.round, result))

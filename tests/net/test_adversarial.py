@@ -1,0 +1,223 @@
+"""Hostile and broken peers against a real server process: all rejected, server keeps serving."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
+from fedforge.net.keys import add_client, init_keys, revoke_client
+from fedforge.net.proto import fedforge_pb2 as pb
+from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+from fedforge.runtime.checkpoint import CheckpointStore
+from tests.net.helpers import (
+    free_port,
+    start_client,
+    start_server,
+    stop_all,
+    wait_for_port,
+    write_config,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _channel(port: int, ca: bytes, key: bytes | None, cert: bytes | None) -> grpc.Channel:
+    tls = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                       certificate_chain=cert)
+    return grpc.secure_channel(f"127.0.0.1:{port}", tls)
+
+
+class CraftedClient:
+    """Speaks the protocol by hand so the test can send what a real client never would."""
+
+    def __init__(self, port: int, creds: Path) -> None:
+        self.channel = _channel(port, (creds / "ca.crt").read_bytes(),
+                                (creds / "client.key").read_bytes(),
+                                (creds / "client.crt").read_bytes())
+        self.out: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        self.out.put(pb.ClientMessage(hello=pb.Hello(protocol_version=1)))
+        self.stream = pb_grpc.FederationStub(self.channel).Connect(self._requests())
+        self.rejects: list[str] = []
+        self.run_id = ""
+
+    def _requests(self) -> Iterator[pb.ClientMessage]:
+        while (m := self.out.get()) is not None:
+            yield m
+
+    def first_error(self) -> grpc.RpcError:
+        try:
+            for _ in self.stream:
+                pass
+        except grpc.RpcError as exc:
+            return exc
+        raise AssertionError("the server accepted the connection")
+
+    def next_task(self) -> tuple[int, dict[str, np.ndarray]]:
+        assembler = Reassembler(1 << 30)
+        for message in self.stream:
+            kind = message.WhichOneof("body")
+            if kind == "welcome":
+                self.run_id = message.envelope.run_id
+            elif kind == "task":
+                payload = assembler.add(message.task.chunk)
+                if payload is not None:
+                    return message.envelope.round, decode_params(payload)
+        raise AssertionError("stream ended before a task")
+
+    def envelope(self, round_number: int, nonce: bytes | None = None) -> pb.Envelope:
+        return pb.Envelope(run_id=self.run_id, round=round_number, nonce=nonce or os.urandom(16))
+
+    def send_result(self, round_number: int, chunks: list[pb.Chunk], n: int,
+                    repeat_first: bool = False) -> None:
+        for i, chunk in enumerate(chunks):
+            msg = pb.ClientMessage(envelope=self.envelope(round_number),
+                                   result=pb.ClientResultChunk(chunk=chunk, num_examples=n,
+                                                               train_loss=0.5))
+            self.out.put(msg)
+            if repeat_first and i == 0:
+                self.out.put(msg)  # a replay: identical message, identical nonce
+
+    def drain(self) -> None:
+        try:
+            for message in self.stream:
+                if message.WhichOneof("body") == "reject":
+                    self.rejects.append(message.reject.reason)
+                if message.WhichOneof("body") == "run_complete":
+                    break
+        except grpc.RpcError:
+            pass
+        self.out.put(None)
+        self.channel.close()
+
+
+def _zero_update(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.zeros_like(v) for k, v in params.items()}
+
+
+BEHAVIOURS: dict[str, Callable[[CraftedClient, int, dict[str, np.ndarray]], None]] = {
+    "nan": lambda c, r, p: c.send_result(
+        r, list(split_payload(encode_params({k: np.full_like(v, np.nan) for k, v in p.items()}))),
+        5),
+    "shape": lambda c, r, p: c.send_result(
+        r, list(split_payload(encode_params({k: np.zeros(3, np.float32) for k in p}))), 5),
+    "inflated": lambda c, r, p: c.send_result(
+        r, list(split_payload(encode_params(_zero_update(p)))), 10**9),
+    "garbage": lambda c, r, p: c.send_result(r, list(split_payload(os.urandom(999))), 5),
+    "truncated": lambda c, r, p: c.send_result(
+        r, [*(chunks := list(split_payload(encode_params(_zero_update(p)), 64)))[:-1],
+            pb.Chunk(transfer_id=chunks[-1].transfer_id, index=chunks[-1].index,
+                     count=chunks[-1].count, total_bytes=chunks[-1].total_bytes,
+                     sha256=chunks[-1].sha256, data=chunks[-1].data[:-5])], 5),
+    "replay": lambda c, r, p: c.send_result(
+        r, list(split_payload(encode_params(_zero_update(p)), 256)), 5, repeat_first=True),
+}
+
+
+def test_malformed_and_replayed_results_are_rejected(tmp_path: Path) -> None:
+    names = ["honest", *BEHAVIOURS]
+    keys = tmp_path / "keys"
+    init_keys(keys, ["localhost", "127.0.0.1"])
+    for name in names:
+        add_client(keys, name, keys / name)
+    port = free_port()
+    cfg = write_config(tmp_path, keys, port, rounds=1, clients=len(names), timeout=30)
+    server = start_server(cfg, tmp_path / "server.log")
+    honest = start_client(port, keys / "honest", tmp_path / "honest.log")
+    crafted: dict[str, CraftedClient] = {}
+    try:
+        # Garbage on the TLS port must not disturb the server.
+        wait_for_port(port)
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(os.urandom(4096))
+        crafted = {name: CraftedClient(port, keys / name) for name in BEHAVIOURS}
+
+        def act(name: str) -> None:
+            client = crafted[name]
+            round_number, params = client.next_task()
+            BEHAVIOURS[name](client, round_number, params)
+            client.drain()
+
+        threads = [threading.Thread(target=act, args=(n,)) for n in BEHAVIOURS]
+        for t in threads:
+            t.start()
+        assert server.wait(timeout=120) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        stop_all([server, honest])
+    store = CheckpointStore(tmp_path / "state")
+    checkpoint = store.load()
+    store.close()
+    assert checkpoint is not None
+    record = checkpoint.history[0]
+    # honest + replay (its replayed duplicate is dropped, the result itself is valid).
+    assert record.clients_completed == 2
+    assert record.clients_rejected == 5 and record.clients_failed == 0
+    log = (tmp_path / "server.log").read_text()
+    for reason in ["NaN", "shape", "outside the allowed range", "undecodable", "truncated"]:
+        assert reason in log, reason
+    assert any("replayed" in r for r in crafted["replay"].rejects)
+
+
+def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys"
+    init_keys(keys, ["localhost", "127.0.0.1"])
+    for name in ["alice", "mallory"]:
+        add_client(keys, name, keys / name)
+    revoke_client(keys, "mallory")
+    foreign = tmp_path / "foreign"
+    init_keys(foreign, ["localhost"])
+    add_client(foreign, "alice", foreign / "alice")  # same name, another CA
+    port = free_port()
+    cfg = write_config(tmp_path, keys, port, rounds=1, clients=2, timeout=30)
+    server = start_server(cfg, tmp_path / "server.log")
+    ca = (keys / "ca.crt").read_bytes()
+    try:
+        wait_for_port(port)
+        # No client certificate at all: the TLS handshake fails.
+        anonymous = pb_grpc.FederationStub(_channel(port, ca, None, None))
+        with pytest.raises(grpc.RpcError) as info:
+            list(anonymous.Connect(iter([pb.ClientMessage(hello=pb.Hello(protocol_version=1))]),
+                                   timeout=20, wait_for_ready=True))
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE,
+                                     grpc.StatusCode.DEADLINE_EXCEEDED)
+        # Revoked certificate: authenticated, then refused.
+        assert CraftedClient(port, keys / "mallory").first_error().code() == (
+            grpc.StatusCode.PERMISSION_DENIED)
+        # A certificate from another CA: the handshake fails.
+        creds = foreign / "alice"
+        stub = pb_grpc.FederationStub(_channel(port, ca, (creds / "client.key").read_bytes(),
+                                               (creds / "client.crt").read_bytes()))
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Connect(iter([pb.ClientMessage(hello=pb.Hello(protocol_version=1))]),
+                              timeout=20))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The real alice connects; a second alice is a duplicate.
+        first = CraftedClient(port, keys / "alice")
+        assert next(first.stream).WhichOneof("body") == "welcome"  # alice is registered
+        reader = threading.Thread(target=lambda: list(_safe(first.stream)), daemon=True)
+        reader.start()
+        second = CraftedClient(port, keys / "alice")
+        assert second.first_error().code() == grpc.StatusCode.ALREADY_EXISTS
+        assert server.poll() is None  # still serving after all of that
+    finally:
+        stop_all([server])
+
+
+def _safe(stream: Iterator[pb.ServerMessage]) -> Iterator[pb.ServerMessage]:
+    try:
+        yield from stream
+    except grpc.RpcError:
+        return
