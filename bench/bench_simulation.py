@@ -27,9 +27,13 @@ from bench.proc_tree import run_measured
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"A": (100, 10, 20), "B": (100, 100, 5), "C": (1000, 100, 3), "D": (10_000, 10_000, 1)}
 CONTENDERS = ["sequential", "vectorized", "workers", "plain", "flower"]
-LABEL = {"sequential": "fedforge sequential", "vectorized": "fedforge vectorized",
-         "workers": "fedforge workers (2)", "plain": "plain PyTorch loop",
-         "flower": "Flower 1.41 (Ray)"}
+LABEL = {
+    "sequential": "fedforge sequential",
+    "vectorized": "fedforge vectorized",
+    "workers": "fedforge workers (2)",
+    "plain": "plain PyTorch loop",
+    "flower": "Flower 1.41 (Ray)",
+}
 
 
 def round_time(rounds: list[float]) -> float:
@@ -47,18 +51,35 @@ def run_config(key: str, flower_python: Path | None, timeout: float, workdir: Pa
         if name == "flower":
             if flower_python is None:
                 continue
-            cmd = [str(flower_python), str(ROOT / "bench" / "flower_sim.py"), str(npz),
-                   str(n), str(k), str(rounds)]
+            cmd = [
+                str(flower_python),
+                str(ROOT / "bench" / "flower_sim.py"),
+                str(npz),
+                str(n),
+                str(k),
+                str(rounds),
+            ]
         else:
             cmd = [sys.executable, "-m", "bench.contender", name, str(n), str(k), str(rounds)]
         done = run_measured(cmd, timeout, env)
-        row = {"config": key, "N": n, "K": k, "rounds": rounds, "contender": name,
-               "whole_s": done.wall_s, "peak_mib": done.peak_rss_bytes / 2**20}
+        row = {
+            "config": key,
+            "N": n,
+            "K": k,
+            "rounds": rounds,
+            "contender": name,
+            "whole_s": done.wall_s,
+            "peak_mib": done.peak_rss_bytes / 2**20,
+        }
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
         if done.returncode == 0 and lines:
             result = json.loads(lines[-1])
-            row.update(startup_s=result["startup_s"], round_s=round_time(result["round_s"]),
-                       rounds_s=result["round_s"], accuracy=result["accuracy"])
+            row.update(
+                startup_s=result["startup_s"],
+                round_s=round_time(result["round_s"]),
+                rounds_s=result["round_s"],
+                accuracy=result["accuracy"],
+            )
         else:
             row["error"] = "timeout" if done.returncode is None else done.stderr[-2000:]
         rows.append(row)
@@ -67,15 +88,21 @@ def run_config(key: str, flower_python: Path | None, timeout: float, workdir: Pa
 
 
 def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
-    out = ["| config | contender | round s | whole process s | peak MiB | accuracy |",
-           "|---|---|---:|---:|---:|---:|"]
+    out = [
+        "| config | contender | round s | whole process s | peak MiB | accuracy |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['config']} | {LABEL[r['contender']]} | {r['error'][:40]} | "
-                       f"{r['whole_s']:.1f} | {r['peak_mib']:.0f} | - |")
+            out.append(
+                f"| {r['config']} | {LABEL[r['contender']]} | {r['error'][:40]} | "
+                f"{r['whole_s']:.1f} | {r['peak_mib']:.0f} | - |"
+            )
             continue
-        out.append(f"| {r['config']} | {LABEL[r['contender']]} | {r['round_s']:.3f} | "
-                   f"{r['whole_s']:.1f} | {r['peak_mib']:.0f} | {100 * r['accuracy']:.2f}% |")
+        out.append(
+            f"| {r['config']} | {LABEL[r['contender']]} | {r['round_s']:.3f} | "
+            f"{r['whole_s']:.1f} | {r['peak_mib']:.0f} | {100 * r['accuracy']:.2f}% |"
+        )
     return "\n".join(out)
 
 
@@ -93,7 +120,9 @@ def ratios(rows: list[dict]) -> str:  # type: ignore[type-arg]
             parts.append(f"accuracy gap vs plain {gap:.2f} pts")
         if "flower" in got:
             parts.append(f"round vs Flower {got['flower']['round_s'] / vec['round_s']:.1f}x")
-            parts.append(f"whole process vs Flower {got['flower']['whole_s'] / vec['whole_s']:.1f}x")
+            parts.append(
+                f"whole process vs Flower {got['flower']['whole_s'] / vec['whole_s']:.1f}x"
+            )
         lines.append(f"{key}: vectorized " + ", ".join(parts))
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ import time
 
 PROCESS_START = time.perf_counter()
 
+import itertools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -34,14 +35,18 @@ def load() -> dict[str, np.ndarray]:
 
 def make_model() -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(784, 200), torch.nn.ReLU(), torch.nn.Linear(200, 200), torch.nn.ReLU(),
+        torch.nn.Linear(784, 200),
+        torch.nn.ReLU(),
+        torch.nn.Linear(200, 200),
+        torch.nn.ReLU(),
         torch.nn.Linear(200, 10),
     )
 
 
 def set_weights(model: torch.nn.Module, weights: list[np.ndarray]) -> None:
-    state = dict(zip(model.state_dict(), (torch.from_numpy(np.copy(w)) for w in weights),
-                     strict=True))
+    state = dict(
+        zip(model.state_dict(), (torch.from_numpy(np.copy(w)) for w in weights), strict=True)
+    )
     model.load_state_dict(state)
 
 
@@ -98,8 +103,12 @@ def main() -> None:
 
     def server_fn(context: Context) -> ServerAppComponents:
         strategy = FedAvg(
-            fraction_fit=K / N, min_fit_clients=K, min_available_clients=N,
-            fraction_evaluate=0.0, min_evaluate_clients=0, evaluate_fn=evaluate,
+            fraction_fit=K / N,
+            min_fit_clients=K,
+            min_available_clients=N,
+            fraction_evaluate=0.0,
+            min_evaluate_clients=0,
+            evaluate_fn=evaluate,
             on_fit_config_fn=lambda r: {"round": r},
             initial_parameters=ndarrays_to_parameters(init),
         )
@@ -110,13 +119,18 @@ def main() -> None:
         server_app=ServerApp(server_fn=server_fn),
         client_app=ClientApp(client_fn=client_fn),
         num_supernodes=N,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": os.cpu_count() or 1}},
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": os.cpu_count() or 1},
+        },
     )
     # marks[0] is the evaluation of the initial model, right before round 1.
-    rounds = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    print(json.dumps({"startup_s": marks[0] - PROCESS_START, "round_s": rounds,
-                      "accuracy": accuracy[-1]}))
+    rounds = [b - a for a, b in itertools.pairwise(marks)]
+    print(
+        json.dumps(
+            {"startup_s": marks[0] - PROCESS_START, "round_s": rounds, "accuracy": accuracy[-1]}
+        )
+    )
 
 
 if __name__ == "__main__":

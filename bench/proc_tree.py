@@ -44,8 +44,14 @@ def _tree_rss(root: int) -> int:
 
 def run_measured(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None) -> Finished:
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     peak = 0
     done = threading.Event()
 

@@ -81,7 +81,8 @@ app.add_typer(keys_app, name="keys")
 
 def _setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
-        level=level, format="%(message)s",
+        level=level,
+        format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
 
@@ -165,15 +166,20 @@ def server(
     from fedforge.net.server import run_server
 
     if insecure:
-        console.print("[bold red]WARNING: --insecure: traffic is unencrypted and clients are "
-                      "not authenticated. Never use this beyond localhost.[/]")
+        console.print(
+            "[bold red]WARNING: --insecure: traffic is unencrypted and clients are "
+            "not authenticated. Never use this beyond localhost.[/]"
+        )
     try:
         result = run_server(cfg, insecure=insecure, client_names=client)
     except FedforgeError as exc:
         raise _fail(exc) from None
     last = result.history[-1]
-    console.print(f"run {result.run_id} complete: {len(result.history)} rounds, test accuracy "
-                  f"{100 * last.test_accuracy:.2f}%", soft_wrap=True)
+    console.print(
+        f"run {result.run_id} complete: {len(result.history)} rounds, test accuracy "
+        f"{100 * last.test_accuracy:.2f}%",
+        soft_wrap=True,
+    )
 
 
 @app.command("client")

@@ -53,21 +53,41 @@ def make_keys(root: Path, names: list[str]) -> Path:
     return keys
 
 
-def write_config(root: Path, keys: Path, port: int, state: str = "state", *,
-                 rounds: int = 3, clients: int = 3, per_round: int | None = None,
-                 min_clients: int | None = None, epochs: int = 1, timeout: float = 30) -> Path:
+def write_config(
+    root: Path,
+    keys: Path,
+    port: int,
+    state: str = "state",
+    *,
+    rounds: int = 3,
+    clients: int = 3,
+    per_round: int | None = None,
+    min_clients: int | None = None,
+    epochs: int = 1,
+    timeout: float = 30,
+) -> Path:
     path = root / f"{state}.toml"
-    path.write_text(BASE_CONFIG.format(
-        num_clients=clients, epochs=epochs, rounds=rounds, per_round=per_round or clients,
-        port=port, keys=keys, state=root / state, min_clients=min_clients or clients,
-        timeout=timeout))
+    path.write_text(
+        BASE_CONFIG.format(
+            num_clients=clients,
+            epochs=epochs,
+            rounds=rounds,
+            per_round=per_round or clients,
+            port=port,
+            keys=keys,
+            state=root / state,
+            min_clients=min_clients or clients,
+            timeout=timeout,
+        )
+    )
     return path
 
 
 def fedforge(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     out = open(log, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
-    return subprocess.Popen([sys.executable, "-m", "fedforge.cli", *args], stdout=out,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedforge.cli", *args], stdout=out, stderr=subprocess.STDOUT
+    )
 
 
 def start_server(config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -75,8 +95,9 @@ def start_server(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def start_client(port: int, credentials: Path, log: Path) -> subprocess.Popen[bytes]:
-    return fedforge(["client", "--server", f"127.0.0.1:{port}", "--credentials",
-                     str(credentials)], log)
+    return fedforge(
+        ["client", "--server", f"127.0.0.1:{port}", "--credentials", str(credentials)], log
+    )
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -31,8 +31,9 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def _channel(port: int, ca: bytes, key: bytes | None, cert: bytes | None) -> grpc.Channel:
-    tls = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                       certificate_chain=cert)
+    tls = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
     return grpc.secure_channel(f"127.0.0.1:{port}", tls)
 
 
@@ -40,9 +41,12 @@ class CraftedClient:
     """Speaks the protocol by hand so the test can send what a real client never would."""
 
     def __init__(self, port: int, creds: Path) -> None:
-        self.channel = _channel(port, (creds / "ca.crt").read_bytes(),
-                                (creds / "client.key").read_bytes(),
-                                (creds / "client.crt").read_bytes())
+        self.channel = _channel(
+            port,
+            (creds / "ca.crt").read_bytes(),
+            (creds / "client.key").read_bytes(),
+            (creds / "client.crt").read_bytes(),
+        )
         self.out: queue.Queue[pb.ClientMessage | None] = queue.Queue()
         self.out.put(pb.ClientMessage(hello=pb.Hello(protocol_version=1)))
         self.stream = pb_grpc.FederationStub(self.channel).Connect(self._requests())
@@ -76,12 +80,14 @@ class CraftedClient:
     def envelope(self, round_number: int, nonce: bytes | None = None) -> pb.Envelope:
         return pb.Envelope(run_id=self.run_id, round=round_number, nonce=nonce or os.urandom(16))
 
-    def send_result(self, round_number: int, chunks: list[pb.Chunk], n: int,
-                    repeat_first: bool = False) -> None:
+    def send_result(
+        self, round_number: int, chunks: list[pb.Chunk], n: int, repeat_first: bool = False
+    ) -> None:
         for i, chunk in enumerate(chunks):
-            msg = pb.ClientMessage(envelope=self.envelope(round_number),
-                                   result=pb.ClientResultChunk(chunk=chunk, num_examples=n,
-                                                               train_loss=0.5))
+            msg = pb.ClientMessage(
+                envelope=self.envelope(round_number),
+                result=pb.ClientResultChunk(chunk=chunk, num_examples=n, train_loss=0.5),
+            )
             self.out.put(msg)
             if repeat_first and i == 0:
                 self.out.put(msg)  # a replay: identical message, identical nonce
@@ -105,20 +111,33 @@ def _zero_update(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 BEHAVIOURS: dict[str, Callable[[CraftedClient, int, dict[str, np.ndarray]], None]] = {
     "nan": lambda c, r, p: c.send_result(
-        r, list(split_payload(encode_params({k: np.full_like(v, np.nan) for k, v in p.items()}))),
-        5),
+        r, list(split_payload(encode_params({k: np.full_like(v, np.nan) for k, v in p.items()}))), 5
+    ),
     "shape": lambda c, r, p: c.send_result(
-        r, list(split_payload(encode_params({k: np.zeros(3, np.float32) for k in p}))), 5),
+        r, list(split_payload(encode_params({k: np.zeros(3, np.float32) for k in p}))), 5
+    ),
     "inflated": lambda c, r, p: c.send_result(
-        r, list(split_payload(encode_params(_zero_update(p)))), 10**9),
+        r, list(split_payload(encode_params(_zero_update(p)))), 10**9
+    ),
     "garbage": lambda c, r, p: c.send_result(r, list(split_payload(os.urandom(999))), 5),
     "truncated": lambda c, r, p: c.send_result(
-        r, [*(chunks := list(split_payload(encode_params(_zero_update(p)), 64)))[:-1],
-            pb.Chunk(transfer_id=chunks[-1].transfer_id, index=chunks[-1].index,
-                     count=chunks[-1].count, total_bytes=chunks[-1].total_bytes,
-                     sha256=chunks[-1].sha256, data=chunks[-1].data[:-5])], 5),
+        r,
+        [
+            *(chunks := list(split_payload(encode_params(_zero_update(p)), 64)))[:-1],
+            pb.Chunk(
+                transfer_id=chunks[-1].transfer_id,
+                index=chunks[-1].index,
+                count=chunks[-1].count,
+                total_bytes=chunks[-1].total_bytes,
+                sha256=chunks[-1].sha256,
+                data=chunks[-1].data[:-5],
+            ),
+        ],
+        5,
+    ),
     "replay": lambda c, r, p: c.send_result(
-        r, list(split_payload(encode_params(_zero_update(p)), 256)), 5, repeat_first=True),
+        r, list(split_payload(encode_params(_zero_update(p)), 256)), 5, repeat_first=True
+    ),
 }
 
 
@@ -189,20 +208,31 @@ def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
         # No client certificate at all: the TLS handshake fails.
         anonymous = pb_grpc.FederationStub(_channel(port, ca, None, None))
         with pytest.raises(grpc.RpcError) as info:
-            list(anonymous.Connect(iter([pb.ClientMessage(hello=pb.Hello(protocol_version=1))]),
-                                   timeout=20, wait_for_ready=True))
-        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE,
-                                     grpc.StatusCode.DEADLINE_EXCEEDED)
+            list(
+                anonymous.Connect(
+                    iter([pb.ClientMessage(hello=pb.Hello(protocol_version=1))]),
+                    timeout=20,
+                    wait_for_ready=True,
+                )
+            )
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         # Revoked certificate: authenticated, then refused.
         assert CraftedClient(port, keys / "mallory").first_error().code() == (
-            grpc.StatusCode.PERMISSION_DENIED)
+            grpc.StatusCode.PERMISSION_DENIED
+        )
         # A certificate from another CA: the handshake fails.
         creds = foreign / "alice"
-        stub = pb_grpc.FederationStub(_channel(port, ca, (creds / "client.key").read_bytes(),
-                                               (creds / "client.crt").read_bytes()))
+        stub = pb_grpc.FederationStub(
+            _channel(
+                port, ca, (creds / "client.key").read_bytes(), (creds / "client.crt").read_bytes()
+            )
+        )
         with pytest.raises(grpc.RpcError) as info:
-            list(stub.Connect(iter([pb.ClientMessage(hello=pb.Hello(protocol_version=1))]),
-                              timeout=20))
+            list(
+                stub.Connect(
+                    iter([pb.ClientMessage(hello=pb.Hello(protocol_version=1))]), timeout=20
+                )
+            )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         # The real alice connects; a second alice is a duplicate.
         first = CraftedClient(port, keys / "alice")

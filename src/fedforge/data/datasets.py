@@ -40,9 +40,9 @@ def _stratified_split(
     take = np.floor(exact).astype(np.int64)
     for i in np.argsort(-(exact - take), kind="stable")[: test_size - take.sum()]:
         take[i] += 1
-    test_idx = np.concatenate([
-        rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take, strict=True)
-    ])
+    test_idx = np.concatenate(
+        [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take, strict=True)]
+    )
     is_test = np.zeros(len(y), dtype=bool)
     is_test[test_idx] = True
     train_idx, test_idx = rng.permutation(np.flatnonzero(~is_test)), np.sort(test_idx)

@@ -32,8 +32,12 @@ log = logging.getLogger("fedforge")
 
 # Returns the client's local data given the run configuration and its client id.
 DataLoader = Callable[[RunConfig, int], ArrayDataset]
-FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-         grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT}
+FATAL = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
 
 
 def builtin_partition(config: RunConfig, client_id: int) -> ArrayDataset:
@@ -62,7 +66,7 @@ class Backoff:
     max_s: float = 30.0
 
     def delay(self, attempt: int) -> float:
-        return min(self.max_s, self.initial_s * 2**attempt) * random.uniform(0.5, 1.5)
+        return float(min(self.max_s, self.initial_s * 2.0**attempt) * random.uniform(0.5, 1.5))
 
 
 class FatalClientError(FedforgeError):
@@ -102,8 +106,9 @@ class FederatedClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code in FATAL or code == grpc.StatusCode.ALREADY_EXISTS:
-                    raise FatalClientError(f"server refused the client: {code.name}: "
-                                           f"{exc.details()}") from None
+                    raise FatalClientError(
+                        f"server refused the client: {code.name}: {exc.details()}"
+                    ) from None
                 log.warning("connection lost (%s: %s)", code.name, exc.details())
                 attempt += 1
             if self.max_attempts is not None and attempt > self.max_attempts:
@@ -132,11 +137,12 @@ class FederatedClient:
             while (message := outbox.get()) is not None:
                 yield message
 
-        outbox.put(pb.ClientMessage(hello=pb.Hello(protocol_version=PROTOCOL_VERSION,
-                                                   name=self.name)))
+        outbox.put(
+            pb.ClientMessage(hello=pb.Hello(protocol_version=PROTOCOL_VERSION, name=self.name))
+        )
         trained = 0
         with self._channel() as channel:
-            stream = pb_grpc.FederationStub(channel).Connect(requests())
+            stream = pb_grpc.FederationStub(channel).Connect(requests())  # type: ignore[no-untyped-call]
             try:
                 worker = _Worker(outbox, self.data_loader)
                 for message in stream:
@@ -157,8 +163,9 @@ class FederatedClient:
         return False, trained
 
 
-def _start_heartbeats(outbox: queue.Queue[pb.ClientMessage | None], stop: threading.Event,
-                      interval_s: float) -> None:
+def _start_heartbeats(
+    outbox: queue.Queue[pb.ClientMessage | None], stop: threading.Event, interval_s: float
+) -> None:
     def beat() -> None:
         while not stop.wait(interval_s):
             outbox.put(pb.ClientMessage(heartbeat=pb.Heartbeat()))
@@ -185,8 +192,13 @@ class _Worker:
         self.data = self.loader(self.config, self.client_id)
         self.model = TorchModel(build_model(self.config, build_dataset(self.config)))
         self.algorithm = build_algorithm(self.config)
-        log.info("joined run %s as %s (id %d) with %d examples", self.run_id, w.client_name,
-                 self.client_id, len(self.data))
+        log.info(
+            "joined run %s as %s (id %d) with %d examples",
+            self.run_id,
+            w.client_name,
+            self.client_id,
+            len(self.data),
+        )
 
     def _envelope(self, round_number: int) -> pb.Envelope:
         return pb.Envelope(run_id=self.run_id, round=round_number, nonce=os.urandom(16))
@@ -207,17 +219,25 @@ class _Worker:
         try:
             params = decode_params(payload)
             rng = np.random.default_rng(message.task.client_seed)
-            result = self.algorithm.client_update(self.client_id, self.model, params, self.data,
-                                                  rng)
+            result = self.algorithm.client_update(
+                self.client_id, self.model, params, self.data, rng
+            )
         except Exception as exc:
             log.exception("local training failed")
-            self.outbox.put(pb.ClientMessage(envelope=self._envelope(round_number),
-                                             failure=pb.ClientFailureReport(error=str(exc))))
+            self.outbox.put(
+                pb.ClientMessage(
+                    envelope=self._envelope(round_number),
+                    failure=pb.ClientFailureReport(error=str(exc)),
+                )
+            )
             return 0
         for piece in split_payload(encode_params(result.update)):
-            self.outbox.put(pb.ClientMessage(
-                envelope=self._envelope(round_number),
-                result=pb.ClientResultChunk(chunk=piece, num_examples=result.num_examples,
-                                            train_loss=result.train_loss),
-            ))
+            self.outbox.put(
+                pb.ClientMessage(
+                    envelope=self._envelope(round_number),
+                    result=pb.ClientResultChunk(
+                        chunk=piece, num_examples=result.num_examples, train_loss=result.train_loss
+                    ),
+                )
+            )
         return 1

@@ -52,8 +52,12 @@ def split_payload(
     count = max(1, -(-len(payload) // chunk_bytes))
     for index in range(count):
         yield pb.Chunk(
-            transfer_id=transfer_id, index=index, count=count, total_bytes=len(payload),
-            sha256=digest, data=payload[index * chunk_bytes : (index + 1) * chunk_bytes],
+            transfer_id=transfer_id,
+            index=index,
+            count=count,
+            total_bytes=len(payload),
+            sha256=digest,
+            data=payload[index * chunk_bytes : (index + 1) * chunk_bytes],
         )
 
 
@@ -81,7 +85,10 @@ class Reassembler:
                 raise ProtocolError("chunk header has a malformed digest or transfer id")
             self._first = first = chunk
         elif (chunk.transfer_id, chunk.count, chunk.total_bytes, chunk.sha256) != (
-            first.transfer_id, first.count, first.total_bytes, first.sha256
+            first.transfer_id,
+            first.count,
+            first.total_bytes,
+            first.sha256,
         ):
             raise ProtocolError("chunk does not belong to the transfer in progress")
         elif chunk.index != len(self._parts):
@@ -94,9 +101,7 @@ class Reassembler:
             return None
         payload = b"".join(self._parts)
         if len(payload) != first.total_bytes:
-            raise ProtocolError(
-                f"transfer truncated: {len(payload)} of {first.total_bytes} bytes"
-            )
+            raise ProtocolError(f"transfer truncated: {len(payload)} of {first.total_bytes} bytes")
         if hashlib.sha256(payload).digest() != first.sha256:
             raise ProtocolError("payload digest mismatch (corrupted or tampered transfer)")
         return payload

@@ -52,7 +52,10 @@ def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
 
 
 def run_server(
-    config: RunConfig, *, insecure: bool = False, listener: RoundListener | None = None,
+    config: RunConfig,
+    *,
+    insecure: bool = False,
+    listener: RoundListener | None = None,
     client_names: list[str] | None = None,
 ) -> ServerRun:
     """Serve until ``config.server.rounds`` rounds are complete; resume from checkpoints.
@@ -81,8 +84,11 @@ def run_server(
             )
         run_id, history = checkpoint.run_id, checkpoint.history
         order = model.names
-        state = ServerState(checkpoint.state.round, {k: checkpoint.state.params[k] for k in order},
-                            checkpoint.state.optimizer_state)
+        state = ServerState(
+            checkpoint.state.round,
+            {k: checkpoint.state.params[k] for k in order},
+            checkpoint.state.optimizer_state,
+        )
         log.info("resuming run %s after round %d", run_id, state.round)
     else:
         run_id, history = uuid.uuid4().hex, History()
@@ -96,7 +102,7 @@ def run_server(
         futures.ThreadPoolExecutor(max_workers=2 * len(names) + 16),
         options=grpc_options(d.max_message_mb),
     )
-    pb_grpc.add_FederationServicer_to_server(
+    pb_grpc.add_FederationServicer_to_server(  # type: ignore[no-untyped-call]
         FederationService(hub, credentials, client_ids, to_toml(config), d.heartbeat_s), server
     )
     if credentials is None:
@@ -127,11 +133,23 @@ def run_server(
         cap = declared or (data.client_size(cid) if cid < data.num_clients else d.max_examples)
         return min(cap, d.max_examples)
 
-    backend = NetworkBackend(hub, streams, round_timeout_s=d.round_timeout_s,
-                             chunk_bytes=d.chunk_kb << 10,
-                             max_payload_bytes=d.max_payload_mb << 20)
-    loop = RoundLoop(algorithm, backend, hub.connected_ids, config.server.clients_per_round,
-                     streams, example_cap, evaluator, listener or RoundListener())
+    backend = NetworkBackend(
+        hub,
+        streams,
+        round_timeout_s=d.round_timeout_s,
+        chunk_bytes=d.chunk_kb << 10,
+        max_payload_bytes=d.max_payload_mb << 20,
+    )
+    loop = RoundLoop(
+        algorithm,
+        backend,
+        hub.connected_ids,
+        config.server.clients_per_round,
+        streams,
+        example_cap,
+        evaluator,
+        listener or RoundListener(),
+    )
     try:
         while state.round < config.server.rounds:
             hub.wait_for_clients(max(d.min_clients, config.server.clients_per_round))
@@ -139,8 +157,12 @@ def run_server(
                 new_state, record = loop.run_round(state, attempt)
                 if record.clients_completed >= d.min_completed:
                     break
-                log.warning("round %d: %d accepted results (< %d); retrying", new_state.round,
-                            record.clients_completed, d.min_completed)
+                log.warning(
+                    "round %d: %d accepted results (< %d); retrying",
+                    new_state.round,
+                    record.clients_completed,
+                    d.min_completed,
+                )
                 hub.wait_for_clients(max(d.min_clients, config.server.clients_per_round))
             else:
                 raise FedforgeError(f"round {state.round + 1} failed after {d.max_retries} retries")
@@ -148,8 +170,11 @@ def run_server(
             history.append(record)
             store.save(run_id, state, record)
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
-        hub.broadcast(pb.ServerMessage(envelope=hub.envelope(),
-                                       run_complete=pb.RunComplete(rounds=state.round)))
+        hub.broadcast(
+            pb.ServerMessage(
+                envelope=hub.envelope(), run_complete=pb.RunComplete(rounds=state.round)
+            )
+        )
     finally:
         server.stop(grace=2).wait()
         store.close()

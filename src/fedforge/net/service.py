@@ -50,15 +50,18 @@ class FederationService(pb_grpc.FederationServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{name!r} is not a registered client")
         return name
 
-    def Connect(  # noqa: N802 (gRPC method name)
+    def Connect(
         self, request_iterator: Iterator[pb.ClientMessage], context: grpc.ServicerContext
     ) -> Iterator[pb.ServerMessage]:
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("body") != "hello":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
+            return  # abort raises; this line only informs the type checker
         if first.hello.protocol_version != PROTOCOL_VERSION:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"protocol version {first.hello.protocol_version} unsupported")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {first.hello.protocol_version} unsupported",
+            )
         name = self._identify(context, first.hello)
         if name not in self.client_ids:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unknown client {name!r}")
@@ -73,9 +76,12 @@ class FederationService(pb_grpc.FederationServicer):
         )
         reader.start()
         context.add_callback(lambda: self.hub.close(session))
-        welcome = pb.Welcome(client_name=name, client_id=session.client_id,
-                             config_toml=self.welcome_config,
-                             heartbeat_ms=int(self.heartbeat_s * 1000))
+        welcome = pb.Welcome(
+            client_name=name,
+            client_id=session.client_id,
+            config_toml=self.welcome_config,
+            heartbeat_ms=int(self.heartbeat_s * 1000),
+        )
         yield pb.ServerMessage(envelope=self.hub.envelope(), welcome=welcome)
         yield from session.drain(self.heartbeat_s, pb.ServerMessage(heartbeat=pb.Heartbeat()))
 
@@ -92,7 +98,9 @@ class FederationService(pb_grpc.FederationServicer):
 
     def _reject(self, session: Session, reason: str, *, fail_task: bool) -> None:
         log.warning("client %s: %s", session.name, reason)
-        session.send(pb.ServerMessage(envelope=self.hub.envelope(), reject=pb.Reject(reason=reason)))
+        session.send(
+            pb.ServerMessage(envelope=self.hub.envelope(), reject=pb.Reject(reason=reason))
+        )
         if not fail_task:
             return
         with session.lock:
@@ -112,8 +120,11 @@ class FederationService(pb_grpc.FederationServicer):
             return
         task = session.task
         if task is None or env.round != task.round:
-            self._reject(session, f"message for round {env.round} rejected: no task in progress",
-                         fail_task=False)
+            self._reject(
+                session,
+                f"message for round {env.round} rejected: no task in progress",
+                fail_task=False,
+            )
             return
         if not self.hub.fresh_nonce(env.nonce):
             self._reject(session, "replayed or malformed nonce rejected", fail_task=False)
@@ -140,6 +151,10 @@ class FederationService(pb_grpc.FederationServicer):
             if session.task is not task:
                 return
             session.task = None
-        result = ClientResult(session.client_id, int(message.result.num_examples), update,
-                              float(message.result.train_loss))
+        result = ClientResult(
+            session.client_id,
+            int(message.result.num_examples),
+            update,
+            float(message.result.train_loss),
+        )
         self.hub.results.put((task.round, result))

@@ -13,10 +13,16 @@ def main() -> None:
 
     here = Path(__file__).resolve().parent
     src = here.parents[2]  # .../src
-    code = protoc.main([
-        "grpc_tools.protoc", f"-I{src}", f"--python_out={src}", f"--pyi_out={src}",
-        f"--grpc_python_out={src}", str(here / "fedforge.proto"),
-    ])
+    code = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{src}",
+            f"--python_out={src}",
+            f"--pyi_out={src}",
+            f"--grpc_python_out={src}",
+            str(here / "fedforge.proto"),
+        ]
+    )
     if code != 0:
         raise SystemExit(code)
 
