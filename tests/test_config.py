@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from fedforge.config import RunConfig, load_config, to_toml
@@ -43,3 +45,9 @@ def test_resolved_config_round_trips_through_toml(tmp_path) -> None:  # type: ig
     path.write_text(to_toml(cfg))
     assert load_config(path) == cfg
     assert isinstance(cfg, RunConfig)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_example_configs_are_valid(path: Path) -> None:
+    load_config(path)

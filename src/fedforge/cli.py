@@ -49,11 +49,7 @@ def run(
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(2) from None
     out_dir = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    _setup_logging()
     from fedforge.experiment import run_experiment
     from fedforge.report.progress import ProgressListener
 
@@ -80,11 +76,14 @@ app.add_typer(keys_app, name="keys")
 
 
 def _setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+    """Rich output on a terminal; plain one-line records when logging to a file or pipe."""
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def _fail(exc: Exception, code: int = 1) -> typer.Exit:

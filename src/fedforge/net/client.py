@@ -32,6 +32,7 @@ log = logging.getLogger("fedforge")
 
 # Returns the client's local data given the run configuration and its client id.
 DataLoader = Callable[[RunConfig, int], ArrayDataset]
+Outbox = queue.Queue[pb.ClientMessage | Iterator[pb.ClientMessage] | None]
 FATAL = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -130,12 +131,15 @@ class FederatedClient:
 
     def _session(self) -> tuple[bool, int]:
         """One connection: returns (run complete, rounds trained in this connection)."""
-        outbox: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        outbox: Outbox = queue.Queue()
         stop = threading.Event()
 
         def requests() -> Iterator[pb.ClientMessage]:
-            while (message := outbox.get()) is not None:
-                yield message
+            while (item := outbox.get()) is not None:
+                if isinstance(item, pb.ClientMessage):
+                    yield item
+                else:
+                    yield from item  # a result, chunked lazily
 
         outbox.put(
             pb.ClientMessage(hello=pb.Hello(protocol_version=PROTOCOL_VERSION, name=self.name))
@@ -164,7 +168,7 @@ class FederatedClient:
 
 
 def _start_heartbeats(
-    outbox: queue.Queue[pb.ClientMessage | None], stop: threading.Event, interval_s: float
+    outbox: Outbox, stop: threading.Event, interval_s: float
 ) -> None:
     def beat() -> None:
         while not stop.wait(interval_s):
@@ -176,7 +180,7 @@ def _start_heartbeats(
 class _Worker:
     """Holds the model and data of one connection and answers fit tasks."""
 
-    def __init__(self, outbox: queue.Queue[pb.ClientMessage | None], loader: DataLoader) -> None:
+    def __init__(self, outbox: Outbox, loader: DataLoader) -> None:
         self.outbox = outbox
         self.loader = loader
         self.run_id = ""
@@ -203,6 +207,17 @@ class _Worker:
     def _envelope(self, round_number: int) -> pb.Envelope:
         return pb.Envelope(run_id=self.run_id, round=round_number, nonce=os.urandom(16))
 
+    def _result_messages(
+        self, round_number: int, encoded: bytes, num_examples: int, train_loss: float
+    ) -> Iterator[pb.ClientMessage]:
+        for piece in split_payload(encoded):
+            yield pb.ClientMessage(
+                envelope=self._envelope(round_number),
+                result=pb.ClientResultChunk(
+                    chunk=piece, num_examples=num_examples, train_loss=train_loss
+                ),
+            )
+
     def task(self, message: pb.ServerMessage) -> int:
         """Consume one chunk; when the model is complete, train and send the result."""
         if message.envelope.run_id != self.run_id:
@@ -211,17 +226,26 @@ class _Worker:
         chunk = message.task.chunk
         if chunk.index == 0:
             self.reassembler = Reassembler(max_bytes=1 << 40)
+            self.receive_started = time.time()
         assert self.reassembler is not None
         payload = self.reassembler.add(chunk)
         if payload is None:
             return 0
+        self.reassembler = None  # release the chunks
         round_number = message.envelope.round
+        received = time.time()
+        log.info("round %d: received %.1f MB model in %.3f s (%.6f-%.6f)", round_number,
+                 len(payload) / 1e6, received - self.receive_started, self.receive_started,
+                 received)
         try:
             params = decode_params(payload)
+            del payload
             rng = np.random.default_rng(message.task.client_seed)
+            started = time.perf_counter()
             result = self.algorithm.client_update(
                 self.client_id, self.model, params, self.data, rng
             )
+            log.info("round %d: trained in %.4f s", round_number, time.perf_counter() - started)
         except Exception as exc:
             log.exception("local training failed")
             self.outbox.put(
@@ -231,13 +255,8 @@ class _Worker:
                 )
             )
             return 0
-        for piece in split_payload(encode_params(result.update)):
-            self.outbox.put(
-                pb.ClientMessage(
-                    envelope=self._envelope(round_number),
-                    result=pb.ClientResultChunk(
-                        chunk=piece, num_examples=result.num_examples, train_loss=result.train_loss
-                    ),
-                )
-            )
+        num_examples, train_loss = result.num_examples, result.train_loss
+        encoded = encode_params(result.update)
+        del params, result  # only the encoded bytes are needed from here
+        self.outbox.put(self._result_messages(round_number, encoded, num_examples, train_loss))
         return 1
