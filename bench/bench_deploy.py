@@ -67,8 +67,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def setup(tmp: Path, clients: int, rounds: int, *, model: str = "logistic",
-          hidden: list[int] | None = None, partitions: int | None = None) -> tuple[Path, int, list[str]]:
+def setup(
+    tmp: Path,
+    clients: int,
+    rounds: int,
+    *,
+    model: str = "logistic",
+    hidden: list[int] | None = None,
+    partitions: int | None = None,
+) -> tuple[Path, int, list[str]]:
     names = [f"c{i:03d}" for i in range(clients)]
     keys = tmp / "keys"
     init_keys(keys, ["localhost", "127.0.0.1"])
@@ -76,17 +83,38 @@ def setup(tmp: Path, clients: int, rounds: int, *, model: str = "logistic",
         add_client(keys, n, keys / n)
     port = free_port()
     cfg = tmp / "server.toml"
-    cfg.write_text(CONFIG.format(partitions=partitions or clients, model=model,
-                                 hidden=hidden or [1], rounds=rounds, clients=clients, port=port,
-                                 keys=keys, state=tmp / "state"))
+    cfg.write_text(
+        CONFIG.format(
+            partitions=partitions or clients,
+            model=model,
+            hidden=hidden or [1],
+            rounds=rounds,
+            clients=clients,
+            port=port,
+            keys=keys,
+            state=tmp / "state",
+        )
+    )
     return cfg, port, names
 
 
 def start_clients(tmp: Path, port: int, names: list[str]) -> list[subprocess.Popen[bytes]]:
     return [
-        subprocess.Popen([sys.executable, "-m", "fedforge.cli", "client", "--server",
-                          f"127.0.0.1:{port}", "--credentials", str(tmp / "keys" / n)],
-                         stdout=open(tmp / f"{n}.log", "wb"), stderr=subprocess.STDOUT, env=ENV)  # noqa: SIM115
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedforge.cli",
+                "client",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--credentials",
+                str(tmp / "keys" / n),
+            ],
+            stdout=open(tmp / f"{n}.log", "wb"),
+            stderr=subprocess.STDOUT,
+            env=ENV,
+        )  # noqa: SIM115
         for n in names
     ]
 
@@ -114,16 +142,20 @@ def overhead() -> None:
         assert done.returncode == 0, done.stderr[-2000:]
         rounds = history(tmp)
         trained = client_lines(tmp, names, r"round (\d+): trained in ([\d.]+) s")
-        slowest = {r.round: max(float(t) for lines in trained for (rn, t) in lines
-                                if int(rn) == r.round) for r in rounds}
+        slowest = {
+            r.round: max(float(t) for lines in trained for (rn, t) in lines if int(rn) == r.round)
+            for r in rounds
+        }
         # Round 1 includes the clients' first-use imports; report the steady rounds.
         steady = [r for r in rounds if r.round > 1]
         over = [1000 * (r.wall_seconds - slowest[r.round]) for r in steady]
-        print(f"overhead: 10 client processes, logistic regression on digits, {len(steady)} "
-              f"steady rounds: round wall median {1000 * statistics.median(r.wall_seconds for r in steady):.1f} ms, "
-              f"slowest client training median {1000 * statistics.median(slowest[r.round] for r in steady):.1f} ms, "
-              f"overhead median {statistics.median(over):.1f} ms (max {max(over):.1f} ms; "
-              f"includes central evaluation)")
+        print(
+            f"overhead: 10 client processes, logistic regression on digits, {len(steady)} "
+            f"steady rounds: round wall median {1000 * statistics.median(r.wall_seconds for r in steady):.1f} ms, "
+            f"slowest client training median {1000 * statistics.median(slowest[r.round] for r in steady):.1f} ms, "
+            f"overhead median {statistics.median(over):.1f} ms (max {max(over):.1f} ms; "
+            f"includes central evaluation)"
+        )
 
 
 def raw_loopback_rate(total: int) -> float:
@@ -152,29 +184,34 @@ def raw_loopback_rate(total: int) -> float:
     return got / elapsed
 
 
-def throughput(model_mb: int) -> None:
+def throughput(model_mb: int, num_clients: int = 4) -> None:
     hidden = int(model_mb * 1e6 / 4 / 75)  # digits: 64 -> hidden -> 10 parameters ~ 75 per unit
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        cfg, port, names = setup(tmp, clients=4, rounds=1, model="mlp", hidden=[hidden],
-                                 partitions=200)
+        cfg, port, names = setup(
+            tmp, clients=num_clients, rounds=1, model="mlp", hidden=[hidden], partitions=200
+        )
         clients = start_clients(tmp, port, names)
         done = run_measured([sys.executable, "-m", "fedforge.cli", "server", str(cfg)], 900, ENV)
         for c in clients:
             c.wait(timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
-        got = client_lines(tmp, names, r"received ([\d.]+) MB model in ([\d.]+) s \(([\d.]+)-([\d.]+)\)")
+        got = client_lines(
+            tmp, names, r"received ([\d.]+) MB model in ([\d.]+) s \(([\d.]+)-([\d.]+)\)"
+        )
         sizes = [float(lines[0][0]) for lines in got]
         starts = [float(lines[0][2]) for lines in got]
         ends = [float(lines[0][3]) for lines in got]
         total_mb = sum(sizes)
         window = max(ends) - min(starts)
         raw = raw_loopback_rate(1 << 30) / 1e6
-        print(f"throughput: {sizes[0]:.0f} MB model to 4 clients over TLS: {total_mb:.0f} MB in "
-              f"{window:.2f} s = {total_mb / window:.0f} MB/s aggregate; raw loopback TCP "
-              f"{raw:.0f} MB/s (ratio {total_mb / window / raw:.2f}); server peak "
-              f"{done.peak_rss_bytes / 2**20:.0f} MiB; round {history(tmp)[0].wall_seconds:.1f} s "
-              f"incl. training and 4 updates back")
+        print(
+            f"throughput: {sizes[0]:.0f} MB model to {num_clients} clients over TLS: {total_mb:.0f} MB in "
+            f"{window:.2f} s = {total_mb / window:.0f} MB/s aggregate; raw loopback TCP "
+            f"{raw:.0f} MB/s (ratio {total_mb / window / raw:.2f}); server peak "
+            f"{done.peak_rss_bytes / 2**20:.0f} MiB; round {history(tmp)[0].wall_seconds:.1f} s "
+            f"incl. training and {num_clients} updates back"
+        )
 
 
 async def _light_client(port: int, creds: Path, rounds_done: list[int]) -> None:
@@ -184,9 +221,11 @@ async def _light_client(port: int, creds: Path, rounds_done: list[int]) -> None:
     from fedforge.net.proto import fedforge_pb2 as pb
     from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 
-    tls = grpc.ssl_channel_credentials((creds / "ca.crt").read_bytes(),
-                                       (creds / "client.key").read_bytes(),
-                                       (creds / "client.crt").read_bytes())
+    tls = grpc.ssl_channel_credentials(
+        (creds / "ca.crt").read_bytes(),
+        (creds / "client.key").read_bytes(),
+        (creds / "client.crt").read_bytes(),
+    )
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", tls) as channel:
         out: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
         await out.put(pb.ClientMessage(hello=pb.Hello(protocol_version=1, num_examples=1)))
@@ -209,13 +248,22 @@ async def _light_client(port: int, creds: Path, rounds_done: list[int]) -> None:
                 if payload is None:
                     continue
                 params = decode_params(payload)
-                update = {k: (0.01 * rng.standard_normal(v.shape)).astype(v.dtype)
-                          for k, v in params.items()}
+                update = {
+                    k: (0.01 * rng.standard_normal(v.shape)).astype(v.dtype)
+                    for k, v in params.items()
+                }
                 for chunk in split_payload(encode_params(update)):
-                    env = pb.Envelope(run_id=run_id, round=message.envelope.round,
-                                      nonce=os.urandom(16))
-                    await out.put(pb.ClientMessage(envelope=env, result=pb.ClientResultChunk(
-                        chunk=chunk, num_examples=1, train_loss=0.1)))
+                    env = pb.Envelope(
+                        run_id=run_id, round=message.envelope.round, nonce=os.urandom(16)
+                    )
+                    await out.put(
+                        pb.ClientMessage(
+                            envelope=env,
+                            result=pb.ClientResultChunk(
+                                chunk=chunk, num_examples=1, train_loss=0.1
+                            ),
+                        )
+                    )
                 rounds_done.append(1)
             elif kind == "run_complete":
                 break
@@ -226,9 +274,12 @@ def load(num_clients: int = 200, rounds: int = 10) -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         cfg, port, names = setup(tmp, clients=num_clients, rounds=rounds, partitions=num_clients)
-        server = subprocess.Popen([sys.executable, "-m", "fedforge.cli", "server", str(cfg)],
-                                  stdout=open(tmp / "server.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                                  env=ENV)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "fedforge.cli", "server", str(cfg)],
+            stdout=open(tmp / "server.log", "wb"),
+            stderr=subprocess.STDOUT,  # noqa: SIM115
+            env=ENV,
+        )
         peak = [0]
         stop = threading.Event()
 
@@ -236,7 +287,9 @@ def load(num_clients: int = 200, rounds: int = 10) -> None:
             while not stop.is_set():
                 try:
                     with open(f"/proc/{server.pid}/statm") as f:
-                        peak[0] = max(peak[0], int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+                        peak[0] = max(
+                            peak[0], int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                        )
                 except OSError:
                     pass
                 time.sleep(0.1)
@@ -253,8 +306,9 @@ def load(num_clients: int = 200, rounds: int = 10) -> None:
         start = time.perf_counter()
 
         async def main() -> None:
-            await asyncio.gather(*(_light_client(port, tmp / "keys" / n, rounds_done)
-                                   for n in names))
+            await asyncio.gather(
+                *(_light_client(port, tmp / "keys" / n, rounds_done) for n in names)
+            )
 
         asyncio.run(main())
         elapsed = time.perf_counter() - start
@@ -266,23 +320,26 @@ def load(num_clients: int = 200, rounds: int = 10) -> None:
         rows = history(tmp)
         errors = sum(r.clients_failed + r.clients_rejected for r in rows)
         complete = all(r.clients_completed == num_clients for r in rows)
-        print(f"load: {num_clients} concurrent asyncio clients x {len(rows)} rounds in {elapsed:.1f} s "
-              f"({elapsed / len(rows):.2f} s/round): server exit {code}, every client accepted "
-              f"every round: {complete}, failed+rejected {errors}, client rounds "
-              f"{len(rounds_done)}; server peak RSS {peak[0] / 2**20:.0f} MiB, server CPU "
-              f"{cpu:.1f} s")
+        print(
+            f"load: {num_clients} concurrent asyncio clients x {len(rows)} rounds in {elapsed:.1f} s "
+            f"({elapsed / len(rows):.2f} s/round): server exit {code}, every client accepted "
+            f"every round: {complete}, failed+rejected {errors}, client rounds "
+            f"{len(rounds_done)}; server peak RSS {peak[0] / 2**20:.0f} MiB, server CPU "
+            f"{cpu:.1f} s"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--parts", default="overhead,throughput,load")
     parser.add_argument("--model-mb", type=int, default=500)
+    parser.add_argument("--clients", type=int, default=4, help="throughput: client processes")
     args = parser.parse_args()
     parts = args.parts.split(",")
     if "overhead" in parts:
         overhead()
     if "throughput" in parts:
-        throughput(args.model_mb)
+        throughput(args.model_mb, args.clients)
     if "load" in parts:
         load()
 

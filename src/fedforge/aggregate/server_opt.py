@@ -40,7 +40,8 @@ class ServerSGD:
         else:
             new_state = {k: self.momentum * state[k] + update[k] for k in update}
             direction = new_state
-        new_params = {
-            k: (params[k] + self.lr * direction[k]).astype(params[k].dtype) for k in params
-        }
+        new_params = {}
+        for k, p in params.items():
+            step = np.multiply(direction[k], self.lr, dtype=p.dtype)
+            new_params[k] = np.add(p, step, out=step)
         return new_params, new_state

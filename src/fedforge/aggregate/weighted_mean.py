@@ -25,13 +25,16 @@ def weighted_mean(updates: np.ndarray, weights: Sequence[float] | np.ndarray) ->
 class StreamingMean:
     """Running weighted sum of updates: memory O(model), whatever the number of clients.
 
-    Sums are kept in float64 and cast back to each array's dtype by :meth:`result`.
+    Sums are kept in float64 (widened block by block, so no model-sized temporary is ever
+    allocated) and cast back to each array's dtype by :meth:`result`.
     """
+
+    BLOCK = 1 << 18  # elements widened per step
 
     def __init__(self) -> None:
         self._sums: dict[str, np.ndarray] = {}
-        self._scratch: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] = {}
+        self._scratch = np.empty(0, np.float64)
         self.total_weight = 0.0
         self.count = 0
 
@@ -40,19 +43,26 @@ class StreamingMean:
             raise ValueError(f"aggregation weight must be positive, got {weight}")
         if not self._sums:
             self._sums = {k: np.zeros(v.shape, np.float64) for k, v in update.items()}
-            self._scratch = {k: np.empty(v.shape, np.float64) for k, v in update.items()}
             self._dtypes = {k: v.dtype for k, v in update.items()}
+            largest = max((v.size for v in update.values()), default=0)
+            self._scratch = np.empty(min(largest, self.BLOCK), np.float64)
         for name, total in self._sums.items():
-            # weight * update, widened to float64 inside the ufunc (no temporary copies).
-            product = np.multiply(update[name], weight, out=self._scratch[name], dtype=np.float64)
-            total += product
+            flat_total, flat_update = total.reshape(-1), update[name].reshape(-1)
+            for start in range(0, flat_total.size, self.BLOCK):
+                stop = min(start + self.BLOCK, flat_total.size)
+                scratch = self._scratch[: stop - start]
+                # weight * update, computed in float64 (no rounding to the update's dtype).
+                np.multiply(flat_update[start:stop], weight, out=scratch, dtype=np.float64)
+                flat_total[start:stop] += scratch
         self.total_weight += weight
         self.count += 1
 
     def result(self) -> Params:
         if self.count == 0:
             raise FedforgeError("no update was aggregated")
-        return {
-            name: (total / self.total_weight).astype(self._dtypes[name])
-            for name, total in self._sums.items()
-        }
+        out = {}
+        for name, total in self._sums.items():
+            mean = np.empty(total.shape, self._dtypes[name])
+            np.divide(total, self.total_weight, out=mean, casting="same_kind")
+            out[name] = mean
+        return out

@@ -167,9 +167,7 @@ class FederatedClient:
         return False, trained
 
 
-def _start_heartbeats(
-    outbox: Outbox, stop: threading.Event, interval_s: float
-) -> None:
+def _start_heartbeats(outbox: Outbox, stop: threading.Event, interval_s: float) -> None:
     def beat() -> None:
         while not stop.wait(interval_s):
             outbox.put(pb.ClientMessage(heartbeat=pb.Heartbeat()))
@@ -234,9 +232,14 @@ class _Worker:
         self.reassembler = None  # release the chunks
         round_number = message.envelope.round
         received = time.time()
-        log.info("round %d: received %.1f MB model in %.3f s (%.6f-%.6f)", round_number,
-                 len(payload) / 1e6, received - self.receive_started, self.receive_started,
-                 received)
+        log.info(
+            "round %d: received %.1f MB model in %.3f s (%.6f-%.6f)",
+            round_number,
+            len(payload) / 1e6,
+            received - self.receive_started,
+            self.receive_started,
+            received,
+        )
         try:
             params = decode_params(payload)
             del payload

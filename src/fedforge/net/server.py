@@ -121,11 +121,10 @@ def run_server(
     log.info("run %s serving on %s (%d registered clients)", run_id, d.address, len(names))
 
     streams = RngStreams(config.seed)
-    eval_model = TorchModel(build_model(config, data))
 
     def evaluator(params: dict) -> Evaluation:  # type: ignore[type-arg]
-        eval_model.set_params(params)
-        return evaluate(eval_model, data.test)
+        model.set_params(params)
+        return evaluate(model, data.test)
 
     def example_cap(cid: int) -> int:
         session = hub.session_for(cid)
