@@ -114,7 +114,7 @@ def start_clients(tmp: Path, port: int, names: list[str]) -> list[subprocess.Pop
             stdout=open(tmp / f"{n}.log", "wb"),
             stderr=subprocess.STDOUT,
             env=ENV,
-        )  # noqa: SIM115
+        )
         for n in names
     ]
 
@@ -277,7 +277,7 @@ def load(num_clients: int = 200, rounds: int = 10) -> None:
         server = subprocess.Popen(
             [sys.executable, "-m", "fedforge.cli", "server", str(cfg)],
             stdout=open(tmp / "server.log", "wb"),
-            stderr=subprocess.STDOUT,  # noqa: SIM115
+            stderr=subprocess.STDOUT,
             env=ENV,
         )
         peak = [0]
