@@ -42,6 +42,7 @@ def main() -> None:
             rounds=s.rounds,
             clients_per_round=s.clients_per_round,
             seed=cfg.seed,
+            backend="sequential",
         )
         return result.history[-1].test_accuracy
 
