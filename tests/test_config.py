@@ -47,7 +47,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path) -> None:  # type: ig
     assert isinstance(cfg, RunConfig)
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "examples").glob("*.toml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "examples").glob("*.toml")), ids=lambda p: p.name
+)
 def test_example_configs_are_valid(path: Path) -> None:
     load_config(path)

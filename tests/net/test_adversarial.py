@@ -185,8 +185,14 @@ def test_malformed_and_replayed_results_are_rejected(tmp_path: Path) -> None:
     assert record.clients_rejected == 5
     assert record.clients_failed == 1  # the silent one, dropped at the deadline
     log = (tmp_path / "server.log").read_text()
-    for reason in ["NaN", "shape", "outside the allowed range", "undecodable", "truncated",
-                   "no result within"]:
+    for reason in [
+        "NaN",
+        "shape",
+        "outside the allowed range",
+        "undecodable",
+        "truncated",
+        "no result within",
+    ]:
         assert reason in log, reason
     assert any("replayed" in r for r in crafted["replay"].rejects)
 

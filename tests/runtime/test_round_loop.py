@@ -138,3 +138,39 @@ def test_clients_per_round_larger_than_population_is_rejected(small_federated) -
 
     with pytest.raises(ConfigError, match="clients_per_round"):
         simulate(small_mlp(), small_federated, rounds=1, clients_per_round=11)
+
+
+class FailsMostClients(FedAvg):
+    """Only clients 8 and 9 work; the rest raise."""
+
+    def client_update(self, client_id, model, global_params, data, rng):  # type: ignore[no-untyped-def]
+        if client_id < 8:
+            raise RuntimeError("offline")
+        return super().client_update(client_id, model, global_params, data, rng)
+
+
+def _loop(data, algorithm, per_round: int):  # type: ignore[no-untyped-def]
+    from fedforge.runtime.loop import RoundLoop
+    from fedforge.runtime.sequential import SequentialBackend
+
+    model = TorchModel(small_mlp())
+    streams = RngStreams(0)
+    backend = SequentialBackend(algorithm, model, data, streams)
+    loop = RoundLoop(algorithm, backend, lambda: range(10), per_round, streams, data.client_size)
+    return loop, algorithm.init(model.get_params())
+
+
+def test_round_is_resampled_until_enough_results(small_federated) -> None:  # type: ignore[no-untyped-def]
+    loop, state = _loop(small_federated, FailsMostClients(local=LOCAL), per_round=3)
+    attempts = []
+    new_state, record = loop.run_round_with_retries(state, 1, 20, lambda: attempts.append(1))
+    assert record.clients_completed >= 1 and new_state.round == 1
+    assert len(attempts) > 1  # the first samples held no working client (seed 0)
+
+
+def test_round_fails_cleanly_after_max_retries(small_federated) -> None:  # type: ignore[no-untyped-def]
+    from fedforge.core.errors import FedforgeError
+
+    loop, state = _loop(small_federated, FailsMostClients(local=LOCAL), per_round=3)
+    with pytest.raises(FedforgeError, match="fewer than 3 accepted results in 3 attempts"):
+        loop.run_round_with_retries(state, 3, 2)

@@ -151,20 +151,12 @@ def run_server(
     )
     try:
         while state.round < config.server.rounds:
-            hub.wait_for_clients(max(d.min_clients, config.server.clients_per_round))
-            for attempt in range(d.max_retries + 1):
-                new_state, record = loop.run_round(state, attempt)
-                if record.clients_completed >= d.min_completed:
-                    break
-                log.warning(
-                    "round %d: %d accepted results (< %d); retrying",
-                    new_state.round,
-                    record.clients_completed,
-                    d.min_completed,
-                )
-                hub.wait_for_clients(max(d.min_clients, config.server.clients_per_round))
-            else:
-                raise FedforgeError(f"round {state.round + 1} failed after {d.max_retries} retries")
+            new_state, record = loop.run_round_with_retries(
+                state,
+                d.min_completed,
+                d.max_retries,
+                lambda: hub.wait_for_clients(max(d.min_clients, config.server.clients_per_round)),
+            )
             state = new_state
             history.append(record)
             store.save(run_id, state, record)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from fedforge.algorithms.base import Algorithm, ServerState
-from fedforge.core.errors import InvalidUpdateError
+from fedforge.core.errors import FedforgeError, InvalidUpdateError
 from fedforge.core.params import Params, num_bytes, spec_of
 from fedforge.core.results import ClientFailure, ClientOutcome
 from fedforge.core.rng import Purpose, RngStreams
@@ -133,3 +133,31 @@ class RoundLoop:
         )
         self.listener.round_finished(record)
         return state, record
+
+    def run_round_with_retries(
+        self,
+        state: ServerState,
+        min_completed: int,
+        max_retries: int,
+        before_attempt: Callable[[], object] = lambda: None,
+    ) -> tuple[ServerState, RoundRecord]:
+        """Run the next round; if fewer than ``min_completed`` results are accepted, discard
+        it and re-sample, up to ``max_retries`` times. ``before_attempt`` runs before every
+        attempt (the network server waits there for enough connected clients)."""
+        for attempt in range(max_retries + 1):
+            before_attempt()
+            new_state, record = self.run_round(state, attempt)
+            if record.clients_completed >= min_completed:
+                return new_state, record
+            log.warning(
+                "round %d attempt %d: %d accepted results (< %d)%s",
+                record.round,
+                attempt,
+                record.clients_completed,
+                min_completed,
+                "; re-sampling" if attempt < max_retries else "",
+            )
+        raise FedforgeError(
+            f"round {state.round + 1} got fewer than {min_completed} accepted results in "
+            f"{max_retries + 1} attempts"
+        )
