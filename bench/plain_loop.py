@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -67,7 +66,3 @@ def plain_fedavg(
             round_times.append(time.perf_counter() - started)
     return accuracies
 
-
-def batch_rng(seed: int, round_number: int, client_id: int) -> np.random.Generator:
-    """The client stream both loops use (exposed for tests)."""
-    return RngStreams(seed).generator(Purpose.CLIENT, round_number, client_id)

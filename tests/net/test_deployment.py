@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from fedforge.data.datasets import load_digits
 from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
+    fedforge,
     free_port,
     make_keys,
     start_client,
@@ -42,14 +44,34 @@ def test_three_clients_over_mutual_tls(tmp_path: Path) -> None:
     keys = make_keys(tmp_path, NAMES)
     port = free_port()
     cfg = write_config(tmp_path, keys, port, rounds=3)
+    # carol brings her own data, more examples than her share of the built-in dataset:
+    # the server must accept her sample count because she declared it.
+    train, _ = load_digits()
+    own = tmp_path / "carol.npz"
+    np.savez(own, x=train.x[:900], y=train.y[:900])
     server = start_server(cfg, tmp_path / "server.log")
-    clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES]
+    clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES[:2]]
+    clients.append(
+        fedforge(
+            [
+                "client",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--credentials",
+                str(keys / "carol"),
+                "--data",
+                str(own),
+            ],
+            tmp_path / "carol.log",
+        )
+    )
     try:
         assert server.wait(timeout=120) == 0, _log_tail(tmp_path / "server.log")
         for n, c in zip(NAMES, clients, strict=True):
             assert c.wait(timeout=30) == 0, _log_tail(tmp_path / f"{n}.log")
     finally:
         stop_all([server, *clients])
+    assert "with 900 examples" in (tmp_path / "carol.log").read_text()
     history = _history(tmp_path / "state")
     assert [r.round for r in history] == [1, 2, 3]
     assert all(r.clients_completed == 3 and r.clients_failed == 0 for r in history)

@@ -201,6 +201,12 @@ class _Worker:
             self.client_id,
             len(self.data),
         )
+        # Declare the data size: the server caps the sample counts it accepts from us by it.
+        self.outbox.put(
+            pb.ClientMessage(
+                hello=pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=len(self.data))
+            )
+        )
 
     def _envelope(self, round_number: int) -> pb.Envelope:
         return pb.Envelope(run_id=self.run_id, round=round_number, nonce=os.urandom(16))

@@ -112,7 +112,11 @@ class FederationService(pb_grpc.FederationServicer):
 
     def _handle(self, session: Session, message: pb.ClientMessage) -> None:
         kind = message.WhichOneof("body")
-        if kind == "heartbeat" or kind == "hello":
+        if kind == "heartbeat":
+            return
+        if kind == "hello":  # the data-size declaration, accepted once per session
+            if session.declared_examples <= 0 < message.hello.num_examples:
+                session.declared_examples = int(message.hello.num_examples)
             return
         env = message.envelope
         if env.run_id != self.hub.run_id:
