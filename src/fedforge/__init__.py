@@ -12,6 +12,7 @@ from fedforge.data import partition
 from fedforge.data.datasets import ArrayDataset, load_digits, load_mnist5k, make_synthetic
 from fedforge.data.federated import FederatedDataset
 from fedforge.report.history import History, RoundRecord
+from fedforge.runtime.backends import BackendOptions
 from fedforge.runtime.loop import RoundListener
 from fedforge.runtime.simulation import SimulationResult, simulate
 from fedforge.train.local_sgd import LocalSGD
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArrayDataset",
+    "BackendOptions",
     "ClientFailure",
     "ClientResult",
     "ConfigError",

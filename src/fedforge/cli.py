@@ -46,7 +46,7 @@ def run(
     try:
         cfg = load_config(config, set_)
     except FedforgeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         raise typer.Exit(2) from None
     out_dir = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     _setup_logging()
@@ -61,7 +61,7 @@ def run(
             with progress:
                 result = run_experiment(cfg, out_dir, ProgressListener(progress, cfg.server.rounds))
     except FedforgeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     last = result.history[-1]
     console.print(
@@ -87,7 +87,7 @@ def _setup_logging(level: int = logging.INFO) -> None:
 
 
 def _fail(exc: Exception, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
     return typer.Exit(code)
 
 
