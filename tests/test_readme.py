@@ -36,3 +36,14 @@ def test_quickstart_has_the_two_commands() -> None:
         'pip install -e ".[test]" && python -m pytest -q'
         in (README.parent / ".ci" / "run").read_text()
     )
+
+
+def test_every_readme_python_block_compiles_and_its_imports_resolve() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) >= 2
+    for block in blocks:
+        compile(block, "README.md", "exec")
+        imports = "\n".join(
+            line for line in block.splitlines() if line.startswith(("import ", "from "))
+        )
+        exec(compile(imports, "README.md", "exec"), {})
