@@ -22,10 +22,6 @@ class ArraySpec:
     shape: tuple[int, ...]
     dtype: np.dtype
 
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
 
 ParamSpec = dict[str, ArraySpec]
 
@@ -43,11 +39,6 @@ def num_bytes(params: Mapping[str, np.ndarray]) -> int:
 def subtract(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> Params:
     """Elementwise ``a - b`` for every name of ``a``."""
     return {name: a[name] - b[name] for name in a}
-
-
-def copy_params(params: Mapping[str, np.ndarray]) -> Params:
-    """A deep copy, so later in-place edits of either side cannot leak."""
-    return {name: np.array(arr, copy=True) for name, arr in params.items()}
 
 
 def params_equal(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:

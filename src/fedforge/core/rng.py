@@ -21,8 +21,6 @@ class Purpose(IntEnum):
     PARTITION = 1
     SAMPLING = 2
     CLIENT = 3
-    SERVER = 4
-    DATA = 5
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from fedforge.config import RunConfig
 from fedforge.core.errors import FedforgeError
 from fedforge.data.datasets import ArrayDataset
+from fedforge.data.federated import FederatedDataset
 from fedforge.experiment import build_algorithm, build_dataset, build_model
 from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
 from fedforge.net.keys import ClientCredentials
@@ -30,8 +31,8 @@ from fedforge.train.torch_model import TorchModel
 
 log = logging.getLogger("fedforge")
 
-# Returns the client's local data given the run configuration and its client id.
-DataLoader = Callable[[RunConfig, int], ArrayDataset]
+# The client's local data, given the run's built-in federated dataset and the client's id.
+DataLoader = Callable[[FederatedDataset, int], ArrayDataset]
 Outbox = queue.Queue[pb.ClientMessage | Iterator[pb.ClientMessage] | None]
 FATAL = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -41,9 +42,8 @@ FATAL = {
 }
 
 
-def builtin_partition(config: RunConfig, client_id: int) -> ArrayDataset:
+def builtin_partition(data: FederatedDataset, client_id: int) -> ArrayDataset:
     """The client's share of the run's built-in dataset (for demos and tests)."""
-    data = build_dataset(config)
     if client_id >= data.num_clients:
         raise FedforgeError(f"client id {client_id} has no partition ({data.num_clients} exist)")
     return data.client(client_id)
@@ -52,7 +52,7 @@ def builtin_partition(config: RunConfig, client_id: int) -> ArrayDataset:
 def npz_loader(path: str) -> DataLoader:
     """Local data from an ``.npz`` with arrays ``x`` (float32) and ``y`` (int64)."""
 
-    def load(config: RunConfig, client_id: int) -> ArrayDataset:
+    def load(data: FederatedDataset, client_id: int) -> ArrayDataset:
         with np.load(path, allow_pickle=False) as f:
             return ArrayDataset(f["x"].astype(np.float32), f["y"].astype(np.int64))
 
@@ -191,8 +191,9 @@ class _Worker:
         self.config = RunConfig.model_validate(tomllib.loads(w.config_toml))
         # One small model per process: extra intra-op threads only oversubscribe the cores.
         torch.set_num_threads(self.config.runtime.threads or 1)
-        self.data = self.loader(self.config, self.client_id)
-        self.model = TorchModel(build_model(self.config, build_dataset(self.config)))
+        federated = build_dataset(self.config)  # built once: model shapes and built-in data
+        self.data = self.loader(federated, self.client_id)
+        self.model = TorchModel(build_model(self.config, federated))
         self.algorithm = build_algorithm(self.config)
         log.info(
             "joined run %s as %s (id %d) with %d examples",
