@@ -220,6 +220,7 @@ async def _light_client(port: int, creds: Path, rounds_done: list[int]) -> None:
     from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
     from fedforge.net.proto import fedforge_pb2 as pb
     from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+    from fedforge.net.service import PROTOCOL_VERSION
 
     tls = grpc.ssl_channel_credentials(
         (creds / "ca.crt").read_bytes(),
@@ -228,7 +229,8 @@ async def _light_client(port: int, creds: Path, rounds_done: list[int]) -> None:
     )
     async with grpc.aio.secure_channel(f"127.0.0.1:{port}", tls) as channel:
         out: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
-        await out.put(pb.ClientMessage(hello=pb.Hello(protocol_version=1, num_examples=1)))
+        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=1)
+        await out.put(pb.ClientMessage(hello=hello))
 
         async def requests():  # type: ignore[no-untyped-def]
             while (m := await out.get()) is not None:
@@ -259,8 +261,11 @@ async def _light_client(port: int, creds: Path, rounds_done: list[int]) -> None:
                     await out.put(
                         pb.ClientMessage(
                             envelope=env,
-                            result=pb.ClientResultChunk(
-                                chunk=chunk, num_examples=1, train_loss=0.1
+                            reply=pb.ReplyChunk(
+                                stage=message.task.stage,
+                                num_examples=1,
+                                metrics={"train_loss": 0.1},
+                                chunk=chunk,
                             ),
                         )
                     )

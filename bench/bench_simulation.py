@@ -26,10 +26,22 @@ from bench.proc_tree import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"A": (100, 10, 20), "B": (100, 100, 5), "C": (1000, 100, 3), "D": (10_000, 10_000, 1)}
-CONTENDERS = ["sequential", "vectorized", "workers", "plain", "flower"]
+CONTENDERS = [
+    "sequential",
+    "vectorized",
+    "vectorized-custom",
+    "vectorized-fedprox",
+    "vectorized-scaffold",
+    "workers",
+    "plain",
+    "flower",
+]
 LABEL = {
     "sequential": "fedforge sequential",
     "vectorized": "fedforge vectorized",
+    "vectorized-custom": "fedforge vectorized, custom nn.Module 2NN",
+    "vectorized-fedprox": "fedforge vectorized FedProx (mu 0.01)",
+    "vectorized-scaffold": "fedforge vectorized SCAFFOLD",
     "workers": "fedforge workers (2)",
     "plain": "plain PyTorch loop",
     "flower": "Flower 1.41 (Ray)",
@@ -40,14 +52,16 @@ def round_time(rounds: list[float]) -> float:
     return statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
 
 
-def run_config(key: str, flower_python: Path | None, timeout: float, workdir: Path) -> list[dict]:  # type: ignore[type-arg]
+def run_config(
+    key: str, flower_python: Path | None, timeout: float, workdir: Path, contenders: list[str]
+) -> list[dict]:  # type: ignore[type-arg]
     n, k, rounds = CONFIGS[key]
     npz = workdir / f"workload_{n}.npz"
     if flower_python and not npz.exists():
         wl.save(wl.build(n), npz)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     rows = []
-    for name in CONTENDERS:
+    for name in contenders:
         if name == "flower":
             if flower_python is None:
                 continue
@@ -123,6 +137,10 @@ def ratios(rows: list[dict]) -> str:  # type: ignore[type-arg]
             parts.append(
                 f"whole process vs Flower {got['flower']['whole_s'] / vec['whole_s']:.1f}x"
             )
+        for variant in ("custom", "fedprox", "scaffold"):
+            other = got.get(f"vectorized-{variant}")
+            if other:
+                parts.append(f"{variant} / FedAvg round {other['round_s'] / vec['round_s']:.2f}x")
         lines.append(f"{key}: vectorized " + ", ".join(parts))
     return "\n".join(lines)
 
@@ -130,6 +148,7 @@ def ratios(rows: list[dict]) -> str:  # type: ignore[type-arg]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--configs", default="A,B,C,D")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--skip-flower", action="store_true")
     parser.add_argument("--flower-python", type=Path, default=ROOT / ".venv-flwr/bin/python")
     parser.add_argument("--timeout", type=float, default=900.0)
@@ -141,7 +160,7 @@ def main() -> None:
     rows: list[dict] = []  # type: ignore[type-arg]
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.configs.split(","):
-            rows += run_config(key, flower, args.timeout, Path(tmp))
+            rows += run_config(key, flower, args.timeout, Path(tmp), args.contenders.split(","))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
     print()

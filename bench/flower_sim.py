@@ -73,8 +73,10 @@ def main() -> None:
         def fit(self, parameters, config):  # type: ignore[no-untyped-def]
             set_weights(self.model, parameters)
             opt = torch.optim.SGD(self.model.parameters(), lr=LR)
+            # fedforge's RngStreams.task_seed(round, client), recomputed without fedforge.
             seq = np.random.SeedSequence(SEED, spawn_key=(3, int(config["round"]), self.cid))
-            rng = np.random.default_rng(seq)
+            words = seq.generate_state(4).astype("<u4").tobytes()
+            rng = np.random.default_rng(int.from_bytes(words, "little"))
             for _ in range(EPOCHS):
                 perm = torch.from_numpy(rng.permutation(len(self.y)))
                 for s in range(0, len(self.y), BATCH):

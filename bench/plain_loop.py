@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +47,7 @@ def plain_fedavg(
             x, y = x_all[idx], y_all[idx]
             model.load_state_dict(global_state)
             opt = torch.optim.SGD(model.parameters(), lr=lr)
-            rng = streams.generator(Purpose.CLIENT, r, int(cid))
+            rng = np.random.default_rng(streams.task_seed(r, int(cid)))
             for _ in range(epochs):
                 perm = torch.from_numpy(rng.permutation(len(y)))
                 for start in range(0, len(y), batch_size):
@@ -65,4 +66,3 @@ def plain_fedavg(
         if round_times is not None:
             round_times.append(time.perf_counter() - started)
     return accuracies
-

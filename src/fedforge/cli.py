@@ -26,55 +26,6 @@ def main() -> None:
     """fedforge: federated learning, simulated or deployed."""
 
 
-@app.command()
-def run(
-    config: Annotated[
-        Path | None, typer.Argument(help="TOML run configuration (defaults if omitted).")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a key, e.g. --set server.rounds=20 (repeatable)."),
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Run directory (default runs/<timestamp>).")
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-) -> None:
-    """Run a federated training simulation and write a run directory."""
-    from fedforge.config import load_config
-
-    try:
-        cfg = load_config(config, set_)
-    except FedforgeError as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        raise typer.Exit(2) from None
-    out_dir = out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    _setup_logging()
-    from fedforge.experiment import run_experiment
-    from fedforge.report.progress import ProgressListener
-
-    try:
-        if quiet:
-            result = run_experiment(cfg, out_dir)
-        else:
-            progress = ProgressListener.make_progress()
-            with progress:
-                result = run_experiment(cfg, out_dir, ProgressListener(progress, cfg.server.rounds))
-    except FedforgeError as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
-    last = result.history[-1]
-    console.print(
-        f"done: {len(result.history)} rounds, test accuracy {100 * last.test_accuracy:.2f}%, "
-        f"test loss {last.test_loss:.4f}; run directory: {out_dir}",
-        soft_wrap=True,
-    )
-
-
-keys_app = typer.Typer(help="Create and manage deployment credentials.", no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
-
-
 def _setup_logging(level: int = logging.INFO) -> None:
     """Rich output on a terminal; plain one-line records when logging to a file or pipe."""
     if console.is_terminal:
@@ -89,6 +40,68 @@ def _setup_logging(level: int = logging.INFO) -> None:
 def _fail(exc: Exception, code: int = 1) -> typer.Exit:
     console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
     return typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Argument(help="TOML run configuration (defaults if omitted).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key, e.g. --set server.rounds=20 (repeatable)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory (default runs/<timestamp>).")
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the run in this run directory after its last completed round.",
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Run a federated training simulation and write a run directory."""
+    from fedforge.config import load_config
+
+    if resume is not None and (config is not None or out is not None):
+        raise _fail(ValueError("--resume takes the run directory's own config.toml"), 2)
+    try:
+        if resume is not None:
+            if not (resume / "config.toml").exists():
+                raise FedforgeError(f"{resume} is not a run directory (no config.toml)")
+            cfg = load_config(resume / "config.toml", set_)
+        else:
+            cfg = load_config(config, set_)
+    except FedforgeError as exc:
+        raise _fail(exc, 2) from None
+    out_dir = resume or out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    _setup_logging()
+    from fedforge.experiment import run_experiment
+    from fedforge.report.progress import ProgressListener
+
+    try:
+        if quiet:
+            result = run_experiment(cfg, out_dir, resume=resume is not None)
+        else:
+            progress = ProgressListener.make_progress()
+            with progress:
+                listener = ProgressListener(progress, cfg.server.rounds)
+                result = run_experiment(cfg, out_dir, listener, resume=resume is not None)
+    except FedforgeError as exc:
+        raise _fail(exc) from None
+    last = result.history[-1]
+    console.print(
+        f"done: {last.round} rounds, test accuracy {100 * last.test_accuracy:.2f}%, "
+        f"test loss {last.test_loss:.4f}; run directory: {out_dir}",
+        soft_wrap=True,
+    )
+
+
+keys_app = typer.Typer(help="Create and manage deployment credentials.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 
 @keys_app.command("init")
@@ -175,7 +188,7 @@ def server(
         raise _fail(exc) from None
     last = result.history[-1]
     console.print(
-        f"run {result.run_id} complete: {len(result.history)} rounds, test accuracy "
+        f"run {result.run_id} complete: {last.round} rounds, test accuracy "
         f"{100 * last.test_accuracy:.2f}%",
         soft_wrap=True,
     )
@@ -192,6 +205,14 @@ def client_command(
         typer.Option("--data", help="Local data .npz (arrays x, y); default: the run's partition."),
     ] = None,
     name: Annotated[str, typer.Option("--name", help="--insecure servers only: client name.")] = "",
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir",
+            help="Where this client keeps its state across rounds and restarts "
+            "(default: client-state/<client name>).",
+        ),
+    ] = None,
 ) -> None:
     """Join a federated run: train on pushed work until the run completes."""
     from fedforge.net.client import FederatedClient, builtin_partition, npz_loader
@@ -201,7 +222,8 @@ def client_command(
     try:
         creds = ClientCredentials.load(credentials) if credentials else None
         loader = npz_loader(str(data)) if data else builtin_partition
-        rounds = FederatedClient(server_address, creds, loader, name=name).run()
+        client = FederatedClient(server_address, creds, loader, name=name, state_dir=state_dir)
+        rounds = client.run()
     except FedforgeError as exc:
         raise _fail(exc) from None
     console.print(f"done: trained in {rounds} rounds")

@@ -39,11 +39,18 @@ class ModelConfig(_Section):
     hidden: list[int] = Field(default_factory=lambda: [200, 200], description="mlp widths")
 
 
+class AlgorithmConfig(_Section):
+    """The federated algorithm (client program and server update)."""
+
+    name: Literal["fedavg", "fedprox", "scaffold"] = "fedavg"
+    mu: float = Field(0.01, ge=0, description="fedprox: proximal coefficient")
+
+
 class ClientConfig(_Section):
     """Local training on each client."""
 
     epochs: int = Field(5, ge=1)
-    batch_size: int = Field(10, ge=1)
+    batch_size: int = Field(10, ge=0, description="0 = the client's whole data (FedSGD)")
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -53,9 +60,36 @@ class ServerConfig(_Section):
     """The round loop and the server optimizer."""
 
     rounds: int = Field(50, ge=1)
-    clients_per_round: int = Field(10, ge=1)
-    lr: float = Field(1.0, gt=0, description="server learning rate (1.0 = plain FedAvg)")
-    momentum: float = Field(0.0, ge=0, lt=1, description="server momentum (FedAvgM)")
+    clients_per_round: int = Field(10, ge=1, description="uniform sampler: clients per round")
+    sampler: Literal["uniform", "poisson"] = "uniform"
+    sampling_rate: float = Field(0.1, gt=0, le=1, description="poisson: inclusion probability")
+    optimizer: Literal["sgd", "adam", "yogi", "adagrad"] = "sgd"
+    lr: float | None = Field(None, gt=0, description="server lr (default 1.0 for sgd, 0.01 else)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd: server momentum (FedAvgM)")
+    beta1: float = Field(0.9, ge=0, lt=1, description="adaptive: first-moment decay")
+    beta2: float = Field(0.99, ge=0, lt=1, description="adam/yogi: second-moment decay")
+    tau: float = Field(1e-3, gt=0, description="adaptive: adaptivity (epsilon)")
+
+
+class UpdateConfig(_Section):
+    """Client-side update stages."""
+
+    clip_norm: float | None = Field(None, gt=0, description="clip each record to this L2 norm")
+
+
+class AggregationConfig(_Section):
+    """How accepted records are combined."""
+
+    kind: Literal["mean", "median"] = "mean"
+    max_weight: float | None = Field(None, gt=0, description="mean: cap on one client's weight")
+
+
+class EvaluationConfig(_Section):
+    """Federated evaluation: clients score the global model on their own held-out split."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="clients evaluating per round (0: off)")
+    holdout: float = Field(0.2, gt=0, lt=1, description="share of each client's data held out")
+    every: int = Field(1, ge=1, description="rounds between federated evaluations")
 
 
 class RuntimeConfig(_Section):
@@ -95,8 +129,12 @@ class RunConfig(_Section):
     data: DataConfig = DataConfig()
     partition: PartitionConfig = PartitionConfig()
     model: ModelConfig = ModelConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
     client: ClientConfig = ClientConfig()
     server: ServerConfig = ServerConfig()
+    update: UpdateConfig = UpdateConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     deploy: DeployConfig = DeployConfig()
 
@@ -110,10 +148,14 @@ class RunConfig(_Section):
         clients = (
             self.data.devices if self.partition.scheme == "natural" else self.partition.num_clients
         )
-        if self.server.clients_per_round > clients:
+        if self.server.sampler == "uniform" and self.server.clients_per_round > clients:
             raise ValueError(
                 f"server.clients_per_round ({self.server.clients_per_round}) exceeds the "
                 f"number of clients ({clients})"
+            )
+        if self.aggregation.kind == "median" and self.aggregation.max_weight is not None:
+            raise ValueError(
+                "aggregation.max_weight applies to the weighted mean; the median ignores weights"
             )
         return self
 

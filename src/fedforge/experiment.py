@@ -6,22 +6,39 @@ from pathlib import Path
 
 from torch import nn
 
-from fedforge.aggregate.server_opt import ServerSGD
+from fedforge.aggregate.kinds import Aggregation, CoordinateMedian, WeightedMean
+from fedforge.aggregate.server_opt import FedAdagrad, FedAdam, FedYogi, ServerOptimizer, ServerSGD
+from fedforge.algorithms.base import Algorithm
 from fedforge.algorithms.fedavg import FedAvg
-from fedforge.config import RunConfig
+from fedforge.algorithms.fedprox import FedProx
+from fedforge.algorithms.scaffold import Scaffold
+from fedforge.config import RunConfig, to_toml
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data import partition as part
 from fedforge.data.datasets import load_digits, load_mnist5k, make_synthetic
 from fedforge.data.federated import FederatedDataset
 from fedforge.report.rundir import write_run_dir
 from fedforge.runtime.backends import BackendOptions
-from fedforge.runtime.loop import RoundListener
+from fedforge.runtime.driver import FederatedEvaluation, RoundListener
+from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
-from fedforge.train.local_sgd import LocalSGD
+from fedforge.stages.base import Stage
+from fedforge.stages.clip import FixedClip
 from fedforge.train.models import logistic, mlp, seeded
+from fedforge.train.program import LocalSGD
 
 
 def build_dataset(config: RunConfig) -> FederatedDataset:
+    """The configured federated dataset; with federated evaluation, each client's data is
+    split into a training part and a held-out part (seeded)."""
+    data = _build_partitioned(config)
+    if config.evaluation.fraction > 0:
+        rng = RngStreams(config.seed).generator(Purpose.PARTITION, 1)
+        data = data.with_holdout(config.evaluation.holdout, rng)
+    return data
+
+
+def _build_partitioned(config: RunConfig) -> FederatedDataset:
     data_cfg, p = config.data, config.partition
     rng = RngStreams(config.seed).generator(Purpose.PARTITION)
     if data_cfg.dataset == "synthetic":
@@ -50,18 +67,55 @@ def build_model(config: RunConfig, data: FederatedDataset) -> nn.Module:
     return seeded(lambda: mlp(in_features, classes, config.model.hidden), seed)
 
 
-def build_algorithm(config: RunConfig) -> FedAvg:
-    c, s = config.client, config.server
-    return FedAvg(
-        local=LocalSGD(
-            lr=c.lr,
-            epochs=c.epochs,
-            batch_size=c.batch_size,
-            momentum=c.momentum,
-            weight_decay=c.weight_decay,
-        ),
-        server_optimizer=ServerSGD(lr=s.lr, momentum=s.momentum),
+def build_server_optimizer(config: RunConfig) -> ServerOptimizer:
+    s = config.server
+    if s.optimizer == "sgd":
+        return ServerSGD(lr=s.lr or 1.0, momentum=s.momentum)
+    adaptive = {"adam": FedAdam, "yogi": FedYogi, "adagrad": FedAdagrad}[s.optimizer]
+    return adaptive(lr=s.lr or 0.01, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
+
+
+def build_algorithm(config: RunConfig) -> Algorithm:
+    c, a = config.client, config.algorithm
+    local = LocalSGD(
+        lr=c.lr,
+        epochs=c.epochs,
+        batch_size=c.batch_size,
+        momentum=c.momentum,
+        weight_decay=c.weight_decay,
     )
+    server_optimizer = build_server_optimizer(config)
+    if a.name == "fedprox":
+        return FedProx(local=local, server_optimizer=server_optimizer, mu=a.mu)
+    if a.name == "scaffold":
+        return Scaffold(local=local, server_optimizer=server_optimizer)
+    return FedAvg(local=local, server_optimizer=server_optimizer)
+
+
+def build_stages(config: RunConfig) -> list[Stage]:
+    """The client-side update stages, in chain order."""
+    stages: list[Stage] = []
+    if config.update.clip_norm is not None:
+        stages.append(FixedClip(config.update.clip_norm))
+    return stages
+
+
+def build_aggregation(config: RunConfig) -> Aggregation:
+    if config.aggregation.kind == "median":
+        return CoordinateMedian()
+    return WeightedMean(max_weight=config.aggregation.max_weight)
+
+
+def build_sampler(config: RunConfig) -> Sampler:
+    s = config.server
+    if s.sampler == "poisson":
+        return PoissonSampler(s.sampling_rate)
+    return UniformSampler(s.clients_per_round)
+
+
+def build_federated_eval(config: RunConfig) -> FederatedEvaluation | None:
+    e = config.evaluation
+    return FederatedEvaluation(e.fraction, e.every) if e.fraction > 0 else None
 
 
 def backend_options(config: RunConfig) -> BackendOptions:
@@ -75,21 +129,33 @@ def backend_options(config: RunConfig) -> BackendOptions:
 
 
 def run_experiment(
-    config: RunConfig, out_dir: Path, listener: RoundListener | None = None
+    config: RunConfig,
+    out_dir: Path,
+    listener: RoundListener | None = None,
+    *,
+    resume: bool = False,
 ) -> SimulationResult:
-    """Run the configured simulation and write the run directory."""
+    """Run the configured simulation and write the run directory; the server state is
+    checkpointed in it after every round, so ``resume=True`` continues a killed run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.toml").write_text(to_toml(config))  # first: a killed run can resume
     data = build_dataset(config)
     result = simulate(
         build_model(config, data),
         data,
         build_algorithm(config),
         rounds=config.server.rounds,
-        clients_per_round=config.server.clients_per_round,
+        sampler=build_sampler(config),
         seed=config.seed,
         backend=config.runtime.backend,
         options=backend_options(config),
         threads=config.runtime.threads,
         listener=listener,
+        stages=build_stages(config),
+        aggregation=build_aggregation(config),
+        federated_eval=build_federated_eval(config),
+        state_dir=out_dir,
+        resume=resume,
     )
     write_run_dir(out_dir, config, result, data)
     return result

@@ -36,7 +36,9 @@ state_dir = "{state}"
 min_clients = {min_clients}
 round_timeout_s = {timeout}
 heartbeat_s = 1.0
-"""
+min_completed = {min_completed}
+max_retries = {max_retries}
+{extra}"""
 
 
 def free_port() -> int:
@@ -65,7 +67,11 @@ def write_config(
     min_clients: int | None = None,
     epochs: int = 1,
     timeout: float = 30,
+    min_completed: int = 1,
+    max_retries: int = 3,
+    extra: str = "",
 ) -> Path:
+    """A run configuration; ``extra`` appends TOML sections (e.g. ``[algorithm]``)."""
     path = root / f"{state}.toml"
     path.write_text(
         BASE_CONFIG.format(
@@ -78,15 +84,23 @@ def write_config(
             state=root / state,
             min_clients=min_clients or clients,
             timeout=timeout,
+            min_completed=min_completed,
+            max_retries=max_retries,
+            extra=extra,
         )
     )
     return path
 
 
 def fedforge(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A ``fedforge`` process run in the log's directory, so a client's default state
+    directory (``client-state/<name>``) lands in the test's temporary directory."""
     out = open(log, "ab")  # noqa: SIM115 (kept open for the child's lifetime)
     return subprocess.Popen(
-        [sys.executable, "-m", "fedforge.cli", *args], stdout=out, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "fedforge.cli", *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=log.parent,
     )
 
 
@@ -98,6 +112,11 @@ def start_client(port: int, credentials: Path, log: Path) -> subprocess.Popen[by
     return fedforge(
         ["client", "--server", f"127.0.0.1:{port}", "--credentials", str(credentials)], log
     )
+
+
+def client_state_dir(root: Path, name: str) -> Path:
+    """Where a client started by :func:`start_client` in ``root`` keeps its state."""
+    return root / "client-state" / name
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -13,14 +13,17 @@ import grpc
 import numpy as np
 import pytest
 
+from fedforge.core.records import FIT
+from fedforge.data.datasets import load_digits
 from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
 from fedforge.net.keys import add_client, init_keys, revoke_client
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
+    fedforge,
     free_port,
-    start_client,
     start_server,
     stop_all,
     wait_for_port,
@@ -48,7 +51,7 @@ class CraftedClient:
             (creds / "client.crt").read_bytes(),
         )
         self.out: queue.Queue[pb.ClientMessage | None] = queue.Queue()
-        self.out.put(pb.ClientMessage(hello=pb.Hello(protocol_version=1)))
+        self.out.put(pb.ClientMessage(hello=pb.Hello(protocol_version=PROTOCOL_VERSION)))
         self.stream = pb_grpc.FederationStub(self.channel).Connect(self._requests())
         self.rejects: list[str] = []
         self.run_id = ""
@@ -66,12 +69,14 @@ class CraftedClient:
         raise AssertionError("the server accepted the connection")
 
     def next_task(self) -> tuple[int, dict[str, np.ndarray]]:
+        """The round and the shared arrays of the next task (a fit task: the model)."""
         assembler = Reassembler(1 << 30)
         for message in self.stream:
             kind = message.WhichOneof("body")
             if kind == "welcome":
                 self.run_id = message.envelope.run_id
             elif kind == "task":
+                assert message.task.stage == FIT and len(message.task.seed) == 16
                 payload = assembler.add(message.task.chunk)
                 if payload is not None:
                     return message.envelope.round, decode_params(payload)
@@ -86,7 +91,9 @@ class CraftedClient:
         for i, chunk in enumerate(chunks):
             msg = pb.ClientMessage(
                 envelope=self.envelope(round_number),
-                result=pb.ClientResultChunk(chunk=chunk, num_examples=n, train_loss=0.5),
+                reply=pb.ReplyChunk(
+                    stage=FIT, num_examples=n, metrics={"train_loss": 0.5}, chunk=chunk
+                ),
             )
             self.out.put(msg)
             if repeat_first and i == 0:
@@ -149,9 +156,25 @@ def test_malformed_and_replayed_results_are_rejected(tmp_path: Path) -> None:
     for name in names:
         add_client(keys, name, keys / name)
     port = free_port()
-    cfg = write_config(tmp_path, keys, port, rounds=1, clients=len(names), timeout=10)
+    cfg = write_config(tmp_path, keys, port, rounds=1, clients=len(names), timeout=6)
+    # The honest client brings its own data, more examples than its share of the built-in
+    # dataset: the server must accept its sample count because it declared it.
+    train, _ = load_digits()
+    own = tmp_path / "honest.npz"
+    np.savez(own, x=train.x[:900], y=train.y[:900])
     server = start_server(cfg, tmp_path / "server.log")
-    honest = start_client(port, keys / "honest", tmp_path / "honest.log")
+    honest = fedforge(
+        [
+            "client",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--credentials",
+            str(keys / "honest"),
+            "--data",
+            str(own),
+        ],
+        tmp_path / "honest.log",
+    )
     crafted: dict[str, CraftedClient] = {}
     try:
         # Garbage on the TLS port must not disturb the server.
@@ -179,7 +202,8 @@ def test_malformed_and_replayed_results_are_rejected(tmp_path: Path) -> None:
     checkpoint = store.load()
     store.close()
     assert checkpoint is not None
-    record = checkpoint.history[0]
+    assert [r.round for r in checkpoint.history] == [0, 1]
+    record = checkpoint.history[1]
     # honest + replay (its replayed duplicate is dropped, the result itself is valid).
     assert record.clients_completed == 2
     assert record.clients_rejected == 5
@@ -195,6 +219,7 @@ def test_malformed_and_replayed_results_are_rejected(tmp_path: Path) -> None:
     ]:
         assert reason in log, reason
     assert any("replayed" in r for r in crafted["replay"].rejects)
+    assert "with 900 examples" in (tmp_path / "honest.log").read_text()
 
 
 def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
@@ -219,8 +244,8 @@ def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
         with pytest.raises(grpc.RpcError) as info:
             list(
                 anonymous.Connect(
-                    iter([pb.ClientMessage(hello=pb.Hello(protocol_version=1))]),
-                    timeout=20,
+                    iter([pb.ClientMessage(hello=pb.Hello(protocol_version=PROTOCOL_VERSION))]),
+                    timeout=5,  # the handshake never succeeds: fails or times out
                     wait_for_ready=True,
                 )
             )
@@ -239,7 +264,8 @@ def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
         with pytest.raises(grpc.RpcError) as info:
             list(
                 stub.Connect(
-                    iter([pb.ClientMessage(hello=pb.Hello(protocol_version=1))]), timeout=20
+                    iter([pb.ClientMessage(hello=pb.Hello(protocol_version=PROTOCOL_VERSION))]),
+                    timeout=20,
                 )
             )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

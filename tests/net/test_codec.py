@@ -66,6 +66,27 @@ def _fields(chunk: pb.Chunk) -> dict:  # type: ignore[type-arg]
     return {f.name: getattr(chunk, f.name) for f in chunk.DESCRIPTOR.fields}
 
 
+def test_empty_payloads_round_trip() -> None:
+    """The evaluate stage sends no arrays: an empty dict survives encoding and chunking."""
+    payload = encode_params({})
+    chunks = list(split_payload(payload, chunk_bytes=4))
+    assert decode_params(_reassemble(chunks) or b"x") == {}
+    assert decode_params(b"") == {}
+    (single,) = split_payload(b"")
+    assert single.count == 1 and single.total_bytes == 0
+    assert _reassemble([single]) == b""
+
+
+def test_task_seeds_travel_as_16_little_endian_bytes() -> None:
+    from fedforge.core.rng import RngStreams
+    from fedforge.net.transport import seed_bytes
+
+    seed = RngStreams(7).task_seed(3, 11)
+    message = pb.TaskChunk(stage="fit", seed=seed_bytes(seed))
+    wire = pb.TaskChunk.FromString(message.SerializeToString())
+    assert len(wire.seed) == 16 and int.from_bytes(wire.seed, "little") == seed
+
+
 def test_non_float_arrays_are_refused() -> None:
     with pytest.raises(ProtocolError, match="not a float"):
         decode_params(encode_params({"i": np.arange(3)}))  # type: ignore[dict-item]
@@ -90,7 +111,7 @@ def test_fuzz_client_message_decoding(data: bytes) -> None:
     except DecodeError:
         return
     try:
-        payload = Reassembler(1 << 16).add(message.result.chunk)
+        payload = Reassembler(1 << 16).add(message.reply.chunk)
         if payload is not None:
             decode_params(payload)
     except ProtocolError:

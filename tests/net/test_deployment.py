@@ -1,4 +1,10 @@
-"""Server and client processes over mutual TLS on loopback: the happy path and crashes."""
+"""Server and client processes over mutual TLS on loopback: the happy path and crashes.
+
+A loopback deployment computes what the sequential simulation with the same configuration
+computes (every client in every round, so sampling is the same), through server and client
+crashes. Deployment client ids are the indices of the sorted client names and simulation
+clients are 0..n-1, so the names sort in id order.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,21 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedforge.data.datasets import load_digits
+from fedforge.config import load_config
+from fedforge.experiment import (
+    build_aggregation,
+    build_algorithm,
+    build_dataset,
+    build_federated_eval,
+    build_model,
+    build_sampler,
+    build_stages,
+)
+from fedforge.report.history import History
 from fedforge.runtime.checkpoint import CheckpointStore
+from fedforge.runtime.simulation import simulate
 from tests.net.helpers import (
-    fedforge,
+    client_state_dir,
     free_port,
     make_keys,
     start_client,
@@ -22,120 +39,174 @@ from tests.net.helpers import (
     write_config,
 )
 
-NAMES = ["alice", "bob", "carol"]
+NAMES = ["c0", "c1", "c2"]
+SCAFFOLD = '[algorithm]\nname = "scaffold"\n'
 pytestmark = pytest.mark.timeout(180)
-
-
-def _history(state: Path):  # type: ignore[no-untyped-def]
-    store = CheckpointStore(state)
-    try:
-        checkpoint = store.load()
-    finally:
-        store.close()
-    assert checkpoint is not None
-    return checkpoint.history
 
 
 def _log_tail(path: Path) -> str:
     return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
-def test_three_clients_over_mutual_tls(tmp_path: Path) -> None:
+def _checkpoint(state: Path) -> tuple[str, History]:
+    store = CheckpointStore(state)
+    try:
+        checkpoint = store.load()
+    finally:
+        store.close()
+    assert checkpoint is not None
+    return checkpoint.run_id, checkpoint.history
+
+
+def _simulate(cfg: Path) -> tuple[dict[str, np.ndarray], History]:
+    """The configured run in the sequential simulation (as ``fedforge run`` wires it,
+    without writing a run directory)."""
+    config = load_config(cfg)
+    data = build_dataset(config)
+    result = simulate(
+        build_model(config, data),
+        data,
+        build_algorithm(config),
+        rounds=config.server.rounds,
+        sampler=build_sampler(config),
+        seed=config.seed,
+        backend="sequential",
+        stages=build_stages(config),
+        aggregation=build_aggregation(config),
+        federated_eval=build_federated_eval(config),
+    )
+    return dict(result.state.params), result.history
+
+
+def _assert_same_model(deployed: Path, simulated: dict[str, np.ndarray]) -> None:
+    params = load_file(str(deployed))
+    assert params.keys() == simulated.keys()
+    for name in params:
+        np.testing.assert_allclose(params[name], simulated[name], rtol=0, atol=1e-5, err_msg=name)
+
+
+def _assert_same_history(got: History, want: History) -> None:
+    assert [r.round for r in got] == [r.round for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.clients_completed == w.clients_completed
+        assert g.test_accuracy == pytest.approx(w.test_accuracy, abs=1e-6, nan_ok=True)
+        assert g.metrics.keys() == w.metrics.keys()
+        for key, value in w.metrics.items():
+            assert g.metrics[key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_fedavg_deployment_matches_simulation(tmp_path: Path) -> None:
     keys = make_keys(tmp_path, NAMES)
     port = free_port()
-    cfg = write_config(tmp_path, keys, port, rounds=3)
-    # carol brings her own data, more examples than her share of the built-in dataset:
-    # the server must accept her sample count because she declared it.
-    train, _ = load_digits()
-    own = tmp_path / "carol.npz"
-    np.savez(own, x=train.x[:900], y=train.y[:900])
+    cfg = write_config(tmp_path, keys, port, rounds=3, epochs=2)
     server = start_server(cfg, tmp_path / "server.log")
-    clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES[:2]]
-    clients.append(
-        fedforge(
-            [
-                "client",
-                "--server",
-                f"127.0.0.1:{port}",
-                "--credentials",
-                str(keys / "carol"),
-                "--data",
-                str(own),
-            ],
-            tmp_path / "carol.log",
-        )
-    )
+    clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES]
     try:
         assert server.wait(timeout=120) == 0, _log_tail(tmp_path / "server.log")
         for n, c in zip(NAMES, clients, strict=True):
             assert c.wait(timeout=30) == 0, _log_tail(tmp_path / f"{n}.log")
     finally:
         stop_all([server, *clients])
-    assert "with 900 examples" in (tmp_path / "carol.log").read_text()
-    history = _history(tmp_path / "state")
-    assert [r.round for r in history] == [1, 2, 3]
-    assert all(r.clients_completed == 3 and r.clients_failed == 0 for r in history)
+    _, history = _checkpoint(tmp_path / "state")
+    assert [r.round for r in history] == [0, 1, 2, 3]  # round 0: the initial evaluation
+    assert all(r.clients_completed == 3 and r.clients_failed == 0 for r in history[1:])
     assert history[-1].test_accuracy > 0.5
-    assert (tmp_path / "state" / "final_model.safetensors").exists()
-    assert "trained in 3 rounds" in (tmp_path / "alice.log").read_text()
+    assert "trained in 3 rounds" in (tmp_path / "c0.log").read_text()
+    simulated, sim_history = _simulate(cfg)
+    _assert_same_model(tmp_path / "state" / "final_model.safetensors", simulated)
+    _assert_same_history(history, sim_history)
 
 
-def test_client_killed_mid_round_then_rejoining(tmp_path: Path) -> None:
+def test_scaffold_with_federated_evaluation_resumes_after_server_sigkill(
+    tmp_path: Path,
+) -> None:
+    """SCAFFOLD with federated evaluation, the server SIGKILLed after round 1 and restarted by
+    the same command: the server state (model, control variate) comes back from the checkpoint,
+    every client rereads the state version the replayed round started from, and the run ends
+    with the simulation's model and federated-evaluation metrics."""
     keys = make_keys(tmp_path, NAMES)
     port = free_port()
-    # Long local training so the kill lands while round 2 is in progress.
-    cfg = write_config(tmp_path, keys, port, rounds=3, epochs=150, timeout=60)
+    extra = SCAFFOLD + "[evaluation]\nfraction = 0.5\nholdout = 0.25\n"
+    cfg = write_config(tmp_path, keys, port, rounds=4, epochs=8, extra=extra)
     state = tmp_path / "state"
     server = start_server(cfg, tmp_path / "server.log")
     clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES]
     procs = [server, *clients]
     try:
         wait_for(lambda: (state / "round_000001.safetensors").exists(), 90, "round 1")
-        clients[1].send_signal(signal.SIGKILL)
-        wait_for(lambda: (state / "round_000002.safetensors").exists(), 90, "round 2")
-        procs.append(start_client(port, keys / "bob", tmp_path / "bob2.log"))  # bob comes back
-        assert server.wait(timeout=120) == 0, _log_tail(tmp_path / "server.log")
-    finally:
-        stop_all(procs)
-    history = _history(state)
-    assert (history[1].clients_completed, history[1].clients_failed) == (2, 1)
-    assert history[2].clients_completed == 3
-    assert "client disconnected" in (tmp_path / "server.log").read_text()
-
-
-def test_server_sigkill_and_restart_resumes_to_the_same_model(tmp_path: Path) -> None:
-    keys = make_keys(tmp_path, NAMES)
-    port_a, port_b = free_port(), free_port()
-    # Uninterrupted reference run.
-    cfg_a = write_config(tmp_path, keys, port_a, "state_a", rounds=4, epochs=20)
-    server = start_server(cfg_a, tmp_path / "a.log")
-    clients = [start_client(port_a, keys / n, tmp_path / f"a_{n}.log") for n in NAMES]
-    try:
-        assert server.wait(timeout=120) == 0, _log_tail(tmp_path / "a.log")
-    finally:
-        stop_all([server, *clients])
-
-    # The same run, with the server SIGKILLed after round 2 and restarted by the same command.
-    cfg_b = write_config(tmp_path, keys, port_b, "state_b", rounds=4, epochs=20)
-    state = tmp_path / "state_b"
-    server = start_server(cfg_b, tmp_path / "b.log")
-    clients = [start_client(port_b, keys / n, tmp_path / f"b_{n}.log") for n in NAMES]
-    procs = [server, *clients]
-    try:
-        wait_for(lambda: (state / "round_000002.safetensors").exists(), 90, "round 2")
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=10)
-        restarted = start_server(cfg_b, tmp_path / "b.log")
+        assert not (state / "final_model.safetensors").exists()  # killed mid-run
+        restarted = start_server(cfg, tmp_path / "server.log")
         procs.append(restarted)
-        assert restarted.wait(timeout=120) == 0, _log_tail(tmp_path / "b.log")
+        assert restarted.wait(timeout=120) == 0, _log_tail(tmp_path / "server.log")
         for n, c in zip(NAMES, clients, strict=True):  # they reconnected on their own
-            assert c.wait(timeout=30) == 0, _log_tail(tmp_path / f"b_{n}.log")
+            assert c.wait(timeout=30) == 0, _log_tail(tmp_path / f"{n}.log")
     finally:
         stop_all(procs)
-    assert "resuming run" in (tmp_path / "b.log").read_text()
-    history = _history(state)
-    assert [r.round for r in history] == [1, 2, 3, 4]  # no completed round lost or repeated
-    a = load_file(str(tmp_path / "state_a" / "final_model.safetensors"))
-    b = load_file(str(state / "final_model.safetensors"))
-    for name in a:
-        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert "resuming run" in (tmp_path / "server.log").read_text()
+    run_id, history = _checkpoint(state)
+    assert [r.round for r in history] == [0, 1, 2, 3, 4]  # no completed round lost or repeated
+    for record in history[1:]:
+        assert record.clients_completed == 3
+        assert record.metrics["fed_eval.clients"] == 2
+        assert 0 < record.metrics["fed_eval.accuracy"] <= 1
+    simulated, sim_history = _simulate(cfg)
+    _assert_same_model(state / "final_model.safetensors", simulated)
+    _assert_same_history(history, sim_history)
+    # Each client keeps its control variate on disk, versioned by round.
+    for cid, name in enumerate(NAMES):
+        run_dir = client_state_dir(tmp_path, name) / run_id
+        assert (run_dir / f"{cid}.prev.safetensors").exists()
+        saved = load_file(str(run_dir / f"{cid}.safetensors"))
+        assert saved and all(k.startswith("control/") for k in saved)
+        assert any(np.abs(v).sum() > 0 for v in saved.values())
+
+
+def test_client_sigkilled_mid_round_restarts_with_its_state(tmp_path: Path) -> None:
+    """SCAFFOLD; c1 is SIGKILLed while it trains in round 2 and restarted. The server sees the
+    disconnect at once; every round needs both records, so round 2 is retried once c1 is
+    back. The restarted c1 must continue from the control variate its first process wrote, or
+    the model would differ from the simulation's."""
+    names = NAMES[:2]
+    keys = make_keys(tmp_path, names)
+    port = free_port()
+    cfg = write_config(
+        tmp_path,
+        keys,
+        port,
+        rounds=3,
+        clients=2,
+        epochs=12,
+        min_completed=2,
+        timeout=60,
+        extra=SCAFFOLD,
+    )
+    state = tmp_path / "state"
+    c1_log = tmp_path / "c1.log"
+    server = start_server(cfg, tmp_path / "server.log")
+    clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in names]
+    procs = [server, *clients]
+    try:
+        wait_for(lambda: "round 2: received a fit task" in c1_log.read_text(), 90, "round 2")
+        clients[1].send_signal(signal.SIGKILL)
+        clients[1].wait(timeout=10)
+        restarted = start_client(port, keys / "c1", tmp_path / "c1_again.log")
+        procs.append(restarted)
+        assert server.wait(timeout=120) == 0, _log_tail(tmp_path / "server.log")
+        assert restarted.wait(timeout=30) == 0, _log_tail(tmp_path / "c1_again.log")
+    finally:
+        stop_all(procs)
+    assert "round 2: fit done" not in c1_log.read_text()  # it died while training
+    server_log = (tmp_path / "server.log").read_text()
+    assert "failure of c1: client disconnected" in server_log
+    assert "re-sampling" in server_log
+    run_id, history = _checkpoint(state)
+    assert [r.round for r in history] == [0, 1, 2, 3]
+    assert all(r.clients_completed == 2 for r in history[1:])
+    again = (tmp_path / "c1_again.log").read_text()
+    assert "trained in 2 rounds" in again  # rounds 2 and 3 ...
+    assert (client_state_dir(tmp_path, "c1") / run_id / "1.safetensors").exists()
+    # ... starting from the state its first process left on disk.
+    simulated, _ = _simulate(cfg)
+    _assert_same_model(state / "final_model.safetensors", simulated)

@@ -1,4 +1,4 @@
-"""Every backend runs the same algorithm code and gets the same numbers."""
+"""Every backend runs the same client app and gets the same numbers."""
 
 import logging
 import os
@@ -8,56 +8,88 @@ import numpy as np
 import pytest
 import torch
 
-from fedforge.algorithms.fedavg import FedAvg
+import fedforge
 from fedforge.config import load_config
-from fedforge.core.results import ClientResult
+from fedforge.core.records import FIT, ClientFailure, Record, Task
 from fedforge.experiment import build_algorithm, build_dataset, build_model
+from fedforge.runtime import workers as workers_module
 from fedforge.runtime.backends import BackendOptions, resolve_backend
-from fedforge.runtime.simulation import simulate
+from fedforge.runtime.client_app import ClientApp
+from fedforge.runtime.client_state import MemoryStateStore
+from fedforge.runtime.sequential import SequentialTransport
+from fedforge.runtime.workers import WorkerPoolTransport
 from fedforge.train.cohort_mlp import mlp_structure
-from fedforge.train.local_sgd import LocalSGD
+from fedforge.train.torch_model import TorchModel
 from tests.conftest import small_mlp
 
 # Ragged on purpose: Dirichlet sizes, a batch size that leaves short last batches, momentum
 # and weight decay so every branch of the batched optimizer is compared.
-LOCAL = LocalSGD(lr=0.1, epochs=2, batch_size=7, momentum=0.9, weight_decay=1e-3)
+LOCAL = fedforge.LocalSGD(lr=0.1, epochs=2, batch_size=7, momentum=0.9, weight_decay=1e-3)
 
 
-def _assert_same(a, b, atol: float = 1e-5) -> None:  # type: ignore[no-untyped-def]
+def assert_same(a, b, atol: float = 1e-5) -> None:  # type: ignore[no-untyped-def]
     for name in a.state.params:
         np.testing.assert_allclose(a.state.params[name], b.state.params[name], atol=atol)
     for ra, rb in zip(a.history, b.history, strict=True):
-        assert (ra.clients_completed, ra.clients_failed) == (
+        assert (ra.clients_completed, ra.clients_failed, ra.clients_rejected) == (
             rb.clients_completed,
             rb.clients_failed,
+            rb.clients_rejected,
         )
-        assert ra.train_loss == pytest.approx(rb.train_loss, rel=1e-4)
+        assert ra.train_loss == pytest.approx(rb.train_loss, rel=1e-4, nan_ok=True)
         assert ra.test_loss == pytest.approx(rb.test_loss, rel=1e-4)
 
 
 def tanh_net() -> torch.nn.Module:
-    """Not a Linear/ReLU stack, so the vectorized backend takes the generic vmap path."""
+    """Not a Linear/ReLU chain, so the vectorized backend takes the generic vmap path."""
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
 
 
 @pytest.mark.parametrize(
-    "local", [LOCAL, LocalSGD(lr=0.2, epochs=1, batch_size=5)], ids=["momentum-wd", "plain-sgd"]
+    "local",
+    [LOCAL, fedforge.LocalSGD(lr=0.2, epochs=1, batch_size=5)],
+    ids=["momentum-wd", "plain-sgd"],
 )
 @pytest.mark.parametrize("make_model", [small_mlp, tanh_net], ids=["mlp-fused", "tanh-vmap"])
 @pytest.mark.parametrize("backend", ["vectorized", "workers"])
 def test_backend_equals_sequential_on_ragged_dirichlet(  # type: ignore[no-untyped-def]
-    small_federated, backend: str, make_model, local: LocalSGD
+    small_federated, backend, make_model, local
 ) -> None:
     sizes = [small_federated.client_size(c) for c in range(10)]
     assert max(sizes) > 3 * min(sizes)  # really ragged
     kwargs = dict(rounds=3, clients_per_round=6, seed=4)
-    seq = simulate(
-        make_model(), small_federated, FedAvg(local=local), backend="sequential", **kwargs
-    )  # type: ignore[arg-type]
-    other = simulate(make_model(), small_federated, FedAvg(local=local), backend=backend, **kwargs)  # type: ignore[arg-type]
+    seq = fedforge.simulate(
+        make_model(), small_federated, fedforge.FedAvg(local=local), backend="sequential", **kwargs
+    )
+    other = fedforge.simulate(
+        make_model(), small_federated, fedforge.FedAvg(local=local), backend=backend, **kwargs
+    )
     assert other.backend == backend
-    _assert_same(seq, other)
+    assert_same(seq, other)
+
+
+class TwoLayer(torch.nn.Module):
+    """A custom module (not nn.Sequential) whose forward is fc1 -> relu -> fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Residual(TwoLayer):
+    """Same parameters, but a skip connection: not a chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc2 = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h) + h
 
 
 def test_mlp_structure_detection() -> None:
@@ -69,24 +101,49 @@ def test_mlp_structure_detection() -> None:
     assert layers is not None and layers[0].bias is None
 
 
+def test_mlp_structure_is_read_from_an_fx_trace_of_custom_modules() -> None:
+    layers = mlp_structure(TwoLayer())
+    assert layers is not None
+    assert [(layer.weight, layer.bias, layer.relu) for layer in layers] == [
+        ("fc1.weight", "fc1.bias", True),
+        ("fc2.weight", "fc2.bias", False),
+    ]
+    assert mlp_structure(Residual()) is None
+
+
+def test_custom_mlp_module_trains_fused_and_equals_sequential(small_federated) -> None:  # type: ignore[no-untyped-def]
+    def make() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return TwoLayer()
+
+    kwargs = dict(rounds=2, clients_per_round=5, seed=2)
+    runs = [
+        fedforge.simulate(
+            make(), small_federated, fedforge.FedAvg(local=LOCAL), backend=b, **kwargs
+        )
+        for b in ("sequential", "vectorized")
+    ]
+    assert_same(*runs)
+
+
 def test_vectorized_chunks_do_not_change_results(small_federated) -> None:  # type: ignore[no-untyped-def]
     kwargs = dict(rounds=2, clients_per_round=10, seed=1, backend="vectorized")
-    whole = simulate(small_mlp(), small_federated, FedAvg(local=LOCAL), **kwargs)  # type: ignore[arg-type]
-    tiny = simulate(
+    whole = fedforge.simulate(small_mlp(), small_federated, fedforge.FedAvg(local=LOCAL), **kwargs)
+    tiny = fedforge.simulate(
         small_mlp(),
         small_federated,
-        FedAvg(local=LOCAL),
+        fedforge.FedAvg(local=LOCAL),
         options=BackendOptions(memory_budget=1),
         **kwargs,
-    )  # type: ignore[arg-type]
-    _assert_same(whole, tiny, atol=1e-6)
+    )
+    assert_same(whole, tiny, atol=1e-6)
 
 
 def test_vectorized_equals_sequential_on_the_default_workload() -> None:
     cfg = load_config(None, ["server.rounds=1", "client.epochs=1"])
     data = build_dataset(cfg)
     runs = [
-        simulate(
+        fedforge.simulate(
             build_model(cfg, data),
             data,
             build_algorithm(cfg),
@@ -97,103 +154,215 @@ def test_vectorized_equals_sequential_on_the_default_workload() -> None:
         )
         for b in ("sequential", "vectorized")
     ]
-    _assert_same(*runs)
+    assert_same(*runs)
 
 
-class KillsItsWorker(FedAvg):
-    """Client 3's process dies mid-round (as an OOM kill or segfault would)."""
-
-    def client_update(self, client_id, model, global_params, data, rng):  # type: ignore[no-untyped-def]
-        if client_id == 3 and os.environ.get("FEDFORGE_TEST_KILL") == "1":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return super().client_update(client_id, model, global_params, data, rng)
+# Worker pool ----------------------------------------------------------------------------------
+PARENT = os.getpid()
+_fit = ClientApp.fit
 
 
-def test_killed_worker_fails_its_client_and_is_replaced(
+def _in_worker() -> bool:
+    return os.getpid() != PARENT
+
+
+def test_killed_worker_fails_its_client_and_is_replaced(  # type: ignore[no-untyped-def]
     small_federated, caplog, monkeypatch
-) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setenv("FEDFORGE_TEST_KILL", "1")
+) -> None:
+    def fit(self, task, data, state):  # type: ignore[no-untyped-def]
+        if task.client_id == 3 and _in_worker():  # as an OOM kill or a segfault would
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _fit(self, task, data, state)
+
+    monkeypatch.setattr(ClientApp, "fit", fit)  # the workers fork after this
     with caplog.at_level(logging.WARNING, logger="fedforge"):
-        result = simulate(
+        result = fedforge.simulate(
             small_mlp(),
             small_federated,
-            KillsItsWorker(local=LOCAL),
+            fedforge.FedAvg(local=LOCAL),
             rounds=2,
             clients_per_round=10,
             seed=0,
             backend="workers",
         )
-    for rec in result.history:  # client 3 dies every round; the other nine complete
+    for rec in result.history[1:]:  # client 3 dies every round; the other nine complete
         assert (rec.clients_completed, rec.clients_failed) == (9, 1)
+        assert rec.clients == {"failed": [3]}
     assert "worker process died" in caplog.text and "replacement" in caplog.text
 
 
-def test_worker_client_exception_is_reported_with_traceback(small_federated, caplog) -> None:  # type: ignore[no-untyped-def]
-    class Raises(FedAvg):
-        def client_update(self, client_id, model, global_params, data, rng):  # type: ignore[no-untyped-def]
-            if client_id == 0:
-                raise ValueError("bad sensor data")
-            return super().client_update(client_id, model, global_params, data, rng)
+def test_worker_client_exception_is_reported_with_traceback(  # type: ignore[no-untyped-def]
+    small_federated, caplog, monkeypatch
+) -> None:
+    def fit(self, task, data, state):  # type: ignore[no-untyped-def]
+        if task.client_id == 0 and _in_worker():
+            raise ValueError("bad sensor data")
+        return _fit(self, task, data, state)
 
+    monkeypatch.setattr(ClientApp, "fit", fit)
     with caplog.at_level(logging.WARNING, logger="fedforge"):
-        result = simulate(
+        result = fedforge.simulate(
             small_mlp(),
             small_federated,
-            Raises(local=LOCAL),
+            fedforge.FedAvg(local=LOCAL),
             rounds=1,
             clients_per_round=10,
             backend="workers",
         )
-    assert result.history[0].clients_failed == 1
+    assert result.history[1].clients_failed == 1
+    assert result.history[1].clients_rejected == 0
     assert "ValueError: bad sensor data" in caplog.text and "Traceback" in caplog.text
 
 
-def test_workers_reject_updates_that_do_not_match_the_model(small_federated) -> None:  # type: ignore[no-untyped-def]
-    class WrongShape(FedAvg):
-        def client_update(self, client_id, model, global_params, data, rng):  # type: ignore[no-untyped-def]
-            res = super().client_update(client_id, model, global_params, data, rng)
-            upd = {k: np.zeros(3, np.float32) for k in res.update}
-            return ClientResult(client_id, res.num_examples, upd, res.train_loss)
+class WrongShape(fedforge.FedAvg):
+    def finish(self, local, shared, own, steps):  # type: ignore[no-untyped-def]
+        arrays, new_own = super().finish(local, shared, own, steps)
+        return {k: torch.zeros(3) for k in arrays}, new_own
 
-    result = simulate(
+
+@pytest.mark.parametrize("backend", ["sequential", "vectorized", "workers"])
+def test_records_that_do_not_match_the_model_are_rejected(small_federated, backend) -> None:  # type: ignore[no-untyped-def]
+    result = fedforge.simulate(
         small_mlp(),
         small_federated,
         WrongShape(local=LOCAL),
         rounds=1,
         clients_per_round=4,
-        backend="workers",
+        backend=backend,
     )
-    assert result.history[0].clients_completed == 0
+    rec = result.history[1]
+    assert (rec.clients_completed, rec.clients_rejected, rec.clients_failed) == (0, 4, 0)
 
 
+def _pool_setup(data):  # type: ignore[no-untyped-def]
+    app = ClientApp(fedforge.FedAvg(local=LOCAL), small_mlp())
+    shared = TorchModel(small_mlp()).get_params()
+    tasks = [Task(FIT, 1, cid, 1000 + cid, shared) for cid in range(10)]
+    return app, tasks
+
+
+def _by_client(replies) -> dict[int, Record]:  # type: ignore[no-untyped-def]
+    out = {}
+    for reply in replies:
+        assert isinstance(reply, Record), reply
+        out[reply.client_id] = reply
+    return out
+
+
+def test_shared_arrays_go_to_each_worker_once_per_exchange(  # type: ignore[no-untyped-def]
+    small_federated, monkeypatch
+) -> None:
+    app, tasks = _pool_setup(small_federated)
+    expected = _by_client(
+        SequentialTransport(app, small_federated, MemoryStateStore()).exchange(tasks)
+    )
+    sent: list[bool] = []
+    encode = workers_module.encode_task
+
+    def counting(task, *, include_shared, state=None):  # type: ignore[no-untyped-def]
+        sent.append(include_shared)
+        return encode(task, include_shared=include_shared, state=state)
+
+    monkeypatch.setattr(workers_module, "encode_task", counting)
+    pool = WorkerPoolTransport(app, small_federated, MemoryStateStore(), num_workers=2)
+    try:
+        for _ in range(2):  # warm workers, fresh shared arrays per exchange
+            sent.clear()
+            got = _by_client(pool.exchange(tasks))
+            assert len(sent) == 10 and sum(sent) == 2
+            for cid, rec in expected.items():
+                for name in rec.arrays:
+                    np.testing.assert_array_equal(got[cid].arrays[name], rec.arrays[name])
+                assert got[cid].metrics == rec.metrics
+    finally:
+        pool.close()
+
+
+def test_an_abandoned_exchange_does_not_leak_into_the_next(small_federated) -> None:  # type: ignore[no-untyped-def]
+    app, tasks = _pool_setup(small_federated)
+    pool = WorkerPoolTransport(app, small_federated, MemoryStateStore(), num_workers=2)
+    try:
+        replies = pool.exchange(tasks)
+        next(replies)
+        replies.close()  # the driver stopped reading (e.g. it raised)
+        got = _by_client(pool.exchange(tasks[:4]))
+        assert sorted(got) == [0, 1, 2, 3]
+        assert len(pool.workers) == 2
+    finally:
+        pool.close()
+
+
+def test_a_worker_killed_between_exchanges_is_replaced_silently(small_federated) -> None:  # type: ignore[no-untyped-def]
+    app, tasks = _pool_setup(small_federated)
+    pool = WorkerPoolTransport(app, small_federated, MemoryStateStore(), num_workers=2)
+    try:
+        os.kill(pool.workers[0].process.pid or 0, signal.SIGKILL)
+        pool.workers[0].process.join(timeout=5)
+        replies = list(pool.exchange(tasks[:3]))
+        assert not any(isinstance(r, ClientFailure) for r in replies)
+    finally:
+        pool.close()
+
+
+# Choosing a backend ---------------------------------------------------------------------------
 def test_auto_picks_vectorized_when_possible_and_says_why_not(caplog) -> None:  # type: ignore[no-untyped-def]
     with caplog.at_level(logging.INFO, logger="fedforge"):
-        assert resolve_backend("auto", FedAvg(), small_mlp()) == "vectorized"
+        assert resolve_backend("auto", fedforge.FedAvg().program(), small_mlp()) == "vectorized"
+        assert resolve_backend("auto", fedforge.Scaffold().program(), small_mlp()) == "vectorized"
         dropout = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5))
-        assert resolve_backend("auto", FedAvg(), dropout) == "workers"
+        assert resolve_backend("auto", fedforge.FedAvg().program(), dropout) == "workers"
         assert "dropout" in caplog.text
         batchnorm = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
-        assert resolve_backend("auto", FedAvg(), batchnorm) == "workers"
-        assert resolve_backend("auto", KillsItsWorker(), small_mlp()) == "workers"
-        assert "custom client code" in caplog.text
-        custom_loss = FedAvg(local=LocalSGD(loss_fn=torch.nn.functional.nll_loss))
-        assert resolve_backend("auto", custom_loss, small_mlp()) == "workers"
+        assert resolve_backend("auto", fedforge.FedAvg().program(), batchnorm) == "workers"
+        assert "buffers" in caplog.text
+        nll = fedforge.LocalSGD(loss_fn=torch.nn.functional.nll_loss)
+        assert resolve_backend("auto", fedforge.FedAvg(local=nll).program(), small_mlp()) == (
+            "workers"
+        )
+        assert "custom loss" in caplog.text
 
 
-def test_ray_backend_end_to_end(small_federated) -> None:  # type: ignore[no-untyped-def]
+def test_simulate_auto_reports_its_choice(small_federated) -> None:  # type: ignore[no-untyped-def]
+    result = fedforge.simulate(
+        small_mlp(), small_federated, rounds=1, clients_per_round=2, backend="auto"
+    )
+    assert result.backend == "vectorized"
+
+
+# Ray ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_cluster():  # type: ignore[no-untyped-def]
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'fedforge[ray]')")
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     except Exception as exc:  # pragma: no cover - depends on the machine
         pytest.skip(f"Ray cannot start here: {exc}")
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_backend_equals_sequential(small_federated, ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    kwargs = dict(rounds=2, clients_per_round=5, seed=3)
+    seq = fedforge.simulate(
+        small_mlp(), small_federated, fedforge.Scaffold(local=LOCAL), backend="sequential", **kwargs
+    )
+    on_ray = fedforge.simulate(
+        small_mlp(), small_federated, fedforge.Scaffold(local=LOCAL), backend="ray", **kwargs
+    )
+    assert_same(seq, on_ray)
+
+
+def test_dead_ray_actor_fails_one_client_and_is_replaced(small_federated, ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    from fedforge.runtime.ray_transport import RayTransport
+
+    app, tasks = _pool_setup(small_federated)
+    transport = RayTransport(app, small_federated, MemoryStateStore(), num_actors=2)
     try:
-        kwargs = dict(rounds=2, clients_per_round=5, seed=3)
-        seq = simulate(
-            small_mlp(), small_federated, FedAvg(local=LOCAL), backend="sequential", **kwargs
-        )  # type: ignore[arg-type]
-        on_ray = simulate(
-            small_mlp(), small_federated, FedAvg(local=LOCAL), backend="ray", **kwargs
-        )  # type: ignore[arg-type]
-        _assert_same(seq, on_ray)
+        assert len(_by_client(transport.exchange(tasks[:2]))) == 2
+        ray_cluster.kill(transport.actors[0])
+        replies = list(transport.exchange(tasks[:4]))
+        failed = [r for r in replies if isinstance(r, ClientFailure)]
+        assert len(failed) == 1 and "actor died" in failed[0].error
+        assert len(_by_client(transport.exchange(tasks[:4]))) == 4  # the replacement works
     finally:
-        ray.shutdown()
+        transport.close()

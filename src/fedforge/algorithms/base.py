@@ -1,56 +1,79 @@
-"""The contract every algorithm fulfils, whatever runtime executes it."""
+"""The contract every algorithm fulfils, whatever runtime executes it.
+
+An algorithm is data plus pure functions. The client side is a :class:`LocalProgram`
+(objective terms and gradient transforms) and ``finish``, which turns a client's trained
+parameters into the arrays of its record and its new persistent state; both are torch
+functions on one client's tensors, so the vectorized runtime ``vmap``s them. The server side
+is ``init``, ``broadcast`` (arrays sent down beside the model) and ``server_update``.
+Algorithms never import a runtime.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
-import numpy as np
+import torch
 
-from fedforge.core.params import Params
-from fedforge.core.results import ClientResult
-from fedforge.data.datasets import ArrayDataset
-from fedforge.train.torch_model import TorchModel
+from fedforge.aggregate.kinds import Aggregate
+from fedforge.core.params import Params, ParamSpec
+from fedforge.core.records import RecordSpec
+from fedforge.train.program import LocalProgram, LocalSGD, Tensors
+
+Weighting = Literal["examples", "uniform"]
 
 
 @dataclass(frozen=True)
 class ServerState:
-    """Everything the server needs to continue a run: save it and you can resume."""
+    """Everything the server needs to continue a run: save it and you can resume.
+
+    ``extras`` is the algorithm's own server state (SCAFFOLD's control variate);
+    ``stage_states`` the update stages' states (an adaptive clip norm), by stage name.
+    """
 
     round: int
     params: Params
     optimizer_state: Params
+    extras: Params = field(default_factory=dict)
+    stage_states: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-class Aggregator(Protocol):
-    """Accumulates validated client updates, then yields one aggregate."""
+@dataclass(frozen=True)
+class RoundContext:
+    """What the server knows about the round when it updates the model."""
 
-    count: int
-
-    def add(self, update: Params, weight: float) -> None: ...
-
-    def result(self) -> Params: ...
+    round: int
+    population_size: int  # clients that could have been sampled (SCAFFOLD's N)
+    sampled: int
 
 
 class Algorithm(Protocol):
-    """Client side: ``client_update``. Server side: ``init``, ``aggregator``, ``server_update``.
+    """Client side: ``program`` and ``finish``. Server side: ``init``, ``broadcast``,
+    ``record_spec``, ``server_update``."""
 
-    Algorithms never import a runtime; runtimes only call these methods.
-    """
+    @property
+    def local(self) -> LocalSGD: ...
+
+    @property
+    def weighting(self) -> Weighting: ...
+
+    def program(self) -> LocalProgram: ...
 
     def init(self, params: Params) -> ServerState: ...
 
-    def client_update(
-        self,
-        client_id: int,
-        model: TorchModel,
-        global_params: Params,
-        data: ArrayDataset,
-        rng: np.random.Generator,
-    ) -> ClientResult: ...
+    def broadcast(self, state: ServerState) -> Params: ...
 
-    def aggregation_weight(self, result: ClientResult) -> float: ...
+    def init_client_state(self, trainable: Params) -> Params: ...
 
-    def aggregator(self) -> Aggregator: ...
+    def finish(
+        self, local: Tensors, shared: Tensors, own: Tensors, steps: torch.Tensor
+    ) -> tuple[Tensors, Tensors]:
+        """(record arrays, new client state) from the trained ``local`` weights; may
+        overwrite ``local`` and ``own``, the runtime's own copies."""
+        ...
 
-    def server_update(self, state: ServerState, aggregate: Params) -> ServerState: ...
+    def record_spec(self, model: ParamSpec, trainable: list[str]) -> RecordSpec: ...
+
+    def server_update(
+        self, state: ServerState, aggregate: Aggregate, context: RoundContext
+    ) -> ServerState: ...

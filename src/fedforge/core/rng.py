@@ -21,6 +21,7 @@ class Purpose(IntEnum):
     PARTITION = 1
     SAMPLING = 2
     CLIENT = 3
+    EVALUATION = 4
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,14 @@ class RngStreams:
 
     def seed_sequence(self, purpose: Purpose, *coords: int) -> np.random.SeedSequence:
         return np.random.SeedSequence(entropy=self.seed, spawn_key=(int(purpose), *coords))
+
+    def task_seed(self, round_number: int, client_id: int) -> int:
+        """The 128-bit seed of a client's random stream in a round (batch order, dropout).
+
+        Tasks carry it to the client in every runtime, the network included, so a client
+        draws the same numbers wherever it runs."""
+        words = self.seed_sequence(Purpose.CLIENT, round_number, client_id).generate_state(4)
+        return int.from_bytes(words.astype("<u4").tobytes(), "little")
 
     def int_seed(self, purpose: Purpose, *coords: int) -> int:
         """A 63-bit integer seed, for libraries that take one (e.g. ``torch.manual_seed``)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -12,16 +12,27 @@ from fedforge.data.partition import Partition, label_counts
 
 
 @dataclass(frozen=True)
+class ClientData:
+    """One client's local data: what it trains on, and its held-out split (if any) for
+    federated evaluation."""
+
+    train: ArrayDataset
+    holdout: ArrayDataset | None = None
+
+
+@dataclass(frozen=True)
 class FederatedDataset:
     """Train examples, one index array per client, and a central test set.
 
-    Client data is materialized lazily by :meth:`client`, so ten thousand clients cost
-    only their index arrays.
+    ``holdout`` (optional) holds each client's held-out indices into ``train`` for federated
+    evaluation; :meth:`with_holdout` makes it. Client data is materialized lazily, so ten
+    thousand clients cost only their index arrays.
     """
 
     train: ArrayDataset
     test: ArrayDataset
     partition: Partition
+    holdout: Partition | None = None
 
     def __post_init__(self) -> None:
         if not self.partition:
@@ -31,6 +42,21 @@ class FederatedDataset:
                 raise DataError(f"client {cid} has no examples")
             if idx.min() < 0 or idx.max() >= len(self.train):
                 raise DataError(f"client {cid} has indices outside the training set")
+        if self.holdout is not None and len(self.holdout) != len(self.partition):
+            raise DataError("holdout needs one index array per client")
+
+    def with_holdout(self, fraction: float, rng: np.random.Generator) -> FederatedDataset:
+        """Move a random ``fraction`` of each client's examples (at least one when it has two
+        or more) to its held-out split; a client keeps at least one training example."""
+        if not 0 < fraction < 1:
+            raise DataError(f"holdout fraction must be in (0, 1), got {fraction}")
+        train_parts, held = [], []
+        for idx in self.partition:
+            perm = rng.permutation(idx)
+            k = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
+            held.append(np.sort(perm[:k]))
+            train_parts.append(np.sort(perm[k:]))
+        return replace(self, partition=train_parts, holdout=held)
 
     @property
     def num_clients(self) -> int:
@@ -44,8 +70,18 @@ class FederatedDataset:
         idx = self.partition[client_id]
         return ArrayDataset(self.train.x[idx], self.train.y[idx])
 
+    def client_data(self, client_id: int) -> ClientData:
+        held = None
+        if self.holdout is not None and len(self.holdout[client_id]):
+            idx = self.holdout[client_id]
+            held = ArrayDataset(self.train.x[idx], self.train.y[idx])
+        return ClientData(self.client(client_id), held)
+
     def client_size(self, client_id: int) -> int:
         return len(self.partition[client_id])
+
+    def holdout_size(self, client_id: int) -> int:
+        return 0 if self.holdout is None else len(self.holdout[client_id])
 
     def label_distribution(self) -> np.ndarray:
         """(clients x classes) example counts, for reports."""

@@ -1,4 +1,10 @@
-"""``fedforge client``: connect, authenticate, train on pushed work, reconnect after failures."""
+"""``fedforge client``: connect, authenticate, answer pushed tasks, reconnect after failures.
+
+A task is answered by the same :class:`~fedforge.runtime.client_app.ClientApp` the simulation
+runs, with the same seed, so a deployment computes what a simulation computes. Client state
+(e.g. SCAFFOLD's control variate) lives in a :class:`DiskStateStore` under the client's state
+directory, one subdirectory per run, and survives a client restart.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,21 +25,26 @@ import torch
 
 from fedforge.config import RunConfig
 from fedforge.core.errors import FedforgeError
+from fedforge.core.records import FIT, Record, Task
 from fedforge.data.datasets import ArrayDataset
-from fedforge.data.federated import FederatedDataset
-from fedforge.experiment import build_algorithm, build_dataset, build_model
+from fedforge.data.federated import ClientData, FederatedDataset
+from fedforge.experiment import build_algorithm, build_dataset, build_model, build_stages
 from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
 from fedforge.net.keys import ClientCredentials
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.server import grpc_options
 from fedforge.net.service import PROTOCOL_VERSION
-from fedforge.train.torch_model import TorchModel
+from fedforge.runtime.client_app import ClientApp
+from fedforge.runtime.client_state import DiskStateStore
+from fedforge.stages.base import StageChain
 
 log = logging.getLogger("fedforge")
 
-# The client's local data, given the run's built-in federated dataset and the client's id.
-DataLoader = Callable[[FederatedDataset, int], ArrayDataset]
+# The client's local data (training and held-out split), given the run's built-in federated
+# dataset and the client's id.
+DataLoader = Callable[[FederatedDataset, int], ClientData]
+DEFAULT_STATE_ROOT = Path("client-state")
 Outbox = queue.Queue[pb.ClientMessage | Iterator[pb.ClientMessage] | None]
 FATAL = {
     grpc.StatusCode.UNAUTHENTICATED,
@@ -42,19 +54,21 @@ FATAL = {
 }
 
 
-def builtin_partition(data: FederatedDataset, client_id: int) -> ArrayDataset:
-    """The client's share of the run's built-in dataset (for demos and tests)."""
+def builtin_partition(data: FederatedDataset, client_id: int) -> ClientData:
+    """The client's share of the run's built-in dataset (for demos and tests), with the same
+    held-out split as the simulation's when federated evaluation is configured."""
     if client_id >= data.num_clients:
         raise FedforgeError(f"client id {client_id} has no partition ({data.num_clients} exist)")
-    return data.client(client_id)
+    return data.client_data(client_id)
 
 
 def npz_loader(path: str) -> DataLoader:
-    """Local data from an ``.npz`` with arrays ``x`` (float32) and ``y`` (int64)."""
+    """Local data from an ``.npz`` with arrays ``x`` (float32) and ``y`` (int64); all of it
+    is training data (no held-out split, so this client cannot evaluate)."""
 
-    def load(data: FederatedDataset, client_id: int) -> ArrayDataset:
+    def load(data: FederatedDataset, client_id: int) -> ClientData:
         with np.load(path, allow_pickle=False) as f:
-            return ArrayDataset(f["x"].astype(np.float32), f["y"].astype(np.int64))
+            return ClientData(ArrayDataset(f["x"].astype(np.float32), f["y"].astype(np.int64)))
 
     return load
 
@@ -85,7 +99,10 @@ class FederatedClient:
         max_message_mb: int = 16,
         backoff: Backoff | None = None,
         max_attempts: int | None = None,
+        state_dir: Path | None = None,
     ) -> None:
+        """``state_dir`` holds the client's persistent state (one subdirectory per run);
+        default ``client-state/<client name>`` in the working directory."""
         self.address = address
         self.credentials = credentials
         self.data_loader = data_loader
@@ -93,17 +110,20 @@ class FederatedClient:
         self.max_message_mb = max_message_mb
         self.backoff = backoff or Backoff()
         self.max_attempts = max_attempts
+        self.state_dir = state_dir
+        self._trained = 0  # fit tasks answered in this run
+        self._joined = False  # the current connection was welcomed
 
     def run(self) -> int:
-        """Serve the run until it completes; return the number of rounds trained in."""
-        attempt, trained = 0, 0
+        """Serve the run until it completes; return the number of fit tasks answered."""
+        attempt = 0
+        self._trained = 0
         while True:
+            self._joined = False
             try:
-                done, count = self._session()
-                trained += count
-                if done:
-                    return trained
-                attempt = 0 if count else attempt + 1
+                if self._session():
+                    return self._trained
+                attempt = 1 if self._joined else attempt + 1
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code in FATAL or code == grpc.StatusCode.ALREADY_EXISTS:
@@ -111,7 +131,8 @@ class FederatedClient:
                         f"server refused the client: {code.name}: {exc.details()}"
                     ) from None
                 log.warning("connection lost (%s: %s)", code.name, exc.details())
-                attempt += 1
+                # After a session that was established, back off from the start again.
+                attempt = 1 if self._joined else attempt + 1
             if self.max_attempts is not None and attempt > self.max_attempts:
                 raise FedforgeError(f"gave up after {attempt} failed connection attempts")
             delay = self.backoff.delay(attempt)
@@ -129,8 +150,9 @@ class FederatedClient:
         )
         return grpc.secure_channel(self.address, tls, options=options)
 
-    def _session(self) -> tuple[bool, int]:
-        """One connection: returns (run complete, rounds trained in this connection)."""
+    def _session(self) -> bool:
+        """One connection; True when the run is complete. Counts answered fit tasks in
+        ``self._trained`` and sets ``self._joined`` once the server welcomed the client."""
         outbox: Outbox = queue.Queue()
         stop = threading.Event()
 
@@ -144,27 +166,27 @@ class FederatedClient:
         outbox.put(
             pb.ClientMessage(hello=pb.Hello(protocol_version=PROTOCOL_VERSION, name=self.name))
         )
-        trained = 0
         with self._channel() as channel:
             stream = pb_grpc.FederationStub(channel).Connect(requests())  # type: ignore[no-untyped-call]
             try:
-                worker = _Worker(outbox, self.data_loader)
+                worker = _Worker(outbox, self.data_loader, self.state_dir)
                 for message in stream:
                     kind = message.WhichOneof("body")
                     if kind == "welcome":
                         worker.welcome(message)
+                        self._joined = True
                         _start_heartbeats(outbox, stop, message.welcome.heartbeat_ms / 1000)
                     elif kind == "task":
-                        trained += worker.task(message)
+                        self._trained += worker.task(message)
                     elif kind == "reject":
                         log.warning("server rejected a message: %s", message.reject.reason)
                     elif kind == "run_complete":
                         log.info("run complete after %d rounds", message.run_complete.rounds)
-                        return True, trained
+                        return True
             finally:
                 stop.set()
                 outbox.put(None)
-        return False, trained
+        return False
 
 
 def _start_heartbeats(outbox: Outbox, stop: threading.Event, interval_s: float) -> None:
@@ -176,11 +198,12 @@ def _start_heartbeats(outbox: Outbox, stop: threading.Event, interval_s: float) 
 
 
 class _Worker:
-    """Holds the model and data of one connection and answers fit tasks."""
+    """Holds the client app, data and state store of one connection and answers tasks."""
 
-    def __init__(self, outbox: Outbox, loader: DataLoader) -> None:
+    def __init__(self, outbox: Outbox, loader: DataLoader, state_dir: Path | None) -> None:
         self.outbox = outbox
         self.loader = loader
+        self.state_dir = state_dir
         self.run_id = ""
         self.reassembler: Reassembler | None = None
 
@@ -193,80 +216,112 @@ class _Worker:
         torch.set_num_threads(self.config.runtime.threads or 1)
         federated = build_dataset(self.config)  # built once: model shapes and built-in data
         self.data = self.loader(federated, self.client_id)
-        self.model = TorchModel(build_model(self.config, federated))
-        self.algorithm = build_algorithm(self.config)
+        self.app = ClientApp(
+            build_algorithm(self.config),
+            build_model(self.config, federated),
+            StageChain(build_stages(self.config)),
+        )
+        root = self.state_dir or DEFAULT_STATE_ROOT / _safe_name(w.client_name)
+        self.store = DiskStateStore(root / _safe_name(self.run_id))
+        holdout = len(self.data.holdout) if self.data.holdout is not None else 0
         log.info(
-            "joined run %s as %s (id %d) with %d examples",
+            "joined run %s as %s (id %d) with %d examples (%d held out); state in %s",
             self.run_id,
             w.client_name,
             self.client_id,
-            len(self.data),
+            len(self.data.train),
+            holdout,
+            self.store.directory,
         )
-        # Declare the data size: the server caps the sample counts it accepts from us by it.
+        # Declare the data sizes: the server caps the sample counts it accepts from us by them.
         self.outbox.put(
             pb.ClientMessage(
-                hello=pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=len(self.data))
+                hello=pb.Hello(
+                    protocol_version=PROTOCOL_VERSION,
+                    num_examples=len(self.data.train),
+                    holdout_examples=holdout,
+                )
             )
         )
 
     def _envelope(self, round_number: int) -> pb.Envelope:
         return pb.Envelope(run_id=self.run_id, round=round_number, nonce=os.urandom(16))
 
-    def _result_messages(
-        self, round_number: int, encoded: bytes, num_examples: int, train_loss: float
+    def _reply_messages(
+        self, round_number: int, stage: str, encoded: bytes, record: Record
     ) -> Iterator[pb.ClientMessage]:
         for piece in split_payload(encoded):
+            header = piece.index == 0  # the server reads the header from the first chunk
             yield pb.ClientMessage(
                 envelope=self._envelope(round_number),
-                result=pb.ClientResultChunk(
-                    chunk=piece, num_examples=num_examples, train_loss=train_loss
+                reply=pb.ReplyChunk(
+                    stage=stage,
+                    num_examples=record.num_examples if header else 0,
+                    scalars=record.scalars if header else {},
+                    metrics=record.metrics if header else {},
+                    chunk=piece,
                 ),
             )
 
     def task(self, message: pb.ServerMessage) -> int:
-        """Consume one chunk; when the model is complete, train and send the result."""
+        """Consume one chunk; when the task is complete, answer it. Returns 1 for an
+        answered fit task, else 0."""
         if message.envelope.run_id != self.run_id:
             log.warning("ignoring a task for another run")
             return 0
-        chunk = message.task.chunk
-        if chunk.index == 0:
+        body = message.task
+        if body.chunk.index == 0:
             self.reassembler = Reassembler(max_bytes=1 << 40)
             self.receive_started = time.time()
-        assert self.reassembler is not None
-        payload = self.reassembler.add(chunk)
+        if self.reassembler is None:
+            log.warning("ignoring a task chunk without its transfer's start")
+            return 0
+        payload = self.reassembler.add(body.chunk)
         if payload is None:
             return 0
         self.reassembler = None  # release the chunks
-        round_number = message.envelope.round
-        received = time.time()
+        round_number, stage = int(message.envelope.round), body.stage
         log.info(
-            "round %d: received %.1f MB model in %.3f s (%.6f-%.6f)",
+            "round %d: received a %s task (%.1f MB) in %.3f s",
             round_number,
+            stage,
             len(payload) / 1e6,
-            received - self.receive_started,
-            self.receive_started,
-            received,
+            time.time() - self.receive_started,
         )
         try:
-            params = decode_params(payload)
-            del payload
-            rng = np.random.default_rng(message.task.client_seed)
-            started = time.perf_counter()
-            result = self.algorithm.client_update(
-                self.client_id, self.model, params, self.data, rng
+            task = Task(
+                stage,
+                round_number,
+                self.client_id,
+                int.from_bytes(body.seed, "little"),
+                decode_params(payload),
+                dict(body.scalars),
             )
-            log.info("round %d: trained in %.4f s", round_number, time.perf_counter() - started)
+            del payload
+            started = time.perf_counter()
+            stateful = stage == FIT and self.app.stateful
+            state = self.store.get(self.client_id, round_number) if stateful else None
+            record, new_state = self.app.handle(task, self.data, state)
+            if new_state is not None:  # saved before the reply: a retried round reads it back
+                self.store.put(self.client_id, new_state, round_number)
+            log.info(
+                "round %d: %s done in %.4f s", round_number, stage, time.perf_counter() - started
+            )
         except Exception as exc:
-            log.exception("local training failed")
+            log.exception("the %s task of round %d failed", stage, round_number)
             self.outbox.put(
                 pb.ClientMessage(
                     envelope=self._envelope(round_number),
-                    failure=pb.ClientFailureReport(error=str(exc)),
+                    failure=pb.ClientFailureReport(error=f"{type(exc).__name__}: {exc}"),
                 )
             )
             return 0
-        num_examples, train_loss = result.num_examples, result.train_loss
-        encoded = encode_params(result.update)
-        del params, result  # only the encoded bytes are needed from here
-        self.outbox.put(self._result_messages(round_number, encoded, num_examples, train_loss))
-        return 1
+        encoded = encode_params(record.arrays)
+        self.outbox.put(self._reply_messages(round_number, stage, encoded, record))
+        return 1 if stage == FIT else 0
+
+
+def _safe_name(name: str) -> str:
+    """A name usable as one path component."""
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".")
+    return cleaned or "client"

@@ -1,4 +1,4 @@
-"""Wire encoding: parameters as safetensors bytes, streamed in integrity-checked chunks.
+"""Wire encoding: arrays as safetensors bytes, streamed in integrity-checked chunks.
 
 Pure functions and one small reassembler; every malformed input raises ProtocolError, so a
 decoder fed garbage fails cleanly and the server keeps serving.
@@ -27,11 +27,17 @@ class ProtocolError(FedforgeError):
 
 
 def encode_params(params: Params) -> bytes:
+    """Safetensors bytes of ``params`` (an empty dict encodes to a valid, empty file)."""
     return save({k: np.ascontiguousarray(v) for k, v in params.items()})
 
 
 def decode_params(payload: bytes) -> Params:
-    """Parse safetensors bytes into float arrays; raise ProtocolError on anything else."""
+    """Parse safetensors bytes into float arrays; raise ProtocolError on anything else.
+
+    An empty dict (or an empty payload) decodes to ``{}``: stages such as evaluate send
+    no arrays."""
+    if not payload:
+        return {}
     try:
         params = load(payload)
     except (SafetensorError, ValueError, TypeError, OverflowError) as exc:

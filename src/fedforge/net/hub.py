@@ -1,8 +1,9 @@
-"""Server-side state shared by the gRPC handlers and the round loop: sessions and results.
+"""Server-side state shared by the gRPC handlers and the transport: sessions and replies.
 
 Each connected client has a :class:`Session` with an outbox the handler streams from (the
-handler blocks on it: work is pushed, never polled). Results and failures flow to the round
-loop through one queue. All coordination uses conditions and blocking queues.
+handler blocks on it: work is pushed, never polled). Replies and failures flow to the
+transport through one queue, each tagged with the (round, stage) of the task it answers. All
+coordination uses conditions and blocking queues.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from fedforge.core.errors import FedforgeError
-from fedforge.core.results import ClientFailure, ClientOutcome
+from fedforge.core.records import ClientFailure, Record
 from fedforge.net.codec import Reassembler
 from fedforge.net.proto import fedforge_pb2 as pb
 
 log = logging.getLogger("fedforge")
 
 Outgoing = pb.ServerMessage | Iterable[pb.ServerMessage]
+TaskKey = tuple[int, str]  # (round, stage)
 
 
 class DuplicateClientError(FedforgeError):
@@ -30,11 +32,26 @@ class DuplicateClientError(FedforgeError):
 
 
 @dataclass
-class Task:
-    """The fit task a client is working on in the current round."""
+class ReplyHeader:
+    """The header fields of a reply, read from its first chunk."""
+
+    num_examples: int
+    scalars: dict[str, float]
+    metrics: dict[str, float]
+
+
+@dataclass
+class PendingTask:
+    """The task a client is working on: its reply must carry this round and stage."""
 
     round: int
+    stage: str
     reassembler: Reassembler
+    header: ReplyHeader | None = None
+
+    @property
+    def key(self) -> TaskKey:
+        return (self.round, self.stage)
 
 
 @dataclass
@@ -42,8 +59,9 @@ class Session:
     name: str
     client_id: int
     declared_examples: int
+    declared_holdout: int = 0
     outbox: queue.Queue[Outgoing | None] = field(default_factory=queue.Queue)
-    task: Task | None = None
+    task: PendingTask | None = None
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -67,7 +85,7 @@ class Session:
 
 
 class Hub:
-    """Connected sessions, the per-round nonce set and the result queue."""
+    """Connected sessions, the per-round nonce set and the reply queue."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
@@ -76,7 +94,7 @@ class Hub:
         self._changed = threading.Condition()
         self._nonces: set[bytes] = set()
         self._nonce_lock = threading.Lock()
-        self.results: queue.Queue[tuple[int, ClientOutcome]] = queue.Queue()
+        self.results: queue.Queue[tuple[TaskKey, Record | ClientFailure]] = queue.Queue()
 
     def envelope(self, round_number: int | None = None) -> pb.Envelope:
         return pb.Envelope(
@@ -105,7 +123,7 @@ class Hub:
         with session.lock:
             task, session.task = session.task, None
         if task is not None:
-            self.results.put((task.round, ClientFailure(session.client_id, "client disconnected")))
+            self.results.put((task.key, ClientFailure(session.client_id, "client disconnected")))
 
     def connected_ids(self) -> list[int]:
         with self._changed:
@@ -133,9 +151,12 @@ class Hub:
 
     # Replay protection -------------------------------------------------------------------
     def start_round(self, round_number: int) -> None:
+        """Enter ``round_number``; the nonces seen are forgotten when the round changes (every
+        exchange of a round, and every retried attempt, shares the round's nonce set)."""
         with self._nonce_lock:
+            if round_number != self.current_round:
+                self._nonces.clear()
             self.current_round = round_number
-            self._nonces.clear()
 
     def fresh_nonce(self, nonce: bytes) -> bool:
         """True the first time a 16-byte nonce is seen this round."""

@@ -1,4 +1,4 @@
-"""``fedforge server``: the federated round loop behind a gRPC endpoint, resumable after a crash."""
+"""``fedforge server``: the driver behind a gRPC endpoint, resumable after a crash."""
 
 from __future__ import annotations
 
@@ -15,17 +15,28 @@ from safetensors.numpy import save_file
 from fedforge.algorithms.base import ServerState
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import FedforgeError
+from fedforge.core.params import Params, spec_of
+from fedforge.core.records import FIT
 from fedforge.core.rng import RngStreams
-from fedforge.experiment import build_algorithm, build_dataset, build_model
-from fedforge.net.backend import NetworkBackend
+from fedforge.experiment import (
+    build_aggregation,
+    build_algorithm,
+    build_dataset,
+    build_federated_eval,
+    build_model,
+    build_sampler,
+    build_stages,
+)
 from fedforge.net.hub import Hub
 from fedforge.net.keys import ServerCredentials
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import FederationService
+from fedforge.net.transport import NetworkTransport
 from fedforge.report.history import History
 from fedforge.runtime.checkpoint import CheckpointStore
-from fedforge.runtime.loop import RoundListener, RoundLoop
+from fedforge.runtime.driver import Driver, RoundListener
+from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.torch_model import TorchModel
 
@@ -74,6 +85,7 @@ def run_server(
     data = build_dataset(config)
     model = TorchModel(build_model(config, data))
     algorithm = build_algorithm(config)
+    chain = StageChain(build_stages(config))
     store = CheckpointStore(Path(d.state_dir))
     checkpoint = store.load()
     if checkpoint is not None:
@@ -82,17 +94,21 @@ def run_server(
                 f"{d.state_dir} holds run {checkpoint.run_id} with seed {checkpoint.seed}, not "
                 f"{config.seed}; use another deploy.state_dir to start a new run"
             )
-        run_id, history = checkpoint.run_id, checkpoint.history
-        order = model.names
+        run_id, history, saved = checkpoint.run_id, checkpoint.history, checkpoint.state
         state = ServerState(
-            checkpoint.state.round,
-            {k: checkpoint.state.params[k] for k in order},
-            checkpoint.state.optimizer_state,
+            saved.round,
+            {k: saved.params[k] for k in model.names},
+            saved.optimizer_state,
+            saved.extras,
+            saved.stage_states,
         )
         log.info("resuming run %s after round %d", run_id, state.round)
     else:
         run_id, history = uuid.uuid4().hex, History()
         state = algorithm.init(model.get_params())
+        state = ServerState(
+            state.round, state.params, state.optimizer_state, state.extras, chain.init_states()
+        )
         store.start(run_id, config.seed)
     for name, cid in client_ids.items():
         store.register_client(name, cid, state.round)
@@ -120,46 +136,60 @@ def run_server(
     server.start()
     log.info("run %s serving on %s (%d registered clients)", run_id, d.address, len(names))
 
-    streams = RngStreams(config.seed)
-
-    def evaluator(params: dict) -> Evaluation:  # type: ignore[type-arg]
+    def evaluator(params: Params) -> Evaluation:
         model.set_params(params)
         return evaluate(model, data.test)
 
-    def example_cap(cid: int) -> int:
+    def example_cap(cid: int, stage: str) -> int:
+        """The largest example count accepted from a client: what it declared, else its
+        share of the built-in dataset; never above deploy.max_examples."""
         session = hub.session_for(cid)
-        declared = session.declared_examples if session and session.declared_examples > 0 else 0
-        cap = declared or (data.client_size(cid) if cid < data.num_clients else d.max_examples)
-        return min(cap, d.max_examples)
+        builtin = cid < data.num_clients
+        if stage == FIT:
+            declared = session.declared_examples if session else 0
+            known = data.client_size(cid) if builtin else d.max_examples
+        else:
+            declared = session.declared_holdout if session else 0
+            known = data.holdout_size(cid) if builtin else 0
+        return min(declared if declared > 0 else known, d.max_examples)
 
-    backend = NetworkBackend(
+    transport = NetworkTransport(
         hub,
-        streams,
         round_timeout_s=d.round_timeout_s,
         chunk_bytes=d.chunk_kb << 10,
         max_payload_bytes=d.max_payload_mb << 20,
     )
-    loop = RoundLoop(
-        algorithm,
-        backend,
-        hub.connected_ids,
-        config.server.clients_per_round,
-        streams,
-        example_cap,
-        evaluator,
-        listener or RoundListener(),
+    driver = Driver(
+        algorithm=algorithm,
+        transport=transport,
+        sampler=build_sampler(config),
+        streams=RngStreams(config.seed),
+        model_spec=spec_of(state.params),
+        trainable=[name for name, _ in model.module.named_parameters()],
+        population=hub.connected_ids,
+        population_size=lambda: len(names),
+        example_cap=example_cap,
+        stages=chain,
+        aggregation=build_aggregation(config),
+        evaluator=evaluator,
+        federated_eval=build_federated_eval(config),
+        listener=listener or RoundListener(),
+        describe=lambda cid: names[cid] if 0 <= cid < len(names) else f"client {cid}",
     )
+    needed = d.min_clients
+    if config.server.sampler == "uniform":
+        needed = max(needed, config.server.clients_per_round)
+    needed = min(needed, len(names))  # never wait for more clients than can exist
     try:
-        while state.round < config.server.rounds:
-            new_state, record = loop.run_round_with_retries(
-                state,
-                d.min_completed,
-                d.max_retries,
-                lambda: hub.wait_for_clients(max(d.min_clients, config.server.clients_per_round)),
-            )
-            state = new_state
-            history.append(record)
-            store.save(run_id, state, record)
+        state = driver.run(
+            state,
+            config.server.rounds,
+            history,
+            min_completed=d.min_completed,
+            max_retries=d.max_retries,
+            before_attempt=lambda: hub.wait_for_clients(needed),
+            checkpoint=lambda s, h: store.save(run_id, s, h),
+        )
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
         hub.broadcast(
             pb.ServerMessage(
@@ -167,6 +197,7 @@ def run_server(
             )
         )
     finally:
+        transport.close()
         server.stop(grace=2).wait()
         store.close()
     return ServerRun(run_id, history, state)

@@ -8,15 +8,15 @@ from collections.abc import Iterator
 
 import grpc
 
-from fedforge.core.results import ClientFailure, ClientResult
+from fedforge.core.records import ClientFailure, Record
 from fedforge.net.codec import ProtocolError, decode_params
-from fedforge.net.hub import DuplicateClientError, Hub, Session
+from fedforge.net.hub import DuplicateClientError, Hub, ReplyHeader, Session
 from fedforge.net.keys import ServerCredentials, certificate_identity
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedforge")
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class FederationService(pb_grpc.FederationServicer):
@@ -107,16 +107,19 @@ class FederationService(pb_grpc.FederationServicer):
             task, session.task = session.task, None
         if task is not None:
             self.hub.results.put(
-                (task.round, ClientFailure(session.client_id, reason, rejected=True))
+                (task.key, ClientFailure(session.client_id, reason, rejected=True))
             )
 
     def _handle(self, session: Session, message: pb.ClientMessage) -> None:
         kind = message.WhichOneof("body")
         if kind == "heartbeat":
             return
-        if kind == "hello":  # the data-size declaration, accepted once per session
-            if session.declared_examples <= 0 < message.hello.num_examples:
-                session.declared_examples = int(message.hello.num_examples)
+        if kind == "hello":  # the data-size declarations, accepted once per session
+            hello = message.hello
+            if session.declared_examples <= 0 < hello.num_examples:
+                session.declared_examples = int(hello.num_examples)
+            if session.declared_holdout <= 0 < hello.holdout_examples:
+                session.declared_holdout = int(hello.holdout_examples)
             return
         env = message.envelope
         if env.run_id != self.hub.run_id:
@@ -135,30 +138,46 @@ class FederationService(pb_grpc.FederationServicer):
             return
         if kind == "failure":
             with session.lock:
+                if session.task is not task:
+                    return
                 session.task = None
             self.hub.results.put(
-                (task.round, ClientFailure(session.client_id, message.failure.error[:2000]))
+                (task.key, ClientFailure(session.client_id, message.failure.error[:2000]))
             )
             return
-        if kind != "result":
+        if kind != "reply":
             self._reject(session, f"unexpected message {kind!r}", fail_task=True)
             return
+        reply = message.reply
+        if reply.stage != task.stage:  # a late answer to an earlier task: not this one's
+            self._reject(
+                session,
+                f"{reply.stage[:40]!r} reply rejected: the task in progress is {task.stage!r}",
+                fail_task=False,
+            )
+            return
         try:
-            payload = task.reassembler.add(message.result.chunk)
+            payload = task.reassembler.add(reply.chunk)
+            if task.header is None:  # the transfer's first chunk (the reassembler checked)
+                task.header = ReplyHeader(
+                    int(reply.num_examples), dict(reply.scalars), dict(reply.metrics)
+                )
             if payload is None:
                 return
-            update = decode_params(payload)
+            arrays = decode_params(payload)
         except ProtocolError as exc:
-            self._reject(session, f"result rejected: {exc}", fail_task=True)
+            self._reject(session, f"reply rejected: {exc}", fail_task=True)
             return
         with session.lock:
             if session.task is not task:
                 return
             session.task = None
-        result = ClientResult(
+        header = task.header
+        record = Record(
             session.client_id,
-            int(message.result.num_examples),
-            update,
-            float(message.result.train_loss),
+            header.num_examples,
+            arrays,
+            scalars=header.scalars,
+            metrics=header.metrics,
         )
-        self.hub.results.put((task.round, result))
+        self.hub.results.put((task.key, record))

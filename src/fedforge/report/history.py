@@ -1,42 +1,70 @@
-"""Per-round records of a run, serializable to JSON."""
+"""Per-round records of a run, serializable to JSON and loaded back without loss."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from fedforge.core.errors import FedforgeError
 
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """What happened in one round. Accuracy and loss are on the central test set after
-    the round's update; ``train_loss`` is the example-weighted mean over accepted clients
-    (NaN when none was accepted)."""
+    """What happened in one round (round 0 is the initial model's evaluation).
+
+    Accuracy and loss are on the central test set after the round's update; ``train_loss`` is
+    the example-weighted mean over accepted clients (NaN when none was accepted). Seconds are
+    split into client work (``train_seconds``: the fit exchange, less the server's share),
+    server validation and aggregation (``aggregate_seconds``), and evaluation (central and
+    federated, ``eval_seconds``). ``metrics`` holds named per-stage and per-aggregator values
+    (``clip.clipped``, ``fed_eval.accuracy``, ...); ``clients`` named lists of client ids
+    (``excluded``, ``downweighted``, ``failed``, ``rejected``).
+    """
 
     round: int
     test_accuracy: float
     test_loss: float
-    train_loss: float
-    clients_sampled: int
-    clients_completed: int
-    clients_failed: int
-    clients_rejected: int
-    bytes_down: int
-    bytes_up: int
-    wall_seconds: float
+    train_loss: float = math.nan
+    clients_sampled: int = 0
+    clients_completed: int = 0
+    clients_failed: int = 0
+    clients_rejected: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train_seconds: float = 0.0
+    aggregate_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    clients: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, object]) -> RoundRecord:
+        names = {f.name for f in fields(cls)}
+        unknown = set(row) - names
+        if unknown:
+            raise FedforgeError(f"round record has unknown fields {sorted(unknown)}")
+        return cls(**row)  # type: ignore[arg-type]
 
 
 class History(list[RoundRecord]):
     """The list of round records, with JSON round-tripping."""
 
     def to_json(self) -> str:
-        return json.dumps([asdict(r) for r in self], indent=2, allow_nan=True)
+        return json.dumps([r.to_dict() for r in self], indent=2, allow_nan=True)
 
     def save(self, path: Path) -> None:
         path.write_text(self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: Path) -> History:
-        names = {f.name for f in fields(RoundRecord)}
-        rows = json.loads(path.read_text())
-        return cls(RoundRecord(**{k: v for k, v in row.items() if k in names}) for row in rows)
+        return cls(RoundRecord.from_dict(row) for row in json.loads(path.read_text()))
+
+    def metric(self, name: str) -> list[tuple[int, float]]:
+        """(round, value) of a named metric, in the rounds that recorded it."""
+        return [(r.round, r.metrics[name]) for r in self if name in r.metrics]

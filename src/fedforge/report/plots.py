@@ -1,46 +1,87 @@
-"""The run report: learning curves and the partition's label distribution."""
+"""The run report: learning curves, time and traffic per round, every recorded metric, and the
+partition's label distribution."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedforge.report.history import History
 
 
-def plot_report(history: History, label_counts: np.ndarray, path: Path) -> None:
-    """Write a PNG with accuracy, loss per round, and per-client label distribution."""
+def plot_report(history: History, label_counts: np.ndarray, path: Path, title: str = "") -> None:
+    """Write a PNG of what the run recorded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [r.round for r in history]
-    fig, (ax_acc, ax_loss, ax_part) = plt.subplots(1, 3, figsize=(16, 4.5))
-    ax_acc.plot(rounds, [100 * r.test_accuracy for r in history], marker=".")
-    ax_acc.set(title="Test accuracy", xlabel="round", ylabel="accuracy (%)")
-    ax_acc.grid(alpha=0.3)
-    ax_loss.plot(rounds, [r.test_loss for r in history], marker=".", label="test")
-    ax_loss.plot(rounds, [r.train_loss for r in history], marker=".", label="train (clients)")
+    trained = [r for r in history if r.round > 0]
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    (ax_acc, ax_loss, ax_time), (ax_bytes, ax_metrics, ax_part) = axes
+    ax_acc.plot(rounds, [100 * r.test_accuracy for r in history], marker=".", label="central test")
+    fed = history.metric("fed_eval.accuracy")
+    if fed:
+        ax_acc.plot(
+            [r for r, _ in fed], [100 * v for _, v in fed], marker=".", label="federated eval"
+        )
+    ax_acc.set(title="Accuracy", xlabel="round", ylabel="accuracy (%)")
+    ax_acc.legend()
+    ax_loss.plot(rounds, [r.test_loss for r in history], marker=".", label="central test")
+    ax_loss.plot(
+        [r.round for r in trained],
+        [r.train_loss for r in trained],
+        marker=".",
+        label="train (mean over accepted clients)",
+    )
     ax_loss.set(title="Loss", xlabel="round", ylabel="cross-entropy")
     ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    clients = np.arange(len(label_counts))
-    bottom = np.zeros(len(label_counts))
-    cmap = plt.get_cmap("tab10" if label_counts.shape[1] <= 10 else "tab20")
-    for label in range(label_counts.shape[1]):
-        ax_part.bar(
-            clients,
-            label_counts[:, label],
-            bottom=bottom,
-            width=1.0,
-            color=cmap(label % cmap.N),
-            label=str(label),
-        )
-        bottom += label_counts[:, label]
-    ax_part.set(title="Examples per client by label", xlabel="client", ylabel="examples")
-    ax_part.legend(title="label", fontsize=7, ncol=2, loc="upper right")
+    x = [r.round for r in trained]
+    fields = ("train_seconds", "aggregate_seconds", "eval_seconds")
+    labels = ("clients", "server aggregation", "evaluation")
+    seconds = np.array([[getattr(r, f) for r in trained] for f in fields]).reshape(3, -1)
+    _stacked_steps(ax_time, np.asarray(x, float), seconds, labels)
+    ax_time.set(title="Wall time per round (stacked)", xlabel="round", ylabel="seconds")
+    ax_time.legend()
+    ax_bytes.plot(x, np.cumsum([r.bytes_down for r in trained]) / 1e6, label="down")
+    ax_bytes.plot(x, np.cumsum([r.bytes_up for r in trained]) / 1e6, label="up")
+    ax_bytes.set(title="Cumulative traffic", xlabel="round", ylabel="MB")
+    ax_bytes.legend()
+    names = sorted({k for r in history for k in r.metrics if not k.startswith("fed_eval.")})
+    for name in names:
+        series = history.metric(name)
+        ax_metrics.plot([r for r, _ in series], [v for _, v in series], marker=".", label=name)
+    ax_metrics.plot(x, [r.clients_rejected for r in trained], label="clients rejected")
+    ax_metrics.plot(x, [r.clients_failed for r in trained], label="clients failed")
+    ax_metrics.set(title="Stage and client metrics", xlabel="round")
+    ax_metrics.legend(fontsize=8)
+    _label_bars(ax_part, label_counts, plt)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _stacked_steps(ax: Any, x: np.ndarray, values: np.ndarray, labels: Sequence[str]) -> None:
+    """Stacked step areas (one polygon per series: fast for hundreds of columns)."""
+    bottom = np.zeros(values.shape[1])
+    for row, label in zip(values, labels, strict=True):
+        ax.fill_between(x, bottom, bottom + row, step="mid", label=label, linewidth=0)
+        bottom = bottom + row
+
+
+def _label_bars(ax: Any, label_counts: np.ndarray, plt: Any) -> None:
+    clients = np.arange(len(label_counts), dtype=float)
+    labels = [str(label) for label in range(label_counts.shape[1])]
+    cmap = plt.get_cmap("tab10" if label_counts.shape[1] <= 10 else "tab20")
+    ax.set_prop_cycle(color=[cmap(i % cmap.N) for i in range(len(labels))])
+    _stacked_steps(ax, clients, label_counts.T.astype(float), labels)
+    ax.set(title="Examples per client by label", xlabel="client", ylabel="examples")
+    ax.legend(title="label", fontsize=7, ncol=2, bbox_to_anchor=(1.0, 1.0), loc="upper left")

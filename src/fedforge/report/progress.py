@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedforge.core.results import ClientOutcome
 from fedforge.report.history import RoundRecord
-from fedforge.runtime.loop import RoundListener
+from fedforge.runtime.driver import RoundListener
 
 
 class ProgressListener(RoundListener):
@@ -35,14 +34,14 @@ class ProgressListener(RoundListener):
         self._sampled, self._done = len(client_ids), 0
         self.progress.update(self.task, clients=f"0/{self._sampled}")
 
-    def client_done(self, outcome: ClientOutcome, accepted: bool) -> None:
+    def client_done(self, client_id: int, status: str) -> None:
         self._done += 1
         self.progress.update(self.task, clients=f"{self._done}/{self._sampled}")
 
     def round_finished(self, record: RoundRecord) -> None:
         self.progress.update(
             self.task,
-            advance=1,
+            completed=record.round,
             acc=f"{100 * record.test_accuracy:5.1f}%",
             loss=f"{record.test_loss:.3f}",
         )

@@ -23,4 +23,11 @@ def write_run_dir(
     (out_dir / "config.toml").write_text(to_toml(config))
     result.history.save(out_dir / "history.json")
     save_file(result.state.params, str(out_dir / "model.safetensors"))
-    plot_report(result.history, data.label_distribution(), out_dir / "report.png")
+    c = config
+    title = (
+        f"{c.algorithm.name} on {c.data.dataset}, {c.partition.scheme} over {data.num_clients} "
+        f"clients, {c.server.clients_per_round if c.server.sampler == 'uniform' else 'Poisson'}"
+        f" per round, E={c.client.epochs}, B={c.client.batch_size}, seed {c.seed}"
+        f" (backend {result.backend})"
+    )
+    plot_report(result.history, data.label_distribution(), out_dir / "report.png", title)

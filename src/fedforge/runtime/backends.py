@@ -1,4 +1,4 @@
-"""Choosing and building the backend that executes client work."""
+"""Choosing and building the transport that executes client work in simulation."""
 
 from __future__ import annotations
 
@@ -9,15 +9,14 @@ from typing import Literal
 
 import torch
 
-from fedforge.algorithms.base import Algorithm
 from fedforge.core.errors import ConfigError
-from fedforge.core.rng import RngStreams
 from fedforge.data.federated import FederatedDataset
-from fedforge.runtime.backend import ClientBackend
-from fedforge.runtime.sequential import SequentialBackend
+from fedforge.runtime.client_app import ClientApp
+from fedforge.runtime.client_state import ClientStateStore
+from fedforge.runtime.sequential import SequentialTransport
+from fedforge.runtime.transport import Transport
 from fedforge.train.cohort import vectorization_blocker
-from fedforge.train.local_sgd import LocalSGD
-from fedforge.train.torch_model import TorchModel
+from fedforge.train.program import LocalProgram
 
 log = logging.getLogger("fedforge")
 
@@ -34,22 +33,16 @@ class BackendOptions:
     ray_address: str | None = None
 
 
-def vectorizable(algorithm: Algorithm, module: torch.nn.Module) -> str | None:
-    """Why ``algorithm`` on ``module`` cannot run vectorized, or None if it can."""
-    local = getattr(algorithm, "local", None)
-    if not isinstance(local, LocalSGD) or not hasattr(algorithm, "finish_client"):
-        return f"{type(algorithm).__name__} does not train with LocalSGD + finish_client"
-    owner = next(k for k in type(algorithm).__mro__ if "client_update" in vars(k))
-    if "finish_client" not in vars(owner):
-        return f"{type(algorithm).__name__} overrides client_update with custom client code"
-    return vectorization_blocker(module, local)
+def vectorizable(program: LocalProgram, module: torch.nn.Module) -> str | None:
+    """Why ``program`` on ``module`` cannot run vectorized, or None if it can."""
+    return vectorization_blocker(module, program)
 
 
-def resolve_backend(name: BackendName, algorithm: Algorithm, module: torch.nn.Module) -> str:
+def resolve_backend(name: BackendName, program: LocalProgram, module: torch.nn.Module) -> str:
     """The concrete backend ``name`` stands for; ``auto`` logs what it chose and why."""
     if name != "auto":
         return name
-    blocker = vectorizable(algorithm, module)
+    blocker = vectorizable(program, module)
     if blocker is None:
         log.info("backend auto -> vectorized: the model and local training batch across clients")
         return "vectorized"
@@ -60,48 +53,43 @@ def resolve_backend(name: BackendName, algorithm: Algorithm, module: torch.nn.Mo
     return "sequential"
 
 
-def make_backend(
+def make_transport(
     name: str,
-    algorithm: Algorithm,
-    module: torch.nn.Module,
+    app: ClientApp,
     data: FederatedDataset,
-    streams: RngStreams,
+    store: ClientStateStore,
     options: BackendOptions,
-) -> ClientBackend:
+) -> Transport:
     if name == "sequential":
-        return SequentialBackend(algorithm, TorchModel(module), data, streams)
+        return SequentialTransport(app, data, store)
     if name == "vectorized":
-        from fedforge.runtime.vectorized import VectorizedBackend
+        from fedforge.runtime.vectorized import VectorizedTransport
 
-        blocker = vectorizable(algorithm, module)
+        blocker = vectorizable(app.program, app.module)
         if blocker:
             raise ConfigError(f"runtime.backend 'vectorized' is not possible: {blocker}")
-        return VectorizedBackend(
-            algorithm,  # type: ignore[arg-type]
-            module,
+        return VectorizedTransport(
+            app,
             data,
-            streams,
+            store,
             device=torch.device(options.device) if options.device else None,
             memory_budget=options.memory_budget,
         )
     if name == "workers":
-        from fedforge.runtime.workers import WorkerPoolBackend
+        from fedforge.runtime.workers import WorkerPoolTransport
 
-        return WorkerPoolBackend(algorithm, module, data, streams, num_workers=options.num_workers)
+        return WorkerPoolTransport(app, data, store, num_workers=options.num_workers)
     if name == "ray":
         try:
-            from fedforge.runtime.ray_backend import RayBackend
-        except ImportError as exc:
+            import ray  # noqa: F401
+        except ImportError:
             raise ConfigError(
                 "runtime.backend 'ray' needs Ray: pip install 'fedforge[ray]'"
-            ) from exc
-        return RayBackend(
-            algorithm,
-            module,
-            data,
-            streams,
-            num_actors=options.num_workers,
-            address=options.ray_address,
+            ) from None
+        from fedforge.runtime.ray_transport import RayTransport
+
+        return RayTransport(
+            app, data, store, num_actors=options.num_workers, address=options.ray_address
         )
     raise ConfigError(
         f"unknown backend {name!r}; allowed: auto, sequential, vectorized, workers, ray"

@@ -1,10 +1,11 @@
 """Crash-safe run state: SQLite for metadata and history, safetensors for arrays.
 
-After every round the server writes ``round_NNNNNN.safetensors`` (global model and server
-optimizer state) to a temporary name, fsyncs and renames it, then commits the round's record
-in one SQLite transaction. A restart loads the newest committed round, so a crash at any
-point loses at most the round in progress. Randomness needs no saving: every stream is a
-pure function of (seed, purpose, round, client), and the seed is stored.
+After every round the driver's checkpoint writes ``round_NNNNNN.safetensors`` (global model,
+server optimizer state, the algorithm's server state) to a temporary name, fsyncs and renames
+it, then commits the round's record, the stage states and the history in one SQLite
+transaction. A restart loads the newest committed round, so a crash at any point loses at most
+the round in progress. Randomness needs no saving: every stream is a pure function of (seed,
+purpose, round, client), and the seed is stored; client state versions itself by round.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.numpy import load_file, save_file
@@ -23,11 +24,11 @@ from fedforge.report.history import History, RoundRecord
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY, record TEXT NOT NULL, arrays TEXT NOT NULL);
+    round INTEGER PRIMARY KEY, record TEXT NOT NULL, arrays TEXT NOT NULL, stages TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS clients (
     name TEXT PRIMARY KEY, client_id INTEGER NOT NULL, last_round INTEGER NOT NULL);
 """
-_OPT = "optimizer/"
+_GROUPS = ("params/", "optimizer/", "extras/")
 _KEEP_FILES = 2
 
 
@@ -60,18 +61,24 @@ class CheckpointStore:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
-    def save(self, run_id: str, state: ServerState, record: RoundRecord) -> None:
+    def save(self, run_id: str, state: ServerState, history: History) -> None:
+        """Persist ``state`` and the newest record of ``history`` (the round just done)."""
         name = f"round_{state.round:06d}.safetensors"
         tmp = self.directory / f".{name}.tmp"
-        arrays = {**state.params, **{_OPT + k: v for k, v in state.optimizer_state.items()}}
+        arrays = {}
+        for prefix, group in zip(
+            _GROUPS, (state.params, state.optimizer_state, state.extras), strict=True
+        ):
+            arrays.update({prefix + k: v for k, v in group.items()})
         save_file(arrays, str(tmp), metadata={"run_id": run_id, "round": str(state.round)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.directory / name)
+        record = history[-1]
         with self.db:
             self.db.execute(
-                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?)",
-                (state.round, json.dumps(asdict(record)), name),
+                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?)",
+                (state.round, json.dumps(record.to_dict()), name, json.dumps(state.stage_states)),
             )
         self._prune()
 
@@ -87,16 +94,17 @@ class CheckpointStore:
     def load(self) -> Checkpoint | None:
         run_id, seed = self.meta("run_id"), self.meta("seed")
         row = self.db.execute(
-            "SELECT round, arrays FROM rounds ORDER BY round DESC LIMIT 1"
+            "SELECT round, arrays, stages FROM rounds ORDER BY round DESC LIMIT 1"
         ).fetchone()
         if run_id is None or seed is None or row is None:
             return None
         arrays = load_file(str(self.directory / row[1]))
-        params = {k: v for k, v in arrays.items() if not k.startswith(_OPT)}
-        opt = {k[len(_OPT) :]: v for k, v in arrays.items() if k.startswith(_OPT)}
+        groups = [{k[len(p) :]: v for k, v in arrays.items() if k.startswith(p)} for p in _GROUPS]
         records = self.db.execute("SELECT record FROM rounds ORDER BY round").fetchall()
-        history = History(RoundRecord(**json.loads(r[0])) for r in records)
-        return Checkpoint(run_id, int(seed), ServerState(int(row[0]), params, opt), history)
+        history = History(RoundRecord.from_dict(json.loads(r[0])) for r in records)
+        params, optimizer_state, extras = groups
+        state = ServerState(int(row[0]), params, optimizer_state, extras, json.loads(row[2]))
+        return Checkpoint(run_id, int(seed), state, history)
 
     def _prune(self) -> None:
         files = sorted(self.directory.glob("round_*.safetensors"))

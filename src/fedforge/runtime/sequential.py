@@ -1,44 +1,42 @@
-"""Sequential in-process backend: clients run one after another in this process."""
+"""In-process runtime: clients answer one after another in this process (the reference)."""
 
 from __future__ import annotations
 
 import traceback
 from collections.abc import Iterator, Sequence
 
-from fedforge.algorithms.base import Algorithm
-from fedforge.core.params import Params
-from fedforge.core.results import ClientFailure, ClientOutcome
-from fedforge.core.rng import Purpose, RngStreams
+from fedforge.core.records import FIT, ClientFailure, Reply, Task
 from fedforge.data.federated import FederatedDataset
-from fedforge.train.torch_model import TorchModel
+from fedforge.runtime.client_app import ClientApp
+from fedforge.runtime.client_state import ClientStateStore
 
 
-class SequentialBackend:
-    """The reference runtime: simplest, deterministic, and the baseline others must match."""
+def failure(client_id: int, exc: BaseException) -> ClientFailure:
+    return ClientFailure(client_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
 
-    def __init__(
-        self,
-        algorithm: Algorithm,
-        model: TorchModel,
-        data: FederatedDataset,
-        streams: RngStreams,
-    ) -> None:
-        self.algorithm = algorithm
-        self.model = model
-        self.data = data
-        self.streams = streams
 
-    def run(
-        self, round_number: int, client_ids: Sequence[int], params: Params
-    ) -> Iterator[ClientOutcome]:
-        for cid in client_ids:
-            rng = self.streams.generator(Purpose.CLIENT, round_number, cid)
-            try:
-                yield self.algorithm.client_update(
-                    cid, self.model, params, self.data.client(cid), rng
-                )
-            except Exception as exc:  # a failing client must not stop the round
-                yield ClientFailure(cid, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+def answer(app: ClientApp, task: Task, data: FederatedDataset, store: ClientStateStore) -> Reply:
+    """Run one task in this process, with the client's state from ``store``."""
+    try:
+        stateful = task.stage == FIT and app.stateful
+        state = store.get(task.client_id, task.round) if stateful else None
+        record, new_state = app.handle(task, data.client_data(task.client_id), state)
+    except Exception as exc:  # a failing client must not stop the round
+        return failure(task.client_id, exc)
+    if new_state is not None:
+        store.put(task.client_id, new_state, task.round)
+    return record
+
+
+class SequentialTransport:
+    """Simplest, deterministic, and the baseline every other runtime must match."""
+
+    def __init__(self, app: ClientApp, data: FederatedDataset, store: ClientStateStore) -> None:
+        self.app, self.data, self.store = app, data, store
+
+    def exchange(self, tasks: Sequence[Task]) -> Iterator[Reply]:
+        for task in tasks:
+            yield answer(self.app, task, self.data, self.store)
 
     def close(self) -> None:
         """Nothing to release."""

@@ -1,44 +1,87 @@
-"""Validation of every client result before it may touch the aggregate."""
+"""Validation of every record before it may touch the aggregate.
+
+Records are checked against the stage's wire spec (never against the model): exactly the
+expected array names with their shapes and dtypes, the expected summed scalars and metrics,
+finite values everywhere, and an integer example count in ``[1, cap]``. A batch is checked with
+array operations: a structural mismatch rejects every row, a bad value only its row.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from fedforge.core.errors import InvalidUpdateError
-from fedforge.core.params import ParamSpec
-from fedforge.core.results import ClientResult
+from fedforge.core.records import RecordBatch, RecordSpec
 
 
-def validate_result(result: ClientResult, spec: ParamSpec, max_examples: int) -> None:
-    """Raise :class:`InvalidUpdateError` unless ``result`` is safe to aggregate.
-
-    Checks: exactly the expected names, each array's shape and dtype, finite values, an
-    integer sample count in ``[1, max_examples]`` and a finite training loss.
-    """
-    update = result.update
-    if not isinstance(update, dict):
-        raise InvalidUpdateError(f"update must be a dict of arrays, got {type(update).__name__}")
-    missing = spec.keys() - update.keys()
-    extra = update.keys() - spec.keys()
+def _structure_error(batch: RecordBatch, spec: RecordSpec) -> str | None:
+    rows = len(batch)
+    if not isinstance(batch.arrays, dict):
+        return f"arrays must be a dict, got {type(batch.arrays).__name__}"
+    missing, extra = spec.arrays.keys() - batch.arrays.keys(), batch.arrays.keys() - spec.arrays
     if missing or extra:
-        raise InvalidUpdateError(
-            f"update keys differ from the model: missing {sorted(missing)}, "
+        return (
+            f"array names differ from the spec: missing {sorted(missing)}, "
             f"unexpected {sorted(extra)}"
         )
-    for name, want in spec.items():
-        arr = update[name]
+    for name, want in spec.arrays.items():
+        arr = batch.arrays[name]
         if not isinstance(arr, np.ndarray):
-            raise InvalidUpdateError(f"{name}: expected a numpy array, got {type(arr).__name__}")
-        if arr.shape != want.shape:
-            raise InvalidUpdateError(f"{name}: shape {arr.shape}, expected {want.shape}")
+            return f"{name}: expected a numpy array, got {type(arr).__name__}"
+        if arr.shape != (rows, *want.shape):
+            return f"{name}: shape {arr.shape[1:]}, expected {want.shape}"
         if arr.dtype != want.dtype:
-            raise InvalidUpdateError(f"{name}: dtype {arr.dtype}, expected {want.dtype}")
-        if not np.isfinite(arr).all():
-            raise InvalidUpdateError(f"{name}: contains NaN or infinite values")
-    n = result.num_examples
-    if isinstance(n, bool) or not isinstance(n, int | np.integer):
-        raise InvalidUpdateError(f"num_examples must be an integer, got {type(n).__name__}")
-    if not 1 <= n <= max_examples:
-        raise InvalidUpdateError(f"num_examples {n} outside the allowed range [1, {max_examples}]")
-    if not np.isfinite(result.train_loss):
-        raise InvalidUpdateError(f"train_loss {result.train_loss} is not finite")
+            return f"{name}: dtype {arr.dtype}, expected {want.dtype}"
+    for field, names in (("scalars", spec.scalars), ("metrics", spec.metrics)):
+        got = getattr(batch, field)
+        if set(got) != set(names):
+            return f"{field} {sorted(got)} differ from the expected {sorted(names)}"
+        for key, values in got.items():
+            if not isinstance(values, np.ndarray) or values.shape != (rows,):
+                return f"{field} {key!r} must be one number per record"
+    n = batch.num_examples
+    if not isinstance(n, np.ndarray) or n.shape != (rows,) or n.dtype.kind not in "iu":
+        return "num_examples must be an integer per record"
+    return None
+
+
+def _rows_finite(flat: np.ndarray) -> np.ndarray:
+    """Which rows hold only finite values. A finite row sum proves its row finite (NaN and
+    infinities propagate), so only rows whose sum is not finite are checked element-wise."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite: np.ndarray = np.isfinite(flat.sum(axis=1))
+    for i in np.flatnonzero(~finite):
+        finite[i] = bool(np.isfinite(flat[i]).all())
+    return finite
+
+
+def validate_batch(
+    batch: RecordBatch, spec: RecordSpec, caps: np.ndarray
+) -> tuple[np.ndarray, list[str | None]]:
+    """(rows to keep, the reason each rejected row was rejected)."""
+    rows = len(batch)
+    error = _structure_error(batch, spec)
+    if error is not None:
+        return np.zeros(rows, bool), [error] * rows
+    keep = np.ones(rows, bool)
+    reasons: list[str | None] = [None] * rows
+
+    def reject(mask: np.ndarray, why: str) -> None:
+        for i in np.flatnonzero(mask & keep):
+            reasons[i] = why
+        keep[mask] = False
+
+    for name, arr in batch.arrays.items():
+        if arr.dtype.kind == "f":
+            reject(~_rows_finite(arr.reshape(rows, -1)), f"{name}: NaN or infinite")
+    for field in ("scalars", "metrics"):
+        for key, values in getattr(batch, field).items():
+            if values.dtype.kind not in "fiu":
+                reject(np.ones(rows, bool), f"{key} is not a number")
+            else:
+                reject(~np.isfinite(values.astype(np.float64)), f"{key} is not finite")
+    n = batch.num_examples
+    out_of_range = (n < 1) | (n > caps)
+    for i in np.flatnonzero(out_of_range & keep):
+        reasons[i] = f"num_examples {int(n[i])} outside the allowed range [1, {int(caps[i])}]"
+    keep &= ~out_of_range
+    return keep, reasons

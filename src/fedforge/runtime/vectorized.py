@@ -1,35 +1,31 @@
-"""Vectorized backend: each round's cohort trains as one batched program (CPU or CUDA)."""
+"""Vectorized runtime: a round's fit tasks train as one batched program (CPU or CUDA).
+
+Clients are sorted by step count and chunked to a memory budget. Each chunk: the clients'
+states are stacked, :class:`~fedforge.train.cohort.CohortTrainer` runs the local program for
+all of them, ``vmap(algorithm.finish)`` turns the stack into records, and the stages encode
+the whole chunk. The chunk travels to the driver as one :class:`RecordBatch`, which it
+validates and sums with array operations. Other tasks (federated evaluation) run per client.
+"""
 
 from __future__ import annotations
 
 import copy
+import logging
 import traceback
-from collections.abc import Iterator, Sequence
-from typing import Protocol
+from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
+from torch.func import vmap
 
-from fedforge.core.params import Params
-from fedforge.core.results import ClientFailure, ClientOutcome, ClientResult
-from fedforge.core.rng import Purpose, RngStreams
+from fedforge.core.records import FIT, ClientFailure, RecordBatch, Reply, Task
 from fedforge.data.federated import FederatedDataset
+from fedforge.runtime.client_app import ClientApp, to_arrays, to_tensors
+from fedforge.runtime.client_state import ClientStateStore
+from fedforge.runtime.sequential import answer
 from fedforge.train.cohort import ClientPlan, CohortTrainer
-from fedforge.train.local_sgd import LocalSGD
 
-
-class VectorizableAlgorithm(Protocol):
-    """An algorithm whose client work is local SGD followed by ``finish_client``."""
-
-    local: LocalSGD
-
-    def finish_client(
-        self,
-        client_id: int,
-        global_params: Params,
-        local_params: Params,
-        num_examples: int,
-        train_loss: float,
-    ) -> ClientResult: ...
+log = logging.getLogger("fedforge")
 
 
 def default_device() -> torch.device:
@@ -44,72 +40,101 @@ def default_memory_budget(device: torch.device) -> int:
     return 128 << 20
 
 
-class VectorizedBackend:
-    """Trains the sampled clients in chunks sized to ``memory_budget`` bytes; each chunk is
-    one batched program, and results equal the sequential backend's to float tolerance."""
+class VectorizedTransport:
+    """Fit tasks in chunks of one batched program; results equal the sequential runtime's to
+    float tolerance (tested)."""
 
     def __init__(
         self,
-        algorithm: VectorizableAlgorithm,
-        module: torch.nn.Module,
+        app: ClientApp,
         data: FederatedDataset,
-        streams: RngStreams,
+        store: ClientStateStore,
         *,
         device: torch.device | None = None,
         memory_budget: int | None = None,
     ) -> None:
-        self.algorithm = algorithm
-        self.data = data
-        self.streams = streams
-        device = device or default_device()
-        self.memory_budget = memory_budget or default_memory_budget(device)
+        self.app, self.data, self.store = app, data, store
+        self.device = device or default_device()
+        self.memory_budget = memory_budget or default_memory_budget(self.device)
+        algorithm = app.algorithm
         self.trainer = CohortTrainer(
-            copy.deepcopy(module), algorithm.local, data.train.x, data.train.y, device
+            copy.deepcopy(app.module), app.program, data.train.x, data.train.y, self.device
         )
+        self._finish = vmap(algorithm.finish, in_dims=(0, None, 0, 0))
+        log.info("vectorized runtime on %s: %s", self.device, self.trainer.kernel)
 
-    def chunk_size(self, params: Params) -> int:
-        return max(1, self.memory_budget // self.trainer.bytes_per_client(params))
+    def chunk_size(self, shared: Mapping[str, np.ndarray]) -> int:
+        """Clients per chunk: the budget over one client's stacked model copies, plus its
+        state (read and written) when the algorithm keeps client state."""
+        model = {n: shared[n] for n in self.app.model.names}
+        own = sum(shared[n].nbytes for n in self.app.trainable) if self.app.stateful else 0
+        return max(1, self.memory_budget // self.trainer.bytes_per_client(model, own))
 
-    def run(
-        self, round_number: int, client_ids: Sequence[int], params: Params
-    ) -> Iterator[ClientOutcome]:
-        size = self.chunk_size(params)
-        local = self.algorithm.local
-        # Chunk clients of similar step counts together, so few rows idle in a chunk.
-        by_steps = sorted(
-            client_ids,
-            key=lambda c: -local.epochs * -(-self.data.client_size(c) // local.batch_size),
-        )
+    def exchange(self, tasks: Sequence[Task]) -> Iterator[Reply]:
+        fit = [t for t in tasks if t.stage == FIT]
+        for task in tasks:
+            if task.stage != FIT:
+                yield answer(self.app, task, self.data, self.store)
+        if not fit:
+            return
+        local = self.app.algorithm.local
+        by_steps = sorted(fit, key=lambda t: -local.num_steps(self.data.client_size(t.client_id)))
+        size = self.chunk_size(fit[0].shared)
+        shared = to_tensors(dict(fit[0].shared), self.device)
         for start in range(0, len(by_steps), size):
             chunk = by_steps[start : start + size]
-            plans = [
-                ClientPlan(
-                    cid,
-                    self.data.partition[cid],
-                    self.streams.generator(Purpose.CLIENT, round_number, cid),
-                )
-                for cid in chunk
-            ]
             try:
-                trained = self.trainer.train(params, plans)
-            except Exception as exc:  # a failing chunk fails its clients, not the round
-                tb = traceback.format_exc()
-                for cid in chunk:
-                    yield ClientFailure(cid, f"{type(exc).__name__}: {exc}", tb)
-                continue
-            for client in trained:
-                try:
-                    yield self.algorithm.finish_client(
-                        client.client_id,
-                        params,
-                        client.params,
-                        client.num_examples,
-                        client.train_loss,
-                    )
-                except Exception as exc:
-                    yield ClientFailure(
-                        client.client_id, f"{type(exc).__name__}: {exc}", traceback.format_exc()
-                    )
+                yield self._train_chunk(chunk, shared)
+            except Exception:
+                # Isolate the failing client(s): retrain the chunk one client at a time, so
+                # only the clients that fail alone are reported failed (as on every runtime).
+                for task in chunk:
+                    try:
+                        yield self._train_chunk([task], shared)
+                    except Exception as exc:
+                        tb = traceback.format_exc()
+                        yield ClientFailure(task.client_id, f"{type(exc).__name__}: {exc}", tb)
+
+    def _own_states(self, chunk: Sequence[Task]) -> dict[str, torch.Tensor]:
+        if not self.app.stateful:
+            return {}
+        task = chunk[0]
+        trainable = {n: task.shared[n] for n in self.app.trainable}
+        states = []
+        for t in chunk:
+            state = self.store.get(t.client_id, t.round)
+            states.append(
+                state if state is not None else self.app.algorithm.init_client_state(trainable)
+            )
+        return {
+            k: torch.from_numpy(np.stack([s[k] for s in states])).to(self.device) for k in states[0]
+        }
+
+    def _train_chunk(self, chunk: Sequence[Task], shared: dict[str, torch.Tensor]) -> RecordBatch:
+        plans = [
+            ClientPlan(t.client_id, self.data.partition[t.client_id], np.random.default_rng(t.seed))
+            for t in chunk
+        ]
+        own = self._own_states(chunk)
+        result = self.trainer.train(shared, own, plans)
+        names = self.app.model.names
+        local = {n: result.params[n] for n in names}  # the model has no buffers here
+        steps = torch.from_numpy(result.steps).to(self.device)
+        with torch.no_grad():
+            arrays, new_own = self._finish(local, shared, own, steps)
+        batch = RecordBatch(
+            client_ids=np.array([t.client_id for t in chunk], np.int64),
+            num_examples=np.array([len(p.indices) for p in plans], np.int64),
+            arrays=to_arrays(arrays),
+            metrics={"train_loss": result.train_loss},
+        )
+        batch = self.app.stages.encode(batch, chunk[0].scalars)
+        if new_own:
+            states = to_arrays(new_own)
+            for row, task in enumerate(chunk):
+                # Rows of this chunk's fresh state arrays: no copy (nothing reuses them).
+                self.store.put(task.client_id, {k: v[row] for k, v in states.items()}, task.round)
+        return batch
 
     def close(self) -> None:
         """Nothing to release."""

@@ -1,179 +1,243 @@
-"""Persistent worker processes for client code that cannot be vectorized.
+"""Persistent forked worker processes for client code that cannot be vectorized.
 
-A pool is forked once per run. Each worker inherits the algorithm, model and dataset at fork
-time (nothing is pickled) and keeps them warm across rounds. Per round the parent writes the
-global parameters once into a shared mapping; each worker writes its client's update into
-its own shared result mapping and reports a small fixed-format header over a pipe. A worker
-that dies fails only the client it was running and is replaced by a fresh fork.
+A pool is forked once per run. Each worker inherits the client app (model, algorithm, stages)
+and the dataset at fork time, so nothing is pickled, and keeps them warm across rounds. Tasks
+and replies cross the pipe as :mod:`~fedforge.runtime.messages` bytes (safetensors arrays and
+a JSON header, no pickle). The shared arrays of an exchange (the model and the algorithm's
+broadcast) go to each worker at most once per exchange, with its first task; every task
+carries only its client's state, which the parent reads from the state store, and the parent
+writes the new state the reply brings back. Replies are yielded as they arrive. A client that
+raises is a :class:`ClientFailure` with its traceback; a worker that dies (OOM kill, segfault)
+fails only the client it was running and is replaced by a fresh fork.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import multiprocessing as mp
-import struct
+import signal
 import traceback
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 import torch
 
-from fedforge.algorithms.base import Algorithm
 from fedforge.core.params import Params
-from fedforge.core.results import ClientFailure, ClientOutcome, ClientResult
-from fedforge.core.rng import Purpose, RngStreams
+from fedforge.core.records import FIT, ClientFailure, Reply, Task
 from fedforge.data.federated import FederatedDataset
-from fedforge.runtime.shared_params import ParamLayout
-from fedforge.train.torch_model import TorchModel
+from fedforge.runtime.client_app import ClientApp
+from fedforge.runtime.client_state import ClientStateStore
+from fedforge.runtime.messages import (
+    MessageError,
+    decode_reply,
+    decode_task,
+    encode_failure,
+    encode_reply,
+    encode_task,
+)
+from fedforge.runtime.sequential import failure
 
 log = logging.getLogger("fedforge")
 
-_TASK = struct.Struct("<qqq")  # generation (-1 = stop), round, client id
-_RESULT = struct.Struct("<qqdB")  # client id, num_examples, train_loss, ok flag
+_STOP = b""
 
 
-@dataclass
+class TaskServer:
+    """The client side of a message transport: decodes a task, runs it with the app and
+    answers with reply bytes; never raises for a client's error. Holds the shared arrays of
+    the current exchange between tasks."""
+
+    def __init__(self, app: ClientApp, data: FederatedDataset) -> None:
+        self.app, self.data = app, data
+        self.shared: Params = {}
+
+    def __call__(self, message: bytes) -> bytes:
+        client_id = -1
+        try:
+            decoded = decode_task(message)
+            task = decoded.task
+            client_id = task.client_id
+            if decoded.includes_shared:
+                self.shared = dict(task.shared)
+            else:
+                task = replace(task, shared=self.shared)
+            record, new_state = self.app.handle(
+                task, self.data.client_data(task.client_id), decoded.state
+            )
+        except Exception as exc:  # a failing client must not stop its worker
+            return encode_failure(client_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        try:
+            return encode_reply(record, new_state)
+        except MessageError as exc:  # an answer that cannot travel is a broken answer
+            return encode_failure(client_id, str(exc), traceback.format_exc(), rejected=True)
+
+
+def message_for(app: ClientApp, store: ClientStateStore, task: Task, include_shared: bool) -> bytes:
+    """The bytes of ``task`` with the client's state read from ``store`` exactly as the
+    sequential runtime reads it (fit tasks of a stateful algorithm only)."""
+    stateful = task.stage == FIT and app.stateful
+    state = store.get(task.client_id, task.round) if stateful else None
+    return encode_task(task, include_shared=include_shared, state=state)
+
+
+def reply_from(data: bytes, task: Task, store: ClientStateStore) -> Reply:
+    """Decode a worker's reply to ``task``; store the client's new state if it sent one."""
+    try:
+        decoded = decode_reply(data)
+    except MessageError as exc:
+        return ClientFailure(task.client_id, f"undecodable reply: {exc}", rejected=True)
+    if isinstance(decoded, ClientFailure):
+        return replace(decoded, client_id=task.client_id)
+    record, new_state = decoded
+    if new_state is not None:
+        store.put(task.client_id, new_state, task.round)
+    return record
+
+
+def _worker_main(conn: Connection, app: ClientApp, data: FederatedDataset, threads: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when workers stop
+    torch.set_num_threads(threads)
+    server = TaskServer(app, data)
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if message == _STOP:
+            return
+        conn.send_bytes(server(message))
+
+
+@dataclass(eq=False)
 class _Worker:
     process: BaseProcess
     conn: Connection
-    result_buffer: Any
-    client_id: int | None = None
+    generation: int = -1  # the exchange whose shared arrays it holds
+    task: Task | None = None  # the task it is running
 
 
-def _worker_main(
-    conn: Connection,
-    global_buffer: Any,
-    result_buffer: Any,
-    layout: ParamLayout,
-    algorithm: Algorithm,
-    module: torch.nn.Module,
-    data: FederatedDataset,
-    streams: RngStreams,
-    threads: int,
-) -> None:
-    torch.set_num_threads(threads)
-    model = TorchModel(module)
-    generation, params = -2, None
-    while True:
-        gen, round_number, cid = _TASK.unpack(conn.recv_bytes())
-        if gen < 0:
-            return
-        if gen != generation:
-            generation, params = gen, layout.read(global_buffer)
-        assert params is not None
-        try:
-            rng = streams.generator(Purpose.CLIENT, round_number, cid)
-            res = algorithm.client_update(cid, model, params, data.client(cid), rng)
-            layout.write(result_buffer, res.update)
-            conn.send_bytes(_RESULT.pack(cid, int(res.num_examples), float(res.train_loss), 1))
-        except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-            conn.send_bytes(_RESULT.pack(cid, 0, math.nan, 0) + text.encode())
-
-
-class WorkerPoolBackend:
-    """Runs clients on ``num_workers`` forked processes with warm state."""
+class WorkerPoolTransport:
+    """Runs tasks on ``num_workers`` forked processes with warm state."""
 
     def __init__(
         self,
-        algorithm: Algorithm,
-        module: torch.nn.Module,
+        app: ClientApp,
         data: FederatedDataset,
-        streams: RngStreams,
+        store: ClientStateStore,
         *,
         num_workers: int = 2,
         threads_per_worker: int = 1,
     ) -> None:
         if "fork" not in mp.get_all_start_methods():
             raise RuntimeError("the worker pool needs the 'fork' start method (Linux or macOS)")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self.app, self.data, self.store = app, data, store
         self._ctx = mp.get_context("fork")
-        self._args = (algorithm, module, data, streams, threads_per_worker)
-        self.layout = ParamLayout(TorchModel(module).get_params())
-        self._global = self.layout.allocate()
+        self._threads = threads_per_worker
         self._generation = 0
+        self._shared: object = None  # held, so its id cannot be reused within an exchange
         self.workers = [self._spawn() for _ in range(num_workers)]
 
     def _spawn(self) -> _Worker:
         parent, child = self._ctx.Pipe()
-        buffer = self.layout.allocate()
         process = self._ctx.Process(
             target=_worker_main,
-            args=(child, self._global, buffer, self.layout, *self._args),
+            args=(child, self.app, self.data, self._threads),
             daemon=True,
         )
         process.start()
         child.close()
-        return _Worker(process, parent, buffer)
+        return _Worker(process, parent)
 
-    def run(
-        self, round_number: int, client_ids: Sequence[int], params: Params
-    ) -> Iterator[ClientOutcome]:
-        self._generation += 1
-        self.layout.write(self._global, params)
-        pending = deque(client_ids)
-        for worker in list(self.workers):
-            self._assign(worker, pending, round_number)
-        while busy := [w for w in self.workers if w.client_id is not None]:
-            ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
-            for worker in busy:
-                if worker.conn in ready or worker.process.sentinel in ready:
-                    outcome, live = self._collect(worker)
-                    yield outcome
-                    self._assign(live, pending, round_number)
-
-    def _assign(self, worker: _Worker, pending: deque[int], round_number: int) -> None:
-        """Give ``worker`` the next pending client; replace it first if it has died."""
-        if not pending:
-            return
-        if not worker.process.is_alive():
-            worker = self._replace(worker)
-        worker.client_id = pending.popleft()
-        worker.conn.send_bytes(_TASK.pack(self._generation, round_number, worker.client_id))
-
-    def _replace(self, dead: _Worker) -> _Worker:
+    def _replace(self, index: int, reason: str) -> None:
+        dead = self.workers[index]
+        if dead.process.is_alive():
+            dead.process.kill()
         dead.process.join(timeout=5)
         log.warning(
-            "worker process %s died (exit code %s); starting a replacement",
+            "worker process %s %s (exit code %s); starting a replacement",
             dead.process.pid,
+            reason,
             dead.process.exitcode,
         )
         dead.conn.close()
-        replacement = self._spawn()
-        self.workers[self.workers.index(dead)] = replacement
-        return replacement
+        self.workers[index] = self._spawn()
 
-    def _collect(self, worker: _Worker) -> tuple[ClientOutcome, _Worker]:
-        """Read the outcome of ``worker``'s client; return it and the worker to reuse."""
-        cid = worker.client_id
-        assert cid is not None
-        worker.client_id = None
+    # One exchange ---------------------------------------------------------------------------
+    def exchange(self, tasks: Sequence[Task]) -> Iterator[Reply]:
+        self._generation += 1
+        self._shared = None
+        pending = deque(tasks)
         try:
-            message = worker.conn.recv_bytes()
+            while True:
+                for index in range(len(self.workers)):
+                    while pending and self.workers[index].task is None:
+                        refused = self._start(index, pending.popleft())
+                        if refused is not None:
+                            yield refused
+                busy = [w for w in self.workers if w.task is not None]
+                if not busy:
+                    if not pending:
+                        return
+                    continue
+                ready = set(wait([w.conn for w in busy] + [w.process.sentinel for w in busy]))
+                for worker in busy:
+                    if worker.conn in ready or worker.process.sentinel in ready:
+                        yield self._collect(self.workers.index(worker))
+        finally:  # an abandoned exchange: workers still running would answer the next one
+            for index, worker in enumerate(self.workers):
+                if worker.task is not None:
+                    worker.task = None
+                    self._replace(index, "was stopped with its exchange")
+
+    def _start(self, index: int, task: Task) -> ClientFailure | None:
+        """Send ``task`` to worker ``index``; a failure if it could not be sent."""
+        if task.shared is not self._shared:  # one generation per exchange's shared arrays
+            self._shared = task.shared
+            self._generation += 1
+        if not self.workers[index].process.is_alive():
+            self._replace(index, "died while idle")
+        worker = self.workers[index]
+        try:
+            message = message_for(self.app, self.store, task, worker.generation != self._generation)
+        except Exception as exc:
+            return failure(task.client_id, exc)
+        try:
+            worker.conn.send_bytes(message)
+        except OSError as exc:
+            self._replace(index, f"could not take a task ({exc})")
+            return ClientFailure(task.client_id, f"worker process died: {exc}")
+        worker.generation, worker.task = self._generation, task
+        return None
+
+    def _collect(self, index: int) -> Reply:
+        """The reply of worker ``index``'s client; replaces the worker if it died."""
+        worker = self.workers[index]
+        task = worker.task
+        assert task is not None
+        worker.task = None
+        try:
+            data = worker.conn.recv_bytes()
         except (EOFError, OSError):
             worker.process.join(timeout=5)
-            failure = ClientFailure(
-                cid, f"worker process died (exit code {worker.process.exitcode})"
-            )
-            return failure, self._replace(worker)
-        got_cid, n, loss, ok = _RESULT.unpack_from(message)
-        if not ok:
-            error, _, tb = message[_RESULT.size :].decode(errors="replace").partition("\n")
-            return ClientFailure(got_cid, error, tb), worker
-        return ClientResult(got_cid, n, self.layout.read(worker.result_buffer), loss), worker
+            code = worker.process.exitcode
+            self._replace(index, "died")
+            return ClientFailure(task.client_id, f"worker process died (exit code {code})")
+        return reply_from(data, task, self.store)
 
     def close(self) -> None:
         for worker in self.workers:
             with contextlib.suppress(OSError):
-                worker.conn.send_bytes(_TASK.pack(-1, 0, 0))
+                worker.conn.send_bytes(_STOP)
         for worker in self.workers:
             worker.process.join(timeout=5)
             if worker.process.is_alive():
                 worker.process.kill()
+                worker.process.join(timeout=5)
             worker.conn.close()
         self.workers = []

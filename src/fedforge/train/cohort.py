@@ -1,13 +1,11 @@
-"""Vectorized local SGD: a whole cohort of clients trained as one batched program.
+"""Vectorized local training: a whole cohort of clients as one batched program.
 
-Per-client parameters are stacked along a leading axis and every local step runs
-``vmap(grad(loss))`` over the clients that still have a batch at that step. Clients are
-ordered by their number of steps (most first), so the clients active at any step are a
-prefix of the stack and no work is spent on clients that are done. Plain MLPs take a fused
-path (:mod:`fedforge.train.cohort_mlp`) that never materializes gradients. A short last batch is
-padded and masked, so each client's loss is the mean over its real examples, exactly as in
-:class:`~fedforge.train.local_sgd.LocalSGD`. Batch order comes from the same
-:func:`~fedforge.train.local_sgd.batch_order`, so the steps equal the sequential runtime's.
+Per-client parameters are stacked along a leading axis; at every local step the clients that
+still have a batch (a prefix of the stack: clients come sorted by step count, most first) take
+``vmap(LocalProgram.step)``, the same step the sequential runtime takes one client at a time.
+MLPs take the fused kernels of :mod:`fedforge.train.cohort_mlp` instead of autograd. A short
+last batch is padded and masked, so each client's loss is the mean over its real examples.
+Batch order comes from the same :func:`~fedforge.train.program.batch_order` as everywhere.
 """
 
 from __future__ import annotations
@@ -17,11 +15,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import vmap
 
-from fedforge.train.cohort_mlp import fused_sgd_step, mlp_structure
-from fedforge.train.local_sgd import LocalSGD, batch_order
+from fedforge.train.cohort_mlp import (
+    fused_first_step,
+    fused_grads,
+    fused_sgd_step,
+    mlp_structure,
+)
+from fedforge.train.program import LocalProgram, Tensors, batch_order
+
+RANDOM_LAYERS = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+)
 
 
 @dataclass(frozen=True)
@@ -35,72 +45,140 @@ class ClientPlan:
 
 
 @dataclass(frozen=True)
-class TrainedClient:
-    client_id: int
-    params: dict[str, np.ndarray]
-    num_examples: int
-    train_loss: float
+class CohortResult:
+    """Stacked trained parameters (row i = plan i), and per-client loss and step count."""
+
+    params: Tensors
+    train_loss: np.ndarray
+    steps: np.ndarray
 
 
-def vectorization_blocker(module: torch.nn.Module, local: LocalSGD) -> str | None:
-    """Why ``module`` trained with ``local`` cannot run vectorized, or None if it can."""
-    if local.loss_fn is not F.cross_entropy:
+def vectorization_blocker(module: torch.nn.Module, program: LocalProgram) -> str | None:
+    """Why ``module`` trained by ``program`` cannot run vectorized, or None if it can."""
+    if not program.uses_cross_entropy:
         return "a custom loss function (the batched path implements masked cross-entropy)"
     if any(True for _ in module.buffers()):
         return "the model has buffers (e.g. batch norm statistics), which are per-call state"
-    random_layers = (
-        torch.nn.Dropout,
-        torch.nn.Dropout1d,
-        torch.nn.Dropout2d,
-        torch.nn.AlphaDropout,
-    )
-    if any(isinstance(m, random_layers) for m in module.modules()):
+    if any(isinstance(m, RANDOM_LAYERS) for m in module.modules()):
         return "the model uses dropout (per-client randomness)"
     return None
 
 
 class CohortTrainer:
-    """Trains many clients of one model at once; math identical to ``LocalSGD.train``."""
+    """Trains many clients of one model at once; math identical to ``LocalProgram.step``."""
 
     def __init__(
         self,
         module: torch.nn.Module,
-        local: LocalSGD,
+        program: LocalProgram,
         train_x: np.ndarray,
         train_y: np.ndarray,
         device: torch.device | None = None,
     ) -> None:
-        blocker = vectorization_blocker(module, local)
+        blocker = vectorization_blocker(module, program)
         if blocker:
             raise ValueError(f"cannot vectorize: {blocker}")
         self.device = device or torch.device("cpu")
         self.module = module.to(self.device)
-        self.local = local
+        self.program = program
         self.names = [name for name, _ in module.named_parameters()]
         self.x = torch.from_numpy(train_x).to(self.device)
         self.y = torch.from_numpy(train_y).to(self.device)
+        self.layers = mlp_structure(module)
+        self._stacks: Tensors = {}
+        self._offsets: Tensors = {}
+        self._grad_buffers: Tensors = {}
+        if self.layers is None:
+            self.kernel = "vmap(grad) of the client step"
+        elif program.plain:
+            self.kernel = "fused MLP kernel, plain SGD"
+        elif program.stateless:
+            self.kernel = "fused MLP kernel, affine gradient terms fused into the update"
+        else:
+            self.kernel = "fused MLP kernel, materialized gradients through the chain"
 
-        def masked_loss(
-            params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, m: torch.Tensor
-        ) -> torch.Tensor:
-            logits = functional_call(self.module, params, (x,))
-            return (F.cross_entropy(logits, y, reduction="none") * m).sum() / m.sum()
+        def step(
+            params: Tensors,
+            state: tuple[Tensors, ...],
+            own: Tensors,
+            x: torch.Tensor,
+            y: torch.Tensor,
+            mask: torch.Tensor,
+            shared: Tensors,
+        ) -> tuple[Tensors, tuple[Tensors, ...], torch.Tensor]:
+            return program.step(self.module, params, {}, state, shared, own, x, y, mask)
 
-        self._grads = vmap(grad_and_value(masked_loss), randomness="error")
-        self._mlp = mlp_structure(module)
+        self._vstep = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, None), randomness="error")
 
-    def bytes_per_client(self, sample_params: dict[str, np.ndarray]) -> int:
-        """Rough peak memory one client adds to a chunk (params, grads, momentum, activations)."""
+    def _buffer(
+        self, name: str, count: int, value: torch.Tensor, fill: bool = True
+    ) -> torch.Tensor:
+        """Rows ``[:count]`` of a stack reused across chunks and rounds (fresh multi-megabyte
+        allocations cost page faults on every chunk), filled with ``value`` if ``fill``."""
+        buf = self._stacks.get(name)
+        if buf is None or len(buf) < count or buf.shape[1:] != value.shape:
+            buf = torch.empty((count, *value.shape), dtype=value.dtype, device=self.device)
+            self._stacks[name] = buf
+            if self.layers is not None and not self.program.plain:
+                self._grad_buffers[name] = torch.empty_like(buf)
+        head = buf[:count]
+        return head.copy_(value.expand(count, *value.shape)) if fill else head
+
+    def _affine(
+        self, shared: Tensors, own: Tensors
+    ) -> dict[str, tuple[float, torch.Tensor | None]] | None:
+        """Per parameter, the chain's affine gradient term (decay, summed offset tensor), or
+        None if the chain is not affine. Offsets are summed once per chunk."""
+        out: dict[str, tuple[float, torch.Tensor | None]] = {}
+        for name in self.names:
+            affine = self.program.affine(name, shared, own)
+            if affine is None:
+                return None
+            if not affine.offsets:
+                out[name] = (affine.alpha, None)
+                continue
+            # Offsets are shared (the parameter's shape) or stacked (one more leading axis).
+            shape = max((t.shape for t, _ in affine.offsets), key=len)
+            total = self._offsets.get(name)
+            if total is None or total.shape != shape:  # reused across chunks of one size
+                total = self._offsets[name] = torch.empty(shape, device=self.device)
+            first, coef = affine.offsets[0]
+            torch.mul(first.expand(shape), coef, out=total)
+            for tensor, coef in affine.offsets[1:]:
+                total.add_(tensor, alpha=coef)
+            out[name] = (affine.alpha, total)
+        return out
+
+    def _head_affine(
+        self, affine: dict[str, tuple[float, torch.Tensor | None]], active: int, whole: bool
+    ) -> dict[str, tuple[float, torch.Tensor | None]]:
+        """The affine terms of the first ``active`` clients (stacked offsets are sliced)."""
+        if whole:
+            return affine
+        out = {}
+        for name, (alpha, offset) in affine.items():
+            stacked = offset is not None and offset.dim() > self._stacks[name].dim() - 1
+            out[name] = (alpha, offset[:active] if stacked and offset is not None else offset)
+        return out
+
+    def bytes_per_client(self, sample_params: dict[str, np.ndarray], own_bytes: int = 0) -> int:
+        """Rough peak memory one client adds to a chunk (params, grads, chain state,
+        activations)."""
         size = sum(a.nbytes for a in sample_params.values())
-        copies = 4 if self.local.momentum else 3
-        activations = 8 * self.local.batch_size * self.x.shape[1] * self.x.element_size()
-        return copies * size + activations
+        program = self.program
+        if self.layers is not None and program.stateless:
+            copies = 3 if program.plain else 4  # affine chain: one summed offset per client
+        else:
+            copies = 3 + len(program.transforms) + (0 if program.plain else 1)
+        batch = self.program.local.batch_size or 256
+        activations = 8 * batch * self.x.shape[1] * self.x.element_size()
+        return copies * size + 2 * own_bytes + activations
 
-    def train(
-        self, global_params: dict[str, np.ndarray], plans: Sequence[ClientPlan]
-    ) -> list[TrainedClient]:
-        """Train every planned client from ``global_params``; return them in plan order."""
-        local = self.local
+    def train(self, shared: Tensors, own: Tensors, plans: Sequence[ClientPlan]) -> CohortResult:
+        """Train every planned client from the global model in ``shared``. ``own`` holds the
+        clients' stacked states; ``plans`` must be sorted by step count, most first. The
+        returned parameters live in buffers the next call reuses: consume them first."""
+        local = self.program.local
         schedules = [
             [
                 p.indices[b]
@@ -108,93 +186,92 @@ class CohortTrainer:
             ]
             for p in plans
         ]
-        order = sorted(range(len(plans)), key=lambda i: -len(schedules[i]))  # stable
+        lengths = [len(s) for s in schedules]
+        if lengths != sorted(lengths, reverse=True):
+            raise ValueError("plans must be sorted by step count, most first")
         count = len(plans)
-        stacked = {
-            name: torch.from_numpy(global_params[name])
-            .to(self.device)
-            .unsqueeze(0)
-            .repeat(count, *([1] * global_params[name].ndim))
-            for name in self.names
-        }
-        momentum = {n: torch.zeros_like(t) for n, t in stacked.items()} if local.momentum else {}
+        affine = self._affine(shared, own) if self.layers and not self.program.plain else None
+        first_fused = self.layers is not None and (self.program.plain or affine is not None)
+        # The fused kernels write every client's first step straight into the stacks.
+        stacked = {n: self._buffer(n, count, shared[n], fill=not first_fused) for n in self.names}
+        state = self.program.init(stacked)
         loss_sum = torch.zeros(count, dtype=torch.float64, device=self.device)
-        steps = len(schedules[order[0]]) if plans else 0
-        for step in range(steps):
-            active = sum(1 for i in order if len(schedules[i]) > step)
-            idx = np.zeros((active, local.batch_size), dtype=np.int64)
-            mask = np.zeros((active, local.batch_size), dtype=np.float32)
-            for row, i in enumerate(order[:active]):
-                batch = schedules[i][step]
+        width = max((len(b) for s in schedules for b in s), default=1)
+        for step in range(lengths[0] if plans else 0):
+            active = sum(1 for n in lengths if n > step)
+            idx = np.zeros((active, width), dtype=np.int64)
+            mask = np.zeros((active, width), dtype=np.float32)
+            for row in range(active):
+                batch = schedules[row][step]
                 idx[row, : len(batch)] = batch
+                idx[row, len(batch) :] = batch[0]  # pad with its own example, masked out
                 mask[row, : len(batch)] = 1.0
-            self._step(stacked, momentum, loss_sum, active, idx, mask)
-        seen = torch.tensor(
-            [len(plans[i].indices) * local.epochs for i in order], dtype=torch.float64
+            if step == 0 and first_fused:
+                assert self.layers is not None
+                with torch.no_grad():
+                    x, y = self.x[torch.from_numpy(idx)], self.y[torch.from_numpy(idx)]
+                    m = torch.from_numpy(mask).to(self.device)
+                    lr = self.program.local.lr
+                    losses = fused_first_step(self.layers, shared, stacked, x, y, m, lr, affine)
+                    loss_sum += losses.double() * m.sum(dim=1).double()
+                continue
+            stacked, state = self._step(
+                stacked, state, own, active, idx, mask, loss_sum, shared, affine
+            )
+        seen = torch.tensor([len(p.indices) * local.epochs for p in plans], dtype=torch.float64)
+        return CohortResult(
+            stacked, (loss_sum.cpu() / seen).numpy(), np.asarray(lengths, dtype=np.float64)
         )
-        return self._unstack(plans, order, stacked, loss_sum.cpu() / seen)
 
     def _step(
         self,
-        stacked: dict[str, torch.Tensor],
-        momentum: dict[str, torch.Tensor],
-        loss_sum: torch.Tensor,
+        stacked: Tensors,
+        state: tuple[Tensors, ...],
+        own: Tensors,
         active: int,
         idx_np: np.ndarray,
         mask_np: np.ndarray,
-    ) -> None:
-        local = self.local
+        loss_sum: torch.Tensor,
+        shared: Tensors,
+        affine: dict[str, tuple[float, torch.Tensor | None]] | None,
+    ) -> tuple[Tensors, tuple[Tensors, ...]]:
         idx = torch.from_numpy(idx_np).to(self.device)
         mask = torch.from_numpy(mask_np).to(self.device)
         x, y = self.x[idx], self.y[idx]
-        params = {n: t[:active] for n, t in stacked.items()}
-        if self._mlp is not None:
-            with torch.no_grad():
-                buffers = {n: t[:active] for n, t in momentum.items()}
-                losses = fused_sgd_step(
-                    self._mlp,
-                    params,
-                    buffers,
-                    x,
-                    y,
-                    mask,
-                    local.lr,
-                    local.momentum,
-                    local.weight_decay,
-                )
-                loss_sum[:active] += losses.double() * mask.sum(dim=1).double()
-            return
-        grads, losses = self._grads(params, x, y, mask)
-        with torch.no_grad():
-            loss_sum[:active] += losses.double() * mask.sum(dim=1).double()
-            for name, p in params.items():
-                g = grads[name]
-                if local.weight_decay:
-                    g = g.add(p, alpha=local.weight_decay)
-                if local.momentum:
-                    buf = momentum[name][:active]
-                    buf.mul_(local.momentum).add_(g)
-                    g = buf
-                p.sub_(g, alpha=local.lr)
+        whole = active == len(loss_sum)
 
-    def _unstack(
-        self,
-        plans: Sequence[ClientPlan],
-        order: list[int],
-        stacked: dict[str, torch.Tensor],
-        mean_loss: torch.Tensor,
-    ) -> list[TrainedClient]:
-        """Row r of the stack (and of ``mean_loss``) holds client ``order[r]``; return the
-        clients in plan order."""
-        cpu = {n: t.cpu().numpy() for n, t in stacked.items()}
-        row_of = {i: r for r, i in enumerate(order)}
-        return [
-            TrainedClient(
-                client_id=p.client_id,
-                # Views into this chunk's own result tensors: no copy needed.
-                params={n: cpu[n][row_of[i]] for n in self.names},
-                num_examples=len(p.indices),
-                train_loss=float(mean_loss[row_of[i]]),
-            )
-            for i, p in enumerate(plans)
-        ]
+        def head(d: Tensors) -> Tensors:
+            return d if whole else {k: v[:active] for k, v in d.items()}
+
+        params, sub_state, sub_own = head(stacked), tuple(head(s) for s in state), head(own)
+        with torch.no_grad():
+            if self.layers is not None and (self.program.plain or affine is not None):
+                # Plain SGD, or a chain of affine terms fused into the update: in place.
+                sliced = None if affine is None else self._head_affine(affine, active, whole)
+                lr = self.program.local.lr
+                losses = fused_sgd_step(self.layers, params, x, y, mask, lr, sliced)
+                loss_sum[:active] += losses.double() * mask.sum(dim=1).double()
+                return stacked, state
+            if self.layers is not None:
+                # The kernel's gradients are fresh tensors and ``params``/``sub_state`` are
+                # views of the stacks: the chain runs in place, nothing is copied back.
+                out = {n: buf[:active] for n, buf in self._grad_buffers.items()}
+                grads, losses = fused_grads(self.layers, params, x, y, mask, out)
+                self.program.add_term_grads_(grads, params, shared, sub_own)
+                self.program.apply(params, grads, sub_state, shared, sub_own, inplace=True)
+                loss_sum[:active] += losses.double() * mask.sum(dim=1).double()
+                return stacked, state
+        new_params, new_state, losses = self._vstep(params, sub_state, sub_own, x, y, mask, shared)
+        with torch.no_grad():
+            loss_sum[:active] += losses.detach().double() * mask.sum(dim=1).double()
+            if whole:
+                return {k: v.detach() for k, v in new_params.items()}, tuple(
+                    {k: v.detach() for k, v in s.items()} for s in new_state
+                )
+            for name, value in new_params.items():
+                if value is not stacked[name]:
+                    stacked[name][:active] = value
+            for full, new in zip(state, new_state, strict=True):
+                for name, value in new.items():
+                    full[name][:active] = value
+        return stacked, state

@@ -1,25 +1,23 @@
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("nonce", "round", "run_id")
+    __slots__ = ("run_id", "round", "nonce")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     nonce: bytes
-    def __init__(
-        self, run_id: str | None = ..., round: int | None = ..., nonce: bytes | None = ...
-    ) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("count", "data", "index", "sha256", "total_bytes", "transfer_id")
+    __slots__ = ("transfer_id", "index", "count", "total_bytes", "sha256", "data")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -32,79 +30,74 @@ class Chunk(_message.Message):
     total_bytes: int
     sha256: bytes
     data: bytes
-    def __init__(
-        self,
-        transfer_id: bytes | None = ...,
-        index: int | None = ...,
-        count: int | None = ...,
-        total_bytes: int | None = ...,
-        sha256: bytes | None = ...,
-        data: bytes | None = ...,
-    ) -> None: ...
+    def __init__(self, transfer_id: _Optional[bytes] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("name", "num_examples", "protocol_version")
+    __slots__ = ("protocol_version", "num_examples", "name", "holdout_examples")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     num_examples: int
     name: str
-    def __init__(
-        self,
-        protocol_version: int | None = ...,
-        num_examples: int | None = ...,
-        name: str | None = ...,
-    ) -> None: ...
+    holdout_examples: int
+    def __init__(self, protocol_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., name: _Optional[str] = ..., holdout_examples: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class ClientResultChunk(_message.Message):
-    __slots__ = ("chunk", "num_examples", "train_loss")
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
+class ReplyChunk(_message.Message):
+    __slots__ = ("stage", "num_examples", "scalars", "metrics", "chunk")
+    class ScalarsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
-    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
-    chunk: Chunk
+    SCALARS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    stage: str
     num_examples: int
-    train_loss: float
-    def __init__(
-        self,
-        chunk: Chunk | _Mapping | None = ...,
-        num_examples: int | None = ...,
-        train_loss: float | None = ...,
-    ) -> None: ...
+    scalars: _containers.ScalarMap[str, float]
+    metrics: _containers.ScalarMap[str, float]
+    chunk: Chunk
+    def __init__(self, stage: _Optional[str] = ..., num_examples: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class ClientFailureReport(_message.Message):
     __slots__ = ("error",)
     ERROR_FIELD_NUMBER: _ClassVar[int]
     error: str
-    def __init__(self, error: str | None = ...) -> None: ...
+    def __init__(self, error: _Optional[str] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("envelope", "failure", "heartbeat", "hello", "result")
+    __slots__ = ("envelope", "hello", "heartbeat", "reply", "failure")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
-    RESULT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     hello: Hello
     heartbeat: Heartbeat
-    result: ClientResultChunk
+    reply: ReplyChunk
     failure: ClientFailureReport
-    def __init__(
-        self,
-        envelope: Envelope | _Mapping | None = ...,
-        hello: Hello | _Mapping | None = ...,
-        heartbeat: Heartbeat | _Mapping | None = ...,
-        result: ClientResultChunk | _Mapping | None = ...,
-        failure: ClientFailureReport | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., reply: _Optional[_Union[ReplyChunk, _Mapping]] = ..., failure: _Optional[_Union[ClientFailureReport, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("client_id", "client_name", "config_toml", "heartbeat_ms")
+    __slots__ = ("client_name", "client_id", "config_toml", "heartbeat_ms")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_TOML_FIELD_NUMBER: _ClassVar[int]
@@ -113,43 +106,43 @@ class Welcome(_message.Message):
     client_id: int
     config_toml: str
     heartbeat_ms: int
-    def __init__(
-        self,
-        client_name: str | None = ...,
-        client_id: int | None = ...,
-        config_toml: str | None = ...,
-        heartbeat_ms: int | None = ...,
-    ) -> None: ...
+    def __init__(self, client_name: _Optional[str] = ..., client_id: _Optional[int] = ..., config_toml: _Optional[str] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
 
-class FitTaskChunk(_message.Message):
-    __slots__ = ("chunk", "client_seed", "deadline_unix_ms")
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
-    CLIENT_SEED_FIELD_NUMBER: _ClassVar[int]
+class TaskChunk(_message.Message):
+    __slots__ = ("stage", "seed", "scalars", "deadline_unix_ms", "chunk")
+    class ScalarsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SCALARS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
-    chunk: Chunk
-    client_seed: int
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    seed: bytes
+    scalars: _containers.ScalarMap[str, float]
     deadline_unix_ms: int
-    def __init__(
-        self,
-        chunk: Chunk | _Mapping | None = ...,
-        client_seed: int | None = ...,
-        deadline_unix_ms: int | None = ...,
-    ) -> None: ...
+    chunk: Chunk
+    def __init__(self, stage: _Optional[str] = ..., seed: _Optional[bytes] = ..., scalars: _Optional[_Mapping[str, float]] = ..., deadline_unix_ms: _Optional[int] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
 
 class Reject(_message.Message):
     __slots__ = ("reason",)
     REASON_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: str | None = ...) -> None: ...
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class RunComplete(_message.Message):
     __slots__ = ("rounds",)
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
-    def __init__(self, rounds: int | None = ...) -> None: ...
+    def __init__(self, rounds: _Optional[int] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("envelope", "heartbeat", "reject", "run_complete", "task", "welcome")
+    __slots__ = ("envelope", "welcome", "task", "reject", "heartbeat", "run_complete")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -158,16 +151,8 @@ class ServerMessage(_message.Message):
     RUN_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     welcome: Welcome
-    task: FitTaskChunk
+    task: TaskChunk
     reject: Reject
     heartbeat: Heartbeat
     run_complete: RunComplete
-    def __init__(
-        self,
-        envelope: Envelope | _Mapping | None = ...,
-        welcome: Welcome | _Mapping | None = ...,
-        task: FitTaskChunk | _Mapping | None = ...,
-        reject: Reject | _Mapping | None = ...,
-        heartbeat: Heartbeat | _Mapping | None = ...,
-        run_complete: RunComplete | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., task: _Optional[_Union[TaskChunk, _Mapping]] = ..., reject: _Optional[_Union[Reject, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., run_complete: _Optional[_Union[RunComplete, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,118 @@
+"""What a client does with a task, in every runtime: the same code in simulation and on a
+deployed client.
+
+``fit`` runs the algorithm's :class:`~fedforge.train.program.LocalProgram` one step at a time,
+then its ``finish`` and the client side of the update stages; ``evaluate`` scores the global
+model on the client's held-out split. Client state is handed in and returned, so the runtime
+decides where it lives (the simulation's store, or the deployed client's disk).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedforge.algorithms.base import Algorithm
+from fedforge.core.errors import FedforgeError
+from fedforge.core.params import Params
+from fedforge.core.records import EVALUATE, FIT, Record, Task
+from fedforge.data.federated import ClientData
+from fedforge.stages.base import StageChain
+from fedforge.train.evaluate import evaluate
+from fedforge.train.program import Tensors, batch_order
+from fedforge.train.torch_model import TorchModel
+
+
+def to_tensors(arrays: Params, device: torch.device | None = None) -> Tensors:
+    """Tensors sharing memory with the arrays where possible (copies read-only ones)."""
+    out = {}
+    for name, arr in arrays.items():
+        a = arr if arr.flags.writeable else arr.copy()
+        out[name] = torch.from_numpy(np.ascontiguousarray(a)).to(device or "cpu")
+    return out
+
+
+def to_arrays(tensors: Tensors) -> Params:
+    return {name: t.detach().cpu().numpy() for name, t in tensors.items()}
+
+
+def torch_seed(task_seed: int) -> int:
+    return task_seed & ((1 << 63) - 1)
+
+
+class ClientApp:
+    """Answers tasks for one model and algorithm."""
+
+    def __init__(
+        self, algorithm: Algorithm, module: torch.nn.Module, stages: StageChain | None = None
+    ) -> None:
+        self.algorithm = algorithm
+        self.stages = stages or StageChain()
+        self.model = TorchModel(module)
+        self.module = module
+        self.trainable = [name for name, _ in module.named_parameters()]
+        self.program = algorithm.program()
+        sample = {n: np.zeros(1, np.float32) for n in self.trainable}
+        self.stateful = bool(algorithm.init_client_state(sample))
+
+    def handle(
+        self, task: Task, data: ClientData, state: Params | None
+    ) -> tuple[Record, Params | None]:
+        if task.stage == FIT:
+            return self.fit(task, data, state)
+        if task.stage == EVALUATE:
+            return self.evaluate(task, data), None
+        raise FedforgeError(f"unknown task stage {task.stage!r}")
+
+    def fit(
+        self, task: Task, data: ClientData, state: Params | None
+    ) -> tuple[Record, Params | None]:
+        rng = np.random.default_rng(task.seed)
+        names = self.model.names
+        shared = to_tensors(dict(task.shared))
+        trainable = set(self.trainable)
+        if state is None:
+            state = self.algorithm.init_client_state({n: task.shared[n] for n in self.trainable})
+        own = {k: t.clone() for k, t in to_tensors(state).items()}  # finish may overwrite it
+        params = {n: shared[n].clone() for n in names if n in trainable}
+        buffers = {n: shared[n].clone() for n in names if n not in trainable}
+        opt_state = self.program.init(params)
+        x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
+        local = self.algorithm.local
+        total, seen, steps = 0.0, 0, 0
+        self.module.train()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(torch_seed(task.seed))  # dropout draws from the client's stream
+            for batch in batch_order(len(data.train), local.batch_size, local.epochs, rng):
+                idx = torch.from_numpy(batch)
+                params, opt_state, loss = self.program.step(
+                    self.module, params, buffers, opt_state, shared, own, x[idx], y[idx]
+                )
+                total += float(loss) * len(batch)
+                seen += len(batch)
+                steps += 1
+        local_state = {n: (params[n] if n in trainable else buffers[n]) for n in names}
+        with torch.no_grad():
+            arrays, new_own = self.algorithm.finish(
+                local_state, shared, own, torch.tensor(float(steps))
+            )
+        record = Record(
+            task.client_id,
+            len(data.train),
+            to_arrays(arrays),
+            metrics={"train_loss": total / max(seen, 1)},
+        )
+        encoded = self.stages.encode(record.as_batch(), task.scalars).row(0)
+        return encoded, (to_arrays(new_own) if new_own else None)
+
+    def evaluate(self, task: Task, data: ClientData) -> Record:
+        if data.holdout is None or len(data.holdout) == 0:
+            raise FedforgeError("this client has no held-out data to evaluate on")
+        self.model.set_params({n: task.shared[n] for n in self.model.names})
+        result = evaluate(self.model, data.holdout)
+        return Record(
+            task.client_id,
+            len(data.holdout),
+            {},
+            metrics={"loss": result.loss, "accuracy": result.accuracy},
+        )

@@ -1,0 +1,315 @@
+"""The driver: one outer loop for simulation and deployment.
+
+A round: sample clients, send each a fit task (the model, the algorithm's broadcast and the
+stages' broadcast), classify every reply the same way whatever the runtime (failed, rejected
+with its reason, or accepted), decode and sum accepted records with the aggregation kind,
+update the stages and the server state, evaluate centrally and, when configured, run a second
+exchange in which sampled clients evaluate the new model on their held-out data. After every
+round the whole server state and history go to the checkpoint callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from fedforge.aggregate.kinds import Aggregation, WeightedMean
+from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
+from fedforge.core.errors import FedforgeError
+from fedforge.core.params import Params, ParamSpec, num_bytes
+from fedforge.core.records import EVALUATE, FIT, ClientFailure, RecordBatch, RecordSpec, Task
+from fedforge.core.rng import Purpose, RngStreams
+from fedforge.report.history import History, RoundRecord
+from fedforge.runtime.sampling import Sampler
+from fedforge.runtime.transport import Transport
+from fedforge.runtime.validation import validate_batch
+from fedforge.stages.base import StageChain
+from fedforge.train.evaluate import Evaluation
+
+log = logging.getLogger("fedforge")
+
+Evaluator = Callable[[Params], Evaluation]
+ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
+
+
+class RoundListener:
+    """Hooks for progress display; override what you need."""
+
+    def round_started(self, round_number: int, client_ids: list[int]) -> None:
+        """Called after sampling, before any client runs."""
+
+    def client_done(self, client_id: int, status: str) -> None:
+        """Called once per client reply of the fit exchange: accepted, rejected or failed."""
+
+    def round_finished(self, record: RoundRecord) -> None:
+        """Called with the completed round's record (round 0: the initial evaluation)."""
+
+
+@dataclass(frozen=True)
+class FederatedEvaluation:
+    """Every ``every`` rounds, a ``fraction`` of the clients evaluates the new global model
+    on its own held-out split; the example-weighted loss and accuracy are recorded."""
+
+    fraction: float
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1 or self.every < 1:
+            raise ValueError("federated evaluation needs 0 < fraction <= 1 and every >= 1")
+
+
+@dataclass
+class _Exchange:
+    """What came back from one exchange."""
+
+    accepted: int = 0
+    failed: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    bytes_up: int = 0
+    server_seconds: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)  # example-weighted metric sums
+    examples: float = 0.0
+
+    def mean(self, metric: str) -> float:
+        return self.sums[metric] / self.examples if self.examples else math.nan
+
+
+@dataclass
+class Driver:
+    """Drives rounds of ``algorithm`` through ``transport``.
+
+    ``population()`` lists the clients that may be sampled now; ``population_size()`` counts
+    all clients of the federation (SCAFFOLD's N); ``example_cap(client, stage)`` is the largest
+    example count the server accepts from that client.
+    """
+
+    algorithm: Algorithm
+    transport: Transport
+    sampler: Sampler
+    streams: RngStreams
+    model_spec: ParamSpec
+    trainable: list[str]
+    population: Callable[[], Sequence[int]]
+    population_size: Callable[[], int]
+    example_cap: Callable[[int, str], int]
+    stages: StageChain = field(default_factory=StageChain)
+    aggregation: Aggregation = field(default_factory=WeightedMean)
+    evaluator: Evaluator | None = None
+    federated_eval: FederatedEvaluation | None = None
+    listener: RoundListener = field(default_factory=RoundListener)
+    describe: Callable[[int], str] = str
+
+    def __post_init__(self) -> None:
+        self.stages.check(self.aggregation)
+        fit_spec = self.algorithm.record_spec(self.model_spec, self.trainable)
+        self.fit_spec = self.stages.wire_spec(fit_spec)
+        self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss"))
+
+    # One exchange ---------------------------------------------------------------------------
+    def _exchange(
+        self,
+        tasks: list[Task],
+        spec: RecordSpec,
+        accept: Callable[[RecordBatch], None],
+        notify: bool,
+    ) -> _Exchange:
+        out = _Exchange()
+        round_number = tasks[0].round if tasks else 0
+        for reply in self.transport.exchange(tasks):
+            if isinstance(reply, ClientFailure):
+                kind = REJECTED if reply.rejected else FAILED
+                (out.rejected if reply.rejected else out.failed).append(reply.client_id)
+                log.warning(
+                    "round %d: %s %s: %s%s",
+                    round_number,
+                    "rejected the reply of" if reply.rejected else "failure of",
+                    self.describe(reply.client_id),
+                    reply.error,
+                    f"\n{reply.traceback}" if reply.traceback else "",
+                )
+                if notify:
+                    self.listener.client_done(reply.client_id, kind)
+                continue
+            start = time.perf_counter()
+            batch = reply.as_batch() if not isinstance(reply, RecordBatch) else reply
+            out.bytes_up += batch.array_bytes()
+            stage = tasks[0].stage
+            caps = np.array([self.example_cap(int(c), stage) for c in batch.client_ids])
+            keep, reasons = validate_batch(batch, spec, caps)
+            for cid, reason in zip(batch.client_ids, reasons, strict=True):
+                if reason is not None:
+                    out.rejected.append(int(cid))
+                    log.warning(
+                        "round %d: rejected the record of %s: %s",
+                        round_number,
+                        self.describe(int(cid)),
+                        reason,
+                    )
+            good = batch.select(keep)
+            if len(good):
+                accept(good)
+                weights = good.num_examples.astype(np.float64)
+                for name, values in good.metrics.items():
+                    out.sums[name] = out.sums.get(name, 0.0) + float(weights @ values)
+                out.examples += float(weights.sum())
+                out.accepted += len(good)
+            out.server_seconds += time.perf_counter() - start
+            if notify:
+                for cid, ok in zip(batch.client_ids, keep, strict=True):
+                    self.listener.client_done(int(cid), ACCEPTED if ok else REJECTED)
+        return out
+
+    # One round ------------------------------------------------------------------------------
+    def run_round(self, state: ServerState, attempt: int = 0) -> tuple[ServerState, RoundRecord]:
+        """Run round ``state.round + 1``; ``attempt`` > 0 re-draws the sample for a retry."""
+        start = time.perf_counter()
+        round_number = state.round + 1
+        coords = (round_number,) if attempt == 0 else (round_number, attempt)
+        sampled = self.sampler(self.population(), self.streams.generator(Purpose.SAMPLING, *coords))
+        self.listener.round_started(round_number, sampled)
+        shared = {**state.params, **self.algorithm.broadcast(state)}
+        broadcast = self.stages.broadcast(state.stage_states)
+        tasks = [
+            Task(
+                FIT, round_number, cid, self.streams.task_seed(round_number, cid), shared, broadcast
+            )
+            for cid in sampled
+        ]
+        accumulator = self.aggregation.accumulator()
+
+        def accept(batch: RecordBatch) -> None:
+            decoded = self.stages.decode(batch, state.stage_states)
+            if self.algorithm.weighting == "uniform":
+                weights = np.ones(len(decoded))
+            else:
+                weights = decoded.num_examples.astype(np.float64)
+            accumulator.add(decoded, weights)
+
+        fit_started = time.perf_counter()
+        fit = self._exchange(tasks, self.fit_spec, accept, notify=True)
+        fit_seconds = time.perf_counter() - fit_started
+        server_started = time.perf_counter()
+        metrics: dict[str, float] = {}
+        clients: dict[str, list[int]] = {"failed": fit.failed, "rejected": fit.rejected}
+        if accumulator.count > 0:
+            aggregate = accumulator.result()
+            stage_states, metrics = self.stages.finish_round(state.stage_states, aggregate)
+            context = RoundContext(round_number, self.population_size(), len(sampled))
+            state = self.algorithm.server_update(state, aggregate, context)
+            state = replace(state, stage_states=stage_states)
+            clients["excluded"] = aggregate.excluded
+            clients["downweighted"] = aggregate.downweighted
+        else:
+            log.warning("round %d: no record was accepted; model unchanged", round_number)
+        state = replace(state, round=round_number)
+        aggregate_seconds = fit.server_seconds + time.perf_counter() - server_started
+
+        eval_started = time.perf_counter()
+        evaluation = self.evaluator(state.params) if self.evaluator else None
+        bytes_down = num_bytes(shared) * len(tasks)
+        fed = self._federated_evaluation(state)
+        if fed is not None:
+            fed_exchange, fed_bytes = fed
+            bytes_down += fed_bytes
+            metrics["fed_eval.accuracy"] = fed_exchange.mean("accuracy")
+            metrics["fed_eval.loss"] = fed_exchange.mean("loss")
+            metrics["fed_eval.clients"] = float(fed_exchange.accepted)
+            clients["fed_eval_failed"] = fed_exchange.failed + fed_exchange.rejected
+        eval_seconds = time.perf_counter() - eval_started
+        record = RoundRecord(
+            round=round_number,
+            test_accuracy=evaluation.accuracy if evaluation else math.nan,
+            test_loss=evaluation.loss if evaluation else math.nan,
+            train_loss=fit.mean("train_loss"),
+            clients_sampled=len(sampled),
+            clients_completed=fit.accepted,
+            clients_failed=len(fit.failed),
+            clients_rejected=len(fit.rejected),
+            bytes_down=bytes_down,
+            bytes_up=fit.bytes_up,
+            train_seconds=max(fit_seconds - fit.server_seconds, 0.0),
+            aggregate_seconds=aggregate_seconds,
+            eval_seconds=eval_seconds,
+            wall_seconds=time.perf_counter() - start,
+            metrics=metrics,
+            clients={k: sorted(v) for k, v in clients.items() if v},
+        )
+        self.listener.round_finished(record)
+        return state, record
+
+    def _federated_evaluation(self, state: ServerState) -> tuple[_Exchange, int] | None:
+        fed = self.federated_eval
+        if fed is None or state.round % fed.every:
+            return None
+        population = list(self.population())
+        if not population:
+            return None
+        count = max(1, round(fed.fraction * len(population)))
+        rng = self.streams.generator(Purpose.EVALUATION, state.round)
+        chosen = sorted(int(c) for c in rng.choice(population, size=count, replace=False))
+        tasks = [Task(EVALUATE, state.round, cid, 0, state.params) for cid in chosen]
+        exchange = self._exchange(tasks, self.eval_spec, lambda batch: None, notify=False)
+        return exchange, num_bytes(state.params) * len(tasks)
+
+    def initial_record(self, state: ServerState) -> RoundRecord:
+        """Round 0: the initial model's central evaluation."""
+        started = time.perf_counter()
+        evaluation = self.evaluator(state.params) if self.evaluator else None
+        seconds = time.perf_counter() - started
+        record = RoundRecord(
+            round=state.round,
+            test_accuracy=evaluation.accuracy if evaluation else math.nan,
+            test_loss=evaluation.loss if evaluation else math.nan,
+            eval_seconds=seconds,
+            wall_seconds=seconds,
+        )
+        self.listener.round_finished(record)
+        return record
+
+    # The run --------------------------------------------------------------------------------
+    def run(
+        self,
+        state: ServerState,
+        rounds: int,
+        history: History,
+        *,
+        min_completed: int = 0,
+        max_retries: int = 0,
+        before_attempt: Callable[[], object] = lambda: None,
+        checkpoint: Callable[[ServerState, History], None] | None = None,
+    ) -> ServerState:
+        """Run until ``rounds`` rounds are complete; a round with fewer than ``min_completed``
+        accepted records is re-sampled up to ``max_retries`` times."""
+        if not history:
+            history.append(self.initial_record(state))
+            if checkpoint:
+                checkpoint(state, history)
+        while state.round < rounds:
+            for attempt in range(max_retries + 1):
+                before_attempt()
+                new_state, record = self.run_round(state, attempt)
+                if record.clients_completed >= min_completed:
+                    break
+                log.warning(
+                    "round %d attempt %d: %d accepted results (< %d)%s",
+                    record.round,
+                    attempt,
+                    record.clients_completed,
+                    min_completed,
+                    "; re-sampling" if attempt < max_retries else "",
+                )
+            else:
+                raise FedforgeError(
+                    f"round {state.round + 1} got fewer than {min_completed} accepted results "
+                    f"in {max_retries + 1} attempts"
+                )
+            state = new_state
+            history.append(record)
+            if checkpoint:
+                checkpoint(state, history)
+        return state

@@ -1,0 +1,1 @@
+"""Update stages: client-side encode, server-side decode, with explicit state."""

@@ -1,0 +1,343 @@
+"""Local training written once, as pure functions over explicit state (``torch.func``).
+
+A client's local work is ``epochs`` passes of minibatch SGD on an *objective* (the model's
+loss plus optional terms such as FedProx's proximal term) whose gradient flows through a
+chain of *gradient transforms* (weight decay, SCAFFOLD's control correction, momentum),
+optax-style: each transform is an ``(init, update)`` pair with explicit state.
+
+Every function here works on one client's tensors. The sequential, worker, Ray and network
+runtimes call :meth:`LocalProgram.step` directly; the vectorized runtime calls
+``vmap(step)`` over a stack of clients, and the fused MLP kernel reuses
+:meth:`LocalProgram.apply` on stacked tensors (every transform is elementwise and
+broadcasts, so shared tensors broadcast against a leading client axis).
+
+``shared`` holds tensors every client of a round receives (the global model under its
+parameter names, ``control/<name>`` for SCAFFOLD's server control variate); ``own`` holds the
+client's persistent state (``control/<name>`` for its control variate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value
+
+Tensors = dict[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def batch_order(
+    num_examples: int, batch_size: int, epochs: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Index batches for ``epochs`` passes, reshuffled each epoch; the last batch may be short.
+
+    ``batch_size`` 0 means full batch (FedSGD). Every runtime derives a client's batches
+    from this one function, which is what makes all runtimes take identical steps.
+    """
+    size = batch_size or num_examples
+    batches: list[np.ndarray] = []
+    for _ in range(epochs):
+        perm = rng.permutation(num_examples)
+        batches.extend(perm[i : i + size] for i in range(0, num_examples, size))
+    return batches
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A gradient contribution affine in the weight: ``alpha * w + sum(coef * t)``, each ``t``
+    broadcasting against ``w`` (shared tensors) or stacked like it (per-client state). Kernels
+    that do not run autograd apply it analytically, fused into their update."""
+
+    alpha: float = 0.0
+    offsets: tuple[tuple[torch.Tensor, float], ...] = ()
+
+    def __add__(self, other: Affine) -> Affine:
+        return Affine(self.alpha + other.alpha, self.offsets + other.offsets)
+
+
+class Term(Protocol):
+    """An objective term added to the model's loss; ``affine`` is its analytic gradient for
+    parameter ``name`` (every term here is quadratic, so its gradient is affine)."""
+
+    def value(self, params: Tensors, shared: Tensors, own: Tensors) -> torch.Tensor: ...
+
+    def affine(self, name: str, shared: Tensors, own: Tensors) -> Affine: ...
+
+
+@dataclass(frozen=True)
+class Proximal:
+    """FedProx's proximal term ``mu / 2 * ||w - w_global||^2`` (Li et al. 2020)."""
+
+    mu: float
+
+    def value(self, params: Tensors, shared: Tensors, own: Tensors) -> torch.Tensor:
+        total = sum(((p - shared[n]) ** 2).sum() for n, p in params.items())
+        return 0.5 * self.mu * torch.as_tensor(total)
+
+    def affine(self, name: str, shared: Tensors, own: Tensors) -> Affine:
+        return Affine(self.mu, ((shared[name], -self.mu),))
+
+
+class GradTransform(Protocol):
+    """``init`` makes the transform's state; ``update`` maps gradients to gradients.
+
+    With ``inplace`` the transform may overwrite ``grads`` and its own state (the fused
+    kernels own both); otherwise it is pure, as ``vmap`` and autograd need."""
+
+    def init(self, params: Tensors) -> Tensors: ...
+
+    def update(
+        self,
+        grads: Tensors,
+        state: Tensors,
+        params: Tensors,
+        shared: Tensors,
+        own: Tensors,
+        inplace: bool = False,
+    ) -> tuple[Tensors, Tensors]: ...
+
+    def affine(self, name: str, shared: Tensors, own: Tensors) -> Affine | None:
+        """The transform as an added affine term, or None if it is not one (momentum)."""
+        ...
+
+
+@dataclass(frozen=True)
+class WeightDecay:
+    """``g + weight_decay * w`` (L2 regularization, as ``torch.optim.SGD`` applies it)."""
+
+    weight_decay: float
+
+    def init(self, params: Tensors) -> Tensors:
+        return {}
+
+    def update(
+        self,
+        grads: Tensors,
+        state: Tensors,
+        params: Tensors,
+        shared: Tensors,
+        own: Tensors,
+        inplace: bool = False,
+    ) -> tuple[Tensors, Tensors]:
+        if inplace:
+            return {n: g.add_(params[n], alpha=self.weight_decay) for n, g in grads.items()}, state
+        return {n: g + self.weight_decay * params[n] for n, g in grads.items()}, state
+
+    def affine(self, name: str, shared: Tensors, own: Tensors) -> Affine:
+        return Affine(self.weight_decay)
+
+
+@dataclass(frozen=True)
+class ControlCorrection:
+    """SCAFFOLD's drift correction ``g - c_i + c`` (Karimireddy et al. 2020, Algorithm 1)."""
+
+    prefix: str = "control/"
+
+    def init(self, params: Tensors) -> Tensors:
+        return {}
+
+    def update(
+        self,
+        grads: Tensors,
+        state: Tensors,
+        params: Tensors,
+        shared: Tensors,
+        own: Tensors,
+        inplace: bool = False,
+    ) -> tuple[Tensors, Tensors]:
+        p = self.prefix
+        if inplace:
+            return {n: g.add_(shared[p + n]).sub_(own[p + n]) for n, g in grads.items()}, state
+        return {n: g + shared[p + n] - own[p + n] for n, g in grads.items()}, state
+
+    def affine(self, name: str, shared: Tensors, own: Tensors) -> Affine:
+        p = self.prefix
+        return Affine(0.0, ((shared[p + name], 1.0), (own[p + name], -1.0)))
+
+
+@dataclass(frozen=True)
+class Momentum:
+    """Heavy-ball momentum ``b = beta * b + g`` (``torch.optim.SGD``, dampening 0), reset
+    every round because its state is created by ``init`` at the start of local training."""
+
+    beta: float
+
+    def init(self, params: Tensors) -> Tensors:
+        return {n: torch.zeros_like(p) for n, p in params.items()}
+
+    def update(
+        self,
+        grads: Tensors,
+        state: Tensors,
+        params: Tensors,
+        shared: Tensors,
+        own: Tensors,
+        inplace: bool = False,
+    ) -> tuple[Tensors, Tensors]:
+        if inplace:
+            new = {n: state[n].mul_(self.beta).add_(g) for n, g in grads.items()}
+        else:
+            new = {n: self.beta * state[n] + g for n, g in grads.items()}
+        return new, new
+
+    def affine(self, name: str, shared: Tensors, own: Tensors) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class LocalSGD:
+    """Client optimizer settings: ``epochs`` passes of minibatch SGD (``batch_size`` 0 is
+    full batch). Momentum state is created fresh each round, as in FedAvg."""
+
+    lr: float = 0.05
+    epochs: int = 1
+    batch_size: int = 10
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    loss_fn: LossFn = F.cross_entropy
+
+    def num_steps(self, num_examples: int) -> int:
+        """Local SGD steps a client with ``num_examples`` examples takes per round."""
+        size = self.batch_size or num_examples
+        return self.epochs * -(-num_examples // size)
+
+
+@dataclass(frozen=True)
+class LocalProgram:
+    """The objective and the gradient chain of one algorithm's local training."""
+
+    local: LocalSGD
+    terms: tuple[Term, ...] = ()
+    corrections: tuple[GradTransform, ...] = ()
+    transforms: tuple[GradTransform, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        chain: list[GradTransform] = []
+        if self.local.weight_decay:
+            chain.append(WeightDecay(self.local.weight_decay))
+        chain.extend(self.corrections)
+        if self.local.momentum:
+            chain.append(Momentum(self.local.momentum))
+        object.__setattr__(self, "transforms", tuple(chain))
+
+    @property
+    def plain(self) -> bool:
+        """True for plain SGD on the loss alone (the fused kernel's fastest case)."""
+        return not self.terms and not self.transforms
+
+    @property
+    def stateless(self) -> bool:
+        """True when no gradient transform keeps state across steps (no momentum): the chain
+        is then affine and the fused kernels apply it inside their update."""
+        probe = {"w": torch.zeros(1)}
+        return not any(t.init(probe) for t in self.transforms)
+
+    @property
+    def uses_cross_entropy(self) -> bool:
+        return self.local.loss_fn is F.cross_entropy
+
+    def init(self, params: Tensors) -> tuple[Tensors, ...]:
+        return tuple(t.init(params) for t in self.transforms)
+
+    def loss(
+        self,
+        module: torch.nn.Module,
+        params: Tensors,
+        buffers: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The model's loss on a batch; with ``mask``, the mean over the real examples of a
+        padded batch (the vectorized runtime pads short batches)."""
+        logits = functional_call(module, {**params, **buffers}, (x,))
+        if mask is None:
+            return self.local.loss_fn(logits, y)
+        per_example = F.cross_entropy(logits, y, reduction="none")
+        return (per_example * mask).sum() / mask.sum()
+
+    def objective(
+        self,
+        params: Tensors,
+        module: torch.nn.Module,
+        buffers: Tensors,
+        shared: Tensors,
+        own: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective to differentiate, model loss to report)."""
+        loss = self.loss(module, params, buffers, x, y, mask)
+        total = loss
+        for term in self.terms:
+            total = total + term.value(params, shared, own)
+        return total, loss.detach()
+
+    def apply(
+        self,
+        params: Tensors,
+        grads: Tensors,
+        state: tuple[Tensors, ...],
+        shared: Tensors,
+        own: Tensors,
+        inplace: bool = False,
+    ) -> tuple[Tensors, tuple[Tensors, ...]]:
+        """Run the gradient chain and take the SGD step. Pure (returns new tensors) unless
+        ``inplace``, which updates ``params``, ``grads`` and ``state`` where they are."""
+        new_state = []
+        for transform, sub in zip(self.transforms, state, strict=True):
+            grads, sub = transform.update(grads, sub, params, shared, own, inplace)
+            new_state.append(sub)
+        lr = self.local.lr
+        if inplace:
+            return {n: p.sub_(grads[n], alpha=lr) for n, p in params.items()}, tuple(new_state)
+        return {n: p - lr * grads[n] for n, p in params.items()}, tuple(new_state)
+
+    def step(
+        self,
+        module: torch.nn.Module,
+        params: Tensors,
+        buffers: Tensors,
+        state: tuple[Tensors, ...],
+        shared: Tensors,
+        own: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[Tensors, tuple[Tensors, ...], torch.Tensor]:
+        """One local SGD step on one client: (new params, new chain state, batch loss)."""
+        grads, (_, loss) = grad_and_value(self.objective, has_aux=True)(
+            params, module, buffers, shared, own, x, y, mask
+        )
+        new_params, new_state = self.apply(params, grads, state, shared, own)
+        return new_params, new_state, loss
+
+    def add_term_grads_(
+        self, grads: Tensors, params: Tensors, shared: Tensors, own: Tensors
+    ) -> None:
+        """Add every term's analytic gradient to ``grads`` in place."""
+        for name, g in grads.items():
+            for term in self.terms:
+                affine = term.affine(name, shared, own)
+                g.add_(params[name], alpha=affine.alpha)
+                for tensor, coef in affine.offsets:
+                    g.add_(tensor, alpha=coef)
+
+    def affine(self, name: str, shared: Tensors, own: Tensors) -> Affine | None:
+        """Terms plus transforms as one affine gradient contribution for parameter ``name``,
+        or None when the chain has a stateful transform (momentum)."""
+        total = Affine()
+        for term in self.terms:
+            total = total + term.affine(name, shared, own)
+        for transform in self.transforms:
+            part = transform.affine(name, shared, own)
+            if part is None:
+                return None
+            total = total + part
+        return total
