@@ -40,7 +40,8 @@ def test_client_update_and_controls_match_hand_derivation() -> None:
     y = quadratic_client(x0, a, b, c, c_i, lr, steps)
     np.testing.assert_allclose(params["w"].numpy(), y, rtol=1e-12)
 
-    arrays, new_own = algo.finish(params, shared, own, torch.tensor(float(steps)))
+    delta = {"w": params["w"] - shared["w"]}
+    arrays, new_own = algo.finish(delta, shared, own, torch.tensor(float(steps)))
     c_plus = c_i - c + (x0 - y) / (steps * lr)  # option II
     np.testing.assert_allclose(new_own[CONTROL + "w"].numpy(), c_plus, rtol=1e-12)
     np.testing.assert_allclose(arrays["w"].numpy(), y - x0, rtol=1e-12)

@@ -366,3 +366,24 @@ def test_dead_ray_actor_fails_one_client_and_is_replaced(small_federated, ray_cl
         assert len(_by_client(transport.exchange(tasks[:4]))) == 4  # the replacement works
     finally:
         transport.close()
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        fedforge.FedAvg(local=fedforge.LocalSGD(lr=0.3, epochs=1, batch_size=0)),
+        fedforge.FedAvg(local=fedforge.LocalSGD(lr=0.3, epochs=1, batch_size=0, weight_decay=0.1)),
+        fedforge.FedProx(local=fedforge.LocalSGD(lr=0.3, epochs=1, batch_size=0), mu=0.5),
+        fedforge.Scaffold(local=fedforge.LocalSGD(lr=0.3, epochs=1, batch_size=0)),
+    ],
+    ids=["fedavg", "fedavg-wd", "fedprox", "scaffold"],
+)
+def test_one_step_clients_take_the_direct_delta_kernel(small_federated, algorithm) -> None:  # type: ignore[no-untyped-def]
+    """Full batch, one epoch: every client's only step is written as a delta by the fused
+    first-step kernel; it must equal the sequential runtime's step."""
+    kwargs = dict(rounds=3, clients_per_round=10, seed=3)
+    seq = fedforge.simulate(small_mlp(), small_federated, algorithm, backend="sequential", **kwargs)  # type: ignore[arg-type]
+    vec = fedforge.simulate(small_mlp(), small_federated, algorithm, backend="vectorized", **kwargs)  # type: ignore[arg-type]
+    assert_same(seq, vec)
+    for key in seq.state.extras:
+        np.testing.assert_allclose(seq.state.extras[key], vec.state.extras[key], atol=1e-5)

@@ -5,6 +5,8 @@ An algorithm is data plus pure functions. The client side is a :class:`LocalProg
 parameters into the arrays of its record and its new persistent state; both are torch
 functions on one client's tensors, so the vectorized runtime ``vmap``s them. The server side
 is ``init``, ``broadcast`` (arrays sent down beside the model) and ``server_update``.
+``finish`` receives the trained change ``local - global`` rather than the local weights: the
+vectorized runtime's fused kernels produce it directly for one-step clients.
 Algorithms never import a runtime.
 """
 
@@ -66,10 +68,11 @@ class Algorithm(Protocol):
     def init_client_state(self, trainable: Params) -> Params: ...
 
     def finish(
-        self, local: Tensors, shared: Tensors, own: Tensors, steps: torch.Tensor
+        self, delta: Tensors, shared: Tensors, own: Tensors, steps: torch.Tensor
     ) -> tuple[Tensors, Tensors]:
-        """(record arrays, new client state) from the trained ``local`` weights; may
-        overwrite ``local`` and ``own``, the runtime's own copies."""
+        """(record arrays, new client state) from the client's trained change ``delta``
+        (local - global, every model array) after ``steps`` local steps; may overwrite
+        ``delta`` and ``own``, the runtime's own copies."""
         ...
 
     def record_spec(self, model: ParamSpec, trainable: list[str]) -> RecordSpec: ...

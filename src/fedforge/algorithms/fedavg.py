@@ -42,11 +42,10 @@ class FedAvg:
         return {}
 
     def finish(
-        self, local: Tensors, shared: Tensors, own: Tensors, steps: torch.Tensor
+        self, delta: Tensors, shared: Tensors, own: Tensors, steps: torch.Tensor
     ) -> tuple[Tensors, Tensors]:
-        """The record is the delta ``local - global`` of every model array (computed in
-        ``local``'s storage: the runtime hands over its trained copy)."""
-        return {n: w.sub_(shared[n]) for n, w in local.items()}, {}
+        """The record is the delta ``local - global`` of every model array."""
+        return dict(delta), {}
 
     def record_spec(self, model: ParamSpec, trainable: list[str]) -> RecordSpec:
         return RecordSpec(dict(model), metrics=("train_loss",))

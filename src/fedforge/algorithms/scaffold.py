@@ -43,9 +43,9 @@ class Scaffold(FedAvg):
         return {CONTROL + n: np.zeros_like(p) for n, p in trainable.items()}
 
     def finish(
-        self, local: Tensors, shared: Tensors, own: Tensors, steps: torch.Tensor
+        self, delta: Tensors, shared: Tensors, own: Tensors, steps: torch.Tensor
     ) -> tuple[Tensors, Tensors]:
-        arrays = {n: w.sub_(shared[n]) for n, w in local.items()}  # dy = y_i - x, in place
+        arrays = dict(delta)  # dy = y_i - x
         scale = -1.0 / (steps * self.local.lr)
         new_own: Tensors = {}
         for key, c_i in own.items():

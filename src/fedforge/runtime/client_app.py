@@ -91,11 +91,10 @@ class ClientApp:
                 total += float(loss) * len(batch)
                 seen += len(batch)
                 steps += 1
-        local_state = {n: (params[n] if n in trainable else buffers[n]) for n in names}
         with torch.no_grad():
-            arrays, new_own = self.algorithm.finish(
-                local_state, shared, own, torch.tensor(float(steps))
-            )
+            local_state = {n: (params[n] if n in trainable else buffers[n]) for n in names}
+            delta = {n: w.sub_(shared[n]) for n, w in local_state.items()}  # our own copies
+            arrays, new_own = self.algorithm.finish(delta, shared, own, torch.tensor(float(steps)))
         record = Record(
             task.client_id,
             len(data.train),

@@ -118,10 +118,12 @@ class VectorizedTransport:
         own = self._own_states(chunk)
         result = self.trainer.train(shared, own, plans)
         names = self.app.model.names
-        local = {n: result.params[n] for n in names}  # the model has no buffers here
+        delta = {n: result.params[n] for n in names}  # the model has no buffers here
+        if not result.is_delta:
+            delta = {n: d.sub_(shared[n]) for n, d in delta.items()}  # in the trainer's stacks
         steps = torch.from_numpy(result.steps).to(self.device)
         with torch.no_grad():
-            arrays, new_own = self._finish(local, shared, own, steps)
+            arrays, new_own = self._finish(delta, shared, own, steps)
         batch = RecordBatch(
             client_ids=np.array([t.client_id for t in chunk], np.int64),
             num_examples=np.array([len(p.indices) for p in plans], np.int64),

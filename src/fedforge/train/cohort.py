@@ -51,6 +51,7 @@ class CohortResult:
     params: Tensors
     train_loss: np.ndarray
     steps: np.ndarray
+    is_delta: bool = False  # params hold local - global (one-step chunks of the fused path)
 
 
 def vectorization_blocker(module: torch.nn.Module, program: LocalProgram) -> str | None:
@@ -192,6 +193,7 @@ class CohortTrainer:
         count = len(plans)
         affine = self._affine(shared, own) if self.layers and not self.program.plain else None
         first_fused = self.layers is not None and (self.program.plain or affine is not None)
+        one_step = first_fused and bool(plans) and lengths[0] == 1  # write deltas directly
         # The fused kernels write every client's first step straight into the stacks.
         stacked = {n: self._buffer(n, count, shared[n], fill=not first_fused) for n in self.names}
         state = self.program.init(stacked)
@@ -212,7 +214,9 @@ class CohortTrainer:
                     x, y = self.x[torch.from_numpy(idx)], self.y[torch.from_numpy(idx)]
                     m = torch.from_numpy(mask).to(self.device)
                     lr = self.program.local.lr
-                    losses = fused_first_step(self.layers, shared, stacked, x, y, m, lr, affine)
+                    losses = fused_first_step(
+                        self.layers, shared, stacked, x, y, m, lr, affine, as_delta=one_step
+                    )
                     loss_sum += losses.double() * m.sum(dim=1).double()
                 continue
             stacked, state = self._step(
@@ -220,7 +224,10 @@ class CohortTrainer:
             )
         seen = torch.tensor([len(p.indices) * local.epochs for p in plans], dtype=torch.float64)
         return CohortResult(
-            stacked, (loss_sum.cpu() / seen).numpy(), np.asarray(lengths, dtype=np.float64)
+            stacked,
+            (loss_sum.cpu() / seen).numpy(),
+            np.asarray(lengths, dtype=np.float64),
+            is_delta=one_step,
         )
 
     def _step(

@@ -189,11 +189,14 @@ def fused_first_step(
     mask: torch.Tensor,
     lr: float,
     affine: dict[str, tuple[float, torch.Tensor | None]] | None = None,
+    as_delta: bool = False,
 ) -> torch.Tensor:
     """Every client's first SGD step, which starts from the same global weights: the
     forward and the back-propagation use the one ``shared`` weight (one matrix product for
     the whole stack), and each client's updated weight is written straight into ``out`` (no
-    copy of the global model per client first). Same update as :func:`fused_sgd_step`."""
+    copy of the global model per client first). Same update as :func:`fused_sgd_step`.
+    With ``as_delta``, ``out`` receives the change ``new - global`` instead (for clients whose
+    only step this is)."""
     inputs, pre, grad, loss = _forward(layers, shared, x, y, mask)
     clients = x.shape[0]
     for index in range(len(layers) - 1, -1, -1):
@@ -202,22 +205,21 @@ def fused_first_step(
         below = torch.matmul(grad, w) if index > 0 else None
         decay, offset = affine[layer.weight] if affine else (0.0, None)
         new_w = out[layer.weight]
+        # new = (1 - lr decay) w - lr (g + offset); delta = new - w = -lr (g + decay w + offset)
         torch.baddbmm(
             w.expand(clients, *w.shape),
             grad.transpose(1, 2),
             h_in,
-            beta=1.0 - lr * decay,
+            beta=-lr * decay if as_delta else 1.0 - lr * decay,
             alpha=-lr,
             out=new_w,
         )
         if offset is not None:
             new_w.sub_(offset, alpha=lr)
         if layer.bias:
-            new_b = out[layer.bias]
+            b, new_b = shared[layer.bias], out[layer.bias]
             decay, offset = affine[layer.bias] if affine else (0.0, None)
-            new_b.copy_(shared[layer.bias].expand_as(new_b))
-            if decay:
-                new_b.mul_(1.0 - lr * decay)
+            torch.mul(b.expand_as(new_b), -lr * decay if as_delta else 1.0 - lr * decay, out=new_b)
             new_b.sub_(grad.sum(dim=1), alpha=lr)
             if offset is not None:
                 new_b.sub_(offset, alpha=lr)
