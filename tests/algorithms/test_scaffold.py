@@ -94,3 +94,29 @@ def test_scaffold_runs_with_client_state(backend: str) -> None:
     )
     assert any(np.abs(v).sum() > 0 for v in result.state.extras.values())
     assert result.history[-1].train_loss < result.history[1].train_loss
+
+
+def test_scaffold_runs_on_a_model_with_a_float_buffer() -> None:
+    """Control variates cover trainable parameters only; buffers pass through."""
+    from fedforge.data import partition
+    from fedforge.data.federated import FederatedDataset
+    from fedforge.runtime.simulation import simulate
+    from tests.conftest import make_blobs
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 3)
+            self.register_buffer("scale", torch.ones(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * self.scale
+
+    train = make_blobs(120, seed=0)
+    parts = partition.iid(len(train), 4, np.random.default_rng(0))
+    data = FederatedDataset(train, make_blobs(40, seed=0), parts)
+    result = simulate(
+        Scaled(), data, Scaffold(local=LocalSGD(lr=0.1)), rounds=2, clients_per_round=4
+    )
+    assert result.history[2].clients_completed == 4
+    assert np.abs(result.state.extras[CONTROL + "fc.weight"]).sum() > 0

@@ -168,3 +168,57 @@ def test_failing_clients_are_recorded_and_short_rounds_retried() -> None:
     )
     with pytest.raises(FedforgeError, match="fewer than 1 accepted"):
         driver_all_bad.run(state, 1, History(), min_completed=1, max_retries=1)  # type: ignore[arg-type]
+
+
+def test_client_state_moves_only_with_the_aggregate() -> None:
+    """A client whose record is not used keeps its previous state (simulation)."""
+    from fedforge.algorithms.scaffold import Scaffold
+
+    data = failing_data()
+    model = small_mlp()
+    algorithm = Scaffold(local=LOCAL)
+    app = ClientApp(algorithm, model)
+    store = MemoryStateStore()
+    params = TorchModel(model).get_params()
+    driver = Driver(
+        algorithm=algorithm,
+        transport=SequentialTransport(app, data, store),
+        sampler=UniformSampler(4),
+        streams=RngStreams(0),
+        model_spec=spec_of(params),
+        trainable=app.trainable,
+        population=lambda: range(data.num_clients),
+        population_size=lambda: data.num_clients,
+        example_cap=lambda cid, stage: data.client_size(cid),
+        client_states=store,
+    )
+    driver.run(algorithm.init(params), 2, History())
+    assert store.get(0, 3) is None and store.get(1, 3) is None  # failed: nothing kept
+    assert store.get(2, 3) is not None and store.get(3, 3) is not None
+
+
+def test_scaffold_with_update_stages_is_refused(small_federated) -> None:  # type: ignore[no-untyped-def]
+    from fedforge.algorithms.scaffold import Scaffold
+    from fedforge.stages.clip import FixedClip
+
+    with pytest.raises(ConfigError, match="Scaffold cannot run with update stages"):
+        simulate(small_mlp(), small_federated, Scaffold(), stages=[FixedClip(1.0)])
+
+
+def test_batchnorm_models_train_on_sequential_and_workers(small_federated) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+    )
+    full_batch = LocalSGD(lr=0.1, epochs=3, batch_size=0)  # no batch of one for batch norm
+    runs = [
+        simulate(bn, small_federated, FedAvg(local=full_batch), rounds=3, backend=b)
+        for b in ("sequential", "workers")
+    ]
+    for run in runs:
+        assert all(r.clients_failed == 0 for r in run.history[1:])
+        assert run.history[3].train_loss < run.history[1].train_loss
+    for name in runs[0].state.params:  # running statistics are averaged like weights
+        np.testing.assert_allclose(
+            runs[0].state.params[name], runs[1].state.params[name], atol=1e-5
+        )

@@ -81,3 +81,14 @@ def test_clip_metric_reaches_the_history(small_federated) -> None:  # type: igno
 def test_wire_spec_adds_the_summed_scalar() -> None:
     spec = StageChain([FixedClip(1.0)]).wire_spec(RecordSpec({}))
     assert spec.scalars == ("clip.clipped",)
+
+
+def test_the_server_reapplies_the_bound_and_trusts_no_odd_bit() -> None:
+    """A client that skipped clipping, or reports clip.clipped = 1e300, gains nothing."""
+    stage = FixedClip(1.0)
+    a = np.array([[30.0, 40.0], [0.3, 0.4]], np.float32)  # the first row was never clipped
+    b = np.zeros((2, 1), np.float32)
+    cheat = batch_of(a, b).with_scalars(**{"clip.clipped": np.array([0.0, 1e300])})
+    out = stage.decode(cheat, stage.init_state())
+    np.testing.assert_allclose(row_norms(out), [1.0, 0.5], rtol=1e-6)
+    np.testing.assert_array_equal(out.scalars["clip.clipped"], [1.0, 1.0])

@@ -111,7 +111,10 @@ class StreamingMean:
             if rows == 1:  # one record: the product itself in float64, exactly
                 total.reshape(-1)[:] += np.multiply(flat[0], w[0], dtype=np.float64)
             else:
-                total.reshape(-1)[:] += w.astype(flat.dtype) @ flat
+                chunk = w.astype(flat.dtype) @ flat
+                if not np.isfinite(chunk).all():  # finite rows overflowed the narrow sum
+                    chunk = w @ flat.astype(np.float64)
+                total.reshape(-1)[:] += chunk
         for key, values in batch.scalars.items():
             self._scalars[key] = self._scalars.get(key, 0.0) + float(values.sum())
         self.total_weight += float(w.sum())

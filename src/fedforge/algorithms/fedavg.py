@@ -26,6 +26,7 @@ class FedAvg:
     local: LocalSGD = field(default_factory=LocalSGD)
     server_optimizer: ServerOptimizer = field(default_factory=ServerSGD)
     weighting: Weighting = "examples"
+    accepts_stages: bool = True
 
     def program(self) -> LocalProgram:
         return LocalProgram(self.local)

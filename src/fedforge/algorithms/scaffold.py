@@ -28,6 +28,9 @@ CONTROL = "control/"
 @dataclass(frozen=True)
 class Scaffold(FedAvg):
     weighting: Weighting = "uniform"
+    # The client updates its control variate from the control delta *before* the update
+    # stages run; a stage that changes the record (clipping) would break c = mean(c_i).
+    accepts_stages: bool = False
 
     def program(self) -> LocalProgram:
         return LocalProgram(self.local, corrections=(ControlCorrection(CONTROL),))
@@ -46,7 +49,7 @@ class Scaffold(FedAvg):
         self, delta: Tensors, shared: Tensors, own: Tensors, steps: torch.Tensor
     ) -> tuple[Tensors, Tensors]:
         arrays = dict(delta)  # dy = y_i - x
-        scale = -1.0 / (steps * self.local.lr)
+        scale = -1.0 / (steps.clamp(min=1.0) * self.local.lr)
         new_own: Tensors = {}
         for key, c_i in own.items():
             # c_i+ = c_i - c + (x - y_i) / (K lr), so dc = c_i+ - c_i = -c - dy / (K lr).
@@ -65,7 +68,8 @@ class Scaffold(FedAvg):
     ) -> ServerState:
         state = super().server_update(state, aggregate, context)
         fraction = aggregate.count / max(context.population_size, 1)
-        extras = {}
+        extras = dict(state.extras)
         for key, c in state.extras.items():
-            extras[key] = (c + fraction * aggregate.arrays[key]).astype(c.dtype)
+            if key in aggregate.arrays:  # trainable parameters (buffers have no control)
+                extras[key] = (c + fraction * aggregate.arrays[key]).astype(c.dtype)
         return replace(state, extras=extras)

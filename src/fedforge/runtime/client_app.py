@@ -70,13 +70,12 @@ class ClientApp:
         rng = np.random.default_rng(task.seed)
         names = self.model.names
         shared = to_tensors(dict(task.shared))
-        trainable = set(self.trainable)
         if state is None:
             state = self.algorithm.init_client_state({n: task.shared[n] for n in self.trainable})
         own = {k: t.clone() for k, t in to_tensors(state).items()}  # finish may overwrite it
-        params = {n: shared[n].clone() for n in names if n in trainable}
-        buffers = {n: shared[n].clone() for n in names if n not in trainable}
-        opt_state = self.program.init(params)
+        self.model.set_params({n: task.shared[n] for n in names})
+        params = dict(self.module.named_parameters())
+        opt_state = self.program.init({n: p.detach() for n, p in params.items()})
         x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
         local = self.algorithm.local
         total, seen, steps = 0.0, 0, 0
@@ -85,15 +84,15 @@ class ClientApp:
             torch.manual_seed(torch_seed(task.seed))  # dropout draws from the client's stream
             for batch in batch_order(len(data.train), local.batch_size, local.epochs, rng):
                 idx = torch.from_numpy(batch)
-                params, opt_state, loss = self.program.step(
-                    self.module, params, buffers, opt_state, shared, own, x[idx], y[idx]
+                opt_state, loss = self.program.eager_step(
+                    self.module, params, opt_state, shared, own, x[idx], y[idx]
                 )
                 total += float(loss) * len(batch)
                 seen += len(batch)
                 steps += 1
         with torch.no_grad():
-            local_state = {n: (params[n] if n in trainable else buffers[n]) for n in names}
-            delta = {n: w.sub_(shared[n]) for n, w in local_state.items()}  # our own copies
+            local_state = self.model.tensors()
+            delta = {n: local_state[n] - shared[n] for n in names}
             arrays, new_own = self.algorithm.finish(delta, shared, own, torch.tensor(float(steps)))
         record = Record(
             task.client_id,

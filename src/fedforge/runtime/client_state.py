@@ -3,7 +3,9 @@
 A store keeps, per client, the state written after the client's latest completed task and the
 one before it, each tagged with its round. ``get(client, before_round=r)`` returns the newest
 state written in a round before ``r``: a round that is retried, or replayed after a crash,
-starts from the same client state as the first attempt did. In memory for simulations; on disk
+starts from the same client state as the first attempt did. In simulation the driver
+``discard``s the state of a client whose record was not used (rejected, or in an abandoned
+attempt), so the client state moves only with the aggregate. In memory for simulations; on disk
 (one safetensors file per client and version, written atomically) for 10,000+ clients, for
 resumable simulations, and on each deployed client, where it survives a client restart.
 """
@@ -24,6 +26,10 @@ class ClientStateStore(Protocol):
 
     def put(self, client_id: int, state: Params, round_number: int) -> None: ...
 
+    def discard(self, client_id: int, round_number: int) -> None:
+        """Forget the state written in ``round_number`` (its record was not used)."""
+        ...
+
 
 class MemoryStateStore:
     def __init__(self) -> None:
@@ -38,6 +44,10 @@ class MemoryStateStore:
     def put(self, client_id: int, state: Params, round_number: int) -> None:
         versions = [v for v in self._versions.get(client_id, []) if v[0] < round_number]
         self._versions[client_id] = [*versions[-1:], (round_number, state)]
+
+    def discard(self, client_id: int, round_number: int) -> None:
+        versions = self._versions.get(client_id, [])
+        self._versions[client_id] = [v for v in versions if v[0] != round_number]
 
 
 class DiskStateStore:
@@ -78,3 +88,13 @@ class DiskStateStore:
         tmp = newest.with_suffix(".tmp")
         save_file(state, str(tmp), metadata={"round": str(round_number)})
         os.replace(tmp, newest)
+
+    def discard(self, client_id: int, round_number: int) -> None:
+        newest, prev = self._paths(client_id)
+        current = self._read(newest)
+        if current is None or current[0] != round_number:
+            return
+        if prev.exists():
+            os.replace(prev, newest)
+        else:
+            newest.unlink()

@@ -20,11 +20,12 @@ import numpy as np
 
 from fedforge.aggregate.kinds import Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
-from fedforge.core.errors import FedforgeError
+from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params, ParamSpec, num_bytes
 from fedforge.core.records import EVALUATE, FIT, ClientFailure, RecordBatch, RecordSpec, Task
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.report.history import History, RoundRecord
+from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sampling import Sampler
 from fedforge.runtime.transport import Transport
 from fedforge.runtime.validation import validate_batch
@@ -68,6 +69,7 @@ class _Exchange:
     """What came back from one exchange."""
 
     accepted: int = 0
+    accepted_ids: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
     bytes_up: int = 0
@@ -103,9 +105,16 @@ class Driver:
     federated_eval: FederatedEvaluation | None = None
     listener: RoundListener = field(default_factory=RoundListener)
     describe: Callable[[int], str] = str
+    client_states: ClientStateStore | None = None  # simulation: the runtime's state store
 
     def __post_init__(self) -> None:
         self.stages.check(self.aggregation)
+        if self.stages.stages and not self.algorithm.accepts_stages:
+            names = ", ".join(s.name for s in self.stages.stages)
+            raise ConfigError(
+                f"{type(self.algorithm).__name__} cannot run with update stages ({names}): its "
+                "client state is computed from the record before the stages change it"
+            )
         fit_spec = self.algorithm.record_spec(self.model_spec, self.trainable)
         self.fit_spec = self.stages.wire_spec(fit_spec)
         self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss"))
@@ -158,6 +167,7 @@ class Driver:
                     out.sums[name] = out.sums.get(name, 0.0) + float(weights @ values)
                 out.examples += float(weights.sum())
                 out.accepted += len(good)
+                out.accepted_ids.extend(int(c) for c in good.client_ids)
             out.server_seconds += time.perf_counter() - start
             if notify:
                 for cid, ok in zip(batch.client_ids, keep, strict=True):
@@ -165,8 +175,12 @@ class Driver:
         return out
 
     # One round ------------------------------------------------------------------------------
-    def run_round(self, state: ServerState, attempt: int = 0) -> tuple[ServerState, RoundRecord]:
-        """Run round ``state.round + 1``; ``attempt`` > 0 re-draws the sample for a retry."""
+    def run_round(
+        self, state: ServerState, attempt: int = 0, min_completed: int = 0
+    ) -> tuple[ServerState, RoundRecord]:
+        """Run round ``state.round + 1``; ``attempt`` > 0 re-draws the sample for a retry. With
+        fewer than ``min_completed`` accepted records the attempt is not evaluated (the
+        caller discards it)."""
         start = time.perf_counter()
         round_number = state.round + 1
         coords = (round_number,) if attempt == 0 else (round_number, attempt)
@@ -208,11 +222,13 @@ class Driver:
             log.warning("round %d: no record was accepted; model unchanged", round_number)
         state = replace(state, round=round_number)
         aggregate_seconds = fit.server_seconds + time.perf_counter() - server_started
+        counts = fit.accepted >= min_completed
+        self._forget_unused_states(round_number, sampled, fit.accepted_ids if counts else [])
 
         eval_started = time.perf_counter()
-        evaluation = self.evaluator(state.params) if self.evaluator else None
+        evaluation = self.evaluator(state.params) if self.evaluator and counts else None
         bytes_down = num_bytes(shared) * len(tasks)
-        fed = self._federated_evaluation(state)
+        fed = self._federated_evaluation(state) if counts else None
         if fed is not None:
             fed_exchange, fed_bytes = fed
             bytes_down += fed_bytes
@@ -241,6 +257,14 @@ class Driver:
         )
         self.listener.round_finished(record)
         return state, record
+
+    def _forget_unused_states(self, round_number: int, sampled: list[int], used: list[int]) -> None:
+        """Client state moves only with the aggregate: a client whose record was rejected,
+        failed, or belonged to an abandoned attempt keeps its previous state."""
+        if self.client_states is None:
+            return
+        for cid in set(sampled) - set(used):
+            self.client_states.discard(cid, round_number)
 
     def _federated_evaluation(self, state: ServerState) -> tuple[_Exchange, int] | None:
         fed = self.federated_eval
@@ -292,7 +316,7 @@ class Driver:
         while state.round < rounds:
             for attempt in range(max_retries + 1):
                 before_attempt()
-                new_state, record = self.run_round(state, attempt)
+                new_state, record = self.run_round(state, attempt, min_completed)
                 if record.clients_completed >= min_completed:
                     break
                 log.warning(

@@ -189,6 +189,7 @@ def _simulate(
         evaluator=evaluator,
         federated_eval=federated_eval,
         listener=listener,
+        client_states=store,
     )
     try:
         state = driver.run(state, rounds, history, checkpoint=checkpoint if checkpoints else None)

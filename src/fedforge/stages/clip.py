@@ -44,7 +44,7 @@ class FixedClip:
     norm: float
     name: str = "clip"
     position: str = "clip"
-    commutes_with_sum: bool = True  # client-side only: nothing to undo on the server
+    commutes_with_sum: bool = True  # the server-side check is per record, before any sum
 
     def __post_init__(self) -> None:
         if not self.norm > 0:
@@ -67,7 +67,13 @@ class FixedClip:
         return clipped_batch.with_scalars(**{f"{self.name}.clipped": clipped.astype(np.float64)})
 
     def decode(self, batch: RecordBatch, state: StageState) -> RecordBatch:
-        return batch
+        """The server re-applies the bound (a no-op for honest clients; a client that skipped
+        clipping is clipped here) and trusts no clipped bit outside {0, 1}."""
+        clipped_batch, clipped = clip_rows(batch, state["norm"])
+        key = f"{self.name}.clipped"
+        reported = batch.scalars[key]
+        bit = np.where(clipped, 1.0, np.clip(np.round(reported), 0.0, 1.0))
+        return clipped_batch.with_scalars(**{key: bit})
 
     def finish_round(
         self, state: StageState, aggregate: Aggregate

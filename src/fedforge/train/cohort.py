@@ -142,7 +142,8 @@ class CohortTrainer:
             shape = max((t.shape for t, _ in affine.offsets), key=len)
             total = self._offsets.get(name)
             if total is None or total.shape != shape:  # reused across chunks of one size
-                total = self._offsets[name] = torch.empty(shape, device=self.device)
+                dtype = affine.offsets[0][0].dtype  # the model's dtype
+                total = self._offsets[name] = torch.empty(shape, dtype=dtype, device=self.device)
             first, coef = affine.offsets[0]
             torch.mul(first.expand(shape), coef, out=total)
             for tensor, coef in affine.offsets[1:]:

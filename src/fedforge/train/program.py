@@ -5,11 +5,14 @@ loss plus optional terms such as FedProx's proximal term) whose gradient flows t
 chain of *gradient transforms* (weight decay, SCAFFOLD's control correction, momentum),
 optax-style: each transform is an ``(init, update)`` pair with explicit state.
 
-Every function here works on one client's tensors. The sequential, worker, Ray and network
-runtimes call :meth:`LocalProgram.step` directly; the vectorized runtime calls
-``vmap(step)`` over a stack of clients, and the fused MLP kernel reuses
-:meth:`LocalProgram.apply` on stacked tensors (every transform is elementwise and
-broadcasts, so shared tensors broadcast against a leading client axis).
+Every function here works on one client's tensors. The vectorized runtime calls
+``vmap(LocalProgram.step)`` over a stack of clients (``torch.func`` gradients); the
+sequential, worker, Ray and network runtimes train one client at a time with
+:meth:`LocalProgram.eager_step`, the same objective and chain with the gradient from eager
+autograd on the module's own parameters (cheaper per call for one client); the fused MLP
+kernels apply the same chain analytically (:meth:`LocalProgram.affine`) or through
+:meth:`LocalProgram.apply` on stacked tensors (every transform is elementwise and broadcasts,
+so shared tensors broadcast against a leading client axis). All paths are tested equal.
 
 ``shared`` holds tensors every client of a round receives (the global model under its
 parameter names, ``control/<name>`` for SCAFFOLD's server control variate); ``own`` holds the
@@ -317,6 +320,31 @@ class LocalProgram:
         )
         new_params, new_state = self.apply(params, grads, state, shared, own)
         return new_params, new_state, loss
+
+    def eager_step(
+        self,
+        module: torch.nn.Module,
+        params: dict[str, torch.nn.Parameter],
+        state: tuple[Tensors, ...],
+        shared: Tensors,
+        own: Tensors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+    ) -> tuple[tuple[Tensors, ...], torch.Tensor]:
+        """:meth:`step` for one client whose weights are ``module``'s own parameters: the same
+        objective and chain, with the gradient from eager autograd and the update in place
+        (one client at a time, torch.func's per-call set-up costs more than the step)."""
+        loss = self.local.loss_fn(module(x), y)
+        total = loss
+        for term in self.terms:
+            total = total + term.value(params, shared, own)  # type: ignore[arg-type]
+        grads = torch.autograd.grad(total, list(params.values()))
+        with torch.no_grad():
+            weights = {n: p.detach() for n, p in params.items()}
+            _, new_state = self.apply(
+                weights, dict(zip(params, grads, strict=True)), state, shared, own, inplace=True
+            )
+        return new_state, loss.detach()
 
     def add_term_grads_(
         self, grads: Tensors, params: Tensors, shared: Tensors, own: Tensors

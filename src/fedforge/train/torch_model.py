@@ -27,6 +27,10 @@ class TorchModel:
     def names(self) -> list[str]:
         return list(self._tensors)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The module's floating-point state as tensors (the module's own storage)."""
+        return {name: t.detach() for name, t in self._tensors.items()}
+
     def get_params(self) -> Params:
         return {name: t.detach().cpu().numpy().copy() for name, t in self._tensors.items()}
 
