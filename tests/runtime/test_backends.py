@@ -387,3 +387,30 @@ def test_one_step_clients_take_the_direct_delta_kernel(small_federated, algorith
     assert_same(seq, vec)
     for key in seq.state.extras:
         np.testing.assert_allclose(seq.state.extras[key], vec.state.extras[key], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        fedforge.FedAvg(local=fedforge.LocalSGD(lr=0.1, epochs=2, batch_size=7, weight_decay=0.05)),
+        fedforge.FedProx(local=fedforge.LocalSGD(lr=0.1, epochs=2, batch_size=7), mu=0.5),
+        fedforge.Scaffold(local=fedforge.LocalSGD(lr=0.1, epochs=2, batch_size=7)),
+    ],
+    ids=["fedavg-wd", "fedprox", "scaffold"],
+)
+def test_affine_chains_fused_into_the_update_equal_sequential(small_federated, algorithm) -> None:  # type: ignore[no-untyped-def]
+    """No momentum: weight decay, the proximal term and the control correction are applied
+    analytically inside the fused update over several local steps and small chunks."""
+    kwargs = dict(rounds=3, clients_per_round=10, seed=5)
+    seq = fedforge.simulate(small_mlp(), small_federated, algorithm, backend="sequential", **kwargs)  # type: ignore[arg-type]
+    vec = fedforge.simulate(
+        small_mlp(),
+        small_federated,
+        algorithm,
+        backend="vectorized",
+        options=fedforge.BackendOptions(memory_budget=30_000),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert_same(seq, vec)
+    for key in seq.state.extras:
+        np.testing.assert_allclose(seq.state.extras[key], vec.state.extras[key], atol=1e-5)

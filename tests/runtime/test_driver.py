@@ -134,14 +134,20 @@ def failing_data() -> FederatedDataset:
     return FederatedDataset(ArrayDataset(x, y), ArrayDataset(x[20:], y[20:]), parts)
 
 
-def make_driver(data: FederatedDataset, per_round: int) -> tuple[Driver, object]:
+def make_driver(
+    data: FederatedDataset,
+    per_round: int,
+    algorithm: FedAvg | None = None,
+    store: MemoryStateStore | None = None,
+) -> tuple[Driver, object]:
     model = small_mlp()
-    algorithm = FedAvg(local=LOCAL)
+    algorithm = algorithm or FedAvg(local=LOCAL)
     app = ClientApp(algorithm, model)
+    store = store or MemoryStateStore()
     params = TorchModel(model).get_params()
     driver = Driver(
         algorithm=algorithm,
-        transport=SequentialTransport(app, data, MemoryStateStore()),
+        transport=SequentialTransport(app, data, store),
         sampler=UniformSampler(per_round),
         streams=RngStreams(0),
         model_spec=spec_of(params),
@@ -149,6 +155,7 @@ def make_driver(data: FederatedDataset, per_round: int) -> tuple[Driver, object]
         population=lambda: range(data.num_clients),
         population_size=lambda: data.num_clients,
         example_cap=lambda cid, stage: data.client_size(cid),
+        client_states=store,
     )
     return driver, algorithm.init(params)
 
@@ -174,25 +181,9 @@ def test_client_state_moves_only_with_the_aggregate() -> None:
     """A client whose record is not used keeps its previous state (simulation)."""
     from fedforge.algorithms.scaffold import Scaffold
 
-    data = failing_data()
-    model = small_mlp()
-    algorithm = Scaffold(local=LOCAL)
-    app = ClientApp(algorithm, model)
     store = MemoryStateStore()
-    params = TorchModel(model).get_params()
-    driver = Driver(
-        algorithm=algorithm,
-        transport=SequentialTransport(app, data, store),
-        sampler=UniformSampler(4),
-        streams=RngStreams(0),
-        model_spec=spec_of(params),
-        trainable=app.trainable,
-        population=lambda: range(data.num_clients),
-        population_size=lambda: data.num_clients,
-        example_cap=lambda cid, stage: data.client_size(cid),
-        client_states=store,
-    )
-    driver.run(algorithm.init(params), 2, History())
+    driver, state = make_driver(failing_data(), 4, Scaffold(local=LOCAL), store)
+    driver.run(state, 2, History())  # type: ignore[arg-type]
     assert store.get(0, 3) is None and store.get(1, 3) is None  # failed: nothing kept
     assert store.get(2, 3) is not None and store.get(3, 3) is not None
 

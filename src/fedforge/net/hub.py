@@ -2,8 +2,10 @@
 
 Each connected client has a :class:`Session` with an outbox the handler streams from (the
 handler blocks on it: work is pushed, never polled). Replies and failures flow to the
-transport through one queue, each tagged with the (round, stage) of the task it answers. All
-coordination uses conditions and blocking queues.
+transport through one queue, each tagged with the id of the task it answers: 16 random bytes
+per task (one client, one exchange, one attempt), so an answer to an earlier exchange or
+attempt of the same round can never pass for the current one. All coordination uses conditions
+and blocking queues.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from fedforge.net.proto import fedforge_pb2 as pb
 log = logging.getLogger("fedforge")
 
 Outgoing = pb.ServerMessage | Iterable[pb.ServerMessage]
-TaskKey = tuple[int, str]  # (round, stage)
+TASK_ID_BYTES = 16
+
+
+def new_task_id() -> bytes:
+    return os.urandom(TASK_ID_BYTES)
 
 
 class DuplicateClientError(FedforgeError):
@@ -42,16 +48,14 @@ class ReplyHeader:
 
 @dataclass
 class PendingTask:
-    """The task a client is working on: its reply must carry this round and stage."""
+    """The task a client is working on: its reply must echo ``task_id`` and carry this round
+    and stage."""
 
+    task_id: bytes
     round: int
     stage: str
     reassembler: Reassembler
     header: ReplyHeader | None = None
-
-    @property
-    def key(self) -> TaskKey:
-        return (self.round, self.stage)
 
 
 @dataclass
@@ -62,6 +66,8 @@ class Session:
     declared_holdout: int = 0
     outbox: queue.Queue[Outgoing | None] = field(default_factory=queue.Queue)
     task: PendingTask | None = None
+    # The last task id a stale message was dropped for (logged once, not once per chunk).
+    stale_task_id: bytes = b""
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -94,7 +100,8 @@ class Hub:
         self._changed = threading.Condition()
         self._nonces: set[bytes] = set()
         self._nonce_lock = threading.Lock()
-        self.results: queue.Queue[tuple[TaskKey, Record | ClientFailure]] = queue.Queue()
+        # (task id, reply): the transport takes a reply only for a task id it is waiting on.
+        self.results: queue.Queue[tuple[bytes, Record | ClientFailure]] = queue.Queue()
 
     def envelope(self, round_number: int | None = None) -> pb.Envelope:
         return pb.Envelope(
@@ -123,7 +130,9 @@ class Hub:
         with session.lock:
             task, session.task = session.task, None
         if task is not None:
-            self.results.put((task.key, ClientFailure(session.client_id, "client disconnected")))
+            self.results.put(
+                (task.task_id, ClientFailure(session.client_id, "client disconnected"))
+            )
 
     def connected_ids(self) -> list[int]:
         with self._changed:

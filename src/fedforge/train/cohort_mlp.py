@@ -112,52 +112,85 @@ def _forward(
     return inputs, pre_activations, grad, loss
 
 
-def _backward(
+Affine = dict[str, tuple[float, torch.Tensor | None]]
+
+
+def _gradients(
     layers: list[DenseLayer],
     params: dict[str, torch.Tensor],
     inputs: list[torch.Tensor],
     pre_activations: list[torch.Tensor],
     grad: torch.Tensor,
-    lr: float | None,
-    out: dict[str, torch.Tensor] | None = None,
-    affine: dict[str, tuple[float, torch.Tensor | None]] | None = None,
+    out: dict[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
-    """Back-propagate. With ``lr``, update in place and return nothing: plain SGD, or with
-    ``affine`` (per parameter: ``alpha`` and an ``offset`` tensor) the step
-    ``w = (1 - lr alpha) w - lr (grad + offset)``, the decay fused into ``baddbmm_``. Without
-    ``lr``, write the gradients into ``out``."""
-    grads: dict[str, torch.Tensor] = {}
+    """Back-propagate and write every client's gradients into the ``out`` buffers."""
     for index in range(len(layers) - 1, -1, -1):
         layer, h_in = layers[index], inputs[index]
-        w = params[layer.weight]
-        below = torch.bmm(grad, w) if index > 0 else None  # through the *old* weights
-        if lr is None:
-            assert out is not None
-            grads[layer.weight] = torch.bmm(grad.transpose(1, 2), h_in, out=out[layer.weight])
-            if layer.bias:
-                grads[layer.bias] = torch.sum(grad, dim=1, out=out[layer.bias])
-        elif affine is None:
-            w.baddbmm_(grad.transpose(1, 2), h_in, alpha=-lr)
-            if layer.bias:
-                params[layer.bias].sub_(grad.sum(dim=1), alpha=lr)
+        torch.bmm(grad.transpose(1, 2), h_in, out=out[layer.weight])
+        if layer.bias:
+            torch.sum(grad, dim=1, out=out[layer.bias])
+        if index > 0:
+            grad = _below(layers, index, params[layer.weight], grad, pre_activations)
+    return {n: out[n] for n in out}
+
+
+def _below(
+    layers: list[DenseLayer],
+    index: int,
+    w: torch.Tensor,
+    grad: torch.Tensor,
+    pre_activations: list[torch.Tensor],
+) -> torch.Tensor:
+    """The gradient with respect to layer ``index``'s input (through the *old* weights)."""
+    below = torch.matmul(grad, w) if w.dim() == 2 else torch.bmm(grad, w)
+    if layers[index - 1].relu:
+        below.mul_(pre_activations[index - 1] > 0)
+    return below
+
+
+def _update(
+    layers: list[DenseLayer],
+    source: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    inputs: list[torch.Tensor],
+    pre_activations: list[torch.Tensor],
+    grad: torch.Tensor,
+    lr: float,
+    affine: Affine | None,
+    as_delta: bool = False,
+) -> None:
+    """Back-propagate and take the SGD step ``new = (1 - lr alpha) w - lr (grad + offset)``
+    (``affine`` per parameter: ``alpha`` and an ``offset`` tensor; plain SGD without it), the
+    decay fused into ``baddbmm``. ``source`` holds the weights (stacked, or one shared weight
+    for every client); ``target`` receives the new ones (the same stacks: in place), or their
+    change ``new - w`` with ``as_delta``."""
+    clients = grad.shape[0]
+    for index in range(len(layers) - 1, -1, -1):
+        layer, h_in = layers[index], inputs[index]
+        w, new_w = source[layer.weight], target[layer.weight]
+        below = _below(layers, index, w, grad, pre_activations) if index > 0 else None
+        decay, offset = affine[layer.weight] if affine else (0.0, None)
+        beta = -lr * decay if as_delta else 1.0 - lr * decay
+        if new_w is w:
+            new_w.baddbmm_(grad.transpose(1, 2), h_in, beta=beta, alpha=-lr)
         else:
-            decay, offset = affine[layer.weight]
-            w.baddbmm_(grad.transpose(1, 2), h_in, beta=1.0 - lr * decay, alpha=-lr)
+            weights = w.expand(clients, *w.shape) if w.dim() == 2 else w
+            torch.baddbmm(weights, grad.transpose(1, 2), h_in, beta=beta, alpha=-lr, out=new_w)
+        if offset is not None:
+            new_w.sub_(offset, alpha=lr)
+        if layer.bias:
+            b, new_b = source[layer.bias], target[layer.bias]
+            decay, offset = affine[layer.bias] if affine else (0.0, None)
+            beta = -lr * decay if as_delta else 1.0 - lr * decay
+            if new_b is not b:
+                torch.mul(b.expand_as(new_b), beta, out=new_b)
+            elif beta != 1.0:
+                new_b.mul_(beta)
+            new_b.sub_(grad.sum(dim=1), alpha=lr)
             if offset is not None:
-                w.sub_(offset, alpha=lr)
-            if layer.bias:
-                bias = params[layer.bias]
-                decay, offset = affine[layer.bias]
-                if decay:
-                    bias.mul_(1.0 - lr * decay)
-                bias.sub_(grad.sum(dim=1), alpha=lr)
-                if offset is not None:
-                    bias.sub_(offset, alpha=lr)
+                new_b.sub_(offset, alpha=lr)
         if below is not None:
-            if layers[index - 1].relu:
-                below.mul_(pre_activations[index - 1] > 0)
             grad = below
-    return grads
 
 
 def fused_sgd_step(
@@ -167,7 +200,7 @@ def fused_sgd_step(
     y: torch.Tensor,
     mask: torch.Tensor,
     lr: float,
-    affine: dict[str, tuple[float, torch.Tensor | None]] | None = None,
+    affine: Affine | None = None,
 ) -> torch.Tensor:
     """One SGD step for every client of the stack, in place; each client's loss.
 
@@ -176,7 +209,7 @@ def fused_sgd_step(
     gradient term ``alpha * w + offset`` (weight decay, a proximal term, a control-variate
     correction)."""
     inputs, pre, grad, loss = _forward(layers, params, x, y, mask)
-    _backward(layers, params, inputs, pre, grad, lr, affine=affine)
+    _update(layers, params, params, inputs, pre, grad, lr, affine)
     return loss
 
 
@@ -188,7 +221,7 @@ def fused_first_step(
     y: torch.Tensor,
     mask: torch.Tensor,
     lr: float,
-    affine: dict[str, tuple[float, torch.Tensor | None]] | None = None,
+    affine: Affine | None = None,
     as_delta: bool = False,
 ) -> torch.Tensor:
     """Every client's first SGD step, which starts from the same global weights: the
@@ -198,35 +231,7 @@ def fused_first_step(
     With ``as_delta``, ``out`` receives the change ``new - global`` instead (for clients whose
     only step this is)."""
     inputs, pre, grad, loss = _forward(layers, shared, x, y, mask)
-    clients = x.shape[0]
-    for index in range(len(layers) - 1, -1, -1):
-        layer, h_in = layers[index], inputs[index]
-        w = shared[layer.weight]
-        below = torch.matmul(grad, w) if index > 0 else None
-        decay, offset = affine[layer.weight] if affine else (0.0, None)
-        new_w = out[layer.weight]
-        # new = (1 - lr decay) w - lr (g + offset); delta = new - w = -lr (g + decay w + offset)
-        torch.baddbmm(
-            w.expand(clients, *w.shape),
-            grad.transpose(1, 2),
-            h_in,
-            beta=-lr * decay if as_delta else 1.0 - lr * decay,
-            alpha=-lr,
-            out=new_w,
-        )
-        if offset is not None:
-            new_w.sub_(offset, alpha=lr)
-        if layer.bias:
-            b, new_b = shared[layer.bias], out[layer.bias]
-            decay, offset = affine[layer.bias] if affine else (0.0, None)
-            torch.mul(b.expand_as(new_b), -lr * decay if as_delta else 1.0 - lr * decay, out=new_b)
-            new_b.sub_(grad.sum(dim=1), alpha=lr)
-            if offset is not None:
-                new_b.sub_(offset, alpha=lr)
-        if below is not None:
-            if layers[index - 1].relu:
-                below.mul_(pre[index - 1] > 0)
-            grad = below
+    _update(layers, shared, out, inputs, pre, grad, lr, affine, as_delta)
     return loss
 
 
@@ -240,4 +245,4 @@ def fused_grads(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Each client's loss gradient (stacked, written into the ``out`` buffers) and loss."""
     inputs, pre, grad, loss = _forward(layers, params, x, y, mask)
-    return _backward(layers, params, inputs, pre, grad, None, out), loss
+    return _gradients(layers, params, inputs, pre, grad, out), loss

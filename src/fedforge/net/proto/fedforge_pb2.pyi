@@ -49,7 +49,7 @@ class Heartbeat(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplyChunk(_message.Message):
-    __slots__ = ("stage", "num_examples", "scalars", "metrics", "chunk")
+    __slots__ = ("stage", "num_examples", "scalars", "metrics", "chunk", "task_id")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,18 +69,22 @@ class ReplyChunk(_message.Message):
     SCALARS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     stage: str
     num_examples: int
     scalars: _containers.ScalarMap[str, float]
     metrics: _containers.ScalarMap[str, float]
     chunk: Chunk
-    def __init__(self, stage: _Optional[str] = ..., num_examples: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    task_id: bytes
+    def __init__(self, stage: _Optional[str] = ..., num_examples: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., task_id: _Optional[bytes] = ...) -> None: ...
 
 class ClientFailureReport(_message.Message):
-    __slots__ = ("error",)
+    __slots__ = ("error", "task_id")
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     error: str
-    def __init__(self, error: _Optional[str] = ...) -> None: ...
+    task_id: bytes
+    def __init__(self, error: _Optional[str] = ..., task_id: _Optional[bytes] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
     __slots__ = ("envelope", "hello", "heartbeat", "reply", "failure")
@@ -109,7 +113,7 @@ class Welcome(_message.Message):
     def __init__(self, client_name: _Optional[str] = ..., client_id: _Optional[int] = ..., config_toml: _Optional[str] = ..., heartbeat_ms: _Optional[int] = ...) -> None: ...
 
 class TaskChunk(_message.Message):
-    __slots__ = ("stage", "seed", "scalars", "deadline_unix_ms", "chunk")
+    __slots__ = ("stage", "seed", "scalars", "deadline_unix_ms", "chunk", "task_id")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,12 +126,14 @@ class TaskChunk(_message.Message):
     SCALARS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     stage: str
     seed: bytes
     scalars: _containers.ScalarMap[str, float]
     deadline_unix_ms: int
     chunk: Chunk
-    def __init__(self, stage: _Optional[str] = ..., seed: _Optional[bytes] = ..., scalars: _Optional[_Mapping[str, float]] = ..., deadline_unix_ms: _Optional[int] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ...) -> None: ...
+    task_id: bytes
+    def __init__(self, stage: _Optional[str] = ..., seed: _Optional[bytes] = ..., scalars: _Optional[_Mapping[str, float]] = ..., deadline_unix_ms: _Optional[int] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., task_id: _Optional[bytes] = ...) -> None: ...
 
 class Reject(_message.Message):
     __slots__ = ("reason",)
