@@ -52,3 +52,15 @@ def test_resolved_config_round_trips_through_toml(tmp_path) -> None:  # type: ig
 )
 def test_example_configs_are_valid(path: Path) -> None:
     load_config(path)
+
+
+def test_impossible_stage_chains_are_refused_when_the_configuration_loads() -> None:
+    import pytest
+
+    from fedforge.config import load_config
+    from fedforge.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="clip_norm cannot be combined"):
+        load_config(None, ["algorithm.name='scaffold'", "update.clip_norm=1.0"])
+    with pytest.raises(ConfigError, match="median ignores weights"):
+        load_config(None, ["aggregation.kind='median'", "aggregation.max_weight=10"])

@@ -120,6 +120,11 @@ class DeployConfig(_Section):
     chunk_kb: int = Field(1024, ge=1, description="size of one streamed chunk")
     max_payload_mb: int = Field(4096, ge=1, description="largest model or update accepted")
     max_examples: int = Field(10_000_000, ge=1, description="hard cap on a claimed sample count")
+    client_data: Literal["builtin", "own"] = Field(
+        "builtin",
+        description="builtin: clients train on their share of the run's dataset and are held "
+        "to its size; own: clients bring their own data (--data) and declare its size",
+    )
 
 
 class RunConfig(_Section):
@@ -152,6 +157,11 @@ class RunConfig(_Section):
             raise ValueError(
                 f"server.clients_per_round ({self.server.clients_per_round}) exceeds the "
                 f"number of clients ({clients})"
+            )
+        if self.algorithm.name == "scaffold" and self.update.clip_norm is not None:
+            raise ValueError(
+                "update.clip_norm cannot be combined with algorithm.name = 'scaffold': its "
+                "client control variates are updated from the unclipped record"
             )
         if self.aggregation.kind == "median" and self.aggregation.max_weight is not None:
             raise ValueError(

@@ -29,6 +29,7 @@ lr = 0.1
 [server]
 rounds = {rounds}
 clients_per_round = {per_round}
+{server_extra}
 [deploy]
 address = "127.0.0.1:{port}"
 keys = "{keys}"
@@ -69,9 +70,11 @@ def write_config(
     timeout: float = 30,
     min_completed: int = 1,
     max_retries: int = 3,
+    server_extra: str = "",
     extra: str = "",
 ) -> Path:
-    """A run configuration; ``extra`` appends TOML sections (e.g. ``[algorithm]``)."""
+    """A run configuration; ``server_extra`` adds keys to ``[server]`` and ``extra`` appends
+    TOML sections (e.g. ``[algorithm]``)."""
     path = root / f"{state}.toml"
     path.write_text(
         BASE_CONFIG.format(
@@ -86,6 +89,7 @@ def write_config(
             timeout=timeout,
             min_completed=min_completed,
             max_retries=max_retries,
+            server_extra=server_extra,
             extra=extra,
         )
     )

@@ -13,12 +13,15 @@ import grpc
 import numpy as np
 import pytest
 
+from fedforge.config import load_config
 from fedforge.core.records import FIT
 from fedforge.data.datasets import load_digits
+from fedforge.experiment import build_dataset
 from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
 from fedforge.net.keys import add_client, init_keys, revoke_client
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+from fedforge.net.server import size_cap
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
@@ -43,7 +46,7 @@ def _channel(port: int, ca: bytes, key: bytes | None, cert: bytes | None) -> grp
 class CraftedClient:
     """Speaks the protocol by hand so the test can send what a real client never would."""
 
-    def __init__(self, port: int, creds: Path) -> None:
+    def __init__(self, port: int, creds: Path, declared: int = 0) -> None:
         self.channel = _channel(
             port,
             (creds / "ca.crt").read_bytes(),
@@ -51,10 +54,15 @@ class CraftedClient:
             (creds / "client.crt").read_bytes(),
         )
         self.out: queue.Queue[pb.ClientMessage | None] = queue.Queue()
-        self.out.put(pb.ClientMessage(hello=pb.Hello(protocol_version=PROTOCOL_VERSION)))
+        self.out.put(
+            pb.ClientMessage(
+                hello=pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=declared)
+            )
+        )
         self.stream = pb_grpc.FederationStub(self.channel).Connect(self._requests())
         self.rejects: list[str] = []
         self.run_id = ""
+        self.task_id = b""
 
     def _requests(self) -> Iterator[pb.ClientMessage]:
         while (m := self.out.get()) is not None:
@@ -77,6 +85,7 @@ class CraftedClient:
                 self.run_id = message.envelope.run_id
             elif kind == "task":
                 assert message.task.stage == FIT and len(message.task.seed) == 16
+                self.task_id = message.task.task_id
                 payload = assembler.add(message.task.chunk)
                 if payload is not None:
                     return message.envelope.round, decode_params(payload)
@@ -92,7 +101,11 @@ class CraftedClient:
             msg = pb.ClientMessage(
                 envelope=self.envelope(round_number),
                 reply=pb.ReplyChunk(
-                    stage=FIT, num_examples=n, metrics={"train_loss": 0.5}, chunk=chunk
+                    stage=FIT,
+                    num_examples=n,
+                    metrics={"train_loss": 0.5},
+                    chunk=chunk,
+                    task_id=self.task_id,
                 ),
             )
             self.out.put(msg)
@@ -116,6 +129,7 @@ def _zero_update(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.zeros_like(v) for k, v in params.items()}
 
 
+OVERCLAIM = 10_000_000
 BEHAVIOURS: dict[str, Callable[[CraftedClient, int, dict[str, np.ndarray]], None]] = {
     "nan": lambda c, r, p: c.send_result(
         r, list(split_payload(encode_params({k: np.full_like(v, np.nan) for k, v in p.items()}))), 5
@@ -125,6 +139,11 @@ BEHAVIOURS: dict[str, Callable[[CraftedClient, int, dict[str, np.ndarray]], None
     ),
     "inflated": lambda c, r, p: c.send_result(
         r, list(split_payload(encode_params(_zero_update(p)))), 10**9
+    ),
+    # Declares (in its Hello) and claims 10,000,000 examples, within deploy.max_examples, but
+    # holds a share of the built-in dataset: the server knows its real size.
+    "overclaim": lambda c, r, p: c.send_result(
+        r, list(split_payload(encode_params(_zero_update(p)))), OVERCLAIM
     ),
     "garbage": lambda c, r, p: c.send_result(r, list(split_payload(os.urandom(999))), 5),
     "truncated": lambda c, r, p: c.send_result(
@@ -149,27 +168,43 @@ BEHAVIOURS: dict[str, Callable[[CraftedClient, int, dict[str, np.ndarray]], None
 }
 
 
-def test_malformed_and_replayed_results_are_rejected(tmp_path: Path) -> None:
-    names = ["honest", *BEHAVIOURS]
+def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) -> None:
+    # The honest client sorts last: its id has no share of the built-in dataset (one per
+    # crafted client), and it brings its own data.
+    honest = "z-honest"
+    names = sorted([honest, *BEHAVIOURS])
+    assert names[-1] == honest
     keys = tmp_path / "keys"
     init_keys(keys, ["localhost", "127.0.0.1"])
     for name in names:
         add_client(keys, name, keys / name)
     port = free_port()
-    cfg = write_config(tmp_path, keys, port, rounds=1, clients=len(names), timeout=6)
-    # The honest client brings its own data, more examples than its share of the built-in
-    # dataset: the server must accept its sample count because it declared it.
+    cfg = write_config(
+        tmp_path,
+        keys,
+        port,
+        rounds=1,
+        clients=len(BEHAVIOURS),
+        min_clients=len(names),
+        server_extra='sampler = "poisson"\nsampling_rate = 1.0',  # every client, honest too
+        timeout=6,
+    )
+    overclaim_id = names.index("overclaim")
+    real_size = build_dataset(load_config(cfg)).client_size(overclaim_id)
+    assert real_size < OVERCLAIM
+    # The honest client's data is more than a share of the built-in dataset: the server has
+    # no size of its own for it, so it accepts the declared count.
     train, _ = load_digits()
     own = tmp_path / "honest.npz"
     np.savez(own, x=train.x[:900], y=train.y[:900])
     server = start_server(cfg, tmp_path / "server.log")
-    honest = fedforge(
+    honest_client = fedforge(
         [
             "client",
             "--server",
             f"127.0.0.1:{port}",
             "--credentials",
-            str(keys / "honest"),
+            str(keys / honest),
             "--data",
             str(own),
         ],
@@ -182,7 +217,10 @@ def test_malformed_and_replayed_results_are_rejected(tmp_path: Path) -> None:
         for _ in range(3):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(os.urandom(4096))
-        crafted = {name: CraftedClient(port, keys / name) for name in BEHAVIOURS}
+        crafted = {
+            name: CraftedClient(port, keys / name, OVERCLAIM if name == "overclaim" else 0)
+            for name in BEHAVIOURS
+        }
 
         def act(name: str) -> None:
             client = crafted[name]
@@ -197,7 +235,7 @@ def test_malformed_and_replayed_results_are_rejected(tmp_path: Path) -> None:
         for t in threads:
             t.join(timeout=30)
     finally:
-        stop_all([server, honest])
+        stop_all([server, honest_client])
     store = CheckpointStore(tmp_path / "state")
     checkpoint = store.load()
     store.close()
@@ -205,14 +243,18 @@ def test_malformed_and_replayed_results_are_rejected(tmp_path: Path) -> None:
     assert [r.round for r in checkpoint.history] == [0, 1]
     record = checkpoint.history[1]
     # honest + replay (its replayed duplicate is dropped, the result itself is valid).
+    assert record.clients_sampled == len(names)
     assert record.clients_completed == 2
-    assert record.clients_rejected == 5
+    # nan, shape, inflated, overclaim, garbage, truncated
+    assert record.clients_rejected == 6
+    assert overclaim_id in record.clients["rejected"]
     assert record.clients_failed == 1  # the silent one, dropped at the deadline
     log = (tmp_path / "server.log").read_text()
     for reason in [
         "NaN",
         "shape",
         "outside the allowed range",
+        f"num_examples {OVERCLAIM} outside the allowed range [1, {real_size}]",
         "undecodable",
         "truncated",
         "no result within",
@@ -286,3 +328,15 @@ def _safe(stream: Iterator[pb.ServerMessage]) -> Iterator[pb.ServerMessage]:
         yield from stream
     except grpc.RpcError:
         return
+
+
+def test_a_known_size_caps_the_declared_one() -> None:
+    # A share of the built-in dataset (training or held-out): never more than its real size.
+    assert size_cap(10_000_000, 150, 10_000_000, undeclared=10_000_000) == 150
+    assert size_cap(90, 150, 10_000_000, undeclared=0) == 90  # less data of its own
+    assert size_cap(0, 30, 10_000_000, undeclared=0) == 30  # declared nothing
+    # No size known: the declaration, capped by deploy.max_examples.
+    assert size_cap(900, None, 10_000_000, undeclared=0) == 900
+    assert size_cap(10**9, None, 10_000_000, undeclared=0) == 10_000_000
+    assert size_cap(0, None, 500, undeclared=500) == 500
+    assert size_cap(0, None, 500, undeclared=0) == 0

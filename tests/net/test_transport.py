@@ -1,8 +1,10 @@
 """The network transport and the service's reply handling, in process (no sockets): tasks go
-down as chunked TaskChunks, replies come back as Records or ClientFailures."""
+down as chunked TaskChunks, replies come back as Records or ClientFailures; answers to
+earlier tasks (another exchange or attempt of the round) are dropped."""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
@@ -66,33 +68,57 @@ def _receive(session: Session) -> tuple[pb.TaskChunk, int, dict[str, np.ndarray]
     return messages[-1].task, messages[-1].envelope.round, decode_params(payload)
 
 
-def _reply(
-    service: FederationService,
-    session: Session,
+def _reply_messages(
     round_number: int,
     stage: str,
+    task_id: bytes,
     arrays: dict[str, np.ndarray],
     *,
     n: int = 7,
     payload: bytes | None = None,
     **header: Any,
-) -> None:
+) -> list[pb.ClientMessage]:
+    """A client's chunked answer to the task ``task_id``."""
     data = encode_params(arrays) if payload is None else payload
-    for chunk in split_payload(data, 48):
-        first = chunk.index == 0
-        service._handle(
-            session,
-            pb.ClientMessage(
-                envelope=pb.Envelope(run_id="run-1", round=round_number, nonce=os.urandom(16)),
-                reply=pb.ReplyChunk(
-                    stage=stage,
-                    num_examples=n if first else 0,
-                    scalars=header.get("scalars", {}) if first else {},
-                    metrics=header.get("metrics", {}) if first else {},
-                    chunk=chunk,
-                ),
+    return [
+        pb.ClientMessage(
+            envelope=pb.Envelope(run_id="run-1", round=round_number, nonce=os.urandom(16)),
+            reply=pb.ReplyChunk(
+                stage=stage,
+                num_examples=n if chunk.index == 0 else 0,
+                scalars=header.get("scalars", {}) if chunk.index == 0 else {},
+                metrics=header.get("metrics", {}) if chunk.index == 0 else {},
+                chunk=chunk,
+                task_id=task_id,
             ),
         )
+        for chunk in split_payload(data, 48)
+    ]
+
+
+def _reply(
+    service: FederationService,
+    session: Session,
+    round_number: int,
+    stage: str,
+    task_id: bytes,
+    arrays: dict[str, np.ndarray],
+    **kwargs: Any,
+) -> None:
+    for message in _reply_messages(round_number, stage, task_id, arrays, **kwargs):
+        service._handle(session, message)
+
+
+def _fail(
+    service: FederationService, session: Session, round_number: int, task_id: bytes, error: str
+) -> None:
+    service._handle(
+        session,
+        pb.ClientMessage(
+            envelope=pb.Envelope(run_id="run-1", round=round_number, nonce=os.urandom(16)),
+            failure=pb.ClientFailureReport(error=error, task_id=task_id),
+        ),
+    )
 
 
 def _rejects(session: Session) -> list[str]:
@@ -118,17 +144,31 @@ def test_tasks_go_down_once_encoded_and_records_come_back(
     _, service, transport, (a, b) = _setup(timeout=1.0)
     tasks = [Task(FIT, 3, cid, SEED + cid, SHARED, {"clip_norm": 2.5}) for cid in (0, 1)]
     exchange = Exchange(transport, tasks)
+    ids = []
     for session, cid in ((a, 0), (b, 1)):
         body, round_number, arrays = _receive(session)
+        ids.append(body.task_id)
         assert (body.stage, round_number, dict(body.scalars)) == (FIT, 3, {"clip_norm": 2.5})
+        assert len(body.task_id) == 16
         assert int.from_bytes(body.seed, "little") == SEED + cid
         assert len(body.seed) == 16 and body.deadline_unix_ms > 0
         for k, v in SHARED.items():
             np.testing.assert_array_equal(arrays[k], v)
     update = {"w": np.full((4, 10), 0.5, np.float32), "b": np.zeros(10, np.float32)}
-    # b answers an evaluate task it was never given: ignored (and told), then stays silent.
-    _reply(service, b, 3, EVALUATE, {}, metrics={"accuracy": 1.0, "loss": 0.0})
-    _reply(service, a, 3, FIT, update, n=42, scalars={"clipped": 1.0}, metrics={"train_loss": 0.3})
+    assert ids[0] != ids[1]
+    # b answers a task it was never given: dropped without a word, then stays silent.
+    _reply(service, b, 3, EVALUATE, os.urandom(16), {}, metrics={"accuracy": 1.0, "loss": 0.0})
+    _reply(
+        service,
+        a,
+        3,
+        FIT,
+        ids[0],
+        update,
+        n=42,
+        scalars={"clipped": 1.0},
+        metrics={"train_loss": 0.3},
+    )
     replies = exchange.result()
     assert calls == [1]  # one encoding for the whole exchange
     record = replies[0]
@@ -143,7 +183,7 @@ def test_tasks_go_down_once_encoded_and_records_come_back(
     failure = replies[1]
     assert isinstance(failure, ClientFailure) and not failure.rejected
     assert "no result within" in failure.error
-    assert any("'evaluate' reply rejected" in r for r in _rejects(b))
+    assert _rejects(b) == []
     assert b.task is None  # the late task is withdrawn
 
 
@@ -151,11 +191,23 @@ def test_evaluate_replies_without_arrays_round_trip() -> None:
     _, service, transport, (a, b) = _setup()
     tasks = [Task(EVALUATE, 2, cid, 0, SHARED) for cid in (0, 1)]
     exchange = Exchange(transport, tasks)
+    ids = []
     for session in (a, b):
         body, _, _ = _receive(session)
+        ids.append(body.task_id)
         assert body.stage == EVALUATE and int.from_bytes(body.seed, "little") == 0
-    _reply(service, a, 2, EVALUATE, {}, n=9, metrics={"accuracy": 0.75, "loss": 0.5})
-    _reply(service, b, 2, EVALUATE, {}, n=3, payload=b"", metrics={"accuracy": 1.0, "loss": 0.1})
+    _reply(service, a, 2, EVALUATE, ids[0], {}, n=9, metrics={"accuracy": 0.75, "loss": 0.5})
+    _reply(
+        service,
+        b,
+        2,
+        EVALUATE,
+        ids[1],
+        {},
+        n=3,
+        payload=b"",
+        metrics={"accuracy": 1.0, "loss": 0.1},
+    )
     replies = exchange.result()
     for cid, n, acc in ((0, 9, 0.75), (1, 3, 1.0)):
         record = replies[cid]
@@ -168,20 +220,13 @@ def test_protocol_violations_failures_and_disconnects() -> None:
     c = hub.open("c", 2, 0)
     tasks = [Task(FIT, 1, cid, cid, SHARED) for cid in (0, 1, 2, 3)]  # 3 never connected
     exchange = Exchange(transport, tasks)
-    for session in (a, b, c):
-        _receive(session)
+    ids = [_receive(session)[0].task_id for session in (a, b, c)]
     # a: bytes that are no safetensors file; the wrong round is ignored, not fatal.
-    _reply(service, a, 7, FIT, SHARED)
+    _reply(service, a, 7, FIT, ids[0], SHARED)
     assert a.task is not None
-    _reply(service, a, 1, FIT, {}, payload=os.urandom(100))
+    _reply(service, a, 1, FIT, ids[0], {}, payload=os.urandom(100))
     # b reports that its training failed; c disconnects.
-    service._handle(
-        b,
-        pb.ClientMessage(
-            envelope=pb.Envelope(run_id="run-1", round=1, nonce=os.urandom(16)),
-            failure=pb.ClientFailureReport(error="out of memory"),
-        ),
-    )
+    _fail(service, b, 1, ids[1], "out of memory")
     hub.close(c)
     replies = exchange.result()
     assert set(replies) == {0, 1, 2, 3}
@@ -205,3 +250,87 @@ def test_replayed_nonces_are_rejected_within_a_round_and_forgotten_after() -> No
     hub.start_round(2)
     assert hub.fresh_nonce(nonce)
     assert not hub.fresh_nonce(b"short")
+
+
+def _stale_drops(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "dropped a late" in r.getMessage()]
+
+
+def test_a_late_fit_failure_is_not_charged_to_the_rounds_evaluate_task(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="fedforge")
+    _, service, transport, (a, b) = _setup(timeout=0.3)
+    fit = Exchange(transport, [Task(FIT, 1, cid, cid, SHARED) for cid in (0, 1)])
+    fit_ids = [_receive(session)[0].task_id for session in (a, b)]
+    _reply(service, a, 1, FIT, fit_ids[0], SHARED, metrics={"train_loss": 0.1})
+    replies = fit.result()  # b is still training at the deadline
+    assert isinstance(replies[0], Record)
+    assert isinstance(replies[1], ClientFailure) and "no result within" in replies[1].error
+
+    transport.round_timeout_s = 10.0
+    evaluate = Exchange(transport, [Task(EVALUATE, 1, cid, 0, SHARED) for cid in (0, 1)])
+    eval_ids = [_receive(session)[0].task_id for session in (a, b)]
+    assert not set(eval_ids) & set(fit_ids)
+    # b's fit task fails now, during the round's evaluate exchange: that is not b's answer to
+    # the evaluate task, which b then completes.
+    _fail(service, b, 1, fit_ids[1], "RuntimeError: out of memory")
+    assert b.task is not None and b.task.task_id == eval_ids[1]
+    _reply(service, a, 1, EVALUATE, eval_ids[0], {}, n=5, metrics={"accuracy": 0.5, "loss": 1})
+    _reply(service, b, 1, EVALUATE, eval_ids[1], {}, n=6, metrics={"accuracy": 1.0, "loss": 0})
+    replies = evaluate.result()
+    for cid, n in ((0, 5), (1, 6)):
+        record = replies[cid]
+        assert isinstance(record, Record) and record.num_examples == n
+    assert _rejects(b) == []
+    assert len(_stale_drops(caplog)) == 1
+
+
+def test_late_chunks_and_results_of_an_earlier_attempt_do_not_touch_the_retry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="fedforge")
+    hub, service, transport, (a, b) = _setup(timeout=0.3)
+    first = Exchange(transport, [Task(FIT, 2, 0, 0, SHARED)])
+    first_id = _receive(a)[0].task_id
+    late = _reply_messages(2, FIT, first_id, SHARED, n=11, metrics={"train_loss": 0.9})
+    assert len(late) > 3
+    for message in late[:2]:  # a's answer is still on the wire at the deadline
+        service._handle(a, message)
+    replies = first.result()
+    assert isinstance(replies[0], ClientFailure) and not replies[0].rejected
+    # A result that raced the deadline of attempt 0 is still queued when attempt 1 starts.
+    stale = Record(0, 11, {k: np.full_like(v, 9.0) for k, v in SHARED.items()})
+    hub.results.put((first_id, stale))
+
+    transport.round_timeout_s = 10.0
+    retry = Exchange(transport, [Task(FIT, 2, cid, cid, SHARED) for cid in (0, 1)])
+    ids = [_receive(session)[0].task_id for session in (a, b)]
+    for message in late[2:]:  # the rest of attempt 0's answer reaches attempt 1
+        service._handle(a, message)
+    assert a.task is not None and a.task.task_id == ids[0] and a.task.header is None
+    update = {k: np.full_like(v, 0.25) for k, v in SHARED.items()}
+    _reply(service, a, 2, FIT, ids[0], update, n=12, metrics={"train_loss": 0.2})
+    _reply(service, b, 2, FIT, ids[1], SHARED, n=13, metrics={"train_loss": 0.3})
+    replies = retry.result()
+    record = replies[0]
+    assert isinstance(record, Record) and record.num_examples == 12
+    for k, v in update.items():
+        np.testing.assert_array_equal(record.arrays[k], v)
+    assert isinstance(replies[1], Record) and replies[1].num_examples == 13
+    assert _rejects(a) == []
+    assert len(_stale_drops(caplog)) == 1  # once for attempt 0's task, not once per chunk
+
+
+def test_a_reply_with_the_tasks_id_but_another_stage_is_rejected() -> None:
+    _, service, transport, (a, b) = _setup()
+    exchange = Exchange(transport, [Task(FIT, 4, cid, cid, SHARED) for cid in (0, 1)])
+    ids = [_receive(session)[0].task_id for session in (a, b)]
+    _reply(service, a, 4, EVALUATE, ids[0], {}, metrics={"accuracy": 1.0, "loss": 0.0})
+    _fail(service, b, 4, b"", "a report that names no task")  # dropped: b stays pending
+    assert b.task is not None
+    _reply(service, b, 4, FIT, ids[1], SHARED)
+    replies = exchange.result()
+    assert isinstance(replies[0], ClientFailure) and replies[0].rejected
+    assert "'evaluate' reply rejected" in replies[0].error
+    assert isinstance(replies[1], Record)

@@ -248,7 +248,7 @@ class _Worker:
         return pb.Envelope(run_id=self.run_id, round=round_number, nonce=os.urandom(16))
 
     def _reply_messages(
-        self, round_number: int, stage: str, encoded: bytes, record: Record
+        self, round_number: int, stage: str, task_id: bytes, encoded: bytes, record: Record
     ) -> Iterator[pb.ClientMessage]:
         for piece in split_payload(encoded):
             header = piece.index == 0  # the server reads the header from the first chunk
@@ -260,6 +260,7 @@ class _Worker:
                     scalars=record.scalars if header else {},
                     metrics=record.metrics if header else {},
                     chunk=piece,
+                    task_id=task_id,
                 ),
             )
 
@@ -280,7 +281,8 @@ class _Worker:
         if payload is None:
             return 0
         self.reassembler = None  # release the chunks
-        round_number, stage = int(message.envelope.round), body.stage
+        # The reply (or failure report) echoes the task's id: the server takes no other.
+        round_number, stage, task_id = int(message.envelope.round), body.stage, body.task_id
         log.info(
             "round %d: received a %s task (%.1f MB) in %.3f s",
             round_number,
@@ -312,12 +314,14 @@ class _Worker:
             self.outbox.put(
                 pb.ClientMessage(
                     envelope=self._envelope(round_number),
-                    failure=pb.ClientFailureReport(error=f"{type(exc).__name__}: {exc}"),
+                    failure=pb.ClientFailureReport(
+                        error=f"{type(exc).__name__}: {exc}", task_id=task_id
+                    ),
                 )
             )
             return 0
         encoded = encode_params(record.arrays)
-        self.outbox.put(self._reply_messages(round_number, stage, encoded, record))
+        self.outbox.put(self._reply_messages(round_number, stage, task_id, encoded, record))
         return 1 if stage == FIT else 0
 
 

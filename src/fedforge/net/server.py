@@ -50,6 +50,20 @@ class ServerRun:
     state: ServerState
 
 
+def size_cap(declared: int, known: int | None, max_examples: int, undeclared: int) -> int:
+    """The largest example count accepted from a client.
+
+    ``known`` is the client's real size when the server knows it (its share of the built-in
+    dataset): a client may declare less (it brings less data of its own), never more.
+    Otherwise (``None``) the client's declaration is all there is (``undeclared`` when it
+    made none). Never above ``max_examples``."""
+    if known is not None:
+        cap = min(declared, known) if declared > 0 else known
+    else:
+        cap = declared if declared > 0 else undeclared
+    return max(0, min(cap, max_examples))
+
+
 def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
     limit = max_message_mb << 20
     return [
@@ -141,17 +155,18 @@ def run_server(
         return evaluate(model, data.test)
 
     def example_cap(cid: int, stage: str) -> int:
-        """The largest example count accepted from a client: what it declared, else its
-        share of the built-in dataset; never above deploy.max_examples."""
+        """The largest example count accepted from a client (see :func:`size_cap`): a client
+        with a share of the built-in dataset is held to its size (training examples, or
+        held-out examples for the evaluate stage)."""
         session = hub.session_for(cid)
-        builtin = cid < data.num_clients
+        builtin = d.client_data == "builtin" and cid < data.num_clients
         if stage == FIT:
             declared = session.declared_examples if session else 0
-            known = data.client_size(cid) if builtin else d.max_examples
-        else:
-            declared = session.declared_holdout if session else 0
-            known = data.holdout_size(cid) if builtin else 0
-        return min(declared if declared > 0 else known, d.max_examples)
+            known = data.client_size(cid) if builtin else None
+            return size_cap(declared, known, d.max_examples, undeclared=d.max_examples)
+        declared = session.declared_holdout if session else 0
+        known = data.holdout_size(cid) if builtin else None
+        return size_cap(declared, known, d.max_examples, undeclared=0)
 
     transport = NetworkTransport(
         hub,

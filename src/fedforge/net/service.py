@@ -16,7 +16,7 @@ from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedforge")
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: tasks carry an id that replies and failure reports echo
 
 
 class FederationService(pb_grpc.FederationServicer):
@@ -107,7 +107,7 @@ class FederationService(pb_grpc.FederationServicer):
             task, session.task = session.task, None
         if task is not None:
             self.hub.results.put(
-                (task.key, ClientFailure(session.client_id, reason, rejected=True))
+                (task.task_id, ClientFailure(session.client_id, reason, rejected=True))
             )
 
     def _handle(self, session: Session, message: pb.ClientMessage) -> None:
@@ -125,7 +125,18 @@ class FederationService(pb_grpc.FederationServicer):
         if env.run_id != self.hub.run_id:
             self._reject(session, f"message for run {env.run_id!r} rejected", fail_task=False)
             return
+        if kind == "reply":
+            task_id = message.reply.task_id
+        elif kind == "failure":
+            task_id = message.failure.task_id
+        else:
+            task_id = b""
         task = session.task
+        if kind in ("reply", "failure") and (task is None or task_id != task.task_id):
+            # A late answer to an earlier task (an exchange or attempt whose deadline passed):
+            # not this task's, so neither a reply to it nor a protocol violation.
+            self._drop_stale(session, kind, task_id)
+            return
         if task is None or env.round != task.round:
             self._reject(
                 session,
@@ -142,18 +153,18 @@ class FederationService(pb_grpc.FederationServicer):
                     return
                 session.task = None
             self.hub.results.put(
-                (task.key, ClientFailure(session.client_id, message.failure.error[:2000]))
+                (task.task_id, ClientFailure(session.client_id, message.failure.error[:2000]))
             )
             return
         if kind != "reply":
             self._reject(session, f"unexpected message {kind!r}", fail_task=True)
             return
         reply = message.reply
-        if reply.stage != task.stage:  # a late answer to an earlier task: not this one's
+        if reply.stage != task.stage:
             self._reject(
                 session,
-                f"{reply.stage[:40]!r} reply rejected: the task in progress is {task.stage!r}",
-                fail_task=False,
+                f"{reply.stage[:40]!r} reply rejected: the task is {task.stage!r}",
+                fail_task=True,
             )
             return
         try:
@@ -180,4 +191,18 @@ class FederationService(pb_grpc.FederationServicer):
             scalars=header.scalars,
             metrics=header.metrics,
         )
-        self.hub.results.put((task.key, record))
+        self.hub.results.put((task.task_id, record))
+
+    def _drop_stale(self, session: Session, kind: str, task_id: bytes) -> None:
+        """Drop a reply chunk or failure report for a task that is not the client's current
+        one, logging once per stale task (not once per chunk)."""
+        with session.lock:
+            if session.stale_task_id == task_id:
+                return
+            session.stale_task_id = task_id
+        log.warning(
+            "client %s: dropped a late %s for task %s, which is not its current task",
+            session.name,
+            kind,
+            task_id[:8].hex() or "(no id)",
+        )

@@ -6,11 +6,16 @@ chunks, and yields every reply as it arrives: a :class:`Record` (decoded by the 
 a :class:`ClientFailure` for a client that disconnected, reported a failure or missed the
 deadline (``rejected=True`` when its answer broke the protocol). Records are not validated
 here: the driver checks them against the algorithm's record spec, as in simulation.
+
+Every task gets a fresh random id that the client's answer echoes; the exchange takes only
+replies tagged with the ids of its own tasks, so a late answer to an earlier exchange (the
+round's fit during its evaluation) or an earlier attempt of a retried round is dropped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import queue
 import time
 from collections.abc import Iterator, Sequence
@@ -18,9 +23,10 @@ from collections.abc import Iterator, Sequence
 from fedforge.core.params import Params
 from fedforge.core.records import ClientFailure, Reply, Task
 from fedforge.net.codec import Reassembler, encode_params, split_payload
-from fedforge.net.hub import Hub, PendingTask, TaskKey
+from fedforge.net.hub import Hub, PendingTask, new_task_id
 from fedforge.net.proto import fedforge_pb2 as pb
 
+log = logging.getLogger("fedforge")
 SEED_BYTES = 16
 
 
@@ -47,7 +53,7 @@ class NetworkTransport:
         self.max_payload_bytes = max_payload_bytes
 
     def _task_messages(
-        self, task: Task, payload: bytes, digest: bytes, deadline_ms: int
+        self, task: Task, task_id: bytes, payload: bytes, digest: bytes, deadline_ms: int
     ) -> Iterator[pb.ServerMessage]:
         seed = seed_bytes(task.seed)
         scalars = {k: float(v) for k, v in task.scalars.items()}
@@ -60,6 +66,7 @@ class NetworkTransport:
                     scalars=scalars,
                     deadline_unix_ms=deadline_ms,
                     chunk=chunk,
+                    task_id=task_id,
                 ),
             )
 
@@ -71,7 +78,7 @@ class NetworkTransport:
         deadline_ms = int((time.time() + self.round_timeout_s) * 1000)
         # Every task of an exchange shares one ``shared`` dict: encode it once.
         encoded: dict[int, tuple[Params, bytes, bytes]] = {}
-        pending: dict[int, TaskKey] = {}
+        pending: dict[int, bytes] = {}  # client id -> the id of its task in this exchange
         for task in tasks:
             cid = task.client_id
             session = self.hub.session_for(cid)
@@ -86,28 +93,34 @@ class NetworkTransport:
                     hashlib.sha256(payload).digest(),
                 )
             _, payload, digest = encoded[id(task.shared)]
-            pending_task = PendingTask(task.round, task.stage, Reassembler(self.max_payload_bytes))
+            pending_task = PendingTask(
+                new_task_id(), task.round, task.stage, Reassembler(self.max_payload_bytes)
+            )
             with session.lock:
                 session.task = pending_task
-            session.send(self._task_messages(task, payload, digest, deadline_ms))
-            pending[cid] = pending_task.key
+            session.send(
+                self._task_messages(task, pending_task.task_id, payload, digest, deadline_ms)
+            )
+            pending[cid] = pending_task.task_id
         encoded.clear()
         while pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                key, reply = self.hub.results.get(timeout=remaining)
+                task_id, reply = self.hub.results.get(timeout=remaining)
             except queue.Empty:
                 break
-            if pending.get(reply.client_id) == key:
+            if pending.get(reply.client_id) == task_id:
                 del pending[reply.client_id]
                 yield reply
-        for cid, key in sorted(pending.items()):
+            else:  # it raced an earlier exchange's deadline: not an answer to this one
+                log.debug("dropped a stale result of client %d", reply.client_id)
+        for cid, task_id in sorted(pending.items()):
             session = self.hub.session_for(cid)
             if session is not None:
                 with session.lock:
-                    if session.task is not None and session.task.key == key:
+                    if session.task is not None and session.task.task_id == task_id:
                         session.task = None
             yield ClientFailure(cid, f"no result within the {self.round_timeout_s:g} s deadline")
 

@@ -65,6 +65,7 @@ def simulate(
     federated_eval: FederatedEvaluation | None = None,
     state_dir: Path | None = None,
     resume: bool = False,
+    client_states: ClientStateStore | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -76,6 +77,8 @@ def simulate(
     intra-op threads while the simulation runs (restored afterwards): by default 1, except for
     ``vectorized``, which uses every core. With ``state_dir`` the server state is checkpointed
     after every round and client state lives on disk; ``resume=True`` continues from there.
+    ``client_states`` picks where stateful algorithms keep client state otherwise (default in
+    memory; a :class:`DiskStateStore` for 10,000+ clients with large states).
     """
     chain = StageChain(stages)
     chain.check(aggregation)
@@ -107,6 +110,7 @@ def simulate(
             federated_eval=federated_eval,
             state_dir=state_dir,
             resume=resume,
+            client_states=client_states,
         )
     finally:
         blas.restore_original_limits()
@@ -129,6 +133,7 @@ def _simulate(
     federated_eval: FederatedEvaluation | None,
     state_dir: Path | None,
     resume: bool,
+    client_states: ClientStateStore | None,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -137,7 +142,7 @@ def _simulate(
         eval_model.set_params(params)
         return evaluate(eval_model, data.test)
 
-    store: ClientStateStore = MemoryStateStore()
+    store: ClientStateStore = client_states or MemoryStateStore()
     checkpoints: CheckpointStore | None = None
     state = algorithm.init(eval_model.get_params())
     state = ServerState(
