@@ -96,19 +96,20 @@ class VectorizedTransport:
                         yield ClientFailure(task.client_id, f"{type(exc).__name__}: {exc}", tb)
 
     def _own_states(self, chunk: Sequence[Task]) -> dict[str, torch.Tensor]:
+        """The chunk's client states, stacked into fresh arrays (the algorithm's initial
+        state for clients that have none yet)."""
         if not self.app.stateful:
             return {}
         task = chunk[0]
-        trainable = {n: task.shared[n] for n in self.app.trainable}
-        states = []
-        for t in chunk:
+        initial = self.app.algorithm.init_client_state(
+            {n: task.shared[n] for n in self.app.trainable}
+        )
+        stacked = {k: np.empty((len(chunk), *v.shape), dtype=v.dtype) for k, v in initial.items()}
+        for row, t in enumerate(chunk):
             state = self.store.get(t.client_id, t.round)
-            states.append(
-                state if state is not None else self.app.algorithm.init_client_state(trainable)
-            )
-        return {
-            k: torch.from_numpy(np.stack([s[k] for s in states])).to(self.device) for k in states[0]
-        }
+            for k, out in stacked.items():
+                out[row] = initial[k] if state is None else state[k]
+        return {k: torch.from_numpy(v).to(self.device) for k, v in stacked.items()}
 
     def _train_chunk(self, chunk: Sequence[Task], shared: dict[str, torch.Tensor]) -> RecordBatch:
         plans = [
