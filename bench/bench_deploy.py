@@ -140,8 +140,8 @@ def overhead() -> None:
         for c in clients:
             c.wait(timeout=60)
         assert done.returncode == 0, done.stderr[-2000:]
-        rounds = history(tmp)
-        trained = client_lines(tmp, names, r"round (\d+): trained in ([\d.]+) s")
+        rounds = [r for r in history(tmp) if r.round > 0]  # round 0: the initial evaluation
+        trained = client_lines(tmp, names, r"round (\d+): fit done in ([\d.]+) s")
         slowest = {
             r.round: max(float(t) for lines in trained for (rn, t) in lines if int(rn) == r.round)
             for r in rounds
@@ -197,7 +197,9 @@ def throughput(model_mb: int, num_clients: int = 4) -> None:
             c.wait(timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         got = client_lines(
-            tmp, names, r"received ([\d.]+) MB model in ([\d.]+) s \(([\d.]+)-([\d.]+)\)"
+            tmp,
+            names,
+            r"received a fit task \(([\d.]+) MB\) in ([\d.]+) s \(([\d.]+)-([\d.]+)\)",
         )
         sizes = [float(lines[0][0]) for lines in got]
         starts = [float(lines[0][2]) for lines in got]
@@ -263,6 +265,7 @@ async def _light_client(port: int, creds: Path, rounds_done: list[int]) -> None:
                             envelope=env,
                             reply=pb.ReplyChunk(
                                 stage=message.task.stage,
+                                task_id=message.task.task_id,
                                 num_examples=1,
                                 metrics={"train_loss": 0.1},
                                 chunk=chunk,
@@ -322,7 +325,7 @@ def load(num_clients: int = 200, rounds: int = 10) -> None:
         cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         code = server.wait(timeout=60)
         stop.set()
-        rows = history(tmp)
+        rows = [r for r in history(tmp) if r.round > 0]  # round 0: the initial evaluation
         errors = sum(r.clients_failed + r.clients_rejected for r in rows)
         complete = all(r.clients_completed == num_clients for r in rows)
         print(

@@ -283,12 +283,15 @@ class _Worker:
         self.reassembler = None  # release the chunks
         # The reply (or failure report) echoes the task's id: the server takes no other.
         round_number, stage, task_id = int(message.envelope.round), body.stage, body.task_id
+        received = time.time()
         log.info(
-            "round %d: received a %s task (%.1f MB) in %.3f s",
+            "round %d: received a %s task (%.1f MB) in %.3f s (%.6f-%.6f)",
             round_number,
             stage,
             len(payload) / 1e6,
-            time.time() - self.receive_started,
+            received - self.receive_started,
+            self.receive_started,
+            received,
         )
         try:
             task = Task(
