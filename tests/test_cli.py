@@ -169,3 +169,109 @@ def test_sigkilled_run_resumes_to_the_same_final_model(tmp_path: Path) -> None:
 def test_resume_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
     proc = fedforge("run", "--resume", str(tmp_path))
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
+
+
+# Issue 15: nothing lost, provenance, discoverable configuration.
+
+
+def test_version_run_help_and_config_listing() -> None:
+    from typer.testing import CliRunner
+
+    import fedforge
+    from fedforge.cli import app
+
+    runner = CliRunner()
+    version = runner.invoke(app, ["--version"])
+    assert version.exit_code == 0 and fedforge.__version__ in version.output
+    helped = runner.invoke(app, ["run", "--help"])
+    assert helped.exit_code == 0 and "fedforge config" in " ".join(helped.output.split())
+    listing = runner.invoke(app, ["config"])
+    assert listing.exit_code == 0
+    lines = listing.output.splitlines()
+    by_key = {line.split(" = ")[0]: line for line in lines if " = " in line}
+    assert (
+        by_key["server.rounds"].startswith("server.rounds = 50")
+        and ">= 1" in (by_key["server.rounds"])
+    )
+    assert "fedavg, fedprox, scaffold" in by_key["algorithm.name"]
+    assert '"127.0.0.1:8443"' in by_key["deploy.address"]
+    assert "fedprox: proximal coefficient" in by_key["algorithm.mu"]
+    assert "optional" in by_key["server.lr"] and "unset" in by_key["server.lr"]
+    assert "0 = the client's whole data" in by_key["client.batch_size"]
+
+
+def test_existing_out_is_refused_without_overwrite(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedforge.cli import app
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.toml").write_text("seed = 1\n")
+    (old / "history.json").write_text("[]\n")
+    runner = CliRunner()
+    refused = runner.invoke(app, ["run", "--set", "server.rounds=1", "--out", str(old), "--quiet"])
+    assert refused.exit_code == 2
+    assert "--overwrite" in refused.output and "error" in refused.output
+    assert (old / "history.json").read_text() == "[]\n" and len(list(old.iterdir())) == 2
+    both = runner.invoke(app, ["run", "--resume", str(old), "--overwrite"])
+    assert both.exit_code == 2 and (old / "history.json").exists()
+
+
+def test_overwrite_replaces_a_run_and_records_provenance(tmp_path: Path) -> None:
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.toml").write_text("seed = 1\n")
+    (out / "stale.txt").write_text("from an earlier run")
+    args = ["run", str(cfg), "--set", "server.rounds=1", "--set", "runtime.backend=auto"]
+    proc = fedforge(*args, "--out", str(out), "--overwrite", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "stale.txt").exists()
+
+    prov = json.loads((out / "provenance.json").read_text())
+    import torch
+
+    import fedforge as package
+
+    assert prov["fedforge"] == package.__version__ and prov["torch"] == torch.__version__
+    assert prov["numpy"] == np.__version__
+    assert prov["python"] == ".".join(map(str, sys.version_info[:3]))
+    history = json.loads((out / "history.json").read_text())
+    assert prov["backend_requested"] == "auto"
+    assert prov["backend"] in ("vectorized", "workers", "sequential")
+    assert prov["device"] in ("cpu", "cuda", "cuda:0")
+    assert "--overwrite" in prov["command"] and str(out) in prov["command"]
+    assert prov["started"] <= prov["finished"] and len(history) == 2
+
+    text = (out / "config.toml").read_text()
+    assert "deploy" not in text
+    assert load_config(out / "config.toml").server.rounds == 1
+
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert modes["model.safetensors"] == modes["config.toml"] == modes["history.json"]
+
+
+def test_runs_started_together_get_their_own_directories(tmp_path: Path) -> None:
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    cmd = [sys.executable, "-m", "fedforge.cli", "run", str(cfg), "--set", "server.rounds=1"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--quiet"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    for run_dir in runs:
+        assert json.loads((run_dir / "history.json").read_text())[-1]["round"] == 1
+        assert (run_dir / "model.safetensors").exists() and (run_dir / "provenance.json").exists()

@@ -8,21 +8,51 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_example_runs() -> None:
-    text = README.read_text()
-    section = text.split("## Python API", 1)[1]
+def _first_python_api_example() -> str:
+    section = README.read_text().split("## Python API", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code is not None
+    return code.group(1)
+
+
+_DIGEST = """
+import hashlib
+print("digest", hashlib.sha256(b"".join(
+    result.state.params[name].tobytes() for name in sorted(result.state.params)
+)).hexdigest())
+"""
+
+
+def _run_example(code: str) -> tuple[float, str]:
+    """The printed accuracy and a digest of the final parameters, from a fresh interpreter."""
     proc = subprocess.run(
-        [sys.executable, "-c", code.group(1)],
+        [sys.executable, "-c", code + _DIGEST],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    accuracy = float(re.search(r"test accuracy ([\d.]+)", proc.stdout).group(1))  # type: ignore[union-attr]
-    assert accuracy > 0.8
+    found = re.search(r"test accuracy ([\d.]+)", proc.stdout)
+    digest = re.search(r"digest (\w+)", proc.stdout)
+    assert found is not None and digest is not None, proc.stdout
+    return float(found.group(1)), digest.group(1)
+
+
+def test_readme_python_example_runs_and_is_reproducible_as_written() -> None:
+    code = _first_python_api_example()
+    # Each run is a fresh interpreter, so torch's global RNG starts anew: the example
+    # itself must seed the initial model for the two runs to agree.
+    (first, first_digest), (second, second_digest) = _run_example(code), _run_example(code)
+    assert first > 0.8
+    assert first == second
+    assert first_digest == second_digest
+
+
+def test_readme_python_example_seeds_the_model_before_building_it() -> None:
+    code = _first_python_api_example()
+    assert "torch.manual_seed(" in code
+    assert code.index("torch.manual_seed(") < code.index("model = ")
 
 
 def test_quickstart_has_the_two_commands() -> None:
@@ -36,6 +66,17 @@ def test_quickstart_has_the_two_commands() -> None:
         'pip install -e ".[test]" && python -m pytest -q'
         in (README.parent / ".ci" / "run").read_text()
     )
+
+
+def test_quickstart_says_how_to_install_a_cpu_only_torch() -> None:
+    quickstart = README.read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    pinned = re.search(r'"torch==([^"]+)"', (README.parent / "pyproject.toml").read_text())
+    assert pinned is not None
+    command = (
+        f"pip install torch=={pinned.group(1)} --index-url https://download.pytorch.org/whl/cpu"
+    )
+    assert f"`{command}`" in quickstart
+    assert "GPU" in quickstart
 
 
 def test_every_readme_python_block_compiles_and_its_imports_resolve() -> None:

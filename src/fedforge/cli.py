@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import typer
 from rich.console import Console
@@ -21,8 +20,26 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from fedforge import __version__
+
+        typer.echo(f"fedforge {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the fedforge version and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
     """fedforge: federated learning, simulated or deployed."""
 
 
@@ -49,11 +66,24 @@ def run(
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a key, e.g. --set server.rounds=20 (repeatable)."),
+        typer.Option(
+            "--set",
+            help="Override a key, e.g. --set server.rounds=20 (repeatable); "
+            "`fedforge config` lists every key.",
+        ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Run directory (default runs/<timestamp>).")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Run directory (default: a new runs/<timestamp>-<random>); "
+            "refused if it holds files, unless --overwrite.",
+        ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the previous run directory at --out."),
+    ] = False,
     resume: Annotated[
         Path | None,
         typer.Option(
@@ -63,11 +93,17 @@ def run(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
-    """Run a federated training simulation and write a run directory."""
+    """Run a federated training simulation and write a run directory.
+
+    Every configuration key, with its default and allowed values: `fedforge config`.
+    """
     from fedforge.config import load_config
+    from fedforge.report.rundir import new_run_dir, prepare_out_dir
 
     if resume is not None and (config is not None or out is not None):
         raise _fail(ValueError("--resume takes the run directory's own config.toml"), 2)
+    if resume is not None and overwrite:
+        raise _fail(ValueError("--overwrite cannot be combined with --resume"), 2)
     try:
         if resume is not None:
             if not (resume / "config.toml").exists():
@@ -77,7 +113,16 @@ def run(
             cfg = load_config(config, set_)
     except FedforgeError as exc:
         raise _fail(exc, 2) from None
-    out_dir = resume or out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        if resume is not None:
+            out_dir = resume
+        elif out is not None:
+            prepare_out_dir(out, overwrite=overwrite)
+            out_dir = out
+        else:
+            out_dir = new_run_dir()
+    except (FedforgeError, OSError) as exc:
+        raise _fail(exc, 2) from None
     _setup_logging()
     from fedforge.experiment import run_experiment
     from fedforge.report.progress import ProgressListener
@@ -98,6 +143,84 @@ def run(
         f"test loss {last.test_loss:.4f}; run directory: {out_dir}",
         soft_wrap=True,
     )
+
+
+@app.command("config")
+def config_command() -> None:
+    """Print every configuration key with its default, allowed values and meaning.
+
+    Generated from the schema that validates run configurations: set keys in a TOML file
+    (``[section]`` then ``key = value``) or with ``--set section.key=value``.
+    """
+    typer.echo("\n".join(describe_config()))
+
+
+def describe_config() -> list[str]:
+    """One line per configuration key, from :class:`fedforge.config.RunConfig`."""
+    from fedforge.config import RunConfig
+
+    lines: list[str] = []
+    _describe_model(RunConfig, "", lines)
+    return lines
+
+
+def _describe_model(model: Any, prefix: str, lines: list[str]) -> None:
+    from pydantic import BaseModel
+
+    nested: list[tuple[str, Any]] = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            nested.append((name, annotation))
+            continue
+        default = field.get_default(call_default_factory=True)
+        parts = [_describe_type(annotation) + _describe_bounds(field.metadata)]
+        if field.description:
+            parts.append(field.description)
+        shown = "unset" if default is None else _toml_value(default)
+        lines.append(f"{prefix}{name} = {shown}  # " + "; ".join(parts))
+    for name, section in nested:
+        doc = (section.__doc__ or "").strip().splitlines()
+        header = f"[{prefix}{name}]" + (f"  # {doc[0]}" if doc else "")
+        lines.extend(["", header])
+        _describe_model(section, f"{prefix}{name}.", lines)
+
+
+def _describe_type(annotation: Any) -> str:
+    import types
+    from typing import Union
+
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "one of: " + ", ".join(str(a) for a in get_args(annotation))
+    if origin in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        inner = " | ".join(_describe_type(a) for a in members)
+        return f"{inner}, optional" if len(members) < len(get_args(annotation)) else inner
+    if origin is not None:
+        inner = ", ".join(_describe_type(a) for a in get_args(annotation))
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _describe_bounds(metadata: list[Any]) -> str:
+    bounds = []
+    for item in metadata:
+        for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            value = getattr(item, attr, None)
+            if value is not None:
+                bounds.append(f"{symbol} {value}")
+    return f" ({', '.join(bounds)})" if bounds else ""
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | list):
+        return json.dumps(value)
+    return str(value)
 
 
 keys_app = typer.Typer(help="Create and manage deployment credentials.", no_args_is_help=True)

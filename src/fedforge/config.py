@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from fedforge.core.errors import ConfigError
 
@@ -105,6 +112,35 @@ class RuntimeConfig(_Section):
     ray_address: str | None = Field(None, description="ray: cluster address (default: local)")
 
 
+def ray_installed() -> bool:
+    """Whether Ray can be imported (looked up without importing it)."""
+    return importlib.util.find_spec("ray") is not None
+
+
+def device_problem(name: str) -> str | None:
+    """Why torch device ``name`` cannot be used on this machine, or None if it can."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"{name!r} is not a torch device name; use e.g. 'cpu', 'cuda' or 'cuda:0'"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return (
+                f"{name!r} needs CUDA, which is not available on this machine; "
+                "use 'cpu' or leave it unset"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return (
+                f"{name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                "device(s); use a lower index or leave it unset"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return f"{name!r} needs MPS, which is not available; use 'cpu' or leave it unset"
+    return None
+
+
 class DeployConfig(_Section):
     """The network server (``fedforge server``); ignored by simulations."""
 
@@ -154,9 +190,11 @@ class RunConfig(_Section):
             self.data.devices if self.partition.scheme == "natural" else self.partition.num_clients
         )
         if self.server.sampler == "uniform" and self.server.clients_per_round > clients:
+            natural = self.partition.scheme == "natural"
+            where = "data.devices" if natural else "partition.num_clients"
             raise ValueError(
-                f"server.clients_per_round ({self.server.clients_per_round}) exceeds the "
-                f"number of clients ({clients})"
+                f"server.clients_per_round: {self.server.clients_per_round} exceeds the "
+                f"number of clients ({clients}); lower it or raise {where}"
             )
         if self.algorithm.name == "scaffold" and self.update.clip_norm is not None:
             raise ValueError(
@@ -181,6 +219,14 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
                 section = section.model_fields[str(part)].annotation
             allowed = ", ".join(section.model_fields)
             msg = f"unknown key; allowed keys here: {allowed}"
+        elif err["type"] == "value_error":
+            # Our own validators' messages name the key and the fix; a cross-field
+            # (model-level) error's input is the whole raw configuration: never print it.
+            text = str(err.get("ctx", {}).get("error", msg))
+            if text.startswith(key) or not err["loc"] or isinstance(err.get("input"), dict):
+                lines.append(f"  {text}")
+                continue
+            msg = text
         elif "input" in err and err["type"] not in ("missing",):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {key}: {msg}")
@@ -222,9 +268,29 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:
-        return RunConfig.model_validate(raw)
+        config = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, RunConfig)) from None
+    problems = runtime_problems(config.runtime)
+    if problems:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+    return config
+
+
+def runtime_problems(runtime: RuntimeConfig) -> list[str]:
+    """What this machine cannot do of ``runtime`` (checked where a run is configured, not when
+    a configuration is parsed: a deployed client parses the server's)."""
+    problems = []
+    if runtime.backend == "ray" and not ray_installed():
+        problems.append(
+            "runtime.backend: 'ray' needs Ray, which is not installed; "
+            "pip install 'fedforge[ray]' or pick another backend"
+        )
+    if runtime.device is not None:
+        problem = device_problem(runtime.device)
+        if problem:
+            problems.append(f"runtime.device: {problem}")
+    return problems
 
 
 def to_toml(config: RunConfig) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 from torch import nn
@@ -12,12 +13,18 @@ from fedforge.algorithms.base import Algorithm
 from fedforge.algorithms.fedavg import FedAvg
 from fedforge.algorithms.fedprox import FedProx
 from fedforge.algorithms.scaffold import Scaffold
-from fedforge.config import RunConfig, to_toml
+from fedforge.config import RunConfig
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data import partition as part
 from fedforge.data.datasets import load_digits, load_mnist5k, make_synthetic
 from fedforge.data.federated import FederatedDataset
-from fedforge.report.rundir import write_run_dir
+from fedforge.report.rundir import (
+    prepare_out_dir,
+    provenance,
+    simulation_toml,
+    start_provenance,
+    write_run_dir,
+)
 from fedforge.runtime.backends import BackendOptions
 from fedforge.runtime.driver import FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
@@ -128,17 +135,43 @@ def backend_options(config: RunConfig) -> BackendOptions:
     )
 
 
+def run_device(config: RunConfig, backend: str) -> str:
+    """The torch device clients train on: the vectorized backend's (configured, else cuda
+    when present); every other backend trains on the CPU."""
+    if backend != "vectorized":
+        return "cpu"
+    import torch
+
+    from fedforge.runtime.vectorized import default_device
+
+    device = config.runtime.device
+    return str(torch.device(device) if device else default_device())
+
+
 def run_experiment(
     config: RunConfig,
     out_dir: Path,
     listener: RoundListener | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> SimulationResult:
     """Run the configured simulation and write the run directory; the server state is
-    checkpointed in it after every round, so ``resume=True`` continues a killed run."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(to_toml(config))  # first: a killed run can resume
+    checkpointed in it after every round, so ``resume=True`` continues a killed run.
+
+    Without ``resume``, a non-empty ``out_dir`` is refused (FedforgeError) unless
+    ``overwrite`` is given, which replaces a previous run directory."""
+    started = datetime.now().astimezone()
+    if resume:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        prepare_out_dir(out_dir, overwrite=overwrite)
+    (out_dir / "config.toml").write_text(simulation_toml(config))  # first: a killed run resumes
+    record = start_provenance(
+        out_dir,
+        provenance(config, backend=config.runtime.backend, device=None, started=started),
+        resume=resume,
+    )
     data = build_dataset(config)
     result = simulate(
         build_model(config, data),
@@ -157,5 +190,10 @@ def run_experiment(
         state_dir=out_dir,
         resume=resume,
     )
-    write_run_dir(out_dir, config, result, data)
+    record.update(
+        backend=result.backend,
+        device=run_device(config, result.backend),
+        finished=datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
+    write_run_dir(out_dir, config, result, data, record)
     return result

@@ -1,28 +1,155 @@
-"""The run directory: resolved config, history, final model, report."""
+"""The run directory: resolved config, provenance, history, final model, report."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import secrets
+import shutil
+import sys
+import tomllib
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from safetensors.numpy import save_file
+import tomli_w
+from safetensors.numpy import save
 
 from fedforge.config import RunConfig, to_toml
+from fedforge.core.errors import FedforgeError
 from fedforge.data.federated import FederatedDataset
 from fedforge.report.plots import plot_report
 
 if TYPE_CHECKING:
     from fedforge.runtime.simulation import SimulationResult
 
+PROVENANCE = "provenance.json"
+
+
+def new_run_dir(root: Path = Path("runs"), now: datetime | None = None) -> Path:
+    """Create and return a fresh ``root/<YYYYmmdd-HHMMSS>-<6 hex>`` directory.
+
+    The directory is created with ``exist_ok=False``, so two runs started in the same second
+    (in one process or several) never share one: a name already taken is drawn again."""
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    while True:
+        candidate = root / f"{stamp}-{secrets.token_hex(3)}"
+        try:
+            candidate.mkdir(exist_ok=False)
+        except FileExistsError:
+            continue
+        return candidate
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.toml").is_file()
+
+
+def prepare_out_dir(out_dir: Path, *, overwrite: bool = False) -> None:
+    """Make ``out_dir`` ready for a new run without ever destroying a previous one silently.
+
+    A missing or empty directory is fine. A directory with files is refused unless
+    ``overwrite`` is given, and even then only a previous run directory (one with a
+    ``config.toml``) is replaced: ``--overwrite`` never deletes an arbitrary folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FedforgeError(f"--out {out_dir} exists and is not a directory")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return
+    if not overwrite:
+        raise FedforgeError(
+            f"--out {out_dir} already exists and is not empty; pass --overwrite to replace "
+            "it, --resume to continue it, or choose another directory"
+        )
+    resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
+    if not is_run_dir(out_dir) or resolved == cwd or resolved in cwd.parents:
+        raise FedforgeError(
+            f"--out {out_dir} is not empty and is not a fedforge run directory (no "
+            "config.toml); --overwrite only replaces previous runs, choose another directory"
+        )
+    shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+
+
+def simulation_toml(config: RunConfig) -> str:
+    """The resolved configuration as TOML, without the ``[deploy]`` section that simulations
+    ignore (every key has a default, so the file loads back to the same configuration)."""
+    raw = tomllib.loads(to_toml(config))
+    raw.pop("deploy", None)
+    return tomli_w.dumps(raw)
+
+
+def provenance(
+    config: RunConfig, *, backend: str, device: str | None, started: datetime
+) -> dict[str, Any]:
+    """What ran, where, with what: versions, the backend that actually ran, the device, the
+    command line and the start time."""
+    import numpy
+    import torch
+
+    import fedforge
+
+    return {
+        "fedforge": fedforge.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "backend_requested": config.runtime.backend,
+        "backend": backend,
+        "device": device,
+        "command": list(sys.argv),
+        "started": started.isoformat(timespec="seconds"),
+        "seed": config.seed,
+    }
+
+
+def start_provenance(
+    out_dir: Path, record: dict[str, Any], *, resume: bool = False
+) -> dict[str, Any]:
+    """Write ``provenance.json`` as a run starts and return the record to complete at its end;
+    a resumed run keeps the original start and command and lists this one under ``resumed``."""
+    path = out_dir / PROVENANCE
+    if resume and path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if isinstance(previous, dict) and "started" in previous:
+            record = {
+                **record,
+                "started": previous["started"],
+                "command": previous.get("command"),
+                "resumed": [
+                    *previous.get("resumed", []),
+                    {"started": record["started"], "command": record["command"]},
+                ],
+            }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
 
 def write_run_dir(
-    out_dir: Path, config: RunConfig, result: SimulationResult, data: FederatedDataset
+    out_dir: Path,
+    config: RunConfig,
+    result: SimulationResult,
+    data: FederatedDataset,
+    provenance_record: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``config.toml``, ``history.json``, ``model.safetensors`` and ``report.png``."""
+    """Write ``config.toml``, ``provenance.json`` (when given), ``history.json``,
+    ``model.safetensors`` and ``report.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(to_toml(config))
+    (out_dir / "config.toml").write_text(simulation_toml(config))
+    if provenance_record is not None:
+        (out_dir / PROVENANCE).write_text(json.dumps(provenance_record, indent=2) + "\n")
     result.history.save(out_dir / "history.json")
-    save_file(result.state.params, str(out_dir / "model.safetensors"))
+    # Written through an ordinary open() so the file gets the same mode as the others
+    # (safetensors' save_file creates it 0600 whatever the umask).
+    model_path = out_dir / "model.safetensors"
+    model_path.write_bytes(save(result.state.params))
+    os.chmod(model_path, _default_file_mode())
     c = config
     title = (
         f"{c.algorithm.name} on {c.data.dataset}, {c.partition.scheme} over {data.num_clients} "
@@ -31,3 +158,14 @@ def write_run_dir(
         f" (backend {result.backend})"
     )
     plot_report(result.history, data.label_distribution(), out_dir / "report.png", title)
+
+
+def _default_file_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` gives a new file (0644 usually)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o644
