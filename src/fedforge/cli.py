@@ -131,7 +131,7 @@ def run(
         if quiet:
             result = run_experiment(cfg, out_dir, resume=resume is not None)
         else:
-            progress = ProgressListener.make_progress()
+            progress = ProgressListener.make_progress(console)
             with progress:
                 listener = ProgressListener(progress, cfg.server.rounds)
                 result = run_experiment(cfg, out_dir, listener, resume=resume is not None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedforge.report.history import RoundRecord
@@ -20,7 +21,9 @@ class ProgressListener(RoundListener):
         self._done = 0
 
     @staticmethod
-    def make_progress() -> Progress:
+    def make_progress(console: Console | None = None) -> Progress:
+        """A progress display on ``console``: pass the console the log handler writes to, so
+        log lines print above the live bar instead of through it."""
         return Progress(
             TextColumn("round {task.completed:>4.0f}/{task.total:.0f}"),
             BarColumn(),
@@ -28,6 +31,7 @@ class ProgressListener(RoundListener):
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("clients {task.fields[clients]}"),
             TimeElapsedColumn(),
+            console=console,
         )
 
     def round_started(self, round_number: int, client_ids: list[int]) -> None:
