@@ -33,3 +33,24 @@ def small_mlp(dim: int = 8, classes: int = 3, seed: int = 0) -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Linear(dim, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes)
     )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():  # type: ignore[no-untyped-def]
+    """A local Ray for the tests of the Ray runtime (Ray comes with the test extra).
+
+    Ray's raylet must register within 30 s; on two loaded cores it sometimes does not, so
+    start-up is retried. A Ray that cannot start at all fails these tests: it is not a
+    reason to pass them."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    yield ray
+    ray.shutdown()

@@ -25,7 +25,7 @@ from fedforge.report.rundir import (
     start_provenance,
     write_run_dir,
 )
-from fedforge.runtime.backends import BackendOptions
+from fedforge.runtime.backends import BackendName, BackendOptions
 from fedforge.runtime.driver import FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
@@ -148,6 +148,36 @@ def run_device(config: RunConfig, backend: str) -> str:
     return str(torch.device(device) if device else default_device())
 
 
+def simulate_config(
+    config: RunConfig,
+    data: FederatedDataset,
+    *,
+    backend: BackendName | None = None,
+    listener: RoundListener | None = None,
+    state_dir: Path | None = None,
+    resume: bool = False,
+) -> SimulationResult:
+    """The configured simulation on ``data`` (``backend`` overrides the configured one),
+    without writing a run directory."""
+    return simulate(
+        build_model(config, data),
+        data,
+        build_algorithm(config),
+        rounds=config.server.rounds,
+        sampler=build_sampler(config),
+        seed=config.seed,
+        backend=backend or config.runtime.backend,
+        options=backend_options(config),
+        threads=config.runtime.threads,
+        listener=listener,
+        stages=build_stages(config),
+        aggregation=build_aggregation(config),
+        federated_eval=build_federated_eval(config),
+        state_dir=state_dir,
+        resume=resume,
+    )
+
+
 def run_experiment(
     config: RunConfig,
     out_dir: Path,
@@ -173,23 +203,7 @@ def run_experiment(
         resume=resume,
     )
     data = build_dataset(config)
-    result = simulate(
-        build_model(config, data),
-        data,
-        build_algorithm(config),
-        rounds=config.server.rounds,
-        sampler=build_sampler(config),
-        seed=config.seed,
-        backend=config.runtime.backend,
-        options=backend_options(config),
-        threads=config.runtime.threads,
-        listener=listener,
-        stages=build_stages(config),
-        aggregation=build_aggregation(config),
-        federated_eval=build_federated_eval(config),
-        state_dir=out_dir,
-        resume=resume,
-    )
+    result = simulate_config(config, data, listener=listener, state_dir=out_dir, resume=resume)
     record.update(
         backend=result.backend,
         device=run_device(config, result.backend),

@@ -16,18 +16,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedforge.config import load_config
-from fedforge.experiment import (
-    build_aggregation,
-    build_algorithm,
-    build_dataset,
-    build_federated_eval,
-    build_model,
-    build_sampler,
-    build_stages,
-)
+from fedforge.experiment import build_dataset, simulate_config
 from fedforge.report.history import History
 from fedforge.runtime.checkpoint import CheckpointStore
-from fedforge.runtime.simulation import simulate
 from tests.net.helpers import (
     client_state_dir,
     free_port,
@@ -62,19 +53,7 @@ def _simulate(cfg: Path) -> tuple[dict[str, np.ndarray], History]:
     """The configured run in the sequential simulation (as ``fedforge run`` wires it,
     without writing a run directory)."""
     config = load_config(cfg)
-    data = build_dataset(config)
-    result = simulate(
-        build_model(config, data),
-        data,
-        build_algorithm(config),
-        rounds=config.server.rounds,
-        sampler=build_sampler(config),
-        seed=config.seed,
-        backend="sequential",
-        stages=build_stages(config),
-        aggregation=build_aggregation(config),
-        federated_eval=build_federated_eval(config),
-    )
+    result = simulate_config(config, build_dataset(config), backend="sequential")
     return dict(result.state.params), result.history
 
 

@@ -330,17 +330,6 @@ def test_simulate_auto_reports_its_choice(small_federated) -> None:  # type: ign
 
 
 # Ray ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():  # type: ignore[no-untyped-def]
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'fedforge[ray]')")
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        pytest.skip(f"Ray cannot start here: {exc}")
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_backend_equals_sequential(small_federated, ray_cluster) -> None:  # type: ignore[no-untyped-def]
     kwargs = dict(rounds=2, clients_per_round=5, seed=3)
     seq = fedforge.simulate(

@@ -11,7 +11,6 @@ failing client alone in its chunk, and with the default budget on the NaN case o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -84,25 +83,6 @@ def assert_same_records(a: SimulationResult, b: SimulationResult) -> None:
         np.testing.assert_allclose(b.state.params[name], value, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def ray_available() -> Iterator[bool]:
-    try:
-        import ray
-    except ImportError:
-        yield False
-        return
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        except Exception:  # pragma: no cover - depends on the machine
-            yield False
-            return
-    yield True
-    if started:
-        ray.shutdown()
-
-
 _reference: dict[tuple[tuple[int, ...], str], SimulationResult] = {}
 
 
@@ -131,8 +111,8 @@ def test_the_reference_classifies_as_intended(small_federated: FederatedDataset)
 def test_good_rejected_and_failing_clients_are_classified_alike(
     small_federated: FederatedDataset, runtime: str, algorithm: str, request: pytest.FixtureRequest
 ) -> None:
-    if runtime == "ray" and not request.getfixturevalue("ray_available"):
-        pytest.skip("Ray cannot start here")
+    if runtime == "ray":
+        request.getfixturevalue("ray_cluster")
     clients = (NAN, BAD_LABEL)
     seq = reference(small_federated, clients, algorithm)
     assert_same_records(seq, run(poisoned(small_federated, clients), runtime, algorithm))

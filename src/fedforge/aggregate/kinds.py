@@ -60,6 +60,12 @@ class Aggregation(Protocol):
     def accumulator(self) -> Accumulator: ...
 
 
+def add_scalars(totals: dict[str, float], batch: RecordBatch) -> None:
+    """Add a batch's summed scalars (a clipped bit, a step count) to ``totals``."""
+    for key, values in batch.scalars.items():
+        totals[key] = totals.get(key, 0.0) + float(values.sum())
+
+
 def cap_weights(weights: np.ndarray, max_weight: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Weights clamped to ``max_weight``; and the mask of rows that were clamped."""
     if max_weight is None:
@@ -115,8 +121,7 @@ class StreamingMean:
                 if not np.isfinite(chunk).all():  # finite rows overflowed the narrow sum
                     chunk = w @ flat.astype(np.float64)
                 total.reshape(-1)[:] += chunk
-        for key, values in batch.scalars.items():
-            self._scalars[key] = self._scalars.get(key, 0.0) + float(values.sum())
+        add_scalars(self._scalars, batch)
         self.total_weight += float(w.sum())
         self.count += rows
 
@@ -177,8 +182,7 @@ class Gather:
             arrays[name] = coordinate_median(stacked).astype(stacked.dtype)
         scalars: dict[str, float] = {}
         for b in self.batches:
-            for key, values in b.scalars.items():
-                scalars[key] = scalars.get(key, 0.0) + float(values.sum())
+            add_scalars(scalars, b)
         return Aggregate(arrays, scalars, self.count, float(self.count))
 
 

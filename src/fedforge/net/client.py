@@ -304,8 +304,7 @@ class _Worker:
             )
             del payload
             started = time.perf_counter()
-            stateful = stage == FIT and self.app.stateful
-            state = self.store.get(self.client_id, round_number) if stateful else None
+            state = self.app.stored_state(task, self.store)
             record, new_state = self.app.handle(task, self.data, state)
             if new_state is not None:  # saved before the reply: a retried round reads it back
                 self.store.put(self.client_id, new_state, round_number)

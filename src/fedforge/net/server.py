@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,29 +100,9 @@ def run_server(
     algorithm = build_algorithm(config)
     chain = StageChain(build_stages(config))
     store = CheckpointStore(Path(d.state_dir))
-    checkpoint = store.load()
-    if checkpoint is not None:
-        if checkpoint.seed != config.seed:
-            raise FedforgeError(
-                f"{d.state_dir} holds run {checkpoint.run_id} with seed {checkpoint.seed}, not "
-                f"{config.seed}; use another deploy.state_dir to start a new run"
-            )
-        run_id, history, saved = checkpoint.run_id, checkpoint.history, checkpoint.state
-        state = ServerState(
-            saved.round,
-            {k: saved.params[k] for k in model.names},
-            saved.optimizer_state,
-            saved.extras,
-            saved.stage_states,
-        )
+    run_id, state, history = store.open_run(config.seed, algorithm.init(model.get_params()))
+    if history:
         log.info("resuming run %s after round %d", run_id, state.round)
-    else:
-        run_id, history = uuid.uuid4().hex, History()
-        state = algorithm.init(model.get_params())
-        state = ServerState(
-            state.round, state.params, state.optimizer_state, state.extras, chain.init_states()
-        )
-        store.start(run_id, config.seed)
     for name, cid in client_ids.items():
         store.register_client(name, cid, state.round)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import secrets
 import shutil
@@ -138,18 +137,18 @@ def write_run_dir(
     data: FederatedDataset,
     provenance_record: dict[str, Any] | None = None,
 ) -> None:
-    """Write ``config.toml``, ``provenance.json`` (when given), ``history.json``,
-    ``model.safetensors`` and ``report.png``."""
+    """Write the finished run's ``provenance.json`` (when given), ``history.json``,
+    ``model.safetensors`` and ``report.png`` (``config.toml`` is written when the run
+    starts, so that a killed run can be resumed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(simulation_toml(config))
     if provenance_record is not None:
         (out_dir / PROVENANCE).write_text(json.dumps(provenance_record, indent=2) + "\n")
     result.history.save(out_dir / "history.json")
-    # Written through an ordinary open() so the file gets the same mode as the others
-    # (safetensors' save_file creates it 0600 whatever the umask).
+    # Written through an ordinary open(), as a new file, so it gets the same mode as the
+    # others (safetensors' save_file creates it 0600 whatever the umask).
     model_path = out_dir / "model.safetensors"
+    model_path.unlink(missing_ok=True)
     model_path.write_bytes(save(result.state.params))
-    os.chmod(model_path, _default_file_mode())
     c = config
     title = (
         f"{c.algorithm.name} on {c.data.dataset}, {c.partition.scheme} over {data.num_clients} "
@@ -158,14 +157,3 @@ def write_run_dir(
         f" (backend {result.backend})"
     )
     plot_report(result.history, data.label_distribution(), out_dir / "report.png", title)
-
-
-def _default_file_mode() -> int:
-    """``0o666`` less the process umask: the mode ``open()`` gives a new file (0644 usually)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644

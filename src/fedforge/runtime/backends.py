@@ -33,16 +33,11 @@ class BackendOptions:
     ray_address: str | None = None
 
 
-def vectorizable(program: LocalProgram, module: torch.nn.Module) -> str | None:
-    """Why ``program`` on ``module`` cannot run vectorized, or None if it can."""
-    return vectorization_blocker(module, program)
-
-
 def resolve_backend(name: BackendName, program: LocalProgram, module: torch.nn.Module) -> str:
     """The concrete backend ``name`` stands for; ``auto`` logs what it chose and why."""
     if name != "auto":
         return name
-    blocker = vectorizable(program, module)
+    blocker = vectorization_blocker(module, program)
     if blocker is None:
         log.info("backend auto -> vectorized: the model and local training batch across clients")
         return "vectorized"
@@ -65,7 +60,7 @@ def make_transport(
     if name == "vectorized":
         from fedforge.runtime.vectorized import VectorizedTransport
 
-        blocker = vectorizable(app.program, app.module)
+        blocker = vectorization_blocker(app.module, app.program)
         if blocker:
             raise ConfigError(f"runtime.backend 'vectorized' is not possible: {blocker}")
         return VectorizedTransport(

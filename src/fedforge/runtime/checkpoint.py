@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safetensors.numpy import load_file, save_file
 
 from fedforge.algorithms.base import ServerState
+from fedforge.core.errors import FedforgeError
 from fedforge.report.history import History, RoundRecord
 
 _SCHEMA = """
@@ -56,6 +58,30 @@ class CheckpointStore:
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [("run_id", run_id), ("seed", str(seed))],
             )
+
+    def open_run(
+        self, seed: int, initial: ServerState, *, resume: bool = True
+    ) -> tuple[str, ServerState, History]:
+        """(run id, state, history) of the run stored here, its parameters in ``initial``'s
+        order (the model's); or a new run starting from ``initial``. A stored run with another
+        seed is refused, and so is any stored run unless ``resume``."""
+        saved = self.load()
+        if saved is None:
+            run_id = uuid.uuid4().hex
+            self.start(run_id, seed)
+            return run_id, initial, History()
+        if not resume:
+            raise FedforgeError(
+                f"{self.directory} already holds run {saved.run_id}; resume it or use another "
+                "directory"
+            )
+        if saved.seed != seed:
+            raise FedforgeError(
+                f"{self.directory} holds run {saved.run_id} with seed {saved.seed}, not {seed}; "
+                "use another directory to start a new run"
+            )
+        params = {k: saved.state.params[k] for k in initial.params}
+        return saved.run_id, replace(saved.state, params=params), saved.history
 
     def meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

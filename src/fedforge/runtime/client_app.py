@@ -17,6 +17,7 @@ from fedforge.core.errors import FedforgeError
 from fedforge.core.params import Params
 from fedforge.core.records import EVALUATE, FIT, Record, Task
 from fedforge.data.federated import ClientData
+from fedforge.runtime.client_state import ClientStateStore
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import evaluate
 from fedforge.train.program import Tensors, batch_order
@@ -54,6 +55,13 @@ class ClientApp:
         self.program = algorithm.program()
         sample = {n: np.zeros(1, np.float32) for n in self.trainable}
         self.stateful = bool(algorithm.init_client_state(sample))
+
+    def stored_state(self, task: Task, store: ClientStateStore) -> Params | None:
+        """The client's state ``task`` starts from (fit tasks of a stateful algorithm only;
+        None otherwise, or before the client's first task)."""
+        if task.stage != FIT or not self.stateful:
+            return None
+        return store.get(task.client_id, task.round)
 
     def handle(
         self, task: Task, data: ClientData, state: Params | None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Iterator, Sequence
 
-from fedforge.core.records import FIT, ClientFailure, Reply, Task
+from fedforge.core.records import ClientFailure, Reply, Task
 from fedforge.data.federated import FederatedDataset
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import ClientStateStore
@@ -18,8 +18,7 @@ def failure(client_id: int, exc: BaseException) -> ClientFailure:
 def answer(app: ClientApp, task: Task, data: FederatedDataset, store: ClientStateStore) -> Reply:
     """Run one task in this process, with the client's state from ``store``."""
     try:
-        stateful = task.stage == FIT and app.stateful
-        state = store.get(task.client_id, task.round) if stateful else None
+        state = app.stored_state(task, store)
         record, new_state = app.handle(task, data.client_data(task.client_id), state)
     except Exception as exc:  # a failing client must not stop the round
         return failure(task.client_id, exc)

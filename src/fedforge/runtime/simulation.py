@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 from fedforge.aggregate.kinds import Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, ServerState
 from fedforge.algorithms.fedavg import FedAvg
-from fedforge.core.errors import ConfigError, FedforgeError
+from fedforge.core.errors import ConfigError
 from fedforge.core.params import Params, spec_of
 from fedforge.core.records import FIT
 from fedforge.core.rng import RngStreams
@@ -145,31 +145,12 @@ def _simulate(
     store: ClientStateStore = client_states or MemoryStateStore()
     checkpoints: CheckpointStore | None = None
     state = algorithm.init(eval_model.get_params())
-    state = ServerState(
-        state.round, state.params, state.optimizer_state, state.extras, chain.init_states()
-    )
     history = History()
     run_id = uuid.uuid4().hex
     if state_dir is not None:
         store = DiskStateStore(state_dir / "clients")
         checkpoints = CheckpointStore(state_dir / "checkpoint")
-        saved = checkpoints.load()
-        if saved is not None and not resume:
-            raise FedforgeError(f"{state_dir} already holds a run; resume it or use another")
-        if saved is not None:
-            if saved.seed != seed:
-                raise FedforgeError(f"{state_dir} holds a run with seed {saved.seed}, not {seed}")
-            run_id, state, history = saved.run_id, saved.state, saved.history
-            order = eval_model.names
-            state = ServerState(
-                state.round,
-                {k: state.params[k] for k in order},
-                state.optimizer_state,
-                state.extras,
-                state.stage_states,
-            )
-        else:
-            checkpoints.start(run_id, seed)
+        run_id, state, history = checkpoints.open_run(seed, state, resume=resume)
 
     def checkpoint(s: ServerState, h: History) -> None:
         assert checkpoints is not None

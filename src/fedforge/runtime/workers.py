@@ -27,7 +27,7 @@ from multiprocessing.process import BaseProcess
 import torch
 
 from fedforge.core.params import Params
-from fedforge.core.records import FIT, ClientFailure, Reply, Task
+from fedforge.core.records import ClientFailure, Reply, Task
 from fedforge.data.federated import FederatedDataset
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import ClientStateStore
@@ -79,9 +79,7 @@ class TaskServer:
 def message_for(app: ClientApp, store: ClientStateStore, task: Task, include_shared: bool) -> bytes:
     """The bytes of ``task`` with the client's state read from ``store`` exactly as the
     sequential runtime reads it (fit tasks of a stateful algorithm only)."""
-    stateful = task.stage == FIT and app.stateful
-    state = store.get(task.client_id, task.round) if stateful else None
-    return encode_task(task, include_shared=include_shared, state=state)
+    return encode_task(task, include_shared=include_shared, state=app.stored_state(task, store))
 
 
 def reply_from(data: bytes, task: Task, store: ClientStateStore) -> Reply:

@@ -84,13 +84,15 @@ class StageChain:
                     f"precede secure aggregation (the server sees only the sum)"
                 )
 
-    def init_states(self) -> dict[str, StageState]:
-        return {s.name: s.init_state() for s in self.stages}
+    @staticmethod
+    def _state(states: Mapping[str, StageState], stage: Stage) -> StageState:
+        """A stage's state; its initial state until the first round has set it."""
+        return states[stage.name] if stage.name in states else stage.init_state()
 
     def broadcast(self, states: Mapping[str, StageState]) -> dict[str, float]:
         out: dict[str, float] = {}
         for s in self.stages:
-            out.update(s.broadcast(states[s.name]))
+            out.update(s.broadcast(self._state(states, s)))
         return out
 
     def wire_spec(self, spec: RecordSpec) -> RecordSpec:
@@ -105,7 +107,7 @@ class StageChain:
 
     def decode(self, batch: RecordBatch, states: Mapping[str, StageState]) -> RecordBatch:
         for s in reversed(self.stages):
-            batch = s.decode(batch, states[s.name])
+            batch = s.decode(batch, self._state(states, s))
         return batch
 
     def finish_round(
@@ -113,6 +115,6 @@ class StageChain:
     ) -> tuple[dict[str, StageState], dict[str, float]]:
         new_states, metrics = {}, {}
         for s in self.stages:
-            new_states[s.name], m = s.finish_round(states[s.name], aggregate)
+            new_states[s.name], m = s.finish_round(self._state(states, s), aggregate)
             metrics.update(m)
         return new_states, metrics

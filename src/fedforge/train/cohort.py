@@ -107,7 +107,7 @@ class CohortTrainer:
             mask: torch.Tensor,
             shared: Tensors,
         ) -> tuple[Tensors, tuple[Tensors, ...], torch.Tensor]:
-            return program.step(self.module, params, {}, state, shared, own, x, y, mask)
+            return program.step(self.module, params, state, shared, own, x, y, mask)
 
         self._vstep = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, None), randomness="error")
 
@@ -120,7 +120,7 @@ class CohortTrainer:
         if buf is None or len(buf) < count or buf.shape[1:] != value.shape:
             buf = torch.empty((count, *value.shape), dtype=value.dtype, device=self.device)
             self._stacks[name] = buf
-            if self.layers is not None and not self.program.plain:
+            if self.layers is not None and not self.program.stateless:  # momentum's path
                 self._grad_buffers[name] = torch.empty_like(buf)
         head = buf[:count]
         return head.copy_(value.expand(count, *value.shape)) if fill else head
@@ -209,19 +209,9 @@ class CohortTrainer:
                 idx[row, : len(batch)] = batch
                 idx[row, len(batch) :] = batch[0]  # pad with its own example, masked out
                 mask[row, : len(batch)] = 1.0
-            if step == 0 and first_fused:
-                assert self.layers is not None
-                with torch.no_grad():
-                    x, y = self.x[torch.from_numpy(idx)], self.y[torch.from_numpy(idx)]
-                    m = torch.from_numpy(mask).to(self.device)
-                    lr = self.program.local.lr
-                    losses = fused_first_step(
-                        self.layers, shared, stacked, x, y, m, lr, affine, as_delta=one_step
-                    )
-                    loss_sum += losses.double() * m.sum(dim=1).double()
-                continue
+            first = step == 0 and first_fused
             stacked, state = self._step(
-                stacked, state, own, active, idx, mask, loss_sum, shared, affine
+                stacked, state, own, active, idx, mask, loss_sum, shared, affine, first, one_step
             )
         seen = torch.tensor([len(p.indices) * local.epochs for p in plans], dtype=torch.float64)
         return CohortResult(
@@ -242,7 +232,11 @@ class CohortTrainer:
         loss_sum: torch.Tensor,
         shared: Tensors,
         affine: dict[str, tuple[float, torch.Tensor | None]] | None,
+        first: bool = False,
+        as_delta: bool = False,
     ) -> tuple[Tensors, tuple[Tensors, ...]]:
+        """One local step of the first ``active`` clients. ``first``: every client's first
+        step, from the shared global weights into the stacks (as deltas with ``as_delta``)."""
         idx = torch.from_numpy(idx_np).to(self.device)
         mask = torch.from_numpy(mask_np).to(self.device)
         x, y = self.x[idx], self.y[idx]
@@ -253,6 +247,14 @@ class CohortTrainer:
 
         params, sub_state, sub_own = head(stacked), tuple(head(s) for s in state), head(own)
         with torch.no_grad():
+            if first:
+                assert self.layers is not None
+                lr = self.program.local.lr
+                losses = fused_first_step(
+                    self.layers, shared, stacked, x, y, mask, lr, affine, as_delta
+                )
+                loss_sum += losses.double() * mask.sum(dim=1).double()
+                return stacked, state
             if self.layers is not None and (self.program.plain or affine is not None):
                 # Plain SGD, or a chain of affine terms fused into the update: in place.
                 sliced = None if affine is None else self._head_affine(affine, active, whole)

@@ -247,36 +247,22 @@ class LocalProgram:
     def init(self, params: Tensors) -> tuple[Tensors, ...]:
         return tuple(t.init(params) for t in self.transforms)
 
-    def loss(
-        self,
-        module: torch.nn.Module,
-        params: Tensors,
-        buffers: Tensors,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The model's loss on a batch; with ``mask``, the mean over the real examples of a
-        padded batch (the vectorized runtime pads short batches)."""
-        logits = functional_call(module, {**params, **buffers}, (x,))
-        if mask is None:
-            return self.local.loss_fn(logits, y)
-        per_example = F.cross_entropy(logits, y, reduction="none")
-        return (per_example * mask).sum() / mask.sum()
-
     def objective(
         self,
-        params: Tensors,
-        module: torch.nn.Module,
-        buffers: Tensors,
-        shared: Tensors,
-        own: Tensors,
-        x: torch.Tensor,
+        logits: torch.Tensor,
         y: torch.Tensor,
         mask: torch.Tensor | None,
+        params: Tensors,
+        shared: Tensors,
+        own: Tensors,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(objective to differentiate, model loss to report)."""
-        loss = self.loss(module, params, buffers, x, y, mask)
+        """(objective to differentiate, model loss to report) of a batch. With ``mask``, the
+        loss is the mean over the real examples of a padded batch (the vectorized runtime
+        pads short batches)."""
+        if mask is None:
+            loss = self.local.loss_fn(logits, y)
+        else:
+            loss = (F.cross_entropy(logits, y, reduction="none") * mask).sum() / mask.sum()
         total = loss
         for term in self.terms:
             total = total + term.value(params, shared, own)
@@ -306,18 +292,21 @@ class LocalProgram:
         self,
         module: torch.nn.Module,
         params: Tensors,
-        buffers: Tensors,
         state: tuple[Tensors, ...],
         shared: Tensors,
         own: Tensors,
         x: torch.Tensor,
         y: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor,
     ) -> tuple[Tensors, tuple[Tensors, ...], torch.Tensor]:
-        """One local SGD step on one client: (new params, new chain state, batch loss)."""
-        grads, (_, loss) = grad_and_value(self.objective, has_aux=True)(
-            params, module, buffers, shared, own, x, y, mask
-        )
+        """One local SGD step on one client, ``module`` evaluated at ``params``: (new params,
+        new chain state, batch loss)."""
+
+        def objective(weights: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = functional_call(module, weights, (x,))
+            return self.objective(logits, y, mask, weights, shared, own)
+
+        grads, (_, loss) = grad_and_value(objective, has_aux=True)(params)
         new_params, new_state = self.apply(params, grads, state, shared, own)
         return new_params, new_state, loss
 
@@ -334,17 +323,14 @@ class LocalProgram:
         """:meth:`step` for one client whose weights are ``module``'s own parameters: the same
         objective and chain, with the gradient from eager autograd and the update in place
         (one client at a time, torch.func's per-call set-up costs more than the step)."""
-        loss = self.local.loss_fn(module(x), y)
-        total = loss
-        for term in self.terms:
-            total = total + term.value(params, shared, own)  # type: ignore[arg-type]
+        total, loss = self.objective(module(x), y, None, params, shared, own)  # type: ignore[arg-type]
         grads = torch.autograd.grad(total, list(params.values()))
         with torch.no_grad():
             weights = {n: p.detach() for n, p in params.items()}
             _, new_state = self.apply(
                 weights, dict(zip(params, grads, strict=True)), state, shared, own, inplace=True
             )
-        return new_state, loss.detach()
+        return new_state, loss
 
     def add_term_grads_(
         self, grads: Tensors, params: Tensors, shared: Tensors, own: Tensors
