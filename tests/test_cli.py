@@ -275,3 +275,21 @@ def test_runs_started_together_get_their_own_directories(tmp_path: Path) -> None
     for run_dir in runs:
         assert json.loads((run_dir / "history.json").read_text())[-1]["round"] == 1
         assert (run_dir / "model.safetensors").exists() and (run_dir / "provenance.json").exists()
+
+
+def test_a_private_run_reports_epsilon_and_stops_at_its_budget(tmp_path: Path) -> None:
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    out = tmp_path / "dp"
+    proc = fedforge(
+        "run", str(cfg), "--out", str(out), "--quiet",
+        "--set", "server.rounds=3", "--set", "privacy.mode='central'",
+        "--set", "privacy.target_epsilon=20", "--set", "privacy.clip_norm=0.5",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "eps 20 (delta 1e-05)" in proc.stderr or "eps 19.9" in proc.stderr
+    assert "above 10" in proc.stderr  # a loose guarantee is warned about before training
+    history = json.loads((out / "history.json").read_text())
+    assert history[-1]["metrics"]["dp.epsilon"] <= 20
+    assert history[-1]["labels"]["dp.noise"].startswith("os-entropy")
+    assert (out / "report.png").stat().st_size > 0

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from fedforge.core.errors import FedforgeError
+from fedforge.report.history import privacy_text
 
 app = typer.Typer(
     help="fedforge: federated learning, simulated or deployed.",
@@ -138,9 +139,12 @@ def run(
     except FedforgeError as exc:
         raise _fail(exc) from None
     last = result.history[-1]
+    if result.stop_reason:
+        console.print(f"[bold yellow]stopped early[/]: {result.stop_reason}", soft_wrap=True)
+    dp = privacy_text(last)
     console.print(
         f"done: {last.round} rounds, test accuracy {100 * last.test_accuracy:.2f}%, "
-        f"test loss {last.test_loss:.4f}; run directory: {out_dir}",
+        f"test loss {last.test_loss:.4f}{', ' + dp if dp else ''}; run directory: {out_dir}",
         soft_wrap=True,
     )
 
@@ -310,9 +314,12 @@ def server(
     except FedforgeError as exc:
         raise _fail(exc) from None
     last = result.history[-1]
+    if result.stop_reason:
+        console.print(f"[bold yellow]stopped early[/]: {result.stop_reason}", soft_wrap=True)
+    dp = privacy_text(last)
     console.print(
         f"run {result.run_id} complete: {last.round} rounds, test accuracy "
-        f"{100 * last.test_accuracy:.2f}%",
+        f"{100 * last.test_accuracy:.2f}%{', ' + dp if dp else ''}",
         soft_wrap=True,
     )
 

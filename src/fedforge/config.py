@@ -84,6 +84,59 @@ class UpdateConfig(_Section):
     clip_norm: float | None = Field(None, gt=0, description="clip each record to this L2 norm")
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy (off by default). ``central``: clients clip, the server noises the
+    sum (DP-FedAvg); ``local``: each client clips and noises its own update; ``sample``:
+    DP-SGD inside each client through Opacus (per-example privacy of each client's data)."""
+
+    mode: Literal["off", "central", "local", "sample"] = "off"
+    noise_multiplier: float | None = Field(None, gt=0, description="noise stddev / clip norm")
+    target_epsilon: float | None = Field(
+        None, gt=0, description="central: calibrate the noise so the run ends at this epsilon"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta epsilon is reported at")
+    clip_norm: float = Field(
+        1.0, gt=0, description="update L2 bound (initial one when adaptive); sample: per example"
+    )
+    adaptive_clip: bool = Field(False, description="central: adapt the clip norm to a quantile")
+    target_quantile: float = Field(0.5, ge=0, le=1, description="adaptive: unclipped share")
+    clip_learning_rate: float = Field(0.2, gt=0, description="adaptive: geometric step")
+    count_stddev: float | None = Field(
+        None, gt=0, description="adaptive: clipped-count noise (default expected clients / 20)"
+    )
+    accountant: Literal["pld", "rdp"] = "pld"
+    weighting: Literal["uniform", "capped"] = Field(
+        "uniform", description="central: every client weight 1, or min(examples / cap, 1)"
+    )
+    weight_cap: float | None = Field(None, gt=0, description="capped: examples for weight 1")
+    seeded_noise: bool = Field(
+        False, description="reproducible noise from the run seed (research only, predictable)"
+    )
+
+    def problems(self) -> list[str]:
+        """Cross-key errors within this section."""
+        if self.mode == "off":
+            return []
+        out = []
+        calibrated = self.mode == "central" and self.target_epsilon is not None
+        if (self.noise_multiplier is None) == (not calibrated):
+            out.append(
+                "privacy: set exactly one of privacy.noise_multiplier and "
+                "privacy.target_epsilon (target_epsilon calibrates central DP only)"
+                if self.mode == "central"
+                else f"privacy.noise_multiplier is required with privacy.mode = {self.mode!r}"
+            )
+        if self.mode != "central":
+            for key in ("adaptive_clip", "target_epsilon", "weight_cap"):
+                if getattr(self, key) not in (None, False):
+                    out.append(f"privacy.{key} applies to privacy.mode = 'central' only")
+            if self.weighting != "uniform":
+                out.append("privacy.weighting applies to privacy.mode = 'central' only")
+        if self.weighting == "capped" and self.weight_cap is None:
+            out.append("privacy.weighting = 'capped' needs privacy.weight_cap (examples)")
+        return out
+
+
 class AggregationConfig(_Section):
     """How accepted records are combined."""
 
@@ -174,6 +227,7 @@ class RunConfig(_Section):
     client: ClientConfig = ClientConfig()
     server: ServerConfig = ServerConfig()
     update: UpdateConfig = UpdateConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     aggregation: AggregationConfig = AggregationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -205,7 +259,40 @@ class RunConfig(_Section):
             raise ValueError(
                 "aggregation.max_weight applies to the weighted mean; the median ignores weights"
             )
+        problems = self.privacy.problems() + self._privacy_conflicts()
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def _privacy_conflicts(self) -> list[str]:
+        mode = self.privacy.mode
+        if mode == "sample" and self.algorithm.name != "fedavg":
+            return [
+                "privacy.mode = 'sample' (DP-SGD through Opacus) runs plain local SGD; "
+                "it cannot run the objective of algorithm.name = "
+                f"{self.algorithm.name!r}: use 'fedavg'"
+            ]
+        if mode not in ("central", "local"):
+            return []
+        out = []
+        if self.update.clip_norm is not None:
+            out.append(
+                f"update.clip_norm cannot be set with privacy.mode = {mode!r}: "
+                "privacy.clip_norm is the clip norm"
+            )
+        if self.algorithm.name == "scaffold":
+            out.append(
+                f"privacy.mode = {mode!r} cannot run algorithm.name = 'scaffold': its control "
+                "variates are computed from the update before it is clipped and noised"
+            )
+        if mode == "central" and (
+            self.aggregation.kind != "mean" or self.aggregation.max_weight is not None
+        ):
+            out.append(
+                "privacy.mode = 'central' needs aggregation.kind = 'mean' without "
+                "aggregation.max_weight: it bounds weights itself (privacy.weighting)"
+            )
+        return out
 
 
 def _describe(exc: ValidationError, model: type[BaseModel]) -> str:

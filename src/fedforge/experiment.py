@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data import partition as part
 from fedforge.data.datasets import load_digits, load_mnist5k, make_synthetic
 from fedforge.data.federated import FederatedDataset
+from fedforge.privacy.dp_sgd import SampleDP
+from fedforge.privacy.setup import privacy_stages
 from fedforge.report.rundir import (
     prepare_out_dir,
     provenance,
@@ -99,12 +102,26 @@ def build_algorithm(config: RunConfig) -> Algorithm:
     return FedAvg(local=local, server_optimizer=server_optimizer)
 
 
-def build_stages(config: RunConfig) -> list[Stage]:
-    """The client-side update stages, in chain order."""
+def build_stages(
+    config: RunConfig, population: int | None, client_sizes: Sequence[int] | None = None
+) -> list[Stage]:
+    """The update stages, in chain order, for a server of ``population`` clients whose
+    example counts are ``client_sizes`` when known; ``population`` None: a deployed client's
+    chain (the stages with a client side)."""
     stages: list[Stage] = []
     if config.update.clip_norm is not None:
         stages.append(FixedClip(config.update.clip_norm))
+    stages.extend(privacy_stages(config, population, client_sizes))
     return stages
+
+
+def build_sample_dp(config: RunConfig) -> SampleDP | None:
+    """DP-SGD inside every client (``privacy.mode = 'sample'``), else None."""
+    p = config.privacy
+    if p.mode != "sample":
+        return None
+    assert p.noise_multiplier is not None
+    return SampleDP(p.noise_multiplier, p.clip_norm, p.delta, p.accountant, p.seeded_noise)
 
 
 def build_aggregation(config: RunConfig) -> Aggregation:
@@ -170,7 +187,8 @@ def simulate_config(
         options=backend_options(config),
         threads=config.runtime.threads,
         listener=listener,
-        stages=build_stages(config),
+        stages=build_stages(config, data.num_clients, data.client_sizes()),
+        sample_dp=build_sample_dp(config),
         aggregation=build_aggregation(config),
         federated_eval=build_federated_eval(config),
         state_dir=state_dir,

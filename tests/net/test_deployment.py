@@ -189,3 +189,35 @@ def test_client_sigkilled_mid_round_restarts_with_its_state(tmp_path: Path) -> N
     # ... starting from the state its first process left on disk.
     simulated, _ = _simulate(cfg)
     _assert_same_model(state / "final_model.safetensors", simulated)
+
+
+@pytest.mark.parametrize(
+    "privacy",
+    [
+        'mode = "central"\nnoise_multiplier = 0.5\nadaptive_clip = true\ncount_stddev = 1.0',
+        'mode = "sample"\nnoise_multiplier = 1.0',
+    ],
+    ids=["central-adaptive", "dp-sgd"],
+)
+def test_differential_privacy_deployment_matches_simulation(tmp_path: Path, privacy: str) -> None:
+    """Client-side clipping (or DP-SGD) on real client processes, the server's noise and its
+    accountant: with seeded noise, the deployed run releases the simulation's model and
+    reports the same epsilons."""
+    keys = make_keys(tmp_path, NAMES)
+    port = free_port()
+    extra = f"[privacy]\n{privacy}\nseeded_noise = true\nclip_norm = 0.5\n"
+    cfg = write_config(tmp_path, keys, port, rounds=2, extra=extra)
+    server = start_server(cfg, tmp_path / "server.log")
+    clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES]
+    try:
+        assert server.wait(timeout=120) == 0, _log_tail(tmp_path / "server.log")
+        for n, c in zip(NAMES, clients, strict=True):
+            assert c.wait(timeout=30) == 0, _log_tail(tmp_path / f"{n}.log")
+    finally:
+        stop_all([server, *clients])
+    _, history = _checkpoint(tmp_path / "state")
+    epsilon = history[-1].metrics.get("dp.epsilon", history[-1].metrics.get("dp_sgd.epsilon.max"))
+    assert epsilon is not None and epsilon > 0
+    simulated, sim_history = _simulate(cfg)
+    _assert_same_model(tmp_path / "state" / "final_model.safetensors", simulated)
+    _assert_same_history(history, sim_history)

@@ -22,7 +22,7 @@ def test_clip_scales_records_over_all_their_arrays_and_counts_them() -> None:
     a = np.array([[3.0, 0.0], [0.3, 0.0]], np.float32)
     b = np.array([[4.0], [0.4]], np.float32)  # norms 5 and 0.5
     stage = FixedClip(1.0)
-    out = stage.encode(batch_of(a, b), stage.broadcast(stage.init_state()))
+    out = stage.encode(batch_of(a, b), stage.broadcast(stage.init_state()), [0, 0])
     np.testing.assert_allclose(out.arrays["a"], [[0.6, 0.0], [0.3, 0.0]], rtol=1e-6)
     np.testing.assert_allclose(out.arrays["b"], [[0.8], [0.4]], rtol=1e-6)
     np.testing.assert_array_equal(out.scalars["clip.clipped"], [1.0, 0.0])
@@ -40,7 +40,9 @@ def test_clip_scales_records_over_all_their_arrays_and_counts_them() -> None:
 )
 def test_clipping_bounds_every_contribution(values: np.ndarray, norm: float) -> None:
     stage = FixedClip(norm)
-    out = stage.encode(batch_of(values[:, :4], values[:, 4:]), {"clip.norm": norm})
+    out = stage.encode(
+        batch_of(values[:, :4], values[:, 4:]), {"clip.norm": norm}, [0] * len(values)
+    )
     assert np.all(row_norms(out) <= norm * (1 + 1e-5))
 
 

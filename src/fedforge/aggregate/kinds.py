@@ -27,7 +27,8 @@ Kind = Literal["mean", "gather", "secure_sum"]
 @dataclass(frozen=True)
 class Aggregate:
     """The round's aggregate: arrays (a mean or a robust estimate), the sums of the summed
-    scalars, how many records were used, and which clients were excluded or down-weighted."""
+    scalars, how many records were used, whose (``client_ids``), and which clients were
+    excluded or down-weighted."""
 
     arrays: Params
     scalars: dict[str, float]
@@ -35,6 +36,7 @@ class Aggregate:
     total_weight: float
     excluded: list[int] = field(default_factory=list)
     downweighted: list[int] = field(default_factory=list)
+    client_ids: list[int] = field(default_factory=list)
 
 
 class Accumulator(Protocol):
@@ -100,6 +102,7 @@ class StreamingMean:
         self._dtypes: dict[str, np.dtype] = {}
         self._scalars: dict[str, float] = {}
         self._downweighted: list[int] = []
+        self._client_ids: list[int] = []
         self.total_weight = 0.0
         self.count = 0
 
@@ -122,6 +125,7 @@ class StreamingMean:
                     chunk = w @ flat.astype(np.float64)
                 total.reshape(-1)[:] += chunk
         add_scalars(self._scalars, batch)
+        self._client_ids.extend(int(c) for c in batch.client_ids)
         self.total_weight += float(w.sum())
         self.count += rows
 
@@ -139,6 +143,7 @@ class StreamingMean:
             self.count,
             self.total_weight,
             downweighted=list(self._downweighted),
+            client_ids=list(self._client_ids),
         )
 
 
@@ -183,7 +188,8 @@ class Gather:
         scalars: dict[str, float] = {}
         for b in self.batches:
             add_scalars(scalars, b)
-        return Aggregate(arrays, scalars, self.count, float(self.count))
+        ids = [int(c) for b in self.batches for c in b.client_ids]
+        return Aggregate(arrays, scalars, self.count, float(self.count), client_ids=ids)
 
 
 @dataclass(frozen=True)

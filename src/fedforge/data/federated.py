@@ -80,6 +80,10 @@ class FederatedDataset:
     def client_size(self, client_id: int) -> int:
         return len(self.partition[client_id])
 
+    def client_sizes(self) -> list[int]:
+        """Training examples of every client."""
+        return [len(idx) for idx in self.partition]
+
     def holdout_size(self, client_id: int) -> int:
         return 0 if self.holdout is None else len(self.holdout[client_id])
 

@@ -28,7 +28,13 @@ from fedforge.core.errors import FedforgeError
 from fedforge.core.records import FIT, Record, Task
 from fedforge.data.datasets import ArrayDataset
 from fedforge.data.federated import ClientData, FederatedDataset
-from fedforge.experiment import build_algorithm, build_dataset, build_model, build_stages
+from fedforge.experiment import (
+    build_algorithm,
+    build_dataset,
+    build_model,
+    build_sample_dp,
+    build_stages,
+)
 from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
 from fedforge.net.keys import ClientCredentials
 from fedforge.net.proto import fedforge_pb2 as pb
@@ -219,7 +225,8 @@ class _Worker:
         self.app = ClientApp(
             build_algorithm(self.config),
             build_model(self.config, federated),
-            StageChain(build_stages(self.config)),
+            StageChain(build_stages(self.config, population=None)),
+            build_sample_dp(self.config),
         )
         root = self.state_dir or DEFAULT_STATE_ROOT / _safe_name(w.client_name)
         self.store = DiskStateStore(root / _safe_name(self.run_id))

@@ -34,6 +34,7 @@ from fedforge.net.service import FederationService
 from fedforge.net.transport import NetworkTransport
 from fedforge.report.history import History
 from fedforge.runtime.checkpoint import CheckpointStore
+from fedforge.runtime.client_app import DP_SGD_EPSILON
 from fedforge.runtime.driver import Driver, RoundListener
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
@@ -47,6 +48,7 @@ class ServerRun:
     run_id: str
     history: History
     state: ServerState
+    stop_reason: str | None = None  # why the run ended before its last round (a DP budget)
 
 
 def size_cap(declared: int, known: int | None, max_examples: int, undeclared: int) -> int:
@@ -98,7 +100,9 @@ def run_server(
     data = build_dataset(config)
     model = TorchModel(build_model(config, data))
     algorithm = build_algorithm(config)
-    chain = StageChain(build_stages(config))
+    known_sizes = d.client_data == "builtin" and len(names) <= data.num_clients
+    sizes = [data.client_size(c) for c in range(len(names))] if known_sizes else None
+    chain = StageChain(build_stages(config, len(names), sizes))
     store = CheckpointStore(Path(d.state_dir))
     run_id, state, history = store.open_run(config.seed, algorithm.init(model.get_params()))
     if history:
@@ -169,6 +173,7 @@ def run_server(
         federated_eval=build_federated_eval(config),
         listener=listener or RoundListener(),
         describe=lambda cid: names[cid] if 0 <= cid < len(names) else f"client {cid}",
+        client_metrics=(DP_SGD_EPSILON,) if config.privacy.mode == "sample" else (),
     )
     needed = d.min_clients
     if config.server.sampler == "uniform":
@@ -194,4 +199,4 @@ def run_server(
         transport.close()
         server.stop(grace=2).wait()
         store.close()
-    return ServerRun(run_id, history, state)
+    return ServerRun(run_id, history, state, driver.stop_reason)

@@ -20,7 +20,8 @@ class RoundRecord:
     server validation and aggregation (``aggregate_seconds``), and evaluation (central and
     federated, ``eval_seconds``). ``metrics`` holds named per-stage and per-aggregator values
     (``clip.clipped``, ``fed_eval.accuracy``, ...); ``clients`` named lists of client ids
-    (``excluded``, ``downweighted``, ``failed``, ``rejected``).
+    (``excluded``, ``downweighted``, ``failed``, ``rejected``); ``labels`` named descriptions
+    from the stages (``dp.mode``, ``dp.sampling``, ``dp.noise``: how privacy was accounted).
     """
 
     round: int
@@ -39,6 +40,7 @@ class RoundRecord:
     wall_seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     clients: dict[str, list[int]] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -50,6 +52,17 @@ class RoundRecord:
         if unknown:
             raise FedforgeError(f"round record has unknown fields {sorted(unknown)}")
         return cls(**row)  # type: ignore[arg-type]
+
+
+def privacy_text(record: RoundRecord) -> str:
+    """``eps 1.23 (delta 1e-05)`` when the round recorded a DP epsilon (for DP-SGD: the
+    largest client epsilon so far), else empty."""
+    m = record.metrics
+    if "dp.epsilon" in m:
+        return f"eps {m['dp.epsilon']:.3g} (delta {m.get('dp.delta', math.nan):g})"
+    if "dp_sgd.epsilon.max" in m:
+        return f"eps <= {m['dp_sgd.epsilon.max']:.3g} per client (DP-SGD)"
+    return ""
 
 
 class History(list[RoundRecord]):

@@ -30,7 +30,10 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
             [r for r, _ in fed], [100 * v for _, v in fed], marker=".", label="federated eval"
         )
     ax_acc.set(title="Accuracy", xlabel="round", ylabel="accuracy (%)")
-    ax_acc.legend()
+    ax_acc.legend(loc="lower left")
+    epsilon = history.metric("dp.epsilon")
+    if epsilon:
+        _privacy_axis(ax_acc, epsilon, history[-1].labels)
     ax_loss.plot(rounds, [r.test_loss for r in history], marker=".", label="central test")
     ax_loss.plot(
         [r.round for r in trained],
@@ -51,7 +54,9 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
     ax_bytes.plot(x, np.cumsum([r.bytes_up for r in trained]) / 1e6, label="up")
     ax_bytes.set(title="Cumulative traffic", xlabel="round", ylabel="MB")
     ax_bytes.legend()
-    names = sorted({k for r in history for k in r.metrics if not k.startswith("fed_eval.")})
+    names = sorted(
+        {k for r in history for k in r.metrics if not k.startswith(("fed_eval.", "dp."))}
+    )
     for name in names:
         series = history.metric(name)
         ax_metrics.plot([r for r, _ in series], [v for _, v in series], marker=".", label=name)
@@ -67,6 +72,18 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _privacy_axis(ax: Any, epsilon: list[tuple[int, float]], labels: dict[str, str]) -> None:
+    """Cumulative epsilon on a second axis beside accuracy; a seeded-noise run says so."""
+    twin = ax.twinx()
+    twin.plot([r for r, _ in epsilon], [v for _, v in epsilon], color="tab:red", label="epsilon")
+    twin.set_ylabel("epsilon (cumulative)", color="tab:red")
+    twin.tick_params(axis="y", colors="tab:red")
+    twin.legend(loc="lower right")
+    mode = labels.get("dp.mode", "")
+    seeded = "SEEDED" in labels.get("dp.noise", "")
+    ax.set_title(f"Accuracy and privacy ({mode} DP{', seeded noise' if seeded else ''})")
 
 
 def _stacked_steps(ax: Any, x: np.ndarray, values: np.ndarray, labels: Sequence[str]) -> None:

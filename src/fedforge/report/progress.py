@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedforge.report.history import RoundRecord
+from fedforge.report.history import RoundRecord, privacy_text
 from fedforge.runtime.driver import RoundListener
 
 
@@ -15,7 +15,7 @@ class ProgressListener(RoundListener):
     def __init__(self, progress: Progress, total_rounds: int) -> None:
         self.progress = progress
         self.task = progress.add_task(
-            "training", total=total_rounds, acc="  -  ", loss="  -  ", clients="-"
+            "training", total=total_rounds, acc="  -  ", loss="  -  ", clients="-", dp=""
         )
         self._sampled = 0
         self._done = 0
@@ -28,6 +28,7 @@ class ProgressListener(RoundListener):
             TextColumn("round {task.completed:>4.0f}/{task.total:.0f}"),
             BarColumn(),
             TextColumn("acc {task.fields[acc]}"),
+            TextColumn("{task.fields[dp]}"),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("clients {task.fields[clients]}"),
             TimeElapsedColumn(),
@@ -48,4 +49,5 @@ class ProgressListener(RoundListener):
             completed=record.round,
             acc=f"{100 * record.test_accuracy:5.1f}%",
             loss=f"{record.test_loss:.3f}",
+            dp=privacy_text(record),
         )

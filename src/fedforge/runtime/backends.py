@@ -33,11 +33,19 @@ class BackendOptions:
     ray_address: str | None = None
 
 
-def resolve_backend(name: BackendName, program: LocalProgram, module: torch.nn.Module) -> str:
-    """The concrete backend ``name`` stands for; ``auto`` logs what it chose and why."""
+def resolve_backend(
+    name: BackendName,
+    program: LocalProgram,
+    module: torch.nn.Module,
+    blocker: str | None = None,
+) -> str:
+    """The concrete backend ``name`` stands for; ``auto`` logs what it chose and why.
+    ``blocker`` is a reason the run cannot be vectorized beyond the model and program's."""
+    if name == "vectorized" and blocker:
+        raise ConfigError(f"runtime.backend 'vectorized' is not possible: {blocker}")
     if name != "auto":
         return name
-    blocker = vectorization_blocker(module, program)
+    blocker = blocker or vectorization_blocker(module, program)
     if blocker is None:
         log.info("backend auto -> vectorized: the model and local training batch across clients")
         return "vectorized"

@@ -17,11 +17,15 @@ from fedforge.core.errors import FedforgeError
 from fedforge.core.params import Params
 from fedforge.core.records import EVALUATE, FIT, Record, Task
 from fedforge.data.federated import ClientData
+from fedforge.privacy.dp_sgd import SampleDP, client_epsilon, train_dp_sgd
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import evaluate
 from fedforge.train.program import Tensors, batch_order
 from fedforge.train.torch_model import TorchModel
+
+DP_SGD_STEPS = "dp_sgd/steps"  # the client's DP-SGD steps so far, kept in its state
+DP_SGD_EPSILON = "dp_sgd.epsilon"  # the metric: the client's epsilon after this round
 
 
 def to_tensors(arrays: Params, device: torch.device | None = None) -> Tensors:
@@ -45,7 +49,11 @@ class ClientApp:
     """Answers tasks for one model and algorithm."""
 
     def __init__(
-        self, algorithm: Algorithm, module: torch.nn.Module, stages: StageChain | None = None
+        self,
+        algorithm: Algorithm,
+        module: torch.nn.Module,
+        stages: StageChain | None = None,
+        sample_dp: SampleDP | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.stages = stages or StageChain()
@@ -53,8 +61,28 @@ class ClientApp:
         self.module = module
         self.trainable = [name for name, _ in module.named_parameters()]
         self.program = algorithm.program()
+        self.sample_dp = sample_dp  # DP-SGD inside the client instead of the plain program
         sample = {n: np.zeros(1, np.float32) for n in self.trainable}
-        self.stateful = bool(algorithm.init_client_state(sample))
+        # DP-SGD keeps the client's own privacy ledger (its steps so far) in its state.
+        self.stateful = bool(algorithm.init_client_state(sample)) or sample_dp is not None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """What the history records about how clients train (DP-SGD and its noise)."""
+        if self.sample_dp is None:
+            return {}
+        noise = "SEEDED from task seeds: reproducible and predictable, for research only"
+        return {
+            "dp.mode": "sample (DP-SGD in each client, Opacus)",
+            "dp.sampling": "Poisson batches, q = batch_size / client examples",
+            "dp.accountant": self.sample_dp.accountant,
+            "dp.noise": noise if self.sample_dp.seeded else "os-entropy seeds",
+        }
+
+    @property
+    def extra_metrics(self) -> tuple[str, ...]:
+        """Metrics this app's fit records carry beyond ``train_loss``."""
+        return (DP_SGD_EPSILON,) if self.sample_dp else ()
 
     def stored_state(self, task: Task, store: ClientStateStore) -> Params | None:
         """The client's state ``task`` starts from (fit tasks of a stateful algorithm only;
@@ -75,13 +103,44 @@ class ClientApp:
     def fit(
         self, task: Task, data: ClientData, state: Params | None
     ) -> tuple[Record, Params | None]:
-        rng = np.random.default_rng(task.seed)
         names = self.model.names
         shared = to_tensors(dict(task.shared))
-        if state is None:
+        state = dict(state) if state is not None else None
+        ledger = state.pop(DP_SGD_STEPS, None) if state is not None else None
+        if not state:
             state = self.algorithm.init_client_state({n: task.shared[n] for n in self.trainable})
         own = {k: t.clone() for k, t in to_tensors(state).items()}  # finish may overwrite it
         self.model.set_params({n: task.shared[n] for n in names})
+        metrics: dict[str, float] = {}
+        if self.sample_dp is None:
+            steps, metrics["train_loss"] = self._train(task, data, shared, own)
+        else:
+            x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
+            local = self.algorithm.local
+            result = train_dp_sgd(
+                self.module, x, y, local, self.sample_dp, task.seed, self.sample_dp.seeded
+            )
+            steps, metrics["train_loss"] = result.steps, result.train_loss
+            total_steps = steps + (int(ledger[0]) if ledger is not None else 0)
+            metrics[DP_SGD_EPSILON] = client_epsilon(
+                total_steps, len(data.train), local, self.sample_dp
+            )
+        with torch.no_grad():
+            local_state = self.model.tensors()
+            delta = {n: local_state[n] - shared[n] for n in names}
+            arrays, new_own = self.algorithm.finish(delta, shared, own, torch.tensor(float(steps)))
+        record = Record(task.client_id, len(data.train), to_arrays(arrays), metrics=metrics)
+        encoded = self.stages.encode(record.as_batch(), task.scalars, [task.seed]).row(0)
+        new_state = to_arrays(new_own) if new_own else {}
+        if self.sample_dp is not None:
+            new_state[DP_SGD_STEPS] = np.array([total_steps], np.int64)
+        return encoded, (new_state or None)
+
+    def _train(
+        self, task: Task, data: ClientData, shared: Tensors, own: Tensors
+    ) -> tuple[int, float]:
+        """The algorithm's local program on the module's parameters: (steps, mean loss)."""
+        rng = np.random.default_rng(task.seed)
         params = dict(self.module.named_parameters())
         opt_state = self.program.init({n: p.detach() for n, p in params.items()})
         x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
@@ -98,18 +157,7 @@ class ClientApp:
                 total += float(loss) * len(batch)
                 seen += len(batch)
                 steps += 1
-        with torch.no_grad():
-            local_state = self.model.tensors()
-            delta = {n: local_state[n] - shared[n] for n in names}
-            arrays, new_own = self.algorithm.finish(delta, shared, own, torch.tensor(float(steps)))
-        record = Record(
-            task.client_id,
-            len(data.train),
-            to_arrays(arrays),
-            metrics={"train_loss": total / max(seen, 1)},
-        )
-        encoded = self.stages.encode(record.as_batch(), task.scalars).row(0)
-        return encoded, (to_arrays(new_own) if new_own else None)
+        return steps, total / max(seen, 1)
 
     def evaluate(self, task: Task, data: ClientData) -> Record:
         if data.holdout is None or len(data.holdout) == 0:

@@ -29,7 +29,7 @@ from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sampling import Sampler
 from fedforge.runtime.transport import Transport
 from fedforge.runtime.validation import validate_batch
-from fedforge.stages.base import StageChain
+from fedforge.stages.base import StageChain, SumContext
 from fedforge.train.evaluate import Evaluation
 
 log = logging.getLogger("fedforge")
@@ -75,6 +75,7 @@ class _Exchange:
     bytes_up: int = 0
     server_seconds: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)  # example-weighted metric sums
+    maxima: dict[str, float] = field(default_factory=dict)
     examples: float = 0.0
 
     def mean(self, metric: str) -> float:
@@ -106,8 +107,11 @@ class Driver:
     listener: RoundListener = field(default_factory=RoundListener)
     describe: Callable[[int], str] = str
     client_states: ClientStateStore | None = None  # simulation: the runtime's state store
+    client_metrics: tuple[str, ...] = ()  # metrics fit records carry beyond train_loss
+    labels: dict[str, str] = field(default_factory=dict)  # recorded with every round
 
     def __post_init__(self) -> None:
+        self.stop_reason: str | None = None  # why ``run`` stopped before its last round
         self.stages.check(self.aggregation)
         if self.stages.stages and not self.algorithm.accepts_stages:
             names = ", ".join(s.name for s in self.stages.stages)
@@ -116,6 +120,7 @@ class Driver:
                 "client state is computed from the record before the stages change it"
             )
         fit_spec = self.algorithm.record_spec(self.model_spec, self.trainable)
+        fit_spec = replace(fit_spec, metrics=(*fit_spec.metrics, *self.client_metrics))
         self.fit_spec = self.stages.wire_spec(fit_spec)
         self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss"))
 
@@ -165,6 +170,7 @@ class Driver:
                 weights = good.num_examples.astype(np.float64)
                 for name, values in good.metrics.items():
                     out.sums[name] = out.sums.get(name, 0.0) + float(weights @ values)
+                    out.maxima[name] = max(out.maxima.get(name, -math.inf), float(values.max()))
                 out.examples += float(weights.sum())
                 out.accepted += len(good)
                 out.accepted_ids.extend(int(c) for c in good.client_ids)
@@ -202,17 +208,25 @@ class Driver:
                 weights = np.ones(len(decoded))
             else:
                 weights = decoded.num_examples.astype(np.float64)
-            accumulator.add(decoded, weights)
+            accumulator.add(decoded, self.stages.weights(decoded, weights))
 
         fit_started = time.perf_counter()
         fit = self._exchange(tasks, self.fit_spec, accept, notify=True)
         fit_seconds = time.perf_counter() - fit_started
         server_started = time.perf_counter()
         metrics: dict[str, float] = {}
+        for name in sorted(set(fit.sums) - {"train_loss"}):  # e.g. each client's DP-SGD epsilon
+            metrics[name] = fit.mean(name)
+            metrics[f"{name}.max"] = fit.maxima[name]
         clients: dict[str, list[int]] = {"failed": fit.failed, "rejected": fit.rejected}
         if accumulator.count > 0:
-            aggregate = accumulator.result()
-            stage_states, metrics = self.stages.finish_round(state.stage_states, aggregate)
+            aggregate = self.stages.on_sum(
+                accumulator.result(),
+                state.stage_states,
+                SumContext(round_number, attempt, broadcast),
+            )
+            stage_states, stage_metrics = self.stages.finish_round(state.stage_states, aggregate)
+            metrics.update(stage_metrics)
             context = RoundContext(round_number, self.population_size(), len(sampled))
             state = self.algorithm.server_update(state, aggregate, context)
             state = replace(state, stage_states=stage_states)
@@ -254,6 +268,7 @@ class Driver:
             wall_seconds=time.perf_counter() - start,
             metrics=metrics,
             clients={k: sorted(v) for k, v in clients.items() if v},
+            labels={**self.labels, **self.stages.labels()},
         )
         self.listener.round_finished(record)
         return state, record
@@ -315,10 +330,18 @@ class Driver:
                 checkpoint(state, history)
         while state.round < rounds:
             for attempt in range(max_retries + 1):
+                problem = self.stages.budget_problem(state.stage_states)
+                if problem:
+                    log.warning("stopping before round %d: %s", state.round + 1, problem)
+                    self.stop_reason = problem
+                    return state
                 before_attempt()
                 new_state, record = self.run_round(state, attempt, min_completed)
                 if record.clients_completed >= min_completed:
                     break
+                # A discarded attempt's update is dropped, but what its stages released (a
+                # noised sum the privacy ledger paid for, a moved clip norm) stands.
+                state = replace(state, stage_states=new_state.stage_states)
                 log.warning(
                     "round %d attempt %d: %d accepted results (< %d)%s",
                     record.round,

@@ -20,6 +20,7 @@ from fedforge.core.params import Params, spec_of
 from fedforge.core.records import FIT
 from fedforge.core.rng import RngStreams
 from fedforge.data.federated import FederatedDataset
+from fedforge.privacy.dp_sgd import SampleDP
 from fedforge.report.history import History
 from fedforge.runtime.backends import (
     BackendName,
@@ -45,6 +46,7 @@ class SimulationResult:
     state: ServerState
     model: torch.nn.Module
     backend: str
+    stop_reason: str | None = None  # why the run ended before its last round (a DP budget)
 
 
 def simulate(
@@ -66,6 +68,7 @@ def simulate(
     state_dir: Path | None = None,
     resume: bool = False,
     client_states: ClientStateStore | None = None,
+    sample_dp: SampleDP | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -79,6 +82,8 @@ def simulate(
     after every round and client state lives on disk; ``resume=True`` continues from there.
     ``client_states`` picks where stateful algorithms keep client state otherwise (default in
     memory; a :class:`DiskStateStore` for 10,000+ clients with large states).
+    ``sample_dp`` trains every client with DP-SGD (Opacus) instead of the algorithm's
+    program; it runs one client at a time (not ``vectorized``).
     """
     chain = StageChain(stages)
     chain.check(aggregation)
@@ -86,7 +91,8 @@ def simulate(
         raise ConfigError(
             "federated evaluation needs held-out client data: use data.with_holdout(...)"
         )
-    chosen = resolve_backend(backend, algorithm.program(), model)
+    dp_sgd = "DP-SGD trains one client at a time through Opacus" if sample_dp else None
+    chosen = resolve_backend(backend, algorithm.program(), model, dp_sgd)
     previous_threads = torch.get_num_threads()
     default_threads = (os.cpu_count() or 1) if chosen == "vectorized" else 1
     torch.set_num_threads(threads or default_threads)
@@ -111,6 +117,7 @@ def simulate(
             state_dir=state_dir,
             resume=resume,
             client_states=client_states,
+            sample_dp=sample_dp,
         )
     finally:
         blas.restore_original_limits()
@@ -134,6 +141,7 @@ def _simulate(
     state_dir: Path | None,
     resume: bool,
     client_states: ClientStateStore | None,
+    sample_dp: SampleDP | None,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -156,7 +164,7 @@ def _simulate(
         assert checkpoints is not None
         checkpoints.save(run_id, s, h)
 
-    app = ClientApp(algorithm, copy.deepcopy(model), chain)
+    app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp)
     transport = make_transport(chosen, app, data, store, options)
     driver = Driver(
         algorithm=algorithm,
@@ -176,6 +184,8 @@ def _simulate(
         federated_eval=federated_eval,
         listener=listener,
         client_states=store,
+        client_metrics=app.extra_metrics,
+        labels=app.labels,
     )
     try:
         state = driver.run(state, rounds, history, checkpoint=checkpoint if checkpoints else None)
@@ -184,4 +194,10 @@ def _simulate(
         if checkpoints is not None:
             checkpoints.close()
     eval_model.set_params(state.params)
-    return SimulationResult(history=history, state=state, model=eval_model.module, backend=chosen)
+    return SimulationResult(
+        history=history,
+        state=state,
+        model=eval_model.module,
+        backend=chosen,
+        stop_reason=driver.stop_reason,
+    )

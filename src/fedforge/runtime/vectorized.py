@@ -131,7 +131,7 @@ class VectorizedTransport:
             arrays=to_arrays(arrays),
             metrics={"train_loss": result.train_loss},
         )
-        batch = self.app.stages.encode(batch, chunk[0].scalars)
+        batch = self.app.stages.encode(batch, chunk[0].scalars, [t.seed for t in chunk])
         if new_own:
             states = to_arrays(new_own)
             for row, task in enumerate(chunk):

@@ -12,12 +12,20 @@ The documented chain order (``POSITIONS``), client side: train, delta (``finish`
 noise, compress, mask; server side the reverse: unmask, decompress, aggregate, noise, server
 optimizer. A chain out of this order, or one whose stages cannot precede its aggregation kind,
 is refused before training with a message naming the conflict.
+
+Server-side hooks beyond ``decode``: ``weights`` may bound the aggregation weights (DP needs
+bounded ones), ``on_sum`` changes the aggregate after summation (central DP adds its noise
+there and divides by a fixed denominator), ``budget_problem`` stops a run before a release it
+cannot afford. :class:`StageDefaults` gives every hook its do-nothing form.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
 
 from fedforge.aggregate.kinds import Aggregate, Aggregation
 from fedforge.core.errors import ConfigError
@@ -48,13 +56,85 @@ class Stage(Protocol):
 
     def wire_spec(self, spec: RecordSpec) -> RecordSpec: ...
 
-    def encode(self, batch: RecordBatch, broadcast: Mapping[str, float]) -> RecordBatch: ...
+    def encode(
+        self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
+    ) -> RecordBatch:
+        """Client side, on a batch of records; ``seeds`` are the rows' 128-bit task seeds."""
+        ...
 
     def decode(self, batch: RecordBatch, state: StageState) -> RecordBatch: ...
+
+    def weights(self, batch: RecordBatch, weights: np.ndarray) -> np.ndarray:
+        """The aggregation weights of the decoded records (given the algorithm's)."""
+        ...
+
+    def on_sum(self, aggregate: Aggregate, state: StageState, context: SumContext) -> Aggregate:
+        """Server side, after summation and before the server update."""
+        ...
 
     def finish_round(
         self, state: StageState, aggregate: Aggregate
     ) -> tuple[StageState, dict[str, float]]: ...
+
+    def budget_problem(self, state: StageState) -> str | None:
+        """Why the next release must not happen (a spent privacy budget), or None."""
+        ...
+
+    def labels(self) -> dict[str, str]:
+        """Named descriptions recorded with every round (the DP mode and its accounting)."""
+        ...
+
+
+@dataclass(frozen=True)
+class SumContext:
+    """What ``on_sum`` knows: the round, the attempt, and the broadcast the clients got."""
+
+    round: int
+    attempt: int
+    broadcast: Mapping[str, float]
+
+
+class StageDefaults:
+    """Do-nothing implementations of every hook; a stage overrides what it uses."""
+
+    commutes_with_sum: bool = True
+
+    def init_state(self) -> StageState:
+        return {}
+
+    def broadcast(self, state: StageState) -> dict[str, float]:
+        return {}
+
+    def summed_scalars(self) -> tuple[str, ...]:
+        return ()
+
+    def wire_spec(self, spec: RecordSpec) -> RecordSpec:
+        return spec
+
+    def encode(
+        self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
+    ) -> RecordBatch:
+        return batch
+
+    def decode(self, batch: RecordBatch, state: StageState) -> RecordBatch:
+        return batch
+
+    def weights(self, batch: RecordBatch, weights: np.ndarray) -> np.ndarray:
+        return weights
+
+    def on_sum(self, aggregate: Aggregate, state: StageState, context: SumContext) -> Aggregate:
+        return aggregate
+
+    def finish_round(
+        self, state: StageState, aggregate: Aggregate
+    ) -> tuple[StageState, dict[str, float]]:
+        return state, {}
+
+    def budget_problem(self, state: StageState) -> str | None:
+        return None
+
+    def labels(self) -> dict[str, str]:
+        return {}
 
 
 class StageChain:
@@ -100,15 +180,42 @@ class StageChain:
             spec = s.wire_spec(spec.with_scalars(s.summed_scalars()))
         return spec
 
-    def encode(self, batch: RecordBatch, broadcast: Mapping[str, float]) -> RecordBatch:
+    def encode(
+        self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
+    ) -> RecordBatch:
         for s in self.stages:
-            batch = s.encode(batch, broadcast)
+            batch = s.encode(batch, broadcast, seeds)
         return batch
 
     def decode(self, batch: RecordBatch, states: Mapping[str, StageState]) -> RecordBatch:
         for s in reversed(self.stages):
             batch = s.decode(batch, self._state(states, s))
         return batch
+
+    def weights(self, batch: RecordBatch, weights: np.ndarray) -> np.ndarray:
+        for s in self.stages:
+            weights = s.weights(batch, weights)
+        return weights
+
+    def on_sum(
+        self, aggregate: Aggregate, states: Mapping[str, StageState], context: SumContext
+    ) -> Aggregate:
+        for s in reversed(self.stages):
+            aggregate = s.on_sum(aggregate, self._state(states, s), context)
+        return aggregate
+
+    def labels(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for s in self.stages:
+            out.update(s.labels())
+        return out
+
+    def budget_problem(self, states: Mapping[str, StageState]) -> str | None:
+        for s in self.stages:
+            problem = s.budget_problem(self._state(states, s))
+            if problem:
+                return problem
+        return None
 
     def finish_round(
         self, states: Mapping[str, StageState], aggregate: Aggregate

@@ -1,0 +1,221 @@
+"""Gaussian-mechanism stages: central DP on the server's sum, local DP on each client.
+
+:class:`CentralGaussian` is DP-FedAvg (McMahan et al. 2018). Clients clip their records (a
+clip stage before this one); the server sums the records with bounded weights, adds
+``N(0, (z_v C)^2)`` to the sum and divides by a fixed denominator (the expected sum of
+weights), never by the realized count, so one client changes the result by at most
+``C / denominator`` whoever else took part. With adaptive clipping the clipped count is
+noised too (stddev ``sigma_b``) and the value multiplier ``z_v`` is lowered so that both
+releases together cost one Gaussian of multiplier ``z`` (Andrew et al. 2021). Epsilon is
+accounted by ``dp-accounting`` per release: every attempt that summed records.
+
+:class:`LocalGaussian` adds ``N(0, (z C)^2)`` to each clipped record on the client, before it
+leaves. Any two records within the clip ball differ by at most ``2C``, so one release costs a
+Gaussian of multiplier ``z / 2``; a client's epsilon composes over the rounds it took part in
+(the server knows who took part, so sampling does not amplify it) and the history reports
+the epsilon of the client that took part most.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import numpy as np
+
+from fedforge.aggregate.kinds import Aggregate
+from fedforge.core.records import RecordBatch
+from fedforge.privacy.accounting import (
+    AccountantKind,
+    SamplingScheme,
+    accountant_for,
+    adaptive_value_multiplier,
+    epsilon,
+)
+from fedforge.privacy.noise import NoiseSource
+from fedforge.stages.base import StageDefaults, StageState, SumContext
+
+Weighting = Literal["uniform", "capped"]
+
+# Tolerance on a target epsilon: calibration lands within it, and a release that ends within
+# it of the budget is allowed.
+BUDGET_SLACK = 1e-6
+
+
+def capped_weights(num_examples: np.ndarray, cap: float) -> np.ndarray:
+    """McMahan et al.'s bounded weights ``min(n / cap, 1)``, in [0, 1]."""
+    return np.minimum(num_examples.astype(np.float64) / cap, 1.0)
+
+
+@dataclass(frozen=True)
+class CentralGaussian(StageDefaults):
+    """Central DP: Gaussian noise on the sum of clipped records, a fixed denominator."""
+
+    noise_multiplier: float
+    scheme: SamplingScheme
+    delta: float
+    denominator: float
+    clip: str = "clip"  # the clip stage whose norm bounds each record
+    count_stddev: float | None = None  # adaptive clipping: sigma_b on the clipped count
+    weighting: Weighting = "uniform"
+    weight_cap: float | None = None  # capped: examples at which a client's weight is 1
+    accountant: AccountantKind = "pld"
+    target_epsilon: float | None = None
+    source: NoiseSource = field(default_factory=NoiseSource)
+    name: str = "dp"
+    position: str = "noise"
+    commutes_with_sum: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"noise multiplier must be > 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if not self.denominator > 0:
+            raise ValueError(f"the fixed denominator must be > 0, got {self.denominator}")
+        if self.weighting == "capped" and not (self.weight_cap and self.weight_cap > 0):
+            raise ValueError("capped weighting needs a positive weight cap")
+        self.value_multiplier  # noqa: B018  (refuses an impossible adaptive configuration)
+
+    @property
+    def value_multiplier(self) -> float:
+        """The multiplier of the noise on the update (``z``, or ``z_v`` when adaptive)."""
+        if self.count_stddev is None:
+            return self.noise_multiplier
+        return adaptive_value_multiplier(self.noise_multiplier, self.count_stddev)
+
+    @property
+    def accountant_used(self) -> AccountantKind:
+        return accountant_for(self.scheme, self.accountant)
+
+    def init_state(self) -> StageState:
+        return {"releases": 0.0}
+
+    def weights(self, batch: RecordBatch, weights: np.ndarray) -> np.ndarray:
+        if self.weighting == "capped":
+            assert self.weight_cap is not None
+            return capped_weights(batch.num_examples, self.weight_cap)
+        return np.ones(len(batch))
+
+    def on_sum(self, aggregate: Aggregate, state: StageState, context: SumContext) -> Aggregate:
+        norm = context.broadcast[f"{self.clip}.norm"]
+        std = self.value_multiplier * norm
+        arrays = {}
+        for index, (name, mean) in enumerate(sorted(aggregate.arrays.items())):
+            total = mean.astype(np.float64) * aggregate.total_weight
+            total += self.source.gaussian(
+                mean.shape, std, "central", context.round, context.attempt, index
+            )
+            arrays[name] = (total / self.denominator).astype(mean.dtype)
+        # Only noised values leave this stage: the clipped count when it is noised (adaptive
+        # clipping needs it), nothing of the other summed scalars.
+        scalars = {}
+        count_key = f"{self.clip}.clipped"
+        if self.count_stddev is not None and count_key in aggregate.scalars:
+            noise = self.source.gaussian(
+                (1,), self.count_stddev, "count", context.round, context.attempt
+            )
+            scalars[count_key] = aggregate.scalars[count_key] + float(noise[0])
+        return replace(aggregate, arrays=arrays, scalars=scalars)
+
+    def epsilon_after(self, releases: int) -> float:
+        return epsilon(self.scheme, self.noise_multiplier, releases, self.delta, self.accountant)
+
+    def finish_round(
+        self, state: StageState, aggregate: Aggregate
+    ) -> tuple[StageState, dict[str, float]]:
+        releases = int(state["releases"]) + 1
+        return {"releases": float(releases)}, {
+            "dp.epsilon": self.epsilon_after(releases),
+            "dp.delta": self.delta,
+            "dp.noise_multiplier": self.noise_multiplier,
+            "dp.value_noise_multiplier": self.value_multiplier,
+            "dp.releases": float(releases),
+        }
+
+    def labels(self) -> dict[str, str]:
+        return {
+            "dp.mode": "central" + (" (adaptive clipping)" if self.count_stddev else ""),
+            "dp.sampling": self.scheme.describe(),
+            "dp.accountant": self.accountant_used,
+            "dp.noise": self.source.describe(),
+        }
+
+    def budget_problem(self, state: StageState) -> str | None:
+        if self.target_epsilon is None:
+            return None
+        releases = int(state["releases"])
+        after = self.epsilon_after(releases + 1)
+        if after <= self.target_epsilon + BUDGET_SLACK:
+            return None
+        return (
+            f"privacy budget reached: {releases} releases spent epsilon "
+            f"{self.epsilon_after(releases):.4g}; one more would reach {after:.4g} > "
+            f"privacy.target_epsilon = {self.target_epsilon:g} (delta {self.delta:g})"
+        )
+
+
+@dataclass(frozen=True)
+class LocalGaussian(StageDefaults):
+    """Local DP: each client noises its own clipped record before it leaves the client."""
+
+    noise_multiplier: float
+    delta: float
+    clip: str = "clip"
+    accountant: AccountantKind = "pld"
+    source: NoiseSource = field(default_factory=NoiseSource)
+    name: str = "ldp"
+    position: str = "noise"
+    commutes_with_sum: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"noise multiplier must be > 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+
+    def encode(
+        self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
+    ) -> RecordBatch:
+        std = self.noise_multiplier * broadcast[f"{self.clip}.norm"]
+        arrays = {name: arr.copy() for name, arr in batch.arrays.items()}
+        for row, seed in enumerate(seeds):
+            for index, name in enumerate(sorted(arrays)):
+                block = arrays[name][row]
+                block += self.source.gaussian(block.shape, std, "local", seed, index)
+        return batch.replace_arrays(arrays)
+
+    def labels(self) -> dict[str, str]:
+        return {
+            "dp.mode": "local",
+            "dp.sampling": "none (each client composes over the rounds it took part in)",
+            "dp.accountant": self.accountant,
+            "dp.noise": self.source.describe(),
+        }
+
+    def epsilon_after(self, releases: int) -> float:
+        one_client = SamplingScheme("full", 1)
+        return epsilon(one_client, self.noise_multiplier / 2, releases, self.delta, self.accountant)
+
+    def finish_round(
+        self, state: StageState, aggregate: Aggregate
+    ) -> tuple[StageState, dict[str, float]]:
+        new_state = dict(state)
+        for cid in aggregate.client_ids:
+            key = f"releases.{cid}"
+            new_state[key] = new_state.get(key, 0.0) + 1.0
+        most = int(max(new_state.values(), default=0.0))
+        return new_state, {
+            "dp.epsilon": self.epsilon_after(most) if most else 0.0,
+            "dp.delta": self.delta,
+            "dp.noise_multiplier": self.noise_multiplier,
+            "dp.releases": float(most),
+        }
+
+
+def ends_above(stage: CentralGaussian | LocalGaussian, releases: int, limit: float) -> bool:
+    """Whether ``releases`` releases end above epsilon ``limit``."""
+    value = stage.epsilon_after(releases)
+    return math.isinf(value) or value > limit

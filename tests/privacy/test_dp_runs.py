@@ -1,0 +1,263 @@
+"""DP end to end: every runtime releases the same noised model (seeded noise), the budget
+stops a run, retries and resumed runs are accounted, and configurations are checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedforge import simulate
+from fedforge.algorithms.fedavg import FedAvg
+from fedforge.config import load_config
+from fedforge.core.errors import ConfigError
+from fedforge.core.params import spec_of
+from fedforge.core.rng import Purpose, RngStreams
+from fedforge.data.federated import FederatedDataset
+from fedforge.experiment import build_stages
+from fedforge.privacy.accounting import SamplingScheme
+from fedforge.privacy.noise import NoiseSource
+from fedforge.report.history import History
+from fedforge.runtime.client_app import ClientApp
+from fedforge.runtime.client_state import MemoryStateStore
+from fedforge.runtime.driver import Driver
+from fedforge.runtime.sampling import UniformSampler
+from fedforge.runtime.sequential import SequentialTransport
+from fedforge.stages.base import Stage, StageChain
+from fedforge.stages.clip import AdaptiveClip, FixedClip
+from fedforge.stages.dp_noise import CentralGaussian, LocalGaussian
+from fedforge.train.program import LocalSGD
+from fedforge.train.torch_model import TorchModel
+from tests.conftest import small_mlp
+from tests.runtime.test_driver import failing_data
+
+LOCAL = LocalSGD(lr=0.1, epochs=1, batch_size=8)
+SCHEME = SamplingScheme.fixed_size(4, 10)
+
+
+def central_stages(adaptive: bool = False, target: float | None = None) -> list[Stage]:
+    clip = AdaptiveClip(0.5, expected_clients=4.0) if adaptive else FixedClip(0.5)
+    noise = CentralGaussian(
+        0.8,
+        SCHEME,
+        1e-5,
+        denominator=4.0,
+        count_stddev=4.0 / 20 * 10 if adaptive else None,
+        target_epsilon=target,
+        source=NoiseSource(seed=5),
+    )
+    return [clip, noise]
+
+
+def local_stages() -> list[Stage]:
+    return [FixedClip(0.5, report_clipped=False), LocalGaussian(0.3, 1e-5, source=NoiseSource(5))]
+
+
+@pytest.mark.parametrize("stages", [central_stages, lambda: central_stages(True), local_stages])
+def test_every_runtime_releases_the_same_model_with_seeded_noise(
+    small_federated: FederatedDataset, stages
+) -> None:  # type: ignore[no-untyped-def]
+    results = {
+        backend: simulate(
+            small_mlp(),
+            small_federated,
+            FedAvg(local=LOCAL),
+            rounds=3,
+            clients_per_round=4,
+            backend=backend,
+            stages=stages(),
+        )
+        for backend in ("sequential", "vectorized", "workers")
+    }
+    reference = results["sequential"]
+    for backend, result in results.items():
+        for name, value in reference.state.params.items():
+            np.testing.assert_allclose(
+                result.state.params[name], value, rtol=1e-4, atol=1e-5, err_msg=backend
+            )
+        assert (
+            result.history[-1].metrics["dp.epsilon"] == reference.history[-1].metrics["dp.epsilon"]
+        )
+    last = reference.history[-1]
+    assert last.metrics["dp.epsilon"] > 0
+    assert "SEEDED" in last.labels["dp.noise"]
+
+
+def test_unseeded_noise_differs_between_identical_runs(small_federated: FederatedDataset) -> None:
+    def run() -> dict[str, np.ndarray]:
+        noise = CentralGaussian(0.8, SCHEME, 1e-5, denominator=4.0)
+        return simulate(
+            small_mlp(),
+            small_federated,
+            rounds=1,
+            clients_per_round=4,
+            stages=[FixedClip(0.5), noise],
+        ).state.params
+
+    first, second = run(), run()
+    assert any(not np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_the_budget_stops_the_run_before_it_is_exceeded(small_federated: FederatedDataset) -> None:
+    target = central_stages()[1].epsilon_after(3)  # type: ignore[attr-defined]
+    result = simulate(
+        small_mlp(),
+        small_federated,
+        rounds=6,
+        clients_per_round=4,
+        stages=central_stages(target=target),
+    )
+    assert result.history[-1].round == 3
+    assert result.stop_reason is not None and "privacy budget reached" in result.stop_reason
+    assert result.history[-1].metrics["dp.epsilon"] <= target
+
+
+def test_a_resumed_run_continues_the_accountant(
+    small_federated: FederatedDataset, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    common = {"clients_per_round": 4, "state_dir": tmp_path}
+    simulate(small_mlp(), small_federated, rounds=2, stages=central_stages(), **common)
+    resumed = simulate(
+        small_mlp(), small_federated, rounds=4, stages=central_stages(), resume=True, **common
+    )
+    last = resumed.history[-1]
+    assert last.round == 4 and last.metrics["dp.releases"] == 4.0
+    noise = central_stages()[1]
+    assert last.metrics["dp.epsilon"] == noise.epsilon_after(4)  # type: ignore[attr-defined]
+    assert resumed.state.stage_states["dp"]["releases"] == 4.0
+
+
+def test_discarded_attempts_that_released_a_sum_are_accounted() -> None:
+    """Clients 0 and 1 always fail; a round needs 2 results, so attempts that sampled one good
+    client are re-sampled, but their noised sum was computed: each is a release."""
+    data = failing_data()
+    model = small_mlp()
+    algorithm = FedAvg(local=LOCAL)
+    stages = [FixedClip(0.5), CentralGaussian(1.0, SamplingScheme.fixed_size(2, 4), 1e-5, 2.0)]
+    app = ClientApp(algorithm, model, StageChain(stages))
+    store = MemoryStateStore()
+    params = TorchModel(model).get_params()
+    driver = Driver(
+        algorithm=algorithm,
+        transport=SequentialTransport(app, data, store),
+        sampler=UniformSampler(2),
+        streams=RngStreams(0),
+        model_spec=spec_of(params),
+        trainable=app.trainable,
+        population=lambda: range(4),
+        population_size=lambda: 4,
+        example_cap=lambda cid, stage: data.client_size(cid),
+        stages=StageChain(stages),
+    )
+    final = driver.run(algorithm.init(params), 3, History(), min_completed=2, max_retries=50)
+    releases = 0
+    streams = RngStreams(0)
+    for round_number in (1, 2, 3):
+        for attempt in range(51):
+            coords = (round_number,) if attempt == 0 else (round_number, attempt)
+            sampled = UniformSampler(2)(range(4), streams.generator(Purpose.SAMPLING, *coords))
+            good = set(sampled) & {2, 3}
+            releases += bool(good)
+            if good == {2, 3}:
+                break
+    assert releases > 3  # the seed does produce discarded attempts with one good client
+    assert final.stage_states["dp"]["releases"] == releases
+
+
+def config(*overrides: str):  # type: ignore[no-untyped-def]
+    return load_config(None, list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["privacy.mode='central'"], "exactly one of"),
+        (
+            ["privacy.mode='central'", "privacy.noise_multiplier=1", "privacy.target_epsilon=2"],
+            "exactly one of",
+        ),
+        (
+            ["privacy.mode='central'", "privacy.noise_multiplier=1", "algorithm.name='scaffold'"],
+            "scaffold",
+        ),
+        (
+            ["privacy.mode='central'", "privacy.noise_multiplier=1", "aggregation.kind='median'"],
+            "aggregation.kind = 'mean'",
+        ),
+        (
+            ["privacy.mode='central'", "privacy.noise_multiplier=1", "aggregation.max_weight=5"],
+            "aggregation.kind = 'mean'",
+        ),
+        (
+            ["privacy.mode='central'", "privacy.noise_multiplier=1", "update.clip_norm=1"],
+            "update.clip_norm",
+        ),
+        (
+            ["privacy.mode='central'", "privacy.noise_multiplier=1", "privacy.weighting='capped'"],
+            "weight_cap",
+        ),
+        (
+            ["privacy.mode='local'", "privacy.noise_multiplier=1", "privacy.adaptive_clip=true"],
+            "central' only",
+        ),
+        (
+            ["privacy.mode='sample'", "privacy.noise_multiplier=1", "algorithm.name='fedprox'"],
+            "fedavg",
+        ),
+    ],
+)
+def test_impossible_privacy_configurations_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config(*overrides)
+
+
+def test_adaptive_clipping_that_cannot_reach_z_is_refused() -> None:
+    cfg = config(
+        "privacy.mode='central'",
+        "privacy.noise_multiplier=1",
+        "privacy.adaptive_clip=true",
+        "server.clients_per_round=5",
+        "partition.num_clients=10",
+    )
+    with pytest.raises(ConfigError, match="clipped-count noise"):
+        build_stages(cfg, 10)  # sigma_b = 5 / 20: 2 sigma_b < z
+
+
+def test_target_epsilon_is_calibrated_and_a_loose_run_warned(caplog) -> None:  # type: ignore[no-untyped-def]
+    cfg = config(
+        "privacy.mode='central'",
+        "privacy.target_epsilon=3",
+        "server.rounds=20",
+        "server.sampler='poisson'",
+        "server.sampling_rate=0.05",
+        "partition.num_clients=200",
+    )
+    noise = build_stages(cfg, 200)[1]
+    assert isinstance(noise, CentralGaussian)
+    assert noise.epsilon_after(20) == pytest.approx(3.0, rel=2e-3)
+    assert noise.epsilon_after(20) <= 3.0
+    loose = config("privacy.mode='central'", "privacy.noise_multiplier=0.3", "server.rounds=50")
+    with caplog.at_level("WARNING", logger="fedforge"):
+        build_stages(loose, 100)
+    assert "above 10" in caplog.text
+
+
+def test_dp_sgd_reports_each_clients_epsilon(small_federated: FederatedDataset) -> None:
+    from fedforge.privacy.dp_sgd import SampleDP
+
+    dp = SampleDP(1.0, 1.0, 1e-5, seeded=True)
+    kwargs = {"rounds": 2, "clients_per_round": 10, "sample_dp": dp}
+    result = simulate(small_mlp(), small_federated, FedAvg(local=LOCAL), **kwargs)  # type: ignore[arg-type]
+    again = simulate(
+        small_mlp(),
+        small_federated,
+        FedAvg(local=LOCAL),
+        backend="workers",
+        **kwargs,  # type: ignore[arg-type]
+    )
+    first, second = result.history[1].metrics, result.history[2].metrics
+    assert 0 < first["dp_sgd.epsilon"] <= first["dp_sgd.epsilon.max"]
+    assert second["dp_sgd.epsilon.max"] > first["dp_sgd.epsilon.max"]  # the ledger carries over
+    for name, value in result.state.params.items():
+        np.testing.assert_allclose(again.state.params[name], value, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="DP-SGD"):
+        simulate(small_mlp(), small_federated, backend="vectorized", **kwargs)  # type: ignore[arg-type]
