@@ -62,7 +62,7 @@ def test_impossible_stage_chains_are_refused_when_the_configuration_loads() -> N
 
     with pytest.raises(ConfigError, match="clip_norm cannot be combined"):
         load_config(None, ["algorithm.name='scaffold'", "update.clip_norm=1.0"])
-    with pytest.raises(ConfigError, match="median ignores weights"):
+    with pytest.raises(ConfigError, match="max_weight applies to the weighted mean"):
         load_config(None, ["aggregation.kind='median'", "aggregation.max_weight=10"])
 
 

@@ -1,8 +1,8 @@
 """fedforge: federated learning with one algorithm code path for every runtime."""
 
+from fedforge.aggregate.gather import CoordinateMedian, RobustAggregation
 from fedforge.aggregate.kinds import (
     Aggregate,
-    CoordinateMedian,
     StreamingMean,
     WeightedMean,
     weighted_mean,
@@ -64,6 +64,7 @@ __all__ = [
     "Record",
     "RecordBatch",
     "RecordSpec",
+    "RobustAggregation",
     "RoundContext",
     "RoundListener",
     "RoundRecord",

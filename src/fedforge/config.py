@@ -138,10 +138,45 @@ class PrivacyConfig(_Section):
 
 
 class AggregationConfig(_Section):
-    """How accepted records are combined."""
+    """How accepted records are combined: the weighted mean, or a Byzantine-robust rule."""
 
-    kind: Literal["mean", "median"] = "mean"
+    kind: Literal[
+        "mean",
+        "median",
+        "trimmed_mean",
+        "krum",
+        "multi_krum",
+        "bulyan",
+        "geometric_median",
+        "norm_bound",
+        "centered_clipping",
+    ] = "mean"
     max_weight: float | None = Field(None, gt=0, description="mean: cap on one client's weight")
+    byzantine: int = Field(0, ge=0, description="krum, multi_krum, bulyan: attackers tolerated")
+    trim: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut at each end")
+    multi_krum: int = Field(2, ge=1, description="multi_krum: updates averaged")
+    max_norm: float | None = Field(None, gt=0, description="norm_bound: fixed L2 bound")
+    norm_quantile: float | None = Field(
+        None, gt=0, le=1, description="norm_bound: bound at this quantile of the round's norms"
+    )
+    tau: float = Field(1.0, gt=0, description="centered_clipping: clipping radius")
+    iterations: int = Field(3, ge=1, description="centered_clipping: iterations")
+
+
+class AttackConfig(_Section):
+    """A simulated attack (simulation only): a seeded ``fraction`` of the clients attacks."""
+
+    kind: Literal[
+        "none", "label_flip", "backdoor", "sign_flip", "scaled", "gaussian", "alie", "ipm"
+    ] = "none"
+    fraction: float = Field(0.2, ge=0, lt=1, description="share of clients that attack")
+    scale: float = Field(10.0, gt=0, description="sign_flip, scaled: factor on the update")
+    std: float = Field(1.0, gt=0, description="gaussian: stddev of the noise update")
+    epsilon: float = Field(0.5, gt=0, description="ipm: -epsilon x the honest mean")
+    target_label: int = Field(0, ge=0, description="backdoor: label the trigger maps to")
+    poison_fraction: float = Field(
+        0.5, gt=0, le=1, description="backdoor: share of an attacker's examples poisoned"
+    )
 
 
 class EvaluationConfig(_Section):
@@ -230,6 +265,7 @@ class RunConfig(_Section):
     privacy: PrivacyConfig = PrivacyConfig()
     aggregation: AggregationConfig = AggregationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    attack: AttackConfig = AttackConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     deploy: DeployConfig = DeployConfig()
 
@@ -255,10 +291,32 @@ class RunConfig(_Section):
                 "update.clip_norm cannot be combined with algorithm.name = 'scaffold': its "
                 "client control variates are updated from the unclipped record"
             )
-        if self.aggregation.kind == "median" and self.aggregation.max_weight is not None:
+        agg = self.aggregation
+        if agg.kind != "mean" and agg.max_weight is not None:
             raise ValueError(
-                "aggregation.max_weight applies to the weighted mean; the median ignores weights"
+                f"aggregation.max_weight applies to the weighted mean, not to {agg.kind!r}"
             )
+        if agg.kind == "norm_bound" and (agg.max_norm is None) == (agg.norm_quantile is None):
+            raise ValueError(
+                "aggregation.kind = 'norm_bound' needs exactly one of aggregation.max_norm "
+                "and aggregation.norm_quantile"
+            )
+        if agg.kind in ("trimmed_mean", "krum", "multi_krum", "bulyan"):
+            if self.server.sampler != "uniform":
+                raise ValueError(
+                    f"aggregation.kind = {agg.kind!r} needs a fixed number of clients per round "
+                    "for its bound: use server.sampler = 'uniform'"
+                )
+            from fedforge.aggregate.gather import RobustAggregation
+
+            try:
+                RobustAggregation(agg.kind, agg.byzantine, agg.trim, agg.multi_krum).check(
+                    self.server.clients_per_round
+                )
+            except ConfigError as exc:
+                raise ValueError(f"aggregation.kind = {agg.kind!r}: {exc}") from None
+        if self.attack.kind == "backdoor" and self.data.dataset == "synthetic":
+            raise ValueError("attack.kind = 'backdoor' needs image data (mnist5k or digits)")
         problems = self.privacy.problems() + self._privacy_conflicts()
         if problems:
             raise ValueError("; ".join(problems))

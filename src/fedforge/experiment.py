@@ -8,12 +8,14 @@ from pathlib import Path
 
 from torch import nn
 
-from fedforge.aggregate.kinds import Aggregation, CoordinateMedian, WeightedMean
+from fedforge.aggregate.gather import RobustAggregation
+from fedforge.aggregate.kinds import Aggregation, WeightedMean
 from fedforge.aggregate.server_opt import FedAdagrad, FedAdam, FedYogi, ServerOptimizer, ServerSGD
 from fedforge.algorithms.base import Algorithm
 from fedforge.algorithms.fedavg import FedAvg
 from fedforge.algorithms.fedprox import FedProx
 from fedforge.algorithms.scaffold import Scaffold
+from fedforge.attacks.configure import plan_attack
 from fedforge.config import RunConfig
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data import partition as part
@@ -125,9 +127,19 @@ def build_sample_dp(config: RunConfig) -> SampleDP | None:
 
 
 def build_aggregation(config: RunConfig) -> Aggregation:
-    if config.aggregation.kind == "median":
-        return CoordinateMedian()
-    return WeightedMean(max_weight=config.aggregation.max_weight)
+    a = config.aggregation
+    if a.kind == "mean":
+        return WeightedMean(max_weight=a.max_weight)
+    return RobustAggregation(
+        a.kind,
+        byzantine=a.byzantine,
+        beta=a.trim,
+        multi=a.multi_krum,
+        max_norm=a.max_norm,
+        quantile=a.norm_quantile,
+        tau=a.tau,
+        iterations=a.iterations,
+    )
 
 
 def build_sampler(config: RunConfig) -> Sampler:
@@ -176,9 +188,11 @@ def simulate_config(
 ) -> SimulationResult:
     """The configured simulation on ``data`` (``backend`` overrides the configured one),
     without writing a run directory."""
+    aggregation = build_aggregation(config)
+    attack = plan_attack(config, data, aggregation)
     return simulate(
-        build_model(config, data),
-        data,
+        build_model(config, attack.data),
+        attack.data,
         build_algorithm(config),
         rounds=config.server.rounds,
         sampler=build_sampler(config),
@@ -187,9 +201,11 @@ def simulate_config(
         options=backend_options(config),
         threads=config.runtime.threads,
         listener=listener,
-        stages=build_stages(config, data.num_clients, data.client_sizes()),
+        stages=attack.stages + build_stages(config, data.num_clients, data.client_sizes()),
         sample_dp=build_sample_dp(config),
-        aggregation=build_aggregation(config),
+        probes=attack.probes,
+        labels=attack.labels,
+        aggregation=attack.aggregation,
         federated_eval=build_federated_eval(config),
         state_dir=state_dir,
         resume=resume,

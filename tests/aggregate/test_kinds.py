@@ -1,13 +1,9 @@
 import numpy as np
 import pytest
 
-from fedforge.aggregate.kinds import (
-    CoordinateMedian,
-    StreamingMean,
-    WeightedMean,
-    coordinate_median,
-    weighted_mean,
-)
+from fedforge.aggregate.gather import CoordinateMedian
+from fedforge.aggregate.kinds import StreamingMean, WeightedMean, weighted_mean
+from fedforge.aggregate.robust import coordinate_median
 from fedforge.core.errors import FedforgeError
 from fedforge.core.records import Record, RecordBatch
 
@@ -95,4 +91,5 @@ def test_median_equals_numpy_and_ignores_weights() -> None:
 def test_median_resists_a_minority_of_huge_values() -> None:
     honest = np.full((5, 3), 1.0)
     attackers = np.full((2, 3), 1e9)
-    np.testing.assert_allclose(coordinate_median(np.concatenate([honest, attackers])), 1.0)
+    result = coordinate_median(np.concatenate([honest, attackers]))
+    np.testing.assert_allclose(result.update, 1.0)

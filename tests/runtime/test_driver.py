@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedforge.aggregate.kinds import CoordinateMedian, WeightedMean
+from fedforge.aggregate.gather import CoordinateMedian
+from fedforge.aggregate.kinds import WeightedMean
 from fedforge.algorithms.fedavg import FedAvg
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import spec_of

@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedforge.aggregate.kinds import Aggregate, CoordinateMedian, WeightedMean
+from fedforge.aggregate.gather import CoordinateMedian
+from fedforge.aggregate.kinds import Aggregate, WeightedMean
 from fedforge.core.errors import ConfigError
 from fedforge.core.records import RecordBatch, RecordSpec
 from fedforge.runtime.simulation import simulate

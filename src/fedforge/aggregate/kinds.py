@@ -2,8 +2,9 @@
 
 - ``mean``: a streaming weighted mean (memory O(model), whatever the number of clients); a
   batch of records is summed with one matrix product per block of coordinates.
-- ``gather``: all records are kept for aggregators that need them together (coordinate-wise
-  median, Krum, exact LoRA); they report which clients they excluded or down-weighted.
+- ``gather``: all records are kept for aggregators that need them together (robust rules in
+  ``aggregate/gather.py``, exact LoRA); they report which clients they excluded or
+  down-weighted.
 - ``secure_sum``: the server only ever sees the sum (secure aggregation fills this kind);
   only stages that commute with summation may sit before it.
 
@@ -157,47 +158,3 @@ class WeightedMean:
 
     def accumulator(self) -> StreamingMean:
         return StreamingMean(self.max_weight)
-
-
-def coordinate_median(stacked: np.ndarray) -> np.ndarray:
-    """Coordinate-wise median over axis 0 (unweighted), computed in float64."""
-    result: np.ndarray = np.median(stacked.astype(np.float64, copy=False), axis=0)
-    return result
-
-
-class Gather:
-    """Keeps every record of the round, then applies a robust rule to the stack."""
-
-    def __init__(self, rule: str) -> None:
-        self.rule = rule
-        self.batches: list[RecordBatch] = []
-        self.count = 0
-
-    def add(self, batch: RecordBatch, weights: np.ndarray) -> None:
-        self.batches.append(batch.replace_arrays({k: v.copy() for k, v in batch.arrays.items()}))
-        self.count += len(batch)
-
-    def result(self) -> Aggregate:
-        if self.count == 0:
-            raise FedforgeError("no record was aggregated")
-        names = list(self.batches[0].arrays)
-        arrays = {}
-        for name in names:
-            stacked = np.concatenate([b.arrays[name] for b in self.batches])
-            arrays[name] = coordinate_median(stacked).astype(stacked.dtype)
-        scalars: dict[str, float] = {}
-        for b in self.batches:
-            add_scalars(scalars, b)
-        ids = [int(c) for b in self.batches for c in b.client_ids]
-        return Aggregate(arrays, scalars, self.count, float(self.count), client_ids=ids)
-
-
-@dataclass(frozen=True)
-class CoordinateMedian:
-    """Coordinate-wise median of the records (Yin et al. 2018); ignores weights."""
-
-    kind: Kind = "gather"
-    name: str = "median"
-
-    def accumulator(self) -> Gather:
-        return Gather("median")

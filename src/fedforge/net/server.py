@@ -23,6 +23,7 @@ from fedforge.experiment import (
     build_dataset,
     build_federated_eval,
     build_model,
+    build_sample_dp,
     build_sampler,
     build_stages,
 )
@@ -32,6 +33,7 @@ from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import FederationService
 from fedforge.net.transport import NetworkTransport
+from fedforge.privacy.dp_sgd import dp_sgd_labels
 from fedforge.report.history import History
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
@@ -96,6 +98,8 @@ def run_server(
         raise FedforgeError("no clients are registered; run `fedforge keys add-client NAME`")
     client_ids = {name: i for i, name in enumerate(names)}
 
+    if config.attack.kind != "none":
+        log.warning("[attack] simulates attackers in simulations only; the server ignores it")
     torch.set_num_threads(config.runtime.threads or 1)
     data = build_dataset(config)
     model = TorchModel(build_model(config, data))
@@ -103,6 +107,7 @@ def run_server(
     known_sizes = d.client_data == "builtin" and len(names) <= data.num_clients
     sizes = [data.client_size(c) for c in range(len(names))] if known_sizes else None
     chain = StageChain(build_stages(config, len(names), sizes))
+    sample_dp = build_sample_dp(config)
     store = CheckpointStore(Path(d.state_dir))
     run_id, state, history = store.open_run(config.seed, algorithm.init(model.get_params()))
     if history:
@@ -173,7 +178,8 @@ def run_server(
         federated_eval=build_federated_eval(config),
         listener=listener or RoundListener(),
         describe=lambda cid: names[cid] if 0 <= cid < len(names) else f"client {cid}",
-        client_metrics=(DP_SGD_EPSILON,) if config.privacy.mode == "sample" else (),
+        client_metrics=(DP_SGD_EPSILON,) if sample_dp else (),
+        labels=dp_sgd_labels(sample_dp) if sample_dp else {},
     )
     needed = d.min_clients
     if config.server.sampler == "uniform":

@@ -268,3 +268,14 @@ def train_dp_sgd(
                 optimizer.step()
     train_loss = math.fsum(losses) / len(losses) if losses else 0.0
     return DPSGDResult(steps=steps, train_loss=train_loss, sample_rate=q)
+
+
+def dp_sgd_labels(dp: SampleDP) -> dict[str, str]:
+    """What the history records about a DP-SGD run (mode, sampling, accountant, noise)."""
+    noise = "SEEDED from task seeds: reproducible and predictable, for research only"
+    return {
+        "dp.mode": "sample (DP-SGD in each client, Opacus)",
+        "dp.sampling": "Poisson batches, q = batch_size / client examples",
+        "dp.accountant": dp.accountant,
+        "dp.noise": noise if dp.seeded else "os-entropy seeds",
+    }

@@ -17,7 +17,7 @@ from fedforge.core.errors import FedforgeError
 from fedforge.core.params import Params
 from fedforge.core.records import EVALUATE, FIT, Record, Task
 from fedforge.data.federated import ClientData
-from fedforge.privacy.dp_sgd import SampleDP, client_epsilon, train_dp_sgd
+from fedforge.privacy.dp_sgd import SampleDP, client_epsilon, dp_sgd_labels, train_dp_sgd
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import evaluate
@@ -69,15 +69,7 @@ class ClientApp:
     @property
     def labels(self) -> dict[str, str]:
         """What the history records about how clients train (DP-SGD and its noise)."""
-        if self.sample_dp is None:
-            return {}
-        noise = "SEEDED from task seeds: reproducible and predictable, for research only"
-        return {
-            "dp.mode": "sample (DP-SGD in each client, Opacus)",
-            "dp.sampling": "Poisson batches, q = batch_size / client examples",
-            "dp.accountant": self.sample_dp.accountant,
-            "dp.noise": noise if self.sample_dp.seeded else "os-entropy seeds",
-        }
+        return dp_sgd_labels(self.sample_dp) if self.sample_dp else {}
 
     @property
     def extra_metrics(self) -> tuple[str, ...]:

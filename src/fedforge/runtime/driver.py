@@ -123,6 +123,8 @@ class Driver:
         fit_spec = replace(fit_spec, metrics=(*fit_spec.metrics, *self.client_metrics))
         self.fit_spec = self.stages.wire_spec(fit_spec)
         self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss"))
+        sample = {name: np.zeros(1, np.float32) for name in self.trainable}
+        self._algorithm_stateful = bool(self.algorithm.init_client_state(sample))
 
     # One exchange ---------------------------------------------------------------------------
     def _exchange(
@@ -237,10 +239,15 @@ class Driver:
         state = replace(state, round=round_number)
         aggregate_seconds = fit.server_seconds + time.perf_counter() - server_started
         counts = fit.accepted >= min_completed
-        self._forget_unused_states(round_number, sampled, fit.accepted_ids if counts else [])
+        if self._algorithm_stateful:
+            self._forget_unused_states(round_number, sampled, fit.accepted_ids if counts else [])
+        else:  # the only client state is a privacy ledger: whoever sent a record spent budget
+            self._forget_unused_states(round_number, sampled, fit.accepted_ids + fit.rejected)
 
         eval_started = time.perf_counter()
         evaluation = self.evaluator(state.params) if self.evaluator and counts else None
+        if evaluation is not None:
+            metrics.update(evaluation.metrics)
         bytes_down = num_bytes(shared) * len(tasks)
         fed = self._federated_evaluation(state) if counts else None
         if fed is not None:
@@ -274,8 +281,10 @@ class Driver:
         return state, record
 
     def _forget_unused_states(self, round_number: int, sampled: list[int], used: list[int]) -> None:
-        """Client state moves only with the aggregate: a client whose record was rejected,
-        failed, or belonged to an abandoned attempt keeps its previous state."""
+        """An algorithm's client state moves only with the aggregate: a client whose record
+        was rejected, failed, or belonged to an abandoned attempt keeps its previous state.
+        (A DP-SGD ledger, the state of a stateless algorithm's client, moves with every record
+        that left the client.)"""
         if self.client_states is None:
             return
         for cid in set(sampled) - set(used):
@@ -304,6 +313,7 @@ class Driver:
             round=state.round,
             test_accuracy=evaluation.accuracy if evaluation else math.nan,
             test_loss=evaluation.loss if evaluation else math.nan,
+            metrics=dict(evaluation.metrics) if evaluation else {},
             eval_seconds=seconds,
             wall_seconds=seconds,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,8 @@ from fedforge.runtime.sampling import Sampler, UniformSampler
 from fedforge.stages.base import Stage, StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.torch_model import TorchModel
+
+Probe = Callable[[torch.nn.Module], float]
 
 
 @dataclass
@@ -69,6 +71,8 @@ def simulate(
     resume: bool = False,
     client_states: ClientStateStore | None = None,
     sample_dp: SampleDP | None = None,
+    probes: Mapping[str, Probe] | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -83,7 +87,9 @@ def simulate(
     ``client_states`` picks where stateful algorithms keep client state otherwise (default in
     memory; a :class:`DiskStateStore` for 10,000+ clients with large states).
     ``sample_dp`` trains every client with DP-SGD (Opacus) instead of the algorithm's
-    program; it runs one client at a time (not ``vectorized``).
+    program; it runs one client at a time (not ``vectorized``). ``probes`` are extra
+    metrics of the global model computed at every central evaluation (a backdoor's success
+    rate); ``labels`` are recorded with every round.
     """
     chain = StageChain(stages)
     chain.check(aggregation)
@@ -118,6 +124,8 @@ def simulate(
             resume=resume,
             client_states=client_states,
             sample_dp=sample_dp,
+            probes=probes or {},
+            labels=labels or {},
         )
     finally:
         blas.restore_original_limits()
@@ -142,13 +150,18 @@ def _simulate(
     resume: bool,
     client_states: ClientStateStore | None,
     sample_dp: SampleDP | None,
+    probes: Mapping[str, Probe],
+    labels: Mapping[str, str],
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
 
     def evaluator(params: Params) -> Evaluation:
         eval_model.set_params(params)
-        return evaluate(eval_model, data.test)
+        result = evaluate(eval_model, data.test)
+        for name, probe in probes.items():
+            result.metrics[name] = probe(eval_model.module)
+        return result
 
     store: ClientStateStore = client_states or MemoryStateStore()
     checkpoints: CheckpointStore | None = None
@@ -185,7 +198,7 @@ def _simulate(
         listener=listener,
         client_states=store,
         client_metrics=app.extra_metrics,
-        labels=app.labels,
+        labels={**labels, **app.labels},
     )
     try:
         state = driver.run(state, rounds, history, checkpoint=checkpoint if checkpoints else None)

@@ -8,10 +8,11 @@ every record (summed beside the arrays), and ``commutes_with_sum``: whether its 
 decode may be applied to a sum instead of to each record, which decides whether secure
 aggregation may follow it.
 
-The documented chain order (``POSITIONS``), client side: train, delta (``finish``), clip,
-noise, compress, mask; server side the reverse: unmask, decompress, aggregate, noise, server
-optimizer. A chain out of this order, or one whose stages cannot precede its aggregation kind,
-is refused before training with a message naming the conflict.
+The documented chain order (``POSITIONS``), client side: train, delta (``finish``), a
+simulated attack (attacker clients only), clip, noise, compress, mask; server side the
+reverse: unmask, decompress, aggregate, noise, server optimizer. A chain out of this order,
+or one whose stages cannot precede its aggregation kind, is refused before training with a
+message naming the conflict.
 
 Server-side hooks beyond ``decode``: ``weights`` may bound the aggregation weights (DP needs
 bounded ones), ``on_sum`` changes the aggregate after summation (central DP adds its noise
@@ -31,7 +32,7 @@ from fedforge.aggregate.kinds import Aggregate, Aggregation
 from fedforge.core.errors import ConfigError
 from fedforge.core.records import RecordBatch, RecordSpec
 
-POSITIONS = {"clip": 10, "noise": 20, "compress": 30, "mask": 40}
+POSITIONS = {"attack": 0, "clip": 10, "noise": 20, "compress": 30, "mask": 40}
 
 StageState = dict[str, float]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from fedforge.train.torch_model import TorchModel
 class Evaluation:
     loss: float
     accuracy: float
+    metrics: dict[str, float] = field(default_factory=dict)  # e.g. a backdoor's success rate
 
 
 @torch.no_grad()

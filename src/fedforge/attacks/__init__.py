@@ -1,0 +1,1 @@
+"""Attacks for robustness experiments: model poisoning (updates) and data poisoning (data)."""
