@@ -1,0 +1,1 @@
+"""Update codecs: pure, vectorized encode/decode of a batch of flattened updates."""

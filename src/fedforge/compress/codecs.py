@@ -1,0 +1,560 @@
+"""Update codecs: what a client sends instead of its float32 update, and how the server reads it.
+
+Every codec works on a batch ``x`` of shape ``(n, d)`` float32 (n clients' flattened updates,
+processed together) and returns a payload: a small frozen dataclass of ``(n, ...)`` numeric
+arrays of fixed dtypes (what goes on the wire, e.g. as safetensors). ``decode(payload, d)``
+returns ``(n, d)`` float32, ``encoded_bytes(d)`` is the exact byte count of one row's arrays,
+and ``from_arrays`` rebuilds a payload from its named arrays. Randomness comes from one seed
+per row (an int in ``[0, 2**128)``, e.g. the row's task seed), keying a counter-based Philox
+stream, so a row's encoding never depends on the other rows of its batch.
+
+Bytes per parameter (d large; block scales are float32 ``low`` and ``step``)::
+
+    Float16, BFloat16                      2
+    StochasticQuantizer(bits, block)       bits/8 + 8/block   (8-bit/256: 1.031, 4-bit/256: 0.531)
+    StochasticQuantizer(bits, None)        bits/8, plus 8 bytes per row
+    TopK(ratio)                            8 * ratio          (int32 index + float32 value)
+    Rotated(inner, block)                  inner's at the padded length, plus 16 bytes per row
+
+Place in the chain: after clipping and local DP noise (compressing a released record is
+post-processing, so local DP holds), before masking. With central DP the server sums decoded
+records, whose norm may exceed the clip norm (stochastic rounding moves each coordinate by up
+to one step; top-k never raises it; the casts by a relative 2**-11 or 2**-8), so re-clip
+after decoding or bound that excess in the sensitivity. No decode here commutes with
+summation (per-row scales, indices and rotation seeds), so these codecs cannot precede
+secure aggregation; a variant with a broadcast scale and rotation seed would (the sum of the
+integer codes decodes to the sum). Robust aggregators see the decoded rows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any, Generic, Literal, Protocol, Self, TypeVar
+
+import numpy as np
+
+Seeds = Sequence[int] | np.ndarray
+
+# Philox counter tags: streams of the same row seed that never overlap.
+_QUANTIZE, _ROTATE = 1, 2
+_FWHT_INNER = 64  # width of the transposed pass in the fast Walsh-Hadamard transform
+_FLOAT16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Base of the encoded payloads: every field is an ``(n, ...)`` numeric array."""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The named arrays to send (nested payloads flattened as ``prefix.name``)."""
+        out: dict[str, np.ndarray] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Payload):
+                out.update({f"{f.name}.{k}": v for k, v in value.arrays().items()})
+            else:
+                out[f.name] = value
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays().values())
+
+    def select(self, rows: slice | Sequence[int] | np.ndarray) -> Self:
+        """The payload of some rows (e.g. one client's, to send alone)."""
+        changes = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(
+            self,
+            **{
+                k: v.select(rows) if isinstance(v, Payload) else np.ascontiguousarray(v[rows])
+                for k, v in changes.items()
+            },
+        )
+
+
+P = TypeVar("P", bound=Payload)
+
+
+def concat(parts: Sequence[P]) -> P:
+    """Rows of several payloads of one codec stacked into one batch (for one decode)."""
+    first = parts[0]
+    changes = {}
+    for f in fields(first):
+        values = [getattr(p, f.name) for p in parts]
+        changes[f.name] = (
+            concat(values) if isinstance(values[0], Payload) else np.concatenate(values)
+        )
+    return replace(first, **changes)
+
+
+class Codec(Protocol[P]):
+    @property
+    def name(self) -> str: ...
+
+    def encode(self, x: np.ndarray, seeds: Seeds | None = None) -> P: ...
+
+    def decode(self, payload: P, d: int) -> np.ndarray: ...
+
+    def encoded_bytes(self, d: int) -> int:
+        """Exact bytes of one row's payload arrays for a ``d``-parameter update."""
+        ...
+
+    def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> P: ...
+
+
+def _batch(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"expected a batch of flattened updates (n, d>0), got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _check(payload: Payload, expected: Mapping[str, tuple[int, type]]) -> None:
+    """Refuse a payload whose arrays are not the ``(n, width)`` arrays its codec produces."""
+    arrays = payload.arrays()
+    n = next(iter(arrays.values())).shape[0]
+    for name, (width, dtype) in expected.items():
+        a = arrays[name]
+        if a.shape != (n, width) or a.dtype != dtype:
+            raise ValueError(
+                f"payload array {name!r} has shape {a.shape} and dtype {a.dtype}; this codec "
+                f"needs (n, {width}) {np.dtype(dtype)}: decode with the codec and d it "
+                "was encoded with"
+            )
+
+
+def _keys(seeds: Seeds | None, n: int) -> list[int]:
+    if seeds is None:
+        raise ValueError("this codec is randomized: pass one seed per row (e.g. task seeds)")
+    keys = [int(s) for s in seeds]
+    if len(keys) != n or any(not 0 <= k < 2**128 for k in keys):
+        raise ValueError(f"need {n} seeds, each an int in [0, 2**128); got {len(keys)}")
+    return keys
+
+
+def _words(keys: Sequence[int], tag: int, count: int) -> np.ndarray:
+    """``(n, count)`` uint64 from row ``i``'s Philox stream (key ``keys[i]``, counter tag)."""
+    out = np.empty((len(keys), count), np.uint64)
+    for i, key in enumerate(keys):  # only the keying is per row; the draws are C loops
+        out[i] = np.random.Philox(key=key, counter=tag << 192).random_raw(count)
+    return out
+
+
+def _uniforms(keys: Sequence[int], d: int) -> np.ndarray:
+    """``(n, d)`` float32 uniforms on the grid ``k / 2**24`` in [0, 1)."""
+    halves = _words(keys, _QUANTIZE, -(-d // 2)).astype("<u8", copy=False).view("<u4")[:, :d]
+    return (halves >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+
+
+# --- casts ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Float16Payload(Payload):
+    values: np.ndarray  # (n, d) float16
+
+
+@dataclass(frozen=True)
+class Float16:
+    """IEEE half precision, round to nearest even; saturates at +-65504 (no infinities)."""
+
+    @property
+    def name(self) -> str:
+        return "float16"
+
+    def encode(self, x: np.ndarray, seeds: Seeds | None = None) -> Float16Payload:
+        x = _batch(x)
+        return Float16Payload(np.clip(x, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16))
+
+    def decode(self, payload: Float16Payload, d: int) -> np.ndarray:
+        _check(payload, {"values": (d, np.float16)})
+        return payload.values.astype(np.float32)
+
+    def encoded_bytes(self, d: int) -> int:
+        """``2 d``."""
+        return 2 * d
+
+    def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> Float16Payload:
+        return Float16Payload(**arrays)
+
+
+@dataclass(frozen=True)
+class BFloat16Payload(Payload):
+    bits: np.ndarray  # (n, d) uint16: the top half of each float32, rounded
+
+
+@dataclass(frozen=True)
+class BFloat16:
+    """bfloat16 (float32's range, 8 significant bits), round to nearest even; NaN stays NaN."""
+
+    @property
+    def name(self) -> str:
+        return "bfloat16"
+
+    def encode(self, x: np.ndarray, seeds: Seeds | None = None) -> BFloat16Payload:
+        x = _batch(x)
+        u = x.view(np.uint32)
+        rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+        bits = (rounded >> np.uint32(16)).astype(np.uint16)
+        bits[np.isnan(x)] = 0x7FC0  # rounding could carry a NaN's payload into infinity
+        return BFloat16Payload(bits)
+
+    def decode(self, payload: BFloat16Payload, d: int) -> np.ndarray:
+        _check(payload, {"bits": (d, np.uint16)})
+        return (payload.bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+    def encoded_bytes(self, d: int) -> int:
+        """``2 d``."""
+        return 2 * d
+
+    def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> BFloat16Payload:
+        return BFloat16Payload(**arrays)
+
+
+# --- stochastic uniform quantization -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizedPayload(Payload):
+    codes: np.ndarray  # (n, ceil(d * bits / 8)) uint8, 8 // bits codes per byte, low bits first
+    low: np.ndarray  # (n, blocks) float32: each block's minimum
+    step: np.ndarray  # (n, blocks) float32: (max - min) / (2**bits - 1)
+
+
+@dataclass(frozen=True)
+class StochasticQuantizer:
+    """Unbiased stochastic uniform quantization (QSGD-style) over each block's [min, max].
+
+    A block (``block`` consecutive coordinates, or the whole row when None; the row is
+    padded to a block multiple with its last value, which widens no range) gets
+    ``2**bits`` levels ``low + k * step`` spanning its [min, max]; min-max rather than
+    symmetric [-absmax, absmax] because its step is never larger. A coordinate at
+    ``low + (k + f) step`` becomes ``k + 1`` with probability ``f`` and ``k`` otherwise, so
+    ``E[decode] = x`` (up to float32 rounding and the 2**-24 grid of the uniforms) and
+    ``|decode - x| <= step``, variance ``<= step**2 / 4``. Inputs must be finite.
+    """
+
+    bits: Literal[1, 2, 4, 8] = 8
+    block: int | None = 256
+
+    def __post_init__(self) -> None:
+        if self.bits not in (1, 2, 4, 8):
+            raise ValueError(f"bits must be 1, 2, 4 or 8, got {self.bits}")
+        if self.block is not None and self.block < 1:
+            raise ValueError(f"block must be a positive size or None, got {self.block}")
+
+    @property
+    def name(self) -> str:
+        return f"q{self.bits}/" + ("row" if self.block is None else str(self.block))
+
+    def _blocks(self, d: int) -> tuple[int, int]:
+        size = d if self.block is None else min(self.block, d)
+        return size, -(-d // size)
+
+    def encode(self, x: np.ndarray, seeds: Seeds | None = None) -> QuantizedPayload:
+        x = _batch(x)
+        n, d = x.shape
+        if not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=1)).tolist()
+            raise ValueError(f"rows {bad} are not finite: clip or reject them before quantizing")
+        u = _uniforms(_keys(seeds, n), d)
+        size, count = self._blocks(d)
+        padded = np.pad(x, ((0, 0), (0, size * count - d)), mode="edge")
+        blocks = padded.reshape(n, count, size)
+        low, high = blocks.min(axis=2), blocks.max(axis=2)
+        step = ((high.astype(np.float64) - low) / (2**self.bits - 1)).astype(np.float32)
+        inverse = np.divide(1.0, step, out=np.zeros_like(step), where=step > 0)
+        t = ((blocks - low[:, :, None]) * inverse[:, :, None]).reshape(n, -1)[:, :d]
+        np.clip(t, 0, 2**self.bits - 1, out=t)
+        floor = np.floor(t)
+        codes = (floor + (u < t - floor)).astype(np.uint8)
+        return QuantizedPayload(_pack(codes, self.bits), low, step)
+
+    def decode(self, payload: QuantizedPayload, d: int) -> np.ndarray:
+        size, count = self._blocks(d)
+        _check(
+            payload,
+            {
+                "codes": (-(-d * self.bits // 8), np.uint8),
+                "low": (count, np.float32),
+                "step": (count, np.float32),
+            },
+        )
+        n = payload.codes.shape[0]
+        q = np.zeros((n, size * count), np.float32)
+        q[:, :d] = _unpack(payload.codes, self.bits, d)
+        blocks = q.reshape(n, count, size) * payload.step[:, :, None] + payload.low[:, :, None]
+        return np.ascontiguousarray(blocks.reshape(n, -1)[:, :d])
+
+    def encoded_bytes(self, d: int) -> int:
+        """``ceil(d * bits / 8) + 8 * ceil(d / block)`` (one block per row when None)."""
+        return -(-d * self.bits // 8) + 8 * self._blocks(d)[1]
+
+    def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> QuantizedPayload:
+        return QuantizedPayload(**arrays)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    per = 8 // bits
+    if per == 1:
+        return codes
+    n, d = codes.shape
+    padded = np.zeros((n, -(-d // per), per), np.uint8)
+    padded.reshape(n, -1)[:, :d] = codes
+    packed = padded[:, :, 0].copy()
+    for j in range(1, per):
+        packed |= padded[:, :, j] << np.uint8(bits * j)
+    return packed
+
+
+def _unpack(packed: np.ndarray, bits: int, d: int) -> np.ndarray:
+    per = 8 // bits
+    if per == 1:
+        return packed
+    codes = np.empty((*packed.shape, per), np.uint8)
+    for j in range(per):
+        np.bitwise_and(packed >> np.uint8(bits * j), np.uint8(2**bits - 1), out=codes[:, :, j])
+    return codes.reshape(packed.shape[0], -1)[:, :d]
+
+
+# --- top-k sparsification ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopKPayload(Payload):
+    indices: np.ndarray  # (n, k) int32, ascending
+    values: np.ndarray  # (n, k) float32
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Keep the ``k = ceil(ratio * d)`` largest-magnitude coordinates of each row.
+
+    Biased: pair it with :func:`topk_with_error_feedback` so the dropped mass is sent later.
+    """
+
+    ratio: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"top-k ratio must be in (0, 1], got {self.ratio}")
+
+    @property
+    def name(self) -> str:
+        return f"top-{self.ratio:g}"
+
+    def k(self, d: int) -> int:
+        return min(d, max(1, math.ceil(round(self.ratio * d, 6))))
+
+    def encode(self, x: np.ndarray, seeds: Seeds | None = None) -> TopKPayload:
+        x = _batch(x)
+        d, k = x.shape[1], self.k(x.shape[1])
+        if d >= 2**31:
+            raise ValueError(f"d = {d} does not fit int32 indices")
+        indices = np.argpartition(np.abs(x), d - k, axis=1)[:, d - k :]
+        indices.sort(axis=1)
+        values = np.take_along_axis(x, indices, axis=1)
+        return TopKPayload(indices.astype(np.int32), values)
+
+    def decode(self, payload: TopKPayload, d: int) -> np.ndarray:
+        k = self.k(d)
+        _check(payload, {"indices": (k, np.int32), "values": (k, np.float32)})
+        if payload.indices.size and not (0 <= payload.indices.min() <= payload.indices.max() < d):
+            raise ValueError(f"top-k indices outside [0, {d}): the payload is corrupt")
+        out = np.zeros((payload.indices.shape[0], d), np.float32)
+        np.put_along_axis(out, payload.indices.astype(np.intp), payload.values, axis=1)
+        return out
+
+    def encoded_bytes(self, d: int) -> int:
+        """``8 k`` with ``k = ceil(ratio * d)``: an int32 index and a float32 value each."""
+        return 8 * self.k(d)
+
+    def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> TopKPayload:
+        return TopKPayload(**arrays)
+
+
+def topk_with_error_feedback(
+    x: np.ndarray, residual: np.ndarray | None, ratio: float
+) -> tuple[TopKPayload, np.ndarray]:
+    """Top-k of ``x + residual``; the new residual is exactly what top-k dropped.
+
+    ``x + residual == decode(payload) + new_residual`` (the kept coordinates are sent
+    exactly), so over rounds the sum of what was sent plus the last residual is the sum of
+    the updates. The residual is client state, kept across rounds.
+    """
+    corrected = _batch(x) if residual is None else _batch(x) + _batch(residual)
+    payload = TopK(ratio).encode(corrected)
+    new_residual = corrected.copy()
+    np.put_along_axis(new_residual, payload.indices.astype(np.intp), 0.0, axis=1)
+    return payload, new_residual
+
+
+# --- randomized Hadamard rotation ----------------------------------------------------------
+
+
+def rotation_shape(d: int, block: int | None = None) -> tuple[int, int]:
+    """(transform size, padded length D): size is the next power of 2 >= d, capped at
+    ``block`` (a power of 2); D is d rounded up to a multiple of size."""
+    size = 1 << (d - 1).bit_length()
+    if block is not None:
+        if block < 1 or block & (block - 1):
+            raise ValueError(f"the rotation block must be a power of 2, got {block}")
+        size = min(size, block)
+    return size, -(-d // size) * size
+
+
+def _signs(seeds: Seeds, n: int, length: int, size: int) -> np.ndarray:
+    """``(n, length)`` float32 of +-1/sqrt(size), one random bit per coordinate."""
+    words = _words(_keys(seeds, n), _ROTATE, -(-length // 64)).astype("<u8", copy=False)
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :length]
+    scale = np.float32(1 / math.sqrt(size))
+    return scale - (2 * scale) * bits.astype(np.float32)
+
+
+def _butterflies(src: np.ndarray, dst: np.ndarray, lead: int, size: int, inner: int) -> np.ndarray:
+    """Walsh-Hadamard butterflies along the middle axis of ``(lead, size, inner)``."""
+    h = 1
+    while h < size:
+        s = src.reshape(lead, size // (2 * h), 2, h * inner)
+        t = dst.reshape(lead, size // (2 * h), 2, h * inner)
+        np.add(s[:, :, 0], s[:, :, 1], out=t[:, :, 0])
+        np.subtract(s[:, :, 0], s[:, :, 1], out=t[:, :, 1])
+        src, dst = dst, src
+        h *= 2
+    return src
+
+
+def _fwht(a: np.ndarray, size: int) -> np.ndarray:
+    """Unnormalized Walsh-Hadamard transform of each ``size`` run of ``a`` (overwritten).
+
+    ``H_size = H_m (x) H_k`` on a run viewed as an (m, k) matrix: the k-axis butterflies run
+    on a transposed copy so every pass streams over contiguous memory."""
+    k = min(size, _FWHT_INNER)
+    m, lead = size // k, a.size // size
+    spare = np.empty_like(a)
+    out = _butterflies(a, spare, lead, m, k)
+    other = spare if out is a else a
+    np.copyto(other.reshape(lead, k, m), out.reshape(lead, m, k).transpose(0, 2, 1))
+    done = _butterflies(other, out, lead, k, m)
+    result = out if done is other else other
+    np.copyto(result.reshape(lead, m, k), done.reshape(lead, k, m).transpose(0, 2, 1))
+    return result
+
+
+def rotate(x: np.ndarray, seeds: Seeds, block: int | None = None) -> np.ndarray:
+    """``(n, D)`` float32 ``H S x``: zero-pad to D, random signs S, orthonormal Hadamard H.
+
+    O(d log d) per row. Rotating before quantizing spreads outliers over all coordinates
+    (the result is close to Gaussian), shrinking each block's [min, max] and so the error
+    at low bit widths (DRIVE, Vargaftik et al. 2021; TFF's Hadamard encoder). With
+    ``block`` only runs of that size are mixed, so D stays close to d.
+    """
+    x = _batch(x)
+    n, d = x.shape
+    size, length = rotation_shape(d, block)
+    y = np.zeros((n, length), np.float32)
+    y[:, :d] = x
+    y *= _signs(seeds, n, length, size)
+    return _fwht(y, size)
+
+
+def unrotate(y: np.ndarray, seeds: Seeds, d: int, block: int | None = None) -> np.ndarray:
+    """``(n, d)``: the inverse of :func:`rotate` (``S H y``, H being its own inverse)."""
+    size, length = rotation_shape(d, block)
+    y = np.array(y, dtype=np.float32, copy=True)
+    if y.ndim != 2 or y.shape[1] != length:
+        raise ValueError(f"expected rotated rows of length {length} for d = {d}, got {y.shape}")
+    z = _fwht(y, size)
+    z *= _signs(seeds, z.shape[0], length, size)
+    return np.ascontiguousarray(z[:, :d])
+
+
+@dataclass(frozen=True)
+class RotatedPayload(Payload, Generic[P]):
+    seed: np.ndarray  # (n, 2) uint64: the 128-bit rotation seed, low word first
+    inner: P
+
+
+@dataclass(frozen=True)
+class Rotated(Generic[P]):
+    """``inner`` applied to the randomly rotated rows; the rotation seed travels along.
+
+    ``block`` (a power of 2) limits the mixing to runs of that size so the padding stays
+    small: at d = 200,000 a whole-row rotation (``block=None``) sends 262,144 coordinates,
+    ``block=4096`` 200,704. Give the inner quantizer the same block, so each rotated run has
+    its own scale: at d = 200,000, 4 bits, ``Rotated(StochasticQuantizer(4, 4096))`` sends
+    0.504 bytes per parameter with relative L2 error 0.12 on Student-t(1.5) updates, where
+    ``StochasticQuantizer(4, 256)`` sends 0.531 with 0.43 and ``(4, None)`` 0.5 with 10.
+    """
+
+    inner: Codec[P]
+    block: int | None = 4096
+
+    @property
+    def name(self) -> str:
+        return f"rotated{self.block or ''}-{self.inner.name}"
+
+    def encode(self, x: np.ndarray, seeds: Seeds | None = None) -> RotatedPayload[P]:
+        x = _batch(x)
+        keys = _keys(seeds, x.shape[0])
+        rotation = [_derive(k) for k in keys]
+        y = rotate(x, rotation, self.block)
+        seed = np.array([[r & (2**64 - 1), r >> 64] for r in rotation], np.uint64)
+        return RotatedPayload(seed.reshape(-1, 2), self.inner.encode(y, keys))
+
+    def decode(self, payload: RotatedPayload[P], d: int) -> np.ndarray:
+        if payload.seed.ndim != 2 or payload.seed.shape[1] != 2:
+            raise ValueError(f"the rotation seed must be (n, 2) uint64, got {payload.seed.shape}")
+        seeds = [int(lo) | int(hi) << 64 for lo, hi in payload.seed.tolist()]
+        length = rotation_shape(d, self.block)[1]
+        return unrotate(self.inner.decode(payload.inner, length), seeds, d, self.block)
+
+    def encoded_bytes(self, d: int) -> int:
+        """``16 + inner.encoded_bytes(D)`` with D the padded length (:func:`rotation_shape`)."""
+        return 16 + self.inner.encoded_bytes(rotation_shape(d, self.block)[1])
+
+    def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> RotatedPayload[P]:
+        inner = {k.removeprefix("inner."): v for k, v in arrays.items() if k != "seed"}
+        return RotatedPayload(arrays["seed"], self.inner.from_arrays(inner))
+
+
+def _derive(seed: int) -> int:
+    """A 128-bit rotation seed derived from a row seed (the row seed itself is not sent)."""
+    words = np.random.SeedSequence(seed, spawn_key=(_ROTATE,)).generate_state(2, np.uint64)
+    return int(words[0]) | int(words[1]) << 64
+
+
+def timings(d: int = 200_000, clients: int = 8, repeats: int = 3) -> dict[str, tuple[float, float]]:
+    """Milliseconds per client to encode and to decode a batch of ``(clients, d)``, per codec
+    (best of ``repeats``)."""
+    x = np.random.default_rng(0).standard_normal((clients, d)).astype(np.float32)
+    seeds = list(range(clients))
+    codecs: list[Codec[Any]] = [
+        Float16(),
+        BFloat16(),
+        StochasticQuantizer(8, 256),
+        StochasticQuantizer(4, 256),
+        StochasticQuantizer(4, None),
+        TopK(0.01),
+        Rotated(StochasticQuantizer(4, 4096)),
+        Rotated(StochasticQuantizer(2, 4096)),
+    ]
+    out = {}
+    for codec in codecs:
+        enc = dec = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            payload = codec.encode(x, seeds)
+            mid = time.perf_counter()
+            codec.decode(payload, d)
+            enc, dec = min(enc, mid - start), min(dec, time.perf_counter() - mid)
+        out[codec.name] = (1e3 * enc / clients, 1e3 * dec / clients)
+    return out
+
+
+if __name__ == "__main__":
+    for label, (enc_ms, dec_ms) in timings().items():
+        print(f"{label:>22}  encode {enc_ms:7.2f} ms  decode {dec_ms:7.2f} ms  per client")
