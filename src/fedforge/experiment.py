@@ -22,7 +22,7 @@ from fedforge.data import partition as part
 from fedforge.data.datasets import load_digits, load_mnist5k, make_synthetic
 from fedforge.data.federated import FederatedDataset
 from fedforge.privacy.dp_sgd import SampleDP
-from fedforge.privacy.setup import privacy_stages
+from fedforge.privacy.setup import privacy_stages, secret_sampling_seed
 from fedforge.report.rundir import (
     prepare_out_dir,
     provenance,
@@ -205,6 +205,7 @@ def simulate_config(
         sample_dp=build_sample_dp(config),
         probes=attack.probes,
         labels=attack.labels,
+        sampling_seed=secret_sampling_seed(config),
         aggregation=attack.aggregation,
         federated_eval=build_federated_eval(config),
         state_dir=state_dir,

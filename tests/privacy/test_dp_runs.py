@@ -127,7 +127,7 @@ def test_a_resumed_run_continues_the_accountant(
 
 
 def test_discarded_attempts_that_released_a_sum_are_accounted() -> None:
-    """Clients 0 and 1 always fail; a round needs 2 results, so attempts that sampled one good
+    """Clients 0 and 1 always fail; a round needs 2 results, so attempts that sampled a bad
     client are re-sampled, but their noised sum was computed: each is a release."""
     data = failing_data()
     model = small_mlp()
@@ -155,11 +155,10 @@ def test_discarded_attempts_that_released_a_sum_are_accounted() -> None:
         for attempt in range(51):
             coords = (round_number,) if attempt == 0 else (round_number, attempt)
             sampled = UniformSampler(2)(range(4), streams.generator(Purpose.SAMPLING, *coords))
-            good = set(sampled) & {2, 3}
-            releases += bool(good)
-            if good == {2, 3}:
+            releases += 1  # every attempt releases noise, even one with no good client
+            if set(sampled) == {2, 3}:
                 break
-    assert releases > 3  # the seed does produce discarded attempts with one good client
+    assert releases > 3  # the seed does produce discarded attempts
     assert final.stage_states["dp"]["releases"] == releases
 
 
@@ -261,3 +260,73 @@ def test_dp_sgd_reports_each_clients_epsilon(small_federated: FederatedDataset) 
         np.testing.assert_allclose(again.state.params[name], value, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="DP-SGD"):
         simulate(small_mlp(), small_federated, backend="vectorized", **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_round_with_no_record_still_releases_noise(small_federated: FederatedDataset) -> None:
+    """Poisson sampling at a low rate samples nobody in some rounds; central DP must release
+    noise anyway (an unchanged model would say that nobody took part)."""
+    from fedforge.runtime.sampling import PoissonSampler
+
+    noise = CentralGaussian(1.0, SamplingScheme("poisson", 10, rate=0.1), 1e-5, denominator=1.0)
+    result = simulate(
+        small_mlp(), small_federated, rounds=6, sampler=PoissonSampler(0.1),
+        stages=[FixedClip(0.5), noise],
+    )  # fmt: skip
+    empty = [r for r in result.history[1:] if r.clients_sampled == 0]
+    assert empty, "the seed should produce a round without clients"
+    assert result.history[-1].metrics["dp.releases"] == 6.0
+    assert all("dp.epsilon" in r.metrics for r in empty)
+
+
+def test_the_dp_sgd_ledger_counts_every_attempt_that_trained() -> None:
+    """A retried round must add to the client's newest step count, not to the one the round
+    started from: those steps were trained and their record was sent."""
+    from fedforge.privacy.dp_sgd import SampleDP, num_steps
+    from fedforge.runtime.client_app import DP_SGD_STEPS, LATEST
+
+    data = failing_data()
+    model = small_mlp()
+    algorithm = FedAvg(local=LOCAL)
+    app = ClientApp(algorithm, model, sample_dp=SampleDP(1.0, 1.0, 1e-5, seeded=True))
+    store = MemoryStateStore()
+    params = TorchModel(model).get_params()
+    driver = Driver(
+        algorithm=algorithm,
+        transport=SequentialTransport(app, data, store),
+        sampler=UniformSampler(2),
+        streams=RngStreams(0),
+        model_spec=spec_of(params),
+        trainable=app.trainable,
+        population=lambda: range(4),
+        population_size=lambda: 4,
+        example_cap=lambda cid, stage: data.client_size(cid),
+        client_states=store,
+        client_metrics=app.extra_metrics,
+    )
+    driver.run(algorithm.init(params), 3, History(), min_completed=2, max_retries=50)
+    trained = {2: 0, 3: 0}
+    streams = RngStreams(0)
+    for round_number in (1, 2, 3):
+        for attempt in range(51):
+            coords = (round_number,) if attempt == 0 else (round_number, attempt)
+            sampled = UniformSampler(2)(range(4), streams.generator(Purpose.SAMPLING, *coords))
+            for cid in set(sampled) & {2, 3}:
+                trained[cid] += 1
+            if set(sampled) == {2, 3}:
+                break
+    for cid, times in trained.items():
+        steps = store.get(cid, LATEST)[DP_SGD_STEPS]  # type: ignore[index]
+        assert int(steps[0]) == times * num_steps(LOCAL, data.client_size(cid))
+    assert max(trained.values()) > 3  # retries happened
+
+
+def test_central_dp_samples_from_a_secret_unless_seeded() -> None:
+    from fedforge.privacy.setup import secret_sampling_seed
+
+    central = config("privacy.mode='central'", "privacy.noise_multiplier=1")
+    first, second = secret_sampling_seed(central), secret_sampling_seed(central)
+    assert first is not None and second is not None and first != second
+    seeded = config(
+        "privacy.mode='central'", "privacy.noise_multiplier=1", "privacy.seeded_noise=true"
+    )
+    assert secret_sampling_seed(seeded) is None

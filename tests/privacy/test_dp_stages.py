@@ -30,9 +30,13 @@ def batch(values: np.ndarray, examples: np.ndarray | None = None) -> RecordBatch
 
 
 def central(**kwargs: object) -> CentralGaussian:
-    args: dict[str, object] = {"denominator": 10.0, "source": NoiseSource(seed=7)}
+    args: dict[str, object] = {
+        "scheme": SCHEME,
+        "denominator": 10.0,
+        "source": NoiseSource(seed=7),
+    }
     args.update(kwargs)
-    return CentralGaussian(1.0, SCHEME, 1e-5, **args)  # type: ignore[arg-type]
+    return CentralGaussian(1.0, delta=1e-5, **args)  # type: ignore[arg-type]
 
 
 def released(chain: StageChain, records: RecordBatch, norm: float) -> np.ndarray:
@@ -126,11 +130,55 @@ def test_central_dp_releases_no_unnoised_scalar_and_accounts_each_release() -> N
     out = noise.on_sum(agg, noise.init_state(), SumContext(1, 0, {"clip.norm": 1.0}))
     assert out.scalars == {}  # fixed clipping: the clipped count is not released
     state, metrics = noise.finish_round(noise.init_state(), out)
-    assert state == {"releases": 1.0}
+    assert state["releases"] == 1.0
     assert metrics["dp.epsilon"] == pytest.approx(noise.epsilon_after(1))
     adaptive = central(count_stddev=5.0)
     out = adaptive.on_sum(agg, adaptive.init_state(), SumContext(1, 0, {"clip.norm": 1.0}))
     assert set(out.scalars) == {"clip.clipped"} and out.scalars["clip.clipped"] != 2.0
+    assert state["noise_multiplier"] == 1.0  # what the releases were accounted with
+
+
+def test_the_clipped_count_is_centred_so_one_client_moves_it_by_half() -> None:
+    """Andrew et al.: each bit enters as b - 1/2, the sensitivity the noise split assumes.
+    Adding a clipped or an unclipped client moves the released count by exactly 1/2."""
+    noise = central(count_stddev=5.0)
+    context = SumContext(1, 0, {"clip.norm": 1.0})
+
+    def released(clipped: float, count: int) -> float:
+        agg = Aggregate({"w": np.zeros(1, np.float32)}, {"clip.clipped": clipped}, count, 1.0)
+        return noise.on_sum(agg, noise.init_state(), context).scalars["clip.clipped"]
+
+    base = released(3.0, 6)
+    assert released(4.0, 7) - base == pytest.approx(0.5)  # one more clipped client
+    assert released(3.0, 7) - base == pytest.approx(-0.5)  # one more unclipped client
+    # Without noise it would be the clipped count re-centred on the expected count (10).
+    drawn = NoiseSource(seed=7).gaussian((1,), 5.0, "count", 1, 0)[0]
+    assert base == pytest.approx(3.0 - 3.0 + drawn + 5.0)
+
+
+def test_local_dp_keeps_the_signal_through_decode_and_aggregation() -> None:
+    """The server must not re-clip a noised record: its norm is the noise's."""
+    d, n = 10_000, 200
+    clip = FixedClip(1.0, report_clipped=False, recheck=False)
+    chain = StageChain([clip, LocalGaussian(0.5, 1e-5, source=NoiseSource(seed=2))])
+    values = np.zeros((n, d))
+    values[:, 0] = 1.0  # every client's update: the first unit vector (norm 1, not clipped)
+    encoded = chain.encode(batch(values), chain.broadcast({}), list(range(n)))
+    decoded = chain.decode(encoded, {})
+    acc = StreamingMean()
+    acc.add(decoded, np.ones(n))
+    mean = acc.result().arrays["w"].astype(np.float64)
+    assert mean[0] == pytest.approx(1.0, abs=5 * 0.5 / np.sqrt(n))
+
+
+def test_a_resumed_run_with_other_privacy_settings_is_refused() -> None:
+    from fedforge.core.errors import ConfigError
+
+    state, _ = central().finish_round(central().init_state(), Aggregate({}, {}, 1, 1.0))
+    other = CentralGaussian(1.5, SCHEME, 1e-5, 10.0)
+    with pytest.raises(ConfigError, match="privacy settings changed"):
+        other.budget_problem(state)
+    assert central().budget_problem(state) is None
 
 
 def test_the_budget_stops_the_release_that_would_exceed_it() -> None:
@@ -148,7 +196,8 @@ def test_adaptive_clipping_converges_to_the_target_quantile() -> None:
     rng = np.random.default_rng(0)
     expected = 100
     clip = AdaptiveClip(0.01, target_quantile=0.5, learning_rate=0.2, expected_clients=expected)
-    noise = central(count_stddev=expected / 20, denominator=float(expected))
+    scheme = SamplingScheme("poisson", 10_000, rate=0.01)  # 100 expected clients
+    noise = central(scheme=scheme, count_stddev=expected / 20, denominator=float(expected))
     state = clip.init_state()
     norms_seen = []
     for round_number in range(300):

@@ -34,6 +34,7 @@ from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import FederationService
 from fedforge.net.transport import NetworkTransport
 from fedforge.privacy.dp_sgd import dp_sgd_labels
+from fedforge.privacy.setup import secret_sampling_seed
 from fedforge.report.history import History
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
@@ -180,11 +181,15 @@ def run_server(
         describe=lambda cid: names[cid] if 0 <= cid < len(names) else f"client {cid}",
         client_metrics=(DP_SGD_EPSILON,) if sample_dp else (),
         labels=dp_sgd_labels(sample_dp) if sample_dp else {},
+        sampling_seed=secret_sampling_seed(config),
     )
     needed = d.min_clients
     if config.server.sampler == "uniform":
         needed = max(needed, config.server.clients_per_round)
     needed = min(needed, len(names))  # never wait for more clients than can exist
+    if config.privacy.mode == "central":
+        # The accountant samples from every registered client: so must the sampler.
+        needed = len(names)
     try:
         state = driver.run(
             state,

@@ -9,6 +9,7 @@ before the first round, and a configuration that ends above epsilon 10 is warned
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -29,6 +30,15 @@ from fedforge.stages.dp_noise import CentralGaussian, LocalGaussian, capped_weig
 log = logging.getLogger("fedforge")
 
 WARN_EPSILON = 10.0
+
+
+def secret_sampling_seed(config: RunConfig) -> int | None:
+    """Central DP accounts amplification by sampling, which holds only if nobody can predict
+    who is sampled: the run seed travels to every deployed client, so the server samples from
+    a fresh secret instead (None: sample from the run seed, as seeded research runs do)."""
+    if config.privacy.mode != "central" or config.privacy.seeded_noise:
+        return None
+    return secrets.randbits(128)
 
 
 def sampling_scheme(config: RunConfig, population: int) -> SamplingScheme:
@@ -62,7 +72,7 @@ def privacy_stages(
     source = NoiseSource(config.seed if p.seeded_noise else None)
     if p.mode == "local":
         assert p.noise_multiplier is not None
-        bound = FixedClip(p.clip_norm, report_clipped=False)
+        bound = FixedClip(p.clip_norm, report_clipped=False, recheck=False)
         local = LocalGaussian(
             p.noise_multiplier, p.delta, clip=bound.name, accountant=p.accountant, source=source
         )

@@ -25,6 +25,7 @@ from fedforge.train.program import Tensors, batch_order
 from fedforge.train.torch_model import TorchModel
 
 DP_SGD_STEPS = "dp_sgd/steps"  # the client's DP-SGD steps so far, kept in its state
+LATEST = 1 << 62  # a round after every round: ``store.get(cid, LATEST)`` is the newest state
 DP_SGD_EPSILON = "dp_sgd.epsilon"  # the metric: the client's epsilon after this round
 
 
@@ -81,7 +82,14 @@ class ClientApp:
         None otherwise, or before the client's first task)."""
         if task.stage != FIT or not self.stateful:
             return None
-        return store.get(task.client_id, task.round)
+        state = store.get(task.client_id, task.round)
+        if self.sample_dp is not None:
+            # The DP-SGD ledger only grows: a retried or replayed round adds to the newest
+            # count (those steps were trained and sent), not to the one the round started from.
+            newest = store.get(task.client_id, LATEST) or {}
+            if DP_SGD_STEPS in newest:
+                state = {**(state or {}), DP_SGD_STEPS: newest[DP_SGD_STEPS]}
+        return state
 
     def handle(
         self, task: Task, data: ClientData, state: Params | None

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from fedforge.aggregate.kinds import Aggregation, WeightedMean
+from fedforge.aggregate.kinds import Aggregate, Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params, ParamSpec, num_bytes
@@ -109,6 +109,9 @@ class Driver:
     client_states: ClientStateStore | None = None  # simulation: the runtime's state store
     client_metrics: tuple[str, ...] = ()  # metrics fit records carry beyond train_loss
     labels: dict[str, str] = field(default_factory=dict)  # recorded with every round
+    # Central DP's amplification by sampling needs a sample nobody can predict: then the
+    # sampler draws from this secret seed (kept by the server only), not from the run seed.
+    sampling_seed: int | None = None
 
     def __post_init__(self) -> None:
         self.stop_reason: str | None = None  # why ``run`` stopped before its last round
@@ -192,7 +195,8 @@ class Driver:
         start = time.perf_counter()
         round_number = state.round + 1
         coords = (round_number,) if attempt == 0 else (round_number, attempt)
-        sampled = self.sampler(self.population(), self.streams.generator(Purpose.SAMPLING, *coords))
+        streams = self.streams if self.sampling_seed is None else RngStreams(self.sampling_seed)
+        sampled = self.sampler(self.population(), streams.generator(Purpose.SAMPLING, *coords))
         self.listener.round_started(round_number, sampled)
         shared = {**state.params, **self.algorithm.broadcast(state)}
         broadcast = self.stages.broadcast(state.stage_states)
@@ -221,9 +225,14 @@ class Driver:
             metrics[name] = fit.mean(name)
             metrics[f"{name}.max"] = fit.maxima[name]
         clients: dict[str, list[int]] = {"failed": fit.failed, "rejected": fit.rejected}
-        if accumulator.count > 0:
+        if accumulator.count > 0 or self.stages.releases_when_empty:
+            # Central DP releases noise even when no record arrived: an unchanged model would
+            # reveal that nobody took part, which the accounted mechanism never does.
+            empty = Aggregate(
+                {k: np.zeros(a.shape, a.dtype) for k, a in self.fit_spec.arrays.items()}, {}, 0, 0.0
+            )
             aggregate = self.stages.on_sum(
-                accumulator.result(),
+                accumulator.result() if accumulator.count else empty,
                 state.stage_states,
                 SumContext(round_number, attempt, broadcast),
             )

@@ -73,6 +73,7 @@ def simulate(
     sample_dp: SampleDP | None = None,
     probes: Mapping[str, Probe] | None = None,
     labels: Mapping[str, str] | None = None,
+    sampling_seed: int | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -89,7 +90,8 @@ def simulate(
     ``sample_dp`` trains every client with DP-SGD (Opacus) instead of the algorithm's
     program; it runs one client at a time (not ``vectorized``). ``probes`` are extra
     metrics of the global model computed at every central evaluation (a backdoor's success
-    rate); ``labels`` are recorded with every round.
+    rate); ``labels`` are recorded with every round. ``sampling_seed`` replaces the run seed
+    for client sampling (central DP without seeded noise: a secret the server draws).
     """
     chain = StageChain(stages)
     chain.check(aggregation)
@@ -126,6 +128,7 @@ def simulate(
             sample_dp=sample_dp,
             probes=probes or {},
             labels=labels or {},
+            sampling_seed=sampling_seed,
         )
     finally:
         blas.restore_original_limits()
@@ -152,6 +155,7 @@ def _simulate(
     sample_dp: SampleDP | None,
     probes: Mapping[str, Probe],
     labels: Mapping[str, str],
+    sampling_seed: int | None,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -199,6 +203,7 @@ def _simulate(
         client_states=store,
         client_metrics=app.extra_metrics,
         labels={**labels, **app.labels},
+        sampling_seed=sampling_seed,
     )
     try:
         state = driver.run(state, rounds, history, checkpoint=checkpoint if checkpoints else None)

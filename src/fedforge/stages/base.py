@@ -99,6 +99,7 @@ class StageDefaults:
     """Do-nothing implementations of every hook; a stage overrides what it uses."""
 
     commutes_with_sum: bool = True
+    releases_when_empty: bool = False  # central DP: noise is released even with no record
 
     def init_state(self) -> StageState:
         return {}
@@ -204,6 +205,10 @@ class StageChain:
         for s in reversed(self.stages):
             aggregate = s.on_sum(aggregate, self._state(states, s), context)
         return aggregate
+
+    @property
+    def releases_when_empty(self) -> bool:
+        return any(getattr(s, "releases_when_empty", False) for s in self.stages)
 
     def labels(self) -> dict[str, str]:
         out: dict[str, str] = {}

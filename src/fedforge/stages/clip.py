@@ -49,6 +49,7 @@ class FixedClip(StageDefaults):
     position: str = "clip"
     commutes_with_sum: bool = True  # the server-side check is per record, before any sum
     report_clipped: bool = True  # local DP sends nothing it does not noise: no clipped bit
+    recheck: bool = True  # re-clip on the server; not after client-side noise (local DP)
 
     def __post_init__(self) -> None:
         if not self.norm > 0:
@@ -73,7 +74,10 @@ class FixedClip(StageDefaults):
 
     def decode(self, batch: RecordBatch, state: StageState) -> RecordBatch:
         """The server re-applies the bound (a no-op for honest clients; a client that skipped
-        clipping is clipped here) and trusts no clipped bit outside {0, 1}."""
+        clipping is clipped here) and trusts no clipped bit outside {0, 1}. With client-side
+        noise after the clip (local DP) the record's norm is the noise's: nothing to check."""
+        if not self.recheck:
+            return batch
         clipped_batch, clipped = clip_rows(batch, state["norm"])
         if not self.report_clipped:
             return clipped_batch

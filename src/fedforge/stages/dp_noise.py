@@ -26,6 +26,7 @@ from typing import Literal
 import numpy as np
 
 from fedforge.aggregate.kinds import Aggregate
+from fedforge.core.errors import ConfigError
 from fedforge.core.records import RecordBatch
 from fedforge.privacy.accounting import (
     AccountantKind,
@@ -67,6 +68,7 @@ class CentralGaussian(StageDefaults):
     name: str = "dp"
     position: str = "noise"
     commutes_with_sum: bool = True
+    releases_when_empty: bool = True  # a round with no record still releases noise
 
     def __post_init__(self) -> None:
         if not self.noise_multiplier > 0:
@@ -91,7 +93,27 @@ class CentralGaussian(StageDefaults):
         return accountant_for(self.scheme, self.accountant)
 
     def init_state(self) -> StageState:
-        return {"releases": 0.0}
+        return {"releases": 0.0, **self._settings()}
+
+    def _settings(self) -> StageState:
+        """What the past releases were accounted with; a resumed run must not change it."""
+        return {
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.delta,
+            "expected_clients": self.scheme.expected_clients,
+            "population": float(self.scheme.population),
+        }
+
+    def _check_settings(self, state: StageState) -> None:
+        changed = [k for k, v in self._settings().items() if k in state and state[k] != v]
+        if changed:
+            raise ConfigError(
+                f"privacy settings changed since this run started ({', '.join(changed)}: "
+                f"{', '.join(f'{state[k]:g} -> {self._settings()[k]:g}' for k in changed)}); "
+                "its past releases were accounted with the old ones: resume with the same "
+                "privacy and server settings (server.rounds included when target_epsilon "
+                "calibrates the noise), or start a new run"
+            )
 
     def weights(self, batch: RecordBatch, weights: np.ndarray) -> np.ndarray:
         if self.weighting == "capped":
@@ -113,11 +135,14 @@ class CentralGaussian(StageDefaults):
         # clipping needs it), nothing of the other summed scalars.
         scalars = {}
         count_key = f"{self.clip}.clipped"
-        if self.count_stddev is not None and count_key in aggregate.scalars:
+        if self.count_stddev is not None:
+            # Andrew et al.: each client contributes its bit centred, b - 1/2 (sensitivity 1/2,
+            # what the noise split assumes); the public expected count re-adds the centre.
             noise = self.source.gaussian(
                 (1,), self.count_stddev, "count", context.round, context.attempt
             )
-            scalars[count_key] = aggregate.scalars[count_key] + float(noise[0])
+            centred = aggregate.scalars.get(count_key, 0.0) - aggregate.count / 2
+            scalars[count_key] = centred + float(noise[0]) + self.scheme.expected_clients / 2
         return replace(aggregate, arrays=arrays, scalars=scalars)
 
     def epsilon_after(self, releases: int) -> float:
@@ -126,8 +151,9 @@ class CentralGaussian(StageDefaults):
     def finish_round(
         self, state: StageState, aggregate: Aggregate
     ) -> tuple[StageState, dict[str, float]]:
+        self._check_settings(state)
         releases = int(state["releases"]) + 1
-        return {"releases": float(releases)}, {
+        return {"releases": float(releases), **self._settings()}, {
             "dp.epsilon": self.epsilon_after(releases),
             "dp.delta": self.delta,
             "dp.noise_multiplier": self.noise_multiplier,
@@ -144,6 +170,7 @@ class CentralGaussian(StageDefaults):
         }
 
     def budget_problem(self, state: StageState) -> str | None:
+        self._check_settings(state)
         if self.target_epsilon is None:
             return None
         releases = int(state["releases"])
