@@ -82,6 +82,10 @@ class UpdateConfig(_Section):
     """Client-side update stages."""
 
     clip_norm: float | None = Field(None, gt=0, description="clip each record to this L2 norm")
+    codec: Literal["none", "float16", "bfloat16", "q8", "q4", "rotated_q4", "rotated_q2"] = Field(
+        "none", description="compress each update on the client (bytes up are the encoded ones)"
+    )
+    codec_block: int = Field(256, ge=1, description="q8, q4: coordinates sharing one scale")
 
 
 class PrivacyConfig(_Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -16,6 +17,7 @@ from fedforge.algorithms.fedavg import FedAvg
 from fedforge.algorithms.fedprox import FedProx
 from fedforge.algorithms.scaffold import Scaffold
 from fedforge.attacks.configure import plan_attack
+from fedforge.compress.codecs import BFloat16, Codec, Float16, Rotated, StochasticQuantizer
 from fedforge.config import RunConfig
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data import partition as part
@@ -36,6 +38,7 @@ from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
 from fedforge.stages.base import Stage
 from fedforge.stages.clip import FixedClip
+from fedforge.stages.compress import Compress
 from fedforge.train.models import logistic, mlp, seeded
 from fedforge.train.program import LocalSGD
 
@@ -114,7 +117,23 @@ def build_stages(
     if config.update.clip_norm is not None:
         stages.append(FixedClip(config.update.clip_norm))
     stages.extend(privacy_stages(config, population, client_sizes))
+    if config.update.codec != "none":
+        stages.append(Compress(build_codec(config)))
     return stages
+
+
+def build_codec(config: RunConfig) -> Codec[Any]:
+    """The configured update codec (``compress/codecs.py``)."""
+    name, block = config.update.codec, config.update.codec_block
+    if name == "float16":
+        return Float16()
+    if name == "bfloat16":
+        return BFloat16()
+    if name == "q8":
+        return StochasticQuantizer(8, block)
+    if name == "q4":
+        return StochasticQuantizer(4, block)
+    return Rotated(StochasticQuantizer(4 if name == "rotated_q4" else 2, 4096), 4096)
 
 
 def build_sample_dp(config: RunConfig) -> SampleDP | None:

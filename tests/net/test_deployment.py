@@ -94,6 +94,7 @@ def test_fedavg_deployment_matches_simulation(tmp_path: Path) -> None:
     simulated, sim_history = _simulate(cfg)
     _assert_same_model(tmp_path / "state" / "final_model.safetensors", simulated)
     _assert_same_history(history, sim_history)
+    assert [r.bytes_up for r in history] == [r.bytes_up for r in sim_history]
 
 
 def test_scaffold_with_federated_evaluation_resumes_after_server_sigkill(
@@ -192,20 +193,21 @@ def test_client_sigkilled_mid_round_restarts_with_its_state(tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize(
-    "privacy",
+    "extra",
     [
-        'mode = "central"\nnoise_multiplier = 0.5\nadaptive_clip = true\ncount_stddev = 1.0',
-        'mode = "sample"\nnoise_multiplier = 1.0',
+        '[privacy]\nmode = "central"\nnoise_multiplier = 0.5\nadaptive_clip = true\n'
+        "count_stddev = 1.0\nseeded_noise = true\nclip_norm = 0.5\n"
+        '[update]\ncodec = "rotated_q4"\n',
+        '[privacy]\nmode = "sample"\nnoise_multiplier = 1.0\nseeded_noise = true\n',
     ],
-    ids=["central-adaptive", "dp-sgd"],
+    ids=["central-adaptive-compressed", "dp-sgd"],
 )
-def test_differential_privacy_deployment_matches_simulation(tmp_path: Path, privacy: str) -> None:
-    """Client-side clipping (or DP-SGD) on real client processes, the server's noise and its
-    accountant: with seeded noise, the deployed run releases the simulation's model and
-    reports the same epsilons."""
+def test_private_and_compressed_deployment_matches_simulation(tmp_path: Path, extra: str) -> None:
+    """Client-side clipping and compression (or DP-SGD) on real client processes, the
+    server's decoding, noise and accountant: with seeded noise, the deployed run releases the
+    simulation's model and reports the same epsilons and bytes."""
     keys = make_keys(tmp_path, NAMES)
     port = free_port()
-    extra = f"[privacy]\n{privacy}\nseeded_noise = true\nclip_norm = 0.5\n"
     cfg = write_config(tmp_path, keys, port, rounds=2, extra=extra)
     server = start_server(cfg, tmp_path / "server.log")
     clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES]
@@ -221,3 +223,4 @@ def test_differential_privacy_deployment_matches_simulation(tmp_path: Path, priv
     simulated, sim_history = _simulate(cfg)
     _assert_same_model(tmp_path / "state" / "final_model.safetensors", simulated)
     _assert_same_history(history, sim_history)
+    assert [r.bytes_up for r in history] == [r.bytes_up for r in sim_history]

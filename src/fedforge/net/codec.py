@@ -19,7 +19,12 @@ from fedforge.core.params import Params
 from fedforge.net.proto import fedforge_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB pieces: far below gRPC's message limits
-ALLOWED_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+# Floats, and the integer types of encoded updates (quantized codes, indices, seeds); every
+# record is then checked against its spec's exact dtypes and shapes.
+ALLOWED_DTYPES = frozenset(
+    np.dtype(t)
+    for t in (np.float16, np.float32, np.float64, np.uint8, np.uint16, np.int32, np.uint64)
+)
 
 
 class ProtocolError(FedforgeError):
@@ -32,7 +37,7 @@ def encode_params(params: Params) -> bytes:
 
 
 def decode_params(payload: bytes) -> Params:
-    """Parse safetensors bytes into float arrays; raise ProtocolError on anything else.
+    """Parse safetensors bytes into arrays of allowed dtypes; raise ProtocolError otherwise.
 
     An empty dict (or an empty payload) decodes to ``{}``: stages such as evaluate send
     no arrays."""
@@ -44,7 +49,7 @@ def decode_params(payload: bytes) -> Params:
         raise ProtocolError(f"undecodable parameter payload: {exc}") from None
     for name, arr in params.items():
         if arr.dtype not in ALLOWED_DTYPES:
-            raise ProtocolError(f"{name}: dtype {arr.dtype} is not a float type")
+            raise ProtocolError(f"{name}: dtype {arr.dtype} is not allowed on the wire")
     return params
 
 
