@@ -88,7 +88,7 @@ def test_task_seeds_travel_as_16_little_endian_bytes() -> None:
 
 
 def test_non_float_arrays_are_refused() -> None:
-    with pytest.raises(ProtocolError, match="not a float"):
+    with pytest.raises(ProtocolError, match="not allowed on the wire"):
         decode_params(encode_params({"i": np.arange(3)}))  # type: ignore[dict-item]
 
 
