@@ -24,8 +24,9 @@ def test_clip_scales_records_over_all_their_arrays_and_counts_them() -> None:
     b = np.array([[4.0], [0.4]], np.float32)  # norms 5 and 0.5
     stage = FixedClip(1.0)
     out = stage.encode(batch_of(a, b), stage.broadcast(stage.init_state()), [0, 0])
-    np.testing.assert_allclose(out.arrays["a"], [[0.6, 0.0], [0.3, 0.0]], rtol=1e-6)
-    np.testing.assert_allclose(out.arrays["b"], [[0.8], [0.4]], rtol=1e-6)
+    np.testing.assert_allclose(out.arrays["a"], [[0.6, 0.0], [0.3, 0.0]], rtol=2e-6)
+    np.testing.assert_allclose(out.arrays["b"], [[0.8], [0.4]], rtol=2e-6)
+    assert np.all(row_norms(out) <= 1.0)  # never past the bound, float32 rounding included
     np.testing.assert_array_equal(out.scalars["clip.clipped"], [1.0, 0.0])
     assert out.arrays["a"].dtype == np.float32
     _, metrics = stage.finish_round(

@@ -163,6 +163,7 @@ def _round_pld(
     )
 
 
+@lru_cache(maxsize=256)
 def epsilon(
     scheme: SamplingScheme,
     noise_multiplier: float,
