@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from dp_accounting import dp_event, privacy_accountant
-from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
-from dp_accounting.rdp import rdp_privacy_accountant
+
+if TYPE_CHECKING:  # dp-accounting costs 1.3 s to import: only runs that account pay it
+    from dp_accounting import dp_event, privacy_accountant
+    from dp_accounting.pld import privacy_loss_distribution
 
 from fedforge.core.errors import ConfigError
 
@@ -88,6 +89,8 @@ def round_event(scheme: SamplingScheme, noise_multiplier: float) -> dp_event.DpE
     event's adjacency. Adding or removing a client moves the sum by at most C; *replacing*
     one (the without-replacement event's adjacency) by up to 2C, so there the multiplier
     the accountant sees is halved."""
+    from dp_accounting import dp_event
+
     if scheme.kind == "poisson":
         return dp_event.PoissonSampledDpEvent(
             scheme.rate, dp_event.GaussianDpEvent(noise_multiplier)
@@ -108,6 +111,10 @@ def accountant_for(scheme: SamplingScheme, requested: AccountantKind) -> Account
 def fresh_accountant(
     scheme: SamplingScheme, kind: AccountantKind
 ) -> privacy_accountant.PrivacyAccountant:
+    from dp_accounting import privacy_accountant
+    from dp_accounting.pld import pld_privacy_accountant
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     if accountant_for(scheme, kind) == "rdp":
         relation = (
             privacy_accountant.NeighboringRelation.REPLACE_ONE
@@ -156,6 +163,8 @@ def _composed_pld(
 def _round_pld(
     scheme: SamplingScheme, noise_multiplier: float
 ) -> privacy_loss_distribution.PrivacyLossDistribution:
+    from dp_accounting.pld import privacy_loss_distribution
+
     return privacy_loss_distribution.from_gaussian_mechanism(
         standard_deviation=noise_multiplier,
         sampling_prob=scheme.rate if scheme.kind == "poisson" else 1.0,
@@ -181,6 +190,8 @@ def epsilon(
     # What the RDP accountant computes for ``releases`` compositions (RDP adds up), with the
     # one-release RDP cached: the without-replacement bound costs ~0.4 s per evaluation.
     orders, one = _round_rdp(scheme, noise_multiplier)
+    from dp_accounting.rdp import rdp_privacy_accountant
+
     eps, _ = rdp_privacy_accountant.compute_epsilon(orders, releases * one, delta)
     return float(eps)
 
