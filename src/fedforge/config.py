@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from fedforge.aggregate.gather import BOUNDED_RULES, RobustAggregation, Rule
 from fedforge.core.errors import ConfigError
 
 
@@ -144,17 +145,7 @@ class PrivacyConfig(_Section):
 class AggregationConfig(_Section):
     """How accepted records are combined: the weighted mean, or a Byzantine-robust rule."""
 
-    kind: Literal[
-        "mean",
-        "median",
-        "trimmed_mean",
-        "krum",
-        "multi_krum",
-        "bulyan",
-        "geometric_median",
-        "norm_bound",
-        "centered_clipping",
-    ] = "mean"
+    kind: Literal["mean", Rule] = "mean"
     max_weight: float | None = Field(None, gt=0, description="mean: cap on one client's weight")
     byzantine: int = Field(0, ge=0, description="krum, multi_krum, bulyan: attackers tolerated")
     trim: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut at each end")
@@ -305,14 +296,12 @@ class RunConfig(_Section):
                 "aggregation.kind = 'norm_bound' needs exactly one of aggregation.max_norm "
                 "and aggregation.norm_quantile"
             )
-        if agg.kind in ("trimmed_mean", "krum", "multi_krum", "bulyan"):
+        if agg.kind != "mean" and agg.kind in BOUNDED_RULES:
             if self.server.sampler != "uniform":
                 raise ValueError(
                     f"aggregation.kind = {agg.kind!r} needs a fixed number of clients per round "
                     "for its bound: use server.sampler = 'uniform'"
                 )
-            from fedforge.aggregate.gather import RobustAggregation
-
             try:
                 RobustAggregation(agg.kind, agg.byzantine, agg.trim, agg.multi_krum).check(
                     self.server.clients_per_round

@@ -17,7 +17,8 @@ from fedforge.algorithms.fedavg import FedAvg
 from fedforge.algorithms.fedprox import FedProx
 from fedforge.algorithms.scaffold import Scaffold
 from fedforge.attacks.configure import plan_attack
-from fedforge.compress.codecs import BFloat16, Codec, Float16, Rotated, StochasticQuantizer
+from fedforge.compress.codecs import BFloat16, Codec, Float16, StochasticQuantizer
+from fedforge.compress.rotation import Rotated
 from fedforge.config import RunConfig
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data import partition as part

@@ -7,20 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from bench.bench_codecs import timings
 from fedforge.compress.codecs import (
     BFloat16,
     Codec,
     Float16,
-    Rotated,
     StochasticQuantizer,
     TopK,
     concat,
-    rotate,
-    rotation_shape,
-    timings,
     topk_with_error_feedback,
-    unrotate,
 )
+from fedforge.compress.rotation import Rotated, rotate, rotation_shape, unrotate
 
 CODECS: list[Codec[Any]] = [
     Float16(),

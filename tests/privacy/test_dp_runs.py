@@ -129,12 +129,25 @@ def test_a_resumed_run_continues_the_accountant(
 def test_discarded_attempts_that_released_a_sum_are_accounted() -> None:
     """Clients 0 and 1 always fail; a round needs 2 results, so attempts that sampled a bad
     client are re-sampled, but their noised sum was computed: each is a release."""
+    stages = [FixedClip(0.5), CentralGaussian(1.0, SamplingScheme.fixed_size(2, 4), 1e-5, 2.0)]
+    final = run_failing_federation(StageChain(stages))
+    releases = len(sampled_attempts())  # every attempt releases noise, even one with no good client
+    assert releases > 3  # the seed does produce discarded attempts
+    assert final.stage_states["dp"]["releases"] == releases
+
+
+def run_failing_federation(
+    stages: StageChain | None = None,
+    sample_dp: object = None,
+    store: MemoryStateStore | None = None,
+):  # type: ignore[no-untyped-def]
+    """Three rounds over ``failing_data`` (clients 0 and 1 always fail) that need both good
+    clients: attempts that sampled a bad client are re-sampled. Returns the final state."""
     data = failing_data()
     model = small_mlp()
     algorithm = FedAvg(local=LOCAL)
-    stages = [FixedClip(0.5), CentralGaussian(1.0, SamplingScheme.fixed_size(2, 4), 1e-5, 2.0)]
-    app = ClientApp(algorithm, model, StageChain(stages))
-    store = MemoryStateStore()
+    app = ClientApp(algorithm, model, stages, sample_dp)  # type: ignore[arg-type]
+    store = store if store is not None else MemoryStateStore()
     params = TorchModel(model).get_params()
     driver = Driver(
         algorithm=algorithm,
@@ -146,20 +159,25 @@ def test_discarded_attempts_that_released_a_sum_are_accounted() -> None:
         population=lambda: range(4),
         population_size=lambda: 4,
         example_cap=lambda cid, stage: data.client_size(cid),
-        stages=StageChain(stages),
+        stages=stages or StageChain(),
+        client_states=store,
+        client_metrics=app.extra_metrics,
     )
-    final = driver.run(algorithm.init(params), 3, History(), min_completed=2, max_retries=50)
-    releases = 0
-    streams = RngStreams(0)
+    return driver.run(algorithm.init(params), 3, History(), min_completed=2, max_retries=50)
+
+
+def sampled_attempts() -> list[list[int]]:
+    """The clients of every attempt ``run_failing_federation`` makes, drawn as the driver
+    draws them."""
+    attempts, streams = [], RngStreams(0)
     for round_number in (1, 2, 3):
         for attempt in range(51):
             coords = (round_number,) if attempt == 0 else (round_number, attempt)
             sampled = UniformSampler(2)(range(4), streams.generator(Purpose.SAMPLING, *coords))
-            releases += 1  # every attempt releases noise, even one with no good client
+            attempts.append(sampled)
             if set(sampled) == {2, 3}:
                 break
-    assert releases > 3  # the seed does produce discarded attempts
-    assert final.stage_states["dp"]["releases"] == releases
+    return attempts
 
 
 def config(*overrides: str):  # type: ignore[no-untyped-def]
@@ -285,35 +303,12 @@ def test_the_dp_sgd_ledger_counts_every_attempt_that_trained() -> None:
     from fedforge.runtime.client_app import DP_SGD_STEPS, LATEST
 
     data = failing_data()
-    model = small_mlp()
-    algorithm = FedAvg(local=LOCAL)
-    app = ClientApp(algorithm, model, sample_dp=SampleDP(1.0, 1.0, 1e-5, seeded=True))
     store = MemoryStateStore()
-    params = TorchModel(model).get_params()
-    driver = Driver(
-        algorithm=algorithm,
-        transport=SequentialTransport(app, data, store),
-        sampler=UniformSampler(2),
-        streams=RngStreams(0),
-        model_spec=spec_of(params),
-        trainable=app.trainable,
-        population=lambda: range(4),
-        population_size=lambda: 4,
-        example_cap=lambda cid, stage: data.client_size(cid),
-        client_states=store,
-        client_metrics=app.extra_metrics,
-    )
-    driver.run(algorithm.init(params), 3, History(), min_completed=2, max_retries=50)
+    run_failing_federation(sample_dp=SampleDP(1.0, 1.0, 1e-5, seeded=True), store=store)
     trained = {2: 0, 3: 0}
-    streams = RngStreams(0)
-    for round_number in (1, 2, 3):
-        for attempt in range(51):
-            coords = (round_number,) if attempt == 0 else (round_number, attempt)
-            sampled = UniformSampler(2)(range(4), streams.generator(Purpose.SAMPLING, *coords))
-            for cid in set(sampled) & {2, 3}:
-                trained[cid] += 1
-            if set(sampled) == {2, 3}:
-                break
+    for sampled in sampled_attempts():
+        for cid in set(sampled) & {2, 3}:
+            trained[cid] += 1
     for cid, times in trained.items():
         steps = store.get(cid, LATEST)[DP_SGD_STEPS]  # type: ignore[index]
         assert int(steps[0]) == times * num_steps(LOCAL, data.client_size(cid))

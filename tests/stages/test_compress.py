@@ -9,7 +9,8 @@ import pytest
 from fedforge import simulate
 from fedforge.aggregate.kinds import WeightedMean
 from fedforge.algorithms.fedavg import FedAvg
-from fedforge.compress.codecs import BFloat16, Rotated, StochasticQuantizer
+from fedforge.compress.codecs import BFloat16, StochasticQuantizer
+from fedforge.compress.rotation import Rotated
 from fedforge.core.errors import ConfigError
 from fedforge.core.params import spec_of
 from fedforge.core.records import RecordSpec

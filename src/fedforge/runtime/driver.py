@@ -228,11 +228,8 @@ class Driver:
         if accumulator.count > 0 or self.stages.releases_when_empty:
             # Central DP releases noise even when no record arrived: an unchanged model would
             # reveal that nobody took part, which the accounted mechanism never does.
-            empty = Aggregate(
-                {k: np.zeros(a.shape, a.dtype) for k, a in self.fit_spec.arrays.items()}, {}, 0, 0.0
-            )
             aggregate = self.stages.on_sum(
-                accumulator.result() if accumulator.count else empty,
+                accumulator.result() if accumulator.count else self._empty_aggregate(),
                 state.stage_states,
                 SumContext(round_number, attempt, broadcast),
             )
@@ -288,6 +285,11 @@ class Driver:
         )
         self.listener.round_finished(record)
         return state, record
+
+    def _empty_aggregate(self) -> Aggregate:
+        """The sum of no records: zeros shaped like a fit record."""
+        arrays = {k: np.zeros(a.shape, a.dtype) for k, a in self.fit_spec.arrays.items()}
+        return Aggregate(arrays, {}, 0, 0.0)
 
     def _forget_unused_states(self, round_number: int, sampled: list[int], used: list[int]) -> None:
         """An algorithm's client state moves only with the aggregate: a client whose record
