@@ -74,10 +74,8 @@ def _assert_same_history(got: History, want: History) -> None:
             assert g.metrics[key] == pytest.approx(value, abs=1e-5), key
 
 
-def test_fedavg_deployment_matches_simulation(tmp_path: Path) -> None:
-    keys = make_keys(tmp_path, NAMES)
-    port = free_port()
-    cfg = write_config(tmp_path, keys, port, rounds=3, epochs=2)
+def _serve_to_completion(tmp_path: Path, cfg: Path, keys: Path, port: int) -> None:
+    """The server and every client of ``NAMES`` as processes, run until all exit 0."""
     server = start_server(cfg, tmp_path / "server.log")
     clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES]
     try:
@@ -86,6 +84,13 @@ def test_fedavg_deployment_matches_simulation(tmp_path: Path) -> None:
             assert c.wait(timeout=30) == 0, _log_tail(tmp_path / f"{n}.log")
     finally:
         stop_all([server, *clients])
+
+
+def test_fedavg_deployment_matches_simulation(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path, NAMES)
+    port = free_port()
+    cfg = write_config(tmp_path, keys, port, rounds=3, epochs=2)
+    _serve_to_completion(tmp_path, cfg, keys, port)
     _, history = _checkpoint(tmp_path / "state")
     assert [r.round for r in history] == [0, 1, 2, 3]  # round 0: the initial evaluation
     assert all(r.clients_completed == 3 and r.clients_failed == 0 for r in history[1:])
@@ -209,14 +214,7 @@ def test_private_and_compressed_deployment_matches_simulation(tmp_path: Path, ex
     keys = make_keys(tmp_path, NAMES)
     port = free_port()
     cfg = write_config(tmp_path, keys, port, rounds=2, extra=extra)
-    server = start_server(cfg, tmp_path / "server.log")
-    clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES]
-    try:
-        assert server.wait(timeout=120) == 0, _log_tail(tmp_path / "server.log")
-        for n, c in zip(NAMES, clients, strict=True):
-            assert c.wait(timeout=30) == 0, _log_tail(tmp_path / f"{n}.log")
-    finally:
-        stop_all([server, *clients])
+    _serve_to_completion(tmp_path, cfg, keys, port)
     _, history = _checkpoint(tmp_path / "state")
     epsilon = history[-1].metrics.get("dp.epsilon", history[-1].metrics.get("dp_sgd.epsilon.max"))
     assert epsilon is not None and epsilon > 0

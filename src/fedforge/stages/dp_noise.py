@@ -207,9 +207,9 @@ class LocalGaussian(StageDefaults):
         self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
     ) -> RecordBatch:
         std = self.noise_multiplier * broadcast[f"{self.clip}.norm"]
-        arrays = {name: arr.copy() for name, arr in batch.arrays.items()}
+        arrays = {name: arr.copy() for name, arr in sorted(batch.arrays.items())}
         for row, seed in enumerate(seeds):
-            for index, name in enumerate(sorted(arrays)):
+            for index, name in enumerate(arrays):
                 block = arrays[name][row]
                 block += self.source.gaussian(block.shape, std, "local", seed, index)
         return batch.replace_arrays(arrays)
