@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -17,6 +17,8 @@ from pydantic import (
 
 from fedforge.aggregate.gather import BOUNDED_RULES, RobustAggregation, Rule
 from fedforge.core.errors import ConfigError
+from fedforge.secagg.protocol import SecAggParams
+from fedforge.secagg.ring import frac_bits
 
 
 class _Section(BaseModel):
@@ -143,9 +145,11 @@ class PrivacyConfig(_Section):
 
 
 class AggregationConfig(_Section):
-    """How accepted records are combined: the weighted mean, or a Byzantine-robust rule."""
+    """How accepted records are combined: the weighted mean, secure aggregation
+    (``secure_sum``: the server learns only the sum, see ``[secagg]``), or a Byzantine-robust
+    rule."""
 
-    kind: Literal["mean", Rule] = "mean"
+    kind: Literal["mean", "secure_sum", Rule] = "mean"
     max_weight: float | None = Field(None, gt=0, description="mean: cap on one client's weight")
     byzantine: int = Field(0, ge=0, description="krum, multi_krum, bulyan: attackers tolerated")
     trim: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut at each end")
@@ -156,6 +160,31 @@ class AggregationConfig(_Section):
     )
     tau: float = Field(1.0, gt=0, description="centered_clipping: clipping radius")
     iterations: int = Field(3, ge=1, description="centered_clipping: iterations")
+
+
+class SecAggConfig(_Section):
+    """Secure aggregation (SecAgg+), used when ``aggregation.kind = 'secure_sum'``."""
+
+    ring_bits: Literal[32, 64] = Field(32, description="the ring the masked sum lives in")
+    security: float = Field(3.0, gt=0, description="graph degree = security * log2(clients)")
+    complete_graph: bool = Field(False, description="every client shares with every client")
+    threshold: float = Field(
+        0.5, ge=0.5, lt=1, description="shares needed: floor(threshold * neighbourhood) + 1"
+    )
+    clip_norm: float = Field(
+        10.0, gt=0, description="records are clipped to this L2 norm (or the clip stage's)"
+    )
+    scalar_bound: float = Field(65536.0, ge=1, description="largest summed scalar (a count)")
+
+    def params(self) -> SecAggParams:
+        return SecAggParams(
+            ring_bits=self.ring_bits,
+            security=self.security,
+            complete=self.complete_graph,
+            threshold=self.threshold,
+            clip_norm=self.clip_norm,
+            scalar_bound=self.scalar_bound,
+        )
 
 
 class AttackConfig(_Section):
@@ -259,6 +288,7 @@ class RunConfig(_Section):
     update: UpdateConfig = UpdateConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    secagg: SecAggConfig = SecAggConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     attack: AttackConfig = AttackConfig()
     runtime: RuntimeConfig = RuntimeConfig()
@@ -303,17 +333,56 @@ class RunConfig(_Section):
                     "for its bound: use server.sampler = 'uniform'"
                 )
             try:
-                RobustAggregation(agg.kind, agg.byzantine, agg.trim, agg.multi_krum).check(
-                    self.server.clients_per_round
-                )
+                RobustAggregation(
+                    cast(Rule, agg.kind), agg.byzantine, agg.trim, agg.multi_krum
+                ).check(self.server.clients_per_round)
             except ConfigError as exc:
                 raise ValueError(f"aggregation.kind = {agg.kind!r}: {exc}") from None
         if self.attack.kind == "backdoor" and self.data.dataset == "synthetic":
             raise ValueError("attack.kind = 'backdoor' needs image data (mnist5k or digits)")
-        problems = self.privacy.problems() + self._privacy_conflicts()
+        problems = self.privacy.problems() + self._privacy_conflicts() + self._secagg_conflicts()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _secagg_conflicts(self) -> list[str]:
+        """Secure aggregation needs every record to be summable as it is."""
+        if self.aggregation.kind != "secure_sum":
+            return []
+        out = []
+        if self.update.codec != "none":
+            out.append(
+                f"aggregation.kind = 'secure_sum' cannot follow update.codec = "
+                f"{self.update.codec!r}: a codec is decoded record by record, and the server "
+                "sees only the sum (secure aggregation quantizes records itself)"
+            )
+        if self.privacy.mode == "local":
+            out.append(
+                "aggregation.kind = 'secure_sum' with privacy.mode = 'local': the server sees "
+                "only the sum, so noise each client adds need not be local; use "
+                "privacy.mode = 'central'"
+            )
+        if self.attack.kind in ("alie", "ipm"):
+            out.append(
+                f"attack.kind = {self.attack.kind!r} reads the honest clients' updates, which "
+                "secure aggregation hides from the server"
+            )
+        clients = (
+            self.partition.num_clients
+            if self.partition.scheme != "natural"
+            else (self.data.devices)
+        )
+        cohort = clients if self.server.sampler == "poisson" else self.server.clients_per_round
+        clip = self.secagg.clip_norm
+        if self.privacy.mode == "central" and not self.privacy.adaptive_clip:
+            clip = min(clip, self.privacy.clip_norm)
+        elif self.update.clip_norm is not None:
+            clip = min(clip, self.update.clip_norm)
+        try:
+            frac_bits(self.secagg.ring_bits, clip, cohort, self.secagg.params().min_frac_bits)
+        except ConfigError as exc:
+            out.append(str(exc))
+        return out
 
     def _privacy_conflicts(self) -> list[str]:
         mode = self.privacy.mode
@@ -337,10 +406,11 @@ class RunConfig(_Section):
                 "variates are computed from the update before it is clipped and noised"
             )
         if mode == "central" and (
-            self.aggregation.kind != "mean" or self.aggregation.max_weight is not None
+            self.aggregation.kind not in ("mean", "secure_sum")
+            or self.aggregation.max_weight is not None
         ):
             out.append(
-                "privacy.mode = 'central' needs aggregation.kind = 'mean' without "
+                "privacy.mode = 'central' needs aggregation.kind = 'mean' or 'secure_sum' without "
                 "aggregation.max_weight: it bounds weights itself (privacy.weighting)"
             )
         return out

@@ -37,6 +37,7 @@ from fedforge.runtime.backends import BackendName, BackendOptions
 from fedforge.runtime.driver import FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
+from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.stages.base import Stage
 from fedforge.stages.clip import FixedClip
 from fedforge.stages.compress import Compress
@@ -150,6 +151,8 @@ def build_aggregation(config: RunConfig) -> Aggregation:
     a = config.aggregation
     if a.kind == "mean":
         return WeightedMean(max_weight=a.max_weight)
+    if a.kind == "secure_sum":
+        return SecureAggregation(config.secagg.params())
     return RobustAggregation(
         a.kind,
         byzantine=a.byzantine,

@@ -17,17 +17,13 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-_NONCE = bytes(16)  # every key is fresh, so a zero counter start is safe
+from fedforge.core.keystream import keystream_words
 
 
 def keystream_uniforms(key: bytes, count: int) -> np.ndarray:
     """``count`` uniforms in (0, 1] from the AES-256-CTR keystream of ``key``."""
-    if len(key) != 32:
-        raise ValueError("the noise key must be 32 bytes")
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
-    words = np.frombuffer(encryptor.update(bytes(8 * count)), dtype="<u8")
+    words = keystream_words(key, count, np.uint64)
     return ((words >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
 
 

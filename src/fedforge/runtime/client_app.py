@@ -5,6 +5,10 @@ deployed client.
 then its ``finish`` and the client side of the update stages; ``evaluate`` scores the global
 model on the client's held-out split. Client state is handed in and returned, so the runtime
 decides where it lives (the simulation's store, or the deployed client's disk).
+
+With secure aggregation, ``fit`` keeps the record in the client's state (a *session*, its
+entries prefixed ``secagg/``) and sends only its example count and metrics; the four
+secure-aggregation steps of the same round then read and update that session.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from fedforge.core.records import EVALUATE, FIT, Record, Task
 from fedforge.data.federated import ClientData
 from fedforge.privacy.dp_sgd import SampleDP, client_epsilon, dp_sgd_labels, train_dp_sgd
 from fedforge.runtime.client_state import ClientStateStore
+from fedforge.secagg.client import SecAggClient, keep
+from fedforge.secagg.protocol import SESSION, STEPS
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import evaluate
 from fedforge.train.program import Tensors, batch_order
@@ -42,6 +48,11 @@ def to_arrays(tensors: Tensors) -> Params:
     return {name: t.detach().cpu().numpy() for name, t in tensors.items()}
 
 
+def without_session(state: Params) -> Params:
+    """``state`` without its secure-aggregation session."""
+    return {k: v for k, v in state.items() if not k.startswith(SESSION)}
+
+
 def torch_seed(task_seed: int) -> int:
     return task_seed & ((1 << 63) - 1)
 
@@ -55,6 +66,7 @@ class ClientApp:
         module: torch.nn.Module,
         stages: StageChain | None = None,
         sample_dp: SampleDP | None = None,
+        secure: SecAggClient | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.stages = stages or StageChain()
@@ -63,9 +75,13 @@ class ClientApp:
         self.trainable = [name for name, _ in module.named_parameters()]
         self.program = algorithm.program()
         self.sample_dp = sample_dp  # DP-SGD inside the client instead of the plain program
+        self.secure = secure  # secure aggregation: the record stays here until masked
         sample = {n: np.zeros(1, np.float32) for n in self.trainable}
-        # DP-SGD keeps the client's own privacy ledger (its steps so far) in its state.
-        self.stateful = bool(algorithm.init_client_state(sample)) or sample_dp is not None
+        # DP-SGD keeps the client's own privacy ledger (its steps so far) in its state;
+        # secure aggregation its session.
+        self.stateful = (
+            bool(algorithm.init_client_state(sample)) or sample_dp is not None or secure is not None
+        )
 
     @property
     def labels(self) -> dict[str, str]:
@@ -78,11 +94,15 @@ class ClientApp:
         return (DP_SGD_EPSILON,) if self.sample_dp else ()
 
     def stored_state(self, task: Task, store: ClientStateStore) -> Params | None:
-        """The client's state ``task`` starts from (fit tasks of a stateful algorithm only;
-        None otherwise, or before the client's first task)."""
+        """The client's state ``task`` starts from (fit tasks of a stateful algorithm, and
+        secure-aggregation steps; None otherwise, or before the client's first task)."""
+        if task.stage in STEPS:  # the session this round's fit wrote
+            return store.get(task.client_id, task.round + 1)
         if task.stage != FIT or not self.stateful:
             return None
         state = store.get(task.client_id, task.round)
+        if state is not None and self.secure is not None:
+            state = without_session(state)  # a session an earlier round left unfinished
         if self.sample_dp is not None:
             # The DP-SGD ledger only grows: a retried or replayed round adds to the newest
             # count (those steps were trained and sent), not to the one the round started from.
@@ -98,6 +118,8 @@ class ClientApp:
             return self.fit(task, data, state)
         if task.stage == EVALUATE:
             return self.evaluate(task, data), None
+        if task.stage in STEPS:
+            return self.secure_step(task, state)
         raise FedforgeError(f"unknown task stage {task.stage!r}")
 
     def fit(
@@ -134,7 +156,26 @@ class ClientApp:
         new_state = to_arrays(new_own) if new_own else {}
         if self.sample_dp is not None:
             new_state[DP_SGD_STEPS] = np.array([total_steps], np.int64)
+        if self.secure is not None:
+            return self.keep_record(encoded, new_state)
         return encoded, (new_state or None)
+
+    def keep_record(self, record: Record, state: Params) -> tuple[Record, Params]:
+        """Secure aggregation: the fit reply (no arrays) and the client's new state holding
+        the record in its session."""
+        reply, session = keep(record)
+        return reply, {**state, **{SESSION + k: v for k, v in session.items()}}
+
+    def secure_step(self, task: Task, state: Params | None) -> tuple[Record, Params]:
+        """One secure-aggregation step on the session in ``state``; the rest of the state
+        (an algorithm's, a DP-SGD ledger) is kept as it is."""
+        if self.secure is None:
+            raise FedforgeError(f"{task.stage}: this client does not run secure aggregation")
+        state = dict(state or {})
+        session = {k[len(SESSION) :]: v for k, v in state.items() if k.startswith(SESSION)}
+        record, new_session = self.secure.handle(task, session or None)
+        kept = without_session(state)
+        return record, {**kept, **{SESSION + k: v for k, v in (new_session or {}).items()}}
 
     def _train(
         self, task: Task, data: ClientData, shared: Tensors, own: Tensors

@@ -22,13 +22,23 @@ from fedforge.aggregate.kinds import Aggregate, Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params, ParamSpec, num_bytes
-from fedforge.core.records import EVALUATE, FIT, ClientFailure, RecordBatch, RecordSpec, Task
+from fedforge.core.records import (
+    EVALUATE,
+    FIT,
+    ClientFailure,
+    RecordBatch,
+    RecordSpec,
+    Task,
+)
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.report.history import History, RoundRecord
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sampling import Sampler
 from fedforge.runtime.transport import Transport
 from fedforge.runtime.validation import validate_batch
+from fedforge.secagg.aggregation import SecureAggregation
+from fedforge.secagg.protocol import STEPS, SecAggAbort
+from fedforge.secagg.server import SecAggRound
 from fedforge.stages.base import StageChain, SumContext
 from fedforge.train.evaluate import Evaluation
 
@@ -36,6 +46,7 @@ log = logging.getLogger("fedforge")
 
 Evaluator = Callable[[Params], Evaluation]
 ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
+Check = Callable[[RecordBatch], tuple[np.ndarray, list[str | None]]]
 
 
 class RoundListener:
@@ -125,15 +136,28 @@ class Driver:
         fit_spec = self.algorithm.record_spec(self.model_spec, self.trainable)
         fit_spec = replace(fit_spec, metrics=(*fit_spec.metrics, *self.client_metrics))
         self.fit_spec = self.stages.wire_spec(fit_spec)
+        # Secure aggregation: the fit reply carries no arrays (the record stays with its
+        # client until it is masked); everything summed travels in the masked vector.
+        secure = isinstance(self.aggregation, SecureAggregation)
+        self.fit_reply_spec = RecordSpec({}, (), self.fit_spec.metrics) if secure else self.fit_spec
         self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss"))
         sample = {name: np.zeros(1, np.float32) for name in self.trainable}
         self._algorithm_stateful = bool(self.algorithm.init_client_state(sample))
 
     # One exchange ---------------------------------------------------------------------------
+    def _spec_check(self, spec: RecordSpec, stage: str) -> Check:
+        """Validation against ``spec``, with each client's example cap for ``stage``."""
+
+        def check(batch: RecordBatch) -> tuple[np.ndarray, list[str | None]]:
+            caps = np.array([self.example_cap(int(c), stage) for c in batch.client_ids])
+            return validate_batch(batch, spec, caps)
+
+        return check
+
     def _exchange(
         self,
         tasks: list[Task],
-        spec: RecordSpec,
+        check: Check,
         accept: Callable[[RecordBatch], None],
         notify: bool,
     ) -> _Exchange:
@@ -157,9 +181,7 @@ class Driver:
             start = time.perf_counter()
             batch = reply.as_batch() if not isinstance(reply, RecordBatch) else reply
             out.bytes_up += batch.array_bytes()
-            stage = tasks[0].stage
-            caps = np.array([self.example_cap(int(c), stage) for c in batch.client_ids])
-            keep, reasons = validate_batch(batch, spec, caps)
+            keep, reasons = check(batch)
             for cid, reason in zip(batch.client_ids, reasons, strict=True):
                 if reason is not None:
                     out.rejected.append(int(cid))
@@ -206,30 +228,27 @@ class Driver:
             )
             for cid in sampled
         ]
-        accumulator = self.aggregation.accumulator()
-
-        def accept(batch: RecordBatch) -> None:
-            decoded = self.stages.decode(batch, state.stage_states)
-            if self.algorithm.weighting == "uniform":
-                weights = np.ones(len(decoded))
-            else:
-                weights = decoded.num_examples.astype(np.float64)
-            accumulator.add(decoded, self.stages.weights(decoded, weights))
-
         fit_started = time.perf_counter()
-        fit = self._exchange(tasks, self.fit_spec, accept, notify=True)
+        metrics: dict[str, float] = {}
+        clients: dict[str, list[int]] = {}
+        secure_bytes_down = 0
+        if isinstance(self.aggregation, SecureAggregation):
+            fit, summed, secure_bytes_down = self._secure_fit(
+                self.aggregation, tasks, broadcast, metrics, clients
+            )
+        else:
+            fit, summed = self._plain_fit(tasks, state)
         fit_seconds = time.perf_counter() - fit_started
         server_started = time.perf_counter()
-        metrics: dict[str, float] = {}
         for name in sorted(set(fit.sums) - {"train_loss"}):  # e.g. each client's DP-SGD epsilon
             metrics[name] = fit.mean(name)
             metrics[f"{name}.max"] = fit.maxima[name]
-        clients: dict[str, list[int]] = {"failed": fit.failed, "rejected": fit.rejected}
-        if accumulator.count > 0 or self.stages.releases_when_empty:
+        clients.update(failed=fit.failed, rejected=fit.rejected)
+        if summed is not None or self.stages.releases_when_empty:
             # Central DP releases noise even when no record arrived: an unchanged model would
             # reveal that nobody took part, which the accounted mechanism never does.
             aggregate = self.stages.on_sum(
-                accumulator.result() if accumulator.count else self._empty_aggregate(),
+                summed if summed is not None else self._empty_aggregate(),
                 state.stage_states,
                 SumContext(round_number, attempt, broadcast),
             )
@@ -245,7 +264,8 @@ class Driver:
         state = replace(state, round=round_number)
         aggregate_seconds = fit.server_seconds + time.perf_counter() - server_started
         counts = fit.accepted >= min_completed
-        if self._algorithm_stateful:
+        if self._algorithm_stateful or isinstance(self.aggregation, SecureAggregation):
+            # (a secure session holds the record: forgotten unless it went into the sum)
             self._forget_unused_states(round_number, sampled, fit.accepted_ids if counts else [])
         else:  # the only client state is a privacy ledger: whoever sent a record spent budget
             self._forget_unused_states(round_number, sampled, fit.accepted_ids + fit.rejected)
@@ -254,7 +274,7 @@ class Driver:
         evaluation = self.evaluator(state.params) if self.evaluator and counts else None
         if evaluation is not None:
             metrics.update(evaluation.metrics)
-        bytes_down = num_bytes(shared) * len(tasks)
+        bytes_down = num_bytes(shared) * len(tasks) + secure_bytes_down
         fed = self._federated_evaluation(state) if counts else None
         if fed is not None:
             fed_exchange, fed_bytes = fed
@@ -286,6 +306,76 @@ class Driver:
         self.listener.round_finished(record)
         return state, record
 
+    def _weights(self, batch: RecordBatch) -> np.ndarray:
+        """The aggregation weights of decoded records: the algorithm's, bounded by the
+        stages (from the validated example counts)."""
+        if self.algorithm.weighting == "uniform":
+            weights = np.ones(len(batch))
+        else:
+            weights = batch.num_examples.astype(np.float64)
+        return self.stages.weights(batch, weights)
+
+    def _plain_fit(
+        self, tasks: list[Task], state: ServerState
+    ) -> tuple[_Exchange, Aggregate | None]:
+        """The fit exchange, every accepted record decoded and summed as it arrives."""
+        accumulator = self.aggregation.accumulator()
+
+        def accept(batch: RecordBatch) -> None:
+            decoded = self.stages.decode(batch, state.stage_states)
+            accumulator.add(decoded, self._weights(decoded))
+
+        fit = self._exchange(tasks, self._spec_check(self.fit_spec, FIT), accept, True)
+        return fit, accumulator.result() if accumulator.count else None
+
+    def _secure_fit(
+        self,
+        secure: SecureAggregation,
+        tasks: list[Task],
+        broadcast: dict[str, float],
+        metrics: dict[str, float],
+        clients: dict[str, list[int]],
+    ) -> tuple[_Exchange, Aggregate | None, int]:
+        """The fit exchange (clients train and keep their records), then the four
+        secure-aggregation exchanges; returns the fit's outcome with the survivors as its
+        accepted clients, the aggregate (None when the session aborted) and the bytes the
+        secure-aggregation tasks sent down."""
+        weights: dict[int, float] = {}
+
+        def accept_fit(batch: RecordBatch) -> None:
+            for cid, w in zip(batch.client_ids, self._weights(batch), strict=True):
+                weights[int(cid)] = float(w)
+
+        fit = self._exchange(tasks, self._spec_check(self.fit_reply_spec, FIT), accept_fit, True)
+        if not weights:
+            return fit, None, 0
+        round_number = tasks[0].round
+        session, scale = secure.session(round_number, weights, self.fit_spec, broadcast)
+        seeds = {t.client_id: t.seed for t in tasks}
+        metrics.update({"secagg.degree": session.degree, "secagg.threshold": session.threshold})
+        result = None
+        try:
+            for step in STEPS:
+                exchange = self._exchange(
+                    session.tasks(step, seeds),
+                    _step_check(session, step),
+                    _step_accept(session, step),
+                    False,
+                )
+                fit.bytes_up += exchange.bytes_up
+                fit.server_seconds += exchange.server_seconds
+            result = session.result()
+        except SecAggAbort as exc:
+            log.warning("round %d: %s", round_number, exc)
+        trained = sorted(weights)
+        survivors = result.survivors if result is not None else []
+        clients["secagg_dropped"] = sorted(set(trained) - set(survivors))
+        fit.accepted, fit.accepted_ids = len(survivors), list(survivors)
+        if result is None:
+            return fit, None, session.shared_bytes
+        metrics["secagg.clipped"] = result.clipped
+        return fit, secure.aggregate(result, weights, scale), session.shared_bytes
+
     def _empty_aggregate(self) -> Aggregate:
         """The sum of no records: zeros shaped like a fit record."""
         arrays = {k: np.zeros(a.shape, a.dtype) for k, a in self.fit_spec.arrays.items()}
@@ -312,7 +402,8 @@ class Driver:
         rng = self.streams.generator(Purpose.EVALUATION, state.round)
         chosen = sorted(int(c) for c in rng.choice(population, size=count, replace=False))
         tasks = [Task(EVALUATE, state.round, cid, 0, state.params) for cid in chosen]
-        exchange = self._exchange(tasks, self.eval_spec, lambda batch: None, notify=False)
+        check = self._spec_check(self.eval_spec, EVALUATE)
+        exchange = self._exchange(tasks, check, lambda batch: None, notify=False)
         return exchange, num_bytes(state.params) * len(tasks)
 
     def initial_record(self, state: ServerState) -> RoundRecord:
@@ -381,3 +472,21 @@ class Driver:
             if checkpoint:
                 checkpoint(state, history)
         return state
+
+
+def _step_check(session: SecAggRound, step: str) -> Check:
+    """A secure-aggregation step's replies checked by the session, record by record."""
+
+    def check(batch: RecordBatch) -> tuple[np.ndarray, list[str | None]]:
+        reasons = [session.check(step, batch.row(i)) for i in range(len(batch))]
+        return np.array([r is None for r in reasons], bool), reasons
+
+    return check
+
+
+def _step_accept(session: SecAggRound, step: str) -> Callable[[RecordBatch], None]:
+    def accept(batch: RecordBatch) -> None:
+        for i in range(len(batch)):
+            session.accept(step, batch.row(i))
+
+    return accept

@@ -33,6 +33,7 @@ from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import ClientStateStore, DiskStateStore, MemoryStateStore
 from fedforge.runtime.driver import Driver, FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import Sampler, UniformSampler
+from fedforge.secagg.client import SecAggClient
 from fedforge.stages.base import Stage, StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.torch_model import TorchModel
@@ -181,7 +182,8 @@ def _simulate(
         assert checkpoints is not None
         checkpoints.save(run_id, s, h)
 
-    app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp)
+    secure = SecAggClient() if aggregation.kind == "secure_sum" else None
+    app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure)
     transport = make_transport(chosen, app, data, store, options)
     driver = Driver(
         algorithm=algorithm,

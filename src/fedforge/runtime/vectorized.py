@@ -132,9 +132,21 @@ class VectorizedTransport:
             metrics={"train_loss": result.train_loss},
         )
         batch = self.app.stages.encode(batch, chunk[0].scalars, [t.seed for t in chunk])
-        if new_own:
-            states = to_arrays(new_own)
+        states = to_arrays(new_own) if new_own else {}
+        if self.app.secure is not None:  # each record stays with its client until masked
             for row, task in enumerate(chunk):
+                _, state = self.app.keep_record(
+                    batch.row(row), {k: v[row] for k, v in states.items()}
+                )
+                self.store.put(task.client_id, state, task.round)
+            return RecordBatch(
+                batch.client_ids,
+                batch.num_examples,
+                {},
+                metrics={k: v.copy() for k, v in batch.metrics.items()},
+            )
+        for row, task in enumerate(chunk):
+            if states:
                 # Rows of this chunk's fresh state arrays: no copy (nothing reuses them).
                 self.store.put(task.client_id, {k: v[row] for k, v in states.items()}, task.round)
         return batch

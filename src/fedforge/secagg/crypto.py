@@ -1,0 +1,157 @@
+"""The cryptography of secure aggregation, all from ``cryptography``.
+
+- Key agreement: X25519. Each client holds two key pairs per session: one whose agreed
+  secrets encrypt the shares it sends (``c``), one whose agreed secrets seed pairwise masks
+  (``s``).
+- Key derivation: HKDF-SHA256 over the full 32-byte agreed secret, with the purpose and the
+  session context in ``info``: a share key and a mask key never coincide.
+- Shares travel under AES-256-GCM; the associated data binds the session, the round, the
+  sender and the receiver, so a share replayed into another session, re-addressed, or
+  claimed by another sender fails authentication.
+- Masks: the AES-256-CTR keystream of a derived 256-bit key, as ring words.
+- In deployment each client signs its advertised public keys with its certificate's ECDSA
+  key; peers verify the certificate against the run's CA, so the server cannot substitute
+  keys.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedforge.core.errors import FedforgeError
+from fedforge.core.keystream import keystream_words
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+
+
+class SecAggError(FedforgeError):
+    """A secure-aggregation message that must be refused (bad key, tag, signature, step)."""
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    private: bytes  # raw X25519 private key
+    public: bytes  # raw X25519 public key
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        key = X25519PrivateKey.generate()
+        return cls(private_bytes(key), public_bytes(key.public_key()))
+
+
+def private_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def public_bytes(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def public_of(private: bytes) -> bytes:
+    return public_bytes(X25519PrivateKey.from_private_bytes(private).public_key())
+
+
+def agree(private: bytes, peer_public: bytes) -> bytes:
+    """The 32-byte X25519 shared secret; refuses a low-order (all-zero) result."""
+    try:
+        peer = X25519PublicKey.from_public_bytes(peer_public)
+        return X25519PrivateKey.from_private_bytes(private).exchange(peer)
+    except ValueError as exc:
+        raise SecAggError(f"bad public key: {exc}") from None
+
+
+def derive_key(shared_secret: bytes, purpose: str, context: bytes) -> bytes:
+    """A 256-bit key from the *whole* agreed secret: HKDF-SHA256, ``info`` = purpose and
+    session context."""
+    if len(shared_secret) != KEY_BYTES:
+        raise ValueError(f"an agreed secret is {KEY_BYTES} bytes, got {len(shared_secret)}")
+    info = b"fedforge-secagg/" + purpose.encode() + b"/" + context
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(
+        shared_secret
+    )
+
+
+def associated_data(context: bytes, round_number: int, sender: int, receiver: int) -> bytes:
+    return context + struct.pack("<qqq", round_number, sender, receiver)
+
+
+def encrypt(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """``nonce | ciphertext | tag`` under AES-256-GCM with a fresh random nonce."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def decrypt(key: bytes, message: bytes, aad: bytes) -> bytes:
+    try:
+        return AESGCM(key).decrypt(message[:NONCE_BYTES], message[NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise SecAggError(
+            "a share failed authentication (tampered, replayed or misaddressed)"
+        ) from None
+
+
+def mask(key: bytes, length: int, dtype: np.dtype) -> np.ndarray:
+    """``length`` uniform ring words expanded from ``key`` (AES-256-CTR)."""
+    return keystream_words(key, length, dtype)
+
+
+def pair_mask_key(own_private: bytes, peer_public: bytes, context: bytes) -> bytes:
+    """The pairwise mask key of two clients (the same from either side)."""
+    return derive_key(agree(own_private, peer_public), "mask", context)
+
+
+def self_mask_key(seed: bytes, context: bytes) -> bytes:
+    """The self-mask key from the client's secret seed ``b``."""
+    return derive_key(seed, "self-mask", context)
+
+
+# Deployment: keys signed with the client's certificate key --------------------------------
+def key_statement(context: bytes, round_number: int, client_id: int, keys: bytes) -> bytes:
+    """What a client signs: its advertised keys, bound to its id, the round and session."""
+    return b"fedforge-secagg/keys/" + associated_data(context, round_number, client_id, -1) + keys
+
+
+def sign(private_key_pem: bytes, statement: bytes) -> bytes:
+    key = serialization.load_pem_private_key(private_key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise SecAggError("signing needs an ECDSA certificate key")
+    return key.sign(statement, ec.ECDSA(hashes.SHA256()))
+
+
+def verify(ca_pem: bytes, certificate_der: bytes, signature: bytes, statement: bytes) -> None:
+    """Raise unless the certificate was issued by the CA and signed ``statement``."""
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        cert = x509.load_der_x509_certificate(certificate_der)
+        ca_key = ca.public_key()
+        if not isinstance(ca_key, ec.EllipticCurvePublicKey) or cert.issuer != ca.subject:
+            raise SecAggError("a peer certificate was not issued by the run's CA")
+        assert cert.signature_hash_algorithm is not None
+        ca_key.verify(
+            cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+        )
+        peer_key = cert.public_key()
+        if not isinstance(peer_key, ec.EllipticCurvePublicKey):
+            raise SecAggError("a peer certificate does not hold an ECDSA key")
+        peer_key.verify(signature, statement, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise SecAggError(
+            "a peer's advertised keys are not signed by its certificate (substituted keys?)"
+        ) from None
+    except ValueError as exc:
+        raise SecAggError(f"a peer's certificate or signature is malformed: {exc}") from None

@@ -1,0 +1,88 @@
+"""The SecAgg+ round: its steps, its parameters, and the names of what travels.
+
+After the fit exchange (each client trains and *keeps* its record), four exchanges follow,
+every message routed through the server:
+
+1. ``secagg/advertise``: the server sends the participants, the graph seed and a fresh
+   session context; each client answers with two X25519 public keys (signed in deployment).
+2. ``secagg/share``: the server forwards each client its neighbours' keys; the client
+   Shamir-shares its self-mask seed ``b`` and its mask private key among its neighbourhood
+   (itself included) and answers with one AES-GCM ciphertext per neighbour.
+3. ``secagg/mask``: the server forwards the ciphertexts addressed to each client, its
+   aggregation weight and the ring parameters; the client answers with its record clipped,
+   weighted, encoded in the ring, plus its self mask and its signed pairwise masks.
+4. ``secagg/unmask``: the server names which of each client's neighbours survived; the
+   client answers with its shares of the survivors' ``b`` and of the dropouts' mask keys,
+   never both kinds for one client. The server removes the masks and decodes the exact sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedforge.core.errors import ConfigError, FedforgeError
+from fedforge.secagg.graph import default_degree
+from fedforge.secagg.ring import ring_dtype
+
+ADVERTISE = "secagg/advertise"
+SHARE = "secagg/share"
+MASK = "secagg/mask"
+UNMASK = "secagg/unmask"
+STEPS = (ADVERTISE, SHARE, MASK, UNMASK)
+
+SESSION = "secagg/"  # prefix of the session's entries in a client's state
+PUBLIC_KEYS_BYTES = 64  # c_pk | s_pk
+IDENTITY_BYTES = 2 + 72 + 2 + 4096  # signature and certificate, each length-prefixed
+# A share ciphertext: nonce | (sender, receiver, seed share, key share) | tag.
+SHARE_PLAINTEXT_BYTES = 8 + 8 + 66 + 66
+CIPHERTEXT_BYTES = 12 + SHARE_PLAINTEXT_BYTES + 16
+
+
+class SecAggAbort(FedforgeError):
+    """The round cannot complete securely (too few clients left); the model is unchanged."""
+
+
+@dataclass(frozen=True)
+class SecAggParams:
+    """Server-side settings of secure aggregation.
+
+    ``security`` scales the graph degree ``k = security * log2(n)`` (``complete``: every
+    client is every client's neighbour, classic SecAgg); a secret is shared among the
+    ``k + 1`` clients of a neighbourhood with threshold ``t = floor(threshold * (k + 1)) + 1``
+    (0.5: a strict majority). Records are clipped to ``clip_norm`` (the clip stage's norm when
+    there is one) and encoded in a ``ring_bits`` ring; summed scalars may be up to
+    ``scalar_bound``. ``min_frac_bits`` is the least fixed-point precision accepted.
+    """
+
+    ring_bits: int = 32
+    security: float = 3.0
+    complete: bool = False
+    threshold: float = 0.5
+    clip_norm: float = 10.0
+    scalar_bound: float = 65536.0
+    min_frac_bits: int = 8
+
+    def __post_init__(self) -> None:
+        ring_dtype(self.ring_bits)
+        if not 0.5 <= self.threshold < 1:
+            raise ConfigError(
+                f"secagg.threshold must be in [0.5, 1) (a strict majority or more), got "
+                f"{self.threshold}"
+            )
+        if not self.security > 0 or not self.clip_norm > 0 or not self.scalar_bound >= 1:
+            raise ConfigError("secagg: security and clip_norm must be > 0, scalar_bound >= 1")
+
+    def degree(self, num_clients: int) -> int:
+        if self.complete:
+            return max(num_clients - 1, 0)
+        return default_degree(num_clients, self.security)
+
+
+def threshold_for(holders: int, fraction: float) -> int:
+    """Shares needed to recover a secret held by ``holders`` clients."""
+    return min(int(fraction * holders) + 1, holders)
+
+
+def least_threshold(holders: int) -> int:
+    """The smallest threshold a client accepts: a strict majority of its neighbourhood."""
+    return threshold_for(holders, 0.5)

@@ -1,0 +1,73 @@
+"""Fixed-point encoding of real vectors in the ring Z_{2^bits} (bits = 32 or 64).
+
+A value ``v`` with ``|v| <= bound`` becomes the integer ``round_stochastic(v * 2^f)`` taken
+mod ``2^bits`` (two's complement). Stochastic rounding (up with probability equal to the
+fractional part) keeps the encoding unbiased. Sums wrap mod ``2^bits``; the *headroom* rule
+makes the true sum of ``n`` encodings always fit in the signed range:
+
+    n * (bound * 2^f + 1) < 2^(bits - 1)
+
+``frac_bits`` picks the largest ``f`` that satisfies it (and keeps ``bound * 2^f`` within
+float64's exact integers, ``2^52``); a configuration that leaves fewer than ``min_frac_bits``
+fractional bits is refused with a message naming the fix. Integer-valued inputs (a clipped
+bit, a count) are encoded exactly whenever ``f >= 0``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from fedforge.core.errors import ConfigError
+
+RING_DTYPES: dict[int, np.dtype] = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
+
+
+def ring_dtype(bits: int) -> np.dtype:
+    try:
+        return RING_DTYPES[bits]
+    except KeyError:
+        raise ConfigError(f"the secure-aggregation ring has 32 or 64 bits, got {bits}") from None
+
+
+def frac_bits(bits: int, bound: float, clients: int, min_frac_bits: int | None = None) -> int:
+    """The largest number of fractional bits whose sum of ``clients`` values in
+    ``[-bound, bound]`` cannot wrap the ring (see the module's headroom rule)."""
+    if not bound > 0 or clients < 1:
+        raise ValueError("need a positive bound and at least one client")
+    room = 2.0 ** (bits - 1) / clients - 1  # bound * 2^f must stay below this
+    f = min(math.floor(math.log2(room / bound)) if room > bound else -1, 52 - _ceil_log2(bound))
+    while f > -64 and clients * (bound * 2.0**f + 1) >= 2.0 ** (bits - 1):
+        f -= 1
+    if min_frac_bits is not None and f < min_frac_bits:
+        raise ConfigError(
+            f"secure aggregation: {clients} clients with values up to {bound:g} leave only "
+            f"{f} fractional bits in a {bits}-bit ring (at least {min_frac_bits} needed; the "
+            "sum could wrap or lose precision): set secagg.ring_bits = 64, lower the clip "
+            "norm, or sample fewer clients per round"
+        )
+    return f
+
+
+def _ceil_log2(x: float) -> int:
+    return max(math.ceil(math.log2(x)), 0)
+
+
+def encode(values: np.ndarray, f: int, bits: int, rng: np.random.Generator) -> np.ndarray:
+    """Stochastically rounded ``values * 2^f`` as ring words (values already bounded)."""
+    scaled = np.asarray(values, np.float64) * 2.0**f
+    low = np.floor(scaled)
+    rounded = low + (rng.random(scaled.shape) < (scaled - low))
+    return rounded.astype(np.int64).view(np.uint64).astype(ring_dtype(bits))
+
+
+def decode(words: np.ndarray, f: int, bits: int) -> np.ndarray:
+    """The signed real values of ring words (a sum that did not wrap)."""
+    signed = words.astype(np.uint64).view(np.int64) if bits == 64 else _signed32(words)
+    return signed.astype(np.float64) * 2.0**-f
+
+
+def _signed32(words: np.ndarray) -> np.ndarray:
+    result: np.ndarray = words.astype(np.uint32).view(np.int32).astype(np.int64)
+    return result
