@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from fedforge.core.params import Params
 from fedforge.core.records import Record, Task
@@ -45,6 +47,12 @@ class Identity:
     private_key_pem: bytes
     certificate_der: bytes
     ca_pem: bytes
+
+    @classmethod
+    def from_pem(cls, private_key_pem: bytes, certificate_pem: bytes, ca_pem: bytes) -> Identity:
+        """From a deployed client's credentials (``client.key``, ``client.crt``, ``ca.crt``)."""
+        cert = x509.load_pem_x509_certificate(certificate_pem)
+        return cls(private_key_pem, cert.public_bytes(serialization.Encoding.DER), ca_pem)
 
 
 def keep(record: Record) -> tuple[Record, Session]:

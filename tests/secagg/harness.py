@@ -1,0 +1,93 @@
+"""Runs SecAgg+ sessions in process: every message computed, checked and routed through a
+real :class:`SecAggRound`, as the driver does, without training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedforge.core.params import ArraySpec
+from fedforge.core.records import Record, RecordSpec, Task
+from fedforge.secagg.client import Identity, SecAggClient, Session, keep
+from fedforge.secagg.crypto import SecAggError
+from fedforge.secagg.protocol import STEPS, SecAggParams
+from fedforge.secagg.server import Layout, SecAggRound, SecureSum
+
+Tamper = Callable[[Task], Task]  # the server's outgoing task, changed in flight
+
+
+@dataclass
+class Outcome:
+    session: SecAggRound
+    result: SecureSum
+    inputs: dict[int, np.ndarray]
+    replies: dict[str, dict[int, Record]] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def records(n: int, dim: int, seed: int = 0) -> dict[int, Record]:
+    rng = np.random.default_rng(seed)
+    return {
+        c: Record(
+            c,
+            10 + c,
+            {"w": rng.normal(0, 0.1, dim).astype(np.float32)},
+            scalars={"clip.clipped": float(c % 2)},
+        )
+        for c in range(n)
+    }
+
+
+def run_session(
+    inputs: Mapping[int, Record],
+    params: SecAggParams = SecAggParams(),  # noqa: B008
+    *,
+    drop: Mapping[str, set[int]] | None = None,
+    tamper: Mapping[str, Tamper] | None = None,
+    identities: Mapping[int, Identity] | None = None,
+    weights: Mapping[int, float] | None = None,
+    round_number: int = 1,
+) -> Outcome:
+    """One session over ``inputs``; ``drop[step]``: clients that vanish at that step (they
+    never answer it); a client whose step raises is a dropout too. Raises SecAggAbort."""
+    dim = len(next(iter(inputs.values())).arrays["w"])
+    spec = RecordSpec({"w": ArraySpec((dim,), np.float32)}, scalars=("clip.clipped",))
+    sessions: dict[int, Session | None] = {}
+    for cid, record in inputs.items():
+        _, sessions[cid] = keep(record)
+    server = SecAggRound(
+        params,
+        round_number,
+        sorted(inputs),
+        weights or {c: 1.0 for c in inputs},
+        Layout.of(spec),
+        params.clip_norm,
+        require_identities=identities is not None,
+    )
+    replies: dict[str, dict[int, Record]] = {}
+    errors: dict[int, str] = {}
+    for step in STEPS:
+        replies[step] = {}
+        for task in server.tasks(step, {c: 1000 + c for c in inputs}):
+            cid = task.client_id
+            if cid in (drop or {}).get(step, set()):
+                continue
+            if tamper and step in tamper:
+                task = tamper[step](task)
+            client = SecAggClient(identities[cid] if identities else None)
+            try:
+                reply, sessions[cid] = client.handle(task, sessions[cid])
+            except SecAggError as exc:
+                errors[cid] = str(exc)
+                continue
+            problem = server.check(step, reply)
+            if problem is not None:
+                errors[cid] = problem
+                continue
+            server.accept(step, reply)
+            replies[step][cid] = reply
+    outcome = Outcome(server, server.result(), {}, replies, errors)
+    outcome.inputs = {c: r.arrays["w"] for c, r in inputs.items()}
+    return outcome
