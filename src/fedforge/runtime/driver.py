@@ -353,7 +353,7 @@ class Driver:
         session, scale = secure.session(round_number, weights, self.fit_spec, broadcast)
         seeds = {t.client_id: t.seed for t in tasks}
         metrics.update({"secagg.degree": session.degree, "secagg.threshold": session.threshold})
-        result = None
+        result, step_failed = None, []
         try:
             for step in STEPS:
                 exchange = self._exchange(
@@ -364,12 +364,14 @@ class Driver:
                 )
                 fit.bytes_up += exchange.bytes_up
                 fit.server_seconds += exchange.server_seconds
+                step_failed.extend(exchange.failed + exchange.rejected)
             result = session.result()
         except SecAggAbort as exc:
             log.warning("round %d: %s", round_number, exc)
         trained = sorted(weights)
         survivors = result.survivors if result is not None else []
-        clients["secagg_dropped"] = sorted(set(trained) - set(survivors))
+        clients["secagg_dropped"] = sorted(set(trained) - set(survivors))  # not in the sum
+        clients["secagg_failed"] = sorted(step_failed)  # failed a step (maybe after masking)
         fit.accepted, fit.accepted_ids = len(survivors), list(survivors)
         if result is None:
             return fit, None, session.shared_bytes
