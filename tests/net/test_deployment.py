@@ -222,3 +222,47 @@ def test_private_and_compressed_deployment_matches_simulation(tmp_path: Path, ex
     _assert_same_model(tmp_path / "state" / "final_model.safetensors", simulated)
     _assert_same_history(history, sim_history)
     assert [r.bytes_up for r in history] == [r.bytes_up for r in sim_history]
+
+
+def test_secure_aggregation_survives_a_client_sigkilled_mid_protocol(tmp_path: Path) -> None:
+    """SecAgg+ over mutual TLS with keys signed by each site's certificate. In round 2, c0 is
+    paused (SIGSTOP) while it trains, so the round's secure session cannot start; c2, which
+    has trained and holds its record for the session, is SIGKILLed; c0 resumes. The session
+    runs with the two sites left (complete graph of 3, threshold 2), and the restarted c2
+    takes part again in round 3."""
+    keys = make_keys(tmp_path, NAMES)
+    port = free_port()
+    extra = '[aggregation]\nkind = "secure_sum"\n[secagg]\ncomplete_graph = true\n'
+    cfg = write_config(tmp_path, keys, port, rounds=3, epochs=20, timeout=60, extra=extra)
+    logs = {n: tmp_path / f"{n}.log" for n in NAMES}
+    server = start_server(cfg, tmp_path / "server.log")
+    clients = [start_client(port, keys / n, logs[n]) for n in NAMES]
+    procs = [server, *clients]
+    try:
+        wait_for(lambda: "round 2: received a fit task" in logs["c0"].read_text(), 90, "c0")
+        clients[0].send_signal(signal.SIGSTOP)
+        wait_for(lambda: "round 2: fit done" in logs["c2"].read_text(), 60, "c2's training")
+        clients[2].send_signal(signal.SIGKILL)
+        clients[2].wait(timeout=10)
+        clients[0].send_signal(signal.SIGCONT)
+        restarted = start_client(port, keys / "c2", tmp_path / "c2_again.log")
+        procs.append(restarted)
+        assert server.wait(timeout=120) == 0, _log_tail(tmp_path / "server.log")
+        assert restarted.wait(timeout=30) == 0, _log_tail(tmp_path / "c2_again.log")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+        stop_all(procs)
+    _, history = _checkpoint(tmp_path / "state")
+    assert [r.round for r in history] == [0, 1, 2, 3]
+    assert history[1].clients_completed == 3 and history[3].clients_completed == 3
+    assert history[2].clients_completed == 2  # c2's record died with it
+    assert history[2].clients["secagg_dropped"] == [2]
+    assert all(r.metrics["secagg.threshold"] == 2 for r in history[1:])
+    assert history[-1].test_accuracy > 0.5
+    assert "secagg/unmask done" in (tmp_path / "c2_again.log").read_text()
+    # No secret of a session was written to a site's disk.
+    for name in NAMES:
+        for path in (tmp_path / "client-state" / name).rglob("*.safetensors"):
+            assert b"secagg/" not in path.read_bytes()

@@ -42,7 +42,9 @@ from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.server import grpc_options
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.runtime.client_app import ClientApp
-from fedforge.runtime.client_state import DiskStateStore
+from fedforge.runtime.client_state import DiskStateStore, EphemeralSessions
+from fedforge.secagg.client import Identity, SecAggClient
+from fedforge.secagg.protocol import SESSION
 from fedforge.stages.base import StageChain
 
 log = logging.getLogger("fedforge")
@@ -145,6 +147,13 @@ class FederatedClient:
             log.info("reconnecting in %.1f s", delay)
             time.sleep(delay)
 
+    def _identity(self) -> Identity | None:
+        """What signs this client's secure-aggregation keys: its certificate key."""
+        c = self.credentials
+        return (
+            None if c is None else Identity.from_pem(c.private_key, c.certificate, c.ca_certificate)
+        )
+
     def _channel(self) -> grpc.Channel:
         options = grpc_options(self.max_message_mb)
         if self.credentials is None:
@@ -175,7 +184,7 @@ class FederatedClient:
         with self._channel() as channel:
             stream = pb_grpc.FederationStub(channel).Connect(requests())  # type: ignore[no-untyped-call]
             try:
-                worker = _Worker(outbox, self.data_loader, self.state_dir)
+                worker = _Worker(outbox, self.data_loader, self.state_dir, self._identity())
                 for message in stream:
                     kind = message.WhichOneof("body")
                     if kind == "welcome":
@@ -206,8 +215,11 @@ def _start_heartbeats(outbox: Outbox, stop: threading.Event, interval_s: float) 
 class _Worker:
     """Holds the client app, data and state store of one connection and answers tasks."""
 
-    def __init__(self, outbox: Outbox, loader: DataLoader, state_dir: Path | None) -> None:
+    def __init__(
+        self, outbox: Outbox, loader: DataLoader, state_dir: Path | None, identity: Identity | None
+    ) -> None:
         self.outbox = outbox
+        self.identity = identity
         self.loader = loader
         self.state_dir = state_dir
         self.run_id = ""
@@ -227,9 +239,11 @@ class _Worker:
             build_model(self.config, federated),
             StageChain(build_stages(self.config, population=None)),
             build_sample_dp(self.config),
+            SecAggClient(self.identity) if self.config.aggregation.kind == "secure_sum" else None,
         )
         root = self.state_dir or DEFAULT_STATE_ROOT / _safe_name(w.client_name)
-        self.store = DiskStateStore(root / _safe_name(self.run_id))
+        disk = DiskStateStore(root / _safe_name(self.run_id))
+        self.store = EphemeralSessions(disk, SESSION)
         holdout = len(self.data.holdout) if self.data.holdout is not None else 0
         log.info(
             "joined run %s as %s (id %d) with %d examples (%d held out); state in %s",
@@ -238,7 +252,7 @@ class _Worker:
             self.client_id,
             len(self.data.train),
             holdout,
-            self.store.directory,
+            disk.directory,
         )
         # Declare the data sizes: the server caps the sample counts it accepts from us by them.
         self.outbox.put(

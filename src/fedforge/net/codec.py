@@ -19,11 +19,22 @@ from fedforge.core.params import Params
 from fedforge.net.proto import fedforge_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB pieces: far below gRPC's message limits
-# Floats, and the integer types of encoded updates (quantized codes, indices, seeds); every
+# Floats, and the integer types of encoded updates (quantized codes, indices, seeds, client
+# ids, secure aggregation's ring words); every
 # record is then checked against its spec's exact dtypes and shapes.
 ALLOWED_DTYPES = frozenset(
     np.dtype(t)
-    for t in (np.float16, np.float32, np.float64, np.uint8, np.uint16, np.int32, np.uint64)
+    for t in (
+        np.float16,
+        np.float32,
+        np.float64,
+        np.uint8,
+        np.uint16,
+        np.int32,
+        np.uint32,
+        np.int64,
+        np.uint64,
+    )
 )
 
 

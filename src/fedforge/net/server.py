@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 import torch
 from safetensors.numpy import save_file
 
+from fedforge.aggregate.kinds import Aggregation
 from fedforge.algorithms.base import ServerState
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import FedforgeError
@@ -39,6 +40,7 @@ from fedforge.report.history import History
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
 from fedforge.runtime.driver import Driver, RoundListener
+from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.torch_model import TorchModel
@@ -78,6 +80,15 @@ def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def deployed_aggregation(config: RunConfig, *, signed: bool) -> Aggregation:
+    """The configured aggregation; secure aggregation over TLS requires every client to
+    sign its keys with its certificate, so the server cannot substitute them."""
+    aggregation = build_aggregation(config)
+    if isinstance(aggregation, SecureAggregation) and signed:
+        return replace(aggregation, require_identities=True)
+    return aggregation
 
 
 def run_server(
@@ -174,7 +185,7 @@ def run_server(
         population_size=lambda: len(names),
         example_cap=example_cap,
         stages=chain,
-        aggregation=build_aggregation(config),
+        aggregation=deployed_aggregation(config, signed=credentials is not None),
         evaluator=evaluator,
         federated_eval=build_federated_eval(config),
         listener=listener or RoundListener(),

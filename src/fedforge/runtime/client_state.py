@@ -50,6 +50,38 @@ class MemoryStateStore:
         self._versions[client_id] = [v for v in versions if v[0] != round_number]
 
 
+class EphemeralSessions:
+    """Client state in ``store``, except the entries prefixed ``prefix`` (a secure-aggregation
+    session: private keys and the record waiting to be masked), kept in memory only. A
+    restarted client has no session and is a dropout of that round, as the protocol
+    expects; nothing secret is written to disk."""
+
+    def __init__(self, store: ClientStateStore, prefix: str) -> None:
+        self.store, self.prefix = store, prefix
+        self._sessions: dict[int, tuple[int, Params]] = {}
+
+    def get(self, client_id: int, before_round: int) -> Params | None:
+        state = self.store.get(client_id, before_round)
+        session = self._sessions.get(client_id)
+        if session is None or session[0] >= before_round:
+            return state
+        return {**(state or {}), **session[1]}
+
+    def put(self, client_id: int, state: Params, round_number: int) -> None:
+        session = {k: v for k, v in state.items() if k.startswith(self.prefix)}
+        if session:
+            self._sessions[client_id] = (round_number, session)
+        else:
+            self._sessions.pop(client_id, None)
+        rest = {k: v for k, v in state.items() if not k.startswith(self.prefix)}
+        self.store.put(client_id, rest, round_number)
+
+    def discard(self, client_id: int, round_number: int) -> None:
+        if self._sessions.get(client_id, (None,))[0] == round_number:
+            del self._sessions[client_id]
+        self.store.discard(client_id, round_number)
+
+
 class DiskStateStore:
     """``<directory>/<client>.safetensors`` (newest) and ``<client>.prev.safetensors``."""
 
