@@ -89,7 +89,9 @@ def test_task_seeds_travel_as_16_little_endian_bytes() -> None:
 
 def test_non_float_arrays_are_refused() -> None:
     with pytest.raises(ProtocolError, match="not allowed on the wire"):
-        decode_params(encode_params({"i": np.arange(3)}))  # type: ignore[dict-item]
+        decode_params(encode_params({"b": np.array([True, False])}))
+    with pytest.raises(ProtocolError, match="not allowed on the wire"):
+        decode_params(encode_params({"i": np.arange(3, dtype=np.int8)}))
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)

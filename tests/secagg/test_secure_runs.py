@@ -23,7 +23,7 @@ from fedforge.runtime.sampling import UniformSampler
 from fedforge.runtime.sequential import SequentialTransport
 from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.client import SecAggClient
-from fedforge.secagg.protocol import MASK, SHARE, STEPS, UNMASK, SecAggParams
+from fedforge.secagg.protocol import SHARE, STEPS, UNMASK, SecAggParams
 from fedforge.train.program import LocalSGD
 from fedforge.train.torch_model import TorchModel
 from tests.conftest import small_mlp
