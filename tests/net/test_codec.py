@@ -87,7 +87,7 @@ def test_task_seeds_travel_as_16_little_endian_bytes() -> None:
     assert len(wire.seed) == 16 and int.from_bytes(wire.seed, "little") == seed
 
 
-def test_non_float_arrays_are_refused() -> None:
+def test_unlisted_dtypes_are_refused() -> None:
     with pytest.raises(ProtocolError, match="not allowed on the wire"):
         decode_params(encode_params({"b": np.array([True, False])}))
     with pytest.raises(ProtocolError, match="not allowed on the wire"):

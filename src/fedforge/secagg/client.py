@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from fedforge.core.params import Params
 from fedforge.core.records import Record, Task
 from fedforge.secagg import crypto, ring, shamir
-from fedforge.secagg.graph import neighbours
+from fedforge.secagg.graph import neighbours_of
 from fedforge.secagg.protocol import (
     ADVERTISE,
     CIPHERTEXT_BYTES,
@@ -139,7 +139,10 @@ class SecAggClient:
         me = task.client_id
         if me not in set(participants.tolist()):
             raise crypto.SecAggError("this client is not among the round's participants")
-        mine = neighbours(participants.tolist(), degree, seed.tobytes())[me]
+        try:
+            mine = neighbours_of(me, participants.tolist(), degree, seed.tobytes())
+        except ValueError as exc:
+            raise crypto.SecAggError(f"bad participants or degree: {exc}") from None
         if threshold < least_threshold(len(mine) + 1) or threshold > len(mine) + 1:
             raise crypto.SecAggError(
                 f"refusing threshold {threshold} for a neighbourhood of {len(mine) + 1}"
@@ -186,7 +189,7 @@ class SecAggClient:
         holders = [me, *ids.tolist()]
         seed_shares = shamir.split(seed, threshold, holders)
         key_shares = shamir.split(s["s_sk"].tobytes(), threshold, holders)
-        c_sk = s["c_sk"].tobytes()
+        c_sk = crypto.private_key(s["c_sk"].tobytes())
         ciphertexts = np.empty((len(ids), CIPHERTEXT_BYTES), np.uint8)
         for row, (cid, key) in enumerate(zip(ids.tolist(), keys, strict=True)):
             plaintext = struct.pack("<qq", me, cid) + seed_shares[cid] + key_shares[cid]
@@ -214,7 +217,7 @@ class SecAggClient:
             raise crypto.SecAggError("shares forwarded from clients that are not neighbours")
         if len(senders) + 1 < int(s["threshold"][0]):
             raise crypto.SecAggError("too few neighbours shared keys to continue securely")
-        c_sk = s["c_sk"].tobytes()
+        c_sk = crypto.private_key(s["c_sk"].tobytes())
         received = np.empty((len(senders), 2 * shamir.SHARE_BYTES), np.uint8)
         for row, (cid, message) in enumerate(zip(senders.tolist(), ciphertexts, strict=True)):
             peer_c_pk = s["neighbour_keys"][known[cid], :32].tobytes()
@@ -230,7 +233,7 @@ class SecAggClient:
         total += crypto.mask(
             crypto.self_mask_key(s["seed"].tobytes(), context), len(total), total.dtype
         )
-        s_sk = s["s_sk"].tobytes()
+        s_sk = crypto.private_key(s["s_sk"].tobytes())
         for cid in senders.tolist():
             peer_s_pk = s["neighbour_keys"][known[cid], 32:].tobytes()
             pair = crypto.mask(
@@ -252,7 +255,7 @@ class SecAggClient:
         names = sorted(k for k in s if k.startswith("record/"))
         flat = [s[k].astype(np.float64).ravel() for k in names]
         vector = np.concatenate(flat) if flat else np.zeros(0)
-        norm = float(np.linalg.norm(vector))
+        norm = float(np.sqrt(np.einsum("i,i->", vector, vector)))  # no BLAS threads
         clipped = norm > params.clip_norm
         if clipped:
             vector *= params.clip_norm * (1 - 1e-9) / norm

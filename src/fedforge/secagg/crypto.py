@@ -66,11 +66,16 @@ def public_of(private: bytes) -> bytes:
     return public_bytes(X25519PrivateKey.from_private_bytes(private).public_key())
 
 
-def agree(private: bytes, peer_public: bytes) -> bytes:
+def private_key(raw: bytes) -> X25519PrivateKey:
+    """A raw private key, loaded once for the many agreements of one step."""
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def agree(private: bytes | X25519PrivateKey, peer_public: bytes) -> bytes:
     """The 32-byte X25519 shared secret; refuses a low-order (all-zero) result."""
+    key = private if isinstance(private, X25519PrivateKey) else private_key(private)
     try:
-        peer = X25519PublicKey.from_public_bytes(peer_public)
-        return X25519PrivateKey.from_private_bytes(private).exchange(peer)
+        return key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:
         raise SecAggError(f"bad public key: {exc}") from None
 
@@ -110,7 +115,9 @@ def mask(key: bytes, length: int, dtype: np.dtype) -> np.ndarray:
     return keystream_words(key, length, dtype)
 
 
-def pair_mask_key(own_private: bytes, peer_public: bytes, context: bytes) -> bytes:
+def pair_mask_key(
+    own_private: bytes | X25519PrivateKey, peer_public: bytes, context: bytes
+) -> bytes:
     """The pairwise mask key of two clients (the same from either side)."""
     return derive_key(agree(own_private, peer_public), "mask", context)
 

@@ -26,19 +26,34 @@ def default_degree(num_clients: int, security: float) -> int:
 
 def neighbours(participants: Sequence[int], degree: int, seed: bytes) -> dict[int, list[int]]:
     """Each participant's neighbours (sorted, without itself)."""
-    ids = sorted(int(p) for p in participants)
-    n = len(ids)
-    if len(set(ids)) != n:
+    ring = _ring(participants, degree, seed)
+    return {int(c): _around(ring, p, degree) for p, c in enumerate(ring)}
+
+
+def neighbours_of(client: int, participants: Sequence[int], degree: int, seed: bytes) -> list[int]:
+    """One participant's neighbours: what a client computes for itself."""
+    ring = _ring(participants, degree, seed)
+    where = np.flatnonzero(ring == client)
+    if len(where) != 1:
+        raise ValueError(f"client {client} is not a participant")
+    return _around(ring, int(where[0]), degree)
+
+
+def _ring(participants: Sequence[int], degree: int, seed: bytes) -> np.ndarray:
+    """The participants in ring order (sorted for the complete graph)."""
+    ids = np.array(sorted(int(p) for p in participants), np.int64)
+    if len(np.unique(ids)) != len(ids):
         raise ValueError("participants must be distinct")
-    if degree >= n - 1:
-        return {c: [o for o in ids if o != c] for c in ids}
+    if degree >= len(ids) - 1:
+        return ids
     if degree < 2 or degree % 2:
         raise ValueError(f"a sparse graph needs an even degree >= 2, got {degree}")
-    order = np.random.default_rng(np.frombuffer(seed, np.uint32)).permutation(ids)
-    position = {int(c): i for i, c in enumerate(order)}
+    return np.random.default_rng(np.frombuffer(seed, np.uint32)).permutation(ids)
+
+
+def _around(ring: np.ndarray, position: int, degree: int) -> list[int]:
+    n = len(ring)
+    if degree >= n - 1:
+        return [int(c) for c in ring if c != ring[position]]
     half = degree // 2
-    out = {}
-    for c in ids:
-        p = position[c]
-        out[c] = sorted(int(order[(p + d) % n]) for d in range(-half, half + 1) if d != 0)
-    return out
+    return sorted(int(ring[(position + d) % n]) for d in range(-half, half + 1) if d != 0)

@@ -287,9 +287,10 @@ class SecAggRound:
             total -= crypto.mask(crypto.self_mask_key(seed, self.context), len(total), self.dtype)
         dropped = sorted(set(self.transcript.replied[SHARE]) - set(survivors))
         for cid in dropped:
-            s_sk = self._recover(self.key_shares, cid, "mask key")
-            if crypto.public_of(s_sk) != self.keys[cid][32:]:
+            raw = self._recover(self.key_shares, cid, "mask key")
+            if crypto.public_of(raw) != self.keys[cid][32:]:
                 raise SecAggAbort(f"the recovered mask key of client {cid} does not match its key")
+            s_sk = crypto.private_key(raw)
             for other in survivors:
                 if cid not in self.senders[other]:
                     continue
