@@ -75,7 +75,7 @@ def protocol_cost(n: int, d: int, dropout: float) -> dict[str, float]:
     }
 
 
-def round_cost(rounds: int = 3) -> dict[str, dict[str, float]]:
+def round_cost(epochs: int, rounds: int = 3) -> dict[str, dict[str, float]]:
     """Plain vs secure rounds of the default workload at 100 clients per round."""
     from fedforge.config import load_config
     from fedforge.experiment import build_dataset, simulate_config
@@ -90,7 +90,7 @@ def round_cost(rounds: int = 3) -> dict[str, dict[str, float]]:
                 "model.hidden=[128]",
                 "server.clients_per_round=100",
                 f"server.rounds={rounds}",
-                "client.epochs=1",
+                f"client.epochs={epochs}",
                 'runtime.backend="sequential"',
             ],
         )
@@ -125,19 +125,23 @@ def main() -> None:
                     f"| {c['server_s']:.2f} | {c['up_ratio']:.3f} | {c['down_ratio']:.3f} |",
                     flush=True,
                 )
-    rounds = round_cost()
-    plain, secure = rounds["mean"], rounds["secure_sum"]
-    print("\n| aggregation | round s | aggregate s | up MB | down MB | accuracy |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for kind, r in rounds.items():
-        print(
-            f"| {kind} | {r['round_s']:.2f} | {r['aggregate_s']:.2f} | {r['up_mb']:.1f} "
-            f"| {r['down_mb']:.1f} | {r['accuracy']:.2%} |"
+    print("\n| local epochs | aggregation | round s | up MB | down MB | accuracy |")
+    print("|---:|---|---:|---:|---:|---:|")
+    ratios = []
+    for epochs in (1, 5):
+        rounds = round_cost(epochs)
+        for kind, r in rounds.items():
+            print(
+                f"| {epochs} | {kind} | {r['round_s']:.2f} | {r['up_mb']:.1f} "
+                f"| {r['down_mb']:.1f} | {r['accuracy']:.2%} |"
+            )
+        plain, secure = rounds["mean"], rounds["secure_sum"]
+        ratios.append(
+            f"E={epochs}: secure / plain round time {secure['round_s'] / plain['round_s']:.2f}x, "
+            f"bytes up {secure['up_mb'] / plain['up_mb']:.3f}x, "
+            f"bytes down {secure['down_mb'] / plain['down_mb']:.3f}x"
         )
-    print(
-        f"\nsecure / plain: round time {secure['round_s'] / plain['round_s']:.2f}x, bytes up "
-        f"{secure['up_mb'] / plain['up_mb']:.3f}x, bytes down {secure['down_mb'] / plain['down_mb']:.3f}x"
-    )
+    print("\n" + "\n".join(ratios))
 
 
 if __name__ == "__main__":
