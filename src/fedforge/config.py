@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -94,9 +95,11 @@ class UpdateConfig(_Section):
 class PrivacyConfig(_Section):
     """Differential privacy (off by default). ``central``: clients clip, the server noises the
     sum (DP-FedAvg); ``local``: each client clips and noises its own update; ``sample``:
-    DP-SGD inside each client through Opacus (per-example privacy of each client's data)."""
+    DP-SGD inside each client through Opacus (per-example privacy of each client's data);
+    ``distributed``: with secure aggregation, each client adds discrete Gaussian noise in the
+    ring, so the server only sees a noised sum."""
 
-    mode: Literal["off", "central", "local", "sample"] = "off"
+    mode: Literal["off", "central", "local", "sample", "distributed"] = "off"
     noise_multiplier: float | None = Field(None, gt=0, description="noise stddev / clip norm")
     target_epsilon: float | None = Field(
         None, gt=0, description="central: calibrate the noise so the run ends at this epsilon"
@@ -373,13 +376,15 @@ class RunConfig(_Section):
             else (self.data.devices)
         )
         cohort = clients if self.server.sampler == "poisson" else self.server.clients_per_round
-        clip = self.secagg.clip_norm
-        if self.privacy.mode == "central" and not self.privacy.adaptive_clip:
-            clip = min(clip, self.privacy.clip_norm)
+        p, bound = self.privacy, self.secagg.clip_norm
+        if p.mode == "distributed" or (p.mode == "central" and not p.adaptive_clip):
+            bound = min(bound, p.clip_norm)
         elif self.update.clip_norm is not None:
-            clip = min(clip, self.update.clip_norm)
+            bound = min(bound, self.update.clip_norm)
+        if p.mode == "distributed" and p.noise_multiplier is not None:
+            bound += 10 * p.noise_multiplier * p.clip_norm / math.sqrt(cohort)  # noise tails
         try:
-            frac_bits(self.secagg.ring_bits, clip, cohort, self.secagg.params().min_frac_bits)
+            frac_bits(self.secagg.ring_bits, bound, cohort, self.secagg.params().min_frac_bits)
         except ConfigError as exc:
             out.append(str(exc))
         return out
@@ -392,7 +397,12 @@ class RunConfig(_Section):
                 "it cannot run the objective of algorithm.name = "
                 f"{self.algorithm.name!r}: use 'fedavg'"
             ]
-        if mode not in ("central", "local"):
+        if mode == "distributed" and self.aggregation.kind != "secure_sum":
+            return [
+                "privacy.mode = 'distributed' adds its noise inside secure aggregation: "
+                "set aggregation.kind = 'secure_sum' (or use privacy.mode = 'central')"
+            ]
+        if mode not in ("central", "local", "distributed"):
             return []
         out = []
         if self.update.clip_norm is not None:

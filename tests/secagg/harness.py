@@ -49,6 +49,7 @@ def run_session(
     identities: Mapping[int, Identity] | None = None,
     weights: Mapping[int, float] | None = None,
     round_number: int = 1,
+    noise_std: float = 0.0,
 ) -> Outcome:
     """One session over ``inputs``; ``drop[step]``: clients that vanish at that step (they
     never answer it); a client whose step raises is a dropout too. Raises SecAggAbort."""
@@ -65,6 +66,7 @@ def run_session(
         Layout.of(spec),
         params.clip_norm,
         require_identities=identities is not None,
+        noise_std=noise_std,
     )
     replies: dict[str, dict[int, Record]] = {}
     errors: dict[int, str] = {}

@@ -196,6 +196,21 @@ def epsilon(
     return float(eps)
 
 
+def zcdp_epsilon(rho: float, delta: float) -> float:
+    """Epsilon at ``delta`` of a ``rho``-zCDP mechanism (dp-accounting's RDP conversion);
+    zCDP composes by adding rho."""
+    if rho <= 0:
+        return 0.0
+    if delta <= 0:
+        return math.inf
+    from dp_accounting import dp_event
+    from dp_accounting.rdp import RdpAccountant
+
+    accountant = RdpAccountant()
+    accountant.compose(dp_event.ZCDpEvent(rho))
+    return float(accountant.get_epsilon(delta))
+
+
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,

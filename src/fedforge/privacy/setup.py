@@ -25,7 +25,12 @@ from fedforge.privacy.accounting import (
 from fedforge.privacy.noise import NoiseSource
 from fedforge.stages.base import Stage
 from fedforge.stages.clip import AdaptiveClip, FixedClip
-from fedforge.stages.dp_noise import CentralGaussian, LocalGaussian, capped_weights
+from fedforge.stages.dp_noise import (
+    CentralGaussian,
+    DistributedGaussian,
+    LocalGaussian,
+    capped_weights,
+)
 
 log = logging.getLogger("fedforge")
 
@@ -67,9 +72,17 @@ def privacy_stages(
     ``client_sizes`` (examples per client) sets the fixed denominator of capped weighting;
     without them (clients that bring their own data) capped weighting is refused."""
     p = config.privacy
-    if p.mode not in ("central", "local"):
+    if p.mode not in ("central", "local", "distributed"):
         return []
     source = NoiseSource(config.seed if p.seeded_noise else None)
+    if p.mode == "distributed":  # noise added by the clients inside secure aggregation
+        assert p.noise_multiplier is not None
+        # No clipped count: it would reach the server un-noised.
+        bound = FixedClip(p.clip_norm, report_clipped=False)
+        if population is None:
+            return [bound]
+        expected = sampling_scheme(config, population).expected_clients
+        return [bound, DistributedGaussian(p.noise_multiplier, p.clip_norm, p.delta, expected)]
     if p.mode == "local":
         assert p.noise_multiplier is not None
         bound = FixedClip(p.clip_norm, report_clipped=False, recheck=False)

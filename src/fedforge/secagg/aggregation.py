@@ -20,6 +20,8 @@ from fedforge.secagg.protocol import SecAggParams
 from fedforge.secagg.server import Layout, SecAggRound, SecureSum
 
 CLIP_KEY = "clip.norm"  # the clip stage's broadcast norm, when a clip stage runs
+NOISE_KEY = "ddg.noise_std"  # distributed DP: the noise stddev the sum must carry
+RHO, TAU = "ddg.rho", "ddg.tau"  # ... and what the release cost, for the accountant
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class SecureAggregation:
             Layout.of(spec),
             clip,
             require_identities=self.require_identities,
+            noise_std=broadcast.get(NOISE_KEY, 0.0),
         )
         return session, scale
 
@@ -65,9 +68,12 @@ class SecureAggregation:
             name: (values * (scale / total)).astype(result.dtypes[name])
             for name, values in result.arrays.items()
         }
+        scalars = dict(result.scalars)
+        if result.rho > 0:
+            scalars.update({RHO: result.rho, TAU: result.tau})
         return Aggregate(
             arrays,
-            dict(result.scalars),
+            scalars,
             len(result.survivors),
             total,
             client_ids=list(result.survivors),

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedforge.core.params import Params
 from fedforge.core.records import Record, Task
+from fedforge.privacy import discrete_gaussian
 from fedforge.secagg import crypto, ring, shamir
 from fedforge.secagg.graph import neighbours_of
 from fedforge.secagg.protocol import (
@@ -265,12 +266,11 @@ class SecAggClient:
         if np.any(np.abs(tail) > params.scalar_bound) or not np.isfinite(vector).all():
             raise crypto.SecAggError("a summed scalar is outside the ring's bound, or NaN")
         rng = np.random.default_rng(seed)  # stochastic rounding from the client's stream
-        return np.concatenate(
-            [
-                ring.encode(vector, params.array_bits, params.ring_bits, rng),
-                ring.encode(tail, params.scalar_bits, params.ring_bits, rng),
-            ]
-        )
+        words = ring.encode(vector, params.array_bits, params.ring_bits, rng)
+        if params.noise_units > 0:  # distributed DP: integer noise, added before masking
+            noise = discrete_gaussian.sample(params.noise_units, len(words), os.urandom(32))
+            words += noise.view(np.uint64).astype(words.dtype)
+        return np.concatenate([words, ring.encode(tail, params.scalar_bits, params.ring_bits, rng)])
 
     # 4. Unmask -----------------------------------------------------------------------------
     def unmask(self, task: Task, session: Session | None) -> Record:
@@ -313,6 +313,7 @@ class MaskParams:
     array_bits: int
     scalar_bits: int
     scalar_bound: float
+    noise_units: float = 0.0  # distributed DP: discrete Gaussian stddev, in ring units
 
     @classmethod
     def from_scalars(cls, scalars: Mapping[str, float]) -> MaskParams:
@@ -324,11 +325,14 @@ class MaskParams:
                 array_bits=int(scalars["secagg.array_bits"]),
                 scalar_bits=int(scalars["secagg.scalar_bits"]),
                 scalar_bound=float(scalars["secagg.scalar_bound"]),
+                noise_units=float(scalars.get("secagg.noise_units", 0.0)),
             )
         except KeyError as exc:
             raise crypto.SecAggError(f"the mask step lacks {exc.args[0]!r}") from None
         if not 0 < p.weight <= 1 or not p.clip_norm > 0 or p.ring_bits not in (32, 64):
             raise crypto.SecAggError("bad mask parameters (weight, clip norm or ring)")
+        if not p.noise_units >= 0:
+            raise crypto.SecAggError("bad noise level")
         if not -64 < p.array_bits <= 62 or not -64 < p.scalar_bits <= 62:
             raise crypto.SecAggError("bad fixed-point precision")
         return p
@@ -341,4 +345,5 @@ class MaskParams:
             "secagg.array_bits": float(self.array_bits),
             "secagg.scalar_bits": float(self.scalar_bits),
             "secagg.scalar_bound": self.scalar_bound,
+            "secagg.noise_units": self.noise_units,
         }

@@ -9,6 +9,7 @@ client the server received: never both kinds for one client.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import numpy as np
 
 from fedforge.core.params import Params
 from fedforge.core.records import Record, RecordSpec, Task
+from fedforge.privacy import discrete_gaussian
 from fedforge.secagg import crypto, ring, shamir
 from fedforge.secagg.client import MaskParams, unpack_identity
 from fedforge.secagg.graph import neighbours
@@ -88,6 +90,8 @@ class SecureSum:
     scalars: dict[str, float]
     clipped: float
     survivors: list[int]
+    rho: float = 0.0  # distributed DP: this release's zCDP parameter (0 without noise)
+    tau: float = 0.0  # ... and its slack on delta
 
 
 class SecAggRound:
@@ -103,12 +107,14 @@ class SecAggRound:
         clip_norm: float,
         *,
         require_identities: bool = False,
+        noise_std: float = 0.0,
     ) -> None:
         self.params, self.round, self.layout = params, round_number, layout
         self.clip_norm = clip_norm
         self.participants = sorted(int(c) for c in participants)
         self.weights = {int(c): float(w) for c, w in weights.items()}
         self.require_identities = require_identities
+        self.noise_std = noise_std  # distributed DP: stddev of the noise on the sum
         self.context = os.urandom(32)  # fresh per session: binds every key and ciphertext
         self.graph_seed = os.urandom(32)  # announced before any key is seen
         self.degree = params.degree(len(self.participants))
@@ -189,15 +195,21 @@ class SecAggRound:
         return self._task(MASK, cid, seed, shared, **self.mask_params(cid).scalars())
 
     def mask_params(self, cid: int) -> MaskParams:
-        clients = len(self.transcript.replied[SHARE])  # at most this many masked inputs
+        clients = len(self.transcript.replied.get(SHARE, []))  # at most this many inputs
         p = self.params
+        each = self.noise_std / math.sqrt(clients)  # each client's share of the noise
+        # Values up to the clip norm plus ten noise stddevs: the sum wraps with probability
+        # below 1e-20 per coordinate.
+        bound = self.clip_norm + 10 * each
+        bits = ring.frac_bits(p.ring_bits, bound, clients, p.min_frac_bits)
         return MaskParams(
             weight=self.weights[cid],
             clip_norm=self.clip_norm,
             ring_bits=p.ring_bits,
-            array_bits=ring.frac_bits(p.ring_bits, self.clip_norm, clients, p.min_frac_bits),
+            array_bits=bits,
             scalar_bits=ring.frac_bits(p.ring_bits, p.scalar_bound, clients, 0),
             scalar_bound=p.scalar_bound,
+            noise_units=each * 2.0**bits,
         )
 
     def _unmask(self, cid: int, seed: int) -> Task:
@@ -310,7 +322,19 @@ class SecAggRound:
         )
         arrays, scalars, clipped = self.layout.unflatten(values)
         dtypes = {name: dtype for name, _, dtype in self.layout.arrays}
-        return SecureSum(arrays, dtypes, scalars, clipped, survivors)
+        privacy = self._privacy(params, len(survivors))
+        return SecureSum(arrays, dtypes, scalars, clipped, survivors, *privacy)
+
+    def _privacy(self, params: MaskParams, contributors: int) -> tuple[float, float]:
+        """(zCDP rho, total-variation slack tau) of this release under distributed DP: the
+        sum of ``contributors`` discrete Gaussians; the L2 sensitivity is the clip norm plus
+        what stochastic rounding can add (one unit per coordinate)."""
+        if params.noise_units <= 0:
+            return 0.0, 0.0
+        units = 2.0**params.array_bits
+        sensitivity = self.clip_norm * units + math.sqrt(self.layout.array_size)
+        rho = sensitivity**2 / (2 * contributors * params.noise_units**2)
+        return rho, discrete_gaussian.sum_distance(params.noise_units, contributors)
 
     def _recover(self, store: dict[int, dict[int, bytes]], owner: int, what: str) -> bytes:
         shares = store.get(owner, {})
