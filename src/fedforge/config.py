@@ -18,8 +18,8 @@ from pydantic import (
 
 from fedforge.aggregate.gather import BOUNDED_RULES, RobustAggregation, Rule
 from fedforge.core.errors import ConfigError
-from fedforge.secagg.protocol import SecAggParams
-from fedforge.secagg.ring import frac_bits
+from fedforge.secagg.protocol import ROTATION_BLOCK, SecAggParams
+from fedforge.secagg.ring import frac_bits, rotated_bound
 
 
 class _Section(BaseModel):
@@ -168,7 +168,10 @@ class AggregationConfig(_Section):
 class SecAggConfig(_Section):
     """Secure aggregation (SecAgg+), used when ``aggregation.kind = 'secure_sum'``."""
 
-    ring_bits: Literal[32, 64] = Field(32, description="the ring the masked sum lives in")
+    ring_bits: Literal[16, 32, 64] = Field(32, description="the ring the masked sum lives in")
+    rotation: bool = Field(
+        False, description="rotate records first (randomized Hadamard): 16-bit rings need it"
+    )
     security: float = Field(3.0, gt=0, description="graph degree = security * log2(clients)")
     complete_graph: bool = Field(False, description="every client shares with every client")
     threshold: float = Field(
@@ -187,6 +190,7 @@ class SecAggConfig(_Section):
             threshold=self.threshold,
             clip_norm=self.clip_norm,
             scalar_bound=self.scalar_bound,
+            rotation=self.rotation,
         )
 
 
@@ -381,6 +385,8 @@ class RunConfig(_Section):
             bound = min(bound, p.clip_norm)
         elif self.update.clip_norm is not None:
             bound = min(bound, self.update.clip_norm)
+        if self.secagg.rotation:  # each rotated coordinate is far below the norm (w.h.p.)
+            bound = rotated_bound(bound, ROTATION_BLOCK)
         if p.mode == "distributed" and p.noise_multiplier is not None:
             bound += 10 * p.noise_multiplier * p.clip_norm / math.sqrt(cohort)  # noise tails
         try:

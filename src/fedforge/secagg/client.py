@@ -20,6 +20,7 @@ import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from fedforge.compress.rotation import rotate
 from fedforge.core.params import Params
 from fedforge.core.records import Record, Task
 from fedforge.privacy import discrete_gaussian
@@ -31,10 +32,12 @@ from fedforge.secagg.protocol import (
     IDENTITY_BYTES,
     MASK,
     PUBLIC_KEYS_BYTES,
+    ROTATION_BLOCK,
     SHARE,
     STEPS,
     UNMASK,
     least_threshold,
+    rotation_seed,
 )
 
 Session = dict[str, np.ndarray]
@@ -261,6 +264,11 @@ class SecAggClient:
         if clipped:
             vector *= params.clip_norm * (1 - 1e-9) / norm
         vector *= params.weight
+        if params.rotation_block:
+            shared_rotation = rotation_seed(s["context"].tobytes())  # the same for everyone
+            vector = rotate(vector[None], [shared_rotation], params.rotation_block)[0].astype(
+                np.float64
+            )
         scalars = [float(s[k][0]) for k in sorted(k for k in s if k.startswith("scalar/"))]
         tail = np.array([*scalars, float(clipped)], np.float64)
         if np.any(np.abs(tail) > params.scalar_bound) or not np.isfinite(vector).all():
@@ -314,6 +322,7 @@ class MaskParams:
     scalar_bits: int
     scalar_bound: float
     noise_units: float = 0.0  # distributed DP: discrete Gaussian stddev, in ring units
+    rotation_block: int = 0  # > 0: records are rotated in blocks of this size first
 
     @classmethod
     def from_scalars(cls, scalars: Mapping[str, float]) -> MaskParams:
@@ -326,13 +335,16 @@ class MaskParams:
                 scalar_bits=int(scalars["secagg.scalar_bits"]),
                 scalar_bound=float(scalars["secagg.scalar_bound"]),
                 noise_units=float(scalars.get("secagg.noise_units", 0.0)),
+                rotation_block=int(scalars.get("secagg.rotation_block", 0)),
             )
         except KeyError as exc:
             raise crypto.SecAggError(f"the mask step lacks {exc.args[0]!r}") from None
-        if not 0 < p.weight <= 1 or not p.clip_norm > 0 or p.ring_bits not in (32, 64):
+        if not 0 < p.weight <= 1 or not p.clip_norm > 0 or p.ring_bits not in (16, 32, 64):
             raise crypto.SecAggError("bad mask parameters (weight, clip norm or ring)")
         if not p.noise_units >= 0:
             raise crypto.SecAggError("bad noise level")
+        if p.rotation_block not in (0, ROTATION_BLOCK):
+            raise crypto.SecAggError("bad rotation block")
         if not -64 < p.array_bits <= 62 or not -64 < p.scalar_bits <= 62:
             raise crypto.SecAggError("bad fixed-point precision")
         return p
@@ -346,4 +358,5 @@ class MaskParams:
             "secagg.scalar_bits": float(self.scalar_bits),
             "secagg.scalar_bound": self.scalar_bound,
             "secagg.noise_units": self.noise_units,
+            "secagg.rotation_block": float(self.rotation_block),
         }

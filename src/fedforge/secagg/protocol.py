@@ -18,6 +18,7 @@ every message routed through the server:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from fedforge.core.errors import ConfigError, FedforgeError
@@ -38,6 +39,16 @@ SHARE_PLAINTEXT_BYTES = 8 + 8 + 66 + 66
 CIPHERTEXT_BYTES = 12 + SHARE_PLAINTEXT_BYTES + 16
 
 
+ROTATION_BLOCK = 4096
+
+
+def rotation_seed(context: bytes) -> int:
+    """The session's 128-bit rotation seed, from its context (both sides know it)."""
+    return int.from_bytes(
+        hashlib.sha256(b"fedforge-secagg/rotation/" + context).digest()[:16], "little"
+    )
+
+
 class SecAggAbort(FedforgeError):
     """The round cannot complete securely (too few clients left); the model is unchanged."""
 
@@ -52,6 +63,9 @@ class SecAggParams:
     (0.5: a strict majority). Records are clipped to ``clip_norm`` (the clip stage's norm when
     there is one) and encoded in a ``ring_bits`` ring; summed scalars may be up to
     ``scalar_bound``. ``min_frac_bits`` is the least fixed-point precision accepted.
+    ``rotation``: records are randomly rotated first (randomized Hadamard, blocks of
+    ``ROTATION_BLOCK``, the same rotation for every client of a session, undone on the sum),
+    which shrinks each coordinate's range so a 16-bit ring keeps enough precision.
     """
 
     ring_bits: int = 32
@@ -61,6 +75,7 @@ class SecAggParams:
     clip_norm: float = 10.0
     scalar_bound: float = 65536.0
     min_frac_bits: int = 8
+    rotation: bool = False
 
     def __post_init__(self) -> None:
         ring_dtype(self.ring_bits)

@@ -1,4 +1,4 @@
-"""Fixed-point encoding of real vectors in the ring Z_{2^bits} (bits = 32 or 64).
+"""Fixed-point encoding of real vectors in the ring Z_{2^bits} (bits = 16, 32 or 64).
 
 A value ``v`` with ``|v| <= bound`` becomes the integer ``round_stochastic(v * 2^f)`` taken
 mod ``2^bits`` (two's complement). Stochastic rounding (up with probability equal to the
@@ -11,6 +11,11 @@ makes the true sum of ``n`` encodings always fit in the signed range:
 float64's exact integers, ``2^52``); a configuration that leaves fewer than ``min_frac_bits``
 fractional bits is refused with a message naming the fix. Integer-valued inputs (a clipped
 bit, a count) are encoded exactly whenever ``f >= 0``.
+
+With a random rotation first (``secagg.rotation``, for 16-bit rings: half the bytes of
+float32), a coordinate of the rotated sum is bounded by :func:`rotated_bound` of the sum's
+norm except with probability ``ROTATION_FAILURE`` per coordinate, instead of by the norm
+itself: the bound is probabilistic, and only the *sum* must fit (arithmetic is modular).
 """
 
 from __future__ import annotations
@@ -21,14 +26,21 @@ import numpy as np
 
 from fedforge.core.errors import ConfigError
 
-RING_DTYPES: dict[int, np.dtype] = {32: np.dtype(np.uint32), 64: np.dtype(np.uint64)}
+ROTATION_FAILURE = 1e-12  # per coordinate: the chance a rotated sum exceeds its bound
+RING_DTYPES: dict[int, np.dtype] = {
+    16: np.dtype(np.uint16),
+    32: np.dtype(np.uint32),
+    64: np.dtype(np.uint64),
+}
 
 
 def ring_dtype(bits: int) -> np.dtype:
     try:
         return RING_DTYPES[bits]
     except KeyError:
-        raise ConfigError(f"the secure-aggregation ring has 32 or 64 bits, got {bits}") from None
+        raise ConfigError(
+            f"the secure-aggregation ring has 16, 32 or 64 bits, got {bits}"
+        ) from None
 
 
 def frac_bits(bits: int, bound: float, clients: int, min_frac_bits: int | None = None) -> int:
@@ -64,10 +76,13 @@ def encode(values: np.ndarray, f: int, bits: int, rng: np.random.Generator) -> n
 
 def decode(words: np.ndarray, f: int, bits: int) -> np.ndarray:
     """The signed real values of ring words (a sum that did not wrap)."""
-    signed = words.astype(np.uint64).view(np.int64) if bits == 64 else _signed32(words)
+    signed_type = {16: np.int16, 32: np.int32, 64: np.int64}[bits]
+    signed = words.astype(ring_dtype(bits)).view(signed_type)
     return signed.astype(np.float64) * 2.0**-f
 
 
-def _signed32(words: np.ndarray) -> np.ndarray:
-    result: np.ndarray = words.astype(np.uint32).view(np.int32).astype(np.int64)
-    return result
+def rotated_bound(clip_norm: float, size: int, failure: float = ROTATION_FAILURE) -> float:
+    """A bound on one coordinate of a randomly rotated vector of L2 norm <= ``clip_norm``
+    (random signs, then an orthonormal Hadamard transform of ``size`` coordinates), exceeded
+    with probability at most ``failure`` (Hoeffding: each coordinate is a Rademacher sum)."""
+    return clip_norm * math.sqrt(2 * math.log(2 / failure) / size)

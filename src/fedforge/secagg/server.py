@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedforge.compress.rotation import rotation_shape, unrotate
 from fedforge.core.params import Params
 from fedforge.core.records import Record, RecordSpec, Task
 from fedforge.privacy import discrete_gaussian
@@ -28,10 +29,12 @@ from fedforge.secagg.protocol import (
     IDENTITY_BYTES,
     MASK,
     PUBLIC_KEYS_BYTES,
+    ROTATION_BLOCK,
     SHARE,
     UNMASK,
     SecAggAbort,
     SecAggParams,
+    rotation_seed,
     threshold_for,
 )
 
@@ -129,6 +132,13 @@ class SecAggRound:
         self.seed_shares: dict[int, dict[int, bytes]] = {}
         self.key_shares: dict[int, dict[int, bytes]] = {}
         self.dtype = ring.ring_dtype(params.ring_bits)
+        # Ring words of the arrays: the rotation pads them to whole blocks.
+        self.array_words = (
+            rotation_shape(layout.array_size, ROTATION_BLOCK)[1]
+            if params.rotation
+            else layout.array_size
+        )
+        self.words = self.array_words + len(layout.scalars) + 1
         self.shared_bytes = 0  # bytes of the per-client task payloads sent so far
 
     # Tasks -----------------------------------------------------------------------------------
@@ -200,16 +210,23 @@ class SecAggRound:
         each = self.noise_std / math.sqrt(clients)  # each client's share of the noise
         # Values up to the clip norm plus ten noise stddevs: the sum wraps with probability
         # below 1e-20 per coordinate.
-        bound = self.clip_norm + 10 * each
-        bits = ring.frac_bits(p.ring_bits, bound, clients, p.min_frac_bits)
+        bound = self.clip_norm
+        if p.rotation:  # each rotated coordinate is far below the norm (w.h.p.)
+            size = rotation_shape(self.layout.array_size, ROTATION_BLOCK)[0]
+            bound = ring.rotated_bound(self.clip_norm, size)
+        bits = ring.frac_bits(p.ring_bits, bound + 10 * each, clients, p.min_frac_bits)
+        # Summed scalars (a clipped bit, a count) are integers: the largest that n of can
+        # sum without wrapping, up to the configured bound (a 16-bit ring holds small ones).
+        scalar_bound = min(p.scalar_bound, 2.0 ** (p.ring_bits - 1) // (clients + 1) - 1)
         return MaskParams(
             weight=self.weights[cid],
             clip_norm=self.clip_norm,
             ring_bits=p.ring_bits,
             array_bits=bits,
-            scalar_bits=ring.frac_bits(p.ring_bits, p.scalar_bound, clients, 0),
-            scalar_bound=p.scalar_bound,
+            scalar_bits=ring.frac_bits(p.ring_bits, scalar_bound, clients, 0),
+            scalar_bound=scalar_bound,
             noise_units=each * 2.0**bits,
+            rotation_block=ROTATION_BLOCK if p.rotation else 0,
         )
 
     def _unmask(self, cid: int, seed: int) -> Task:
@@ -245,7 +262,7 @@ class SecAggRound:
                     return f"{stage}: shares addressed to the wrong clients"
                 _shape(a["ciphertexts"], np.uint8, (len(want), CIPHERTEXT_BYTES), "ciphertexts")
             elif stage == MASK:
-                _shape(a["masked"], self.dtype, (self.layout.size,), "masked input")
+                _shape(a["masked"], self.dtype, (self.words,), "masked input")
             else:
                 holds = set(self.senders[cid]) | {cid}
                 owners = sorted(holds & set(self.masked)), sorted(holds - set(self.masked))
@@ -291,7 +308,7 @@ class SecAggRound:
                 f"secure aggregation: {len(survivors)} masked inputs, fewer than the threshold "
                 f"{self.threshold}; the round is aborted and the model unchanged"
             )
-        total = np.zeros(self.layout.size, self.dtype)
+        total = np.zeros(self.words, self.dtype)
         for cid in survivors:
             total += self.masked[cid]
         for cid in survivors:
@@ -313,12 +330,16 @@ class SecAggRound:
                 else:
                     total += pair
         params = self.mask_params(survivors[0])
-        n_arrays = self.layout.array_size
+        n = self.array_words
+        array_values = ring.decode(total[:n], params.array_bits, params.ring_bits)
+        if self.params.rotation:
+            rotation = rotation_seed(self.context)
+            unrotated = unrotate(
+                array_values[None], [rotation], self.layout.array_size, ROTATION_BLOCK
+            )
+            array_values = unrotated[0].astype(np.float64)
         values = np.concatenate(
-            [
-                ring.decode(total[:n_arrays], params.array_bits, params.ring_bits),
-                ring.decode(total[n_arrays:], params.scalar_bits, params.ring_bits),
-            ]
+            [array_values, ring.decode(total[n:], params.scalar_bits, params.ring_bits)]
         )
         arrays, scalars, clipped = self.layout.unflatten(values)
         dtypes = {name: dtype for name, _, dtype in self.layout.arrays}
@@ -332,7 +353,7 @@ class SecAggRound:
         if params.noise_units <= 0:
             return 0.0, 0.0
         units = 2.0**params.array_bits
-        sensitivity = self.clip_norm * units + math.sqrt(self.layout.array_size)
+        sensitivity = self.clip_norm * units + math.sqrt(self.array_words)
         rho = sensitivity**2 / (2 * contributors * params.noise_units**2)
         return rho, discrete_gaussian.sum_distance(params.noise_units, contributors)
 
