@@ -37,7 +37,7 @@ def protocol_cost(n: int, d: int, dropout: float) -> dict[str, float]:
     started = time.perf_counter()
     for c in range(n):
         record = Record(c, 10, {"w": rng.normal(0, 0.01, d).astype(np.float32)})
-        _, sessions[c] = keep(record)
+        _, sessions[c] = keep(record, 1)
     client_seconds += time.perf_counter() - started
     server_seconds, up, down = 0.0, 0, 0
     started = time.perf_counter()

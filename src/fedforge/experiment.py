@@ -152,7 +152,9 @@ def build_aggregation(config: RunConfig) -> Aggregation:
     if a.kind == "mean":
         return WeightedMean(max_weight=a.max_weight)
     if a.kind == "secure_sum":
-        return SecureAggregation(config.secagg.params())
+        return SecureAggregation(
+            config.secagg.params(), withhold_metrics=config.privacy.mode == "distributed"
+        )
     return RobustAggregation(
         a.kind,
         byzantine=a.byzantine,

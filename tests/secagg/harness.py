@@ -27,14 +27,14 @@ class Outcome:
     errors: dict[int, str] = field(default_factory=dict)
 
 
-def records(n: int, dim: int, seed: int = 0) -> dict[int, Record]:
+def records(n: int, dim: int, seed: int = 0, *, scalars: bool = True) -> dict[int, Record]:
     rng = np.random.default_rng(seed)
     return {
         c: Record(
             c,
             10 + c,
             {"w": rng.normal(0, 0.1, dim).astype(np.float32)},
-            scalars={"clip.clipped": float(c % 2)},
+            scalars={"clip.clipped": float(c % 2)} if scalars else {},
         )
         for c in range(n)
     }
@@ -50,14 +50,17 @@ def run_session(
     weights: Mapping[int, float] | None = None,
     round_number: int = 1,
     noise_std: float = 0.0,
+    errors: dict[int, str] | None = None,
 ) -> Outcome:
     """One session over ``inputs``; ``drop[step]``: clients that vanish at that step (they
-    never answer it); a client whose step raises is a dropout too. Raises SecAggAbort."""
+    never answer it); a client whose step raises is a dropout too, its error recorded in
+    ``errors``. Raises SecAggAbort."""
     dim = len(next(iter(inputs.values())).arrays["w"])
-    spec = RecordSpec({"w": ArraySpec((dim,), np.float32)}, scalars=("clip.clipped",))
+    names = tuple(next(iter(inputs.values())).scalars)
+    spec = RecordSpec({"w": ArraySpec((dim,), np.float32)}, scalars=names)
     sessions: dict[int, Session | None] = {}
     for cid, record in inputs.items():
-        _, sessions[cid] = keep(record)
+        _, sessions[cid] = keep(record, round_number)
     server = SecAggRound(
         params,
         round_number,
@@ -69,7 +72,7 @@ def run_session(
         noise_std=noise_std,
     )
     replies: dict[str, dict[int, Record]] = {}
-    errors: dict[int, str] = {}
+    errors = {} if errors is None else errors  # the caller's dict survives an abort
     for step in STEPS:
         replies[step] = {}
         for task in server.tasks(step, {c: 1000 + c for c in inputs}):

@@ -38,7 +38,7 @@ def test_sum_distance_is_negligible_at_ring_scales() -> None:
 
 def test_the_secure_sum_carries_the_configured_noise_and_its_cost() -> None:
     n, d, z, clip = 20, 20_000, 0.5, 1.0
-    inputs = records(n, d)
+    inputs = records(n, d, scalars=False)
     for record in inputs.values():
         record.arrays["w"] *= 0.001  # norms far below the clip norm: nothing is clipped
     out = run_session(inputs, SecAggParams(clip_norm=clip), noise_std=z * clip)
@@ -54,7 +54,9 @@ def test_the_secure_sum_carries_the_configured_noise_and_its_cost() -> None:
 
 def test_fewer_contributors_cost_more_privacy() -> None:
     n, z = 20, 1.0
-    out = run_session(records(n, 100), SecAggParams(), noise_std=z, drop={MASK: {0, 1, 2, 3}})
+    out = run_session(
+        records(n, 100, scalars=False), SecAggParams(), noise_std=z, drop={MASK: {0, 1, 2, 3}}
+    )
     # Each client added (z C)^2 / 20 of variance; only 16 did: rho grows by 20 / 16.
     assert out.result.rho == pytest.approx(10.0**2 / (2 * z**2) * 20 / 16, rel=1e-3)
 
@@ -82,7 +84,9 @@ def test_distributed_dp_run_reports_epsilon_from_the_summed_rho() -> None:
     assert rho == pytest.approx(3 / (2 * z**2), rel=1e-3)
     assert last.metrics["dp.epsilon"] == pytest.approx(zcdp_epsilon(rho, 1e-5), rel=1e-6)
     assert "distributed" in last.labels["dp.mode"]
-    assert "clip.clipped" not in last.metrics  # no un-noised count reaches the server
+    # Nothing un-noised reaches the server: no clipped count, no loss, no example count.
+    assert "clip.clipped" not in last.metrics and "secagg.clipped" not in last.metrics
+    assert math.isnan(last.train_loss)
     assert math.isfinite(last.test_accuracy)
 
 

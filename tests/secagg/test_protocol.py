@@ -5,18 +5,22 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from scipy.stats import chisquare
 
-from fedforge.core.records import Record, Task
+from fedforge.core.params import ArraySpec
+from fedforge.core.records import Record, RecordSpec, Task
+from fedforge.net.keys import ClientCredentials, add_client, init_keys
 from fedforge.secagg import crypto, ring
-from fedforge.secagg.client import Identity, SecAggClient, keep
+from fedforge.secagg.client import Identity, SecAggClient, keep, pack_identity
+from fedforge.secagg.graph import _ring
 from fedforge.secagg.protocol import (
     ADVERTISE,
     MASK,
@@ -26,7 +30,8 @@ from fedforge.secagg.protocol import (
     SecAggAbort,
     SecAggParams,
 )
-from tests.secagg.harness import records, run_session
+from fedforge.secagg.server import Layout, SecAggRound
+from tests.secagg.harness import Tamper, records, run_session
 
 COMPLETE = SecAggParams(complete=True)
 
@@ -148,44 +153,54 @@ def test_a_replayed_share_is_rejected() -> None:
     assert "authentication" in out.errors[2]
 
 
-def _credentials(count: int) -> tuple[dict[int, Identity], ec.EllipticCurvePrivateKey]:
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-
-    def issue(name: x509.Name, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-        return (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .sign(ca_key, hashes.SHA256())
-        )
-
-    ca_pem = issue(ca_name, ca_key).public_bytes(serialization.Encoding.PEM)
+def _credentials(root: Path, count: int) -> dict[int, Identity]:
+    """Real site credentials from ``fedforge keys`` (a CA and one client certificate each)."""
+    keys = root / "keys"
+    init_keys(keys, ["localhost"])
     identities = {}
     for c in range(count):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = issue(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"site{c}")]), key)
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        add_client(keys, f"site{c}", keys / f"site{c}")
+        creds = ClientCredentials.load(keys / f"site{c}")
         identities[c] = Identity.from_pem(
-            key_pem, cert.public_bytes(serialization.Encoding.PEM), ca_pem
+            creds.private_key, creds.certificate, creds.ca_certificate
         )
-    return identities, ca_key
+    return identities
 
 
-def test_signed_keys_verify_and_a_substituted_key_is_rejected() -> None:
-    identities, _ = _credentials(8)
-    inputs = records(8, 10)
+def _replace_identity(victim: int, row: int, identity: np.ndarray, keys: np.ndarray) -> Tamper:
+    """The server hands ``victim`` other keys and another identity for its ``row``-th
+    neighbour."""
+
+    def tamper(task: Task) -> Task:
+        if task.client_id != victim:
+            return task
+        ids = task.shared["neighbour_identities"].copy()
+        new_keys = task.shared["neighbour_keys"].copy()
+        ids[row], new_keys[row] = identity, keys
+        shared = {**task.shared, "neighbour_identities": ids, "neighbour_keys": new_keys}
+        return dataclasses.replace(task, shared=shared)
+
+    return tamper
+
+
+def _forged_identity(
+    key_pem: bytes, cert_pem: bytes, keys: bytes, cid: int, context: bytes
+) -> np.ndarray:
+    """An identity blob signing ``keys`` for client ``cid`` with the given key/certificate."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    statement = crypto.key_statement(context, 1, cid, crypto.certificate_name(cert), keys)
+    return pack_identity(
+        crypto.sign(key_pem, statement), cert.public_bytes(serialization.Encoding.DER)
+    )
+
+
+def test_signed_keys_verify_and_substituted_or_misattributed_keys_are_rejected(
+    tmp_path: Path,
+) -> None:
+    identities = _credentials(tmp_path, 6)
+    inputs = records(6, 10)
     out = run_session(inputs, COMPLETE, identities=identities)
-    assert out.result.survivors == list(range(8)) and not out.errors
+    assert out.result.survivors == list(range(6)) and not out.errors
 
     def substitute(task: Task) -> Task:  # the server swaps in a key pair it controls
         if task.client_id != 5:
@@ -196,13 +211,74 @@ def test_signed_keys_verify_and_a_substituted_key_is_rejected() -> None:
         return dataclasses.replace(task, shared={**task.shared, "neighbour_keys": keys})
 
     out = run_session(inputs, COMPLETE, identities=identities, tamper={SHARE: substitute})
-    assert "substituted" in out.errors[5]
-    assert 5 not in out.result.survivors
+    assert "substituted" in out.errors[5] and 5 not in out.result.survivors
+
+    # Keys signed by the server's TLS certificate, or by another site for its own slot,
+    # presented as client 0's: refused.
+    fake = crypto.KeyPair.generate().public + crypto.KeyPair.generate().public
+    keys_dir = tmp_path / "keys"
+    server_key, server_cert = (
+        (keys_dir / "server.key").read_bytes(),
+        (keys_dir / "server.crt").read_bytes(),
+    )
+    site1 = keys_dir / "site1"
+    site1_key, site1_cert = (site1 / "client.key").read_bytes(), (site1 / "client.crt").read_bytes()
+    captured: dict[str, bytes] = {}
+    for key_pem, cert_pem, signed_for, why in (
+        (server_key, server_cert, 0, "not a client certificate"),
+        (site1_key, site1_cert, 1, "substituted"),  # site1 signed for its own id, not 0
+        (site1_key, site1_cert, 0, "two neighbours claim"),  # site1 signing for id 0
+    ):
+
+        def capture(task: Task) -> Task:
+            captured["context"] = task.shared["context"].tobytes()
+            return task
+
+        def forge(task: Task, key_pem=key_pem, cert_pem=cert_pem, signed_for=signed_for) -> Task:  # type: ignore[no-untyped-def]
+            blob = _forged_identity(key_pem, cert_pem, fake, signed_for, captured["context"])
+            return _replace_identity(3, 0, blob, np.frombuffer(fake, np.uint8))(task)
+
+        out = run_session(
+            inputs, COMPLETE, identities=identities, tamper={ADVERTISE: capture, SHARE: forge}
+        )
+        assert why in out.errors[3], (why, out.errors)
+
+
+def test_an_expired_certificate_is_refused(tmp_path: Path) -> None:
+    identities = _credentials(tmp_path, 4)
+    keys_dir = tmp_path / "keys"
+    ca_key = serialization.load_pem_private_key((keys_dir / "ca.key").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((keys_dir / "ca.crt").read_bytes())
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
+    expired = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "site0")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(past - dt.timedelta(days=1))
+        .not_valid_after(past)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    identities[0] = Identity(
+        key_pem, expired.public_bytes(serialization.Encoding.DER), identities[0].ca_pem
+    )
+    errors: dict[int, str] = {}
+    with pytest.raises(SecAggAbort):  # nobody accepts site0's keys: too few clients left
+        run_session(records(4, 10), COMPLETE, identities=identities, errors=errors)
+    assert all("expired" in errors[c] for c in (1, 2, 3))
 
 
 def test_a_client_refuses_a_replayed_or_inconsistent_unmask() -> None:
     client = SecAggClient()
-    reply, session = keep(Record(0, 1, {"w": np.zeros(3, np.float32)}))
+    reply, session = keep(Record(0, 1, {"w": np.zeros(3, np.float32)}), 1)
     assert reply.arrays == {} and "record/w" in session
     with pytest.raises(crypto.SecAggError, match="out of order"):
         client.handle(Task(UNMASK, 1, 0, 0, {}), session)
@@ -212,7 +288,7 @@ def test_a_client_refuses_a_replayed_or_inconsistent_unmask() -> None:
 
 def test_a_client_refuses_a_threshold_below_a_majority() -> None:
     client = SecAggClient()
-    _, session = keep(Record(0, 1, {"w": np.zeros(3, np.float32)}))
+    _, session = keep(Record(0, 1, {"w": np.zeros(3, np.float32)}), 1)
     task = Task(
         ADVERTISE,
         1,
@@ -233,3 +309,46 @@ def test_the_server_rejects_a_masked_input_of_the_wrong_length() -> None:
     out = run_session(records(6, 10), COMPLETE)
     bad = Record(1, 1, {"masked": np.zeros(3, np.uint32)})
     assert "masked input: expected uint32" in (out.session.check(MASK, bad) or "")
+
+
+def test_a_dropout_no_survivor_masked_with_needs_no_recovery() -> None:
+    """A client whose whole neighbourhood vanished holds no mask any survivor added: the
+    round completes without its key (regression: it used to abort)."""
+    n = 15
+    inputs = records(n, 4)
+    spec = RecordSpec({"w": ArraySpec((4,), np.float32)}, scalars=("clip.clipped",))
+    server = SecAggRound(
+        SecAggParams(security=1.0),
+        1,
+        list(range(n)),
+        {c: 1.0 for c in inputs},
+        Layout.of(spec),
+        10.0,
+    )
+    assert server.degree == 4
+    ring = _ring(list(range(n)), server.degree, server.graph_seed).tolist()
+    drop = {ADVERTISE: {ring[0], ring[1], ring[5], ring[6]}, MASK: {ring[2], ring[3], ring[4]}}
+    sessions = {c: keep(r, 1)[1] for c, r in inputs.items()}
+    for step in STEPS:
+        for task in server.tasks(step, {c: c for c in inputs}):
+            if task.client_id in drop.get(step, set()):
+                continue
+            reply, sessions[task.client_id] = SecAggClient().handle(task, sessions[task.client_id])
+            assert server.check(step, reply) is None
+            server.accept(step, reply)
+    result = server.result()
+    assert len(result.survivors) == 8
+    want = np.sum([inputs[c].arrays["w"] for c in result.survivors], axis=0)
+    np.testing.assert_allclose(result.arrays["w"], want, atol=1e-5)
+
+
+def test_one_client_is_never_unmasked() -> None:
+    with pytest.raises(SecAggAbort, match="at least 2 clients"):
+        run_session(records(1, 5))
+
+
+def test_a_session_answers_only_its_own_round() -> None:
+    _, session = keep(Record(0, 1, {"w": np.zeros(3, np.float32)}), 4)
+    task = Task(ADVERTISE, 5, 0, 0, {}, {})
+    with pytest.raises(crypto.SecAggError, match="no secure-aggregation session for this round"):
+        SecAggClient().handle(task, session)

@@ -4,6 +4,8 @@ unchanged, and impossible configurations refused when they load."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -179,3 +181,20 @@ def test_secure_sum_config_runs_with_central_dp() -> None:
     last = result.history[-1]
     assert last.metrics["dp.releases"] == 2 and last.metrics["secagg.threshold"] >= 5
     assert last.clients_completed == 10
+
+
+def test_no_session_secret_is_written_to_a_simulation_state_dir(
+    small_federated: FederatedDataset, tmp_path: Path
+) -> None:
+    fedforge.simulate(
+        small_mlp(),
+        small_federated,
+        FedAvg(local=LOCAL),
+        rounds=2,
+        clients_per_round=5,
+        aggregation=SecureAggregation(),
+        state_dir=tmp_path,
+    )
+    files = list((tmp_path / "clients").rglob("*.safetensors"))
+    assert files  # client state was written ...
+    assert not any(b"secagg/" in f.read_bytes() for f in files)  # ... but no session

@@ -239,7 +239,7 @@ class _Worker:
             build_model(self.config, federated),
             StageChain(build_stages(self.config, population=None)),
             build_sample_dp(self.config),
-            SecAggClient(self.identity) if self.config.aggregation.kind == "secure_sum" else None,
+            secure_client(self.config, self.identity),
         )
         root = self.state_dir or DEFAULT_STATE_ROOT / _safe_name(w.client_name)
         disk = DiskStateStore(root / _safe_name(self.run_id))
@@ -346,6 +346,13 @@ class _Worker:
         encoded = encode_params(record.arrays)
         self.outbox.put(self._reply_messages(round_number, stage, task_id, encoded, record))
         return 1 if stage == FIT else 0
+
+
+def secure_client(config: RunConfig, identity: Identity | None) -> SecAggClient | None:
+    """The secure-aggregation side of a deployed client, when the run uses it."""
+    if config.aggregation.kind != "secure_sum":
+        return None
+    return SecAggClient(identity, withhold_metrics=config.privacy.mode == "distributed")
 
 
 def _safe_name(name: str) -> str:

@@ -157,13 +157,16 @@ class ClientApp:
         if self.sample_dp is not None:
             new_state[DP_SGD_STEPS] = np.array([total_steps], np.int64)
         if self.secure is not None:
-            return self.keep_record(encoded, new_state)
+            return self.keep_record(encoded, new_state, task.round)
         return encoded, (new_state or None)
 
-    def keep_record(self, record: Record, state: Params) -> tuple[Record, Params]:
+    def keep_record(
+        self, record: Record, state: Params, round_number: int
+    ) -> tuple[Record, Params]:
         """Secure aggregation: the fit reply (no arrays) and the client's new state holding
-        the record in its session."""
-        reply, session = keep(record)
+        the record in its session for round ``round_number``."""
+        assert self.secure is not None
+        reply, session = keep(record, round_number, withhold_metrics=self.secure.withhold_metrics)
         return reply, {**state, **{SESSION + k: v for k, v in session.items()}}
 
     def secure_step(self, task: Task, state: Params | None) -> tuple[Record, Params]:

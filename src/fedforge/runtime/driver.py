@@ -90,7 +90,9 @@ class _Exchange:
     examples: float = 0.0
 
     def mean(self, metric: str) -> float:
-        return self.sums[metric] / self.examples if self.examples else math.nan
+        if not self.examples or metric not in self.sums:  # (withheld under distributed DP)
+            return math.nan
+        return self.sums[metric] / self.examples
 
 
 @dataclass
@@ -138,8 +140,11 @@ class Driver:
         self.fit_spec = self.stages.wire_spec(fit_spec)
         # Secure aggregation: the fit reply carries no arrays (the record stays with its
         # client until it is masked); everything summed travels in the masked vector.
-        secure = isinstance(self.aggregation, SecureAggregation)
-        self.fit_reply_spec = RecordSpec({}, (), self.fit_spec.metrics) if secure else self.fit_spec
+        if isinstance(self.aggregation, SecureAggregation):
+            metrics = () if self.aggregation.withhold_metrics else self.fit_spec.metrics
+            self.fit_reply_spec = RecordSpec({}, (), metrics)
+        else:
+            self.fit_reply_spec = self.fit_spec
         self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss"))
         sample = {name: np.zeros(1, np.float32) for name in self.trainable}
         self._algorithm_stateful = bool(self.algorithm.init_client_state(sample))
@@ -350,11 +355,12 @@ class Driver:
         if not weights:
             return fit, None, 0
         round_number = tasks[0].round
-        session, scale = secure.session(round_number, weights, self.fit_spec, broadcast)
         seeds = {t.client_id: t.seed for t in tasks}
-        metrics.update({"secagg.degree": session.degree, "secagg.threshold": session.threshold})
-        result, step_failed = None, []
+        result, step_failed, session = None, [], None
         try:
+            session, scale = secure.session(round_number, weights, self.fit_spec, broadcast)
+            metrics["secagg.degree"] = session.degree
+            metrics["secagg.threshold"] = session.threshold
             for step in STEPS:
                 exchange = self._exchange(
                     session.tasks(step, seeds),
@@ -366,17 +372,18 @@ class Driver:
                 fit.server_seconds += exchange.server_seconds
                 step_failed.extend(exchange.failed + exchange.rejected)
             result = session.result()
-        except SecAggAbort as exc:
+        except (SecAggAbort, ConfigError) as exc:  # a session that cannot complete safely
             log.warning("round %d: %s", round_number, exc)
-        trained = sorted(weights)
         survivors = result.survivors if result is not None else []
-        clients["secagg_dropped"] = sorted(set(trained) - set(survivors))  # not in the sum
+        clients["secagg_dropped"] = sorted(set(weights) - set(survivors))  # not in the sum
         clients["secagg_failed"] = sorted(step_failed)  # failed a step (maybe after masking)
         fit.accepted, fit.accepted_ids = len(survivors), list(survivors)
+        sent = session.shared_bytes if session is not None else 0
         if result is None:
-            return fit, None, session.shared_bytes
-        metrics["secagg.clipped"] = result.clipped
-        return fit, secure.aggregate(result, weights, scale), session.shared_bytes
+            return fit, None, sent
+        if session is not None and session.reports_clipped:
+            metrics["secagg.clipped"] = result.clipped
+        return fit, secure.aggregate(result, weights, scale), sent
 
     def _empty_aggregate(self) -> Aggregate:
         """The sum of no records: zeros shaped like a fit record."""

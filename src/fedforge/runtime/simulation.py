@@ -30,10 +30,17 @@ from fedforge.runtime.backends import (
 )
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import ClientApp
-from fedforge.runtime.client_state import ClientStateStore, DiskStateStore, MemoryStateStore
+from fedforge.runtime.client_state import (
+    ClientStateStore,
+    DiskStateStore,
+    EphemeralSessions,
+    MemoryStateStore,
+)
 from fedforge.runtime.driver import Driver, FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import Sampler, UniformSampler
+from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.client import SecAggClient
+from fedforge.secagg.protocol import SESSION
 from fedforge.stages.base import Stage, StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.torch_model import TorchModel
@@ -178,11 +185,16 @@ def _simulate(
         checkpoints = CheckpointStore(state_dir / "checkpoint")
         run_id, state, history = checkpoints.open_run(seed, state, resume=resume)
 
+    if isinstance(store, DiskStateStore):  # secure-aggregation sessions never touch disk
+        store = EphemeralSessions(store, SESSION)
+
     def checkpoint(s: ServerState, h: History) -> None:
         assert checkpoints is not None
         checkpoints.save(run_id, s, h)
 
-    secure = SecAggClient() if aggregation.kind == "secure_sum" else None
+    secure = None
+    if isinstance(aggregation, SecureAggregation):
+        secure = SecAggClient(withhold_metrics=aggregation.withhold_metrics)
     app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure)
     transport = make_transport(chosen, app, data, store, options)
     driver = Driver(

@@ -136,9 +136,11 @@ class VectorizedTransport:
         if self.app.secure is not None:  # each record stays with its client until masked
             for row, task in enumerate(chunk):
                 _, state = self.app.keep_record(
-                    batch.row(row), {k: v[row] for k, v in states.items()}
+                    batch.row(row), {k: v[row] for k, v in states.items()}, task.round
                 )
                 self.store.put(task.client_id, state, task.round)
+            if self.app.secure.withhold_metrics:
+                return RecordBatch(batch.client_ids, np.ones(len(batch), np.int64), {})
             return RecordBatch(
                 batch.client_ids,
                 batch.num_examples,

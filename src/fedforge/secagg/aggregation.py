@@ -21,7 +21,7 @@ from fedforge.secagg.server import Layout, SecAggRound, SecureSum
 
 CLIP_KEY = "clip.norm"  # the clip stage's broadcast norm, when a clip stage runs
 NOISE_KEY = "ddg.noise_std"  # distributed DP: the noise stddev the sum must carry
-RHO, TAU = "ddg.rho", "ddg.tau"  # ... and what the release cost, for the accountant
+RHO = "ddg.rho"  # ... and what the release cost (zCDP), for the accountant
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class SecureAggregation:
 
     params: SecAggParams = field(default_factory=SecAggParams)
     require_identities: bool = False
+    withhold_metrics: bool = False  # distributed DP: fit replies carry no loss or count
     kind: Kind = "secure_sum"
     name: str = "secagg"
 
@@ -70,7 +71,7 @@ class SecureAggregation:
         }
         scalars = dict(result.scalars)
         if result.rho > 0:
-            scalars.update({RHO: result.rho, TAU: result.tau})
+            scalars[RHO] = result.rho
         return Aggregate(
             arrays,
             scalars,

@@ -59,14 +59,21 @@ class Identity:
         return cls(private_key_pem, cert.public_bytes(serialization.Encoding.DER), ca_pem)
 
 
-def keep(record: Record) -> tuple[Record, Session]:
-    """After training: the reply the fit exchange gets (example count and metrics only) and
-    the session that keeps the record on the client."""
+def keep(
+    record: Record, round_number: int, *, withhold_metrics: bool = False
+) -> tuple[Record, Session]:
+    """After training: the reply the fit exchange gets (example count and metrics only;
+    ``withhold_metrics``: not even those, as under distributed DP, whose server learns
+    nothing it has not noised) and the session of round ``round_number`` that keeps the
+    record on the client."""
     # Copies: a vectorized runtime reuses the storage of the batch the record came from.
     session: Session = {f"record/{k}": np.array(v, copy=True) for k, v in record.arrays.items()}
     for name, value in record.scalars.items():
         session[f"scalar/{name}"] = np.array([value], np.float64)
     session["step"] = np.array([KEPT], np.int64)
+    session["round"] = np.array([round_number], np.int64)
+    if withhold_metrics:
+        return Record(record.client_id, 1, {}), session
     return Record(record.client_id, record.num_examples, {}, metrics=dict(record.metrics)), session
 
 
@@ -90,9 +97,10 @@ def _blob(arr: object, what: str, shape: tuple[int, ...]) -> np.ndarray:
     return arr
 
 
-def _advance(session: Session | None, step: str) -> Session:
-    """The session, checked to be at the step before ``step``."""
-    if session is None or "step" not in session:
+def _advance(session: Session | None, task: Task) -> Session:
+    """The session, checked to belong to the task's round and be at the step before it."""
+    step = task.stage
+    if session is None or "step" not in session or int(session["round"][0]) != task.round:
         raise crypto.SecAggError(f"{step}: no secure-aggregation session for this round")
     index = STEPS.index(step)
     if int(session["step"][0]) != index:
@@ -124,8 +132,9 @@ def unpack_identity(blob: np.ndarray) -> tuple[bytes, bytes]:
 class SecAggClient:
     """Answers the four secure-aggregation steps for one client."""
 
-    def __init__(self, identity: Identity | None = None) -> None:
+    def __init__(self, identity: Identity | None = None, *, withhold_metrics: bool = False) -> None:
         self.identity = identity
+        self.withhold_metrics = withhold_metrics
 
     def handle(self, task: Task, session: Session | None) -> tuple[Record, Session | None]:
         step = {ADVERTISE: self.advertise, SHARE: self.share, MASK: self.mask}
@@ -135,7 +144,7 @@ class SecAggClient:
 
     # 1. Advertise keys ---------------------------------------------------------------------
     def advertise(self, task: Task, session: Session | None) -> tuple[Record, Session]:
-        s = _advance(session, ADVERTISE)
+        s = _advance(session, task)
         participants = _ids(task.shared.get("participants"), "participants")
         seed = _blob(task.shared.get("graph_seed"), "graph seed", (32,))
         context = _blob(task.shared.get("context"), "context", (32,))
@@ -162,14 +171,17 @@ class SecAggClient:
         keys = c.public + m.public
         arrays = {"keys": _u8(keys)}
         if self.identity is not None:
-            statement = crypto.key_statement(context.tobytes(), task.round, me, keys)
+            name = crypto.certificate_name(
+                x509.load_der_x509_certificate(self.identity.certificate_der)
+            )
+            statement = crypto.key_statement(context.tobytes(), task.round, me, name, keys)
             signature = crypto.sign(self.identity.private_key_pem, statement)
             arrays["identity"] = pack_identity(signature, self.identity.certificate_der)
         return Record(me, 1, arrays), s
 
     # 2. Share keys -------------------------------------------------------------------------
     def share(self, task: Task, session: Session | None) -> tuple[Record, Session]:
-        s = _advance(session, SHARE)
+        s = _advance(session, task)
         me, context = task.client_id, s["context"].tobytes()
         ids = _ids(task.shared.get("neighbours"), "neighbours")
         keys = _blob(task.shared.get("neighbour_keys"), "keys", (len(ids), PUBLIC_KEYS_BYTES))
@@ -185,10 +197,20 @@ class SecAggClient:
             identities = task.shared.get("neighbour_identities")
             _blob(identities, "identities", (len(ids), IDENTITY_BYTES))
             assert identities is not None
+            own = crypto.certificate_name(
+                x509.load_der_x509_certificate(self.identity.certificate_der)
+            )
+            names = {own}
             for cid, key, blob in zip(ids.tolist(), keys, identities, strict=True):
                 signature, certificate = unpack_identity(blob)
-                statement = crypto.key_statement(context, task.round, cid, key.tobytes())
-                crypto.verify(self.identity.ca_pem, certificate, signature, statement)
+
+                def statement(name: str, cid: int = cid, key: np.ndarray = key) -> bytes:
+                    return crypto.key_statement(context, task.round, cid, name, key.tobytes())
+
+                name = crypto.verify(self.identity.ca_pem, certificate, signature, statement)
+                if name in names:  # one site, one slot: a second id for a name is refused
+                    raise crypto.SecAggError(f"two neighbours claim the certificate of {name!r}")
+                names.add(name)
         seed = os.urandom(32)
         holders = [me, *ids.tolist()]
         seed_shares = shamir.split(seed, threshold, holders)
@@ -210,7 +232,7 @@ class SecAggClient:
 
     # 3. Masked input -----------------------------------------------------------------------
     def mask(self, task: Task, session: Session | None) -> tuple[Record, Session]:
-        s = _advance(session, MASK)
+        s = _advance(session, task)
         me, context = task.client_id, s["context"].tobytes()
         senders = _ids(task.shared.get("senders"), "senders")
         ciphertexts = _blob(
@@ -270,7 +292,8 @@ class SecAggClient:
                 np.float64
             )
         scalars = [float(s[k][0]) for k in sorted(k for k in s if k.startswith("scalar/"))]
-        tail = np.array([*scalars, float(clipped)], np.float64)
+        # The clipped bit only without noise: under distributed DP it would be released bare.
+        tail = np.array([*scalars, *([float(clipped)] if params.noise_units == 0 else [])])
         if np.any(np.abs(tail) > params.scalar_bound) or not np.isfinite(vector).all():
             raise crypto.SecAggError("a summed scalar is outside the ring's bound, or NaN")
         rng = np.random.default_rng(seed)  # stochastic rounding from the client's stream
@@ -282,7 +305,7 @@ class SecAggClient:
 
     # 4. Unmask -----------------------------------------------------------------------------
     def unmask(self, task: Task, session: Session | None) -> Record:
-        s = _advance(session, UNMASK)
+        s = _advance(session, task)
         me = task.client_id
         survivors = set(_ids(task.shared.get("survivors"), "survivors").tolist())
         dropouts = set(_ids(task.shared.get("dropouts"), "dropouts").tolist())
@@ -341,7 +364,7 @@ class MaskParams:
             raise crypto.SecAggError(f"the mask step lacks {exc.args[0]!r}") from None
         if not 0 < p.weight <= 1 or not p.clip_norm > 0 or p.ring_bits not in (16, 32, 64):
             raise crypto.SecAggError("bad mask parameters (weight, clip norm or ring)")
-        if not p.noise_units >= 0:
+        if not (p.noise_units == 0 or p.noise_units >= 0.5):  # Kairouz et al. need s >= 1/2
             raise crypto.SecAggError("bad noise level")
         if p.rotation_block not in (0, ROTATION_BLOCK):
             raise crypto.SecAggError("bad rotation block")

@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedforge.core.errors import FedforgeError
 from fedforge.core.keystream import keystream_words
@@ -128,9 +131,26 @@ def self_mask_key(seed: bytes, context: bytes) -> bytes:
 
 
 # Deployment: keys signed with the client's certificate key --------------------------------
-def key_statement(context: bytes, round_number: int, client_id: int, keys: bytes) -> bytes:
-    """What a client signs: its advertised keys, bound to its id, the round and session."""
-    return b"fedforge-secagg/keys/" + associated_data(context, round_number, client_id, -1) + keys
+def key_statement(
+    context: bytes, round_number: int, client_id: int, name: str, keys: bytes
+) -> bytes:
+    """What a client signs: its advertised keys, bound to its id *and* its certificate's
+    name, the round and the session."""
+    label = name.encode()
+    return (
+        b"fedforge-secagg/keys/"
+        + associated_data(context, round_number, client_id, -1)
+        + struct.pack("<H", len(label))
+        + label
+        + keys
+    )
+
+
+def certificate_name(certificate: x509.Certificate) -> str:
+    names = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise SecAggError("a peer certificate must have exactly one common name")
+    return str(names[0].value)
 
 
 def sign(private_key_pem: bytes, statement: bytes) -> bytes:
@@ -140,8 +160,14 @@ def sign(private_key_pem: bytes, statement: bytes) -> bytes:
     return key.sign(statement, ec.ECDSA(hashes.SHA256()))
 
 
-def verify(ca_pem: bytes, certificate_der: bytes, signature: bytes, statement: bytes) -> None:
-    """Raise unless the certificate was issued by the CA and signed ``statement``."""
+def verify(
+    ca_pem: bytes,
+    certificate_der: bytes,
+    signature: bytes,
+    statement: Callable[[str], bytes],
+) -> str:
+    """The certificate's name, once checked: issued by the run's CA, a client certificate
+    (not a CA, client-auth usage), valid now, and its key signed ``statement(name)``."""
     try:
         ca = x509.load_pem_x509_certificate(ca_pem)
         cert = x509.load_der_x509_certificate(certificate_der)
@@ -152,13 +178,26 @@ def verify(ca_pem: bytes, certificate_der: bytes, signature: bytes, statement: b
         ca_key.verify(
             cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
         )
+        _check_client_certificate(cert)
         peer_key = cert.public_key()
         if not isinstance(peer_key, ec.EllipticCurvePublicKey):
             raise SecAggError("a peer certificate does not hold an ECDSA key")
-        peer_key.verify(signature, statement, ec.ECDSA(hashes.SHA256()))
+        name = certificate_name(cert)
+        peer_key.verify(signature, statement(name), ec.ECDSA(hashes.SHA256()))
+        return name
     except InvalidSignature:
         raise SecAggError(
             "a peer's advertised keys are not signed by its certificate (substituted keys?)"
         ) from None
-    except ValueError as exc:
+    except (ValueError, x509.ExtensionNotFound) as exc:
         raise SecAggError(f"a peer's certificate or signature is malformed: {exc}") from None
+
+
+def _check_client_certificate(cert: x509.Certificate) -> None:
+    now = dt.datetime.now(dt.UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise SecAggError("a peer certificate is expired or not yet valid")
+    constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    if constraints.ca or ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
+        raise SecAggError("a peer certificate is not a client certificate")

@@ -1,6 +1,7 @@
 """Who shares secrets with whom: SecAgg+'s random k-regular graph (Bell et al. 2020).
 
-The participants are placed on a ring in a random order drawn from a 32-byte seed that the
+The participants are placed on a ring in a random order (sorted by SHA-256 of a 32-byte seed
+and their id) from a seed that the
 server announces *before* any client has advertised keys, so it cannot pick the graph after
 seeing them; each client is joined to the ``degree / 2`` clients on each side (a Harary
 graph). Every client recomputes its own neighbours from the seed and the participant list.
@@ -9,6 +10,7 @@ With ``degree >= n - 1`` it is the complete graph (classic SecAgg, Bonawitz et a
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -48,7 +50,11 @@ def _ring(participants: Sequence[int], degree: int, seed: bytes) -> np.ndarray:
         return ids
     if degree < 2 or degree % 2:
         raise ValueError(f"a sparse graph needs an even degree >= 2, got {degree}")
-    return np.random.default_rng(np.frombuffer(seed, np.uint32)).permutation(ids)
+    # Sorted by SHA-256(seed | id): the same order for every client, whatever its NumPy.
+    digests = [
+        hashlib.sha256(seed + int(c).to_bytes(8, "little", signed=True)).digest() for c in ids
+    ]
+    return ids[np.array(sorted(range(len(ids)), key=digests.__getitem__), np.int64)]
 
 
 def _around(ring: np.ndarray, position: int, degree: int) -> list[int]:

@@ -40,6 +40,7 @@ CIPHERTEXT_BYTES = 12 + SHARE_PLAINTEXT_BYTES + 16
 
 
 ROTATION_BLOCK = 4096
+MIN_CLIENTS = 2  # a "sum" of one record is that record: never unmasked
 
 
 def rotation_seed(context: bytes) -> int:

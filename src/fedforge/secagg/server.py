@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedforge.compress.rotation import rotation_shape, unrotate
+from fedforge.core.errors import ConfigError
 from fedforge.core.params import Params
 from fedforge.core.records import Record, RecordSpec, Task
 from fedforge.privacy import discrete_gaussian
@@ -28,6 +29,7 @@ from fedforge.secagg.protocol import (
     CIPHERTEXT_BYTES,
     IDENTITY_BYTES,
     MASK,
+    MIN_CLIENTS,
     PUBLIC_KEYS_BYTES,
     ROTATION_BLOCK,
     SHARE,
@@ -112,6 +114,16 @@ class SecAggRound:
         require_identities: bool = False,
         noise_std: float = 0.0,
     ) -> None:
+        if len(set(participants)) < MIN_CLIENTS:
+            raise SecAggAbort(
+                f"secure aggregation needs at least {MIN_CLIENTS} clients, got "
+                f"{len(set(participants))}: a sum of one record is that record"
+            )
+        if noise_std > 0 and layout.scalars:
+            raise ConfigError(
+                f"distributed DP: the summed scalars {list(layout.scalars)} would reach the "
+                "server without noise; remove the stages that add them"
+            )
         self.params, self.round, self.layout = params, round_number, layout
         self.clip_norm = clip_norm
         self.participants = sorted(int(c) for c in participants)
@@ -138,7 +150,9 @@ class SecAggRound:
             if params.rotation
             else layout.array_size
         )
-        self.words = self.array_words + len(layout.scalars) + 1
+        # The clipped bit is summed only without noise (it would be released un-noised).
+        self.reports_clipped = noise_std == 0
+        self.words = self.array_words + len(layout.scalars) + int(self.reports_clipped)
         self.shared_bytes = 0  # bytes of the per-client task payloads sent so far
 
     # Tasks -----------------------------------------------------------------------------------
@@ -303,7 +317,7 @@ class SecAggRound:
         """Remove every mask and decode the survivors' sum; SecAggAbort if any secret cannot
         be recovered."""
         survivors = sorted(self.masked)
-        if len(survivors) < self.threshold:
+        if len(survivors) < max(self.threshold, MIN_CLIENTS):
             raise SecAggAbort(
                 f"secure aggregation: {len(survivors)} masked inputs, fewer than the threshold "
                 f"{self.threshold}; the round is aborted and the model unchanged"
@@ -314,7 +328,8 @@ class SecAggRound:
         for cid in survivors:
             seed = self._recover(self.seed_shares, cid, "self-mask seed")
             total -= crypto.mask(crypto.self_mask_key(seed, self.context), len(total), self.dtype)
-        dropped = sorted(set(self.transcript.replied[SHARE]) - set(survivors))
+        # Dropouts whose pairwise masks some survivor added: only their keys are needed.
+        dropped = sorted({c for s in survivors for c in self.senders[s]} - set(survivors))
         for cid in dropped:
             raw = self._recover(self.key_shares, cid, "mask key")
             if crypto.public_of(raw) != self.keys[cid][32:]:
@@ -341,21 +356,26 @@ class SecAggRound:
         values = np.concatenate(
             [array_values, ring.decode(total[n:], params.scalar_bits, params.ring_bits)]
         )
+        if not self.reports_clipped:
+            values = np.append(values, 0.0)
         arrays, scalars, clipped = self.layout.unflatten(values)
         dtypes = {name: dtype for name, _, dtype in self.layout.arrays}
         privacy = self._privacy(params, len(survivors))
         return SecureSum(arrays, dtypes, scalars, clipped, survivors, *privacy)
 
     def _privacy(self, params: MaskParams, contributors: int) -> tuple[float, float]:
-        """(zCDP rho, total-variation slack tau) of this release under distributed DP: the
-        sum of ``contributors`` discrete Gaussians; the L2 sensitivity is the clip norm plus
-        what stochastic rounding can add (one unit per coordinate)."""
+        """(zCDP rho, tau) of this release under distributed DP (Kairouz et al. 2021,
+        Theorem 1): the sum of ``contributors`` discrete Gaussians of stddev ``s`` is
+        ``Delta^2 / (2 m s^2) + tau d / 4``-zCDP, ``tau`` bounding how far the sum is from one
+        discrete Gaussian per coordinate; ``Delta`` is the clip norm plus what stochastic
+        rounding can add (one unit per coordinate)."""
         if params.noise_units <= 0:
             return 0.0, 0.0
         units = 2.0**params.array_bits
         sensitivity = self.clip_norm * units + math.sqrt(self.array_words)
+        tau = discrete_gaussian.sum_distance(params.noise_units, contributors)
         rho = sensitivity**2 / (2 * contributors * params.noise_units**2)
-        return rho, discrete_gaussian.sum_distance(params.noise_units, contributors)
+        return rho + tau * self.array_words / 4, tau
 
     def _recover(self, store: dict[int, dict[int, bytes]], owner: int, what: str) -> bytes:
         shares = store.get(owner, {})

@@ -249,8 +249,9 @@ class DistributedGaussian(StageDefaults):
     al. 2021): every client adds discrete Gaussian noise to its clipped record in the integer
     ring before masking, so the server only ever sees a sum that carries ``N(0, (zC)^2)``
     worth of noise. The secure sum reports what each release cost (zCDP ``rho`` from the
-    realized number of contributors, and the slack ``tau`` of summing discrete Gaussians);
-    rho adds up over rounds and epsilon is reported at ``delta`` minus the slack. The server
+    realized number of contributors, including the term for how far a sum of discrete
+    Gaussians is from one); rho adds up over rounds and epsilon is reported at ``delta``. The
+    server
     knows who took part, so sampling is not counted as amplification. The sum is divided by
     a fixed denominator (the expected number of clients)."""
 
@@ -269,7 +270,7 @@ class DistributedGaussian(StageDefaults):
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
 
     def init_state(self) -> StageState:
-        return {"rho": 0.0, "tau": 0.0, "releases": 0.0}
+        return {"rho": 0.0, "releases": 0.0}
 
     def broadcast(self, state: StageState) -> dict[str, float]:
         # Read by the secure aggregation session, which spreads it over the clients.
@@ -294,11 +295,10 @@ class DistributedGaussian(StageDefaults):
     ) -> tuple[StageState, dict[str, float]]:
         new = {
             "rho": state["rho"] + aggregate.scalars["ddg.rho"],
-            "tau": state["tau"] + aggregate.scalars["ddg.tau"],
             "releases": state["releases"] + 1,
         }
         return new, {
-            "dp.epsilon": zcdp_epsilon(new["rho"], self.delta - new["tau"]),
+            "dp.epsilon": zcdp_epsilon(new["rho"], self.delta),
             "dp.delta": self.delta,
             "dp.noise_multiplier": self.noise_multiplier,
             "dp.rho": new["rho"],
