@@ -83,13 +83,26 @@ class ServerConfig(_Section):
 
 
 class UpdateConfig(_Section):
-    """Client-side update stages."""
+    """Client-side update stages, and the compression of what travels each way."""
 
     clip_norm: float | None = Field(None, gt=0, description="clip each record to this L2 norm")
-    codec: Literal["none", "float16", "bfloat16", "q8", "q4", "rotated_q4", "rotated_q2"] = Field(
-        "none", description="compress each update on the client (bytes up are the encoded ones)"
-    )
+    codec: Literal[
+        "none", "float16", "bfloat16", "q8", "q4", "rotated_q4", "rotated_q2", "topk"
+    ] = Field("none", description="compress each update on the client (bytes up are encoded)")
     codec_block: int = Field(256, ge=1, description="q8, q4: coordinates sharing one scale")
+    topk_fraction: float = Field(0.01, gt=0, le=1, description="topk: share of coordinates sent")
+    error_feedback: bool | None = Field(
+        None, description="keep what the codec lost in client state (default: on for topk)"
+    )
+    downlink: Literal["none", "float16", "bfloat16"] = Field(
+        "none", description="compress the broadcast model (bytes down are the encoded ones)"
+    )
+
+    @property
+    def uses_error_feedback(self) -> bool:
+        if self.error_feedback is None:
+            return self.codec == "topk"
+        return self.error_feedback
 
 
 class PrivacyConfig(_Section):

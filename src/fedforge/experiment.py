@@ -17,7 +17,7 @@ from fedforge.algorithms.fedavg import FedAvg
 from fedforge.algorithms.fedprox import FedProx
 from fedforge.algorithms.scaffold import Scaffold
 from fedforge.attacks.configure import plan_attack
-from fedforge.compress.codecs import BFloat16, Codec, Float16, StochasticQuantizer
+from fedforge.compress.codecs import BFloat16, Codec, Float16, StochasticQuantizer, TopK
 from fedforge.compress.rotation import Rotated
 from fedforge.config import RunConfig
 from fedforge.core.rng import Purpose, RngStreams
@@ -120,7 +120,7 @@ def build_stages(
         stages.append(FixedClip(config.update.clip_norm))
     stages.extend(privacy_stages(config, population, client_sizes))
     if config.update.codec != "none":
-        stages.append(Compress(build_codec(config)))
+        stages.append(Compress(build_codec(config), config.update.uses_error_feedback))
     return stages
 
 
@@ -135,6 +135,8 @@ def build_codec(config: RunConfig) -> Codec[Any]:
         return StochasticQuantizer(8, block)
     if name == "q4":
         return StochasticQuantizer(4, block)
+    if name == "topk":
+        return TopK(config.update.topk_fraction)
     return Rotated(StochasticQuantizer(4 if name == "rotated_q4" else 2, 4096), 4096)
 
 
@@ -231,6 +233,7 @@ def simulate_config(
         probes=attack.probes,
         labels=attack.labels,
         sampling_seed=secret_sampling_seed(config),
+        downlink=config.update.downlink,
         aggregation=attack.aggregation,
         federated_eval=build_federated_eval(config),
         state_dir=state_dir,

@@ -15,7 +15,7 @@ from fedforge.compress.codecs import (
     StochasticQuantizer,
     TopK,
     concat,
-    topk_with_error_feedback,
+    with_error_feedback,
 )
 from fedforge.compress.rotation import Rotated, rotate, rotation_shape, unrotate
 
@@ -191,7 +191,7 @@ def test_error_feedback_carries_exactly_what_topk_dropped() -> None:
     for _ in range(rounds):
         x = rng.standard_normal((n, d)).astype(np.float32)
         before = x if residual is None else x + residual
-        payload, residual = topk_with_error_feedback(x, residual, 0.02)
+        payload, residual = with_error_feedback(TopK(0.02), x, residual)
         decoded = TopK(0.02).decode(payload, d)
         np.testing.assert_array_equal(decoded + residual, before)
         assert not np.take_along_axis(residual, payload.indices.astype(np.intp), 1).any()

@@ -43,7 +43,7 @@ def released(chain: StageChain, records: RecordBatch, norm: float) -> np.ndarray
     """What the server releases from ``records``: client encode, decode, weights, sum, noise."""
     states = {"clip": {"norm": norm}}
     broadcast = chain.broadcast(states)
-    encoded = chain.encode(records, broadcast, [0] * len(records))
+    encoded, _ = chain.encode(records, broadcast, [0] * len(records))
     decoded = chain.decode(encoded, states)
     acc = StreamingMean()
     acc.add(decoded, chain.weights(decoded, decoded.num_examples.astype(np.float64)))

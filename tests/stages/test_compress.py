@@ -69,7 +69,7 @@ def test_the_server_reclips_a_decoded_record() -> None:
     rows = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
     batch = RecordBatch(np.arange(8), np.full(8, 3), {"w": rows})
     states = {"clip": {"norm": 1.0}}
-    encoded = chain.encode(batch, chain.broadcast(states), list(range(8)))
+    encoded, _ = chain.encode(batch, chain.broadcast(states), list(range(8)))
     assert set(encoded.arrays) == {"codec/codes", "codec/low", "codec/step"}
     decoded = chain.decode(encoded, states)
     assert np.all(row_norms(decoded) <= 1.0 + 1e-5)

@@ -331,7 +331,7 @@ class TopKPayload(Payload):
 class TopK:
     """Keep the ``k = ceil(ratio * d)`` largest-magnitude coordinates of each row.
 
-    Biased: pair it with :func:`topk_with_error_feedback` so the dropped mass is sent later.
+    Biased: pair it with :func:`with_error_feedback` so the dropped mass is sent later.
     """
 
     ratio: float
@@ -374,17 +374,13 @@ class TopK:
         return TopKPayload(**arrays)
 
 
-def topk_with_error_feedback(
-    x: np.ndarray, residual: np.ndarray | None, ratio: float
-) -> tuple[TopKPayload, np.ndarray]:
-    """Top-k of ``x + residual``; the new residual is exactly what top-k dropped.
-
-    ``x + residual == decode(payload) + new_residual`` (the kept coordinates are sent
-    exactly), so over rounds the sum of what was sent plus the last residual is the sum of
-    the updates. The residual is client state, kept across rounds.
-    """
+def with_error_feedback(
+    codec: Codec[P], x: np.ndarray, residual: np.ndarray | None, seeds: Seeds | None = None
+) -> tuple[P, np.ndarray]:
+    """``codec`` applied to ``x + residual``; the new residual is exactly what the codec lost
+    (for top-k: the dropped coordinates), so ``x + residual == decode(payload) +
+    new_residual`` and, over rounds, what was sent plus the last residual is the sum of the
+    updates (Seide et al. 2014; Stich et al. 2018). The residual is client state."""
     corrected = _batch(x) if residual is None else _batch(x) + _batch(residual)
-    payload = TopK(ratio).encode(corrected)
-    new_residual = corrected.copy()
-    np.put_along_axis(new_residual, payload.indices.astype(np.intp), 0.0, axis=1)
-    return payload, new_residual
+    payload = codec.encode(corrected, seeds)
+    return payload, corrected - codec.decode(payload, corrected.shape[1])

@@ -35,7 +35,13 @@ from fedforge.experiment import (
     build_sample_dp,
     build_stages,
 )
-from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
+from fedforge.net.codec import (
+    Reassembler,
+    array_bytes,
+    decode_params,
+    encode_params,
+    split_payload,
+)
 from fedforge.net.keys import ClientCredentials
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
@@ -306,10 +312,11 @@ class _Worker:
         round_number, stage, task_id = int(message.envelope.round), body.stage, body.task_id
         received = time.time()
         log.info(
-            "round %d: received a %s task (%.1f MB) in %.3f s (%.6f-%.6f)",
+            "round %d: received a %s task (%.1f MB, %d array bytes) in %.3f s (%.6f-%.6f)",
             round_number,
             stage,
             len(payload) / 1e6,
+            array_bytes(payload),
             received - self.receive_started,
             self.receive_started,
             received,
@@ -344,6 +351,13 @@ class _Worker:
             )
             return 0
         encoded = encode_params(record.arrays)
+        log.info(
+            "round %d: sending a %s reply (%d bytes, %d array bytes)",
+            round_number,
+            stage,
+            len(encoded),
+            array_bytes(encoded),
+        )
         self.outbox.put(self._reply_messages(round_number, stage, task_id, encoded, record))
         return 1 if stage == FIT else 0
 

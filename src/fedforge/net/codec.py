@@ -47,6 +47,14 @@ def encode_params(params: Params) -> bytes:
     return save({k: np.ascontiguousarray(v) for k, v in params.items()})
 
 
+def array_bytes(payload: bytes) -> int:
+    """Bytes of array data in a safetensors payload: its length less the 8-byte header
+    length and the JSON header (what the history's byte counts count)."""
+    if len(payload) < 8:
+        return 0
+    return len(payload) - 8 - int.from_bytes(payload[:8], "little")
+
+
 def decode_params(payload: bytes) -> Params:
     """Parse safetensors bytes into arrays of allowed dtypes; raise ProtocolError otherwise.
 

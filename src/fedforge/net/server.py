@@ -193,6 +193,7 @@ def run_server(
         client_metrics=(DP_SGD_EPSILON,) if sample_dp else (),
         labels=dp_sgd_labels(sample_dp) if sample_dp else {},
         sampling_seed=secret_sampling_seed(config),
+        downlink=config.update.downlink,
     )
     needed = d.min_clients
     if config.server.sampler == "uniform":

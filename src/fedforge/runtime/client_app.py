@@ -13,10 +13,13 @@ secure-aggregation steps of the same round then read and update that session.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
 from fedforge.algorithms.base import Algorithm
+from fedforge.compress.downlink import decode_broadcast
 from fedforge.core.errors import FedforgeError
 from fedforge.core.params import Params
 from fedforge.core.records import EVALUATE, FIT, Record, Task
@@ -25,7 +28,7 @@ from fedforge.privacy.dp_sgd import SampleDP, client_epsilon, dp_sgd_labels, tra
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.secagg.client import SecAggClient, keep
 from fedforge.secagg.protocol import SESSION, STEPS
-from fedforge.stages.base import StageChain
+from fedforge.stages.base import STAGE_STATE, StageChain
 from fedforge.train.evaluate import evaluate
 from fedforge.train.program import Tensors, batch_order
 from fedforge.train.torch_model import TorchModel
@@ -80,7 +83,10 @@ class ClientApp:
         # DP-SGD keeps the client's own privacy ledger (its steps so far) in its state;
         # secure aggregation its session.
         self.stateful = (
-            bool(algorithm.init_client_state(sample)) or sample_dp is not None or secure is not None
+            bool(algorithm.init_client_state(sample))
+            or sample_dp is not None
+            or secure is not None
+            or self.stages.keeps_client_state  # error feedback's residual
         )
 
     @property
@@ -114,6 +120,8 @@ class ClientApp:
     def handle(
         self, task: Task, data: ClientData, state: Params | None
     ) -> tuple[Record, Params | None]:
+        if task.stage in (FIT, EVALUATE):  # a compressed broadcast back to float32
+            task = replace(task, shared=decode_broadcast(dict(task.shared)))
         if task.stage == FIT:
             return self.fit(task, data, state)
         if task.stage == EVALUATE:
@@ -129,6 +137,8 @@ class ClientApp:
         shared = to_tensors(dict(task.shared))
         state = dict(state) if state is not None else None
         ledger = state.pop(DP_SGD_STEPS, None) if state is not None else None
+        stage_state = {k: v for k, v in (state or {}).items() if k.startswith(STAGE_STATE)}
+        state = {k: v for k, v in (state or {}).items() if k not in stage_state} or None
         if not state:
             state = self.algorithm.init_client_state({n: task.shared[n] for n in self.trainable})
         own = {k: t.clone() for k, t in to_tensors(state).items()}  # finish may overwrite it
@@ -152,8 +162,11 @@ class ClientApp:
             delta = {n: local_state[n] - shared[n] for n in names}
             arrays, new_own = self.algorithm.finish(delta, shared, own, torch.tensor(float(steps)))
         record = Record(task.client_id, len(data.train), to_arrays(arrays), metrics=metrics)
-        encoded = self.stages.encode(record.as_batch(), task.scalars, [task.seed]).row(0)
-        new_state = to_arrays(new_own) if new_own else {}
+        batch, stage_states = self.stages.encode(
+            record.as_batch(), task.scalars, [task.seed], [stage_state]
+        )
+        encoded = batch.row(0)
+        new_state = {**(to_arrays(new_own) if new_own else {}), **stage_states[0]}
         if self.sample_dp is not None:
             new_state[DP_SGD_STEPS] = np.array([total_steps], np.int64)
         if self.secure is not None:

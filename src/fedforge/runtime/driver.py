@@ -20,6 +20,7 @@ import numpy as np
 
 from fedforge.aggregate.kinds import Aggregate, Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
+from fedforge.compress.downlink import Downlink, encode_broadcast
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params, ParamSpec, num_bytes
 from fedforge.core.records import (
@@ -125,6 +126,7 @@ class Driver:
     # Central DP's amplification by sampling needs a sample nobody can predict: then the
     # sampler draws from this secret seed (kept by the server only), not from the run seed.
     sampling_seed: int | None = None
+    downlink: Downlink = "none"  # how the broadcast model travels (compress/downlink.py)
 
     def __post_init__(self) -> None:
         self.stop_reason: str | None = None  # why ``run`` stopped before its last round
@@ -225,7 +227,9 @@ class Driver:
         streams = self.streams if self.sampling_seed is None else RngStreams(self.sampling_seed)
         sampled = self.sampler(self.population(), streams.generator(Purpose.SAMPLING, *coords))
         self.listener.round_started(round_number, sampled)
-        shared = {**state.params, **self.algorithm.broadcast(state)}
+        shared = encode_broadcast(
+            {**state.params, **self.algorithm.broadcast(state)}, self.downlink
+        )
         broadcast = self.stages.broadcast(state.stage_states)
         tasks = [
             Task(
@@ -410,10 +414,11 @@ class Driver:
         count = max(1, round(fed.fraction * len(population)))
         rng = self.streams.generator(Purpose.EVALUATION, state.round)
         chosen = sorted(int(c) for c in rng.choice(population, size=count, replace=False))
-        tasks = [Task(EVALUATE, state.round, cid, 0, state.params) for cid in chosen]
+        model = encode_broadcast(state.params, self.downlink)
+        tasks = [Task(EVALUATE, state.round, cid, 0, model) for cid in chosen]
         check = self._spec_check(self.eval_spec, EVALUATE)
         exchange = self._exchange(tasks, check, lambda batch: None, notify=False)
-        return exchange, num_bytes(state.params) * len(tasks)
+        return exchange, num_bytes(model) * len(tasks)
 
     def initial_record(self, state: ServerState) -> RoundRecord:
         """Round 0: the initial model's central evaluation."""

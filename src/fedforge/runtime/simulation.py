@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_limits
 from fedforge.aggregate.kinds import Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, ServerState
 from fedforge.algorithms.fedavg import FedAvg
+from fedforge.compress.downlink import Downlink
 from fedforge.core.errors import ConfigError
 from fedforge.core.params import Params, spec_of
 from fedforge.core.records import FIT
@@ -82,6 +83,7 @@ def simulate(
     probes: Mapping[str, Probe] | None = None,
     labels: Mapping[str, str] | None = None,
     sampling_seed: int | None = None,
+    downlink: Downlink = "none",
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -98,7 +100,8 @@ def simulate(
     ``sample_dp`` trains every client with DP-SGD (Opacus) instead of the algorithm's
     program; it runs one client at a time (not ``vectorized``). ``probes`` are extra
     metrics of the global model computed at every central evaluation (a backdoor's success
-    rate); ``labels`` are recorded with every round. ``sampling_seed`` replaces the run seed
+    rate); ``labels`` are recorded with every round. ``downlink`` compresses the broadcast
+    model (float16 or bfloat16). ``sampling_seed`` replaces the run seed
     for client sampling (central DP without seeded noise: a secret the server draws).
     """
     chain = StageChain(stages)
@@ -137,6 +140,7 @@ def simulate(
             probes=probes or {},
             labels=labels or {},
             sampling_seed=sampling_seed,
+            downlink=downlink,
         )
     finally:
         blas.restore_original_limits()
@@ -164,6 +168,7 @@ def _simulate(
     probes: Mapping[str, Probe],
     labels: Mapping[str, str],
     sampling_seed: int | None,
+    downlink: Downlink,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -218,6 +223,7 @@ def _simulate(
         client_metrics=app.extra_metrics,
         labels={**labels, **app.labels},
         sampling_seed=sampling_seed,
+        downlink=downlink,
     )
     try:
         state = driver.run(state, rounds, history, checkpoint=checkpoint if checkpoints else None)

@@ -13,11 +13,14 @@ import copy
 import logging
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch.func import vmap
 
+from fedforge.compress.downlink import decode_broadcast
+from fedforge.core.params import Params
 from fedforge.core.records import FIT, ClientFailure, RecordBatch, Reply, Task
 from fedforge.data.federated import FederatedDataset
 from fedforge.runtime.client_app import ClientApp, to_arrays, to_tensors
@@ -77,6 +80,8 @@ class VectorizedTransport:
                 yield answer(self.app, task, self.data, self.store)
         if not fit:
             return
+        decoded = decode_broadcast(dict(fit[0].shared))  # a compressed broadcast, as float32
+        fit = [replace(t, shared=decoded) for t in fit]
         local = self.app.algorithm.local
         by_steps = sorted(fit, key=lambda t: -local.num_steps(self.data.client_size(t.client_id)))
         size = self.chunk_size(fit[0].shared)
@@ -131,12 +136,15 @@ class VectorizedTransport:
             arrays=to_arrays(arrays),
             metrics={"train_loss": result.train_loss},
         )
-        batch = self.app.stages.encode(batch, chunk[0].scalars, [t.seed for t in chunk])
+        batch, stage_states = self.app.stages.encode(
+            batch, chunk[0].scalars, [t.seed for t in chunk], self._stage_states(chunk)
+        )
         states = to_arrays(new_own) if new_own else {}
         if self.app.secure is not None:  # each record stays with its client until masked
             for row, task in enumerate(chunk):
+                algorithm_state = {k: v[row] for k, v in states.items()}
                 _, state = self.app.keep_record(
-                    batch.row(row), {k: v[row] for k, v in states.items()}, task.round
+                    batch.row(row), {**algorithm_state, **stage_states[row]}, task.round
                 )
                 self.store.put(task.client_id, state, task.round)
             if self.app.secure.withhold_metrics:
@@ -148,10 +156,17 @@ class VectorizedTransport:
                 metrics={k: v.copy() for k, v in batch.metrics.items()},
             )
         for row, task in enumerate(chunk):
-            if states:
+            if states or stage_states[row]:
                 # Rows of this chunk's fresh state arrays: no copy (nothing reuses them).
-                self.store.put(task.client_id, {k: v[row] for k, v in states.items()}, task.round)
+                algorithm_state = {k: v[row] for k, v in states.items()}
+                self.store.put(task.client_id, {**algorithm_state, **stage_states[row]}, task.round)
         return batch
+
+    def _stage_states(self, chunk: Sequence[Task]) -> list[Params] | None:
+        """Each client's stage entries (error feedback's residual), when a stage keeps any."""
+        if not self.app.stages.keeps_client_state:
+            return None
+        return [self.store.get(t.client_id, t.round) or {} for t in chunk]
 
     def close(self) -> None:
         """Nothing to release."""

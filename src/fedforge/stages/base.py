@@ -14,6 +14,10 @@ reverse: unmask, decompress, aggregate, noise, server optimizer. A chain out of 
 or one whose stages cannot precede its aggregation kind, is refused before training with a
 message naming the conflict.
 
+A stage may keep **client state** across rounds (error feedback's residual):
+``encode_with_state`` gets and returns each row's own entries, which live in the client's
+state under ``stage/<name>/`` beside the algorithm's, in every runtime.
+
 Server-side hooks beyond ``decode``: ``weights`` may bound the aggregation weights (DP needs
 bounded ones), ``on_sum`` changes the aggregate after summation (central DP adds its noise
 there and divides by a fixed denominator), ``budget_problem`` stops a run before a release it
@@ -30,11 +34,13 @@ import numpy as np
 
 from fedforge.aggregate.kinds import Aggregate, Aggregation
 from fedforge.core.errors import ConfigError
+from fedforge.core.params import Params
 from fedforge.core.records import RecordBatch, RecordSpec
 
 POSITIONS = {"attack": 0, "clip": 10, "noise": 20, "compress": 30, "mask": 40}
 
 StageState = dict[str, float]
+STAGE_STATE = "stage/"  # prefix of the stages' entries in a client's state
 
 
 class Stage(Protocol):
@@ -64,6 +70,19 @@ class Stage(Protocol):
         ...
 
     def decode(self, batch: RecordBatch, state: StageState) -> RecordBatch: ...
+
+    @property
+    def keeps_client_state(self) -> bool: ...
+
+    def encode_with_state(
+        self,
+        batch: RecordBatch,
+        broadcast: Mapping[str, float],
+        seeds: Sequence[int],
+        states: Sequence[Params],
+    ) -> tuple[RecordBatch, list[Params]]:
+        """``encode`` for a stage that keeps client state: each row's state in, new out."""
+        ...
 
     def weights(self, batch: RecordBatch, weights: np.ndarray) -> np.ndarray:
         """The aggregation weights of the decoded records (given the algorithm's)."""
@@ -100,6 +119,7 @@ class StageDefaults:
 
     commutes_with_sum: bool = True
     releases_when_empty: bool = False  # central DP: noise is released even with no record
+    keeps_client_state: bool = False
 
     def init_state(self) -> StageState:
         return {}
@@ -120,6 +140,15 @@ class StageDefaults:
 
     def decode(self, batch: RecordBatch, state: StageState) -> RecordBatch:
         return batch
+
+    def encode_with_state(
+        self,
+        batch: RecordBatch,
+        broadcast: Mapping[str, float],
+        seeds: Sequence[int],
+        states: Sequence[Params],
+    ) -> tuple[RecordBatch, list[Params]]:
+        return self.encode(batch, broadcast, seeds), [dict(s) for s in states]
 
     def weights(self, batch: RecordBatch, weights: np.ndarray) -> np.ndarray:
         return weights
@@ -182,12 +211,34 @@ class StageChain:
             spec = s.wire_spec(spec.with_scalars(s.summed_scalars()))
         return spec
 
+    @property
+    def keeps_client_state(self) -> bool:
+        return any(s.keeps_client_state for s in self.stages)
+
     def encode(
-        self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
-    ) -> RecordBatch:
+        self,
+        batch: RecordBatch,
+        broadcast: Mapping[str, float],
+        seeds: Sequence[int],
+        states: Sequence[Params] | None = None,
+    ) -> tuple[RecordBatch, list[Params]]:
+        """Every stage's client side, in chain order. ``states`` holds each row's client
+        state (only the ``stage/`` entries are read); returns the encoded batch and each
+        row's new stage entries (empty dicts when no stage keeps client state)."""
+        rows: list[Params] = [{} for _ in range(len(batch))]
         for s in self.stages:
-            batch = s.encode(batch, broadcast, seeds)
-        return batch
+            if not s.keeps_client_state:
+                batch = s.encode(batch, broadcast, seeds)
+                continue
+            prefix = f"{STAGE_STATE}{s.name}/"
+            own = [
+                {k[len(prefix) :]: v for k, v in (state or {}).items() if k.startswith(prefix)}
+                for state in (states or [{}] * len(batch))
+            ]
+            batch, new = s.encode_with_state(batch, broadcast, seeds, own)
+            for row, entries in zip(rows, new, strict=True):
+                row.update({prefix + k: v for k, v in entries.items()})
+        return batch, rows
 
     def decode(self, batch: RecordBatch, states: Mapping[str, StageState]) -> RecordBatch:
         for s in reversed(self.stages):

@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from fedforge.core.params import ArraySpec
+from fedforge.compress.codecs import with_error_feedback
+from fedforge.core.params import ArraySpec, Params
 from fedforge.core.records import RecordBatch, RecordSpec
 from fedforge.stages.base import StageDefaults, StageState
 
 PREFIX = "codec/"
+RESIDUAL = "residual"  # error feedback's client state: what the codec has not sent yet
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Compress(StageDefaults):
     """Encode each record with ``codec`` on the client, decode it on the server."""
 
     codec: Any  # a ``compress.codecs`` codec: encode, decode, from_arrays, encoded_bytes
+    error_feedback: bool = False  # keep what the codec lost in client state, send it later
     name: str = "compress"
     position: str = "compress"
     commutes_with_sum: bool = False
@@ -48,15 +51,41 @@ class Compress(StageDefaults):
     def width(self) -> int:
         return sum(int(np.prod(s.shape, dtype=np.int64)) for s in self._layout.values())
 
+    @property
+    def keeps_client_state(self) -> bool:  # type: ignore[override]
+        return self.error_feedback
+
+    @staticmethod
+    def _rows(batch: RecordBatch) -> np.ndarray:
+        names = sorted(batch.arrays)
+        return np.concatenate(
+            [batch.arrays[k].reshape(len(batch), -1).astype(np.float32) for k in names], axis=1
+        )
+
     def encode(
         self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
     ) -> RecordBatch:
-        names = sorted(batch.arrays)
-        rows = np.concatenate(
-            [batch.arrays[k].reshape(len(batch), -1).astype(np.float32) for k in names], axis=1
-        )
-        payload = self.codec.encode(rows, list(seeds))
+        payload = self.codec.encode(self._rows(batch), list(seeds))
         return batch.replace_arrays({PREFIX + k: v for k, v in payload.arrays().items()})
+
+    def encode_with_state(
+        self,
+        batch: RecordBatch,
+        broadcast: Mapping[str, float],
+        seeds: Sequence[int],
+        states: Sequence[Params],
+    ) -> tuple[RecordBatch, list[Params]]:
+        """Error feedback: each row's residual (what the codec lost before) is added before
+        encoding, and what it loses now is the new residual."""
+        rows = self._rows(batch)
+        residual = np.zeros_like(rows)
+        for row, state in enumerate(states):
+            kept = state.get(RESIDUAL)
+            if kept is not None and kept.shape == rows.shape[1:]:  # (a changed model: reset)
+                residual[row] = kept
+        payload, new = with_error_feedback(self.codec, rows, residual, list(seeds))
+        encoded = batch.replace_arrays({PREFIX + k: v for k, v in payload.arrays().items()})
+        return encoded, [{RESIDUAL: new[row]} for row in range(len(batch))]
 
     def decode(self, batch: RecordBatch, state: StageState) -> RecordBatch:
         payload = self.codec.from_arrays(
