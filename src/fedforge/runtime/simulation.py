@@ -90,22 +90,22 @@ def simulate(
     """Run ``rounds`` of federated training and return the result.
 
     ``model`` is a module, whose current weights are the initial global model (it is not
-    modified: ``result.model`` is a trained copy), or a function that builds one: it is
-    called under torch's RNG seeded from ``seed``, so the initial model follows the run seed
-    (as in the command line's runs) whatever torch's global RNG holds. ``backend`` picks how clients execute:
-    ``sequential`` (reference), ``vectorized`` (one batched program per cohort, CUDA when
-    present), ``workers`` (persistent forked processes), ``ray``, or ``auto``. ``sampler``
+    modified: ``result.model`` is a trained copy), or a function that builds one: it is called
+    under torch's RNG seeded from ``seed``, so the initial model follows the run seed (as in the
+    command line's runs) whatever torch's global RNG holds. ``backend`` picks how clients
+    execute: ``sequential`` (reference), ``vectorized`` (one batched program per cohort, CUDA
+    when present), ``workers`` (persistent forked processes), ``ray``, or ``auto``. ``sampler``
     defaults to ``clients_per_round`` uniformly without replacement. ``threads`` sets torch's
     intra-op threads while the simulation runs (restored afterwards): by default 1, except for
     ``vectorized``, which uses every core. With ``state_dir`` the server state is checkpointed
     after every round and client state lives on disk; ``resume=True`` continues from there.
     ``client_states`` picks where stateful algorithms keep client state otherwise (default in
-    memory; a :class:`DiskStateStore` for 10,000+ clients with large states).
-    ``sample_dp`` trains every client with DP-SGD (Opacus) instead of the algorithm's
-    program; it runs one client at a time (not ``vectorized``). ``probes`` are extra
-    metrics of the global model computed at every central evaluation (a backdoor's success
-    rate); ``labels`` are recorded with every round. ``sampling_seed`` replaces the run seed
-    for client sampling (central DP without seeded noise: a secret the server draws).
+    memory; a :class:`DiskStateStore` for 10,000+ clients with large states). ``sample_dp``
+    trains every client with DP-SGD (Opacus) instead of the algorithm's program; it runs one
+    client at a time (not ``vectorized``). ``probes`` are extra metrics of the global model
+    computed at every central evaluation (a backdoor's success rate); ``labels`` are recorded
+    with every round. ``sampling_seed`` replaces the run seed for client sampling (central DP
+    without seeded noise: a secret the server draws).
     """
     if not isinstance(model, torch.nn.Module):
         model = seeded(model, RngStreams(seed).int_seed(Purpose.INIT))
