@@ -61,7 +61,10 @@ def _setup_logging(level: int = logging.INFO) -> None:
 
 
 def _fail(exc: Exception, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    from rich.markup import escape
+
+    # Escaped: "pip install 'fedforge[ray]'" is not markup.
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     return typer.Exit(code)
 
 
