@@ -89,9 +89,11 @@ def start_run(tmp_path: Path) -> tuple[subprocess.Popen[str], str, Path]:
     cfg.write_text(SMALL)
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedforge.cli", "run", str(cfg), "--out", str(out)]
-        + ["--set", f"server.rounds={ROUNDS}", "--set", "runtime.backend=sequential"]
-        + ["--dashboard", "--dashboard-port", "0", "--quiet"],
+        [
+            *(sys.executable, "-m", "fedforge.cli", "run", str(cfg), "--out", str(out)),
+            *("--set", f"server.rounds={ROUNDS}", "--set", "runtime.backend=sequential"),
+            *("--dashboard", "--dashboard-port", "0", "--quiet"),
+        ],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
