@@ -122,8 +122,8 @@ def run(
         bool,
         typer.Option(
             "--mlflow",
-            help="Log the configuration and every round to MLflow (MLFLOW_TRACKING_URI, "
-            "else ./mlruns).",
+            help="Log the configuration and every round to MLflow (at MLFLOW_TRACKING_URI, "
+            "else MLflow's local default).",
         ),
     ] = False,
 ) -> None:

@@ -89,8 +89,9 @@ def test_mlflow_run_holds_the_config_and_every_round(
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    uri = (tmp_path / "mlruns").as_uri()
+    uri = (tmp_path / "mlruns").as_uri()  # a local file store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in
     monkeypatch.setattr(sys, "argv", ["fedforge", "run", "--mlflow"])
     out, history = run_with(tmp_path, "--mlflow")
     client = MlflowClient(tracking_uri=uri)

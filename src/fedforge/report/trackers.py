@@ -51,7 +51,8 @@ def flat_config(raw: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 class TensorBoardExport(RoundListener):
-    """Writes every round's scalars to a TensorBoard event file in ``log_dir``."""
+    """Writes every round's scalars to a TensorBoard event file in ``log_dir`` (created at
+    the first round: the run directory is prepared first)."""
 
     def __init__(self, log_dir: Path, settings: str = "") -> None:
         try:
@@ -61,23 +62,28 @@ class TensorBoardExport(RoundListener):
                 "--tensorboard needs TensorBoard, which is not installed: "
                 "pip install 'fedforge[tensorboard]'"
             ) from None
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-        if settings:
-            self.writer.add_text("run/settings", settings, 0)
+        self._make = lambda: SummaryWriter(log_dir=str(log_dir))
+        self._settings = settings
+        self._writer: Any = None
 
     def round_finished(self, record: RoundRecord) -> None:
+        if self._writer is None:
+            self._writer = self._make()
+            if self._settings:
+                self._writer.add_text("run/settings", self._settings, record.round)
         for name, value in record_scalars(record).items():
-            self.writer.add_scalar(name, value, record.round)
-        self.writer.flush()
+            self._writer.add_scalar(name, value, record.round)
+        self._writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 class MLflowExport(RoundListener):
     """Logs the configuration as parameters, ``tags`` (provenance) and every round's scalars
     (step = round) to an MLflow run. ``tracking_uri`` None: MLflow's default (the
-    ``MLFLOW_TRACKING_URI`` environment variable, else ``./mlruns``)."""
+    ``MLFLOW_TRACKING_URI`` environment variable, else MLflow's local store)."""
 
     def __init__(
         self,
@@ -95,11 +101,14 @@ class MLflowExport(RoundListener):
                 "--mlflow needs MLflow, which is not installed: pip install 'fedforge[mlflow]'"
             ) from None
         self._mlflow = mlflow
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_name=run_name, tags=tags)
-        mlflow.log_params(params)
+        try:
+            if tracking_uri:
+                mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_experiment(experiment)
+            self.run = mlflow.start_run(run_name=run_name, tags=tags)
+            mlflow.log_params(params)
+        except Exception as exc:  # MLflow raises its own types (bad URI, store refused)
+            raise FedforgeError(f"MLflow: {exc}") from None
 
     def round_finished(self, record: RoundRecord) -> None:
         self._mlflow.log_metrics(record_scalars(record), step=record.round)
