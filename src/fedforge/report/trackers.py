@@ -62,13 +62,14 @@ class TensorBoardExport(RoundListener):
                 "--tensorboard needs TensorBoard, which is not installed: "
                 "pip install 'fedforge[tensorboard]'"
             ) from None
-        self._make = lambda: SummaryWriter(log_dir=str(log_dir))
+        self._writer_class: Any = SummaryWriter
+        self._log_dir = log_dir
         self._settings = settings
         self._writer: Any = None
 
     def round_finished(self, record: RoundRecord) -> None:
         if self._writer is None:
-            self._writer = self._make()
+            self._writer = self._writer_class(log_dir=str(self._log_dir))
             if self._settings:
                 self._writer.add_text("run/settings", self._settings, record.round)
         for name, value in record_scalars(record).items():
