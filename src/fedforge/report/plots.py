@@ -23,7 +23,7 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
     import matplotlib.pyplot as plt
 
     fig = report_figure(history, label_counts, title)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -63,7 +63,7 @@ def report_figure(history: History, label_counts: np.ndarray, title: str = "") -
         label="train (mean over accepted clients' local steps)",
     )
     ax_loss.set(title="Loss", xlabel="round", ylabel="cross-entropy")
-    ax_loss.legend()
+    ax_loss.legend(loc="upper right")
     megabytes = np.cumsum([(r.bytes_down + r.bytes_up) / 1e6 for r in history])
     ax_comm.plot(megabytes, accuracy, marker=".")
     ax_comm.set(
