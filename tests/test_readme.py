@@ -88,3 +88,18 @@ def test_every_readme_python_block_compiles_and_its_imports_resolve() -> None:
             line for line in block.splitlines() if line.startswith(("import ", "from "))
         )
         exec(compile(imports, "README.md", "exec"), {})
+
+
+def test_readme_documents_the_dashboard_and_trackers() -> None:
+    text = README.read_text()
+    for phrase in (
+        "fedforge run --dashboard",
+        "fedforge dashboard RUN_DIR",
+        "pip install 'fedforge[tensorboard]'",
+        "pip install 'fedforge[mlflow]'",
+        "`live.jsonl`",
+    ):
+        assert phrase in text, phrase
+    extras = (README.parent / "pyproject.toml").read_text()
+    assert 'tensorboard = ["tensorboard' in extras and 'mlflow = ["mlflow' in extras
+    assert '"report/assets/*.html"' in extras  # the dashboard page ships in the wheel
