@@ -199,3 +199,33 @@ def test_dashboard_command_refuses_a_folder_that_is_not_a_run(tmp_path: Path) ->
 
 def test_live_state_of_an_empty_folder_is_waiting(tmp_path: Path) -> None:
     assert LiveState(tmp_path).state()["status"] == "waiting"
+
+
+@pytest.mark.skipif(NODE is None, reason="no Node.js to run the page's script")
+def test_the_page_shows_epsilon_problems_and_client_metrics(tmp_path: Path) -> None:
+    from fedforge.report.history import RoundRecord
+    from fedforge.report.live import LIVE, LiveLog
+    from fedforge.runtime.driver import ACCEPTED, FAILED, REJECTED
+
+    (tmp_path / "config.toml").write_text('[privacy]\nmode = "central"\nnoise_multiplier = 1.0\n')
+    log = LiveLog(tmp_path / LIVE, every=0.0)
+    log.round_finished(RoundRecord(0, 0.1, 2.3))
+    dp = {"dp.epsilon": 0.75, "dp.delta": 1e-5, "clip.clipped": 2.0}
+    log.round_started(1, [1, 2, 3])
+    log.client_done(1, ACCEPTED)
+    log.client_reported(1, ACCEPTED, "", {"train_loss": 0.5})
+    log.client_done(2, REJECTED)
+    log.client_reported(2, REJECTED, "0.weight: NaN or infinite <script>", {})
+    log.client_done(3, FAILED)
+    log.client_reported(3, FAILED, "RuntimeError: out of memory", {})
+    record = RoundRecord(1, 0.4, 1.5, 1.4, 3, 1, 1, 1, 100, 50, metrics=dp)
+    log.round_finished(record)
+    log.round_started(2, [4, 5])
+    log.client_done(4, ACCEPTED)
+    with Dashboard(tmp_path, port=0) as server:
+        view = node_view(server.url, tmp_path)
+    assert view["epsilon_hidden"] is False and view["epsilon"] == "ε 0.750 (δ 0.00001)"
+    assert view["problems"] == 2 and view["client_rows"] == 1
+    assert view["clients"] == "1/2 done"  # the round in progress
+    assert view["round"] == "1 / 50" and view["status"] == "running"
+    assert "central DP" in view["title"]

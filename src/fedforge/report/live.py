@@ -17,9 +17,12 @@ import threading
 import time
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedforge.report.history import History, RoundRecord
+
+if TYPE_CHECKING:
+    from fedforge.config import RunConfig
 from fedforge.runtime.driver import ACCEPTED, RoundListener
 
 LIVE = "live.jsonl"
@@ -148,7 +151,7 @@ class LiveState:
             state = {
                 "run_dir": str(self.run_dir),
                 "title": settings_text(config),
-                "total_rounds": config.get("server", {}).get("rounds"),
+                "total_rounds": total_rounds(config),
                 "status": _status(config, provenance),
                 "updated": self._updated,
                 "provenance": provenance,
@@ -166,16 +169,26 @@ def _status(config: dict[str, Any], provenance: dict[str, Any]) -> str:
     return "running" if config else "waiting"
 
 
-def settings_text(config: dict[str, Any]) -> str:
-    """One line of a run's settings from its (raw) configuration: what a report's title and
-    a dashboard's header say."""
-    if not config:
-        return ""
+def _validated(config: dict[str, Any]) -> RunConfig | None:
     from fedforge.config import RunConfig
 
     try:
-        c = RunConfig.model_validate(config)
+        return RunConfig.model_validate(config) if config else None
     except ValueError:
+        return None
+
+
+def total_rounds(config: dict[str, Any]) -> int | None:
+    """The rounds a run's (raw) configuration asks for, defaults applied."""
+    c = _validated(config)
+    return None if c is None else c.server.rounds
+
+
+def settings_text(config: dict[str, Any]) -> str:
+    """One line of a run's settings from its (raw) configuration: what a report's title and
+    a dashboard's header say."""
+    c = _validated(config)
+    if c is None:
         return ""
     clients = c.data.devices if c.partition.scheme == "natural" else c.partition.num_clients
     sampled = (
