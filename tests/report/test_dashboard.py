@@ -31,7 +31,7 @@ CHROMIUM = next(
     (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
     None,
 )
-ROUNDS = 30
+ROUNDS = 40  # enough rounds to be caught mid-run by 20 ms polls on a fast machine
 
 
 def get(url: str) -> bytes:
