@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from fedforge.config import load_config
@@ -293,3 +294,31 @@ def test_a_private_run_reports_epsilon_and_stops_at_its_budget(tmp_path: Path) -
     assert history[-1]["metrics"]["dp.epsilon"] <= 20
     assert history[-1]["labels"]["dp.noise"].startswith("os-entropy")
     assert (out / "report.png").stat().st_size > 0
+
+
+def test_configuration_errors_print_one_line_each_with_the_fix_verbatim(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    import torch
+    from typer.testing import CliRunner
+
+    from fedforge.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, p=None: None if n == "ray" else real(n, p)
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "never"
+    args = ["run", "--set", "runtime.backend=ray", "--set", "runtime.device=cuda"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    assert result.output.splitlines() == [
+        "error: invalid configuration:",
+        "  runtime.backend: 'ray' needs Ray, which is not installed; "
+        "pip install 'fedforge[ray]' or pick another backend",
+        "  runtime.device: 'cuda' needs CUDA, which is not available on this machine; "
+        "use 'cpu' or leave it unset",
+    ]

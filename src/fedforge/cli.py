@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
 
 import typer
 from rich.console import Console
@@ -13,12 +13,17 @@ from rich.logging import RichHandler
 from fedforge.core.errors import FedforgeError
 from fedforge.report.history import privacy_text
 
+if TYPE_CHECKING:
+    from fedforge.config import RunConfig
+    from fedforge.runtime.driver import RoundListener
+
 app = typer.Typer(
     help="fedforge: federated learning, simulated or deployed.",
     no_args_is_help=True,
     add_completion=False,
 )
 console = Console(stderr=True)
+DEFAULT_PORT = 8765  # the dashboard's
 
 
 def _print_version(value: bool) -> None:
@@ -56,7 +61,10 @@ def _setup_logging(level: int = logging.INFO) -> None:
 
 
 def _fail(exc: Exception, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    from rich.markup import escape
+
+    # Escaped: "pip install 'fedforge[ray]'" is not markup.
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -93,6 +101,31 @@ def run(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    dashboard: Annotated[
+        bool,
+        typer.Option(
+            "--dashboard",
+            help="Serve a live web dashboard of the run on localhost while it trains "
+            "(`fedforge dashboard RUN_DIR` shows it later).",
+        ),
+    ] = False,
+    dashboard_port: Annotated[
+        int, typer.Option("--dashboard-port", help="Dashboard port (0: any free port).")
+    ] = DEFAULT_PORT,
+    tensorboard: Annotated[
+        bool,
+        typer.Option(
+            "--tensorboard", help="Export every round to TensorBoard (RUN_DIR/tensorboard)."
+        ),
+    ] = False,
+    mlflow: Annotated[
+        bool,
+        typer.Option(
+            "--mlflow",
+            help="Log the configuration and every round to MLflow (at MLFLOW_TRACKING_URI, "
+            "else MLflow's local default).",
+        ),
+    ] = False,
 ) -> None:
     """Run a federated training simulation and write a run directory.
 
@@ -112,6 +145,9 @@ def run(
             cfg = load_config(resume / "config.toml", set_)
         else:
             cfg = load_config(config, set_)
+        missing = missing_trackers(tensorboard=tensorboard, mlflow=mlflow)
+        if missing:
+            raise FedforgeError(missing)
     except FedforgeError as exc:
         raise _fail(exc, 2) from None
     try:
@@ -126,18 +162,30 @@ def run(
         raise _fail(exc, 2) from None
     _setup_logging()
     from fedforge.experiment import run_experiment
+    from fedforge.report.dashboard import Dashboard
+    from fedforge.report.listeners import ListenerGroup
     from fedforge.report.progress import ProgressListener
 
+    server = None
+    listeners = ListenerGroup([])
     try:
+        listeners.listeners.extend(make_trackers(cfg, out_dir, tensorboard, mlflow))
+        if dashboard:
+            server = Dashboard(out_dir, port=dashboard_port)
+            console.print(f"dashboard: {server.url} (while the run lasts)", soft_wrap=True)
         if quiet:
-            result = run_experiment(cfg, out_dir, resume=resume is not None)
+            result = run_experiment(cfg, out_dir, listeners, resume=resume is not None)
         else:
             progress = ProgressListener.make_progress(console)
             with progress:
-                listener = ProgressListener(progress, cfg.server.rounds)
-                result = run_experiment(cfg, out_dir, listener, resume=resume is not None)
+                listeners.listeners.append(ProgressListener(progress, cfg.server.rounds))
+                result = run_experiment(cfg, out_dir, listeners, resume=resume is not None)
     except FedforgeError as exc:
         raise _fail(exc) from None
+    finally:
+        listeners.close()
+        if server is not None:
+            server.close()
     last = result.history[-1]
     if result.stop_reason:
         console.print(f"[bold yellow]stopped early[/]: {result.stop_reason}", soft_wrap=True)
@@ -147,6 +195,76 @@ def run(
         f"test loss {last.test_loss:.4f}{', ' + dp if dp else ''}; run directory: {out_dir}",
         soft_wrap=True,
     )
+
+
+def missing_trackers(*, tensorboard: bool, mlflow: bool) -> str | None:
+    """Why an asked-for experiment tracker cannot run here (checked before training)."""
+    import importlib.util
+
+    for wanted, module, extra in (
+        (tensorboard, "tensorboard", "tensorboard"),
+        (mlflow, "mlflow", "mlflow"),
+    ):
+        if wanted and importlib.util.find_spec(module) is None:
+            return (
+                f"--{extra} needs {module}, which is not installed: pip install 'fedforge[{extra}]'"
+            )
+    return None
+
+
+def make_trackers(
+    cfg: RunConfig, out_dir: Path, tensorboard: bool, mlflow: bool
+) -> list[RoundListener]:
+    """The experiment-tracker listeners asked for on the command line."""
+    import sys
+
+    from fedforge import __version__
+    from fedforge.report.live import settings_text
+    from fedforge.report.trackers import MLflowExport, TensorBoardExport, flat_config
+
+    raw = cfg.model_dump(mode="json", exclude_none=True)
+    raw.pop("deploy", None)
+    settings = settings_text(raw)
+    trackers: list[RoundListener] = []
+    if tensorboard:
+        trackers.append(TensorBoardExport(out_dir / "tensorboard", settings))
+    if mlflow:
+        tags = {
+            "fedforge.version": __version__,
+            "fedforge.run_dir": str(out_dir),
+            "fedforge.command": " ".join(sys.argv),
+            "mlflow.note.content": settings,
+        }
+        trackers.append(MLflowExport(flat_config(raw), tags, run_name=out_dir.name))
+    return trackers
+
+
+@app.command()
+def dashboard(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or running).")],
+    port: Annotated[int, typer.Option("--port", help="Port (0: any free port).")] = DEFAULT_PORT,
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on (default: this machine only).")
+    ] = "127.0.0.1",
+) -> None:
+    """Serve a run's live dashboard (accuracy, loss, clients, privacy) until Ctrl-C."""
+    import threading
+
+    from fedforge.report.dashboard import Dashboard
+
+    if not (run_dir / "config.toml").is_file():
+        raise _fail(FedforgeError(f"{run_dir} is not a run directory (no config.toml)"), 2)
+    try:
+        server = Dashboard(run_dir, host=host, port=port)
+    except OSError as exc:
+        raise _fail(exc, 2) from None
+    console.print(f"dashboard of {run_dir}: {server.url} (Ctrl-C to stop)", soft_wrap=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
 
 
 @app.command("config")

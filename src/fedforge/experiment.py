@@ -26,6 +26,8 @@ from fedforge.data.datasets import load_digits, load_mnist5k, make_synthetic
 from fedforge.data.federated import FederatedDataset
 from fedforge.privacy.dp_sgd import SampleDP
 from fedforge.privacy.setup import privacy_stages, secret_sampling_seed
+from fedforge.report.listeners import ListenerGroup
+from fedforge.report.live import LIVE, LiveLog
 from fedforge.report.rundir import (
     prepare_out_dir,
     provenance,
@@ -266,7 +268,8 @@ def run_experiment(
         resume=resume,
     )
     data = build_dataset(config)
-    result = simulate_config(config, data, listener=listener, state_dir=out_dir, resume=resume)
+    listeners = ListenerGroup([LiveLog(out_dir / LIVE), listener])  # LIVE: the dashboard's feed
+    result = simulate_config(config, data, listener=listeners, state_dir=out_dir, resume=resume)
     record.update(
         backend=result.backend,
         device=run_device(config, result.backend),

@@ -403,3 +403,40 @@ def test_affine_chains_fused_into_the_update_equal_sequential(small_federated, a
     assert_same(seq, vec)
     for key in seq.state.extras:
         np.testing.assert_allclose(seq.state.extras[key], vec.state.extras[key], atol=1e-5)
+
+
+def test_full_batch_chunks_like_a_batch_size_beyond_every_client(
+    small_federated: fedforge.FederatedDataset,
+) -> None:
+    """FedSGD (batch_size 0: the client's whole data) and a batch size larger than any
+    client's data take the same steps, so they get the same chunks and the same model: the
+    memory estimate is sized to the widest real batch, never to the nominal batch size."""
+    from fedforge.runtime.vectorized import VectorizedTransport
+    from fedforge.stages.base import StageChain
+
+    largest = max(small_federated.client_sizes())
+    results, chunks = [], []
+    for batch_size in (0, 10**6):
+        algorithm = fedforge.FedAvg(
+            local=fedforge.LocalSGD(lr=0.3, epochs=1, batch_size=batch_size)
+        )
+        app = ClientApp(algorithm, small_mlp(), StageChain([]))
+        transport = VectorizedTransport(
+            app, small_federated, MemoryStateStore(), memory_budget=1 << 20
+        )
+        shared = {n: p.detach().numpy() for n, p in small_mlp().named_parameters()}
+        chunks.append(transport.chunk_size(shared, largest))
+        results.append(
+            fedforge.simulate(
+                small_mlp(),
+                small_federated,
+                algorithm,
+                rounds=2,
+                clients_per_round=6,
+                backend="vectorized",
+                options=fedforge.BackendOptions(memory_budget=1 << 20),
+            )
+        )
+    assert chunks[0] == chunks[1] > 1
+    for name, value in results[0].state.params.items():
+        np.testing.assert_array_equal(results[1].state.params[name], value)

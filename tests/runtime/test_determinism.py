@@ -65,3 +65,22 @@ def test_dropout_is_active_in_local_training(small_federated: FederatedDataset) 
     # Guards the test above: without dropout the same run gives a different model.
     a, b = run(small_federated, "sequential"), run(small_federated, "sequential", p=0.0)
     assert any(not np.array_equal(a.state.params[n], b.state.params[n]) for n in a.state.params)
+
+
+def _linear() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+def test_a_model_factory_is_initialized_from_the_run_seed(
+    small_federated: FederatedDataset,
+) -> None:
+    def run_with(seed: int) -> SimulationResult:
+        torch.manual_seed(int(np.random.default_rng().integers(1 << 31)))  # scrambled
+        return fedforge.simulate(
+            _linear, small_federated, ALGORITHM, rounds=1, clients_per_round=2, seed=seed
+        )
+
+    first, again, other = run_with(3), run_with(3), run_with(4)
+    assert_identical(first, again)
+    assert first.history[0].test_loss == again.history[0].test_loss  # same initial model
+    assert first.history[0].test_loss != other.history[0].test_loss

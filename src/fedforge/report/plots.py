@@ -11,26 +11,47 @@ import numpy as np
 
 from fedforge.report.history import History
 
+TIME_LABELS = (
+    "client training (the fit exchange: local training and transport)",
+    "server: validation, aggregation and update",
+    "evaluation (central and federated)",
+)
+
 
 def plot_report(history: History, label_counts: np.ndarray, path: Path, title: str = "") -> None:
     """Write a PNG of what the run recorded."""
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(history, label_counts, title)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def report_figure(history: History, label_counts: np.ndarray, title: str = "") -> Any:
+    """The report as a matplotlib figure: accuracy and loss per round (round 0 is the
+    initial model), accuracy against cumulative traffic and wall time, time per round by
+    part, cumulative traffic, stage and client metrics, and the partition's labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rounds = [r.round for r in history]
+    accuracy = [100 * r.test_accuracy for r in history]
     trained = [r for r in history if r.round > 0]
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
-    (ax_acc, ax_loss, ax_time), (ax_bytes, ax_metrics, ax_part) = axes
-    ax_acc.plot(rounds, [100 * r.test_accuracy for r in history], marker=".", label="central test")
+    fig = plt.figure(figsize=(18, 14))
+    grid = fig.add_gridspec(3, 3)
+    ax_acc, ax_loss, ax_comm = (fig.add_subplot(grid[0, i]) for i in range(3))
+    ax_wall, ax_time, ax_bytes = (fig.add_subplot(grid[1, i]) for i in range(3))
+    ax_metrics, ax_part = fig.add_subplot(grid[2, 0]), fig.add_subplot(grid[2, 1:])
+    ax_acc.plot(rounds, accuracy, marker=".", label="central test")
     fed = history.metric("fed_eval.accuracy")
     if fed:
         ax_acc.plot(
             [r for r, _ in fed], [100 * v for _, v in fed], marker=".", label="federated eval"
         )
-    ax_acc.set(title="Accuracy", xlabel="round", ylabel="accuracy (%)")
-    ax_acc.legend(loc="lower left")
+    ax_acc.set(title="Accuracy (round 0: the initial model)", xlabel="round", ylabel="accuracy (%)")
+    ax_acc.legend(loc="lower right")
     epsilon = history.metric("dp.epsilon")
     if epsilon:
         _privacy_axis(ax_acc, epsilon, history[-1].labels)
@@ -39,19 +60,27 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
         [r.round for r in trained],
         [r.train_loss for r in trained],
         marker=".",
-        label="train (mean over accepted clients)",
+        label="train (mean over accepted clients' local steps)",
     )
     ax_loss.set(title="Loss", xlabel="round", ylabel="cross-entropy")
-    ax_loss.legend()
+    ax_loss.legend(loc="upper right")
+    megabytes = np.cumsum([(r.bytes_down + r.bytes_up) / 1e6 for r in history])
+    ax_comm.plot(megabytes, accuracy, marker=".")
+    ax_comm.set(
+        title="Accuracy vs communication",
+        xlabel="cumulative traffic, down + up (MB)",
+        ylabel="accuracy (%)",
+    )
+    ax_wall.plot(np.cumsum([r.wall_seconds for r in history]), accuracy, marker=".")
+    ax_wall.set(title="Accuracy vs time", xlabel="cumulative wall time (s)", ylabel="accuracy (%)")
     x = [r.round for r in trained]
     fields = ("train_seconds", "aggregate_seconds", "eval_seconds")
-    labels = ("clients", "server aggregation", "evaluation")
     seconds = np.array([[getattr(r, f) for r in trained] for f in fields]).reshape(3, -1)
-    _stacked_steps(ax_time, np.asarray(x, float), seconds, labels)
+    _stacked_steps(ax_time, np.asarray(x, float), seconds, TIME_LABELS)
     ax_time.set(title="Wall time per round (stacked)", xlabel="round", ylabel="seconds")
-    ax_time.legend()
-    ax_bytes.plot(x, np.cumsum([r.bytes_down for r in trained]) / 1e6, label="down")
-    ax_bytes.plot(x, np.cumsum([r.bytes_up for r in trained]) / 1e6, label="up")
+    ax_time.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    ax_bytes.plot(x, np.cumsum([r.bytes_down for r in trained]) / 1e6, label="down (model)")
+    ax_bytes.plot(x, np.cumsum([r.bytes_up for r in trained]) / 1e6, label="up (updates)")
     ax_bytes.set(title="Cumulative traffic", xlabel="round", ylabel="MB")
     ax_bytes.legend()
     names = sorted(
@@ -65,13 +94,12 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
     ax_metrics.set(title="Stage and client metrics", xlabel="round")
     ax_metrics.legend(fontsize=8)
     _label_bars(ax_part, label_counts, plt)
-    for ax in axes.flat:
+    for ax in fig.axes:
         ax.grid(alpha=0.3)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def _privacy_axis(ax: Any, epsilon: list[tuple[int, float]], labels: dict[str, str]) -> None:
@@ -101,4 +129,11 @@ def _label_bars(ax: Any, label_counts: np.ndarray, plt: Any) -> None:
     ax.set_prop_cycle(color=[cmap(i % cmap.N) for i in range(len(labels))])
     _stacked_steps(ax, clients, label_counts.T.astype(float), labels)
     ax.set(title="Examples per client by label", xlabel="client", ylabel="examples")
-    ax.legend(title="label", fontsize=7, ncol=2, bbox_to_anchor=(1.0, 1.0), loc="upper left")
+    # Beside the plot, never over the bars.
+    ax.legend(
+        title="label",
+        fontsize=7,
+        ncol=1 + len(labels) // 12,
+        loc="upper left",
+        bbox_to_anchor=(1.005, 1.0),
+    )

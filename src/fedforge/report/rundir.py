@@ -18,6 +18,7 @@ from safetensors.numpy import save
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import FedforgeError
 from fedforge.data.federated import FederatedDataset
+from fedforge.report.live import settings_text
 from fedforge.report.plots import plot_report
 
 if TYPE_CHECKING:
@@ -149,11 +150,7 @@ def write_run_dir(
     model_path = out_dir / "model.safetensors"
     model_path.unlink(missing_ok=True)
     model_path.write_bytes(save(result.state.params))
-    c = config
-    title = (
-        f"{c.algorithm.name} on {c.data.dataset}, {c.partition.scheme} over {data.num_clients} "
-        f"clients, {c.server.clients_per_round if c.server.sampler == 'uniform' else 'Poisson'}"
-        f" per round, E={c.client.epochs}, B={c.client.batch_size}, seed {c.seed}"
-        f" (backend {result.backend})"
-    )
+    settings = settings_text(config.model_dump(mode="json", exclude_none=True))
+    title = f"{settings}\n{result.history[-1].round} rounds on the {result.backend} backend"
+    title += f", final test accuracy {100 * result.history[-1].test_accuracy:.2f}%"
     plot_report(result.history, data.label_distribution(), out_dir / "report.png", title)

@@ -59,6 +59,12 @@ class RoundListener:
     def client_done(self, client_id: int, status: str) -> None:
         """Called once per client reply of the fit exchange: accepted, rejected or failed."""
 
+    def client_reported(
+        self, client_id: int, status: str, reason: str, metrics: dict[str, float]
+    ) -> None:
+        """Called after ``client_done`` with why a reply was rejected or failed (empty when
+        accepted) and, when accepted, the metrics the client reported."""
+
     def round_finished(self, record: RoundRecord) -> None:
         """Called with the completed round's record (round 0: the initial evaluation)."""
 
@@ -184,6 +190,7 @@ class Driver:
                 )
                 if notify:
                     self.listener.client_done(reply.client_id, kind)
+                    self.listener.client_reported(reply.client_id, kind, reply.error, {})
                 continue
             start = time.perf_counter()
             batch = reply.as_batch() if not isinstance(reply, RecordBatch) else reply
@@ -210,8 +217,11 @@ class Driver:
                 out.accepted_ids.extend(int(c) for c in good.client_ids)
             out.server_seconds += time.perf_counter() - start
             if notify:
-                for cid, ok in zip(batch.client_ids, keep, strict=True):
-                    self.listener.client_done(int(cid), ACCEPTED if ok else REJECTED)
+                for i, (cid, ok) in enumerate(zip(batch.client_ids, keep, strict=True)):
+                    status = ACCEPTED if ok else REJECTED
+                    self.listener.client_done(int(cid), status)
+                    metrics = {n: float(v[i]) for n, v in batch.metrics.items()} if ok else {}
+                    self.listener.client_reported(int(cid), status, reasons[i] or "", metrics)
         return out
 
     # One round ------------------------------------------------------------------------------

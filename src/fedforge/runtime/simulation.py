@@ -19,7 +19,7 @@ from fedforge.compress.downlink import Downlink
 from fedforge.core.errors import ConfigError
 from fedforge.core.params import Params, spec_of
 from fedforge.core.records import FIT
-from fedforge.core.rng import RngStreams
+from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data.federated import FederatedDataset
 from fedforge.privacy.dp_sgd import SampleDP
 from fedforge.report.history import History
@@ -44,6 +44,7 @@ from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import SESSION
 from fedforge.stages.base import Stage, StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
+from fedforge.train.models import seeded
 from fedforge.train.torch_model import TorchModel
 
 Probe = Callable[[torch.nn.Module], float]
@@ -60,8 +61,11 @@ class SimulationResult:
     stop_reason: str | None = None  # why the run ended before its last round (a DP budget)
 
 
+ModelFactory = Callable[[], torch.nn.Module]
+
+
 def simulate(
-    model: torch.nn.Module,
+    model: torch.nn.Module | ModelFactory,
     data: FederatedDataset,
     algorithm: Algorithm = FedAvg(),  # noqa: B008 (frozen, immutable)
     *,
@@ -87,23 +91,27 @@ def simulate(
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
-    ``model``'s current weights are the initial global model; it is not modified (the
-    returned ``result.model`` is a trained copy). ``backend`` picks how clients execute:
-    ``sequential`` (reference), ``vectorized`` (one batched program per cohort, CUDA when
-    present), ``workers`` (persistent forked processes), ``ray``, or ``auto``. ``sampler``
+    ``model`` is a module, whose current weights are the initial global model (it is not
+    modified: ``result.model`` is a trained copy), or a function that builds one: it is called
+    under torch's RNG seeded from ``seed``, so the initial model follows the run seed (as in the
+    command line's runs) whatever torch's global RNG holds. ``backend`` picks how clients
+    execute: ``sequential`` (reference), ``vectorized`` (one batched program per cohort, CUDA
+    when present), ``workers`` (persistent forked processes), ``ray``, or ``auto``. ``sampler``
     defaults to ``clients_per_round`` uniformly without replacement. ``threads`` sets torch's
     intra-op threads while the simulation runs (restored afterwards): by default 1, except for
     ``vectorized``, which uses every core. With ``state_dir`` the server state is checkpointed
     after every round and client state lives on disk; ``resume=True`` continues from there.
     ``client_states`` picks where stateful algorithms keep client state otherwise (default in
-    memory; a :class:`DiskStateStore` for 10,000+ clients with large states).
-    ``sample_dp`` trains every client with DP-SGD (Opacus) instead of the algorithm's
-    program; it runs one client at a time (not ``vectorized``). ``probes`` are extra
-    metrics of the global model computed at every central evaluation (a backdoor's success
-    rate); ``labels`` are recorded with every round. ``downlink`` compresses the broadcast
-    model (float16 or bfloat16). ``sampling_seed`` replaces the run seed
-    for client sampling (central DP without seeded noise: a secret the server draws).
+    memory; a :class:`DiskStateStore` for 10,000+ clients with large states). ``sample_dp``
+    trains every client with DP-SGD (Opacus) instead of the algorithm's program; it runs one
+    client at a time (not ``vectorized``). ``probes`` are extra metrics of the global model
+    computed at every central evaluation (a backdoor's success rate); ``labels`` are recorded
+    with every round. ``downlink`` compresses the broadcast model (float16 or bfloat16).
+    ``sampling_seed`` replaces the run seed for client sampling (central DP without seeded
+    noise: a secret the server draws).
     """
+    if not isinstance(model, torch.nn.Module):
+        model = seeded(model, RngStreams(seed).int_seed(Purpose.INIT))
     chain = StageChain(stages)
     chain.check(aggregation)
     if federated_eval is not None and data.holdout is None:

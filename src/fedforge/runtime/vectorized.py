@@ -66,12 +66,14 @@ class VectorizedTransport:
         self._finish = vmap(algorithm.finish, in_dims=(0, None, 0, 0))
         log.info("vectorized runtime on %s: %s", self.device, self.trainer.kernel)
 
-    def chunk_size(self, shared: Mapping[str, np.ndarray]) -> int:
+    def chunk_size(self, shared: Mapping[str, np.ndarray], largest: int) -> int:
         """Clients per chunk: the budget over one client's stacked model copies, plus its
-        state (read and written) when the algorithm keeps client state."""
+        state (read and written) when the algorithm keeps client state, and its activations
+        at the widest batch a client of ``largest`` examples can take."""
         model = {n: shared[n] for n in self.app.model.names}
         own = sum(shared[n].nbytes for n in self.app.trainable) if self.app.stateful else 0
-        return max(1, self.memory_budget // self.trainer.bytes_per_client(model, own))
+        per_client = self.trainer.bytes_per_client(model, own, largest)
+        return max(1, self.memory_budget // per_client)
 
     def exchange(self, tasks: Sequence[Task]) -> Iterator[Reply]:
         fit = [t for t in tasks if t.stage == FIT]
@@ -84,7 +86,8 @@ class VectorizedTransport:
         fit = [replace(t, shared=decoded) for t in fit]
         local = self.app.algorithm.local
         by_steps = sorted(fit, key=lambda t: -local.num_steps(self.data.client_size(t.client_id)))
-        size = self.chunk_size(fit[0].shared)
+        largest = max(self.data.client_size(t.client_id) for t in fit)
+        size = self.chunk_size(fit[0].shared, largest)
         shared = to_tensors(dict(fit[0].shared), self.device)
         for start in range(0, len(by_steps), size):
             chunk = by_steps[start : start + size]

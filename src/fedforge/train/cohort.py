@@ -163,16 +163,19 @@ class CohortTrainer:
             out[name] = (alpha, offset[:active] if stacked and offset is not None else offset)
         return out
 
-    def bytes_per_client(self, sample_params: dict[str, np.ndarray], own_bytes: int = 0) -> int:
+    def bytes_per_client(
+        self, sample_params: dict[str, np.ndarray], own_bytes: int = 0, largest: int = 256
+    ) -> int:
         """Rough peak memory one client adds to a chunk (params, grads, chain state,
-        activations)."""
+        activations). ``largest``: the most examples a client of the chunk holds, which
+        bounds the batch width (full batch, or a batch size beyond every client's data)."""
         size = sum(a.nbytes for a in sample_params.values())
         program = self.program
         if self.layers is not None and program.stateless:
             copies = 3 if program.plain else 4  # affine chain: one summed offset per client
         else:
             copies = 3 + len(program.transforms) + (0 if program.plain else 1)
-        batch = self.program.local.batch_size or 256
+        batch = min(self.program.local.batch_size or largest, largest)
         activations = 8 * batch * self.x.shape[1] * self.x.element_size()
         return copies * size + 2 * own_bytes + activations
 

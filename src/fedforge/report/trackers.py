@@ -1,0 +1,118 @@
+"""Optional export of every round record to experiment trackers: TensorBoard and MLflow.
+
+Both are extras (``pip install 'fedforge[tensorboard]'``, ``'fedforge[mlflow]'``); asking
+for one that is not installed fails before training with the command that installs it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fedforge.core.errors import FedforgeError
+from fedforge.report.history import RoundRecord
+from fedforge.runtime.driver import RoundListener
+
+_FIELDS = (
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "clients_sampled",
+    "clients_completed",
+    "clients_failed",
+    "clients_rejected",
+    "bytes_down",
+    "bytes_up",
+    "train_seconds",
+    "aggregate_seconds",
+    "eval_seconds",
+    "wall_seconds",
+)
+
+
+def record_scalars(record: RoundRecord) -> dict[str, float]:
+    """The round's numbers under tracker names (``test_accuracy``, ``metrics/clip.clipped``,
+    ...); NaN and infinite values (no accepted client's train loss) are left out."""
+    values = {name: float(getattr(record, name)) for name in _FIELDS}
+    values.update({f"metrics/{k}": float(v) for k, v in record.metrics.items()})
+    return {k: v for k, v in values.items() if math.isfinite(v)}
+
+
+def flat_config(raw: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"server.rounds": "50", ...}`` from a nested configuration."""
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+class TensorBoardExport(RoundListener):
+    """Writes every round's scalars to a TensorBoard event file in ``log_dir`` (created at
+    the first round: the run directory is prepared first)."""
+
+    def __init__(self, log_dir: Path, settings: str = "") -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise FedforgeError(
+                "--tensorboard needs TensorBoard, which is not installed: "
+                "pip install 'fedforge[tensorboard]'"
+            ) from None
+        self._writer_class: Any = SummaryWriter
+        self._log_dir = log_dir
+        self._settings = settings
+        self._writer: Any = None
+
+    def round_finished(self, record: RoundRecord) -> None:
+        if self._writer is None:
+            self._writer = self._writer_class(log_dir=str(self._log_dir))
+            if self._settings:
+                self._writer.add_text("run/settings", self._settings, record.round)
+        for name, value in record_scalars(record).items():
+            self._writer.add_scalar(name, value, record.round)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+class MLflowExport(RoundListener):
+    """Logs the configuration as parameters, ``tags`` (provenance) and every round's scalars
+    (step = round) to an MLflow run. ``tracking_uri`` None: MLflow's default (the
+    ``MLFLOW_TRACKING_URI`` environment variable, else MLflow's local store)."""
+
+    def __init__(
+        self,
+        params: dict[str, str],
+        tags: dict[str, str],
+        *,
+        tracking_uri: str | None = None,
+        experiment: str = "fedforge",
+        run_name: str | None = None,
+    ) -> None:
+        try:
+            import mlflow
+        except ImportError:
+            raise FedforgeError(
+                "--mlflow needs MLflow, which is not installed: pip install 'fedforge[mlflow]'"
+            ) from None
+        self._mlflow = mlflow
+        try:
+            if tracking_uri:
+                mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_experiment(experiment)
+            self.run = mlflow.start_run(run_name=run_name, tags=tags)
+            mlflow.log_params(params)
+        except Exception as exc:  # MLflow raises its own types (bad URI, store refused)
+            raise FedforgeError(f"MLflow: {exc}") from None
+
+    def round_finished(self, record: RoundRecord) -> None:
+        self._mlflow.log_metrics(record_scalars(record), step=record.round)
+
+    def close(self) -> None:
+        self._mlflow.end_run()

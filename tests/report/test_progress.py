@@ -1,0 +1,104 @@
+"""The terminal progress display: log lines print above the bar (never glued to a stale
+frame), and the clients column counts every client, on the vectorized backend too."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+
+import pytest
+from rich.console import Console
+from rich.logging import RichHandler
+
+import fedforge
+from fedforge.data.federated import FederatedDataset
+from fedforge.report.history import RoundRecord
+from fedforge.report.progress import ProgressListener
+from fedforge.runtime.driver import RoundListener
+from tests.conftest import small_mlp
+
+
+def screen(raw: str) -> list[str]:
+    """What a terminal shows after ``raw``: \\r returns to column 0, ESC[2K erases the
+    line, ESC[nA moves up n lines; other escape sequences are dropped."""
+    lines, row, col = [""], 0, 0
+    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", raw):
+        if token == "\n":
+            row, col = row + 1, 0
+            if row == len(lines):
+                lines.append("")
+        elif token == "\r":
+            col = 0
+        elif token == "\x1b[2K":
+            lines[row] = ""
+        elif re.fullmatch(r"\x1b\[\d*A", token):
+            row = max(0, row - int(token[2:-1] or 1))
+        elif not token.startswith("\x1b"):
+            line = lines[row].ljust(col)
+            lines[row] = line[:col] + token + line[col + len(token) :]
+            col += len(token)
+    return [line.rstrip() for line in lines]
+
+
+def test_log_lines_print_above_the_bar_never_glued_to_a_frame() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120, color_system=None)
+    logger = logging.getLogger("fedforge.test_progress")
+    handler = RichHandler(console=console, show_path=False, show_time=False)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        progress = ProgressListener.make_progress(console)
+        with progress:
+            listener = ProgressListener(progress, 3)
+            for r in (1, 2, 3):
+                listener.round_started(r, [1, 2])
+                progress.refresh()
+                logger.warning("round %d: rejected the record of client 2: NaN", r)
+                listener.round_finished(RoundRecord(r, 0.5, 1.0))
+                progress.refresh()
+    finally:
+        logger.removeHandler(handler)
+    shown = [line for line in screen(out.getvalue()) if line]
+    logs = [line for line in shown if "rejected the record" in line]
+    assert len(logs) == 3
+    assert all(not line.lstrip().startswith("round") for line in logs), logs  # no frame glued
+    assert all(re.match(r"^WARNING +round \d: rejected", line) for line in logs), logs
+    frames = [line for line in shown if line.startswith("round")]
+    assert frames == [frames[-1]] and frames[-1].startswith("round    3/3")  # one bar, last
+    assert shown[-1] == frames[-1]
+
+
+class Columns(RoundListener):
+    """Records the clients column at the end of each round."""
+
+    def __init__(self, progress: ProgressListener) -> None:
+        self.progress = progress
+        self.seen: list[str] = []
+
+    def round_finished(self, record: RoundRecord) -> None:
+        if record.round:
+            task = self.progress.progress.tasks[0]
+            self.seen.append(task.fields["clients"])
+
+
+@pytest.mark.parametrize("backend", ["vectorized", "sequential"])
+def test_the_clients_column_counts_every_client(
+    small_federated: FederatedDataset, backend: str
+) -> None:
+    from fedforge.report.listeners import ListenerGroup
+
+    progress = ProgressListener.make_progress(Console(file=io.StringIO()))
+    listener = ProgressListener(progress, 2)
+    columns = Columns(listener)
+    fedforge.simulate(
+        small_mlp(),
+        small_federated,
+        fedforge.FedAvg(local=fedforge.LocalSGD(lr=0.1, epochs=1, batch_size=8)),
+        rounds=2,
+        clients_per_round=6,
+        backend=backend,  # type: ignore[arg-type]
+        listener=ListenerGroup([listener, columns]),
+    )
+    assert columns.seen == ["6/6", "6/6"]
