@@ -39,6 +39,7 @@ round_timeout_s = {timeout}
 heartbeat_s = 1.0
 min_completed = {min_completed}
 max_retries = {max_retries}
+linger_s = {linger}
 {extra}"""
 
 
@@ -70,6 +71,7 @@ def write_config(
     timeout: float = 30,
     min_completed: int = 1,
     max_retries: int = 3,
+    linger: float = 0,
     server_extra: str = "",
     extra: str = "",
 ) -> Path:
@@ -89,6 +91,7 @@ def write_config(
             timeout=timeout,
             min_completed=min_completed,
             max_retries=max_retries,
+            linger=linger,
             server_extra=server_extra,
             extra=extra,
         )

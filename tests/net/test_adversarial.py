@@ -61,6 +61,10 @@ class CraftedClient:
         )
         self.stream = pb_grpc.FederationStub(self.channel).Connect(self._requests())
         self.rejects: list[str] = []
+        self.done = threading.Event()
+        self.muted = False  # stops the heartbeats
+        self.heartbeat()
+        self.ended_by: grpc.StatusCode | None = None
         self.run_id = ""
         self.task_id = b""
 
@@ -112,6 +116,15 @@ class CraftedClient:
             if repeat_first and i == 0:
                 self.out.put(msg)  # a replay: identical message, identical nonce
 
+    def heartbeat(self, every_s: float = 0.3) -> None:
+        """Send heartbeats until the stream ends: alive, whether or not it answers."""
+
+        def beat() -> None:
+            while not self.done.wait(every_s) and not self.muted:
+                self.out.put(pb.ClientMessage(heartbeat=pb.Heartbeat()))
+
+        threading.Thread(target=beat, daemon=True).start()
+
     def drain(self) -> None:
         try:
             for message in self.stream:
@@ -119,8 +132,9 @@ class CraftedClient:
                     self.rejects.append(message.reject.reason)
                 if message.WhichOneof("body") == "run_complete":
                     break
-        except grpc.RpcError:
-            pass
+        except grpc.RpcError as exc:
+            self.ended_by = exc.code()
+        self.done.set()
         self.out.put(None)
         self.channel.close()
 
@@ -164,8 +178,32 @@ BEHAVIOURS: dict[str, Callable[[CraftedClient, int, dict[str, np.ndarray]], None
     "replay": lambda c, r, p: c.send_result(
         r, list(split_payload(encode_params(_zero_update(p)), 256)), 5, repeat_first=True
     ),
-    "silent": lambda c, r, p: None,  # stays connected, never answers
+    "silent": lambda c, r, p: None,  # alive (heartbeats), never answers
+    "mute": lambda c, r, p: setattr(c, "muted", True),  # falls silent: a dead session
+    # Announces a 1 GiB result (the model's update is ~10 KB): refused at the first chunk.
+    "oversized": lambda c, r, p: c.send_result(r, [_huge_first_chunk()], 5),
+    # Floods invalid messages (another run's id): disconnected, logged once.
+    "flood": lambda c, r, p: [c.out.put(_foreign_message(r)) for _ in range(FLOOD)],
 }
+FLOOD = 2000
+
+
+def _huge_first_chunk() -> pb.Chunk:
+    return pb.Chunk(
+        transfer_id=os.urandom(16),
+        index=0,
+        count=1 << 10,
+        total_bytes=1 << 30,
+        sha256=os.urandom(32),
+        data=os.urandom(1 << 10),
+    )
+
+
+def _foreign_message(round_number: int) -> pb.ClientMessage:
+    return pb.ClientMessage(
+        envelope=pb.Envelope(run_id="another-run", round=round_number, nonce=os.urandom(16)),
+        reply=pb.ReplyChunk(stage=FIT, num_examples=1, chunk=pb.Chunk()),
+    )
 
 
 def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) -> None:
@@ -245,10 +283,11 @@ def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) ->
     # honest + replay (its replayed duplicate is dropped, the result itself is valid).
     assert record.clients_sampled == len(names)
     assert record.clients_completed == 2
-    # nan, shape, inflated, overclaim, garbage, truncated
-    assert record.clients_rejected == 6
+    # nan, shape, inflated, overclaim, garbage, truncated, oversized
+    assert record.clients_rejected == 7
     assert overclaim_id in record.clients["rejected"]
-    assert record.clients_failed == 1  # the silent one, dropped at the deadline
+    # silent (dropped at the deadline), mute (dead: no heartbeats), flood (disconnected)
+    assert record.clients_failed == 3
     log = (tmp_path / "server.log").read_text()
     for reason in [
         "NaN",
@@ -258,8 +297,18 @@ def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) ->
         "undecodable",
         "truncated",
         "no result within",
+        "client mute sent nothing for",
+        f"transfer of {1 << 30} bytes exceeds the limit of",
+        "client flood sent 32 invalid messages within",
     ]:
         assert reason in log, reason
+    # The flood: one line when it starts, one when it is cut off, one for the round.
+    assert sum("flood" in line for line in log.splitlines()) <= 5
+    assert crafted["flood"].rejects.__len__() <= 4
+    assert crafted["flood"].ended_by is not None  # its stream was ended by the server
+    # One line per round naming the clients that failed or were rejected.
+    assert "round 1: 12 sampled, 2 accepted, 7 rejected, 3 failed" in log
+    assert "failed: flood, mute, silent" in log
     assert any("replayed" in r for r in crafted["replay"].rejects)
     assert "with 900 examples" in (tmp_path / "honest.log").read_text()
 
@@ -311,23 +360,16 @@ def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
                 )
             )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        # The real alice connects; a second alice is a duplicate.
+        # The real alice connects; alice connecting again (her first session hung, say)
+        # replaces the first session, whose stream the server ends.
         first = CraftedClient(port, keys / "alice")
         assert next(first.stream).WhichOneof("body") == "welcome"  # alice is registered
-        reader = threading.Thread(target=lambda: list(_safe(first.stream)), daemon=True)
-        reader.start()
         second = CraftedClient(port, keys / "alice")
-        assert second.first_error().code() == grpc.StatusCode.ALREADY_EXISTS
+        assert next(second.stream).WhichOneof("body") == "welcome"
+        assert first.first_error().code() == grpc.StatusCode.CANCELLED
         assert server.poll() is None  # still serving after all of that
     finally:
         stop_all([server])
-
-
-def _safe(stream: Iterator[pb.ServerMessage]) -> Iterator[pb.ServerMessage]:
-    try:
-        yield from stream
-    except grpc.RpcError:
-        return
 
 
 def test_a_known_size_caps_the_declared_one() -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import statistics
+import threading
+import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +21,7 @@ from fedforge.algorithms.base import ServerState
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import FedforgeError
 from fedforge.core.params import Params, spec_of
-from fedforge.core.records import FIT
+from fedforge.core.records import EVALUATE, FIT
 from fedforge.core.rng import RngStreams
 from fedforge.experiment import (
     build_aggregation,
@@ -28,15 +33,15 @@ from fedforge.experiment import (
     build_sampler,
     build_stages,
 )
+from fedforge.net.codec import encoded_size_bound
 from fedforge.net.hub import Hub
 from fedforge.net.keys import ServerCredentials
-from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import FederationService
 from fedforge.net.transport import NetworkTransport
 from fedforge.privacy.dp_sgd import dp_sgd_labels
 from fedforge.privacy.setup import secret_sampling_seed
-from fedforge.report.history import History
+from fedforge.report.history import History, RoundRecord
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
 from fedforge.runtime.driver import Driver, RoundListener
@@ -70,6 +75,15 @@ def size_cap(declared: int, known: int | None, max_examples: int, undeclared: in
     return max(0, min(cap, max_examples))
 
 
+def outlier_cap(others: list[int], ratio: float) -> int | None:
+    """The largest size a client may count next to the other clients' declared sizes:
+    ``ratio`` times their median (None without a ratio or without others' declarations)."""
+    sizes = [n for n in others if n > 0]
+    if ratio <= 0 or not sizes:
+        return None
+    return max(1, int(ratio * statistics.median(sizes)))
+
+
 def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
     limit = max_message_mb << 20
     return [
@@ -97,13 +111,20 @@ def run_server(
     insecure: bool = False,
     listener: RoundListener | None = None,
     client_names: list[str] | None = None,
+    allow_remote_insecure: bool = False,
 ) -> ServerRun:
     """Serve until ``config.server.rounds`` rounds are complete; resume from checkpoints.
 
     Clients are the names registered in the keys directory (ids in sorted name order), or
-    ``client_names`` when ``insecure``.
+    ``client_names`` when ``insecure``. ``insecure`` listens on loopback only unless
+    ``allow_remote_insecure``.
     """
     d = config.deploy
+    if insecure and not allow_remote_insecure and not is_loopback(d.address):
+        raise FedforgeError(
+            f"--insecure refuses to listen on {d.address}: without TLS anyone on the network "
+            "can read and forge updates; listen on 127.0.0.1, or pass --allow-remote-insecure"
+        )
     credentials = None if insecure else ServerCredentials.load(Path(d.keys))
     names = sorted(credentials.clients) if credentials else sorted(client_names or [])
     if not names:
@@ -128,12 +149,23 @@ def run_server(
         store.register_client(name, cid, state.round)
 
     hub = Hub(run_id)
+    if state.round >= config.server.rounds:
+        hub.finished = state.round  # a complete run: answer late clients, then exit
+    # A stream holds a worker thread while it lives; a refused certificate holds none and a
+    # silent stream holds one for at most hello_timeout_s (MAX_PENDING_HELLOS per identity),
+    # and each identity has one session, so registered clients never run out of threads.
+    # Streams beyond the pool are refused (RESOURCE_EXHAUSTED, which clients retry).
+    workers = 4 * len(names) + 64
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2 * len(names) + 16),
+        futures.ThreadPoolExecutor(max_workers=workers),
         options=grpc_options(d.max_message_mb),
+        maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_FederationServicer_to_server(  # type: ignore[no-untyped-call]
-        FederationService(hub, credentials, client_ids, to_toml(config), d.heartbeat_s), server
+        FederationService(
+            hub, credentials, client_ids, to_toml(config), d.heartbeat_s, d.hello_timeout_s
+        ),
+        server,
     )
     if credentials is None:
         log.warning("INSECURE: no TLS, no client authentication; never use this over a network")
@@ -154,19 +186,46 @@ def run_server(
         model.set_params(params)
         return evaluate(model, data.test)
 
+    clamped: set[tuple[str, int]] = set()  # (client, cap) outlier clamps already logged
+
     def example_cap(cid: int, stage: str) -> int:
         """The largest example count accepted from a client (see :func:`size_cap`): a client
         with a share of the built-in dataset is held to its size (training examples, or
-        held-out examples for the evaluate stage)."""
+        held-out examples for the evaluate stage); a client the operator sized in
+        ``deploy.site_examples`` to that size; any other to ``deploy.max_size_ratio`` times
+        the median size the other clients declare. A claim is never what raises a cap."""
         session = hub.session_for(cid)
+        name = names[cid]
         builtin = d.client_data == "builtin" and cid < data.num_clients
-        if stage == FIT:
-            declared = session.declared_examples if session else 0
-            known = data.client_size(cid) if builtin else None
-            return size_cap(declared, known, d.max_examples, undeclared=d.max_examples)
-        declared = session.declared_holdout if session else 0
-        known = data.holdout_size(cid) if builtin else None
-        return size_cap(declared, known, d.max_examples, undeclared=0)
+        if stage != FIT:
+            declared = session.declared_holdout if session else 0
+            known = data.holdout_size(cid) if builtin else None
+            return size_cap(declared, known, d.max_examples, undeclared=0)
+        declared = session.declared_examples if session else 0
+        known = data.client_size(cid) if builtin else None
+        if name in d.site_examples:
+            known = (
+                min(known, d.site_examples[name]) if known is not None else d.site_examples[name]
+            )
+        cap = size_cap(declared, known, d.max_examples, undeclared=d.max_examples)
+        if name in d.site_examples:
+            return cap
+        others = [n for other, n in hub.declared_sizes().items() if other != name]
+        limit = outlier_cap(others, d.max_size_ratio)
+        if limit is not None and cap > limit:
+            if (name, limit) not in clamped:
+                clamped.add((name, limit))
+                log.warning(
+                    "client %s declares %s examples, more than %g x the median the other "
+                    "clients declare: it counts at most %d (results claiming more are "
+                    "rejected; set deploy.site_examples to vouch for a large site)",
+                    name,
+                    declared or "no number of",
+                    d.max_size_ratio,
+                    limit,
+                )
+            cap = limit
+        return cap
 
     transport = NetworkTransport(
         hub,
@@ -188,37 +247,159 @@ def run_server(
         aggregation=deployed_aggregation(config, signed=credentials is not None),
         evaluator=evaluator,
         federated_eval=build_federated_eval(config),
-        listener=listener or RoundListener(),
+        listener=_RoundLog(listener or RoundListener(), names),
         describe=lambda cid: names[cid] if 0 <= cid < len(names) else f"client {cid}",
         client_metrics=(DP_SGD_EPSILON,) if sample_dp else (),
         labels=dp_sgd_labels(sample_dp) if sample_dp else {},
         sampling_seed=secret_sampling_seed(config),
     )
-    needed = d.min_clients
-    if config.server.sampler == "uniform":
-        needed = max(needed, config.server.clients_per_round)
-    needed = min(needed, len(names))  # never wait for more clients than can exist
+    # Replies announcing more bytes than a valid record of their stage encodes to are
+    # refused at their first chunk: a client holds O(model) server memory at most.
+    transport.reply_limits = {
+        FIT: encoded_size_bound(driver.fit_spec.arrays),
+        EVALUATE: encoded_size_bound(driver.eval_spec.arrays),
+    }
+    # Rounds start once min_clients are connected, with whoever is connected (the sampler
+    # draws from them).
+    needed = min(d.min_clients, len(names))
     if config.privacy.mode == "central":
         # The accountant samples from every registered client: so must the sampler.
+        log.info("central DP: every round waits for all %d registered clients", len(names))
         needed = len(names)
+    retry = _RetryPolicy(hub, needed, d.max_retries, d.round_timeout_s)
+    watchdog = _Watchdog(hub, credentials, d.heartbeat_s, d.silent_heartbeats)
     try:
         state = driver.run(
             state,
             config.server.rounds,
             history,
             min_completed=d.min_completed,
-            max_retries=d.max_retries,
-            before_attempt=lambda: hub.wait_for_clients(needed),
-            checkpoint=lambda s, h: store.save(run_id, s, h),
+            max_retries=None,  # sites that cannot be reached are waited for, never fatal
+            before_attempt=retry.before_attempt,
+            checkpoint=lambda s, h: retry.round_done(lambda: store.save(run_id, s, h)),
         )
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
-        hub.broadcast(
-            pb.ServerMessage(
-                envelope=hub.envelope(), run_complete=pb.RunComplete(rounds=state.round)
-            )
-        )
+        hub.finish(state.round)
+        if d.linger_s > 0:
+            log.info("run complete; answering late clients for %g s", d.linger_s)
+            time.sleep(d.linger_s)
     finally:
+        watchdog.stop()
         transport.close()
         server.stop(grace=2).wait()
         store.close()
     return ServerRun(run_id, history, state, driver.stop_reason)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` listens on the loopback interface only."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _RoundLog(RoundListener):
+    """One INFO line per round, with names of the clients that failed or were rejected."""
+
+    def __init__(self, inner: RoundListener, names: list[str]) -> None:
+        self.inner = inner
+        self.names = names
+        self.started = time.monotonic()
+
+    def _name(self, cid: int) -> str:
+        return self.names[cid] if 0 <= cid < len(self.names) else f"client {cid}"
+
+    def round_started(self, round_number: int, client_ids: list[int]) -> None:
+        self.started = time.monotonic()
+        self.inner.round_started(round_number, client_ids)
+
+    def client_done(self, client_id: int, status: str) -> None:
+        self.inner.client_done(client_id, status)
+
+    def round_finished(self, record: RoundRecord) -> None:
+        if record.round > 0:
+            trouble = "".join(
+                f"; {kind}: {', '.join(self._name(c) for c in record.clients[kind])}"
+                for kind in ("failed", "rejected")
+                if record.clients.get(kind)
+            )
+            log.info(
+                "round %d: %d sampled, %d accepted, %d rejected, %d failed, accuracy %.4f, "
+                "%.1f s%s",
+                record.round,
+                record.clients_sampled,
+                record.clients_completed,
+                record.clients_rejected,
+                record.clients_failed,
+                record.test_accuracy,
+                time.monotonic() - self.started,
+                trouble,
+            )
+        self.inner.round_finished(record)
+
+
+class _RetryPolicy:
+    """Before each attempt of a round: wait until enough clients are connected; once a
+    round has failed ``max_retries`` times, wait for a client to (re)connect or for a round
+    deadline before trying again, logging it (the server never gives up on its sites)."""
+
+    def __init__(self, hub: Hub, needed: int, max_retries: int, wait_s: float) -> None:
+        self.hub = hub
+        self.needed = needed
+        self.max_retries = max_retries
+        self.wait_s = wait_s
+        self.attempts = 0
+
+    def round_done(self, save: Callable[[], None]) -> None:
+        """A round completed: ``save`` it, and start counting attempts afresh."""
+        save()
+        self.attempts = 0
+
+    def before_attempt(self) -> None:
+        self.attempts += 1
+        if self.attempts > self.max_retries + 1:
+            log.warning(
+                "%d attempts of this round failed; waiting up to %g s for a client to "
+                "connect before trying again",
+                self.attempts - 1,
+                self.wait_s,
+            )
+            self.hub.wait_for_change(self.wait_s)
+        self.hub.wait_for_clients(self.needed)
+
+
+class _Watchdog:
+    """Closes the sessions of clients that fell silent (a frozen process, a network
+    partition) within ``silent_heartbeats`` heartbeat intervals, and of clients whose
+    certificate was revoked while connected."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        credentials: ServerCredentials | None,
+        heartbeat_s: float,
+        silent_heartbeats: float,
+    ) -> None:
+        self.hub = hub
+        self.credentials = credentials
+        self.silent_s = heartbeat_s * silent_heartbeats
+        self.period_s = heartbeat_s / 4
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="watchdog")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.hub.reap(self.silent_s)
+            if self.credentials is not None:
+                revoked = self.credentials.revoked_names()
+                if revoked:
+                    self.hub.close_where(revoked.__contains__, "its certificate was revoked")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
