@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import queue
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ from fedforge.config import load_config
 from fedforge.core.records import FIT
 from fedforge.data.datasets import load_digits
 from fedforge.experiment import build_dataset
-from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
+from fedforge.net.codec import encode_params, split_payload
 from fedforge.net.keys import add_client, init_keys, revoke_client
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
@@ -25,6 +24,8 @@ from fedforge.net.server import size_cap
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
+    CraftedClient,
+    channel,
     fedforge,
     free_port,
     start_server,
@@ -34,109 +35,6 @@ from tests.net.helpers import (
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _channel(port: int, ca: bytes, key: bytes | None, cert: bytes | None) -> grpc.Channel:
-    tls = grpc.ssl_channel_credentials(
-        root_certificates=ca, private_key=key, certificate_chain=cert
-    )
-    return grpc.secure_channel(f"127.0.0.1:{port}", tls)
-
-
-class CraftedClient:
-    """Speaks the protocol by hand so the test can send what a real client never would."""
-
-    def __init__(self, port: int, creds: Path, declared: int = 0) -> None:
-        self.channel = _channel(
-            port,
-            (creds / "ca.crt").read_bytes(),
-            (creds / "client.key").read_bytes(),
-            (creds / "client.crt").read_bytes(),
-        )
-        self.out: queue.Queue[pb.ClientMessage | None] = queue.Queue()
-        self.out.put(
-            pb.ClientMessage(
-                hello=pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=declared)
-            )
-        )
-        self.stream = pb_grpc.FederationStub(self.channel).Connect(self._requests())
-        self.rejects: list[str] = []
-        self.done = threading.Event()
-        self.muted = False  # stops the heartbeats
-        self.heartbeat()
-        self.ended_by: grpc.StatusCode | None = None
-        self.run_id = ""
-        self.task_id = b""
-
-    def _requests(self) -> Iterator[pb.ClientMessage]:
-        while (m := self.out.get()) is not None:
-            yield m
-
-    def first_error(self) -> grpc.RpcError:
-        try:
-            for _ in self.stream:
-                pass
-        except grpc.RpcError as exc:
-            return exc
-        raise AssertionError("the server accepted the connection")
-
-    def next_task(self) -> tuple[int, dict[str, np.ndarray]]:
-        """The round and the shared arrays of the next task (a fit task: the model)."""
-        assembler = Reassembler(1 << 30)
-        for message in self.stream:
-            kind = message.WhichOneof("body")
-            if kind == "welcome":
-                self.run_id = message.envelope.run_id
-            elif kind == "task":
-                assert message.task.stage == FIT and len(message.task.seed) == 16
-                self.task_id = message.task.task_id
-                payload = assembler.add(message.task.chunk)
-                if payload is not None:
-                    return message.envelope.round, decode_params(payload)
-        raise AssertionError("stream ended before a task")
-
-    def envelope(self, round_number: int, nonce: bytes | None = None) -> pb.Envelope:
-        return pb.Envelope(run_id=self.run_id, round=round_number, nonce=nonce or os.urandom(16))
-
-    def send_result(
-        self, round_number: int, chunks: list[pb.Chunk], n: int, repeat_first: bool = False
-    ) -> None:
-        for i, chunk in enumerate(chunks):
-            msg = pb.ClientMessage(
-                envelope=self.envelope(round_number),
-                reply=pb.ReplyChunk(
-                    stage=FIT,
-                    num_examples=n,
-                    metrics={"train_loss": 0.5},
-                    chunk=chunk,
-                    task_id=self.task_id,
-                ),
-            )
-            self.out.put(msg)
-            if repeat_first and i == 0:
-                self.out.put(msg)  # a replay: identical message, identical nonce
-
-    def heartbeat(self, every_s: float = 0.3) -> None:
-        """Send heartbeats until the stream ends: alive, whether or not it answers."""
-
-        def beat() -> None:
-            while not self.done.wait(every_s) and not self.muted:
-                self.out.put(pb.ClientMessage(heartbeat=pb.Heartbeat()))
-
-        threading.Thread(target=beat, daemon=True).start()
-
-    def drain(self) -> None:
-        try:
-            for message in self.stream:
-                if message.WhichOneof("body") == "reject":
-                    self.rejects.append(message.reject.reason)
-                if message.WhichOneof("body") == "run_complete":
-                    break
-        except grpc.RpcError as exc:
-            self.ended_by = exc.code()
-        self.done.set()
-        self.out.put(None)
-        self.channel.close()
 
 
 def _zero_update(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -331,7 +229,7 @@ def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
     try:
         wait_for_port(port)
         # No client certificate at all: the TLS handshake fails.
-        anonymous = pb_grpc.FederationStub(_channel(port, ca, None, None))
+        anonymous = pb_grpc.FederationStub(channel(port, ca, None, None))
         with pytest.raises(grpc.RpcError) as info:
             list(
                 anonymous.Connect(
@@ -348,7 +246,7 @@ def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
         # A certificate from another CA: the handshake fails.
         creds = foreign / "alice"
         stub = pb_grpc.FederationStub(
-            _channel(
+            channel(
                 port, ca, (creds / "client.key").read_bytes(), (creds / "client.crt").read_bytes()
             )
         )

@@ -67,6 +67,8 @@ class Session:
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_seen: float = field(default_factory=time.monotonic)  # the last message received
+    # The client declared its data sizes (its Hello after the Welcome): it may be sampled.
+    ready: bool = False
     invalid: int = 0  # invalid messages received (the first is logged, not the rest)
     invalid_times: deque[float] = field(default_factory=deque)  # the recent ones
     # Called once when the hub closes the session (ends the client's stream).
@@ -173,9 +175,19 @@ class Hub:
         with self._changed:
             return {s.name: s.declared_examples for s in self._sessions.values()}
 
-    def connected_ids(self) -> list[int]:
+    def mark_ready(self, session: Session) -> None:
+        """The client has declared its data sizes: from now on it may be sampled."""
         with self._changed:
-            return sorted(s.client_id for s in self._sessions.values())
+            session.ready = True
+            self._changed.notify_all()
+
+    def _ready(self) -> list[Session]:
+        return [s for s in self._sessions.values() if s.ready]
+
+    def connected_ids(self) -> list[int]:
+        """The clients that may be sampled: connected, and their sizes declared."""
+        with self._changed:
+            return sorted(s.client_id for s in self._ready())
 
     def session_for(self, client_id: int) -> Session | None:
         with self._changed:
@@ -184,20 +196,21 @@ class Hub:
     def wait_for_clients(
         self, count: int, timeout: float | None = None, *, log_every_s: float = 30.0
     ) -> bool:
-        """Block until ``count`` clients are connected (woken by every change, no polling),
+        """Block until ``count`` clients are connected and have declared their sizes (woken
+        by every change, no polling),
         logging who is awaited when it has to wait, then every ``log_every_s``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         next_log = time.monotonic()
         with self._changed:
-            while len(self._sessions) < count:
+            while len(self._ready()) < count:
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     return False
                 if now >= next_log:
                     log.info(
                         "waiting for clients: %d connected (%s), %d needed to start a round",
-                        len(self._sessions),
-                        ", ".join(sorted(self._sessions)) or "none",
+                        len(self._ready()),
+                        ", ".join(sorted(s.name for s in self._ready())) or "none",
                         count,
                     )
                     next_log = now + log_every_s

@@ -201,6 +201,7 @@ class FederationService(pb_grpc.FederationServicer):
                 session.declared_examples = int(hello.num_examples)
             if session.declared_holdout <= 0 < hello.holdout_examples:
                 session.declared_holdout = int(hello.holdout_examples)
+            self.hub.mark_ready(session)
             return
         env = message.envelope
         if env.run_id != self.hub.run_id:
