@@ -74,17 +74,17 @@ def test_no_intact_round_is_a_clear_error(tmp_path: Path) -> None:
     _three_rounds(tmp_path)
     for name in ("round_000002.safetensors", "round_000003.safetensors"):
         (tmp_path / name).write_bytes(b"")
-    with pytest.raises(FedforgeError, match="no intact checkpoint .* --new-run"):
+    with pytest.raises(FedforgeError, match=r"no intact checkpoint .* --new-run"):
         _resume(tmp_path)
 
 
 def test_a_lost_or_unreadable_database_is_not_started_over(tmp_path: Path) -> None:
     _three_rounds(tmp_path)
     (tmp_path / "state.sqlite").unlink()
-    with pytest.raises(FedforgeError, match="holds checkpoints .* but no run to resume"):
+    with pytest.raises(FedforgeError, match=r"holds checkpoints .* but no run to resume"):
         _resume(tmp_path)
     (tmp_path / "state.sqlite").write_bytes(b"not a database" * 100)
-    with pytest.raises(FedforgeError, match="state.sqlite is unreadable"):
+    with pytest.raises(FedforgeError, match=r"state\.sqlite is unreadable"):
         _resume(tmp_path)
     CheckpointStore.discard(tmp_path)  # what --new-run does
     run_id, state, history = _resume(tmp_path)
