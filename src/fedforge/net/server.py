@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 from safetensors.numpy import save_file
 
@@ -18,7 +19,7 @@ from fedforge.aggregate.kinds import Aggregation
 from fedforge.algorithms.base import ServerState
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import FedforgeError
-from fedforge.core.params import Params, spec_of
+from fedforge.core.params import Params, ParamSpec, spec_of
 from fedforge.core.records import EVALUATE, FIT
 from fedforge.core.rng import RngStreams
 from fedforge.experiment import (
@@ -45,6 +46,7 @@ from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
 from fedforge.runtime.driver import Driver, RoundListener
 from fedforge.secagg.aggregation import SecureAggregation
+from fedforge.secagg.protocol import CIPHERTEXT_BYTES, IDENTITY_BYTES, MASK, STEPS
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.torch_model import TorchModel
@@ -102,6 +104,19 @@ def deployed_aggregation(config: RunConfig, *, signed: bool) -> Aggregation:
     if isinstance(aggregation, SecureAggregation) and signed:
         return replace(aggregation, require_identities=True)
     return aggregation
+
+
+def reply_limits(fit: ParamSpec, population: int) -> dict[str, int]:
+    """The largest reply each stage may announce: what a valid record of it encodes to.
+    Secure aggregation's masked input is the record in a ring of at most 64-bit words; its
+    other steps carry keys, shares and ciphertexts: a few KiB per client of the federation."""
+    words = sum(int(np.prod(a.shape, dtype=np.int64)) for a in fit.values())
+    per_client = (population + 1) * (IDENTITY_BYTES + CIPHERTEXT_BYTES + 1024)
+    limits = {step: (64 << 10) + per_client for step in STEPS}
+    limits[MASK] = 8 * words + (64 << 10) + per_client
+    limits[FIT] = encoded_size_bound(fit)
+    limits[EVALUATE] = encoded_size_bound({})
+    return limits
 
 
 def run_server(
@@ -254,10 +269,7 @@ def run_server(
     )
     # Replies announcing more bytes than a valid record of their stage encodes to are
     # refused at their first chunk: a client holds O(model) server memory at most.
-    transport.reply_limits = {
-        FIT: encoded_size_bound(driver.fit_spec.arrays),
-        EVALUATE: encoded_size_bound(driver.eval_spec.arrays),
-    }
+    transport.reply_limits = reply_limits(driver.fit_spec.arrays, len(names))
     # Rounds start once min_clients are connected, with whoever is connected (the sampler
     # draws from them).
     needed = min(d.min_clients, len(names))
