@@ -104,7 +104,11 @@ class CheckpointStore:
         seed is refused, and so is any stored run unless ``resume``."""
         saved = self.load()
         if saved is None:
-            leftovers = sorted(p.name for p in self.directory.glob("round_*.safetensors"))
+            leftovers = sorted(
+                p.name
+                for p in self.directory.glob("*.safetensors")
+                if p.name.startswith("round_") or p.name == "final_model.safetensors"
+            )
             if leftovers:
                 raise FedforgeError(
                     f"{self.directory} holds checkpoints ({', '.join(leftovers)}) but no run "
