@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,7 @@ state_dir = "{state}"
 min_clients = {clients}
 round_timeout_s = 600
 max_payload_mb = 4096
+linger_s = 0
 """
 
 
@@ -240,11 +242,14 @@ async def _light_client(port: int, creds: Path, rounds_done: list[int]) -> None:
 
         call = pb_grpc.FederationStub(channel).Connect(requests())
         run_id, assembler = "", Reassembler(1 << 30)
+        beats: list[asyncio.Task[None]] = []
         rng = np.random.default_rng()
         async for message in call:
             kind = message.WhichOneof("body")
             if kind == "welcome":
                 run_id = message.envelope.run_id
+                await out.put(pb.ClientMessage(hello=hello))  # sizes declared: may be sampled
+                beats.append(asyncio.create_task(_heartbeats(out, message.welcome.heartbeat_ms)))
             elif kind == "task":
                 if message.task.chunk.index == 0:
                     assembler = Reassembler(1 << 30)
@@ -275,7 +280,18 @@ async def _light_client(port: int, creds: Path, rounds_done: list[int]) -> None:
                 rounds_done.append(1)
             elif kind == "run_complete":
                 break
+        for beat in beats:
+            beat.cancel()
         await out.put(None)
+
+
+async def _heartbeats(out: asyncio.Queue[Any], every_ms: int) -> None:
+    """A client's heartbeats: the server closes the session of a client silent for a few."""
+    from fedforge.net.proto import fedforge_pb2 as pb
+
+    while True:
+        await asyncio.sleep(every_ms / 1000)
+        await out.put(pb.ClientMessage(heartbeat=pb.Heartbeat()))
 
 
 def load(num_clients: int = 200, rounds: int = 10) -> None:

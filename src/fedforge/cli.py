@@ -386,12 +386,60 @@ def keys_add_client(
     console.print(f"client {name!r}: credentials in {target} (hand this directory to the client)")
 
 
+@keys_app.command("request")
+def keys_request(
+    name: Annotated[str, typer.Argument(help="This site's client name (its identity).")],
+    out: Annotated[Path, typer.Option("--out", help="This site's credentials directory.")] = Path(
+        "credentials"
+    ),
+) -> None:
+    """At a site: make the site's private key and a certificate signing request.
+
+    The key stays in OUT; send OUT/client.csr to the coordinator (`fedforge keys sign`) and
+    put the client.crt and ca.crt it returns into OUT."""
+    from fedforge.net.keys import request_certificate
+
+    try:
+        csr = request_certificate(name, out)
+    except FedforgeError as exc:
+        raise _fail(exc) from None
+    console.print(
+        f"private key in {out / 'client.key'} (keep it here); send {csr} to the coordinator"
+    )
+
+
+@keys_app.command("sign")
+def keys_sign(
+    request: Annotated[Path, typer.Argument(help="A site's client.csr.")],
+    keys: Annotated[Path, typer.Option("--keys", help="Keys directory.")] = Path("keys"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Where to write client.crt and ca.crt (default: beside the request)."
+        ),
+    ] = None,
+) -> None:
+    """At the coordinator: register a site from its signing request and issue its certificate."""
+    from fedforge.net.keys import ca_fingerprint, sign_request
+
+    target = out or request.parent
+    try:
+        name = sign_request(keys, request, target)
+    except FedforgeError as exc:
+        raise _fail(exc) from None
+    console.print(
+        f"client {name!r} registered: send {target / 'client.crt'} and {target / 'ca.crt'} to the "
+        f"site; CA fingerprint (confirm it with the site) SHA-256 {ca_fingerprint(keys)}",
+        soft_wrap=True,
+    )
+
+
 @keys_app.command("revoke")
 def keys_revoke(
     name: Annotated[str, typer.Argument(help="Client to revoke.")],
     keys: Annotated[Path, typer.Option("--keys", help="Keys directory.")] = Path("keys"),
 ) -> None:
-    """Revoke a client's certificate (takes effect when the server next starts)."""
+    """Revoke a client's certificate (a running server closes its session within a heartbeat)."""
     from fedforge.net.keys import revoke_client
 
     try:
@@ -411,6 +459,20 @@ def server(
     client: Annotated[
         list[str] | None, typer.Option("--client", help="--insecure only: allowed client names.")
     ] = None,
+    allow_remote_insecure: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote-insecure", help="--insecure only: listen beyond loopback anyway."
+        ),
+    ] = False,
+    new_run: Annotated[
+        bool,
+        typer.Option(
+            "--new-run",
+            help="Start a new run even though deploy.state_dir holds state it cannot resume "
+            "(deletes that state).",
+        ),
+    ] = False,
 ) -> None:
     """Serve a federated run over gRPC (mutual TLS); resumes from deploy.state_dir."""
     from fedforge.config import load_config
@@ -428,7 +490,16 @@ def server(
             "not authenticated. Never use this beyond localhost.[/]"
         )
     try:
-        result = run_server(cfg, insecure=insecure, client_names=client)
+        if new_run:
+            from fedforge.runtime.checkpoint import CheckpointStore
+
+            CheckpointStore.discard(Path(cfg.deploy.state_dir))
+        result = run_server(
+            cfg,
+            insecure=insecure,
+            client_names=client,
+            allow_remote_insecure=allow_remote_insecure,
+        )
     except FedforgeError as exc:
         raise _fail(exc) from None
     last = result.history[-1]

@@ -288,6 +288,33 @@ class DeployConfig(_Section):
     chunk_kb: int = Field(1024, ge=1, description="size of one streamed chunk")
     max_payload_mb: int = Field(4096, ge=1, description="largest model or update accepted")
     max_examples: int = Field(10_000_000, ge=1, description="hard cap on a claimed sample count")
+    site_examples: dict[str, int] = Field(
+        default_factory=dict,
+        description="the operator's training-set size per client name: a client listed here "
+        "never counts more examples, whatever it declares",
+    )
+    max_size_ratio: float = Field(
+        10.0,
+        ge=0,
+        description="a client not in site_examples counts at most this many times the median "
+        "size the other connected clients declare (outlier claims are logged, larger counts "
+        "rejected); 0: no such cap",
+    )
+    hello_timeout_s: float = Field(
+        10.0, gt=0, description="a connection that sends no Hello within this is closed"
+    )
+    silent_heartbeats: float = Field(
+        2.5,
+        gt=1,
+        description="a client silent (no heartbeat) for this many heartbeat intervals is "
+        "disconnected and not sampled",
+    )
+    linger_s: float = Field(
+        30.0,
+        ge=0,
+        description="after the last round, keep answering late clients that the run is "
+        "complete for this long",
+    )
     client_data: Literal["builtin", "own"] = Field(
         "builtin",
         description="builtin: clients train on their share of the run's dataset and are held "

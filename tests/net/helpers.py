@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
+import numpy as np
+
+from fedforge.core.records import FIT
+from fedforge.net.codec import Reassembler, decode_params
 from fedforge.net.keys import add_client, init_keys
+from fedforge.net.proto import fedforge_pb2 as pb
+from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+from fedforge.net.service import PROTOCOL_VERSION
 
 BASE_CONFIG = """
 seed = 3
@@ -36,9 +47,11 @@ keys = "{keys}"
 state_dir = "{state}"
 min_clients = {min_clients}
 round_timeout_s = {timeout}
-heartbeat_s = 1.0
+heartbeat_s = {heartbeat}
 min_completed = {min_completed}
 max_retries = {max_retries}
+linger_s = {linger}
+{deploy_extra}
 {extra}"""
 
 
@@ -70,11 +83,14 @@ def write_config(
     timeout: float = 30,
     min_completed: int = 1,
     max_retries: int = 3,
+    linger: float = 0,
+    heartbeat: float = 1.0,
+    deploy_extra: str = "",
     server_extra: str = "",
     extra: str = "",
 ) -> Path:
-    """A run configuration; ``server_extra`` adds keys to ``[server]`` and ``extra`` appends
-    TOML sections (e.g. ``[algorithm]``)."""
+    """A run configuration; ``server_extra`` and ``deploy_extra`` add keys to ``[server]`` and
+    ``[deploy]``, and ``extra`` appends TOML sections (e.g. ``[algorithm]``)."""
     path = root / f"{state}.toml"
     path.write_text(
         BASE_CONFIG.format(
@@ -89,6 +105,9 @@ def write_config(
             timeout=timeout,
             min_completed=min_completed,
             max_retries=max_retries,
+            linger=linger,
+            heartbeat=heartbeat,
+            deploy_extra=deploy_extra,
             server_extra=server_extra,
             extra=extra,
         )
@@ -147,3 +166,165 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
             return False
 
     wait_for(listening, timeout, f"a server on port {port}")
+
+
+def channel(port: int, ca: bytes, key: bytes | None, cert: bytes | None) -> grpc.Channel:
+    tls = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+    return grpc.secure_channel(f"127.0.0.1:{port}", tls)
+
+
+class CraftedClient:
+    """Speaks the protocol by hand so the test can send what a real client never would."""
+
+    def __init__(self, port: int, creds: Path, declared: int = 0) -> None:
+        self.channel = channel(
+            port,
+            (creds / "ca.crt").read_bytes(),
+            (creds / "client.key").read_bytes(),
+            (creds / "client.crt").read_bytes(),
+        )
+        self.declared = declared
+        self.out: queue.Queue[pb.ClientMessage | None] = queue.Queue()
+        self.out.put(
+            pb.ClientMessage(
+                hello=pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=declared)
+            )
+        )
+        self.stream = pb_grpc.FederationStub(self.channel).Connect(self._requests())
+        self.rejects: list[str] = []
+        self.done = threading.Event()
+        self.muted = False  # stops the heartbeats
+        self.heartbeat()
+        self.ended_by: grpc.StatusCode | None = None
+        self.run_id = ""
+        self.task_id = b""
+
+    def _requests(self) -> Iterator[pb.ClientMessage]:
+        while (m := self.out.get()) is not None:
+            yield m
+
+    def first_error(self) -> grpc.RpcError:
+        try:
+            for _ in self.stream:
+                pass
+        except grpc.RpcError as exc:
+            return exc
+        raise AssertionError("the server accepted the connection")
+
+    def next_task(self) -> tuple[int, dict[str, np.ndarray]]:
+        """The round and the shared arrays of the next task (a fit task: the model)."""
+        assembler = Reassembler(1 << 30)
+        for message in self.stream:
+            kind = message.WhichOneof("body")
+            if kind == "welcome":
+                self.run_id = message.envelope.run_id
+                # Declare the data sizes, as a real client does once welcomed.
+                hello = pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=self.declared)
+                self.out.put(pb.ClientMessage(hello=hello))
+            elif kind == "task":
+                assert message.task.stage == FIT and len(message.task.seed) == 16
+                self.task_id = message.task.task_id
+                payload = assembler.add(message.task.chunk)
+                if payload is not None:
+                    return message.envelope.round, decode_params(payload)
+        raise AssertionError("stream ended before a task")
+
+    def envelope(self, round_number: int, nonce: bytes | None = None) -> pb.Envelope:
+        return pb.Envelope(run_id=self.run_id, round=round_number, nonce=nonce or os.urandom(16))
+
+    def send_result(
+        self, round_number: int, chunks: list[pb.Chunk], n: int, repeat_first: bool = False
+    ) -> None:
+        for i, chunk in enumerate(chunks):
+            msg = pb.ClientMessage(
+                envelope=self.envelope(round_number),
+                reply=pb.ReplyChunk(
+                    stage=FIT,
+                    num_examples=n,
+                    metrics={"train_loss": 0.5},
+                    chunk=chunk,
+                    task_id=self.task_id,
+                ),
+            )
+            self.out.put(msg)
+            if repeat_first and i == 0:
+                self.out.put(msg)  # a replay: identical message, identical nonce
+
+    def heartbeat(self, every_s: float = 0.3) -> None:
+        """Send heartbeats until the stream ends: alive, whether or not it answers."""
+
+        def beat() -> None:
+            while not self.done.wait(every_s) and not self.muted:
+                self.out.put(pb.ClientMessage(heartbeat=pb.Heartbeat()))
+
+        threading.Thread(target=beat, daemon=True).start()
+
+    def drain(self) -> None:
+        try:
+            for message in self.stream:
+                if message.WhichOneof("body") == "reject":
+                    self.rejects.append(message.reject.reason)
+                if message.WhichOneof("body") == "run_complete":
+                    break
+        except grpc.RpcError as exc:
+            self.ended_by = exc.code()
+        self.done.set()
+        self.out.put(None)
+        self.channel.close()
+
+
+class FreezableProxy:
+    """A TCP relay on 127.0.0.1 to ``upstream_port`` that can stop forwarding in both
+    directions while keeping every connection open: a silent network partition."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self.listener.accept()
+            except OSError:
+                return
+            self.flowing.wait()
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:  # the server is not up (yet): as if the network refused
+                downstream.close()
+                continue
+            for src, dst in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        while True:
+            self.flowing.wait()
+            try:
+                data = src.recv(1 << 16)
+                self.flowing.wait()  # held until the partition heals, as TCP would retransmit it
+                if not data:
+                    break
+                dst.sendall(data)
+            except OSError:
+                break
+        for s in (src, dst):
+            s.close()
+
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    def thaw(self) -> None:
+        self.flowing.set()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def log_has(path: Path, text: str) -> bool:
+    return path.exists() and text in path.read_text(errors="replace")

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import queue
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -17,7 +16,7 @@ from fedforge.config import load_config
 from fedforge.core.records import FIT
 from fedforge.data.datasets import load_digits
 from fedforge.experiment import build_dataset
-from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
+from fedforge.net.codec import encode_params, split_payload
 from fedforge.net.keys import add_client, init_keys, revoke_client
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
@@ -25,6 +24,8 @@ from fedforge.net.server import size_cap
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
+    CraftedClient,
+    channel,
     fedforge,
     free_port,
     start_server,
@@ -34,95 +35,6 @@ from tests.net.helpers import (
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def _channel(port: int, ca: bytes, key: bytes | None, cert: bytes | None) -> grpc.Channel:
-    tls = grpc.ssl_channel_credentials(
-        root_certificates=ca, private_key=key, certificate_chain=cert
-    )
-    return grpc.secure_channel(f"127.0.0.1:{port}", tls)
-
-
-class CraftedClient:
-    """Speaks the protocol by hand so the test can send what a real client never would."""
-
-    def __init__(self, port: int, creds: Path, declared: int = 0) -> None:
-        self.channel = _channel(
-            port,
-            (creds / "ca.crt").read_bytes(),
-            (creds / "client.key").read_bytes(),
-            (creds / "client.crt").read_bytes(),
-        )
-        self.out: queue.Queue[pb.ClientMessage | None] = queue.Queue()
-        self.out.put(
-            pb.ClientMessage(
-                hello=pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=declared)
-            )
-        )
-        self.stream = pb_grpc.FederationStub(self.channel).Connect(self._requests())
-        self.rejects: list[str] = []
-        self.run_id = ""
-        self.task_id = b""
-
-    def _requests(self) -> Iterator[pb.ClientMessage]:
-        while (m := self.out.get()) is not None:
-            yield m
-
-    def first_error(self) -> grpc.RpcError:
-        try:
-            for _ in self.stream:
-                pass
-        except grpc.RpcError as exc:
-            return exc
-        raise AssertionError("the server accepted the connection")
-
-    def next_task(self) -> tuple[int, dict[str, np.ndarray]]:
-        """The round and the shared arrays of the next task (a fit task: the model)."""
-        assembler = Reassembler(1 << 30)
-        for message in self.stream:
-            kind = message.WhichOneof("body")
-            if kind == "welcome":
-                self.run_id = message.envelope.run_id
-            elif kind == "task":
-                assert message.task.stage == FIT and len(message.task.seed) == 16
-                self.task_id = message.task.task_id
-                payload = assembler.add(message.task.chunk)
-                if payload is not None:
-                    return message.envelope.round, decode_params(payload)
-        raise AssertionError("stream ended before a task")
-
-    def envelope(self, round_number: int, nonce: bytes | None = None) -> pb.Envelope:
-        return pb.Envelope(run_id=self.run_id, round=round_number, nonce=nonce or os.urandom(16))
-
-    def send_result(
-        self, round_number: int, chunks: list[pb.Chunk], n: int, repeat_first: bool = False
-    ) -> None:
-        for i, chunk in enumerate(chunks):
-            msg = pb.ClientMessage(
-                envelope=self.envelope(round_number),
-                reply=pb.ReplyChunk(
-                    stage=FIT,
-                    num_examples=n,
-                    metrics={"train_loss": 0.5},
-                    chunk=chunk,
-                    task_id=self.task_id,
-                ),
-            )
-            self.out.put(msg)
-            if repeat_first and i == 0:
-                self.out.put(msg)  # a replay: identical message, identical nonce
-
-    def drain(self) -> None:
-        try:
-            for message in self.stream:
-                if message.WhichOneof("body") == "reject":
-                    self.rejects.append(message.reject.reason)
-                if message.WhichOneof("body") == "run_complete":
-                    break
-        except grpc.RpcError:
-            pass
-        self.out.put(None)
-        self.channel.close()
 
 
 def _zero_update(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -164,8 +76,32 @@ BEHAVIOURS: dict[str, Callable[[CraftedClient, int, dict[str, np.ndarray]], None
     "replay": lambda c, r, p: c.send_result(
         r, list(split_payload(encode_params(_zero_update(p)), 256)), 5, repeat_first=True
     ),
-    "silent": lambda c, r, p: None,  # stays connected, never answers
+    "silent": lambda c, r, p: None,  # alive (heartbeats), never answers
+    "mute": lambda c, r, p: setattr(c, "muted", True),  # falls silent: a dead session
+    # Announces a 1 GiB result (the model's update is ~10 KB): refused at the first chunk.
+    "oversized": lambda c, r, p: c.send_result(r, [_huge_first_chunk()], 5),
+    # Floods invalid messages (another run's id): disconnected, logged once.
+    "flood": lambda c, r, p: [c.out.put(_foreign_message(r)) for _ in range(FLOOD)],
 }
+FLOOD = 2000
+
+
+def _huge_first_chunk() -> pb.Chunk:
+    return pb.Chunk(
+        transfer_id=os.urandom(16),
+        index=0,
+        count=1 << 10,
+        total_bytes=1 << 30,
+        sha256=os.urandom(32),
+        data=os.urandom(1 << 10),
+    )
+
+
+def _foreign_message(round_number: int) -> pb.ClientMessage:
+    return pb.ClientMessage(
+        envelope=pb.Envelope(run_id="another-run", round=round_number, nonce=os.urandom(16)),
+        reply=pb.ReplyChunk(stage=FIT, num_examples=1, chunk=pb.Chunk()),
+    )
 
 
 def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) -> None:
@@ -245,10 +181,11 @@ def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) ->
     # honest + replay (its replayed duplicate is dropped, the result itself is valid).
     assert record.clients_sampled == len(names)
     assert record.clients_completed == 2
-    # nan, shape, inflated, overclaim, garbage, truncated
-    assert record.clients_rejected == 6
+    # nan, shape, inflated, overclaim, garbage, truncated, oversized
+    assert record.clients_rejected == 7
     assert overclaim_id in record.clients["rejected"]
-    assert record.clients_failed == 1  # the silent one, dropped at the deadline
+    # silent (dropped at the deadline), mute (dead: no heartbeats), flood (disconnected)
+    assert record.clients_failed == 3
     log = (tmp_path / "server.log").read_text()
     for reason in [
         "NaN",
@@ -258,8 +195,18 @@ def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) ->
         "undecodable",
         "truncated",
         "no result within",
+        "client mute sent nothing for",
+        f"transfer of {1 << 30} bytes exceeds the limit of",
+        "client flood sent 32 invalid messages within",
     ]:
         assert reason in log, reason
+    # The flood: one line when it starts, one when it is cut off, one for the round.
+    assert sum("flood" in line for line in log.splitlines()) <= 5
+    assert crafted["flood"].rejects.__len__() <= 4
+    assert crafted["flood"].ended_by is not None  # its stream was ended by the server
+    # One line per round naming the clients that failed or were rejected.
+    assert "round 1: 12 sampled, 2 accepted, 7 rejected, 3 failed" in log
+    assert "failed: flood, mute, silent" in log
     assert any("replayed" in r for r in crafted["replay"].rejects)
     assert "with 900 examples" in (tmp_path / "honest.log").read_text()
 
@@ -282,7 +229,7 @@ def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
     try:
         wait_for_port(port)
         # No client certificate at all: the TLS handshake fails.
-        anonymous = pb_grpc.FederationStub(_channel(port, ca, None, None))
+        anonymous = pb_grpc.FederationStub(channel(port, ca, None, None))
         with pytest.raises(grpc.RpcError) as info:
             list(
                 anonymous.Connect(
@@ -299,7 +246,7 @@ def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
         # A certificate from another CA: the handshake fails.
         creds = foreign / "alice"
         stub = pb_grpc.FederationStub(
-            _channel(
+            channel(
                 port, ca, (creds / "client.key").read_bytes(), (creds / "client.crt").read_bytes()
             )
         )
@@ -311,23 +258,16 @@ def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
                 )
             )
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        # The real alice connects; a second alice is a duplicate.
+        # The real alice connects; alice connecting again (her first session hung, say)
+        # replaces the first session, whose stream the server ends.
         first = CraftedClient(port, keys / "alice")
         assert next(first.stream).WhichOneof("body") == "welcome"  # alice is registered
-        reader = threading.Thread(target=lambda: list(_safe(first.stream)), daemon=True)
-        reader.start()
         second = CraftedClient(port, keys / "alice")
-        assert second.first_error().code() == grpc.StatusCode.ALREADY_EXISTS
+        assert next(second.stream).WhichOneof("body") == "welcome"
+        assert first.first_error().code() == grpc.StatusCode.CANCELLED
         assert server.poll() is None  # still serving after all of that
     finally:
         stop_all([server])
-
-
-def _safe(stream: Iterator[pb.ServerMessage]) -> Iterator[pb.ServerMessage]:
-    try:
-        yield from stream
-    except grpc.RpcError:
-        return
 
 
 def test_a_known_size_caps_the_declared_one() -> None:

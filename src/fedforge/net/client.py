@@ -60,12 +60,17 @@ log = logging.getLogger("fedforge")
 DataLoader = Callable[[FederatedDataset, int], ClientData]
 DEFAULT_STATE_ROOT = Path("client-state")
 Outbox = queue.Queue[pb.ClientMessage | Iterator[pb.ClientMessage] | None]
+# Refusals that retrying cannot change. Anything else (UNAVAILABLE, RESOURCE_EXHAUSTED, a
+# stream cancelled or timed out...) is transient: the client reconnects with backoff.
 FATAL = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.INVALID_ARGUMENT,
 }
+# gRPC's words for a TLS handshake that failed on a certificate (ours or the server's).
+TLS_REFUSALS = ("CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE", "certificate verify failed")
+SILENT_SERVER_HEARTBEATS = 3.0  # a server silent this many heartbeat intervals is gone
 
 
 def builtin_partition(data: FederatedDataset, client_id: int) -> ClientData:
@@ -117,6 +122,12 @@ class FederatedClient:
     ) -> None:
         """``state_dir`` holds the client's persistent state (one subdirectory per run);
         default ``client-state/<client name>`` in the working directory."""
+        if credentials is None:
+            log.warning(
+                "INSECURE: no TLS: the server is not authenticated and traffic to %s is "
+                "unencrypted; never use this over a network",
+                address,
+            )
         self.address = address
         self.credentials = credentials
         self.data_loader = data_loader
@@ -139,12 +150,18 @@ class FederatedClient:
                     return self._trained
                 attempt = 1 if self._joined else attempt + 1
             except grpc.RpcError as exc:
-                code = exc.code()
-                if code in FATAL or code == grpc.StatusCode.ALREADY_EXISTS:
+                code, details = exc.code(), str(exc.details())
+                if code in FATAL:
                     raise FatalClientError(
-                        f"server refused the client: {code.name}: {exc.details()}"
+                        f"server refused the client: {code.name}: {details}"
                     ) from None
-                log.warning("connection lost (%s: %s)", code.name, exc.details())
+                if not self._joined and any(word in details for word in TLS_REFUSALS):
+                    raise FatalClientError(
+                        "the TLS handshake failed on a certificate: the server does not "
+                        "accept this client's certificate, or the server's certificate is not "
+                        f"signed by this client's ca.crt ({details})"
+                    ) from None
+                log.warning("connection lost (%s: %s)", code.name, details)
                 # After a session that was established, back off from the start again.
                 attempt = 1 if self._joined else attempt + 1
             if self.max_attempts is not None and attempt > self.max_attempts:
@@ -189,14 +206,20 @@ class FederatedClient:
         )
         with self._channel() as channel:
             stream = pb_grpc.FederationStub(channel).Connect(requests())  # type: ignore[no-untyped-call]
+            watch = _ServerWatch(stream, stop)
             try:
                 worker = _Worker(outbox, self.data_loader, self.state_dir, self._identity())
                 for message in stream:
+                    watch.busy = True
                     kind = message.WhichOneof("body")
                     if kind == "welcome":
+                        # Heartbeats first: building the model and data may take a while,
+                        # and a client silent for a few heartbeats counts as gone.
+                        heartbeat_s = message.welcome.heartbeat_ms / 1000
+                        _start_heartbeats(outbox, stop, heartbeat_s)
                         worker.welcome(message)
                         self._joined = True
-                        _start_heartbeats(outbox, stop, message.welcome.heartbeat_ms / 1000)
+                        watch.start(heartbeat_s * SILENT_SERVER_HEARTBEATS)
                     elif kind == "task":
                         self._trained += worker.task(message)
                     elif kind == "reject":
@@ -204,10 +227,41 @@ class FederatedClient:
                     elif kind == "run_complete":
                         log.info("run complete after %d rounds", message.run_complete.rounds)
                         return True
+                    watch.seen()
             finally:
                 stop.set()
                 outbox.put(None)
         return False
+
+
+class _ServerWatch:
+    """Cancels the stream when the server has sent nothing (not even a heartbeat) for
+    ``silent_s`` while the client waits for it: a silent network partition, after which the
+    client reconnects. Time spent working on a task does not count."""
+
+    def __init__(self, stream: grpc.Future, stop: threading.Event) -> None:
+        self.stream = stream
+        self.stop = stop
+        self.busy = False
+        self.last = time.monotonic()
+
+    def seen(self) -> None:
+        self.last = time.monotonic()
+        self.busy = False
+
+    def start(self, silent_s: float) -> None:
+        def watch() -> None:
+            while not self.stop.wait(silent_s / 4):
+                if not self.busy and time.monotonic() - self.last > silent_s:
+                    log.warning(
+                        "no message from the server for %.1f s: reconnecting",
+                        time.monotonic() - self.last,
+                    )
+                    self.stream.cancel()
+                    return
+
+        self.seen()
+        threading.Thread(target=watch, daemon=True, name="server-watch").start()
 
 
 def _start_heartbeats(outbox: Outbox, stop: threading.Event, interval_s: float) -> None:

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
 from fedforge.core.errors import FedforgeError
-from fedforge.core.params import Params
+from fedforge.core.params import Params, ParamSpec
 from fedforge.net.proto import fedforge_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB pieces: far below gRPC's message limits
@@ -91,13 +91,30 @@ def split_payload(
         )
 
 
+def encoded_size_bound(spec: ParamSpec) -> int:
+    """An upper bound on the safetensors size of arrays matching ``spec``: their bytes plus a
+    generous header allowance. A transfer that announces more cannot be a valid record, so
+    it is refused before any of it is received."""
+    data = sum(
+        int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize for a in spec.values()
+    )
+    header = 8 + 1024 + sum(len(name.encode()) + 160 for name in spec)
+    return int(data) + header
+
+
 class Reassembler:
-    """Collects the chunks of one transfer in order and checks size and digest."""
+    """Collects the chunks of one transfer in order and checks size and digest.
+
+    The announced size is checked against ``max_bytes`` at the first chunk; the chunks are
+    copied into one buffer of that size and hashed as they arrive (no list of parts, no
+    join), so a transfer costs its announced size once while it is received."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._first: pb.Chunk | None = None
-        self._parts: list[bytes] = []
+        self._buffer = bytearray()
+        self._hash = hashlib.sha256()
+        self._count = 0
         self._size = 0
 
     def add(self, chunk: pb.Chunk) -> bytes | None:
@@ -106,14 +123,19 @@ class Reassembler:
         if first is None:
             if chunk.index != 0:
                 raise ProtocolError(f"transfer starts at chunk {chunk.index}, expected 0")
-            if chunk.count < 1 or chunk.total_bytes > self.max_bytes:
+            if chunk.total_bytes > self.max_bytes:
                 raise ProtocolError(
-                    f"transfer of {chunk.total_bytes} bytes in {chunk.count} chunks exceeds "
-                    f"the limit of {self.max_bytes} bytes"
+                    f"transfer of {chunk.total_bytes} bytes exceeds the limit of "
+                    f"{self.max_bytes} bytes for this reply"
+                )
+            if chunk.count < 1 or chunk.count > max(1, chunk.total_bytes):
+                raise ProtocolError(
+                    f"transfer of {chunk.total_bytes} bytes in {chunk.count} chunks is malformed"
                 )
             if len(chunk.sha256) != 32 or len(chunk.transfer_id) != 16:
                 raise ProtocolError("chunk header has a malformed digest or transfer id")
             self._first = first = chunk
+            self._buffer = bytearray(chunk.total_bytes)
         elif (chunk.transfer_id, chunk.count, chunk.total_bytes, chunk.sha256) != (
             first.transfer_id,
             first.count,
@@ -121,17 +143,21 @@ class Reassembler:
             first.sha256,
         ):
             raise ProtocolError("chunk does not belong to the transfer in progress")
-        elif chunk.index != len(self._parts):
-            raise ProtocolError(f"chunk {chunk.index} out of order, expected {len(self._parts)}")
-        self._size += len(chunk.data)
-        if self._size > first.total_bytes:
+        elif chunk.index != self._count:
+            raise ProtocolError(f"chunk {chunk.index} out of order, expected {self._count}")
+        end = self._size + len(chunk.data)
+        if end > first.total_bytes:
             raise ProtocolError("transfer is longer than announced")
-        self._parts.append(chunk.data)
-        if len(self._parts) < first.count:
+        self._buffer[self._size : end] = chunk.data
+        self._hash.update(chunk.data)
+        self._size = end
+        self._count += 1
+        if self._count < first.count:
             return None
-        payload = b"".join(self._parts)
-        if len(payload) != first.total_bytes:
-            raise ProtocolError(f"transfer truncated: {len(payload)} of {first.total_bytes} bytes")
-        if hashlib.sha256(payload).digest() != first.sha256:
+        if self._size != first.total_bytes:
+            raise ProtocolError(f"transfer truncated: {self._size} of {first.total_bytes} bytes")
+        if self._hash.digest() != first.sha256:
             raise ProtocolError("payload digest mismatch (corrupted or tampered transfer)")
+        payload = bytes(self._buffer)
+        self._buffer = bytearray()
         return payload

@@ -15,10 +15,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from fedforge.core.errors import FedforgeError
 from fedforge.core.records import ClientFailure, Record
 from fedforge.net.codec import Reassembler
 from fedforge.net.proto import fedforge_pb2 as pb
@@ -31,10 +31,6 @@ TASK_ID_BYTES = 16
 
 def new_task_id() -> bytes:
     return os.urandom(TASK_ID_BYTES)
-
-
-class DuplicateClientError(FedforgeError):
-    """A client connected while another stream with its identity is open."""
 
 
 @dataclass
@@ -70,6 +66,16 @@ class Session:
     stale_task_id: bytes = b""
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    last_seen: float = field(default_factory=time.monotonic)  # the last message received
+    # The client declared its data sizes (its Hello after the Welcome): it may be sampled.
+    ready: bool = False
+    invalid: int = 0  # invalid messages received (the first is logged, not the rest)
+    invalid_times: deque[float] = field(default_factory=deque)  # the recent ones
+    # Called once when the hub closes the session (ends the client's stream).
+    on_close: list[Callable[[], object]] = field(default_factory=list)
+
+    def seen(self) -> None:
+        self.last_seen = time.monotonic()
 
     def send(self, item: Outgoing) -> None:
         self.outbox.put(item)
@@ -96,6 +102,7 @@ class Hub:
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
         self.current_round = 0
+        self.finished: int | None = None  # the last round, once the run is complete
         self._sessions: dict[str, Session] = {}
         self._changed = threading.Condition()
         self._nonces: set[bytes] = set()
@@ -112,16 +119,22 @@ class Hub:
 
     # Sessions ---------------------------------------------------------------------------
     def open(self, name: str, client_id: int, declared_examples: int) -> Session:
+        """A new session for ``name``. An authenticated client that connects again replaces
+        its previous session (frozen, or silently cut off by the network), which is closed."""
         with self._changed:
-            if name in self._sessions and not self._sessions[name].closed:
-                raise DuplicateClientError(f"client {name!r} is already connected")
+            old = self._sessions.get(name)
             session = Session(name, client_id, declared_examples)
             self._sessions[name] = session
             self._changed.notify_all()
+        if old is not None and not old.closed:
+            log.warning("client %s connected again: its previous session is closed", name)
+            self.close(old, "replaced by a new session of the same client")
         return session
 
-    def close(self, session: Session) -> None:
+    def close(self, session: Session, reason: str = "client disconnected") -> None:
         with self._changed:
+            if session.closed:
+                return
             session.closed = True
             session.outbox.put(None)
             if self._sessions.get(session.name) is session:
@@ -130,28 +143,97 @@ class Hub:
         with session.lock:
             task, session.task = session.task, None
         if task is not None:
-            self.results.put(
-                (task.task_id, ClientFailure(session.client_id, "client disconnected"))
+            self.results.put((task.task_id, ClientFailure(session.client_id, reason)))
+        for callback in session.on_close:
+            callback()
+
+    def reap(self, silent_after_s: float) -> list[str]:
+        """Close every session that sent nothing (not even a heartbeat) for
+        ``silent_after_s``; return their names. A dead session is never sampled."""
+        now = time.monotonic()
+        with self._changed:
+            dead = [s for s in self._sessions.values() if now - s.last_seen > silent_after_s]
+        for session in dead:
+            log.warning(
+                "client %s sent nothing for %.1f s (heartbeats stopped): closing its session",
+                session.name,
+                now - session.last_seen,
             )
+            self.close(session, f"no message for {now - session.last_seen:.1f} s")
+        return [s.name for s in dead]
+
+    def close_where(self, doomed: Callable[[str], bool], reason: str) -> None:
+        """Close the sessions of every client ``doomed(name)`` (e.g. a revoked certificate)."""
+        with self._changed:
+            sessions = [s for s in self._sessions.values() if doomed(s.name)]
+        for session in sessions:
+            log.warning("client %s: %s; closing its session", session.name, reason)
+            self.close(session, reason)
+
+    def declared_sizes(self) -> dict[str, int]:
+        """Each connected client's declared training-set size (0: none declared)."""
+        with self._changed:
+            return {s.name: s.declared_examples for s in self._sessions.values()}
+
+    def mark_ready(self, session: Session) -> None:
+        """The client has declared its data sizes: from now on it may be sampled."""
+        with self._changed:
+            session.ready = True
+            self._changed.notify_all()
+
+    def _ready(self) -> list[Session]:
+        return [s for s in self._sessions.values() if s.ready]
 
     def connected_ids(self) -> list[int]:
+        """The clients that may be sampled: connected, and their sizes declared."""
         with self._changed:
-            return sorted(s.client_id for s in self._sessions.values())
+            return sorted(s.client_id for s in self._ready())
 
     def session_for(self, client_id: int) -> Session | None:
         with self._changed:
             return next((s for s in self._sessions.values() if s.client_id == client_id), None)
 
-    def wait_for_clients(self, count: int, timeout: float | None = None) -> bool:
-        """Block until ``count`` clients are connected (no polling)."""
+    def wait_for_clients(
+        self, count: int, timeout: float | None = None, *, log_every_s: float = 30.0
+    ) -> bool:
+        """Block until ``count`` clients are connected and have declared their sizes (woken
+        by every change, no polling),
+        logging who is awaited when it has to wait, then every ``log_every_s``."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        next_log = time.monotonic()
         with self._changed:
-            while len(self._sessions) < count:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+            while len(self._ready()) < count:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     return False
-                self._changed.wait(remaining)
+                if now >= next_log:
+                    log.info(
+                        "waiting for clients: %d connected (%s), %d needed to start a round",
+                        len(self._ready()),
+                        ", ".join(sorted(s.name for s in self._ready())) or "none",
+                        count,
+                    )
+                    next_log = now + log_every_s
+                wake = next_log if deadline is None else min(next_log, deadline)
+                self._changed.wait(max(wake - now, 0.0))
         return True
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Block until a client connects or disconnects, or ``timeout`` passes."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    def finish(self, rounds: int) -> None:
+        """The run is complete: tell every connected client, and every client that connects
+        from now on."""
+        self.finished = rounds
+        self.broadcast(self.complete_message())
+
+    def complete_message(self) -> pb.ServerMessage:
+        assert self.finished is not None
+        return pb.ServerMessage(
+            envelope=self.envelope(), run_complete=pb.RunComplete(rounds=self.finished)
+        )
 
     def broadcast(self, message: pb.ServerMessage) -> None:
         with self._changed:

@@ -7,9 +7,13 @@ Layout of a keys directory (``fedforge keys init DIR``)::
     clients/NAME.crt          every client certificate issued (the server's registry)
     revoked.txt               serial numbers of revoked client certificates, one per line
 
-``fedforge keys add-client NAME`` writes a credentials directory for that client
-(``client.key``, ``client.crt``, ``ca.crt``) to hand over out of band. Private keys are
-ECDSA P-256, written with mode 0600.
+A site's private key should never leave the site: ``fedforge keys request NAME --out DIR``
+(run at the site) writes ``DIR/client.key`` and a certificate signing request
+``DIR/client.csr``; the coordinator signs the request with ``fedforge keys sign
+client.csr`` and returns ``client.crt`` and ``ca.crt``, which complete ``DIR``. (``fedforge
+keys add-client NAME`` makes the key at the coordinator, for demos on one machine.) Private
+keys are ECDSA P-256, written with mode 0600. A revocation takes effect at once: the server
+re-reads ``revoked.txt`` when it changes and closes the revoked client's session.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -59,7 +65,7 @@ def _pem_cert(cert: x509.Certificate) -> bytes:
 
 def _issue(
     subject: str,
-    key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey,
     issuer_cert: x509.Certificate | None,
     issuer_key: ec.EllipticCurvePrivateKey,
     *,
@@ -73,7 +79,7 @@ def _issue(
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(issuer_cert.subject if issuer_cert else name)
-        .public_key(key.public_key())
+        .public_key(key if isinstance(key, ec.EllipticCurvePublicKey) else key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + VALIDITY)
@@ -140,13 +146,23 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-def add_client(directory: Path, name: str, out: Path) -> None:
-    """Issue a client certificate for ``name`` and write its credentials directory ``out``."""
+def _check_name(name: str) -> None:
     if not name or not all(c.isalnum() or c in "-_." for c in name):
         raise CredentialsError(f"client name {name!r}: use letters, digits, '-', '_' or '.'")
+
+
+def _new_registry_entry(directory: Path, name: str) -> Path:
+    _check_name(name)
     registry = directory / "clients" / f"{name}.crt"
     if registry.exists():
         raise CredentialsError(f"client {name!r} already exists; revoke it or pick another name")
+    return registry
+
+
+def add_client(directory: Path, name: str, out: Path) -> None:
+    """Issue a client certificate for ``name`` and write its credentials directory ``out``
+    (the key is made here: for demos; sites should use :func:`request_certificate`)."""
+    registry = _new_registry_entry(directory, name)
     ca_cert, ca_key = _load_ca(directory)
     key = _new_key()
     cert = _issue(name, key, ca_cert, ca_key, client=True)
@@ -155,6 +171,59 @@ def add_client(directory: Path, name: str, out: Path) -> None:
     (out / "client.crt").write_bytes(_pem_cert(cert))
     (out / "ca.crt").write_bytes(_pem_cert(ca_cert))
     registry.write_bytes(_pem_cert(cert))
+
+
+def request_certificate(name: str, out: Path) -> Path:
+    """At a site: make the site's private key (``out/client.key``, mode 0600) and a
+    certificate signing request for ``name`` (``out/client.csr``, returned) to send to the
+    coordinator. The key never leaves ``out``."""
+    _check_name(name)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if (out / "client.key").exists():
+        raise CredentialsError(f"{out} already holds a client key; refusing to overwrite it")
+    key = _new_key()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(out / "client.key", _pem_key(key))
+    (out / "client.csr").write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    return out / "client.csr"
+
+
+def sign_request(directory: Path, request: Path, out: Path) -> str:
+    """At the coordinator: check a site's signing request, register and issue its client
+    certificate; write ``out/client.crt`` and ``out/ca.crt`` to send back. Returns the name."""
+    try:
+        csr = x509.load_pem_x509_csr(request.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CredentialsError(f"{request} is not a certificate signing request: {exc}") from None
+    if not csr.is_signature_valid:
+        raise CredentialsError(f"{request}: the request's signature is invalid")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.name != (
+        "secp256r1"
+    ):
+        raise CredentialsError(f"{request}: the key must be ECDSA P-256")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise CredentialsError(f"{request}: the request must name exactly one client")
+    name = str(names[0].value)
+    registry = _new_registry_entry(directory, name)
+    ca_cert, ca_key = _load_ca(directory)
+    cert = _issue(name, public_key, ca_cert, ca_key, client=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "client.crt").write_bytes(_pem_cert(cert))
+    (out / "ca.crt").write_bytes(_pem_cert(ca_cert))
+    registry.write_bytes(_pem_cert(cert))
+    return name
+
+
+def ca_fingerprint(directory: Path) -> str:
+    """SHA-256 fingerprint of the CA certificate in ``directory`` (to confirm out of band)."""
+    cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex(":")
 
 
 def revoke_client(directory: Path, name: str) -> int:
@@ -168,13 +237,49 @@ def revoke_client(directory: Path, name: str) -> int:
     return serial
 
 
+class RevocationList:
+    """The serials in ``revoked.txt``, re-read whenever the file changes (no restart)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._serials: frozenset[int] = frozenset()
+        self.current()
+
+    def current(self) -> frozenset[int]:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return self._serials  # keep the last list rather than forgive everyone
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if stamp != self._stamp:
+                text = self.path.read_text()
+                self._serials = frozenset(int(s) for s in text.split() if s.isdigit())
+                self._stamp = stamp
+            return self._serials
+
+
 @dataclass(frozen=True)
 class ServerCredentials:
     private_key: bytes
     certificate: bytes
     ca_certificate: bytes
     clients: dict[str, int]  # registered client name -> certificate serial
-    revoked: frozenset[int]
+    revocations: RevocationList
+
+    @property
+    def revoked(self) -> frozenset[int]:
+        return self.revocations.current()
+
+    def revoked_now(self) -> frozenset[int]:
+        """The serials revoked now (re-read after ``fedforge keys revoke``)."""
+        return self.revocations.current()
+
+    def revoked_names(self) -> set[str]:
+        revoked = self.revocations.current()
+        return {name for name, serial in self.clients.items() if serial in revoked}
 
     @classmethod
     def load(cls, directory: Path) -> ServerCredentials:
@@ -183,13 +288,14 @@ class ServerCredentials:
                 p.stem: x509.load_pem_x509_certificate(p.read_bytes()).serial_number
                 for p in sorted((directory / "clients").glob("*.crt"))
             }
-            revoked_text = (directory / "revoked.txt").read_text()
+            if not (directory / "revoked.txt").exists():
+                raise FileNotFoundError(directory / "revoked.txt")
             return cls(
                 (directory / "server.key").read_bytes(),
                 (directory / "server.crt").read_bytes(),
                 (directory / "ca.crt").read_bytes(),
                 clients,
-                frozenset(int(s) for s in revoked_text.split()),
+                RevocationList(directory / "revoked.txt"),
             )
         except FileNotFoundError as exc:
             raise CredentialsError(f"incomplete keys directory {directory}: {exc}") from exc
@@ -204,13 +310,34 @@ class ClientCredentials:
     @classmethod
     def load(cls, directory: Path) -> ClientCredentials:
         try:
-            return cls(
+            creds = cls(
                 (directory / "client.key").read_bytes(),
                 (directory / "client.crt").read_bytes(),
                 (directory / "ca.crt").read_bytes(),
             )
         except FileNotFoundError as exc:
             raise CredentialsError(f"incomplete credentials directory {directory}: {exc}") from exc
+        creds.check(directory)
+        return creds
+
+    def check(self, directory: Path) -> None:
+        """Refuse credentials the server would refuse in its TLS handshake (a certificate
+        from another CA, or not matching the key), with a message that says so."""
+        try:
+            cert = x509.load_pem_x509_certificate(self.certificate)
+            ca = x509.load_pem_x509_certificate(self.ca_certificate)
+            key = serialization.load_pem_private_key(self.private_key, None)
+        except ValueError as exc:
+            raise CredentialsError(f"unreadable credentials in {directory}: {exc}") from None
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise CredentialsError(
+                f"{directory}/client.crt was not issued by {directory}/ca.crt: the server will "
+                "not accept this certificate; ask the coordinator to sign your request"
+            ) from None
+        if cert.public_key() != key.public_key():
+            raise CredentialsError(f"{directory}/client.crt does not match client.key")
 
 
 def certificate_identity(pem: bytes) -> tuple[str, int]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import statistics
+import time
 from concurrent import futures
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 from safetensors.numpy import save_file
 
@@ -15,8 +19,8 @@ from fedforge.aggregate.kinds import Aggregation
 from fedforge.algorithms.base import ServerState
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import FedforgeError
-from fedforge.core.params import Params, spec_of
-from fedforge.core.records import FIT
+from fedforge.core.params import Params, ParamSpec, spec_of
+from fedforge.core.records import EVALUATE, FIT
 from fedforge.core.rng import RngStreams
 from fedforge.experiment import (
     build_aggregation,
@@ -28,11 +32,12 @@ from fedforge.experiment import (
     build_sampler,
     build_stages,
 )
+from fedforge.net.codec import encoded_size_bound
 from fedforge.net.hub import Hub
 from fedforge.net.keys import ServerCredentials
-from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import FederationService
+from fedforge.net.supervision import RetryPolicy, RoundLog, Watchdog
 from fedforge.net.transport import NetworkTransport
 from fedforge.privacy.dp_sgd import dp_sgd_labels
 from fedforge.privacy.setup import secret_sampling_seed
@@ -41,6 +46,7 @@ from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
 from fedforge.runtime.driver import Driver, RoundListener
 from fedforge.secagg.aggregation import SecureAggregation
+from fedforge.secagg.protocol import CIPHERTEXT_BYTES, IDENTITY_BYTES, MASK, STEPS
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.torch_model import TorchModel
@@ -70,6 +76,15 @@ def size_cap(declared: int, known: int | None, max_examples: int, undeclared: in
     return max(0, min(cap, max_examples))
 
 
+def outlier_cap(others: list[int], ratio: float) -> int | None:
+    """The largest size a client may count next to the other clients' declared sizes:
+    ``ratio`` times their median (None without a ratio or without others' declarations)."""
+    sizes = [n for n in others if n > 0]
+    if ratio <= 0 or not sizes:
+        return None
+    return max(1, int(ratio * statistics.median(sizes)))
+
+
 def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
     limit = max_message_mb << 20
     return [
@@ -91,19 +106,39 @@ def deployed_aggregation(config: RunConfig, *, signed: bool) -> Aggregation:
     return aggregation
 
 
+def reply_limits(fit: ParamSpec, population: int) -> dict[str, int]:
+    """The largest reply each stage may announce: what a valid record of it encodes to.
+    Secure aggregation's masked input is the record in a ring of at most 64-bit words; its
+    other steps carry keys, shares and ciphertexts: a few KiB per client of the federation."""
+    words = sum(int(np.prod(a.shape, dtype=np.int64)) for a in fit.values())
+    per_client = (population + 1) * (IDENTITY_BYTES + CIPHERTEXT_BYTES + 1024)
+    limits = {step: (64 << 10) + per_client for step in STEPS}
+    limits[MASK] = 8 * words + (64 << 10) + per_client
+    limits[FIT] = encoded_size_bound(fit)
+    limits[EVALUATE] = encoded_size_bound({})
+    return limits
+
+
 def run_server(
     config: RunConfig,
     *,
     insecure: bool = False,
     listener: RoundListener | None = None,
     client_names: list[str] | None = None,
+    allow_remote_insecure: bool = False,
 ) -> ServerRun:
     """Serve until ``config.server.rounds`` rounds are complete; resume from checkpoints.
 
     Clients are the names registered in the keys directory (ids in sorted name order), or
-    ``client_names`` when ``insecure``.
+    ``client_names`` when ``insecure``. ``insecure`` listens on loopback only unless
+    ``allow_remote_insecure``.
     """
     d = config.deploy
+    if insecure and not allow_remote_insecure and not is_loopback(d.address):
+        raise FedforgeError(
+            f"--insecure refuses to listen on {d.address}: without TLS anyone on the network "
+            "can read and forge updates; listen on 127.0.0.1, or pass --allow-remote-insecure"
+        )
     credentials = None if insecure else ServerCredentials.load(Path(d.keys))
     names = sorted(credentials.clients) if credentials else sorted(client_names or [])
     if not names:
@@ -128,12 +163,23 @@ def run_server(
         store.register_client(name, cid, state.round)
 
     hub = Hub(run_id)
+    if state.round >= config.server.rounds:
+        hub.finished = state.round  # a complete run: answer late clients, then exit
+    # A stream holds a worker thread while it lives; a refused certificate holds none and a
+    # silent stream holds one for at most hello_timeout_s (MAX_PENDING_HELLOS per identity),
+    # and each identity has one session, so registered clients never run out of threads.
+    # Streams beyond the pool are refused (RESOURCE_EXHAUSTED, which clients retry).
+    workers = 4 * len(names) + 64
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2 * len(names) + 16),
+        futures.ThreadPoolExecutor(max_workers=workers),
         options=grpc_options(d.max_message_mb),
+        maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_FederationServicer_to_server(  # type: ignore[no-untyped-call]
-        FederationService(hub, credentials, client_ids, to_toml(config), d.heartbeat_s), server
+        FederationService(
+            hub, credentials, client_ids, to_toml(config), d.heartbeat_s, d.hello_timeout_s
+        ),
+        server,
     )
     if credentials is None:
         log.warning("INSECURE: no TLS, no client authentication; never use this over a network")
@@ -154,19 +200,46 @@ def run_server(
         model.set_params(params)
         return evaluate(model, data.test)
 
+    clamped: set[tuple[str, int]] = set()  # (client, cap) outlier clamps already logged
+
     def example_cap(cid: int, stage: str) -> int:
         """The largest example count accepted from a client (see :func:`size_cap`): a client
         with a share of the built-in dataset is held to its size (training examples, or
-        held-out examples for the evaluate stage)."""
+        held-out examples for the evaluate stage); a client the operator sized in
+        ``deploy.site_examples`` to that size; any other to ``deploy.max_size_ratio`` times
+        the median size the other clients declare. A claim is never what raises a cap."""
         session = hub.session_for(cid)
+        name = names[cid]
         builtin = d.client_data == "builtin" and cid < data.num_clients
-        if stage == FIT:
-            declared = session.declared_examples if session else 0
-            known = data.client_size(cid) if builtin else None
-            return size_cap(declared, known, d.max_examples, undeclared=d.max_examples)
-        declared = session.declared_holdout if session else 0
-        known = data.holdout_size(cid) if builtin else None
-        return size_cap(declared, known, d.max_examples, undeclared=0)
+        if stage != FIT:
+            declared = session.declared_holdout if session else 0
+            known = data.holdout_size(cid) if builtin else None
+            return size_cap(declared, known, d.max_examples, undeclared=0)
+        declared = session.declared_examples if session else 0
+        known = data.client_size(cid) if builtin else None
+        if name in d.site_examples:
+            known = (
+                min(known, d.site_examples[name]) if known is not None else d.site_examples[name]
+            )
+        cap = size_cap(declared, known, d.max_examples, undeclared=d.max_examples)
+        if name in d.site_examples:
+            return cap
+        others = [n for other, n in hub.declared_sizes().items() if other != name]
+        limit = outlier_cap(others, d.max_size_ratio)
+        if limit is not None and cap > limit:
+            if (name, limit) not in clamped:
+                clamped.add((name, limit))
+                log.warning(
+                    "client %s declares %s examples, more than %g x the median the other "
+                    "clients declare: it counts at most %d (results claiming more are "
+                    "rejected; set deploy.site_examples to vouch for a large site)",
+                    name,
+                    declared or "no number of",
+                    d.max_size_ratio,
+                    limit,
+                )
+            cap = limit
+        return cap
 
     transport = NetworkTransport(
         hub,
@@ -188,38 +261,54 @@ def run_server(
         aggregation=deployed_aggregation(config, signed=credentials is not None),
         evaluator=evaluator,
         federated_eval=build_federated_eval(config),
-        listener=listener or RoundListener(),
+        listener=RoundLog(listener or RoundListener(), names),
         describe=lambda cid: names[cid] if 0 <= cid < len(names) else f"client {cid}",
         client_metrics=(DP_SGD_EPSILON,) if sample_dp else (),
         labels=dp_sgd_labels(sample_dp) if sample_dp else {},
         sampling_seed=secret_sampling_seed(config),
         downlink=config.update.downlink,
     )
-    needed = d.min_clients
-    if config.server.sampler == "uniform":
-        needed = max(needed, config.server.clients_per_round)
-    needed = min(needed, len(names))  # never wait for more clients than can exist
+    # Replies announcing more bytes than a valid record of their stage encodes to are
+    # refused at their first chunk: a client holds O(model) server memory at most.
+    transport.reply_limits = reply_limits(driver.fit_spec.arrays, len(names))
+    # Rounds start once min_clients are connected, with whoever is connected (the sampler
+    # draws from them).
+    needed = min(d.min_clients, len(names))
     if config.privacy.mode == "central":
         # The accountant samples from every registered client: so must the sampler.
+        log.info("central DP: every round waits for all %d registered clients", len(names))
         needed = len(names)
+    retry = RetryPolicy(hub, needed, d.max_retries, d.round_timeout_s)
+    watchdog = Watchdog(hub, credentials, d.heartbeat_s, d.silent_heartbeats)
     try:
         state = driver.run(
             state,
             config.server.rounds,
             history,
             min_completed=d.min_completed,
-            max_retries=d.max_retries,
-            before_attempt=lambda: hub.wait_for_clients(needed),
-            checkpoint=lambda s, h: store.save(run_id, s, h),
+            max_retries=None,  # sites that cannot be reached are waited for, never fatal
+            before_attempt=retry.before_attempt,
+            checkpoint=lambda s, h: retry.round_done(lambda: store.save(run_id, s, h)),
         )
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
-        hub.broadcast(
-            pb.ServerMessage(
-                envelope=hub.envelope(), run_complete=pb.RunComplete(rounds=state.round)
-            )
-        )
+        hub.finish(state.round)
+        if d.linger_s > 0:
+            log.info("run complete; answering late clients for %g s", d.linger_s)
+            time.sleep(d.linger_s)
     finally:
+        watchdog.stop()
         transport.close()
         server.stop(grace=2).wait()
         store.close()
     return ServerRun(run_id, history, state, driver.stop_reason)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` listens on the loopback interface only."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
 
 from fedforge.core.records import ClientFailure, Record
 from fedforge.net.codec import ProtocolError, decode_params
-from fedforge.net.hub import DuplicateClientError, Hub, ReplyHeader, Session
+from fedforge.net.hub import Hub, ReplyHeader, Session
 from fedforge.net.keys import ServerCredentials, certificate_identity
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fedforge")
 PROTOCOL_VERSION = 3  # 3: tasks carry an id that replies and failure reports echo
+# A session that sends this many invalid messages within INVALID_WINDOW_S is disconnected.
+INVALID_LIMIT = 32
+INVALID_WINDOW_S = 10.0
+MAX_REJECT_REPLIES = 4  # Reject messages sent per session; later ones are dropped silently
+MAX_PENDING_HELLOS = 2  # streams of one identity that may wait for their Hello at once
 
 
 class FederationService(pb_grpc.FederationServicer):
@@ -29,47 +35,92 @@ class FederationService(pb_grpc.FederationServicer):
         client_ids: dict[str, int],
         welcome_config: str,
         heartbeat_s: float,
+        hello_timeout_s: float = 10.0,
     ) -> None:
         self.hub = hub
         self.credentials = credentials
         self.client_ids = client_ids
         self.welcome_config = welcome_config
         self.heartbeat_s = heartbeat_s
+        self.hello_timeout_s = hello_timeout_s
+        self._pending: dict[str, int] = {}  # identity -> streams waiting for their Hello
+        self._pending_lock = threading.Lock()
 
-    def _identify(self, context: grpc.ServicerContext, hello: pb.Hello) -> str:
-        """The client's name from its verified certificate (or its Hello when insecure)."""
-        if self.credentials is None:
-            return hello.name
+    def _authenticate(self, context: grpc.ServicerContext) -> str:
+        """The client's registered, unrevoked name from its verified certificate, checked
+        before the stream reads anything (so a refused certificate holds nothing)."""
+        assert self.credentials is not None
         pem = context.auth_context().get("x509_pem_cert")
         if not pem:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         name, serial = certificate_identity(pem[0])
-        if serial in self.credentials.revoked:
+        if serial in self.credentials.revoked_now():
+            log.warning("refused revoked certificate of %r from %s", name, context.peer())
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate of {name!r} is revoked")
-        if self.credentials.clients.get(name) != serial:
+        if self.credentials.clients.get(name) != serial or name not in self.client_ids:
+            log.warning("refused unregistered client %r from %s", name, context.peer())
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{name!r} is not a registered client")
         return name
+
+    def _read_hello(
+        self, request_iterator: Iterator[pb.ClientMessage], context: grpc.ServicerContext, who: str
+    ) -> pb.ClientMessage | None:
+        """The stream's first message, or None when it sends none within the hello timeout
+        (the stream is then cancelled: a silent stream holds a server thread for at most
+        that long, and one identity may hold at most MAX_PENDING_HELLOS of them)."""
+        with self._pending_lock:
+            if self._pending.get(who, 0) >= MAX_PENDING_HELLOS:
+                log.warning(
+                    "refused a stream of %s from %s: too many await a Hello", who, context.peer()
+                )
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "too many connections await a Hello"
+                )
+            self._pending[who] = self._pending.get(who, 0) + 1
+        timer = threading.Timer(self.hello_timeout_s, context.cancel)
+        timer.daemon = True
+        timer.start()
+        try:
+            return next(request_iterator, None)
+        except grpc.RpcError:
+            return None
+        finally:
+            timer.cancel()
+            with self._pending_lock:
+                self._pending[who] -= 1
+                if not self._pending[who]:
+                    del self._pending[who]
 
     def Connect(
         self, request_iterator: Iterator[pb.ClientMessage], context: grpc.ServicerContext
     ) -> Iterator[pb.ServerMessage]:
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("body") != "hello":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
+        authenticated = self._authenticate(context) if self.credentials is not None else None
+        first = self._read_hello(request_iterator, context, authenticated or context.peer())
+        if first is None:
+            log.warning(
+                "closed a stream from %s (%s) that sent no Hello within %g s",
+                context.peer(),
+                authenticated or "unauthenticated",
+                self.hello_timeout_s,
+            )
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello in time")
             return  # abort raises; this line only informs the type checker
+        if first.WhichOneof("body") != "hello":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
         if first.hello.protocol_version != PROTOCOL_VERSION:
             context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {first.hello.protocol_version} unsupported",
             )
-        name = self._identify(context, first.hello)
+        name = authenticated or first.hello.name  # insecure: the Hello's name
         if name not in self.client_ids:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"unknown client {name!r}")
-        try:
-            session = self.hub.open(name, self.client_ids[name], first.hello.num_examples)
-        except DuplicateClientError as exc:
-            log.warning("rejected connection: %s", exc)
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+        if self.hub.finished is not None:
+            log.info("client %s connected after the run completed: told so", name)
+            yield self.hub.complete_message()
+            return
+        session = self.hub.open(name, self.client_ids[name], first.hello.num_examples)
+        session.on_close.append(context.cancel)  # a closed session ends its stream
         log.info("client %s (id %d) connected from %s", name, session.client_id, context.peer())
         reader = threading.Thread(
             target=self._read, args=(request_iterator, session), daemon=True, name=f"read-{name}"
@@ -88,6 +139,9 @@ class FederationService(pb_grpc.FederationServicer):
     def _read(self, requests: Iterator[pb.ClientMessage], session: Session) -> None:
         try:
             for message in requests:
+                if session.closed:
+                    break
+                session.seen()
                 self._handle(session, message)
         except grpc.RpcError:
             pass  # the stream broke; the close callback reports any task in flight
@@ -96,11 +150,38 @@ class FederationService(pb_grpc.FederationServicer):
         finally:
             self.hub.close(session)
 
+    def _invalid(self, session: Session, reason: str) -> bool:
+        """Count an invalid message; log the session's first one; disconnect a session that
+        sends INVALID_LIMIT of them within INVALID_WINDOW_S (logged once). True if the
+        session may still be answered."""
+        now = time.monotonic()
+        with session.lock:
+            session.invalid_times.append(now)
+            while now - session.invalid_times[0] > INVALID_WINDOW_S:
+                session.invalid_times.popleft()
+            session.invalid += 1
+            count, burst = session.invalid, len(session.invalid_times)
+        if count == 1:
+            log.warning("client %s: %s", session.name, reason)
+        else:
+            log.debug("client %s: %s", session.name, reason)
+        if burst >= INVALID_LIMIT and not session.closed:
+            log.warning(
+                "client %s sent %d invalid messages within %g s: disconnected (last: %s)",
+                session.name,
+                burst,
+                INVALID_WINDOW_S,
+                reason,
+            )
+            self.hub.close(session, f"disconnected after {burst} invalid messages")
+            return False
+        return count <= MAX_REJECT_REPLIES
+
     def _reject(self, session: Session, reason: str, *, fail_task: bool) -> None:
-        log.warning("client %s: %s", session.name, reason)
-        session.send(
-            pb.ServerMessage(envelope=self.hub.envelope(), reject=pb.Reject(reason=reason))
-        )
+        if self._invalid(session, reason):
+            session.send(
+                pb.ServerMessage(envelope=self.hub.envelope(), reject=pb.Reject(reason=reason))
+            )
         if not fail_task:
             return
         with session.lock:
@@ -120,6 +201,7 @@ class FederationService(pb_grpc.FederationServicer):
                 session.declared_examples = int(hello.num_examples)
             if session.declared_holdout <= 0 < hello.holdout_examples:
                 session.declared_holdout = int(hello.holdout_examples)
+            self.hub.mark_ready(session)
             return
         env = message.envelope
         if env.run_id != self.hub.run_id:
@@ -200,6 +282,9 @@ class FederationService(pb_grpc.FederationServicer):
             if session.stale_task_id == task_id:
                 return
             session.stale_task_id = task_id
+        if session.invalid:  # already noticed: count it, do not log each one
+            self._invalid(session, f"a late {kind} for task {task_id[:8].hex()}")
+            return
         log.warning(
             "client %s: dropped a late %s for task %s, which is not its current task",
             session.name,

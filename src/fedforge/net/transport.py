@@ -51,6 +51,12 @@ class NetworkTransport:
         self.round_timeout_s = round_timeout_s
         self.chunk_bytes = chunk_bytes
         self.max_payload_bytes = max_payload_bytes
+        # stage -> the largest reply a valid record of it encodes to (from its wire spec);
+        # a reply announcing more is refused at its first chunk.
+        self.reply_limits: dict[str, int] = {}
+
+    def reply_limit(self, stage: str) -> int:
+        return min(self.reply_limits.get(stage, self.max_payload_bytes), self.max_payload_bytes)
 
     def _task_messages(
         self, task: Task, task_id: bytes, payload: bytes, digest: bytes, deadline_ms: int
@@ -94,7 +100,7 @@ class NetworkTransport:
                 )
             _, payload, digest = encoded[id(task.shared)]
             pending_task = PendingTask(
-                new_task_id(), task.round, task.stage, Reassembler(self.max_payload_bytes)
+                new_task_id(), task.round, task.stage, Reassembler(self.reply_limit(task.stage))
             )
             with session.lock:
                 session.task = pending_task

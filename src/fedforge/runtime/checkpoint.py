@@ -4,19 +4,27 @@ After every round the driver's checkpoint writes ``round_NNNNNN.safetensors`` (g
 server optimizer state, the algorithm's server state) to a temporary name, fsyncs and renames
 it, then commits the round's record, the stage states and the history in one SQLite
 transaction. A restart loads the newest committed round, so a crash at any point loses at most
-the round in progress. Randomness needs no saving: every stream is a pure function of (seed,
-purpose, round, client), and the seed is stored; client state versions itself by round.
+the round in progress. Every round row stores the SHA-256 of its file, and the file's metadata
+names its run and round: a restart verifies both and falls back to the previous intact round
+(with a warning) when the newest file is missing, truncated, corrupted or another round's. A
+directory holding checkpoints but no readable run is never silently started over. Randomness
+needs no saving: every stream is a pure function of (seed, purpose, round, client), and the
+seed is stored; client state versions itself by round.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import sqlite3
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from fedforge.algorithms.base import ServerState
@@ -26,12 +34,24 @@ from fedforge.report.history import History, RoundRecord
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY, record TEXT NOT NULL, arrays TEXT NOT NULL, stages TEXT NOT NULL);
+    round INTEGER PRIMARY KEY, record TEXT NOT NULL, arrays TEXT NOT NULL, stages TEXT NOT NULL,
+    digest TEXT);
 CREATE TABLE IF NOT EXISTS clients (
     name TEXT PRIMARY KEY, client_id INTEGER NOT NULL, last_round INTEGER NOT NULL);
 """
 _GROUPS = ("params/", "optimizer/", "extras/")
 _KEEP_FILES = 2
+_STATE_FILES = ("state.sqlite", "state.sqlite-journal", "final_model.safetensors")
+log = logging.getLogger("fedforge")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -48,9 +68,26 @@ class CheckpointStore:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(directory / "state.sqlite", check_same_thread=False)
-        self.db.executescript(_SCHEMA)
-        self.db.commit()
+        try:
+            self.db = sqlite3.connect(directory / "state.sqlite", check_same_thread=False)
+            self.db.executescript(_SCHEMA)
+            columns = [row[1] for row in self.db.execute("PRAGMA table_info(rounds)")]
+            if "digest" not in columns:  # a state directory from before digests were kept
+                self.db.execute("ALTER TABLE rounds ADD COLUMN digest TEXT")
+            self.db.commit()
+        except sqlite3.DatabaseError as exc:
+            raise FedforgeError(
+                f"{directory / 'state.sqlite'} is unreadable ({exc}); restore the state "
+                "directory from a backup, or start a new run over it with --new-run"
+            ) from None
+
+    @staticmethod
+    def discard(directory: Path) -> None:
+        """Delete the run state in ``directory`` (to start a new run over it)."""
+        for name in _STATE_FILES:
+            (directory / name).unlink(missing_ok=True)
+        for path in directory.glob("round_*.safetensors"):
+            path.unlink()
 
     def start(self, run_id: str, seed: int) -> None:
         with self.db:
@@ -67,6 +104,17 @@ class CheckpointStore:
         seed is refused, and so is any stored run unless ``resume``."""
         saved = self.load()
         if saved is None:
+            leftovers = sorted(
+                p.name
+                for p in self.directory.glob("*.safetensors")
+                if p.name.startswith("round_") or p.name == "final_model.safetensors"
+            )
+            if leftovers:
+                raise FedforgeError(
+                    f"{self.directory} holds checkpoints ({', '.join(leftovers)}) but no run "
+                    "to resume (its state.sqlite is missing or empty); restore it from a "
+                    "backup, or start a new run over it with --new-run"
+                )
             run_id = uuid.uuid4().hex
             self.start(run_id, seed)
             return run_id, initial, History()
@@ -99,12 +147,19 @@ class CheckpointStore:
         save_file(arrays, str(tmp), metadata={"run_id": run_id, "round": str(state.round)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        digest = file_digest(tmp)
         os.replace(tmp, self.directory / name)
         record = history[-1]
         with self.db:
             self.db.execute(
-                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?)",
-                (state.round, json.dumps(record.to_dict()), name, json.dumps(state.stage_states)),
+                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?)",
+                (
+                    state.round,
+                    json.dumps(record.to_dict()),
+                    name,
+                    json.dumps(state.stage_states),
+                    digest,
+                ),
             )
         self._prune()
 
@@ -118,19 +173,62 @@ class CheckpointStore:
         return dict(self.db.execute("SELECT name, client_id FROM clients").fetchall())
 
     def load(self) -> Checkpoint | None:
+        """The newest round whose file is intact (its digest, run and round verified); an
+        older intact round, with a warning, when the newer ones are damaged (their rows are
+        then dropped, so the history ends at the round resumed)."""
         run_id, seed = self.meta("run_id"), self.meta("seed")
-        row = self.db.execute(
-            "SELECT round, arrays, stages FROM rounds ORDER BY round DESC LIMIT 1"
-        ).fetchone()
-        if run_id is None or seed is None or row is None:
+        rows = self.db.execute(
+            "SELECT round, arrays, stages, digest FROM rounds ORDER BY round DESC"
+        ).fetchall()
+        if run_id is None or seed is None or not rows:
             return None
-        arrays = load_file(str(self.directory / row[1]))
-        groups = [{k[len(p) :]: v for k, v in arrays.items() if k.startswith(p)} for p in _GROUPS]
-        records = self.db.execute("SELECT record FROM rounds ORDER BY round").fetchall()
-        history = History(RoundRecord.from_dict(json.loads(r[0])) for r in records)
-        params, optimizer_state, extras = groups
-        state = ServerState(int(row[0]), params, optimizer_state, extras, json.loads(row[2]))
-        return Checkpoint(run_id, int(seed), state, history)
+        problems = []
+        for round_number, file_name, stages, digest in rows[:_KEEP_FILES]:
+            try:
+                arrays = self._verified(Path(file_name), run_id, int(round_number), digest)
+            except FedforgeError as exc:
+                problems.append(str(exc))
+                log.warning("checkpoint of round %d is unusable: %s", round_number, exc)
+                continue
+            if problems:
+                log.warning("resuming from round %d, the newest intact checkpoint", round_number)
+                with self.db:
+                    self.db.execute("DELETE FROM rounds WHERE round > ?", (round_number,))
+            groups = [
+                {k[len(p) :]: v for k, v in arrays.items() if k.startswith(p)} for p in _GROUPS
+            ]
+            records = self.db.execute("SELECT record FROM rounds ORDER BY round").fetchall()
+            history = History(RoundRecord.from_dict(json.loads(r[0])) for r in records)
+            params, optimizer_state, extras = groups
+            state = ServerState(
+                int(round_number), params, optimizer_state, extras, json.loads(stages)
+            )
+            return Checkpoint(run_id, int(seed), state, history)
+        raise FedforgeError(
+            f"no intact checkpoint of run {run_id} in {self.directory} ({'; '.join(problems)}); "
+            "restore it from a backup, or start a new run over it with --new-run"
+        )
+
+    def _verified(
+        self, file_name: Path, run_id: str, round_number: int, digest: str | None
+    ) -> dict[str, np.ndarray]:
+        path = self.directory / file_name
+        if not path.exists():
+            raise FedforgeError(f"{path.name} is missing")
+        if digest is not None and file_digest(path) != digest:
+            raise FedforgeError(f"{path.name} does not match its recorded SHA-256")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                metadata = f.metadata() or {}
+            arrays = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise FedforgeError(f"{path.name} is unreadable: {exc}") from None
+        if metadata.get("run_id") != run_id or metadata.get("round") != str(round_number):
+            raise FedforgeError(
+                f"{path.name} holds round {metadata.get('round')} of run "
+                f"{metadata.get('run_id')}, not round {round_number} of run {run_id}"
+            )
+        return arrays
 
     def _prune(self) -> None:
         files = sorted(self.directory.glob("round_*.safetensors"))

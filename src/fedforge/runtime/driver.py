@@ -10,6 +10,7 @@ round the whole server state and history go to the checkpoint callback.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -454,18 +455,20 @@ class Driver:
         history: History,
         *,
         min_completed: int = 0,
-        max_retries: int = 0,
+        max_retries: int | None = 0,
         before_attempt: Callable[[], object] = lambda: None,
         checkpoint: Callable[[ServerState, History], None] | None = None,
     ) -> ServerState:
         """Run until ``rounds`` rounds are complete; a round with fewer than ``min_completed``
-        accepted records is re-sampled up to ``max_retries`` times."""
+        accepted records is re-sampled up to ``max_retries`` times (``None``: until it
+        succeeds; ``before_attempt`` then decides how long to wait between attempts)."""
         if not history:
             history.append(self.initial_record(state))
             if checkpoint:
                 checkpoint(state, history)
         while state.round < rounds:
-            for attempt in range(max_retries + 1):
+            attempts = itertools.count() if max_retries is None else range(max_retries + 1)
+            for attempt in attempts:
                 problem = self.stages.budget_problem(state.stage_states)
                 if problem:
                     log.warning("stopping before round %d: %s", state.round + 1, problem)
@@ -484,12 +487,12 @@ class Driver:
                     attempt,
                     record.clients_completed,
                     min_completed,
-                    "; re-sampling" if attempt < max_retries else "",
+                    "; re-sampling" if max_retries is None or attempt < max_retries else "",
                 )
             else:
                 raise FedforgeError(
                     f"round {state.round + 1} got fewer than {min_completed} accepted results "
-                    f"in {max_retries + 1} attempts"
+                    f"in {(max_retries or 0) + 1} attempts"
                 )
             state = new_state
             history.append(record)
