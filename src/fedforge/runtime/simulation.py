@@ -22,6 +22,7 @@ from fedforge.core.rng import RngStreams
 from fedforge.data.federated import FederatedDataset
 from fedforge.privacy.dp_sgd import SampleDP
 from fedforge.report.history import History
+from fedforge.runtime.async_driver import AsyncDriver, FedBuff
 from fedforge.runtime.backends import (
     BackendName,
     BackendOptions,
@@ -36,6 +37,7 @@ from fedforge.runtime.client_state import (
     EphemeralSessions,
     MemoryStateStore,
 )
+from fedforge.runtime.clock import ClockSpec, VirtualClock
 from fedforge.runtime.driver import Driver, FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import Sampler, UniformSampler
 from fedforge.secagg.aggregation import SecureAggregation
@@ -82,6 +84,8 @@ def simulate(
     probes: Mapping[str, Probe] | None = None,
     labels: Mapping[str, str] | None = None,
     sampling_seed: int | None = None,
+    clock: ClockSpec | None = None,
+    fedbuff: FedBuff | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -100,6 +104,8 @@ def simulate(
     metrics of the global model computed at every central evaluation (a backdoor's success
     rate); ``labels`` are recorded with every round. ``sampling_seed`` replaces the run seed
     for client sampling (central DP without seeded noise: a secret the server draws).
+    ``clock`` runs the rounds on simulated devices (``runtime/clock.py``); ``fedbuff`` trains
+    asynchronously on that clock, ``rounds`` then counting server updates.
     """
     chain = StageChain(stages)
     chain.check(aggregation)
@@ -137,6 +143,8 @@ def simulate(
             probes=probes or {},
             labels=labels or {},
             sampling_seed=sampling_seed,
+            clock=clock,
+            fedbuff=fedbuff,
         )
     finally:
         blas.restore_original_limits()
@@ -164,6 +172,8 @@ def _simulate(
     probes: Mapping[str, Probe],
     labels: Mapping[str, str],
     sampling_seed: int | None,
+    clock: ClockSpec | None = None,
+    fedbuff: FedBuff | None = None,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -197,6 +207,7 @@ def _simulate(
         secure = SecAggClient(withhold_metrics=aggregation.withhold_metrics)
     app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure)
     transport = make_transport(chosen, app, data, store, options)
+    virtual = _virtual_clock(clock, fedbuff, algorithm, data)
     driver = Driver(
         algorithm=algorithm,
         transport=transport,
@@ -218,9 +229,17 @@ def _simulate(
         client_metrics=app.extra_metrics,
         labels={**labels, **app.labels},
         sampling_seed=sampling_seed,
+        clock=virtual if fedbuff is None else None,
     )
     try:
-        state = driver.run(state, rounds, history, checkpoint=checkpoint if checkpoints else None)
+        save = checkpoint if checkpoints else None
+        if fedbuff is not None:
+            assert virtual is not None
+            state = AsyncDriver(driver, virtual, fedbuff).run(
+                state, rounds, history, checkpoint=save
+            )
+        else:
+            state = driver.run(state, rounds, history, checkpoint=save)
     finally:
         transport.close()
         if checkpoints is not None:
@@ -232,4 +251,28 @@ def _simulate(
         model=eval_model.module,
         backend=chosen,
         stop_reason=driver.stop_reason,
+    )
+
+
+def _virtual_clock(
+    clock: ClockSpec | None, fedbuff: FedBuff | None, algorithm: Algorithm, data: FederatedDataset
+) -> VirtualClock | None:
+    if clock is None:
+        if fedbuff is not None:
+            raise ConfigError(
+                "asynchronous training (FedBuff) runs on the virtual clock: pass clock"
+            )
+        return None
+    if len(clock.devices) != data.num_clients:
+        raise ConfigError(
+            f"the clock has {len(clock.devices)} devices for {data.num_clients} clients"
+        )
+    if fedbuff is not None and (clock.deadline is not None or clock.keep is not None):
+        raise ConfigError("a deadline or over-selection applies to synchronous rounds only")
+    local = algorithm.local
+    return VirtualClock(
+        clock.devices,
+        steps=lambda cid: local.num_steps(data.client_size(cid)),
+        deadline=clock.deadline,
+        keep=clock.keep,
     )
