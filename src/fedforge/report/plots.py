@@ -21,8 +21,11 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
 
     rounds = [r.round for r in history]
     trained = [r for r in history if r.round > 0]
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
-    (ax_acc, ax_loss, ax_time), (ax_bytes, ax_metrics, ax_part) = axes
+    clock = history.metric("clock.time")
+    fig, axes = plt.subplots(2, 4 if clock else 3, figsize=(22 if clock else 17, 9))
+    (ax_acc, ax_loss, ax_time), (ax_bytes, ax_metrics, ax_part) = axes[:, :3]
+    if clock:
+        _clock_axes(axes[0, 3], axes[1, 3], history)
     ax_acc.plot(rounds, [100 * r.test_accuracy for r in history], marker=".", label="central test")
     fed = history.metric("fed_eval.accuracy")
     if fed:
@@ -55,7 +58,7 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
     ax_bytes.set(title="Cumulative traffic", xlabel="round", ylabel="MB")
     ax_bytes.legend()
     names = sorted(
-        {k for r in history for k in r.metrics if not k.startswith(("fed_eval.", "dp."))}
+        {k for r in history for k in r.metrics if not k.startswith(("fed_eval.", "dp.", "clock."))}
     )
     for name in names:
         series = history.metric(name)
@@ -72,6 +75,20 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _clock_axes(ax_acc: Any, ax_round: Any, history: History) -> None:
+    """Accuracy against simulated hours, and the simulated length of each round (virtual
+    clock runs: ``runtime/clock.py``)."""
+    timed = [r for r in history if "clock.time" in r.metrics or r.round == 0]
+    hours = [r.metrics.get("clock.time", 0.0) / 3600 for r in timed]
+    accuracy = [100 * r.test_accuracy for r in timed]
+    ax_acc.plot(*zip(*[(h, a) for h, a in zip(hours, accuracy, strict=True) if a == a]), ".-")
+    ax_acc.set(title="Accuracy on the virtual clock", xlabel="simulated hours", ylabel="%")
+    seconds = history.metric("clock.seconds")
+    ax_round.plot([r for r, _ in seconds], [v for _, v in seconds], ".", label="round length")
+    ax_round.set(title="Simulated seconds per round", xlabel="round", ylabel="seconds")
+    ax_round.legend()
 
 
 def _privacy_axis(ax: Any, epsilon: list[tuple[int, float]], labels: dict[str, str]) -> None:
