@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 import fedforge
-
 from fedforge.config import load_config
 from fedforge.core.errors import ConfigError
 from fedforge.experiment import build_clock, build_dataset, build_sampler, simulate_config

@@ -3,6 +3,7 @@ partition's label distribution."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,9 @@ def _clock_axes(ax_acc: Any, ax_round: Any, history: History) -> None:
     """Accuracy against simulated hours, and the simulated length of each round (virtual
     clock runs: ``runtime/clock.py``)."""
     timed = [r for r in history if "clock.time" in r.metrics or r.round == 0]
-    hours = [r.metrics.get("clock.time", 0.0) / 3600 for r in timed]
-    accuracy = [100 * r.test_accuracy for r in timed]
-    ax_acc.plot(*zip(*[(h, a) for h, a in zip(hours, accuracy, strict=True) if a == a]), ".-")
+    evaluated = [r for r in timed if not math.isnan(r.test_accuracy)]
+    hours = [r.metrics.get("clock.time", 0.0) / 3600 for r in evaluated]
+    ax_acc.plot(hours, [100 * r.test_accuracy for r in evaluated], ".-")
     ax_acc.set(title="Accuracy on the virtual clock", xlabel="simulated hours", ylabel="%")
     seconds = history.metric("clock.seconds")
     ax_round.plot([r for r, _ in seconds], [v for _, v in seconds], ".", label="round length")
