@@ -113,7 +113,7 @@ def part1(args: argparse.Namespace) -> None:
         # how many rounds or updates that takes)
         probe = args.rounds if name != "FedBuff" else args.updates
         history, _ = run([*common, *extra, f"server.rounds={probe}"], data)
-        needed = math.ceil(probe * sync_seconds / history[-1].metrics["clock.time"] * 1.02)
+        needed = math.ceil(probe * sync_seconds / history[-1].metrics["clock.time"] * 1.15)
         if needed > probe:
             history, _ = run([*common, *extra, f"server.rounds={min(needed, 5000)}"], data)
         runs[name] = history
