@@ -11,7 +11,7 @@ from fedforge.data.federated import FederatedDataset
 from fedforge.runtime import async_driver
 from fedforge.runtime.async_driver import Arrival, FedBuff, staleness_weight
 from fedforge.runtime.clock import ClockSpec
-from fedforge.runtime.devices import Devices
+from fedforge.runtime.devices import Devices, Intervals
 from fedforge.runtime.simulation import simulate
 from fedforge.train.program import LocalSGD
 from tests.conftest import make_blobs, small_mlp
@@ -154,3 +154,25 @@ def test_fedbuff_refuses_what_it_cannot_run(small_federated) -> None:  # type: i
         )
     with pytest.raises(ConfigError, match="buffer <= concurrency"):
         FedBuff(buffer=5, concurrency=4)
+
+
+def test_fedbuff_never_dispatches_offline_clients(small_federated) -> None:  # type: ignore[no-untyped-def]
+    n = small_federated.num_clients
+    offline = Intervals(
+        client=np.arange(5),  # clients 0-4 online only from t = 1e9
+        start=np.full(5, 1e9),
+        end=np.full(5, 2e9),
+        always=np.arange(n) >= 5,
+        period=0.0,
+    )
+    devices = Devices(np.random.default_rng(1).lognormal(0, 1, n), np.ones(n), np.ones(n), offline)
+    result = simulate(
+        small_mlp(),
+        small_federated,
+        FedAvg(local=LOCAL),
+        rounds=6,
+        clock=ClockSpec(devices),
+        fedbuff=FedBuff(buffer=2, concurrency=4),
+    )
+    arrived = {c for r in result.history[1:] for c in r.clients["arrived"]}
+    assert arrived and arrived <= set(range(5, n))

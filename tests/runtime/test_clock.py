@@ -173,3 +173,29 @@ def test_drawn_availability_has_the_configured_share(pattern: str) -> None:
     assert np.log(devices.speed).std() == pytest.approx(1.0, abs=0.05)
     again = draw_devices(4000, np.random.default_rng(1), pattern=pattern, online_fraction=0.3)
     assert (again.online(ids, 5000.0) == again.online(ids, 5000.0)).all()
+
+
+def test_a_resumed_run_continues_the_clock(small_federated, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    data = small_federated
+    speeds = np.random.default_rng(2).lognormal(0, 1, data.num_clients)
+    devices = Devices(
+        speeds,
+        np.full(data.num_clients, 1e6),
+        np.full(data.num_clients, 1e6),
+        RandomOnOff(seed=5, fraction=0.6, always=np.zeros(data.num_clients, bool), slot=2.0),
+    )
+    kwargs = {"clients_per_round": 3, "clock": ClockSpec(devices, deadline=3.0)}
+    whole = simulate(small_mlp(), data, FedAvg(local=LOCAL), rounds=4, **kwargs)  # type: ignore[arg-type]
+    simulate(small_mlp(), data, FedAvg(local=LOCAL), rounds=2, state_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
+    resumed = simulate(
+        small_mlp(),
+        data,
+        FedAvg(local=LOCAL),
+        rounds=4,
+        state_dir=tmp_path,
+        resume=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert a.metrics.get("clock.time") == b.metrics.get("clock.time")
+        assert a.clients == b.clients
