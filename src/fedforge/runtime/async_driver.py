@@ -239,7 +239,7 @@ class AsyncDriver:
                 self._busy.discard(job.client_id)
                 if job.seq not in self._results:
                     self._train_pending(state, window)
-                result = self._results.pop(job.seq)
+                result = self._results.pop(job.seq, None)  # None: it failed
                 if result is None:
                     continue
                 arrival = Arrival(job.client_id, job.version, state.round, now)
