@@ -231,6 +231,66 @@ class EvaluationConfig(_Section):
     every: int = Field(1, ge=1, description="rounds between federated evaluations")
 
 
+def _changed(section: _Section, switch: str) -> list[str]:
+    """The keys of ``section`` other than ``switch`` that differ from their defaults."""
+    return [
+        name
+        for name, info in type(section).model_fields.items()
+        if name != switch and getattr(section, name) != info.default
+    ]
+
+
+class ClockConfig(_Section):
+    """Simulated heterogeneous devices on a virtual clock (simulation only): each client's
+    speed and bandwidths are drawn log-normally around the medians (or read from ``trace``);
+    a task takes ``steps / speed + bytes down / down + bytes up / up`` simulated seconds."""
+
+    enabled: bool = False
+    speed_median: float = Field(1.0, gt=0, description="local SGD steps per second (median)")
+    speed_sigma: float = Field(1.0, ge=0, description="log-normal sigma of the speeds")
+    down_mbps: float = Field(20.0, gt=0, description="download bandwidth, Mbit/s (median)")
+    up_mbps: float = Field(5.0, gt=0, description="upload bandwidth, Mbit/s (median)")
+    bandwidth_sigma: float = Field(0.5, ge=0, description="log-normal sigma of bandwidths")
+    availability: Literal["always", "diurnal", "random"] = Field(
+        "always", description="diurnal: a daily window; random: on/off per slot"
+    )
+    online_fraction: float = Field(
+        0.5, gt=0, le=1, description="diurnal, random: share of time a client is online"
+    )
+    always_on: float = Field(0.0, ge=0, le=1, description="share of clients always online")
+    slot_s: float = Field(600.0, gt=0, description="random: seconds of one on/off slot")
+    period_s: float = Field(
+        86_400.0, ge=0, description="diurnal and trace: seconds before availability repeats"
+    )
+    trace: str | None = Field(None, description="CSV of devices (see README), replaces draws")
+    deadline_s: float | None = Field(None, gt=0, description="drop clients slower than this")
+    over_selection: float = Field(
+        1.0, ge=1, description="sample ceil(f x clients_per_round), keep the first to finish"
+    )
+
+    def problems(self) -> list[str]:
+        set_keys = _changed(self, "enabled")
+        if not self.enabled and set_keys:
+            return [f"clock.{set_keys[0]} needs clock.enabled = true"]
+        if self.availability == "diurnal" and self.period_s == 0:
+            return ["clock.availability = 'diurnal' needs clock.period_s > 0"]
+        return []
+
+
+class AsyncConfig(_Section):
+    """Asynchronous training on the virtual clock (simulation only). ``fedbuff``: a server
+    update every ``buffer`` arrivals, at most ``concurrency`` clients training, stale records
+    weighted ``(1 + staleness) ** -staleness_exponent``; ``server.rounds`` counts updates."""
+
+    mode: Literal["off", "fedbuff"] = "off"
+    buffer: int = Field(10, ge=1, description="arrivals per server update (K)")
+    concurrency: int = Field(100, ge=1, description="clients training at once")
+    staleness_exponent: float = Field(
+        0.5, ge=0, description="weight (1 + staleness)^-x: 0.5 = 1/sqrt, 0 = none"
+    )
+    eval_every: int = Field(1, ge=1, description="server updates between central evaluations")
+
+
 class RuntimeConfig(_Section):
     """How clients execute in simulation."""
 
@@ -340,6 +400,8 @@ class RunConfig(_Section):
     attack: AttackConfig = AttackConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     deploy: DeployConfig = DeployConfig()
+    clock: ClockConfig = ClockConfig()
+    asynchronous: AsyncConfig = AsyncConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -388,9 +450,53 @@ class RunConfig(_Section):
         if self.attack.kind == "backdoor" and self.data.dataset == "synthetic":
             raise ValueError("attack.kind = 'backdoor' needs image data (mnist5k or digits)")
         problems = self.privacy.problems() + self._privacy_conflicts() + self._secagg_conflicts()
+        problems += self.clock.problems() + self._clock_conflicts(clients)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _clock_conflicts(self, clients: int) -> list[str]:
+        """The virtual clock and asynchronous training (``runtime/clock.py``,
+        ``runtime/async_driver.py``)."""
+        out = []
+        clock, fedbuff = self.clock, self.asynchronous
+        if clock.enabled and self.aggregation.kind == "secure_sum":
+            out.append("clock.enabled cannot time secure aggregation's extra exchanges")
+        if clock.over_selection > 1 and self.server.sampler != "uniform":
+            out.append("clock.over_selection needs server.sampler = 'uniform'")
+        if fedbuff.mode == "off":
+            unset = _changed(fedbuff, "mode")
+            if unset:
+                out.append(f"asynchronous.{unset[0]} needs asynchronous.mode = 'fedbuff'")
+            return out
+        if not clock.enabled:
+            out.append("asynchronous.mode = 'fedbuff' runs on the virtual clock: set clock.enabled")
+        if clock.deadline_s is not None or clock.over_selection > 1:
+            out.append("clock.deadline_s and clock.over_selection apply to synchronous rounds only")
+        if fedbuff.buffer > fedbuff.concurrency:
+            out.append("asynchronous.buffer cannot exceed asynchronous.concurrency")
+        if fedbuff.concurrency > clients:
+            out.append(
+                f"asynchronous.concurrency ({fedbuff.concurrency}) exceeds the number of "
+                f"clients ({clients})"
+            )
+        conflicts = {
+            "aggregation.kind": (self.aggregation.kind != "mean", "the buffer is a weighted mean"),
+            "algorithm.name": (
+                self.algorithm.name == "scaffold",
+                "SCAFFOLD's client state would move with a model the client never saw",
+            ),
+            "privacy.mode": (self.privacy.mode != "off", "privacy is accounted per round"),
+            "evaluation.fraction": (self.evaluation.fraction > 0, "no rounds to evaluate in"),
+            "attack.kind": (
+                self.attack.kind in ("alie", "ipm"),
+                "this attack reads a round's honest updates",
+            ),
+        }
+        for key, (bad, why) in conflicts.items():
+            if bad:
+                out.append(f"asynchronous.mode = 'fedbuff' cannot run with this {key}: {why}")
+        return out
 
     def _secagg_conflicts(self) -> list[str]:
         """Secure aggregation needs every record to be summable as it is."""

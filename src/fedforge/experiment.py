@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +36,10 @@ from fedforge.report.rundir import (
     start_provenance,
     write_run_dir,
 )
+from fedforge.runtime.async_driver import FedBuff
 from fedforge.runtime.backends import BackendName, BackendOptions
+from fedforge.runtime.clock import ClockSpec
+from fedforge.runtime.devices import draw_devices, read_trace
 from fedforge.runtime.driver import FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
@@ -175,7 +179,41 @@ def build_sampler(config: RunConfig) -> Sampler:
     s = config.server
     if s.sampler == "poisson":
         return PoissonSampler(s.sampling_rate)
-    return UniformSampler(s.clients_per_round)
+    # over-selection: the clock keeps the first clients_per_round to finish
+    return UniformSampler(math.ceil(config.clock.over_selection * s.clients_per_round))
+
+
+def build_clock(config: RunConfig, num_clients: int) -> ClockSpec | None:
+    """The simulated devices and the synchronous rounds' deadline and over-selection."""
+    c = config.clock
+    if not c.enabled:
+        return None
+    if c.trace is not None:
+        devices = read_trace(Path(c.trace), num_clients, c.period_s)
+    else:
+        devices = draw_devices(
+            num_clients,
+            RngStreams(config.seed).generator(Purpose.DEVICES),
+            speed_median=c.speed_median,
+            speed_sigma=c.speed_sigma,
+            down_mbps=c.down_mbps,
+            up_mbps=c.up_mbps,
+            bandwidth_sigma=c.bandwidth_sigma,
+            pattern=c.availability,
+            online_fraction=c.online_fraction,
+            always_on=c.always_on,
+            slot_seconds=c.slot_s,
+            period_seconds=c.period_s,
+        )
+    keep = config.server.clients_per_round if c.over_selection > 1 else None
+    return ClockSpec(devices, c.deadline_s, keep)
+
+
+def build_fedbuff(config: RunConfig) -> FedBuff | None:
+    a = config.asynchronous
+    if a.mode == "off":
+        return None
+    return FedBuff(a.buffer, a.concurrency, a.staleness_exponent, a.eval_every)
 
 
 def build_federated_eval(config: RunConfig) -> FederatedEvaluation | None:
@@ -240,6 +278,8 @@ def simulate_config(
         federated_eval=build_federated_eval(config),
         state_dir=state_dir,
         resume=resume,
+        clock=build_clock(config, data.num_clients),
+        fedbuff=build_fedbuff(config),
     )
 
 

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 from fedforge.aggregate.kinds import Aggregation
 from fedforge.algorithms.base import ServerState
 from fedforge.config import RunConfig, to_toml
-from fedforge.core.errors import FedforgeError
+from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params, ParamSpec, spec_of
 from fedforge.core.records import EVALUATE, FIT
 from fedforge.core.rng import RngStreams
@@ -147,6 +147,11 @@ def run_server(
 
     if config.attack.kind != "none":
         log.warning("[attack] simulates attackers in simulations only; the server ignores it")
+    if config.clock.enabled or config.asynchronous.mode != "off":
+        raise ConfigError(
+            "[clock] and [asynchronous] run in simulation only (the network runs in real "
+            "time, synchronously): set clock.enabled = false and asynchronous.mode = 'off'"
+        )
     torch.set_num_threads(config.runtime.threads or 1)
     data = build_dataset(config)
     model = TorchModel(build_model(config, data))

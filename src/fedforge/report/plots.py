@@ -3,6 +3,7 @@ partition's label distribution."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,15 @@ def report_figure(history: History, label_counts: np.ndarray, title: str = "") -
     rounds = [r.round for r in history]
     accuracy = [100 * r.test_accuracy for r in history]
     trained = [r for r in history if r.round > 0]
-    fig = plt.figure(figsize=(18, 14))
-    grid = fig.add_gridspec(3, 3)
+    clock = history.metric("clock.time")
+    columns = 4 if clock else 3  # the virtual clock adds a column of its own
+    fig = plt.figure(figsize=(6 * columns, 14))
+    grid = fig.add_gridspec(3, columns)
     ax_acc, ax_loss, ax_comm = (fig.add_subplot(grid[0, i]) for i in range(3))
     ax_wall, ax_time, ax_bytes = (fig.add_subplot(grid[1, i]) for i in range(3))
     ax_metrics, ax_part = fig.add_subplot(grid[2, 0]), fig.add_subplot(grid[2, 1:])
+    if clock:
+        _clock_axes(fig.add_subplot(grid[0, 3]), fig.add_subplot(grid[1, 3]), history)
     ax_acc.plot(rounds, accuracy, marker=".", label="central test")
     fed = history.metric("fed_eval.accuracy")
     if fed:
@@ -84,7 +89,7 @@ def report_figure(history: History, label_counts: np.ndarray, title: str = "") -
     ax_bytes.set(title="Cumulative traffic", xlabel="round", ylabel="MB")
     ax_bytes.legend()
     names = sorted(
-        {k for r in history for k in r.metrics if not k.startswith(("fed_eval.", "dp."))}
+        {k for r in history for k in r.metrics if not k.startswith(("fed_eval.", "dp.", "clock."))}
     )
     for name in names:
         series = history.metric(name)
@@ -100,6 +105,20 @@ def report_figure(history: History, label_counts: np.ndarray, title: str = "") -
         fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return fig
+
+
+def _clock_axes(ax_acc: Any, ax_round: Any, history: History) -> None:
+    """Accuracy against simulated hours, and the simulated length of each round (virtual
+    clock runs: ``runtime/clock.py``)."""
+    timed = [r for r in history if "clock.time" in r.metrics or r.round == 0]
+    evaluated = [r for r in timed if not math.isnan(r.test_accuracy)]
+    hours = [r.metrics.get("clock.time", 0.0) / 3600 for r in evaluated]
+    ax_acc.plot(hours, [100 * r.test_accuracy for r in evaluated], ".-")
+    ax_acc.set(title="Accuracy on the virtual clock", xlabel="simulated hours", ylabel="%")
+    seconds = history.metric("clock.seconds")
+    ax_round.plot([r for r, _ in seconds], [v for _, v in seconds], ".", label="round length")
+    ax_round.set(title="Simulated seconds per round", xlabel="round", ylabel="seconds")
+    ax_round.legend()
 
 
 def _privacy_axis(ax: Any, epsilon: list[tuple[int, float]], labels: dict[str, str]) -> None:

@@ -35,6 +35,7 @@ from fedforge.core.records import (
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.report.history import History, RoundRecord
 from fedforge.runtime.client_state import ClientStateStore
+from fedforge.runtime.clock import VirtualClock, spec_bytes
 from fedforge.runtime.sampling import Sampler
 from fedforge.runtime.transport import Transport
 from fedforge.runtime.validation import validate_batch
@@ -134,6 +135,8 @@ class Driver:
     # sampler draws from this secret seed (kept by the server only), not from the run seed.
     sampling_seed: int | None = None
     downlink: Downlink = "none"  # how the broadcast model travels (compress/downlink.py)
+    # Simulation on a virtual clock: only online clients are sampled, stragglers dropped.
+    clock: VirtualClock | None = None
 
     def __post_init__(self) -> None:
         self.stop_reason: str | None = None  # why ``run`` stopped before its last round
@@ -236,21 +239,32 @@ class Driver:
         round_number = state.round + 1
         coords = (round_number,) if attempt == 0 else (round_number, attempt)
         streams = self.streams if self.sampling_seed is None else RngStreams(self.sampling_seed)
-        sampled = self.sampler(self.population(), streams.generator(Purpose.SAMPLING, *coords))
+        population = self.population()
+        if self.clock is not None:
+            population = self.clock.online(population)
+        sampled = self.sampler(population, streams.generator(Purpose.SAMPLING, *coords))
         self.listener.round_started(round_number, sampled)
         shared = encode_broadcast(
             {**state.params, **self.algorithm.broadcast(state)}, self.downlink
         )
         broadcast = self.stages.broadcast(state.stage_states)
+        metrics: dict[str, float] = {}
+        clients: dict[str, list[int]] = {}
+        cohort = sampled
+        if self.clock is not None:  # stragglers are dropped before they train
+            timing = self.clock.schedule(
+                sampled, num_bytes(shared), spec_bytes(self.fit_spec.arrays)
+            )
+            cohort, clients["stragglers"] = timing.kept, timing.dropped
+            metrics["clock.seconds"] = timing.seconds
+            metrics["clock.time"] = self.clock.advance(timing.seconds)
         tasks = [
             Task(
                 FIT, round_number, cid, self.streams.task_seed(round_number, cid), shared, broadcast
             )
-            for cid in sampled
+            for cid in cohort
         ]
         fit_started = time.perf_counter()
-        metrics: dict[str, float] = {}
-        clients: dict[str, list[int]] = {}
         secure_bytes_down = 0
         if isinstance(self.aggregation, SecureAggregation):
             fit, summed, secure_bytes_down = self._secure_fit(
@@ -274,7 +288,7 @@ class Driver:
             )
             stage_states, stage_metrics = self.stages.finish_round(state.stage_states, aggregate)
             metrics.update(stage_metrics)
-            context = RoundContext(round_number, self.population_size(), len(sampled))
+            context = RoundContext(round_number, self.population_size(), len(cohort))
             state = self.algorithm.server_update(state, aggregate, context)
             state = replace(state, stage_states=stage_states)
             clients["excluded"] = aggregate.excluded
@@ -294,7 +308,8 @@ class Driver:
         evaluation = self.evaluator(state.params) if self.evaluator and counts else None
         if evaluation is not None:
             metrics.update(evaluation.metrics)
-        bytes_down = num_bytes(shared) * len(tasks) + secure_bytes_down
+        # (stragglers the clock dropped downloaded the model too)
+        bytes_down = num_bytes(shared) * len(sampled) + secure_bytes_down
         fed = self._federated_evaluation(state) if counts else None
         if fed is not None:
             fed_exchange, fed_bytes = fed
@@ -462,6 +477,8 @@ class Driver:
         """Run until ``rounds`` rounds are complete; a round with fewer than ``min_completed``
         accepted records is re-sampled up to ``max_retries`` times (``None``: until it
         succeeds; ``before_attempt`` then decides how long to wait between attempts)."""
+        if self.clock is not None and history:  # a resumed run continues the clock
+            self.clock.now = history[-1].metrics.get("clock.time", 0.0)
         if not history:
             history.append(self.initial_record(state))
             if checkpoint:

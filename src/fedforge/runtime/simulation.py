@@ -23,6 +23,7 @@ from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data.federated import FederatedDataset
 from fedforge.privacy.dp_sgd import SampleDP
 from fedforge.report.history import History
+from fedforge.runtime.async_driver import AsyncDriver, FedBuff
 from fedforge.runtime.backends import (
     BackendName,
     BackendOptions,
@@ -37,6 +38,7 @@ from fedforge.runtime.client_state import (
     EphemeralSessions,
     MemoryStateStore,
 )
+from fedforge.runtime.clock import ClockSpec, VirtualClock
 from fedforge.runtime.driver import Driver, FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import Sampler, UniformSampler
 from fedforge.secagg.aggregation import SecureAggregation
@@ -88,6 +90,8 @@ def simulate(
     labels: Mapping[str, str] | None = None,
     sampling_seed: int | None = None,
     downlink: Downlink = "none",
+    clock: ClockSpec | None = None,
+    fedbuff: FedBuff | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -108,7 +112,9 @@ def simulate(
     computed at every central evaluation (a backdoor's success rate); ``labels`` are recorded
     with every round. ``downlink`` compresses the broadcast model (float16 or bfloat16).
     ``sampling_seed`` replaces the run seed for client sampling (central DP without seeded
-    noise: a secret the server draws).
+    noise: a secret the server draws). ``clock`` runs the rounds on simulated devices
+    (``runtime/clock.py``); ``fedbuff`` trains asynchronously on that clock, ``rounds`` then
+    counting server updates.
     """
     if not isinstance(model, torch.nn.Module):
         model = seeded(model, RngStreams(seed).int_seed(Purpose.INIT))
@@ -149,6 +155,8 @@ def simulate(
             labels=labels or {},
             sampling_seed=sampling_seed,
             downlink=downlink,
+            clock=clock,
+            fedbuff=fedbuff,
         )
     finally:
         blas.restore_original_limits()
@@ -177,6 +185,8 @@ def _simulate(
     labels: Mapping[str, str],
     sampling_seed: int | None,
     downlink: Downlink,
+    clock: ClockSpec | None = None,
+    fedbuff: FedBuff | None = None,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -210,6 +220,7 @@ def _simulate(
         secure = SecAggClient(withhold_metrics=aggregation.withhold_metrics)
     app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure)
     transport = make_transport(chosen, app, data, store, options)
+    virtual = _virtual_clock(clock, fedbuff, algorithm, data)
     driver = Driver(
         algorithm=algorithm,
         transport=transport,
@@ -232,9 +243,17 @@ def _simulate(
         labels={**labels, **app.labels},
         sampling_seed=sampling_seed,
         downlink=downlink,
+        clock=virtual if fedbuff is None else None,
     )
     try:
-        state = driver.run(state, rounds, history, checkpoint=checkpoint if checkpoints else None)
+        save = checkpoint if checkpoints else None
+        if fedbuff is not None:
+            assert virtual is not None
+            state = AsyncDriver(driver, virtual, fedbuff).run(
+                state, rounds, history, checkpoint=save
+            )
+        else:
+            state = driver.run(state, rounds, history, checkpoint=save)
     finally:
         transport.close()
         if checkpoints is not None:
@@ -246,4 +265,28 @@ def _simulate(
         model=eval_model.module,
         backend=chosen,
         stop_reason=driver.stop_reason,
+    )
+
+
+def _virtual_clock(
+    clock: ClockSpec | None, fedbuff: FedBuff | None, algorithm: Algorithm, data: FederatedDataset
+) -> VirtualClock | None:
+    if clock is None:
+        if fedbuff is not None:
+            raise ConfigError(
+                "asynchronous training (FedBuff) runs on the virtual clock: pass clock"
+            )
+        return None
+    if len(clock.devices) != data.num_clients:
+        raise ConfigError(
+            f"the clock has {len(clock.devices)} devices for {data.num_clients} clients"
+        )
+    if fedbuff is not None and (clock.deadline is not None or clock.keep is not None):
+        raise ConfigError("a deadline or over-selection applies to synchronous rounds only")
+    local = algorithm.local
+    return VirtualClock(
+        clock.devices,
+        steps=lambda cid: local.num_steps(data.client_size(cid)),
+        deadline=clock.deadline,
+        keep=clock.keep,
     )
