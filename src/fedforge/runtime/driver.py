@@ -31,7 +31,9 @@ from fedforge.core.records import (
     Task,
 )
 from fedforge.core.rng import Purpose, RngStreams
+from fedforge.report.fairness import client_spread
 from fedforge.report.history import History, RoundRecord
+from fedforge.runtime.client_app import PERSONAL_ACCURACY, PERSONAL_LOSS
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sampling import Sampler
 from fedforge.runtime.transport import Transport
@@ -87,6 +89,7 @@ class _Exchange:
     server_seconds: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)  # example-weighted metric sums
     maxima: dict[str, float] = field(default_factory=dict)
+    values: dict[str, list[float]] = field(default_factory=dict)  # per accepted client
     examples: float = 0.0
 
     def mean(self, metric: str) -> float:
@@ -140,7 +143,8 @@ class Driver:
         # client until it is masked); everything summed travels in the masked vector.
         secure = isinstance(self.aggregation, SecureAggregation)
         self.fit_reply_spec = RecordSpec({}, (), self.fit_spec.metrics) if secure else self.fit_spec
-        self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss"))
+        personal = (PERSONAL_ACCURACY, PERSONAL_LOSS) if self.algorithm.personalized else ()
+        self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss", *personal))
         sample = {name: np.zeros(1, np.float32) for name in self.trainable}
         self._algorithm_stateful = bool(self.algorithm.init_client_state(sample))
 
@@ -198,6 +202,7 @@ class Driver:
                 for name, values in good.metrics.items():
                     out.sums[name] = out.sums.get(name, 0.0) + float(weights @ values)
                     out.maxima[name] = max(out.maxima.get(name, -math.inf), float(values.max()))
+                    out.values.setdefault(name, []).extend(float(v) for v in values)
                 out.examples += float(weights.sum())
                 out.accepted += len(good)
                 out.accepted_ids.extend(int(c) for c in good.client_ids)
@@ -282,6 +287,10 @@ class Driver:
             metrics["fed_eval.accuracy"] = fed_exchange.mean("accuracy")
             metrics["fed_eval.loss"] = fed_exchange.mean("loss")
             metrics["fed_eval.clients"] = float(fed_exchange.accepted)
+            if self.algorithm.personalized:
+                metrics[f"fed_eval.{PERSONAL_ACCURACY}"] = fed_exchange.mean(PERSONAL_ACCURACY)
+                metrics[f"fed_eval.{PERSONAL_LOSS}"] = fed_exchange.mean(PERSONAL_LOSS)
+            metrics.update(client_spread(fed_exchange.values, "fed_eval."))
             clients["fed_eval_failed"] = fed_exchange.failed + fed_exchange.rejected
         eval_seconds = time.perf_counter() - eval_started
         record = RoundRecord(
