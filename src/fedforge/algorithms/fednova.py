@@ -56,5 +56,7 @@ class FedNova(FedAvg):
         self, state: ServerState, aggregate: Aggregate, context: RoundContext
     ) -> ServerState:
         tau_eff = float(aggregate.arrays[STEPS][0])
-        arrays = {n: (tau_eff * aggregate.arrays[n]).astype(p.dtype) for n, p in state.params.items()}
+        arrays = {
+            n: (tau_eff * aggregate.arrays[n]).astype(p.dtype) for n, p in state.params.items()
+        }
         return super().server_update(state, replace(aggregate, arrays=arrays), context)

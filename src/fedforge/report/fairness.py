@@ -30,3 +30,15 @@ def client_spread(per_client: Mapping[str, Sequence[float]], prefix: str) -> dic
         out[f"{prefix}{name}.client_mean"] = float(np.mean(values))
         out[f"{prefix}{name}.worst10"] = worst_share_mean(values)
     return out
+
+
+def fairness_text(metrics: Mapping[str, float]) -> str:
+    """``clients: global 81.2% (worst 10% 40.1%), personal ...`` from the latest federated
+    evaluation's metrics, else empty."""
+    parts = []
+    for key, label in (("accuracy", "global"), ("personal_accuracy", "personal")):
+        mean = metrics.get(f"fed_eval.{key}.client_mean")
+        worst = metrics.get(f"fed_eval.{key}.worst10")
+        if mean is not None and worst is not None:
+            parts.append(f"{label} {100 * mean:.1f}% (worst 10% {100 * worst:.1f}%)")
+    return "per-client accuracy: " + ", ".join(parts) if parts else ""

@@ -24,11 +24,15 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
     fig, axes = plt.subplots(2, 3, figsize=(17, 9))
     (ax_acc, ax_loss, ax_time), (ax_bytes, ax_metrics, ax_part) = axes
     ax_acc.plot(rounds, [100 * r.test_accuracy for r in history], marker=".", label="central test")
-    fed = history.metric("fed_eval.accuracy")
-    if fed:
-        ax_acc.plot(
-            [r for r, _ in fed], [100 * v for _, v in fed], marker=".", label="federated eval"
-        )
+    for key, label in (
+        ("fed_eval.accuracy", "federated eval"),
+        ("fed_eval.accuracy.worst10", "federated eval, worst 10% of clients"),
+        ("fed_eval.personal_accuracy", "personal models"),
+        ("fed_eval.personal_accuracy.worst10", "personal models, worst 10%"),
+    ):
+        fed = history.metric(key)
+        if fed:
+            ax_acc.plot([r for r, _ in fed], [100 * v for _, v in fed], marker=".", label=label)
     ax_acc.set(title="Accuracy", xlabel="round", ylabel="accuracy (%)")
     ax_acc.legend(loc="lower left")
     epsilon = history.metric("dp.epsilon")

@@ -138,7 +138,9 @@ class ClientApp:
         self.model.set_params({n: task.shared[n] for n in names})
         metrics: dict[str, float] = {}
         if self.program.initial_loss:  # the global model's loss on the local data
-            own[INITIAL_LOSS] = torch.tensor(evaluate(self.model, data.train).loss, dtype=torch.float64)
+            own[INITIAL_LOSS] = torch.tensor(
+                evaluate(self.model, data.train).loss, dtype=torch.float64
+            )
         starts = self.program.starts(list(own))
         with torch.no_grad():  # FedPer's head starts from the client's own
             for name, param in self.module.named_parameters():
@@ -198,7 +200,7 @@ class ClientApp:
         """The algorithm's local program on the module's parameters (and the personal copy,
         trained beside them): (steps, mean loss)."""
         rng = np.random.default_rng(task.seed)
-        params = {**dict(self.module.named_parameters()), **personal}
+        params: Tensors = {**dict(self.module.named_parameters()), **personal}
         opt_state = self.program.init({n: p.detach() for n, p in params.items()})
         x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
         local = self.algorithm.local
@@ -210,7 +212,7 @@ class ClientApp:
             for batch in batch_order(len(data.train), local.batch_size, epochs, rng):
                 idx = torch.from_numpy(batch)
                 opt_state, loss = self.program.eager_step(
-                    self.module, params, opt_state, shared, own, x[idx], y[idx]  # type: ignore[arg-type]
+                    self.module, params, opt_state, shared, own, x[idx], y[idx]
                 )
                 total += float(loss) * len(batch)
                 seen += len(batch)

@@ -36,6 +36,7 @@ from fedforge.report.history import History, RoundRecord
 from fedforge.runtime.client_app import PERSONAL_ACCURACY, PERSONAL_LOSS
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sampling import Sampler
+from fedforge.runtime.stragglers import Stragglers
 from fedforge.runtime.transport import Transport
 from fedforge.runtime.validation import validate_batch
 from fedforge.secagg.aggregation import SecureAggregation
@@ -126,6 +127,7 @@ class Driver:
     # Central DP's amplification by sampling needs a sample nobody can predict: then the
     # sampler draws from this secret seed (kept by the server only), not from the run seed.
     sampling_seed: int | None = None
+    stragglers: Stragglers | None = None  # simulation: clients that can do only partial work
 
     def __post_init__(self) -> None:
         self.stop_reason: str | None = None  # why ``run`` stopped before its last round
@@ -233,6 +235,9 @@ class Driver:
             )
             for cid in sampled
         ]
+        stragglers: list[int] = []
+        if self.stragglers is not None:
+            tasks, stragglers = self.stragglers.assign(tasks, self.streams, attempt)
         fit_started = time.perf_counter()
         metrics: dict[str, float] = {}
         clients: dict[str, list[int]] = {}
@@ -249,6 +254,9 @@ class Driver:
             metrics[name] = fit.mean(name)
             metrics[f"{name}.max"] = fit.maxima[name]
         clients.update(failed=fit.failed, rejected=fit.rejected)
+        if stragglers:
+            dropped = self.stragglers is not None and self.stragglers.drop
+            clients["dropped_stragglers" if dropped else "stragglers"] = stragglers
         if summed is not None or self.stages.releases_when_empty:
             # Central DP releases noise even when no record arrived: an unchanged model would
             # reveal that nobody took part, which the accounted mechanism never does.

@@ -33,6 +33,7 @@ from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import ClientStateStore, DiskStateStore, MemoryStateStore
 from fedforge.runtime.driver import Driver, FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import Sampler, UniformSampler
+from fedforge.runtime.stragglers import Stragglers
 from fedforge.secagg.client import SecAggClient
 from fedforge.stages.base import Stage, StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
@@ -75,6 +76,7 @@ def simulate(
     probes: Mapping[str, Probe] | None = None,
     labels: Mapping[str, str] | None = None,
     sampling_seed: int | None = None,
+    stragglers: Stragglers | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -93,6 +95,7 @@ def simulate(
     metrics of the global model computed at every central evaluation (a backdoor's success
     rate); ``labels`` are recorded with every round. ``sampling_seed`` replaces the run seed
     for client sampling (central DP without seeded noise: a secret the server draws).
+    ``stragglers`` makes a share of each round's clients do partial work (or drops them).
     """
     chain = StageChain(stages)
     chain.check(aggregation)
@@ -130,6 +133,7 @@ def simulate(
             probes=probes or {},
             labels=labels or {},
             sampling_seed=sampling_seed,
+            stragglers=stragglers,
         )
     finally:
         blas.restore_original_limits()
@@ -157,6 +161,7 @@ def _simulate(
     probes: Mapping[str, Probe],
     labels: Mapping[str, str],
     sampling_seed: int | None,
+    stragglers: Stragglers | None,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -206,6 +211,7 @@ def _simulate(
         client_metrics=app.extra_metrics,
         labels={**labels, **app.labels},
         sampling_seed=sampling_seed,
+        stragglers=stragglers,
     )
     try:
         state = driver.run(state, rounds, history, checkpoint=checkpoint if checkpoints else None)

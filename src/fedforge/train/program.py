@@ -398,17 +398,18 @@ class LocalProgram:
     def eager_step(
         self,
         module: torch.nn.Module,
-        params: dict[str, torch.nn.Parameter],
+        params: Tensors,
         state: tuple[Tensors, ...],
         shared: Tensors,
         own: Tensors,
         x: torch.Tensor,
         y: torch.Tensor,
     ) -> tuple[tuple[Tensors, ...], torch.Tensor]:
-        """:meth:`step` for one client whose weights are ``module``'s own parameters: the same
+        """:meth:`step` for one client whose weights are ``module``'s own parameters (and Ditto's
+        personal copy, leaf tensors beside them): the same
         objective and chain, with the gradient from eager autograd and the update in place
         (one client at a time, torch.func's per-call set-up costs more than the step)."""
-        model, personal = self.split(params)  # type: ignore[arg-type]
+        model, personal = self.split(params)
         total, loss = self.objective(module(x), y, None, model, shared, own)
         if personal:
             p_logits = functional_call(module, personal, (x,))
