@@ -96,6 +96,8 @@ TABLE: dict[str, dict[str, Any]] = {
     "FedAdam": {"server.optimizer": "adam", "server.lr": 0.01},
     "FedYogi": {"server.optimizer": "yogi", "server.lr": 0.01},
     "q-FedAvg": {"algorithm.name": "qfedavg", "algorithm.q": 1.0},
+    "q-FedAvg q=0.1": {"algorithm.name": "qfedavg", "algorithm.q": 0.1},
+    "q-FedAvg q=0 (uniform FedAvg)": {"algorithm.name": "qfedavg", "algorithm.q": 0.0},
     "FedPer": {"algorithm.name": "fedper", "algorithm.head_layers": 1},
     "Ditto": {"algorithm.name": "ditto", "algorithm.lam": 0.1},
 }
