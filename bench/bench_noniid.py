@@ -95,7 +95,7 @@ TABLE: dict[str, dict[str, Any]] = {
     "FedNova": {"algorithm.name": "fednova"},
     "FedAdam": {"server.optimizer": "adam", "server.lr": 0.01},
     "FedYogi": {"server.optimizer": "yogi", "server.lr": 0.01},
-    "q-FedAvg": {"algorithm.name": "qfedavg", "algorithm.q": 1.0},
+    "q-FedAvg (q=1)": {"algorithm.name": "qfedavg", "algorithm.q": 1.0},
     "q-FedAvg q=0.1": {"algorithm.name": "qfedavg", "algorithm.q": 0.1},
     "q-FedAvg q=0 (uniform FedAvg)": {"algorithm.name": "qfedavg", "algorithm.q": 0.0},
     "FedPer": {"algorithm.name": "fedper", "algorithm.head_layers": 1},
