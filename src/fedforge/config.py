@@ -396,6 +396,12 @@ class RunConfig(_Section):
                 f"attack.kind = {self.attack.kind!r} reads the honest clients' updates, which "
                 "secure aggregation hides from the server"
             )
+        if self.algorithm.name in ("fednova", "qfedavg"):
+            out.append(
+                f"aggregation.kind = 'secure_sum' cannot run algorithm.name = "
+                f"{self.algorithm.name!r}: secure aggregation clips the record, and its "
+                "normalizer travels in the record beside the update"
+            )
         clients = (
             self.partition.num_clients
             if self.partition.scheme != "natural"
