@@ -171,3 +171,24 @@ def _is_short(message: str) -> bool:
         and "Traceback" not in message
         and len(lines[1]) < 160
     )
+
+
+def test_non_iid_algorithm_keys() -> None:
+    cfg = load_config(
+        None,
+        [
+            "algorithm.name=ditto",
+            "algorithm.lam=0.5",
+            "algorithm.stragglers=0.9",
+            "algorithm.drop_stragglers=true",
+        ],
+    )
+    assert cfg.algorithm.lam == 0.5 and cfg.algorithm.stragglers == 0.9
+    for bad, message in (
+        (["algorithm.name=fedper", "model.name=logistic"], "head_layers"),
+        (["algorithm.name=fednova", "update.clip_norm=1.0"], "normalizer"),
+        (["algorithm.name=qfedavg", "aggregation.kind=secure_sum"], "normalizer"),
+        (["algorithm.stragglers=1.5"], "stragglers"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, bad)

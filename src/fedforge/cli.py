@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from fedforge.core.errors import FedforgeError
+from fedforge.report.fairness import fairness_text
 from fedforge.report.history import privacy_text
 
 if TYPE_CHECKING:
@@ -195,6 +196,9 @@ def run(
         f"test loss {last.test_loss:.4f}{', ' + dp if dp else ''}; run directory: {out_dir}",
         soft_wrap=True,
     )
+    fairness = fairness_text(last.metrics)
+    if fairness:
+        console.print(fairness, soft_wrap=True)
 
 
 def missing_trackers(*, tensorboard: bool, mlflow: bool) -> str | None:

@@ -53,8 +53,17 @@ class ModelConfig(_Section):
 class AlgorithmConfig(_Section):
     """The federated algorithm (client program and server update)."""
 
-    name: Literal["fedavg", "fedprox", "scaffold"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "scaffold", "fednova", "qfedavg", "fedper", "ditto"] = (
+        "fedavg"
+    )
     mu: float = Field(0.01, ge=0, description="fedprox: proximal coefficient")
+    q: float = Field(1.0, ge=0, description="qfedavg: fairness exponent (0 = uniform FedAvg)")
+    lam: float = Field(0.1, ge=0, description="ditto: pull of each personal model to the global")
+    head_layers: int = Field(1, ge=1, description="fedper: last layers kept on each client")
+    stragglers: float = Field(
+        0.0, ge=0, le=1, description="share of each round's clients running 1..E epochs (sim)"
+    )
+    drop_stragglers: bool = Field(False, description="drop stragglers, not keep partial work")
 
 
 class ClientConfig(_Section):
@@ -425,6 +434,19 @@ class RunConfig(_Section):
                 "update.clip_norm cannot be combined with algorithm.name = 'scaffold': its "
                 "client control variates are updated from the unclipped record"
             )
+        layers = 1 if self.model.name == "logistic" else len(self.model.hidden) + 1
+        if self.algorithm.name == "fedper" and self.algorithm.head_layers >= layers:
+            raise ValueError(
+                f"algorithm.head_layers: {self.algorithm.head_layers} leaves no shared body in a "
+                f"model of {layers} layer(s); lower it (fedper needs model.name = 'mlp')"
+            )
+        if self.algorithm.name in ("fednova", "qfedavg") and (
+            self.update.clip_norm is not None or self.update.codec != "none"
+        ):
+            raise ValueError(
+                f"algorithm.name = {self.algorithm.name!r} cannot run with update.clip_norm or "
+                "update.codec: its normalizer travels in the record beside the update"
+            )
         agg = self.aggregation
         if agg.kind != "mean" and agg.max_weight is not None:
             raise ValueError(
@@ -520,6 +542,12 @@ class RunConfig(_Section):
                 f"attack.kind = {self.attack.kind!r} reads the honest clients' updates, which "
                 "secure aggregation hides from the server"
             )
+        if self.algorithm.name in ("fednova", "qfedavg"):
+            out.append(
+                f"aggregation.kind = 'secure_sum' cannot run algorithm.name = "
+                f"{self.algorithm.name!r}: secure aggregation clips the record, and its "
+                "normalizer travels in the record beside the update"
+            )
         clients = (
             self.partition.num_clients
             if self.partition.scheme != "natural"
@@ -566,6 +594,11 @@ class RunConfig(_Section):
             out.append(
                 f"privacy.mode = {mode!r} cannot run algorithm.name = 'scaffold': its control "
                 "variates are computed from the update before it is clipped and noised"
+            )
+        if self.algorithm.name in ("fednova", "qfedavg"):
+            out.append(
+                f"privacy.mode = {mode!r} cannot run algorithm.name = "
+                f"{self.algorithm.name!r}: its normalizer travels in the record"
             )
         if mode == "central" and (
             self.aggregation.kind not in ("mean", "secure_sum")

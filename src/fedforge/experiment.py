@@ -14,8 +14,12 @@ from fedforge.aggregate.gather import RobustAggregation
 from fedforge.aggregate.kinds import Aggregation, WeightedMean
 from fedforge.aggregate.server_opt import FedAdagrad, FedAdam, FedYogi, ServerOptimizer, ServerSGD
 from fedforge.algorithms.base import Algorithm
+from fedforge.algorithms.ditto import Ditto
 from fedforge.algorithms.fedavg import FedAvg
+from fedforge.algorithms.fednova import FedNova
+from fedforge.algorithms.fedper import FedPer, head_names
 from fedforge.algorithms.fedprox import FedProx
+from fedforge.algorithms.qfedavg import QFedAvg
 from fedforge.algorithms.scaffold import Scaffold
 from fedforge.attacks.configure import plan_attack
 from fedforge.compress.codecs import BFloat16, Codec, Float16, StochasticQuantizer, TopK
@@ -43,6 +47,7 @@ from fedforge.runtime.devices import draw_devices, read_trace
 from fedforge.runtime.driver import FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
+from fedforge.runtime.stragglers import Stragglers
 from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.stages.base import Stage
 from fedforge.stages.clip import FixedClip
@@ -107,12 +112,36 @@ def build_algorithm(config: RunConfig) -> Algorithm:
         momentum=c.momentum,
         weight_decay=c.weight_decay,
     )
-    server_optimizer = build_server_optimizer(config)
+    opt = build_server_optimizer(config)
     if a.name == "fedprox":
-        return FedProx(local=local, server_optimizer=server_optimizer, mu=a.mu)
+        return FedProx(local=local, server_optimizer=opt, mu=a.mu)
     if a.name == "scaffold":
-        return Scaffold(local=local, server_optimizer=server_optimizer)
-    return FedAvg(local=local, server_optimizer=server_optimizer)
+        return Scaffold(local=local, server_optimizer=opt)
+    if a.name == "fednova":
+        return FedNova(local=local, server_optimizer=opt)
+    if a.name == "qfedavg":
+        return QFedAvg(local=local, server_optimizer=opt, q=a.q)
+    if a.name == "fedper":
+        names = [n for n, _ in _architecture(config).named_parameters()]
+        return FedPer(local=local, server_optimizer=opt, head=head_names(names, a.head_layers))
+    if a.name == "ditto":
+        return Ditto(local=local, server_optimizer=opt, lam=a.lam)
+    return FedAvg(local=local, server_optimizer=opt)
+
+
+def _architecture(config: RunConfig) -> nn.Module:
+    """The configured model on dummy sizes: its parameter names are the real model's."""
+    if config.model.name == "logistic":
+        return logistic(1, 2)
+    return mlp(1, 2, config.model.hidden)
+
+
+def build_stragglers(config: RunConfig) -> Stragglers | None:
+    """Simulated stragglers (``algorithm.stragglers`` > 0), else None."""
+    a = config.algorithm
+    if a.stragglers == 0:
+        return None
+    return Stragglers(a.stragglers, config.client.epochs, drop=a.drop_stragglers)
 
 
 def build_stages(
@@ -276,6 +305,7 @@ def simulate_config(
         downlink=config.update.downlink,
         aggregation=attack.aggregation,
         federated_eval=build_federated_eval(config),
+        stragglers=build_stragglers(config),
         state_dir=state_dir,
         resume=resume,
         clock=build_clock(config, data.num_clients),

@@ -27,6 +27,7 @@ class FedAvg:
     server_optimizer: ServerOptimizer = field(default_factory=ServerSGD)
     weighting: Weighting = "examples"
     accepts_stages: bool = True
+    personalized: bool = False
 
     def program(self) -> LocalProgram:
         return LocalProgram(self.local)
@@ -41,6 +42,10 @@ class FedAvg:
 
     def init_client_state(self, trainable: Params) -> Params:
         return {}
+
+    def personalize(self, params: Params, state: Params) -> Params:
+        """No personal model: the global one."""
+        return params
 
     def finish(
         self, delta: Tensors, shared: Tensors, own: Tensors, steps: torch.Tensor

@@ -22,6 +22,7 @@ class Purpose(IntEnum):
     SAMPLING = 2
     CLIENT = 3
     EVALUATION = 4
+    STRAGGLERS = 5
     DEVICES = 12  # simulated device speeds, bandwidths and availability
 
 

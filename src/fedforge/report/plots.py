@@ -50,11 +50,15 @@ def report_figure(history: History, label_counts: np.ndarray, title: str = "") -
     if clock:
         _clock_axes(fig.add_subplot(grid[0, 3]), fig.add_subplot(grid[1, 3]), history)
     ax_acc.plot(rounds, accuracy, marker=".", label="central test")
-    fed = history.metric("fed_eval.accuracy")
-    if fed:
-        ax_acc.plot(
-            [r for r, _ in fed], [100 * v for _, v in fed], marker=".", label="federated eval"
-        )
+    for key, label in (
+        ("fed_eval.accuracy", "federated eval"),
+        ("fed_eval.accuracy.worst10", "federated eval, worst 10% of clients"),
+        ("fed_eval.personal_accuracy", "personal models"),
+        ("fed_eval.personal_accuracy.worst10", "personal models, worst 10%"),
+    ):
+        fed = history.metric(key)
+        if fed:
+            ax_acc.plot([r for r, _ in fed], [100 * v for _, v in fed], marker=".", label=label)
     ax_acc.set(title="Accuracy (round 0: the initial model)", xlabel="round", ylabel="accuracy (%)")
     ax_acc.legend(loc="lower right")
     epsilon = history.metric("dp.epsilon")

@@ -30,12 +30,14 @@ from fedforge.secagg.client import SecAggClient, keep
 from fedforge.secagg.protocol import SESSION, STEPS
 from fedforge.stages.base import STAGE_STATE, StageChain
 from fedforge.train.evaluate import evaluate
-from fedforge.train.program import Tensors, batch_order
+from fedforge.train.program import INITIAL_LOSS, Tensors, batch_order, task_epochs
 from fedforge.train.torch_model import TorchModel
 
 DP_SGD_STEPS = "dp_sgd/steps"  # the client's DP-SGD steps so far, kept in its state
 LATEST = 1 << 62  # a round after every round: ``store.get(cid, LATEST)`` is the newest state
 DP_SGD_EPSILON = "dp_sgd.epsilon"  # the metric: the client's epsilon after this round
+PERSONAL_ACCURACY = "personal_accuracy"  # evaluate metrics of a personalized algorithm
+PERSONAL_LOSS = "personal_loss"
 
 
 def to_tensors(arrays: Params, device: torch.device | None = None) -> Tensors:
@@ -101,8 +103,9 @@ class ClientApp:
 
     def stored_state(self, task: Task, store: ClientStateStore) -> Params | None:
         """The client's state ``task`` starts from (fit tasks of a stateful algorithm, and
-        secure-aggregation steps; None otherwise, or before the client's first task)."""
-        if task.stage in STEPS:  # the session this round's fit wrote
+        secure-aggregation steps, and evaluate tasks of a personalized one: its newest state;
+        None otherwise, or before the client's first task)."""
+        if task.stage in STEPS or (task.stage == EVALUATE and self.algorithm.personalized):
             return store.get(task.client_id, task.round + 1)
         if task.stage != FIT or not self.stateful:
             return None
@@ -125,7 +128,7 @@ class ClientApp:
         if task.stage == FIT:
             return self.fit(task, data, state)
         if task.stage == EVALUATE:
-            return self.evaluate(task, data), None
+            return self.evaluate(task, data, state), None
         if task.stage in STEPS:
             return self.secure_step(task, state)
         raise FedforgeError(f"unknown task stage {task.stage!r}")
@@ -144,8 +147,20 @@ class ClientApp:
         own = {k: t.clone() for k, t in to_tensors(state).items()}  # finish may overwrite it
         self.model.set_params({n: task.shared[n] for n in names})
         metrics: dict[str, float] = {}
+        if self.program.initial_loss:  # the global model's loss on the local data
+            own[INITIAL_LOSS] = torch.tensor(
+                evaluate(self.model, data.train).loss, dtype=torch.float64
+            )
+        starts = self.program.starts(list(own))
+        with torch.no_grad():  # FedPer's head starts from the client's own
+            for name, param in self.module.named_parameters():
+                if name in starts:
+                    param.copy_(own[starts[name]])
+        personal = {
+            n: own[key].clone().requires_grad_(True) for n, key in starts.items() if n not in names
+        }
         if self.sample_dp is None:
-            steps, metrics["train_loss"] = self._train(task, data, shared, own)
+            steps, metrics["train_loss"] = self._train(task, data, shared, own, personal)
         else:
             x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
             local = self.algorithm.local
@@ -160,6 +175,8 @@ class ClientApp:
         with torch.no_grad():
             local_state = self.model.tensors()
             delta = {n: local_state[n] - shared[n] for n in names}
+            for n, p in personal.items():  # Ditto's personal copy, as a change from the model
+                delta[n] = p.detach() - shared[self.program.base_name(n)]
             arrays, new_own = self.algorithm.finish(delta, shared, own, torch.tensor(float(steps)))
         record = Record(task.client_id, len(data.train), to_arrays(arrays), metrics=metrics)
         batch, stage_states = self.stages.encode(
@@ -194,11 +211,12 @@ class ClientApp:
         return record, {**kept, **{SESSION + k: v for k, v in (new_session or {}).items()}}
 
     def _train(
-        self, task: Task, data: ClientData, shared: Tensors, own: Tensors
+        self, task: Task, data: ClientData, shared: Tensors, own: Tensors, personal: Tensors
     ) -> tuple[int, float]:
-        """The algorithm's local program on the module's parameters: (steps, mean loss)."""
+        """The algorithm's local program on the module's parameters (and the personal copy,
+        trained beside them): (steps, mean loss)."""
         rng = np.random.default_rng(task.seed)
-        params = dict(self.module.named_parameters())
+        params: Tensors = {**dict(self.module.named_parameters()), **personal}
         opt_state = self.program.init({n: p.detach() for n, p in params.items()})
         x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
         local = self.algorithm.local
@@ -206,7 +224,8 @@ class ClientApp:
         self.module.train()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed(task.seed))  # dropout draws from the client's stream
-            for batch in batch_order(len(data.train), local.batch_size, local.epochs, rng):
+            epochs = task_epochs(task.scalars, local)
+            for batch in batch_order(len(data.train), local.batch_size, epochs, rng):
                 idx = torch.from_numpy(batch)
                 opt_state, loss = self.program.eager_step(
                     self.module, params, opt_state, shared, own, x[idx], y[idx]
@@ -216,14 +235,19 @@ class ClientApp:
                 steps += 1
         return steps, total / max(seen, 1)
 
-    def evaluate(self, task: Task, data: ClientData) -> Record:
+    def evaluate(self, task: Task, data: ClientData, state: Params | None = None) -> Record:
+        """Score the global model on the held-out split; a personalized algorithm's client
+        also scores its personal model (from ``state``, else the one it would start with)."""
         if data.holdout is None or len(data.holdout) == 0:
             raise FedforgeError("this client has no held-out data to evaluate on")
-        self.model.set_params({n: task.shared[n] for n in self.model.names})
+        params = {n: task.shared[n] for n in self.model.names}
+        self.model.set_params(params)
         result = evaluate(self.model, data.holdout)
-        return Record(
-            task.client_id,
-            len(data.holdout),
-            {},
-            metrics={"loss": result.loss, "accuracy": result.accuracy},
-        )
+        metrics = {"loss": result.loss, "accuracy": result.accuracy}
+        if self.algorithm.personalized:
+            if not state:
+                state = self.algorithm.init_client_state({n: params[n] for n in self.trainable})
+            self.model.set_params(self.algorithm.personalize(params, state))
+            own = evaluate(self.model, data.holdout)
+            metrics.update({PERSONAL_LOSS: own.loss, PERSONAL_ACCURACY: own.accuracy})
+        return Record(task.client_id, len(data.holdout), {}, metrics=metrics)

@@ -33,10 +33,13 @@ from fedforge.core.records import (
     Task,
 )
 from fedforge.core.rng import Purpose, RngStreams
+from fedforge.report.fairness import client_spread
 from fedforge.report.history import History, RoundRecord
+from fedforge.runtime.client_app import PERSONAL_ACCURACY, PERSONAL_LOSS
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.clock import VirtualClock, spec_bytes
 from fedforge.runtime.sampling import Sampler
+from fedforge.runtime.stragglers import Stragglers
 from fedforge.runtime.transport import Transport
 from fedforge.runtime.validation import validate_batch
 from fedforge.secagg.aggregation import SecureAggregation
@@ -96,6 +99,7 @@ class _Exchange:
     server_seconds: float = 0.0
     sums: dict[str, float] = field(default_factory=dict)  # example-weighted metric sums
     maxima: dict[str, float] = field(default_factory=dict)
+    values: dict[str, list[float]] = field(default_factory=dict)  # per accepted client
     examples: float = 0.0
 
     def mean(self, metric: str) -> float:
@@ -137,6 +141,7 @@ class Driver:
     downlink: Downlink = "none"  # how the broadcast model travels (compress/downlink.py)
     # Simulation on a virtual clock: only online clients are sampled, stragglers dropped.
     clock: VirtualClock | None = None
+    stragglers: Stragglers | None = None  # simulation: clients that can do only partial work
 
     def __post_init__(self) -> None:
         self.stop_reason: str | None = None  # why ``run`` stopped before its last round
@@ -157,7 +162,8 @@ class Driver:
             self.fit_reply_spec = RecordSpec({}, (), metrics)
         else:
             self.fit_reply_spec = self.fit_spec
-        self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss"))
+        personal = (PERSONAL_ACCURACY, PERSONAL_LOSS) if self.algorithm.personalized else ()
+        self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss", *personal))
         sample = {name: np.zeros(1, np.float32) for name in self.trainable}
         self._algorithm_stateful = bool(self.algorithm.init_client_state(sample))
 
@@ -216,6 +222,7 @@ class Driver:
                 for name, values in good.metrics.items():
                     out.sums[name] = out.sums.get(name, 0.0) + float(weights @ values)
                     out.maxima[name] = max(out.maxima.get(name, -math.inf), float(values.max()))
+                    out.values.setdefault(name, []).extend(float(v) for v in values)
                 out.examples += float(weights.sum())
                 out.accepted += len(good)
                 out.accepted_ids.extend(int(c) for c in good.client_ids)
@@ -255,7 +262,7 @@ class Driver:
             timing = self.clock.schedule(
                 sampled, num_bytes(shared), spec_bytes(self.fit_spec.arrays)
             )
-            cohort, clients["stragglers"] = timing.kept, timing.dropped
+            cohort, clients["too_slow"] = timing.kept, timing.dropped
             metrics["clock.seconds"] = timing.seconds
             metrics["clock.time"] = self.clock.advance(timing.seconds)
         tasks = [
@@ -264,6 +271,9 @@ class Driver:
             )
             for cid in cohort
         ]
+        stragglers: list[int] = []
+        if self.stragglers is not None:
+            tasks, stragglers = self.stragglers.assign(tasks, self.streams, attempt)
         fit_started = time.perf_counter()
         secure_bytes_down = 0
         if isinstance(self.aggregation, SecureAggregation):
@@ -278,6 +288,9 @@ class Driver:
             metrics[name] = fit.mean(name)
             metrics[f"{name}.max"] = fit.maxima[name]
         clients.update(failed=fit.failed, rejected=fit.rejected)
+        if stragglers:
+            dropped = self.stragglers is not None and self.stragglers.drop
+            clients["dropped_stragglers" if dropped else "stragglers"] = stragglers
         if summed is not None or self.stages.releases_when_empty:
             # Central DP releases noise even when no record arrived: an unchanged model would
             # reveal that nobody took part, which the accounted mechanism never does.
@@ -317,6 +330,10 @@ class Driver:
             metrics["fed_eval.accuracy"] = fed_exchange.mean("accuracy")
             metrics["fed_eval.loss"] = fed_exchange.mean("loss")
             metrics["fed_eval.clients"] = float(fed_exchange.accepted)
+            if self.algorithm.personalized:
+                metrics[f"fed_eval.{PERSONAL_ACCURACY}"] = fed_exchange.mean(PERSONAL_ACCURACY)
+                metrics[f"fed_eval.{PERSONAL_LOSS}"] = fed_exchange.mean(PERSONAL_LOSS)
+            metrics.update(client_spread(fed_exchange.values, "fed_eval."))
             clients["fed_eval_failed"] = fed_exchange.failed + fed_exchange.rejected
         eval_seconds = time.perf_counter() - eval_started
         record = RoundRecord(

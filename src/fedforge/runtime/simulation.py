@@ -41,6 +41,7 @@ from fedforge.runtime.client_state import (
 from fedforge.runtime.clock import ClockSpec, VirtualClock
 from fedforge.runtime.driver import Driver, FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import Sampler, UniformSampler
+from fedforge.runtime.stragglers import Stragglers
 from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import SESSION
@@ -92,6 +93,7 @@ def simulate(
     downlink: Downlink = "none",
     clock: ClockSpec | None = None,
     fedbuff: FedBuff | None = None,
+    stragglers: Stragglers | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -115,6 +117,7 @@ def simulate(
     noise: a secret the server draws). ``clock`` runs the rounds on simulated devices
     (``runtime/clock.py``); ``fedbuff`` trains asynchronously on that clock, ``rounds`` then
     counting server updates.
+    ``stragglers`` makes a share of each round's clients do partial work (or drops them).
     """
     if not isinstance(model, torch.nn.Module):
         model = seeded(model, RngStreams(seed).int_seed(Purpose.INIT))
@@ -157,6 +160,7 @@ def simulate(
             downlink=downlink,
             clock=clock,
             fedbuff=fedbuff,
+            stragglers=stragglers,
         )
     finally:
         blas.restore_original_limits()
@@ -187,6 +191,7 @@ def _simulate(
     downlink: Downlink,
     clock: ClockSpec | None = None,
     fedbuff: FedBuff | None = None,
+    stragglers: Stragglers | None = None,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -244,6 +249,7 @@ def _simulate(
         sampling_seed=sampling_seed,
         downlink=downlink,
         clock=virtual if fedbuff is None else None,
+        stragglers=stragglers,
     )
     try:
         save = checkpoint if checkpoints else None

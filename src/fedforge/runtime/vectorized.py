@@ -27,6 +27,7 @@ from fedforge.runtime.client_app import ClientApp, to_arrays, to_tensors
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sequential import answer
 from fedforge.train.cohort import ClientPlan, CohortTrainer
+from fedforge.train.program import INITIAL_LOSS, task_epochs
 
 log = logging.getLogger("fedforge")
 
@@ -85,7 +86,12 @@ class VectorizedTransport:
         decoded = decode_broadcast(dict(fit[0].shared))  # a compressed broadcast, as float32
         fit = [replace(t, shared=decoded) for t in fit]
         local = self.app.algorithm.local
-        by_steps = sorted(fit, key=lambda t: -local.num_steps(self.data.client_size(t.client_id)))
+
+        def steps(t: Task) -> int:
+            size = self.data.client_size(t.client_id)
+            return task_epochs(t.scalars, local) * local.num_steps(size) // local.epochs
+
+        by_steps = sorted(fit, key=lambda t: -steps(t))
         largest = max(self.data.client_size(t.client_id) for t in fit)
         size = self.chunk_size(fit[0].shared, largest)
         shared = to_tensors(dict(fit[0].shared), self.device)
@@ -120,16 +126,24 @@ class VectorizedTransport:
         return {k: torch.from_numpy(v).to(self.device) for k, v in stacked.items()}
 
     def _train_chunk(self, chunk: Sequence[Task], shared: dict[str, torch.Tensor]) -> RecordBatch:
+        local = self.app.algorithm.local
         plans = [
-            ClientPlan(t.client_id, self.data.partition[t.client_id], np.random.default_rng(t.seed))
+            ClientPlan(
+                t.client_id,
+                self.data.partition[t.client_id],
+                np.random.default_rng(t.seed),
+                task_epochs(t.scalars, local),
+            )
             for t in chunk
         ]
         own = self._own_states(chunk)
+        program = self.app.program
+        if program.initial_loss:  # q-FedAvg's F_k, before training
+            own[INITIAL_LOSS] = self.trainer.initial_losses(shared, plans)
         result = self.trainer.train(shared, own, plans)
-        names = self.app.model.names
-        delta = {n: result.params[n] for n in names}  # the model has no buffers here
-        if not result.is_delta:
-            delta = {n: d.sub_(shared[n]) for n, d in delta.items()}  # in the trainer's stacks
+        delta = dict(result.params)  # the model has no buffers here (+ Ditto's personal copy)
+        if not result.is_delta:  # in the trainer's stacks
+            delta = {n: d.sub_(shared[program.base_name(n)]) for n, d in delta.items()}
         steps = torch.from_numpy(result.steps).to(self.device)
         with torch.no_grad():
             arrays, new_own = self._finish(delta, shared, own, steps)

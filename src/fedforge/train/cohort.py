@@ -42,6 +42,7 @@ class ClientPlan:
     client_id: int
     indices: np.ndarray
     rng: np.random.Generator
+    epochs: int | None = None  # fewer than the program's for a simulated straggler
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,11 @@ class CohortTrainer:
         self.device = device or torch.device("cpu")
         self.module = module.to(self.device)
         self.program = program
-        self.names = [name for name, _ in module.named_parameters()]
+        self.names = program.trained_names([name for name, _ in module.named_parameters()])
         self.x = torch.from_numpy(train_x).to(self.device)
         self.y = torch.from_numpy(train_y).to(self.device)
-        self.layers = mlp_structure(module)
+        # Per-client starting weights (FedPer's head, Ditto's copy) take the generic path.
+        self.layers = None if program.per_client_start else mlp_structure(module)
         self._stacks: Tensors = {}
         self._offsets: Tensors = {}
         self._grad_buffers: Tensors = {}
@@ -184,12 +186,10 @@ class CohortTrainer:
         clients' stacked states; ``plans`` must be sorted by step count, most first. The
         returned parameters live in buffers the next call reuses: consume them first."""
         local = self.program.local
+        epochs = [local.epochs if p.epochs is None else p.epochs for p in plans]
         schedules = [
-            [
-                p.indices[b]
-                for b in batch_order(len(p.indices), local.batch_size, local.epochs, p.rng)
-            ]
-            for p in plans
+            [p.indices[b] for b in batch_order(len(p.indices), local.batch_size, e, p.rng)]
+            for p, e in zip(plans, epochs, strict=True)
         ]
         lengths = [len(s) for s in schedules]
         if lengths != sorted(lengths, reverse=True):
@@ -199,7 +199,12 @@ class CohortTrainer:
         first_fused = self.layers is not None and (self.program.plain or affine is not None)
         one_step = first_fused and bool(plans) and lengths[0] == 1  # write deltas directly
         # The fused kernels write every client's first step straight into the stacks.
-        stacked = {n: self._buffer(n, count, shared[n], fill=not first_fused) for n in self.names}
+        base = self.program.base_name
+        stacked = {
+            n: self._buffer(n, count, shared[base(n)], fill=not first_fused) for n in self.names
+        }
+        for name, key in self.program.starts(list(own)).items():
+            stacked[name].copy_(own[key])  # FedPer's head, Ditto's personal copy
         state = self.program.init(stacked)
         loss_sum = torch.zeros(count, dtype=torch.float64, device=self.device)
         width = max((len(b) for s in schedules for b in s), default=1)
@@ -216,13 +221,29 @@ class CohortTrainer:
             stacked, state = self._step(
                 stacked, state, own, active, idx, mask, loss_sum, shared, affine, first, one_step
             )
-        seen = torch.tensor([len(p.indices) * local.epochs for p in plans], dtype=torch.float64)
+        seen = torch.tensor(
+            [len(p.indices) * e for p, e in zip(plans, epochs, strict=True)], dtype=torch.float64
+        )
         return CohortResult(
             stacked,
             (loss_sum.cpu() / seen).numpy(),
             np.asarray(lengths, dtype=np.float64),
             is_delta=one_step,
         )
+
+    def initial_losses(self, shared: Tensors, plans: Sequence[ClientPlan]) -> torch.Tensor:
+        """Each planned client's mean loss of the global model on its training examples."""
+        indices = np.concatenate([p.indices for p in plans])
+        owner = np.repeat(np.arange(len(plans)), [len(p.indices) for p in plans])
+        model = {n: shared[n] for n, _ in self.module.named_parameters()}
+        with torch.no_grad():
+            idx = torch.from_numpy(indices).to(self.device)
+            logits = torch.func.functional_call(self.module, model, (self.x[idx],))
+            losses = torch.nn.functional.cross_entropy(logits, self.y[idx], reduction="none")
+            sums = torch.zeros(len(plans), dtype=torch.float64, device=self.device)
+            sums.index_add_(0, torch.from_numpy(owner).to(self.device), losses.double())
+        sizes = torch.tensor([len(p.indices) for p in plans], dtype=torch.float64)
+        return sums / sizes.to(self.device)
 
     def _step(
         self,

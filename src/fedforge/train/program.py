@@ -21,7 +21,7 @@ client's persistent state (``control/<name>`` for its control variate).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,6 +32,12 @@ from torch.func import functional_call, grad_and_value
 
 Tensors = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Per-task inputs the runtimes hand to ``finish`` in ``own`` beside the client's state (not
+# persisted): the global model's mean loss on the client's training data (q-FedAvg's F_k).
+INITIAL_LOSS = "program/initial_loss"
+# A task scalar (simulated stragglers): the local epochs this client runs this round.
+WORK_EPOCHS = "work.epochs"
 
 
 def batch_order(
@@ -48,6 +54,11 @@ def batch_order(
         perm = rng.permutation(num_examples)
         batches.extend(perm[i : i + size] for i in range(0, num_examples, size))
     return batches
+
+
+def task_epochs(scalars: Mapping[str, float], local: LocalSGD) -> int:
+    """The local epochs of one task: ``local.epochs``, or fewer for a simulated straggler."""
+    return int(scalars.get(WORK_EPOCHS, local.epochs))
 
 
 @dataclass(frozen=True)
@@ -193,6 +204,27 @@ class Momentum:
 
 
 @dataclass(frozen=True)
+class PersonalCopy:
+    """Ditto (Li et al. 2021): a personal copy of the model, ``prefix + name``, trained on the
+    same batches as the global copy on ``F_k(v) + lam / 2 ||v - w_global||^2``.
+
+    The quadratic is applied as its exact proximal step after each gradient step on
+    ``F_k`` (proximal SGD, stable for every ``lam``): ``v <- (v' + lr lam w) / (1 + lr lam)``,
+    so ``lam = 0`` is purely local training and ``lam -> inf`` keeps ``v`` at the global model.
+    """
+
+    lam: float
+    prefix: str = "personal/"
+
+    def names(self, trainable: list[str]) -> list[str]:
+        return [self.prefix + n for n in trainable]
+
+    def base(self, name: str) -> str | None:
+        """The model parameter a personal tensor copies, or None for a model parameter."""
+        return name[len(self.prefix) :] if name.startswith(self.prefix) else None
+
+
+@dataclass(frozen=True)
 class LocalSGD:
     """Client optimizer settings: ``epochs`` passes of minibatch SGD (``batch_size`` 0 is
     full batch). Momentum state is created fresh each round, as in FedAvg."""
@@ -218,6 +250,11 @@ class LocalProgram:
     terms: tuple[Term, ...] = ()
     corrections: tuple[GradTransform, ...] = ()
     transforms: tuple[GradTransform, ...] = field(init=False)
+    # FedPer: the client state holds ``own_start + name`` for its personal parameters, and
+    # local training starts them from there instead of from the global model.
+    own_start: str | None = None
+    personal: PersonalCopy | None = None  # Ditto's personal copy, trained beside the model
+    initial_loss: bool = False  # finish needs own[INITIAL_LOSS] (q-FedAvg)
 
     def __post_init__(self) -> None:
         chain: list[GradTransform] = []
@@ -231,7 +268,31 @@ class LocalProgram:
     @property
     def plain(self) -> bool:
         """True for plain SGD on the loss alone (the fused kernel's fastest case)."""
-        return not self.terms and not self.transforms
+        return not self.terms and not self.transforms and self.personal is None
+
+    @property
+    def per_client_start(self) -> bool:
+        """True when some trained tensors start from the client's state, not the global model."""
+        return self.own_start is not None or self.personal is not None
+
+    def trained_names(self, trainable: list[str]) -> list[str]:
+        """Every tensor local training updates: the model's parameters and personal copies."""
+        return trainable + (self.personal.names(trainable) if self.personal else [])
+
+    def starts(self, own_keys: list[str]) -> dict[str, str]:
+        """Trained tensor name -> the client-state key its local training starts from."""
+        out = {}
+        for key in own_keys:
+            if self.own_start is not None and key.startswith(self.own_start):
+                out[key[len(self.own_start) :]] = key
+            elif self.personal is not None and self.personal.base(key) is not None:
+                out[key] = key
+        return out
+
+    def base_name(self, name: str) -> str:
+        """The model parameter a trained tensor belongs to (itself, or the one it copies)."""
+        base = self.personal.base(name) if self.personal else None
+        return base if base is not None else name
 
     @property
     def stateless(self) -> bool:
@@ -285,8 +346,27 @@ class LocalProgram:
             new_state.append(sub)
         lr = self.local.lr
         if inplace:
-            return {n: p.sub_(grads[n], alpha=lr) for n, p in params.items()}, tuple(new_state)
-        return {n: p - lr * grads[n] for n, p in params.items()}, tuple(new_state)
+            new = {n: p.sub_(grads[n], alpha=lr) for n, p in params.items()}
+        else:
+            new = {n: p - lr * grads[n] for n, p in params.items()}
+        if self.personal is not None:
+            new = self._personal_prox(new, shared, inplace)
+        return new, tuple(new_state)
+
+    def _personal_prox(self, params: Tensors, shared: Tensors, inplace: bool) -> Tensors:
+        """Ditto's proximal step toward the global model on the personal copy."""
+        assert self.personal is not None
+        eta = self.local.lr * self.personal.lam
+        out = dict(params)
+        for name, p in params.items():
+            base = self.personal.base(name)
+            if base is None:
+                continue
+            if inplace:
+                out[name] = p.add_(shared[base], alpha=eta).div_(1.0 + eta)
+            else:
+                out[name] = (p + eta * shared[base]) / (1.0 + eta)
+        return out
 
     def step(
         self,
@@ -303,8 +383,13 @@ class LocalProgram:
         new chain state, batch loss)."""
 
         def objective(weights: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = functional_call(module, weights, (x,))
-            return self.objective(logits, y, mask, weights, shared, own)
+            model, personal = self.split(weights)
+            logits = functional_call(module, model, (x,))
+            total, loss = self.objective(logits, y, mask, model, shared, own)
+            if personal:
+                p_logits = functional_call(module, personal, (x,))
+                total = total + self.objective(p_logits, y, mask, personal, shared, own)[0]
+            return total, loss
 
         grads, (_, loss) = grad_and_value(objective, has_aux=True)(params)
         new_params, new_state = self.apply(params, grads, state, shared, own)
@@ -313,17 +398,22 @@ class LocalProgram:
     def eager_step(
         self,
         module: torch.nn.Module,
-        params: dict[str, torch.nn.Parameter],
+        params: Tensors,
         state: tuple[Tensors, ...],
         shared: Tensors,
         own: Tensors,
         x: torch.Tensor,
         y: torch.Tensor,
     ) -> tuple[tuple[Tensors, ...], torch.Tensor]:
-        """:meth:`step` for one client whose weights are ``module``'s own parameters: the same
+        """:meth:`step` for one client whose weights are ``module``'s own parameters (and Ditto's
+        personal copy, leaf tensors beside them): the same
         objective and chain, with the gradient from eager autograd and the update in place
         (one client at a time, torch.func's per-call set-up costs more than the step)."""
-        total, loss = self.objective(module(x), y, None, params, shared, own)  # type: ignore[arg-type]
+        model, personal = self.split(params)
+        total, loss = self.objective(module(x), y, None, model, shared, own)
+        if personal:
+            p_logits = functional_call(module, personal, (x,))
+            total = total + self.objective(p_logits, y, None, personal, shared, own)[0]
         grads = torch.autograd.grad(total, list(params.values()))
         with torch.no_grad():
             weights = {n: p.detach() for n, p in params.items()}
@@ -331,6 +421,19 @@ class LocalProgram:
                 weights, dict(zip(params, grads, strict=True)), state, shared, own, inplace=True
             )
         return new_state, loss
+
+    def split(self, weights: Tensors) -> tuple[Tensors, Tensors]:
+        """(model parameters, the personal copy under the model's names)."""
+        if self.personal is None:
+            return weights, {}
+        model, personal = {}, {}
+        for name, w in weights.items():
+            base = self.personal.base(name)
+            if base is None:
+                model[name] = w
+            else:
+                personal[base] = w
+        return model, personal
 
     def add_term_grads_(
         self, grads: Tensors, params: Tensors, shared: Tensors, own: Tensors
