@@ -198,6 +198,7 @@ class CraftedClient:
         self.muted = False  # stops the heartbeats
         self.heartbeat()
         self.ended_by: grpc.StatusCode | None = None
+        self.saw_run_complete = False
         self.run_id = ""
         self.task_id = b""
 
@@ -267,6 +268,7 @@ class CraftedClient:
                 if message.WhichOneof("body") == "reject":
                     self.rejects.append(message.reject.reason)
                 if message.WhichOneof("body") == "run_complete":
+                    self.saw_run_complete = True
                     break
         except grpc.RpcError as exc:
             self.ended_by = exc.code()

@@ -259,8 +259,10 @@ def test_secure_aggregation_survives_a_client_sigkilled_mid_protocol(tmp_path: P
     _, history = _checkpoint(tmp_path / "state")
     assert [r.round for r in history] == [0, 1, 2, 3]
     assert history[1].clients_completed == 3 and history[3].clients_completed == 3
-    assert history[2].clients_completed == 2  # c2's record died with it
-    assert history[2].clients["secagg_dropped"] == [2]
+    assert history[2].clients_completed == 2  # c2's record died with it: either before its
+    # fit reply left the process (a failed fit) or after it (dropped from the secure session)
+    lost = history[2].clients.get("secagg_dropped", []) + history[2].clients.get("failed", [])
+    assert 2 in lost
     assert all(r.metrics["secagg.threshold"] == 2 for r in history[1:])
     assert history[-1].test_accuracy > 0.5
     assert "secagg/unmask done" in (tmp_path / "c2_again.log").read_text()
