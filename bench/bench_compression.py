@@ -32,6 +32,7 @@ CONTENDERS: dict[str, list[str]] = {
     "rotated q2": ['update.codec="rotated_q2"'],
     "rotated q2 + bf16 down": ['update.codec="rotated_q2"', 'update.downlink="bfloat16"'],
     "top-3% + EF": ['update.codec="topk"', "update.topk_fraction=0.03"],
+    "top-1.5% + EF": ['update.codec="topk"', "update.topk_fraction=0.015"],
     "top-1% + EF": ['update.codec="topk"', "update.topk_fraction=0.01"],
     "top-1%, no EF": [
         'update.codec="topk"',
@@ -54,6 +55,7 @@ def run(rounds: int) -> dict[str, dict[str, float | list[float]]]:
         down = sum(r.bytes_down for r in history) / 1e6
         out[name] = {
             "accuracy": history[-1].test_accuracy,
+            "loss": history[-1].test_loss,
             "up_mb": up,
             "down_mb": down,
             "seconds": time.perf_counter() - started,
@@ -74,13 +76,17 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args.rounds)
     base = results["none"]
-    print("\n| codec | final accuracy | loss (points) | uplink MB | uplink ratio | downlink MB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "\n| codec | final accuracy | accuracy loss (points) | test loss | uplink MB "
+        "| uplink ratio | downlink MB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         loss = 100 * (float(base["accuracy"]) - float(r["accuracy"]))  # type: ignore[arg-type]
         ratio = float(base["up_mb"]) / float(r["up_mb"])  # type: ignore[arg-type]
         print(
-            f"| {name} | {float(r['accuracy']):.2%} | {loss:+.2f} | {float(r['up_mb']):.1f} "  # type: ignore[arg-type]
+            f"| {name} | {float(r['accuracy']):.2%} | {loss:+.2f} | {float(r['loss']):.4f} "  # type: ignore[arg-type]
+            f"| {float(r['up_mb']):.1f} "  # type: ignore[arg-type]
             f"| {ratio:.1f}x | {float(r['down_mb']):.1f} |"  # type: ignore[arg-type]
         )
     import matplotlib

@@ -163,7 +163,7 @@ def test_local_dp_keeps_the_signal_through_decode_and_aggregation() -> None:
     chain = StageChain([clip, LocalGaussian(0.5, 1e-5, source=NoiseSource(seed=2))])
     values = np.zeros((n, d))
     values[:, 0] = 1.0  # every client's update: the first unit vector (norm 1, not clipped)
-    encoded = chain.encode(batch(values), chain.broadcast({}), list(range(n)))
+    encoded, _ = chain.encode(batch(values), chain.broadcast({}), list(range(n)))
     decoded = chain.decode(encoded, {})
     acc = StreamingMean()
     acc.add(decoded, np.ones(n))
@@ -218,16 +218,16 @@ def test_local_dp_noises_on_the_client_and_sends_no_clipped_bit() -> None:
     local = LocalGaussian(2.0, 1e-5, source=NoiseSource(seed=3))
     chain = StageChain([clip, local])
     records = batch(np.zeros((4, 50_000)))
-    out = chain.encode(records, chain.broadcast({}), [11, 12, 13, 14])
+    out, _ = chain.encode(records, chain.broadcast({}), [11, 12, 13, 14])
     assert out.scalars == {}
     rows = out.arrays["w"].astype(np.float64)
     assert rows.std(axis=1) == pytest.approx(np.full(4, 2.0), rel=0.02)
     assert not np.allclose(rows[0], rows[1])  # every client its own noise
-    again = chain.encode(records, chain.broadcast({}), [11, 12, 13, 14])
+    again, _ = chain.encode(records, chain.broadcast({}), [11, 12, 13, 14])
     np.testing.assert_array_equal(again.arrays["w"], out.arrays["w"])  # seeded: replayable
     unseeded = StageChain([clip, LocalGaussian(2.0, 1e-5)])
-    first = unseeded.encode(records, chain.broadcast({}), [11, 12, 13, 14])
-    second = unseeded.encode(records, chain.broadcast({}), [11, 12, 13, 14])
+    first, _ = unseeded.encode(records, chain.broadcast({}), [11, 12, 13, 14])
+    second, _ = unseeded.encode(records, chain.broadcast({}), [11, 12, 13, 14])
     assert not np.array_equal(first.arrays["w"], second.arrays["w"])
 
 

@@ -83,3 +83,67 @@ def test_a_codec_cannot_precede_secure_aggregation() -> None:
     with pytest.raises(ConfigError, match="does not commute"):
         StageChain([Compress(BFloat16())]).check(SecureSum())  # type: ignore[arg-type]
     StageChain([Compress(BFloat16())]).check(WeightedMean())
+
+
+def test_error_feedback_keeps_the_residual_in_each_clients_state() -> None:
+    """Through the chain, as a client runs it: round after round the residual entry holds
+    exactly what top-k has not sent yet, under the stage's own prefix."""
+    from fedforge.compress.codecs import TopK
+    from fedforge.core.params import ArraySpec
+    from fedforge.core.records import RecordBatch
+
+    stage = Compress(TopK(0.1), error_feedback=True)
+    chain = StageChain([stage])
+    chain.wire_spec(RecordSpec({"w": ArraySpec((50,), np.dtype(np.float32))}))
+    assert chain.keeps_client_state
+    rng = np.random.default_rng(0)
+    state: dict[str, np.ndarray] = {}
+    sent, total = np.zeros(50), np.zeros(50)
+    for _ in range(6):
+        x = rng.standard_normal(50).astype(np.float32)
+        batch = RecordBatch(np.array([0]), np.array([5]), {"w": x[None]})
+        encoded, new = chain.encode(batch, {}, [1], [state])
+        assert set(new[0]) == {"stage/compress/residual"}
+        state = new[0]
+        sent += stage.decode(encoded, {}).arrays["w"][0]
+        total += x
+    np.testing.assert_allclose(sent + state["stage/compress/residual"], total, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", ["topk", "downlink"])
+def test_error_feedback_and_downlink_agree_across_runtimes(
+    small_federated: FederatedDataset, extra: str
+) -> None:
+    from fedforge.compress.codecs import TopK
+
+    stages = [Compress(TopK(0.2), error_feedback=True)] if extra == "topk" else []
+    runs = {
+        backend: simulate(
+            small_mlp(),
+            small_federated,
+            FedAvg(local=LOCAL),
+            rounds=3,
+            clients_per_round=10,  # every client every round: residuals are reused
+            backend=backend,
+            stages=stages,
+            downlink="bfloat16" if extra == "downlink" else "none",
+        )
+        for backend in ("sequential", "vectorized", "workers")
+    }
+    plain = simulate(
+        small_mlp(), small_federated, FedAvg(local=LOCAL), rounds=3, clients_per_round=10
+    )
+    reference = runs["sequential"]
+    for result in runs.values():
+        for name, value in reference.state.params.items():
+            np.testing.assert_allclose(result.state.params[name], value, atol=1e-5)
+    params = sum(a.size for a in plain.state.params.values())
+    if extra == "downlink":  # two bytes a parameter down, the same bytes up
+        assert reference.history[1].bytes_down == 10 * 2 * params
+        assert reference.history[1].bytes_up == plain.history[1].bytes_up
+    else:
+        assert reference.history[1].bytes_up == 10 * 8 * TopK(0.2).k(params)
+    differs = any(
+        not np.allclose(reference.state.params[k], v) for k, v in plain.state.params.items()
+    )
+    assert differs  # the compression is real
