@@ -435,7 +435,13 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the cells in --json")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument(
+        "--server-momentum", type=float, default=0.0, help="server SGD momentum (FedAvgM)"
+    )
+    parser.add_argument("--aggregators", default="", help="comma-separated subset to run")
     args = parser.parse_args()
+    if args.server_momentum:
+        WORKLOAD["server.momentum"] = args.server_momentum
     # A diverged model (FedAvg under sign flipping) has every record rejected as non-finite,
     # one warning per client and round; the cells count them instead.
     logging.getLogger("fedforge").setLevel(logging.ERROR)
@@ -445,6 +451,8 @@ def main() -> None:
     rounds = 1 if args.quick else ROUNDS
     attacks = QUICK_ATTACKS if args.quick else tuple(ATTACKS)
     aggregators = QUICK_AGGREGATORS if args.quick else tuple(AGGREGATORS)
+    if args.aggregators:
+        aggregators = tuple(a for a in args.aggregators.split(",") if a in AGGREGATORS)
     started = time.perf_counter()
     data = build_dataset(run_config("none", "mean", rounds))
     report: dict[str, Any] = {

@@ -230,6 +230,9 @@ class AttackConfig(_Section):
     poison_fraction: float = Field(
         0.5, gt=0, le=1, description="backdoor: share of an attacker's examples poisoned"
     )
+    overclaim: float = Field(
+        1.0, ge=1, description="attackers claim this many times their example count"
+    )
 
 
 class EvaluationConfig(_Section):

@@ -119,3 +119,22 @@ def test_configured_attacks_record_their_attackers(kind: str) -> None:
 def test_configurations_that_cannot_hold_are_refused(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config(*overrides)
+
+
+@pytest.mark.parametrize("kind", ["label_flip", "sign_flip"])
+def test_attackers_lying_about_their_sample_count_are_rejected(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Attackers claim 5x their examples for 5x the weight: the server holds every claim to
+    the client's data size, so each inflated record is rejected and the round goes on with
+    the honest ones."""
+    cfg = config(f"attack.kind='{kind}'", "attack.overclaim=5")
+    with caplog.at_level("WARNING", logger="fedforge"):
+        result = simulate_config(cfg, build_dataset(cfg), backend="vectorized")
+    attackers = {int(c) for c in result.history[-1].labels["attack.clients"].split(",")}
+    for record in result.history[1:]:
+        assert set(record.clients["rejected"]) == attackers  # every client is sampled
+        assert record.clients_completed == 10 - len(attackers)
+    assert "num_examples" in caplog.text and "outside the allowed range" in caplog.text
+    honest = simulate_config(config(f"attack.kind='{kind}'"), build_dataset(cfg))
+    assert "rejected" not in honest.history[-1].clients

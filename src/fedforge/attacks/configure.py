@@ -11,7 +11,7 @@ import torch
 
 from fedforge.aggregate.kinds import Aggregation
 from fedforge.attacks.data import attack_success_rate, backdoor, flip_labels
-from fedforge.attacks.simulated import ModelPoisoning, Omniscient, choose_attackers
+from fedforge.attacks.simulated import ModelPoisoning, Omniscient, Overclaim, choose_attackers
 from fedforge.config import AttackConfig, RunConfig
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data.datasets import ArrayDataset
@@ -51,7 +51,8 @@ def plan_attack(config: RunConfig, data: FederatedDataset, aggregation: Aggregat
         "attack.kind": a.kind,
         "attack.clients": ",".join(str(c) for c in sorted(attackers)),
     }
-    plan = AttackPlan(attackers, data, aggregation, labels=labels)
+    lies: list[Stage] = [Overclaim(attackers, a.overclaim)] if a.overclaim > 1 else []
+    plan = AttackPlan(attackers, data, aggregation, labels=labels, stages=lies)
     if a.kind in ("label_flip", "backdoor"):
         poisoned = poison_data(config, a, data, attackers, rng)
         probes = (
@@ -63,7 +64,7 @@ def plan_attack(config: RunConfig, data: FederatedDataset, aggregation: Aggregat
         return replace(plan, aggregation=wrapped)
     scale = a.scale
     stage = ModelPoisoning(attackers, a.kind, scale=scale, std=a.std)  # type: ignore[arg-type]
-    return replace(plan, stages=[stage])
+    return replace(plan, stages=[stage, *lies])
 
 
 def poison_data(

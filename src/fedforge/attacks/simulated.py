@@ -7,13 +7,14 @@ the seam it uses, so an attacked run still runs on every runtime, vectorized inc
   client-side stage that rewrites the attackers' records before they leave;
 - omniscient poisoning (``alie``, ``ipm``): the attacks assume the attackers know the honest
   updates of the round, so they are applied where all records meet: :class:`Omniscient` wraps
-  the aggregation, replaces the attackers' rows using the honest rows, then aggregates.
+  the aggregation, replaces the attackers' rows using the honest rows, then aggregates;
+- lying about the sample count (``attack.overclaim``, with any attack): :class:`Overclaim`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -33,6 +34,30 @@ def choose_attackers(num_clients: int, fraction: float, rng: np.random.Generator
     """``round(fraction * num_clients)`` distinct client ids, drawn by ``rng``."""
     count = round(fraction * num_clients)
     return frozenset(int(c) for c in rng.choice(num_clients, size=count, replace=False))
+
+
+@dataclass(frozen=True)
+class Overclaim(StageDefaults):
+    """The attackers claim ``factor`` times their example count, for a larger aggregation
+    weight. The server holds every claim to the client's cap (its data size in simulation,
+    the operator's or the declared size in deployment), so an inflated claim is rejected;
+    ``aggregation.max_weight`` bounds what a claim within the cap can buy."""
+
+    attackers: frozenset[int]
+    factor: float
+    name: str = "overclaim"
+    position: str = "attack"
+    commutes_with_sum: bool = True
+
+    def encode(
+        self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
+    ) -> RecordBatch:
+        rows = np.isin(batch.client_ids, list(self.attackers))
+        if not rows.any():
+            return batch
+        claimed = batch.num_examples.copy()
+        claimed[rows] = np.ceil(claimed[rows] * self.factor).astype(claimed.dtype)
+        return replace(batch, num_examples=claimed)
 
 
 @dataclass(frozen=True)
