@@ -302,3 +302,22 @@ def test_bytes_counted_are_the_bytes_clients_transmit_and_codecs_match_simulatio
     simulated, sim_history = _simulate(cfg)
     _assert_same_model(tmp_path / "state" / "final_model.safetensors", simulated)
     assert [r.bytes_up for r in history] == [r.bytes_up for r in sim_history]
+
+
+def test_distributed_dp_over_secure_aggregation_on_real_processes(tmp_path: Path) -> None:
+    """Distributed DP over the network: sites add discrete Gaussian noise inside SecAgg+ with
+    signed keys; the server reports epsilon from the realized contributors and receives no
+    training loss or example count."""
+    keys = make_keys(tmp_path, NAMES)
+    port = free_port()
+    extra = (
+        '[aggregation]\nkind = "secure_sum"\n[secagg]\ncomplete_graph = true\n'
+        '[privacy]\nmode = "distributed"\nnoise_multiplier = 1.0\n'
+    )
+    cfg = write_config(tmp_path, keys, port, rounds=2, extra=extra)
+    _serve_to_completion(tmp_path, cfg, keys, port)
+    _, history = _checkpoint(tmp_path / "state")
+    last = history[-1]
+    assert [r.clients_completed for r in history[1:]] == [3, 3]
+    assert last.metrics["dp.rho"] == pytest.approx(2 * 0.5, rel=1e-3)  # 2 releases, z = 1
+    assert last.metrics["dp.epsilon"] > 0 and math.isnan(last.train_loss)
