@@ -57,9 +57,8 @@ address = "127.0.0.1:{port}"
 keys = "{keys}"
 state_dir = "{state}"
 min_clients = {clients}
-round_timeout_s = 600
-max_payload_mb = 4096
-linger_s = 0
+round_timeout_s = {timeout}
+{deploy_extra}
 """
 
 
@@ -67,6 +66,41 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def write_config(
+    tmp: Path,
+    names: list[str],
+    *,
+    rounds: int,
+    model: str,
+    hidden: list[int],
+    partitions: int,
+    timeout: float = 600,
+    deploy_extra: str = "linger_s = 0",
+) -> tuple[Path, int]:
+    """A keys directory for ``names`` and a server configuration on a free port."""
+    keys = tmp / "keys"
+    init_keys(keys, ["localhost", "127.0.0.1"])
+    for n in names:
+        add_client(keys, n, keys / n)
+    port = free_port()
+    cfg = tmp / "server.toml"
+    cfg.write_text(
+        CONFIG.format(
+            partitions=partitions,
+            model=model,
+            hidden=hidden,
+            rounds=rounds,
+            clients=len(names),
+            port=port,
+            keys=keys,
+            state=tmp / "state",
+            timeout=timeout,
+            deploy_extra=deploy_extra,
+        )
+    )
+    return cfg, port
 
 
 def setup(
@@ -79,23 +113,13 @@ def setup(
     partitions: int | None = None,
 ) -> tuple[Path, int, list[str]]:
     names = [f"c{i:03d}" for i in range(clients)]
-    keys = tmp / "keys"
-    init_keys(keys, ["localhost", "127.0.0.1"])
-    for n in names:
-        add_client(keys, n, keys / n)
-    port = free_port()
-    cfg = tmp / "server.toml"
-    cfg.write_text(
-        CONFIG.format(
-            partitions=partitions or clients,
-            model=model,
-            hidden=hidden or [1],
-            rounds=rounds,
-            clients=clients,
-            port=port,
-            keys=keys,
-            state=tmp / "state",
-        )
+    cfg, port = write_config(
+        tmp,
+        names,
+        rounds=rounds,
+        model=model,
+        hidden=hidden or [1],
+        partitions=partitions or clients,
     )
     return cfg, port, names
 

@@ -31,50 +31,15 @@ import threading
 import time
 from pathlib import Path
 
-from bench.bench_deploy import _heartbeats, _light_client
-from fedforge.net.keys import add_client, init_keys
+from bench.bench_deploy import _heartbeats, _light_client, write_config
 from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import FreezableProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CONFIG = """
-seed = 0
-[data]
-dataset = "digits"
-[partition]
-scheme = "iid"
-num_clients = {partitions}
-[model]
-name = "{model}"
-hidden = {hidden}
-[client]
-epochs = 1
-batch_size = 16
-lr = 0.05
-[server]
-rounds = {rounds}
-clients_per_round = {clients}
-[deploy]
-address = "127.0.0.1:{port}"
-keys = "{keys}"
-state_dir = "{state}"
-min_clients = {clients}
-min_completed = 1
-round_timeout_s = {timeout}
-heartbeat_s = {heartbeat}
-{extra}
-"""
-
 
 def env(src: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": f"{src}:{ROOT}", "COLUMNS": "400"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def setup(
@@ -88,29 +53,18 @@ def setup(
     heartbeat: float = 1.0,
     src: Path = ROOT / "src",
 ) -> tuple[Path, int]:
-    keys = tmp / "keys"
-    init_keys(keys, ["localhost", "127.0.0.1"])
-    for n in names:
-        add_client(keys, n, keys / n)
-    port = free_port()
-    cfg = tmp / "server.toml"
-    cfg.write_text(
-        CONFIG.format(
-            partitions=max(len(names), 2),
-            model=model,
-            hidden=[hidden],
-            rounds=rounds,
-            clients=len(names),
-            port=port,
-            keys=keys,
-            state=tmp / "state",
-            timeout=timeout,
-            heartbeat=heartbeat,
-            # an earlier fedforge (the baseline) knows no linger_s and exits at once anyway
-            extra="linger_s = 0" if src == ROOT / "src" else "",
-        )
+    # An earlier fedforge (the baseline) knows no linger_s and exits at once anyway.
+    linger = "linger_s = 0" if src == ROOT / "src" else ""
+    return write_config(
+        tmp,
+        names,
+        rounds=rounds,
+        model=model,
+        hidden=[hidden],
+        partitions=max(len(names), 2),
+        timeout=timeout,
+        deploy_extra=f"min_completed = 1\nheartbeat_s = {heartbeat}\n{linger}",
     )
-    return cfg, port
 
 
 def fedforge(args: list[str], log: Path, src: Path) -> subprocess.Popen[bytes]:

@@ -29,6 +29,7 @@ from fedforge.core.records import FIT, Record, Task
 from fedforge.data.datasets import ArrayDataset
 from fedforge.data.federated import ClientData, FederatedDataset
 from fedforge.experiment import (
+    build_aggregation,
     build_algorithm,
     build_dataset,
     build_model,
@@ -49,6 +50,7 @@ from fedforge.net.server import grpc_options
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import DiskStateStore, EphemeralSessions
+from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.client import Identity, SecAggClient
 from fedforge.secagg.protocol import SESSION
 from fedforge.stages.base import StageChain
@@ -418,9 +420,10 @@ class _Worker:
 
 def secure_client(config: RunConfig, identity: Identity | None) -> SecAggClient | None:
     """The secure-aggregation side of a deployed client, when the run uses it."""
-    if config.aggregation.kind != "secure_sum":
+    aggregation = build_aggregation(config)  # the server's: the same withholding rules
+    if not isinstance(aggregation, SecureAggregation):
         return None
-    return SecAggClient(identity, withhold_metrics=config.privacy.mode == "distributed")
+    return SecAggClient(identity, withhold_metrics=aggregation.withhold_metrics)
 
 
 def _safe_name(name: str) -> str:

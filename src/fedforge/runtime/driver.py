@@ -42,9 +42,8 @@ from fedforge.runtime.sampling import Sampler
 from fedforge.runtime.stragglers import Stragglers
 from fedforge.runtime.transport import Transport
 from fedforge.runtime.validation import validate_batch
-from fedforge.secagg.aggregation import SecureAggregation
-from fedforge.secagg.protocol import STEPS, SecAggAbort
-from fedforge.secagg.server import SecAggRound
+from fedforge.secagg.aggregation import SecureAggregation, run_session
+from fedforge.secagg.protocol import SecAggAbort
 from fedforge.stages.base import StageChain, SumContext
 from fedforge.train.evaluate import Evaluation
 
@@ -53,6 +52,7 @@ log = logging.getLogger("fedforge")
 Evaluator = Callable[[Params], Evaluation]
 ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
 Check = Callable[[RecordBatch], tuple[np.ndarray, list[str | None]]]
+Accept = Callable[[RecordBatch], None]
 
 
 class RoundListener:
@@ -402,35 +402,28 @@ class Driver:
         if not weights:
             return fit, None, 0
         round_number = tasks[0].round
-        seeds = {t.client_id: t.seed for t in tasks}
-        result, step_failed, session = None, [], None
         try:
             session, scale = secure.session(round_number, weights, self.fit_spec, broadcast)
-            metrics["secagg.degree"] = session.degree
-            metrics["secagg.threshold"] = session.threshold
-            for step in STEPS:
-                exchange = self._exchange(
-                    session.tasks(step, seeds),
-                    _step_check(session, step),
-                    _step_accept(session, step),
-                    False,
-                )
-                fit.bytes_up += exchange.bytes_up
-                fit.server_seconds += exchange.server_seconds
-                step_failed.extend(exchange.failed + exchange.rejected)
-            result = session.result()
-        except (SecAggAbort, ConfigError) as exc:  # a session that cannot complete safely
+        except (SecAggAbort, ConfigError) as exc:  # e.g. fewer than 2 clients trained
             log.warning("round %d: %s", round_number, exc)
-        survivors = result.survivors if result is not None else []
+            clients["secagg_dropped"] = sorted(weights)
+            fit.accepted, fit.accepted_ids = 0, []
+            return fit, None, 0
+
+        def exchange(step_tasks: list[Task], check: Check, accept: Accept) -> _Exchange:
+            return self._exchange(step_tasks, check, accept, False)
+
+        outcome = run_session(session, {t.client_id: t.seed for t in tasks}, exchange)
+        fit.bytes_up += outcome.bytes_up
+        fit.server_seconds += outcome.server_seconds
+        metrics.update(outcome.metrics)
+        survivors = outcome.result.survivors if outcome.result is not None else []
         clients["secagg_dropped"] = sorted(set(weights) - set(survivors))  # not in the sum
-        clients["secagg_failed"] = sorted(step_failed)  # failed a step (maybe after masking)
+        clients["secagg_failed"] = sorted(outcome.failed)  # failed a step (maybe after masking)
         fit.accepted, fit.accepted_ids = len(survivors), list(survivors)
-        sent = session.shared_bytes if session is not None else 0
-        if result is None:
-            return fit, None, sent
-        if session is not None and session.reports_clipped:
-            metrics["secagg.clipped"] = result.clipped
-        return fit, secure.aggregate(result, weights, scale), sent
+        if outcome.result is None:
+            return fit, None, outcome.bytes_down
+        return fit, secure.aggregate(outcome.result, weights, scale), outcome.bytes_down
 
     def _empty_aggregate(self) -> Aggregate:
         """The sum of no records: zeros shaped like a fit record."""
@@ -533,21 +526,3 @@ class Driver:
             if checkpoint:
                 checkpoint(state, history)
         return state
-
-
-def _step_check(session: SecAggRound, step: str) -> Check:
-    """A secure-aggregation step's replies checked by the session, record by record."""
-
-    def check(batch: RecordBatch) -> tuple[np.ndarray, list[str | None]]:
-        reasons = [session.check(step, batch.row(i)) for i in range(len(batch))]
-        return np.array([r is None for r in reasons], bool), reasons
-
-    return check
-
-
-def _step_accept(session: SecAggRound, step: str) -> Callable[[RecordBatch], None]:
-    def accept(batch: RecordBatch) -> None:
-        for i in range(len(batch)):
-            session.accept(step, batch.row(i))
-
-    return accept

@@ -109,8 +109,16 @@ class VectorizedTransport:
                         tb = traceback.format_exc()
                         yield ClientFailure(task.client_id, f"{type(exc).__name__}: {exc}", tb)
 
-    def _own_states(self, chunk: Sequence[Task]) -> dict[str, torch.Tensor]:
-        """The chunk's client states, stacked into fresh arrays (the algorithm's initial
+    def _stored_states(self, chunk: Sequence[Task]) -> list[Params | None]:
+        """Each client's stored state, read once per chunk (None: none yet, or stateless)."""
+        if not self.app.stateful:
+            return [None] * len(chunk)
+        return [self.store.get(t.client_id, t.round) for t in chunk]
+
+    def _own_states(
+        self, chunk: Sequence[Task], stored: Sequence[Params | None]
+    ) -> dict[str, torch.Tensor]:
+        """The chunk's algorithm states, stacked into fresh arrays (the algorithm's initial
         state for clients that have none yet)."""
         if not self.app.stateful:
             return {}
@@ -119,8 +127,7 @@ class VectorizedTransport:
             {n: task.shared[n] for n in self.app.trainable}
         )
         stacked = {k: np.empty((len(chunk), *v.shape), dtype=v.dtype) for k, v in initial.items()}
-        for row, t in enumerate(chunk):
-            state = self.store.get(t.client_id, t.round)
+        for row, state in enumerate(stored):
             for k, out in stacked.items():
                 out[row] = initial[k] if state is None else state[k]
         return {k: torch.from_numpy(v).to(self.device) for k, v in stacked.items()}
@@ -136,7 +143,8 @@ class VectorizedTransport:
             )
             for t in chunk
         ]
-        own = self._own_states(chunk)
+        stored = self._stored_states(chunk)
+        own = self._own_states(chunk, stored)
         program = self.app.program
         if program.initial_loss:  # q-FedAvg's F_k, before training
             own[INITIAL_LOSS] = self.trainer.initial_losses(shared, plans)
@@ -154,7 +162,7 @@ class VectorizedTransport:
             metrics={"train_loss": result.train_loss},
         )
         batch, stage_states = self.app.stages.encode(
-            batch, chunk[0].scalars, [t.seed for t in chunk], self._stage_states(chunk)
+            batch, chunk[0].scalars, [t.seed for t in chunk], [s or {} for s in stored]
         )
         states = to_arrays(new_own) if new_own else {}
         if self.app.secure is not None:  # each record stays with its client until masked
@@ -178,12 +186,6 @@ class VectorizedTransport:
                 algorithm_state = {k: v[row] for k, v in states.items()}
                 self.store.put(task.client_id, {**algorithm_state, **stage_states[row]}, task.round)
         return batch
-
-    def _stage_states(self, chunk: Sequence[Task]) -> list[Params] | None:
-        """Each client's stage entries (error feedback's residual), when a stage keeps any."""
-        if not self.app.stages.keeps_client_state:
-            return None
-        return [self.store.get(t.client_id, t.round) or {} for t in chunk]
 
     def close(self) -> None:
         """Nothing to release."""

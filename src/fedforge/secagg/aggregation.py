@@ -10,18 +10,24 @@ mean, computed without the server seeing any single record.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
 
 from fedforge.aggregate.kinds import Accumulator, Aggregate, Kind
-from fedforge.core.errors import FedforgeError
-from fedforge.core.records import RecordSpec
-from fedforge.secagg.protocol import SecAggParams
+from fedforge.core.errors import ConfigError, FedforgeError
+from fedforge.core.records import RecordBatch, RecordSpec, Task
+from fedforge.secagg.protocol import STEPS, SecAggAbort, SecAggParams
 from fedforge.secagg.server import Layout, SecAggRound, SecureSum
 
 CLIP_KEY = "clip.norm"  # the clip stage's broadcast norm, when a clip stage runs
 NOISE_KEY = "ddg.noise_std"  # distributed DP: the noise stddev the sum must carry
 RHO = "ddg.rho"  # ... and what the release cost (zCDP), for the accountant
+
+log = logging.getLogger("fedforge")
 
 
 @dataclass(frozen=True)
@@ -79,3 +85,72 @@ class SecureAggregation:
             total,
             client_ids=list(result.survivors),
         )
+
+
+class StepExchange(Protocol):
+    """What one exchange reports back (the driver's exchange outcome)."""
+
+    failed: list[int]
+    rejected: list[int]
+    bytes_up: int
+    server_seconds: float
+
+
+Check = Callable[[RecordBatch], tuple[np.ndarray, list[str | None]]]
+Exchange = Callable[[list[Task], Check, Callable[[RecordBatch], None]], StepExchange]
+
+
+@dataclass
+class SessionOutcome:
+    """One round's secure session as the driver records it."""
+
+    result: SecureSum | None = None  # None: aborted (the model stays unchanged)
+    failed: list[int] = field(default_factory=list)  # clients that failed a step
+    bytes_up: int = 0
+    bytes_down: int = 0
+    server_seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def run_session(
+    session: SecAggRound, seeds: Mapping[int, int], exchange: Exchange
+) -> SessionOutcome:
+    """The four steps of ``session``, each one exchange through the driver (``exchange``
+    validates replies with the given check and hands the accepted ones over); an abort is
+    logged and returns no result."""
+    out = SessionOutcome(
+        metrics={"secagg.degree": session.degree, "secagg.threshold": session.threshold}
+    )
+    try:
+        for step in STEPS:
+            done = exchange(
+                session.tasks(step, seeds), _step_check(session, step), _step_accept(session, step)
+            )
+            out.bytes_up += done.bytes_up
+            out.server_seconds += done.server_seconds
+            out.failed.extend(done.failed + done.rejected)
+        out.result = session.result()
+    except (SecAggAbort, ConfigError) as exc:  # a session that cannot complete safely
+        log.warning("round %d: %s", session.round, exc)
+    out.bytes_down = session.shared_bytes
+    if out.result is not None and session.reports_clipped:
+        out.metrics["secagg.clipped"] = out.result.clipped
+    return out
+
+
+def _step_check(session: SecAggRound, step: str) -> Check:
+    """A step's replies checked by the session, record by record."""
+
+    def check(batch: RecordBatch) -> tuple[np.ndarray, list[str | None]]:
+        reasons = [session.check(step, batch.row(i)) for i in range(len(batch))]
+        return np.array([r is None for r in reasons], bool), reasons
+
+    return check
+
+
+def _step_accept(session: SecAggRound, step: str) -> Callable[[RecordBatch], None]:
+    def accept(batch: RecordBatch) -> None:
+        for i in range(len(batch)):
+            session.accept(step, batch.row(i))
+
+    return accept

@@ -77,10 +77,6 @@ def keep(
     return Record(record.client_id, record.num_examples, {}, metrics=dict(record.metrics)), session
 
 
-def _bytes(arr: np.ndarray) -> bytes:
-    return np.ascontiguousarray(arr, np.uint8).tobytes()
-
-
 def _u8(data: bytes) -> np.ndarray:
     return np.frombuffer(data, np.uint8).copy()
 

@@ -58,10 +58,6 @@ class Layout:
     def array_size(self) -> int:
         return sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in self.arrays)
 
-    @property
-    def size(self) -> int:
-        return self.array_size + len(self.scalars) + 1
-
     def unflatten(self, values: np.ndarray) -> tuple[Params, dict[str, float], float]:
         arrays, start = {}, 0
         for name, shape, _ in self.arrays:
