@@ -10,21 +10,34 @@ staleness weights). Part 1 prints accuracy against simulated hours and the simul
 each run needs to reach synchronous FedAvg's final accuracy; the plot goes to
 ``bench/results/async_accuracy_time.png``. Part 2 times 1,000 clients x 100 rounds of
 synchronous FedAvg with and without the clock (median of ``--repeats``, interleaved).
+Part 3 runs the same asynchronous driver in real time over the network: ``--sites`` client
+processes on loopback (mutual TLS), ``--slow`` of them throttled by a SIGSTOP/SIGCONT duty
+cycle (running ``--duty`` of every 0.25 s, a CPU that many times slower), synchronous FedAvg
+(every site in every round) against FedBuff (a server update every half the sites' arrivals),
+wall seconds to reach the synchronous run's final accuracy.
 
-    python bench/bench_async.py [--rounds 100] [--repeats 3]
+    python -m bench.bench_async [--rounds 100] [--repeats 3] [--part 1|2|3|all]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.bench_deploy import ENV, start_clients, write_config
+from bench.bench_deploy import history as deployed_history
 from fedforge.config import RunConfig, load_config
 from fedforge.data.federated import FederatedDataset
 from fedforge.experiment import build_algorithm, build_clock, build_dataset, simulate_config
@@ -180,6 +193,92 @@ def part2(args: argparse.Namespace) -> None:
     print(f"\nclock / no clock: {ratio:.3f}x (target <= 1.2x)")
 
 
+def throttle(pids: list[int], duty: float, stop: threading.Event, period: float = 0.25) -> None:
+    """Run ``pids`` for ``duty`` of every ``period`` seconds (a CPU 1 / duty times slower)."""
+    while not stop.is_set():
+        time.sleep(duty * period)
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        time.sleep((1 - duty) * period)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def network_run(args: argparse.Namespace, fedbuff: bool) -> History:
+    """One deployment on loopback: ``args.sites`` client processes, ``args.slow`` throttled."""
+    names = [f"c{i:03d}" for i in range(args.sites)]
+    extra = "linger_s = 0\nheartbeat_s = 1.0\n"
+    rounds = args.net_rounds
+    if fedbuff:
+        buffer = max(1, args.sites // 2)
+        extra += (
+            f"[asynchronous]\nmode = 'fedbuff'\nbuffer = {buffer}\nconcurrency = {args.sites}\n"
+        )
+        rounds = args.net_rounds * args.sites // buffer  # as many arrivals as the sync run
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        cfg, port = write_config(
+            tmp, names, rounds=rounds, model="mlp", hidden=[64], partitions=args.sites,
+            deploy_extra=extra, epochs=args.net_epochs,
+        )  # fmt: skip
+        server = subprocess.Popen(
+            [sys.executable, "-m", "fedforge.cli", "server", str(cfg)],
+            stdout=open(tmp / "server.log", "wb"),
+            stderr=subprocess.STDOUT,
+            env=ENV,
+        )
+        clients = start_clients(tmp, port, names)
+        stop = threading.Event()
+        slow = [c.pid for c in clients[: args.slow]]
+        cycler = threading.Thread(target=throttle, args=(slow, args.duty, stop), daemon=True)
+        cycler.start()
+        try:
+            assert server.wait(timeout=900) == 0, (tmp / "server.log").read_text()[-2000:]
+        finally:
+            stop.set()
+            cycler.join()
+            for c in clients:
+                os.kill(c.pid, signal.SIGCONT)
+            for c in clients:
+                c.wait(timeout=60)
+        return deployed_history(tmp)  # type: ignore[no-any-return]
+
+
+def elapsed(h: History) -> np.ndarray:
+    """Wall seconds since the first round started, at the end of each round or update."""
+    return np.cumsum([r.wall_seconds for r in h[1:]])
+
+
+def part3(args: argparse.Namespace) -> None:
+    runs = {"sync FedAvg": network_run(args, False), "FedBuff": network_run(args, True)}
+    sync = runs["sync FedAvg"]
+    target, sync_s = sync[-1].test_accuracy, float(elapsed(sync)[-1])
+    print(
+        f"\nPart 3: real time over the network, {args.sites} client processes on loopback, "
+        f"{args.slow} running {args.duty:.0%} of the time; target = sync FedAvg's final "
+        f"accuracy after {args.net_rounds} rounds ({100 * target:.2f}%)\n"
+    )
+    print(
+        "| run | rounds / updates | wall s | final accuracy | s to reach the target | / sync's s |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, h in runs.items():
+        seconds = elapsed(h)
+        acc = np.array([r.test_accuracy for r in h[1:]])
+        hit = np.flatnonzero(acc >= target)
+        reach = float(seconds[hit[0]]) if len(hit) else math.nan
+        arrived = [c for r in h[1:] for c in r.clients.get("arrived", [])]
+        share = (
+            f" ({sum(c < args.slow for c in arrived)} of {len(arrived)} results from slow sites)"
+            if arrived
+            else ""
+        )
+        print(
+            f"| {name}{share} | {h[-1].round} | {seconds[-1]:.1f} | {100 * h[-1].test_accuracy:.2f}% "
+            f"| {reach:.1f} | {reach / sync_s:.2f}x |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=100)
@@ -189,14 +288,21 @@ def main() -> None:
     parser.add_argument("--speed", type=float, default=0.05, help="median steps per second")
     parser.add_argument("--deadline", type=float, default=None, help="seconds (default: auto)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--part", choices=["1", "2", "both"], default="both")
+    parser.add_argument("--part", choices=["1", "2", "3", "both", "all"], default="all")
+    parser.add_argument("--sites", type=int, default=6, help="part 3: client processes")
+    parser.add_argument("--slow", type=int, default=2, help="part 3: throttled sites")
+    parser.add_argument("--duty", type=float, default=0.2, help="part 3: share of time run")
+    parser.add_argument("--net-rounds", type=int, default=20, help="part 3: sync rounds")
+    parser.add_argument("--net-epochs", type=int, default=5, help="part 3: local epochs")
     parser.add_argument("--plot", type=Path, default=ROOT / "bench/results/async_accuracy_time.png")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.part in ("1", "both"):
+    if args.part in ("1", "both", "all"):
         part1(args)
-    if args.part in ("2", "both"):
+    if args.part in ("2", "both", "all"):
         part2(args)
+    if args.part in ("3", "all"):
+        part3(args)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ num_clients = {partitions}
 name = "{model}"
 hidden = {hidden}
 [client]
-epochs = 1
+epochs = {epochs}
 batch_size = 16
 lr = 0.05
 [server]
@@ -78,6 +78,7 @@ def write_config(
     partitions: int,
     timeout: float = 600,
     deploy_extra: str = "linger_s = 0",
+    epochs: int = 1,
 ) -> tuple[Path, int]:
     """A keys directory for ``names`` and a server configuration on a free port."""
     keys = tmp / "keys"
@@ -98,6 +99,7 @@ def write_config(
             state=tmp / "state",
             timeout=timeout,
             deploy_extra=deploy_extra,
+            epochs=epochs,
         )
     )
     return cfg, port

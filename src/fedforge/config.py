@@ -290,9 +290,10 @@ class ClockConfig(_Section):
 
 
 class AsyncConfig(_Section):
-    """Asynchronous training on the virtual clock (simulation only). ``fedbuff``: a server
-    update every ``buffer`` arrivals, at most ``concurrency`` clients training, stale records
-    weighted ``(1 + staleness) ** -staleness_exponent``; ``server.rounds`` counts updates."""
+    """Asynchronous training: on the virtual clock in simulation (``clock.enabled``), in real
+    time on a deployment's server. ``fedbuff``: a server update every ``buffer`` arrivals, at
+    most ``concurrency`` clients training, stale records weighted
+    ``(1 + staleness) ** -staleness_exponent``; ``server.rounds`` counts updates."""
 
     mode: Literal["off", "fedbuff"] = "off"
     buffer: int = Field(10, ge=1, description="arrivals per server update (K)")
@@ -494,8 +495,6 @@ class RunConfig(_Section):
             if unset:
                 out.append(f"asynchronous.{unset[0]} needs asynchronous.mode = 'fedbuff'")
             return out
-        if not clock.enabled:
-            out.append("asynchronous.mode = 'fedbuff' runs on the virtual clock: set clock.enabled")
         if clock.deadline_s is not None or clock.over_selection > 1:
             out.append("clock.deadline_s and clock.over_selection apply to synchronous rounds only")
         if fedbuff.buffer > fedbuff.concurrency:

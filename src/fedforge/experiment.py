@@ -25,6 +25,7 @@ from fedforge.attacks.configure import plan_attack
 from fedforge.compress.codecs import BFloat16, Codec, Float16, StochasticQuantizer, TopK
 from fedforge.compress.rotation import Rotated
 from fedforge.config import RunConfig
+from fedforge.core.errors import ConfigError
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data import partition as part
 from fedforge.data.datasets import load_digits, load_mnist5k, make_synthetic
@@ -284,6 +285,11 @@ def simulate_config(
 ) -> SimulationResult:
     """The configured simulation on ``data`` (``backend`` overrides the configured one),
     without writing a run directory."""
+    if config.asynchronous.mode != "off" and not config.clock.enabled:
+        raise ConfigError(
+            "asynchronous.mode = 'fedbuff' runs on the virtual clock in simulation: set "
+            "clock.enabled = true (a deployment's server runs it in real time)"
+        )
     aggregation = build_aggregation(config)
     attack = plan_attack(config, data, aggregation)
     return simulate(

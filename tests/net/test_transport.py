@@ -334,3 +334,96 @@ def test_a_reply_with_the_tasks_id_but_another_stage_is_rejected() -> None:
     assert isinstance(replies[0], ClientFailure) and replies[0].rejected
     assert "'evaluate' reply rejected" in replies[0].error
     assert isinstance(replies[1], Record)
+
+
+def test_tasks_go_out_while_others_are_in_flight_and_replies_come_as_they_arrive() -> None:
+    _, service, transport, (a, b) = _setup(timeout=0.5)
+    transport.submit([Task(FIT, 1, 0, 0, SHARED)])
+    a_id = _receive(a)[0].task_id
+    transport.submit([Task(FIT, 2, 1, 1, SHARED)])  # while a still trains
+    body, round_number, _ = _receive(b)
+    assert transport.in_flight == 2 and round_number == 2
+    _reply(service, b, 2, FIT, body.task_id, SHARED, n=5)
+    first = transport.poll(5.0)
+    assert isinstance(first, Record) and (first.client_id, first.num_examples) == (1, 5)
+    assert transport.poll(0.05) is None and transport.in_flight == 1  # a has not answered
+    with pytest.raises(RuntimeError, match="in flight"):
+        list(transport.exchange([Task(FIT, 2, 1, 1, SHARED)]))
+    late = transport.poll()  # until a's deadline
+    assert isinstance(late, ClientFailure) and late.client_id == 0
+    assert "no result within" in late.error and a.task is None  # withdrawn
+    _reply(service, a, 1, FIT, a_id, SHARED)  # too late: dropped
+    assert transport.poll(0.05) is None and transport.in_flight == 0
+    transport.submit([Task(FIT, 3, 0, 0, SHARED), Task(FIT, 3, 1, 1, SHARED)])
+    transport.cancel()
+    assert transport.in_flight == 0 and a.task is None and b.task is None
+
+
+def test_fedbuff_in_real_time_weighs_each_arrival_by_its_staleness() -> None:
+    """The asynchronous driver over the network transport, the test playing three clients
+    that answer in a constructed order: each finished client gets new work at once, and every
+    update (buffer 1) applies the arrival's change times 1 / sqrt(1 + staleness)."""
+    from fedforge.algorithms.base import ServerState
+    from fedforge.algorithms.fedavg import FedAvg
+    from fedforge.core.params import spec_of
+    from fedforge.core.rng import RngStreams
+    from fedforge.report.history import History
+    from fedforge.runtime.async_driver import AsyncDriver, FedBuff
+    from fedforge.runtime.driver import Driver
+    from fedforge.runtime.sampling import UniformSampler
+    from fedforge.train.program import LocalSGD
+
+    hub, service, transport, (a, b) = _setup(timeout=10.0)
+    c = hub.open("c", 2, 0)
+    sessions = {0: a, 1: b, 2: c}
+    algorithm = FedAvg(local=LocalSGD(lr=0.1, epochs=1, batch_size=4))
+    params = {"w": np.zeros(3, np.float32)}
+    driver = Driver(
+        algorithm=algorithm,
+        transport=transport,
+        sampler=UniformSampler(3),
+        streams=RngStreams(0),
+        model_spec=spec_of(params),
+        trainable=["w"],
+        population=lambda: [0, 1, 2],
+        population_size=lambda: 3,
+        example_cap=lambda cid, stage: 100,
+    )
+    run = AsyncDriver(driver, FedBuff(buffer=1, concurrency=3), poll_s=0.05)
+    history = History()
+    final: list[ServerState] = []
+    thread = threading.Thread(
+        target=lambda: final.append(run.run(algorithm.init(params), 4, history)), daemon=True
+    )
+    thread.start()
+    tasks = {cid: _receive(s) for cid, s in sessions.items()}  # everyone starts on version 0
+    assert {r for _, r, _ in tasks.values()} == {1}
+
+    def answer(cid: int, change: float) -> None:
+        body, round_number, _ = tasks.pop(cid)
+        delta = {"w": np.full(3, change, np.float32)}
+        session = sessions[cid]
+        loss = {"train_loss": 1.0}
+        _reply(service, session, round_number, FIT, body.task_id, delta, n=10, metrics=loss)
+
+    answer(1, 1.0)  # fresh: w = 1
+    tasks[1] = _receive(b)  # b restarts at once, on version 1
+    assert tasks[1][1] == 2 and tasks[1][2]["w"][0] == pytest.approx(1.0)
+    answer(0, 2.0)  # started on v0, arrives at v1: staleness 1
+    tasks[0] = _receive(a)
+    answer(2, 4.0)  # staleness 2
+    tasks[2] = _receive(c)
+    answer(0, np.nan)  # rejected: it changes nothing, and a gets new work on v3
+    tasks[0] = _receive(a)
+    assert tasks[0][1] == 4
+    answer(1, 8.0)  # started on v1, arrives at v3: staleness 2
+    thread.join(timeout=30)
+    assert not thread.is_alive() and final
+    expected = 1.0 + 2.0 / np.sqrt(2) + 4.0 / np.sqrt(3) + 8.0 / np.sqrt(3)
+    np.testing.assert_allclose(final[0].params["w"], np.full(3, expected), rtol=1e-6)
+    got = [(x.client_id, x.started, x.arrived, x.staleness) for x in run.arrivals]
+    assert got == [(1, 0, 0, 0), (0, 0, 1, 1), (2, 0, 2, 2), (1, 1, 3, 2)]
+    assert [r.metrics["async.staleness.max"] for r in history[1:]] == [0, 1, 2, 2]
+    assert [r.clients["arrived"] for r in history[1:]] == [[1], [0], [2], [1]]
+    assert history[-1].clients["rejected"] == [0] and history[-1].clients_sampled == 2
+    assert transport.in_flight == 0 and a.task is None  # the run ended: work withdrawn

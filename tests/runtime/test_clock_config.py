@@ -30,7 +30,6 @@ SMALL = [
     ("overrides", "expected"),
     [
         (["clock.deadline_s=5"], "clock.deadline_s needs clock.enabled = true"),
-        (["asynchronous.mode=fedbuff"], "runs on the virtual clock: set clock.enabled"),
         (["asynchronous.buffer=5"], "asynchronous.buffer needs asynchronous.mode = 'fedbuff'"),
         (
             ["clock.enabled=true", "asynchronous.mode=fedbuff", "clock.deadline_s=10"],
@@ -64,6 +63,21 @@ def test_impossible_combinations_are_refused_at_load(overrides: list[str], expec
     with pytest.raises(ConfigError, match="invalid configuration") as info:
         load_config(None, overrides)
     assert expected in str(info.value)
+
+
+def test_fedbuff_in_simulation_needs_the_virtual_clock() -> None:
+    # (it loads: a deployment's server runs the same configuration in real time)
+    cfg = load_config(
+        None,
+        [
+            *SMALL,
+            "asynchronous.mode=fedbuff",
+            "asynchronous.concurrency=6",
+            "asynchronous.buffer=3",
+        ],
+    )
+    with pytest.raises(ConfigError, match="set clock.enabled = true"):
+        simulate_config(cfg, build_dataset(cfg))
 
 
 def test_over_selection_samples_more_and_keeps_clients_per_round() -> None:

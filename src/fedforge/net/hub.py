@@ -136,7 +136,6 @@ class Hub:
             if session.closed:
                 return
             session.closed = True
-            session.outbox.put(None)
             if self._sessions.get(session.name) is session:
                 del self._sessions[session.name]
             self._changed.notify_all()
@@ -144,8 +143,11 @@ class Hub:
             task, session.task = session.task, None
         if task is not None:
             self.results.put((task.task_id, ClientFailure(session.client_id, reason)))
+        # The callbacks first (the handler's ``context.cancel``: the client sees its stream
+        # cancelled), then the end of the outbox (else the stream could end as if complete).
         for callback in session.on_close:
             callback()
+        session.outbox.put(None)
 
     def reap(self, silent_after_s: float) -> list[str]:
         """Close every session that sent nothing (not even a heartbeat) for

@@ -26,6 +26,7 @@ from fedforge.experiment import (
     build_aggregation,
     build_algorithm,
     build_dataset,
+    build_fedbuff,
     build_federated_eval,
     build_model,
     build_sample_dp,
@@ -42,6 +43,7 @@ from fedforge.net.transport import NetworkTransport
 from fedforge.privacy.dp_sgd import dp_sgd_labels
 from fedforge.privacy.setup import secret_sampling_seed
 from fedforge.report.history import History
+from fedforge.runtime.async_driver import AsyncDriver
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
 from fedforge.runtime.driver import Driver, RoundListener
@@ -147,10 +149,10 @@ def run_server(
 
     if config.attack.kind != "none":
         log.warning("[attack] simulates attackers in simulations only; the server ignores it")
-    if config.clock.enabled or config.asynchronous.mode != "off":
+    if config.clock.enabled:
         raise ConfigError(
-            "[clock] and [asynchronous] run in simulation only (the network runs in real "
-            "time, synchronously): set clock.enabled = false and asynchronous.mode = 'off'"
+            "[clock] simulates devices' time in simulation only (the network runs in real "
+            "time): set clock.enabled = false"
         )
     torch.set_num_threads(config.runtime.threads or 1)
     data = build_dataset(config)
@@ -285,16 +287,28 @@ def run_server(
         needed = len(names)
     retry = RetryPolicy(hub, needed, d.max_retries, d.round_timeout_s)
     watchdog = Watchdog(hub, credentials, d.heartbeat_s, d.silent_heartbeats)
+    fedbuff = build_fedbuff(config)
     try:
-        state = driver.run(
-            state,
-            config.server.rounds,
-            history,
-            min_completed=d.min_completed,
-            max_retries=None,  # sites that cannot be reached are waited for, never fatal
-            before_attempt=retry.before_attempt,
-            checkpoint=lambda s, h: retry.round_done(lambda: store.save(run_id, s, h)),
-        )
+        if fedbuff is not None:
+            # FedBuff in real time: clients that finish get new work at once; an update
+            # every buffer arrivals, checkpointed. Starts once min_clients are connected.
+            hub.wait_for_clients(needed)
+            state = AsyncDriver(driver, fedbuff, wait=lambda: hub.wait_for_change(1.0)).run(
+                state,
+                config.server.rounds,
+                history,
+                checkpoint=lambda s, h: store.save(run_id, s, h),
+            )
+        else:
+            state = driver.run(
+                state,
+                config.server.rounds,
+                history,
+                min_completed=d.min_completed,
+                max_retries=None,  # sites that cannot be reached are waited for, never fatal
+                before_attempt=retry.before_attempt,
+                checkpoint=lambda s, h: retry.round_done(lambda: store.save(run_id, s, h)),
+            )
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
         hub.finish(state.round)
         if d.linger_s > 0:

@@ -1,15 +1,18 @@
 """The network transport: the driver's :class:`~fedforge.runtime.transport.Transport`,
 fulfilled by connected clients.
 
-An exchange encodes the shared arrays once, pushes each task down its client's session in
-chunks, and yields every reply as it arrives: a :class:`Record` (decoded by the service), or
-a :class:`ClientFailure` for a client that disconnected, reported a failure or missed the
-deadline (``rejected=True`` when its answer broke the protocol). Records are not validated
-here: the driver checks them against the algorithm's record spec, as in simulation.
+Tasks are submitted (pushed down their clients' sessions in chunks, the shared arrays encoded
+once) and their replies polled as they arrive, so new tasks can go out while others are in
+flight (asynchronous training); an exchange is a submit followed by polls until every task is
+answered. A reply is a :class:`Record` (decoded by the service), or a :class:`ClientFailure`
+for a client that disconnected, reported a failure or missed its task's deadline
+(``rejected=True`` when its answer broke the protocol). Records are not validated here: the
+driver checks them against the algorithm's record spec, as in simulation.
 
-Every task gets a fresh random id that the client's answer echoes; the exchange takes only
-replies tagged with the ids of its own tasks, so a late answer to an earlier exchange (the
-round's fit during its evaluation) or an earlier attempt of a retried round is dropped.
+Every task gets a fresh random id that the client's answer echoes; only replies tagged with
+the id of a task still in flight are taken, so a late answer to an earlier exchange (the
+round's fit during its evaluation), an earlier attempt of a retried round or a task past its
+deadline is dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import hashlib
 import logging
 import queue
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 from fedforge.core.params import Params
 from fedforge.core.records import ClientFailure, Reply, Task
@@ -33,6 +38,12 @@ SEED_BYTES = 16
 def seed_bytes(seed: int) -> bytes:
     """A task's 128-bit seed as 16 little-endian bytes."""
     return int(seed).to_bytes(SEED_BYTES, "little")
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    client_id: int
+    deadline: float  # time.monotonic()
 
 
 class NetworkTransport:
@@ -54,6 +65,9 @@ class NetworkTransport:
         # stage -> the largest reply a valid record of it encodes to (from its wire spec);
         # a reply announcing more is refused at its first chunk.
         self.reply_limits: dict[str, int] = {}
+        self._in_flight: dict[bytes, _InFlight] = {}  # by task id
+        self._ready: deque[Reply] = deque()  # failures decided when submitting
+        self._encoded: tuple[Params, bytes, bytes] | None = None  # (shared, payload, digest)
 
     def reply_limit(self, stage: str) -> int:
         return min(self.reply_limits.get(stage, self.max_payload_bytes), self.max_payload_bytes)
@@ -76,59 +90,107 @@ class NetworkTransport:
                 ),
             )
 
-    def exchange(self, tasks: Sequence[Task]) -> Iterator[Reply]:
+    def _encode(self, shared: Params) -> tuple[bytes, bytes]:
+        """``shared``'s payload and digest; tasks sharing one dict (an exchange's, or the
+        tasks an asynchronous run hands out on one model version) encode it once."""
+        if self._encoded is None or self._encoded[0] is not shared:
+            payload = encode_params(shared)
+            # (keeping the dict alive keeps its identity unique)
+            self._encoded = (shared, payload, hashlib.sha256(payload).digest())
+        return self._encoded[1], self._encoded[2]
+
+    def submit(self, tasks: Sequence[Task]) -> None:
+        """Push ``tasks`` to their clients and return at once; their replies come from
+        :meth:`poll`. Each task's deadline is ``round_timeout_s`` from now."""
         if not tasks:
             return
         self.hub.start_round(max(t.round for t in tasks))
         deadline = time.monotonic() + self.round_timeout_s
         deadline_ms = int((time.time() + self.round_timeout_s) * 1000)
-        # Every task of an exchange shares one ``shared`` dict: encode it once.
-        encoded: dict[int, tuple[Params, bytes, bytes]] = {}
-        pending: dict[int, bytes] = {}  # client id -> the id of its task in this exchange
         for task in tasks:
             cid = task.client_id
             session = self.hub.session_for(cid)
             if session is None:
-                yield ClientFailure(cid, "client disconnected before the exchange started")
-                continue
-            if id(task.shared) not in encoded:
-                payload = encode_params(task.shared)
-                encoded[id(task.shared)] = (
-                    task.shared,  # keeps the dict alive, so its id stays unique
-                    payload,
-                    hashlib.sha256(payload).digest(),
+                self._ready.append(
+                    ClientFailure(cid, "client disconnected before the exchange started")
                 )
-            _, payload, digest = encoded[id(task.shared)]
-            pending_task = PendingTask(
+                continue
+            payload, digest = self._encode(task.shared)
+            pending = PendingTask(
                 new_task_id(), task.round, task.stage, Reassembler(self.reply_limit(task.stage))
             )
             with session.lock:
-                session.task = pending_task
-            session.send(
-                self._task_messages(task, pending_task.task_id, payload, digest, deadline_ms)
+                session.task = pending
+            session.send(self._task_messages(task, pending.task_id, payload, digest, deadline_ms))
+            self._in_flight[pending.task_id] = _InFlight(cid, deadline)
+
+    @property
+    def in_flight(self) -> int:
+        """Submitted tasks whose reply (or failure) :meth:`poll` has not returned yet."""
+        return len(self._in_flight) + len(self._ready)
+
+    def poll(self, timeout: float | None = None) -> Reply | None:
+        """The next reply to a submitted task, as it arrives, or a failure for a task past
+        its deadline (the earliest first, ties by client id); ``None`` when nothing is in
+        flight, or nothing came within ``timeout`` seconds (``None``: until one does)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._ready:
+                return self._ready.popleft()
+            if not self._in_flight:
+                return None
+            now = time.monotonic()
+            task_id, due = min(
+                self._in_flight.items(), key=lambda kv: (kv[1].deadline, kv[1].client_id)
             )
-            pending[cid] = pending_task.task_id
-        encoded.clear()
-        while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+            if due.deadline <= now:
+                self._forget(task_id)
+                return ClientFailure(
+                    due.client_id, f"no result within the {self.round_timeout_s:g} s deadline"
+                )
+            wait = due.deadline - now if end is None else min(due.deadline, end) - now
+            if wait <= 0:
+                return None
             try:
-                task_id, reply = self.hub.results.get(timeout=remaining)
+                task_id, reply = self.hub.results.get(timeout=wait)
             except queue.Empty:
-                break
-            if pending.get(reply.client_id) == task_id:
-                del pending[reply.client_id]
-                yield reply
-            else:  # it raced an earlier exchange's deadline: not an answer to this one
-                log.debug("dropped a stale result of client %d", reply.client_id)
-        for cid, task_id in sorted(pending.items()):
-            session = self.hub.session_for(cid)
-            if session is not None:
-                with session.lock:
-                    if session.task is not None and session.task.task_id == task_id:
-                        session.task = None
-            yield ClientFailure(cid, f"no result within the {self.round_timeout_s:g} s deadline")
+                continue
+            flight = self._in_flight.get(task_id)
+            if flight is not None and flight.client_id == reply.client_id:
+                del self._in_flight[task_id]
+                return reply
+            # it raced its task's deadline, or answers a cancelled task: not a reply now
+            log.debug("dropped a stale result of client %d", reply.client_id)
+
+    def _forget(self, task_id: bytes) -> None:
+        """Stop waiting for a task: its client's late answer will be dropped."""
+        flight = self._in_flight.pop(task_id)
+        session = self.hub.session_for(flight.client_id)
+        if session is not None:
+            with session.lock:
+                if session.task is not None and session.task.task_id == task_id:
+                    session.task = None
+
+    def cancel(self) -> None:
+        """Stop waiting for every task in flight (and forget failures not yet polled)."""
+        for task_id in list(self._in_flight):
+            self._forget(task_id)
+        self._ready.clear()
+
+    def exchange(self, tasks: Sequence[Task]) -> Iterator[Reply]:
+        """Submit ``tasks`` and yield every reply (or failure) as it comes; nothing else may
+        be in flight."""
+        if self.in_flight:
+            raise RuntimeError("an exchange cannot start while other tasks are in flight")
+        self.submit(tasks)
+        try:
+            while self.in_flight:
+                reply = self.poll()
+                if reply is not None:
+                    yield reply
+        finally:
+            self.cancel()
+            self._encoded = None
 
     def close(self) -> None:
         """Sessions are owned by the server."""

@@ -23,20 +23,23 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import numpy as np
 
 from fedforge.algorithms.base import RoundContext, ServerState
+from fedforge.compress.downlink import encode_broadcast
 from fedforge.core.errors import ConfigError, FedforgeError
-from fedforge.core.params import num_bytes
-from fedforge.core.records import FIT, RecordBatch, Task
+from fedforge.core.params import Params, num_bytes
+from fedforge.core.records import FIT, RecordBatch, Reply, Task
 from fedforge.core.rng import Purpose
 from fedforge.report.history import History, RoundRecord
 from fedforge.runtime.clock import VirtualClock, spec_bytes
-from fedforge.runtime.driver import Driver
+from fedforge.runtime.driver import Accept, Check, Driver, _Exchange
 from fedforge.runtime.sampling import UniformSampler
+from fedforge.runtime.transport import AsyncTransport
 from fedforge.stages.base import SumContext
 
 log = logging.getLogger("fedforge")
@@ -81,7 +84,7 @@ class Arrival:
 
 @dataclass(order=True)
 class _Job:
-    finish: float
+    finish: float  # simulated seconds (the virtual clock); 0 in real time
     seq: int
     client_id: int = field(compare=False)
     version: int = field(compare=False)
@@ -97,13 +100,61 @@ class _Window:
     failed: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
     bytes_up: int = 0
+    bytes_down: int = 0
     train_seconds: float = 0.0
+
+    def count(self, out: _Exchange) -> None:
+        self.failed += out.failed
+        self.rejected += out.rejected
+        self.bytes_up += out.bytes_up
+
+
+class _Time(Protocol):
+    """Where an asynchronous run's time and results come from: the virtual clock, or the
+    transport in real time."""
+
+    def now(self) -> float: ...
+
+    def in_flight(self) -> int: ...
+
+    def available(self, population: Sequence[int]) -> list[int]: ...
+
+    def start(self, jobs: list[_Job], state: ServerState, window: _Window) -> None: ...
+
+    def next(self, state: ServerState, window: _Window) -> list[_Job]:
+        """The jobs that finish next (all those of one instant; none if none came)."""
+        ...
+
+    def flush(self, state: ServerState, window: _Window) -> None:
+        """Before the model moves on: anything dispatched on it must have trained."""
+        ...
+
+    def wait(self) -> None:
+        """Nothing is in flight and nobody can be dispatched: let time pass."""
+        ...
+
+    def metrics(self, window: _Window) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
 
 
 class AsyncDriver:
-    """Runs FedBuff with ``driver``'s pieces on ``clock``; one history record per update."""
+    """Runs FedBuff with ``driver``'s pieces; one history record per server update.
 
-    def __init__(self, driver: Driver, clock: VirtualClock, fedbuff: FedBuff) -> None:
+    With ``clock``, time is simulated (training runs lazily, as fast as the runtime allows);
+    without it, in real time through the driver's transport, which must accept tasks while
+    others are in flight (:class:`~fedforge.runtime.transport.AsyncTransport`: the network).
+    """
+
+    def __init__(
+        self,
+        driver: Driver,
+        fedbuff: FedBuff,
+        clock: VirtualClock | None = None,
+        *,
+        wait: Callable[[], None] | None = None,
+        poll_s: float = 1.0,
+    ) -> None:
         if driver.aggregation.kind != "mean":
             raise ConfigError(
                 "asynchronous training sums its buffer with the weighted mean: "
@@ -118,22 +169,33 @@ class AsyncDriver:
             raise ConfigError(
                 "asynchronous training supports neither central DP nor federated evaluation"
             )
-        self.driver, self.clock, self.fedbuff = driver, clock, fedbuff
+        self.driver, self.fedbuff = driver, fedbuff
+        self.time: _Time
+        if clock is not None:
+            self.time = _VirtualTime(self, clock)
+        elif isinstance(driver.transport, AsyncTransport):
+            idle = wait or (lambda: time.sleep(poll_s))
+            self.time = _RealTime(self, driver.transport, idle, poll_s)
+        else:
+            raise ConfigError(
+                "asynchronous training in real time needs a transport that takes new tasks "
+                "while others run (the network); simulations run it on the virtual clock"
+            )
         self.arrivals: list[Arrival] = []  # every result that reached the server, in order
-        self._heap: list[_Job] = []
-        self._pending: list[_Job] = []  # dispatched on the current version, not yet trained
         self._results: dict[int, RecordBatch | None] = {}  # by job seq; None: failed
         self._busy: set[int] = set()
         self._seq = 0
         self._dispatches = 0  # dispatch calls on the current version
         self._seeded: set[tuple[int, int]] = set()  # (version, client) seeds handed out
+        self._shared: tuple[int, Params] | None = None  # (version, what its tasks carry)
 
-    # Dispatch and lazy training ---------------------------------------------------------
+    # Dispatch ---------------------------------------------------------------------------
     def _dispatch(self, state: ServerState, window: _Window) -> None:
-        free = self.fedbuff.concurrency - len(self._heap)
+        free = self.fedbuff.concurrency - self.time.in_flight()
         if free <= 0:
             return
-        idle = [c for c in self.clock.online(self.driver.population()) if c not in self._busy]
+        online = self.time.available(self.driver.population())
+        idle = [c for c in online if c not in self._busy]
         if not idle:
             return
         version = state.round
@@ -141,55 +203,27 @@ class AsyncDriver:
         self._dispatches += 1
         rng = self.driver.streams.generator(Purpose.SAMPLING, *coords)
         chosen = UniformSampler(free)(idle, rng)
-        durations = self.clock.durations(
-            chosen, self._bytes_down(state), spec_bytes(self.driver.fit_spec.arrays)
-        )
-        for cid, seconds in zip(chosen, durations, strict=True):
-            job = _Job(self.clock.now + float(seconds), self._seq, cid, version)
+        jobs = []
+        for cid in chosen:
+            jobs.append(_Job(0.0, self._seq, cid, version))
             self._seq += 1
-            heapq.heappush(self._heap, job)
-            self._pending.append(job)
             self._busy.add(cid)
-        window.dispatched += len(chosen)
+        window.dispatched += len(jobs)
+        window.bytes_down += len(jobs) * num_bytes(self._shared_arrays(state))
+        self.time.start(jobs, state, window)
 
-    def _bytes_down(self, state: ServerState) -> int:
-        return num_bytes(state.params) + num_bytes(self.driver.algorithm.broadcast(state))
+    def _shared_arrays(self, state: ServerState) -> Params:
+        """What every task on this model version carries (one dict per version)."""
+        if self._shared is None or self._shared[0] != state.round:
+            d = self.driver
+            shared = encode_broadcast({**state.params, **d.algorithm.broadcast(state)}, d.downlink)
+            self._shared = (state.round, shared)
+        return self._shared[1]
 
-    def _train_pending(self, state: ServerState, window: _Window) -> None:
-        """Train every task dispatched on the current model version, in one exchange."""
-        if not self._pending:
-            return
-        d = self.driver
-        started = time.perf_counter()
-        shared = {**state.params, **d.algorithm.broadcast(state)}
-        broadcast = d.stages.broadcast(state.stage_states)
-        seq_of = {job.client_id: job.seq for job in self._pending}
-        tasks = [
-            Task(FIT, job.version + 1, job.client_id, self._seed(job), shared, broadcast)
-            for job in self._pending
-        ]
-        self._pending = []
-
-        def accept(batch: RecordBatch) -> None:
-            decoded = d.stages.decode(batch, state.stage_states)
-            for i, cid in enumerate(decoded.client_ids):
-                row = decoded.select(np.arange(len(decoded)) == i)
-                # the runtime may reuse the batch's storage: keep a copy
-                self._results[seq_of[int(cid)]] = RecordBatch(
-                    row.client_ids.copy(),
-                    row.num_examples.copy(),
-                    {k: v.copy() for k, v in row.arrays.items()},
-                    {k: v.copy() for k, v in row.scalars.items()},
-                    {k: v.copy() for k, v in row.metrics.items()},
-                )
-
-        out = d._exchange(tasks, d._spec_check(d.fit_spec, FIT), accept, True)
-        for cid in out.failed + out.rejected:
-            self._results.setdefault(seq_of[cid], None)
-        window.failed += out.failed
-        window.rejected += out.rejected
-        window.bytes_up += out.bytes_up
-        window.train_seconds += time.perf_counter() - started
+    def _task(self, job: _Job, state: ServerState) -> Task:
+        broadcast = self.driver.stages.broadcast(state.stage_states)
+        shared = self._shared_arrays(state)
+        return Task(FIT, job.version + 1, job.client_id, self._seed(job), shared, broadcast)
 
     def _seed(self, job: _Job) -> int:
         """The synchronous driver's seed for (round, client); a client dispatched again on
@@ -201,6 +235,51 @@ class AsyncDriver:
         self._seeded.add(key)
         return seed
 
+    # Results ----------------------------------------------------------------------------
+    def _keeper(self, state: ServerState, seq_of: Callable[[int], int]) -> Accept:
+        """Decodes accepted records and keeps each under its job's sequence number."""
+        d = self.driver
+
+        def accept(batch: RecordBatch) -> None:
+            decoded = d.stages.decode(batch, state.stage_states)
+            for i, cid in enumerate(decoded.client_ids):
+                row = decoded.select(np.arange(len(decoded)) == i)
+                # the runtime may reuse the batch's storage: keep a copy
+                self._results[seq_of(int(cid))] = RecordBatch(
+                    row.client_ids.copy(),
+                    row.num_examples.copy(),
+                    {k: v.copy() for k, v in row.arrays.items()},
+                    {k: v.copy() for k, v in row.scalars.items()},
+                    {k: v.copy() for k, v in row.metrics.items()},
+                )
+
+        return accept
+
+    def _train(self, jobs: list[_Job], state: ServerState, window: _Window) -> None:
+        """Train ``jobs`` (all on the current model version) in one exchange."""
+        if not jobs:
+            return
+        d = self.driver
+        started = time.perf_counter()
+        seq_of = {job.client_id: job.seq for job in jobs}
+        tasks = [self._task(job, state) for job in jobs]
+        out = d._exchange(tasks, self._check(), self._keeper(state, seq_of.__getitem__), True)
+        for cid in out.failed + out.rejected:
+            self._results.setdefault(seq_of[cid], None)
+        window.count(out)
+        window.train_seconds += time.perf_counter() - started
+
+    def _receive(self, job: _Job, reply: Reply, state: ServerState, window: _Window) -> None:
+        """One reply, as it arrived (real time)."""
+        out = _Exchange()
+        accept = self._keeper(state, lambda _cid: job.seq)
+        self.driver._take(reply, job.version + 1, self._check(), accept, True, out)
+        self._results.setdefault(job.seq, None)  # failed or rejected
+        window.count(out)
+
+    def _check(self) -> Check:
+        return self.driver._spec_check(self.driver.fit_spec, FIT)
+
     # The run ---------------------------------------------------------------------------
     def run(
         self,
@@ -209,53 +288,51 @@ class AsyncDriver:
         history: History,
         *,
         checkpoint: Callable[[ServerState, History], None] | None = None,
-        max_idle_waits: int = 100_000,
     ) -> ServerState:
         """Run until ``updates`` server updates are done (``state.round`` counts them)."""
         d = self.driver
-        if history:  # resumed: the clock continues; in-flight work is dispatched anew
-            self.clock.now = history[-1].metrics.get("clock.time", 0.0)
+        if history:  # resumed: in-flight work is dispatched anew (the clock continues)
+            if isinstance(self.time, _VirtualTime):
+                self.time.clock.now = history[-1].metrics.get("clock.time", 0.0)
         else:
             history.append(d.initial_record(state))
             if checkpoint:
                 checkpoint(state, history)
         buffer: list[tuple[Arrival, RecordBatch]] = []
-        window = _Window(self.clock.now, time.perf_counter())
+        window = _Window(self.time.now(), time.perf_counter())
         d.listener.round_started(state.round + 1, [])
-        waits = 0
-        while state.round < updates:
-            self._dispatch(state, window)
-            if not self._heap:
-                waits += 1
-                if waits > max_idle_waits:
-                    raise FedforgeError("asynchronous run: no client came online")
-                self.clock.advance(self.clock.devices.availability.resolution)
-                continue
-            waits = 0
-            now = self._heap[0].finish
-            self.clock.now = now
-            while self._heap and self._heap[0].finish <= now and state.round < updates:
-                job = heapq.heappop(self._heap)
-                self._busy.discard(job.client_id)
-                if job.seq not in self._results:
-                    self._train_pending(state, window)
-                result = self._results.pop(job.seq, None)  # None: it failed
-                if result is None:
+        try:
+            while state.round < updates:
+                self._dispatch(state, window)
+                if not self.time.in_flight():
+                    self.time.wait()
                     continue
-                arrival = Arrival(job.client_id, job.version, state.round, now)
-                self.arrivals.append(arrival)
-                buffer.append((arrival, result))
-                if len(buffer) == self.fedbuff.buffer:
-                    self._train_pending(state, window)  # before the model moves on
+                for job in self.time.next(state, window):
+                    if state.round >= updates:
+                        break
+                    self._busy.discard(job.client_id)
+                    if job.seq not in self._results:
+                        self.time.flush(state, window)
+                    result = self._results.pop(job.seq, None)  # None: it failed
+                    if result is None:
+                        continue
+                    arrival = Arrival(job.client_id, job.version, state.round, self.time.now())
+                    self.arrivals.append(arrival)
+                    buffer.append((arrival, result))
+                    if len(buffer) < self.fedbuff.buffer:
+                        continue
+                    self.time.flush(state, window)  # before the model moves on
                     state = self._update(state, buffer, window, history, updates)
                     buffer = []
-                    window = _Window(self.clock.now, time.perf_counter())
+                    window = _Window(self.time.now(), time.perf_counter())
                     self._dispatches = 0
                     self._seeded.clear()
                     if checkpoint:
                         checkpoint(state, history)
                     if state.round < updates:
                         d.listener.round_started(state.round + 1, [])
+        finally:
+            self.time.close()
         return state
 
     def _update(
@@ -304,11 +381,10 @@ class AsyncDriver:
             metrics.update(evaluation.metrics)
         metrics.update(
             {
-                "clock.seconds": self.clock.now - window.started,
-                "clock.time": self.clock.now,
+                **self.time.metrics(window),
                 "async.staleness.mean": float(staleness.mean()),
                 "async.staleness.max": float(staleness.max()),
-                "async.in_flight": float(len(self._heap)),
+                "async.in_flight": float(self.time.in_flight()),
             }
         )
         record = RoundRecord(
@@ -320,7 +396,7 @@ class AsyncDriver:
             clients_completed=len(buffer),
             clients_failed=len(window.failed),
             clients_rejected=len(window.rejected),
-            bytes_down=window.dispatched * self._bytes_down(state),
+            bytes_down=window.bytes_down,
             bytes_up=window.bytes_up,
             train_seconds=window.train_seconds,
             aggregate_seconds=aggregate_seconds,
@@ -341,3 +417,106 @@ class AsyncDriver:
         history.append(record)
         d.listener.round_finished(record)
         return state
+
+
+class _VirtualTime:
+    """Simulated time: a job finishes at its dispatch time plus its device's duration; jobs
+    train lazily, all those started on one model version in one exchange (a vectorized
+    batch), before that version's first result is needed or the model moves on."""
+
+    def __init__(self, run: AsyncDriver, clock: VirtualClock, max_idle_waits: int = 100_000):
+        self.run, self.clock, self.max_idle_waits = run, clock, max_idle_waits
+        self._heap: list[_Job] = []
+        self._pending: list[_Job] = []  # dispatched on the current version, not yet trained
+        self._waits = 0
+
+    def now(self) -> float:
+        return self.clock.now
+
+    def in_flight(self) -> int:
+        return len(self._heap)
+
+    def available(self, population: Sequence[int]) -> list[int]:
+        return list(self.clock.online(population))
+
+    def start(self, jobs: list[_Job], state: ServerState, window: _Window) -> None:
+        shared = self.run._shared_arrays(state)
+        up = spec_bytes(self.run.driver.fit_spec.arrays)
+        durations = self.clock.durations([j.client_id for j in jobs], num_bytes(shared), up)
+        for job, seconds in zip(jobs, durations, strict=True):
+            job.finish = self.clock.now + float(seconds)
+            heapq.heappush(self._heap, job)
+        self._pending += jobs
+
+    def next(self, state: ServerState, window: _Window) -> list[_Job]:
+        self._waits = 0
+        now = self._heap[0].finish
+        self.clock.now = now
+        jobs = []
+        while self._heap and self._heap[0].finish <= now:
+            jobs.append(heapq.heappop(self._heap))
+        return jobs
+
+    def flush(self, state: ServerState, window: _Window) -> None:
+        jobs, self._pending = self._pending, []
+        self.run._train(jobs, state, window)
+
+    def wait(self) -> None:
+        self._waits += 1
+        if self._waits > self.max_idle_waits:
+            raise FedforgeError("asynchronous run: no client came online")
+        self.clock.advance(self.clock.devices.availability.resolution)
+
+    def metrics(self, window: _Window) -> dict[str, float]:
+        return {"clock.seconds": self.clock.now - window.started, "clock.time": self.clock.now}
+
+    def close(self) -> None:
+        """Nothing runs between calls."""
+
+
+class _RealTime:
+    """Real time: tasks go out through the transport as soon as they are dispatched, and
+    each reply is taken as it arrives; a client that finishes gets new work at once. With
+    nobody in flight and nobody to dispatch, ``wait`` blocks (e.g. until a client connects);
+    a poll returns after ``poll_s`` without a reply, so newly connected clients get work."""
+
+    def __init__(
+        self, run: AsyncDriver, transport: AsyncTransport, wait: Callable[[], None], poll_s: float
+    ) -> None:
+        self.run, self.transport, self.wait, self.poll_s = run, transport, wait, poll_s
+        self._jobs: dict[int, _Job] = {}  # by client: its job in flight
+        self._started = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self._started
+
+    def in_flight(self) -> int:
+        return len(self._jobs)
+
+    def available(self, population: Sequence[int]) -> list[int]:
+        return list(population)
+
+    def start(self, jobs: list[_Job], state: ServerState, window: _Window) -> None:
+        for job in jobs:
+            self._jobs[job.client_id] = job
+        self.transport.submit([self.run._task(job, state) for job in jobs])
+
+    def next(self, state: ServerState, window: _Window) -> list[_Job]:
+        started = time.perf_counter()
+        reply = self.transport.poll(self.poll_s)
+        window.train_seconds += time.perf_counter() - started
+        if reply is None:
+            return []
+        cid = int(reply.client_ids[0]) if isinstance(reply, RecordBatch) else reply.client_id
+        job = self._jobs.pop(cid)
+        self.run._receive(job, reply, state, window)
+        return [job]
+
+    def flush(self, state: ServerState, window: _Window) -> None:
+        """Every job trained as soon as it was dispatched."""
+
+    def metrics(self, window: _Window) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        self.transport.cancel()

@@ -30,6 +30,7 @@ from fedforge.core.records import (
     ClientFailure,
     RecordBatch,
     RecordSpec,
+    Reply,
     Task,
 )
 from fedforge.core.rng import Purpose, RngStreams
@@ -181,59 +182,72 @@ class Driver:
         self,
         tasks: list[Task],
         check: Check,
-        accept: Callable[[RecordBatch], None],
+        accept: Accept,
         notify: bool,
     ) -> _Exchange:
         out = _Exchange()
         round_number = tasks[0].round if tasks else 0
         for reply in self.transport.exchange(tasks):
-            if isinstance(reply, ClientFailure):
-                kind = REJECTED if reply.rejected else FAILED
-                (out.rejected if reply.rejected else out.failed).append(reply.client_id)
-                log.warning(
-                    "round %d: %s %s: %s%s",
-                    round_number,
-                    "rejected the reply of" if reply.rejected else "failure of",
-                    self.describe(reply.client_id),
-                    reply.error,
-                    f"\n{reply.traceback}" if reply.traceback else "",
-                )
-                if notify:
-                    self.listener.client_done(reply.client_id, kind)
-                    self.listener.client_reported(reply.client_id, kind, reply.error, {})
-                continue
-            start = time.perf_counter()
-            batch = reply.as_batch() if not isinstance(reply, RecordBatch) else reply
-            out.bytes_up += batch.array_bytes()
-            keep, reasons = check(batch)
-            for cid, reason in zip(batch.client_ids, reasons, strict=True):
-                if reason is not None:
-                    out.rejected.append(int(cid))
-                    log.warning(
-                        "round %d: rejected the record of %s: %s",
-                        round_number,
-                        self.describe(int(cid)),
-                        reason,
-                    )
-            good = batch.select(keep)
-            if len(good):
-                accept(good)
-                weights = good.num_examples.astype(np.float64)
-                for name, values in good.metrics.items():
-                    out.sums[name] = out.sums.get(name, 0.0) + float(weights @ values)
-                    out.maxima[name] = max(out.maxima.get(name, -math.inf), float(values.max()))
-                    out.values.setdefault(name, []).extend(float(v) for v in values)
-                out.examples += float(weights.sum())
-                out.accepted += len(good)
-                out.accepted_ids.extend(int(c) for c in good.client_ids)
-            out.server_seconds += time.perf_counter() - start
-            if notify:
-                for i, (cid, ok) in enumerate(zip(batch.client_ids, keep, strict=True)):
-                    status = ACCEPTED if ok else REJECTED
-                    self.listener.client_done(int(cid), status)
-                    metrics = {n: float(v[i]) for n, v in batch.metrics.items()} if ok else {}
-                    self.listener.client_reported(int(cid), status, reasons[i] or "", metrics)
+            self._take(reply, round_number, check, accept, notify, out)
         return out
+
+    def _take(
+        self,
+        reply: Reply,
+        round_number: int,
+        check: Check,
+        accept: Accept,
+        notify: bool,
+        out: _Exchange,
+    ) -> None:
+        """Classify one reply (failed, rejected with its reason, or accepted and passed to
+        ``accept``), counting it in ``out`` and telling the listener when ``notify``."""
+        if isinstance(reply, ClientFailure):
+            kind = REJECTED if reply.rejected else FAILED
+            (out.rejected if reply.rejected else out.failed).append(reply.client_id)
+            log.warning(
+                "round %d: %s %s: %s%s",
+                round_number,
+                "rejected the reply of" if reply.rejected else "failure of",
+                self.describe(reply.client_id),
+                reply.error,
+                f"\n{reply.traceback}" if reply.traceback else "",
+            )
+            if notify:
+                self.listener.client_done(reply.client_id, kind)
+                self.listener.client_reported(reply.client_id, kind, reply.error, {})
+            return
+        start = time.perf_counter()
+        batch = reply.as_batch() if not isinstance(reply, RecordBatch) else reply
+        out.bytes_up += batch.array_bytes()
+        keep, reasons = check(batch)
+        for cid, reason in zip(batch.client_ids, reasons, strict=True):
+            if reason is not None:
+                out.rejected.append(int(cid))
+                log.warning(
+                    "round %d: rejected the record of %s: %s",
+                    round_number,
+                    self.describe(int(cid)),
+                    reason,
+                )
+        good = batch.select(keep)
+        if len(good):
+            accept(good)
+            weights = good.num_examples.astype(np.float64)
+            for name, values in good.metrics.items():
+                out.sums[name] = out.sums.get(name, 0.0) + float(weights @ values)
+                out.maxima[name] = max(out.maxima.get(name, -math.inf), float(values.max()))
+                out.values.setdefault(name, []).extend(float(v) for v in values)
+            out.examples += float(weights.sum())
+            out.accepted += len(good)
+            out.accepted_ids.extend(int(c) for c in good.client_ids)
+        out.server_seconds += time.perf_counter() - start
+        if notify:
+            for i, (cid, ok) in enumerate(zip(batch.client_ids, keep, strict=True)):
+                status = ACCEPTED if ok else REJECTED
+                self.listener.client_done(int(cid), status)
+                metrics = {n: float(v[i]) for n, v in batch.metrics.items()} if ok else {}
+                self.listener.client_reported(int(cid), status, reasons[i] or "", metrics)
 
     # One round ------------------------------------------------------------------------------
     def run_round(

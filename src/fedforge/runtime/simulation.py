@@ -255,7 +255,7 @@ def _simulate(
         save = checkpoint if checkpoints else None
         if fedbuff is not None:
             assert virtual is not None
-            state = AsyncDriver(driver, virtual, fedbuff).run(
+            state = AsyncDriver(driver, fedbuff, virtual).run(
                 state, rounds, history, checkpoint=save
             )
         else:
