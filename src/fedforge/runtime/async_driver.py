@@ -1,4 +1,5 @@
-"""Asynchronous training with a buffer (FedBuff, Nguyen et al. 2022) on the virtual clock.
+"""Asynchronous training with a buffer (FedBuff, Nguyen et al. 2022), on the virtual clock
+in simulation or in real time over the network: one core, two sources of time.
 
 Up to ``concurrency`` clients train at once, each on the model version it received. A
 finished client leaves at once and an idle online client takes its place with the current
@@ -8,12 +9,13 @@ aggregation weight times ``(1 + staleness) ** -exponent`` (``exponent`` 0.5:
 client's model version. The buffer's aggregate is ``sum(w_i s_i delta_i) / sum(w_i)``: with no
 staleness and ``buffer`` = the cohort, one update is a synchronous FedAvg round.
 
-Events are ordered by simulated finish time (ties by dispatch order; arrivals at one instant
-are all handled before anyone is dispatched). Training runs as fast as the runtime allows:
+On the virtual clock, events are ordered by simulated finish time (ties by dispatch order;
+arrivals at one instant are all handled before anyone is dispatched). Training runs as fast as the runtime allows:
 a task's duration depends only on its step count and payload sizes, so clients are trained
 lazily, all the tasks started on one model version in one exchange (a vectorized batch),
-before that version's first result is needed or the model moves on. Everything else is the
-synchronous driver's: the transport, validation, stages' decoding, the aggregation's
+before that version's first result is needed or the model moves on. In real time, tasks go
+out through the transport as soon as they are dispatched and each reply is taken as it
+arrives. Everything else is the synchronous driver's: the transport, validation, stages' decoding, the aggregation's
 accumulator, the server optimizer, evaluation and the history.
 """
 
@@ -37,7 +39,7 @@ from fedforge.core.records import FIT, RecordBatch, Reply, Task
 from fedforge.core.rng import Purpose
 from fedforge.report.history import History, RoundRecord
 from fedforge.runtime.clock import VirtualClock, spec_bytes
-from fedforge.runtime.driver import Accept, Check, Driver, _Exchange
+from fedforge.runtime.driver import Accept, Check, Driver, Exchanged
 from fedforge.runtime.sampling import UniformSampler
 from fedforge.runtime.transport import AsyncTransport
 from fedforge.stages.base import SumContext
@@ -103,7 +105,7 @@ class _Window:
     bytes_down: int = 0
     train_seconds: float = 0.0
 
-    def count(self, out: _Exchange) -> None:
+    def count(self, out: Exchanged) -> None:
         self.failed += out.failed
         self.rejected += out.rejected
         self.bytes_up += out.bytes_up
@@ -271,7 +273,7 @@ class AsyncDriver:
 
     def _receive(self, job: _Job, reply: Reply, state: ServerState, window: _Window) -> None:
         """One reply, as it arrived (real time)."""
-        out = _Exchange()
+        out = Exchanged()
         accept = self._keeper(state, lambda _cid: job.seq)
         self.driver._take(reply, job.version + 1, self._check(), accept, True, out)
         self._results.setdefault(job.seq, None)  # failed or rejected

@@ -89,7 +89,7 @@ class FederatedEvaluation:
 
 
 @dataclass
-class _Exchange:
+class Exchanged:
     """What came back from one exchange."""
 
     accepted: int = 0
@@ -184,8 +184,8 @@ class Driver:
         check: Check,
         accept: Accept,
         notify: bool,
-    ) -> _Exchange:
-        out = _Exchange()
+    ) -> Exchanged:
+        out = Exchanged()
         round_number = tasks[0].round if tasks else 0
         for reply in self.transport.exchange(tasks):
             self._take(reply, round_number, check, accept, notify, out)
@@ -198,7 +198,7 @@ class Driver:
         check: Check,
         accept: Accept,
         notify: bool,
-        out: _Exchange,
+        out: Exchanged,
     ) -> None:
         """Classify one reply (failed, rejected with its reason, or accepted and passed to
         ``accept``), counting it in ``out`` and telling the listener when ``notify``."""
@@ -383,7 +383,7 @@ class Driver:
 
     def _plain_fit(
         self, tasks: list[Task], state: ServerState
-    ) -> tuple[_Exchange, Aggregate | None]:
+    ) -> tuple[Exchanged, Aggregate | None]:
         """The fit exchange, every accepted record decoded and summed as it arrives."""
         accumulator = self.aggregation.accumulator()
 
@@ -401,7 +401,7 @@ class Driver:
         broadcast: dict[str, float],
         metrics: dict[str, float],
         clients: dict[str, list[int]],
-    ) -> tuple[_Exchange, Aggregate | None, int]:
+    ) -> tuple[Exchanged, Aggregate | None, int]:
         """The fit exchange (clients train and keep their records), then the four
         secure-aggregation exchanges; returns the fit's outcome with the survivors as its
         accepted clients, the aggregate (None when the session aborted) and the bytes the
@@ -424,7 +424,7 @@ class Driver:
             fit.accepted, fit.accepted_ids = 0, []
             return fit, None, 0
 
-        def exchange(step_tasks: list[Task], check: Check, accept: Accept) -> _Exchange:
+        def exchange(step_tasks: list[Task], check: Check, accept: Accept) -> Exchanged:
             return self._exchange(step_tasks, check, accept, False)
 
         outcome = run_session(session, {t.client_id: t.seed for t in tasks}, exchange)
@@ -454,7 +454,7 @@ class Driver:
         for cid in set(sampled) - set(used):
             self.client_states.discard(cid, round_number)
 
-    def _federated_evaluation(self, state: ServerState) -> tuple[_Exchange, int] | None:
+    def _federated_evaluation(self, state: ServerState) -> tuple[Exchanged, int] | None:
         fed = self.federated_eval
         if fed is None or state.round % fed.every:
             return None
