@@ -322,3 +322,18 @@ def test_configuration_errors_print_one_line_each_with_the_fix_verbatim(
         "  runtime.device: 'cuda' needs CUDA, which is not available on this machine; "
         "use 'cpu' or leave it unset",
     ]
+
+
+def test_fedbuff_without_the_clock_is_refused_before_a_run_directory_exists(
+    tmp_path: Path,
+) -> None:
+    from typer.testing import CliRunner
+
+    from fedforge.cli import app
+
+    out = tmp_path / "never"
+    sets = ["asynchronous.mode=fedbuff", "asynchronous.concurrency=20"]
+    args = [a for s in sets for a in ("--set", s)]
+    result = CliRunner().invoke(app, ["run", *args, "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    assert "set clock.enabled = true" in result.output

@@ -133,6 +133,7 @@ def run(
     Every configuration key, with its default and allowed values: `fedforge config`.
     """
     from fedforge.config import load_config
+    from fedforge.experiment import check_simulation
     from fedforge.report.rundir import new_run_dir, prepare_out_dir
 
     if resume is not None and (config is not None or out is not None):
@@ -146,6 +147,7 @@ def run(
             cfg = load_config(resume / "config.toml", set_)
         else:
             cfg = load_config(config, set_)
+        check_simulation(cfg)
         missing = missing_trackers(tensorboard=tensorboard, mlflow=mlflow)
         if missing:
             raise FedforgeError(missing)

@@ -274,6 +274,15 @@ def run_device(config: RunConfig, backend: str) -> str:
     return str(torch.device(device) if device else default_device())
 
 
+def check_simulation(config: RunConfig) -> None:
+    """What a configuration cannot do in simulation (it may on a deployment's server)."""
+    if config.asynchronous.mode != "off" and not config.clock.enabled:
+        raise ConfigError(
+            "asynchronous.mode = 'fedbuff' runs on the virtual clock in simulation: set "
+            "clock.enabled = true (a deployment's server runs it in real time)"
+        )
+
+
 def simulate_config(
     config: RunConfig,
     data: FederatedDataset,
@@ -285,11 +294,7 @@ def simulate_config(
 ) -> SimulationResult:
     """The configured simulation on ``data`` (``backend`` overrides the configured one),
     without writing a run directory."""
-    if config.asynchronous.mode != "off" and not config.clock.enabled:
-        raise ConfigError(
-            "asynchronous.mode = 'fedbuff' runs on the virtual clock in simulation: set "
-            "clock.enabled = true (a deployment's server runs it in real time)"
-        )
+    check_simulation(config)
     aggregation = build_aggregation(config)
     attack = plan_attack(config, data, aggregation)
     return simulate(
