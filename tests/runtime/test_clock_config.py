@@ -76,7 +76,7 @@ def test_fedbuff_in_simulation_needs_the_virtual_clock() -> None:
             "asynchronous.buffer=3",
         ],
     )
-    with pytest.raises(ConfigError, match="set clock.enabled = true"):
+    with pytest.raises(ConfigError, match=r"set clock.enabled = true"):
         simulate_config(cfg, build_dataset(cfg))
 
 

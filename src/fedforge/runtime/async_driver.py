@@ -10,13 +10,14 @@ client's model version. The buffer's aggregate is ``sum(w_i s_i delta_i) / sum(w
 staleness and ``buffer`` = the cohort, one update is a synchronous FedAvg round.
 
 On the virtual clock, events are ordered by simulated finish time (ties by dispatch order;
-arrivals at one instant are all handled before anyone is dispatched). Training runs as fast as the runtime allows:
-a task's duration depends only on its step count and payload sizes, so clients are trained
-lazily, all the tasks started on one model version in one exchange (a vectorized batch),
-before that version's first result is needed or the model moves on. In real time, tasks go
-out through the transport as soon as they are dispatched and each reply is taken as it
-arrives. Everything else is the synchronous driver's: the transport, validation, stages' decoding, the aggregation's
-accumulator, the server optimizer, evaluation and the history.
+arrivals at one instant are all handled before anyone is dispatched). Training runs as fast
+as the runtime allows: a task's duration depends only on its step count and payload sizes,
+so clients are trained lazily, all the tasks started on one model version in one exchange (a
+vectorized batch), before that version's first result is needed or the model moves on. In
+real time, tasks go out through the transport as soon as they are dispatched and each reply
+is taken as it arrives. Everything else is the synchronous driver's: the transport,
+validation, stages' decoding, the aggregation's accumulator, the server optimizer,
+evaluation and the history.
 """
 
 from __future__ import annotations
