@@ -176,3 +176,19 @@ def test_fedbuff_never_dispatches_offline_clients(small_federated) -> None:  # t
     )
     arrived = {c for r in result.history[1:] for c in r.clients["arrived"]}
     assert arrived and arrived <= set(range(5, n))
+
+
+def test_a_resumed_fedbuff_run_continues_its_clock_and_history(small_federated, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    speeds = np.random.default_rng(0).lognormal(0, 1, small_federated.num_clients)
+    devices = Devices(speeds, np.full(10, FAST_LINK), np.full(10, FAST_LINK))
+    kwargs = {"clock": ClockSpec(devices), "fedbuff": FedBuff(buffer=2, concurrency=5)}
+    first = simulate(small_mlp(), small_federated, FedAvg(local=LOCAL), rounds=3,
+                     state_dir=tmp_path, **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    resumed = simulate(small_mlp(), small_federated, FedAvg(local=LOCAL), rounds=6,
+                       state_dir=tmp_path, resume=True, **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    h = resumed.history
+    assert [r.round for r in h] == list(range(7))  # one initial record, updates 1..6
+    assert [r.test_accuracy for r in h[:4]] == [r.test_accuracy for r in first.history]
+    times = [r.metrics["clock.time"] for r in h[1:]]
+    assert times == sorted(times) and times[2] == first.history[-1].metrics["clock.time"]
+    assert resumed.state.round == 6
