@@ -12,7 +12,7 @@ from fedforge.runtime import async_driver
 from fedforge.runtime.async_driver import Arrival, FedBuff, staleness_weight
 from fedforge.runtime.clock import ClockSpec
 from fedforge.runtime.devices import Devices, Intervals
-from fedforge.runtime.simulation import simulate
+from fedforge.runtime.simulation import SimulationResult, simulate
 from fedforge.train.program import LocalSGD
 from tests.conftest import make_blobs, small_mlp
 
@@ -181,11 +181,20 @@ def test_fedbuff_never_dispatches_offline_clients(small_federated) -> None:  # t
 def test_a_resumed_fedbuff_run_continues_its_clock_and_history(small_federated, tmp_path) -> None:  # type: ignore[no-untyped-def]
     speeds = np.random.default_rng(0).lognormal(0, 1, small_federated.num_clients)
     devices = Devices(speeds, np.full(10, FAST_LINK), np.full(10, FAST_LINK))
-    kwargs = {"clock": ClockSpec(devices), "fedbuff": FedBuff(buffer=2, concurrency=5)}
-    first = simulate(small_mlp(), small_federated, FedAvg(local=LOCAL), rounds=3,
-                     state_dir=tmp_path, **kwargs)  # type: ignore[arg-type]  # fmt: skip
-    resumed = simulate(small_mlp(), small_federated, FedAvg(local=LOCAL), rounds=6,
-                       state_dir=tmp_path, resume=True, **kwargs)  # type: ignore[arg-type]  # fmt: skip
+
+    def run(rounds: int, resume: bool = False) -> SimulationResult:
+        return simulate(
+            small_mlp(),
+            small_federated,
+            FedAvg(local=LOCAL),
+            rounds=rounds,
+            clock=ClockSpec(devices),
+            fedbuff=FedBuff(buffer=2, concurrency=5),
+            state_dir=tmp_path,
+            resume=resume,
+        )
+
+    first, resumed = run(3), run(6, resume=True)
     h = resumed.history
     assert [r.round for r in h] == list(range(7))  # one initial record, updates 1..6
     assert [r.test_accuracy for r in h[:4]] == [r.test_accuracy for r in first.history]
