@@ -360,3 +360,9 @@ def test_fedbuff_over_the_network_does_not_wait_for_a_frozen_client(tmp_path: Pa
         (r.clients["arrived"], r.metrics["async.staleness.max"]) for r in history[1:]
     ]
     assert history[-1].test_accuracy > history[0].test_accuracy + 0.3
+    # The server started again on the complete run (say, killed while it lingered) exits.
+    again = start_server(cfg, tmp_path / "server_again.log")
+    try:
+        assert again.wait(timeout=60) == 0, _log_tail(tmp_path / "server_again.log")
+    finally:
+        stop_all([again])

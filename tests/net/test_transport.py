@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -359,71 +361,152 @@ def test_tasks_go_out_while_others_are_in_flight_and_replies_come_as_they_arrive
     assert transport.in_flight == 0 and a.task is None and b.task is None
 
 
-def test_fedbuff_in_real_time_weighs_each_arrival_by_its_staleness() -> None:
-    """The asynchronous driver over the network transport, the test playing three clients
-    that answer in a constructed order: each finished client gets new work at once, and every
-    update (buffer 1) applies the arrival's change times 1 / sqrt(1 + staleness)."""
-    from fedforge.algorithms.base import ServerState
-    from fedforge.algorithms.fedavg import FedAvg
-    from fedforge.core.params import spec_of
-    from fedforge.core.rng import RngStreams
-    from fedforge.report.history import History
-    from fedforge.runtime.async_driver import AsyncDriver, FedBuff
-    from fedforge.runtime.driver import Driver
-    from fedforge.runtime.sampling import UniformSampler
-    from fedforge.train.program import LocalSGD
+class AsyncRun:
+    """The asynchronous driver over the network transport in a thread, the test playing
+    the clients (``a``, ``b``, ``c``: ids 0, 1, 2); FedAvg on one array ``w``."""
 
-    hub, service, transport, (a, b) = _setup(timeout=10.0)
-    c = hub.open("c", 2, 0)
-    sessions = {0: a, 1: b, 2: c}
-    algorithm = FedAvg(local=LocalSGD(lr=0.1, epochs=1, batch_size=4))
-    params = {"w": np.zeros(3, np.float32)}
-    driver = Driver(
-        algorithm=algorithm,
-        transport=transport,
-        sampler=UniformSampler(3),
-        streams=RngStreams(0),
-        model_spec=spec_of(params),
-        trainable=["w"],
-        population=lambda: [0, 1, 2],
-        population_size=lambda: 3,
-        example_cap=lambda cid, stage: 100,
-    )
-    run = AsyncDriver(driver, FedBuff(buffer=1, concurrency=3), poll_s=0.05)
-    history = History()
-    final: list[ServerState] = []
-    thread = threading.Thread(
-        target=lambda: final.append(run.run(algorithm.init(params), 4, history)), daemon=True
-    )
-    thread.start()
-    tasks = {cid: _receive(s) for cid, s in sessions.items()}  # everyone starts on version 0
-    assert {r for _, r, _ in tasks.values()} == {1}
+    def __init__(self, buffer: int, updates: int, size: int = 3) -> None:
+        from fedforge.algorithms.fedavg import FedAvg
+        from fedforge.core.params import spec_of
+        from fedforge.core.rng import RngStreams
+        from fedforge.report.history import History
+        from fedforge.runtime.async_driver import AsyncDriver, FedBuff
+        from fedforge.runtime.driver import Driver
+        from fedforge.runtime.sampling import UniformSampler
+        from fedforge.train.program import LocalSGD
 
-    def answer(cid: int, change: float) -> None:
-        body, round_number, _ = tasks.pop(cid)
-        delta = {"w": np.full(3, change, np.float32)}
-        session = sessions[cid]
+        hub, self.service, self.transport, (a, b) = _setup(timeout=10.0)
+        self.sessions = {0: a, 1: b, 2: hub.open("c", 2, 0)}
+        algorithm = FedAvg(local=LocalSGD(lr=0.1, epochs=1, batch_size=4))
+        params = {"w": np.zeros(size, np.float32)}
+        driver = Driver(
+            algorithm=algorithm,
+            transport=self.transport,
+            sampler=UniformSampler(3),
+            streams=RngStreams(0),
+            model_spec=spec_of(params),
+            trainable=["w"],
+            population=lambda: [0, 1, 2],
+            population_size=lambda: 3,
+            example_cap=lambda cid, stage: 100,
+        )
+        self.run = AsyncDriver(driver, FedBuff(buffer=buffer, concurrency=3), poll_s=0.05)
+        self.history = History()
+        self.final: list[Any] = []
+        state = algorithm.init(params)
+        self.thread = threading.Thread(
+            target=lambda: self.final.append(self.run.run(state, updates, self.history)),
+            daemon=True,
+        )
+        self.thread.start()
+
+    def receive(self, cid: int) -> tuple[pb.TaskChunk, int, dict[str, np.ndarray]]:
+        return _receive(self.sessions[cid])
+
+    def answer(self, cid: int, task: tuple[pb.TaskChunk, int, Any], change: float) -> None:
+        body, round_number, _ = task
+        delta = {"w": np.full(len(task[2]["w"]), change, np.float32)}
         loss = {"train_loss": 1.0}
-        _reply(service, session, round_number, FIT, body.task_id, delta, n=10, metrics=loss)
+        session = self.sessions[cid]
+        _reply(self.service, session, round_number, FIT, body.task_id, delta, n=10, metrics=loss)
 
-    answer(1, 1.0)  # fresh: w = 1
-    tasks[1] = _receive(b)  # b restarts at once, on version 1
+    def fail(self, cid: int, task: tuple[pb.TaskChunk, int, Any]) -> None:
+        _fail(self.service, self.sessions[cid], task[1], task[0].task_id, "RuntimeError: boom")
+
+    def finish(self) -> Any:
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive() and self.final
+        return self.final[0]
+
+
+def test_fedbuff_in_real_time_weighs_each_arrival_by_its_staleness() -> None:
+    """Three clients answer in a constructed order: each finished client gets new work at
+    once, and every update (buffer 1) applies the arrival's change times
+    1 / sqrt(1 + staleness); a rejected answer changes nothing."""
+    run = AsyncRun(buffer=1, updates=4)
+    tasks = {cid: run.receive(cid) for cid in (0, 1, 2)}  # everyone starts on version 0
+    assert {r for _, r, _ in tasks.values()} == {1}
+    run.answer(1, tasks.pop(1), 1.0)  # fresh: w = 1
+    tasks[1] = run.receive(1)  # b restarts at once, on version 1
     assert tasks[1][1] == 2 and tasks[1][2]["w"][0] == pytest.approx(1.0)
-    answer(0, 2.0)  # started on v0, arrives at v1: staleness 1
-    tasks[0] = _receive(a)
-    answer(2, 4.0)  # staleness 2
-    tasks[2] = _receive(c)
-    answer(0, np.nan)  # rejected: it changes nothing, and a gets new work on v3
-    tasks[0] = _receive(a)
+    run.answer(0, tasks.pop(0), 2.0)  # started on v0, arrives at v1: staleness 1
+    tasks[0] = run.receive(0)
+    run.answer(2, tasks.pop(2), 4.0)  # staleness 2
+    tasks[2] = run.receive(2)
+    run.answer(0, tasks.pop(0), np.nan)  # rejected; a rests, then gets new work on v3
+    tasks[0] = run.receive(0)
     assert tasks[0][1] == 4
-    answer(1, 8.0)  # started on v1, arrives at v3: staleness 2
-    thread.join(timeout=30)
-    assert not thread.is_alive() and final
+    run.answer(1, tasks.pop(1), 8.0)  # started on v1, arrives at v3: staleness 2
+    final = run.finish()
     expected = 1.0 + 2.0 / np.sqrt(2) + 4.0 / np.sqrt(3) + 8.0 / np.sqrt(3)
-    np.testing.assert_allclose(final[0].params["w"], np.full(3, expected), rtol=1e-6)
-    got = [(x.client_id, x.started, x.arrived, x.staleness) for x in run.arrivals]
+    np.testing.assert_allclose(final.params["w"], np.full(3, expected), rtol=1e-6)
+    got = [(x.client_id, x.started, x.arrived, x.staleness) for x in run.run.arrivals]
     assert got == [(1, 0, 0, 0), (0, 0, 1, 1), (2, 0, 2, 2), (1, 1, 3, 2)]
+    history = run.history
     assert [r.metrics["async.staleness.max"] for r in history[1:]] == [0, 1, 2, 2]
     assert [r.clients["arrived"] for r in history[1:]] == [[1], [0], [2], [1]]
     assert history[-1].clients["rejected"] == [0] and history[-1].clients_sampled == 2
-    assert transport.in_flight == 0 and a.task is None  # the run ended: work withdrawn
+    assert run.transport.in_flight == 0 and run.sessions[0].task is None  # work withdrawn
+
+
+def test_a_fast_client_contributes_once_per_buffer() -> None:
+    """A client that answers at once waits for the next update before its next task: one
+    fast (or malicious) client cannot fill a buffer on its own."""
+    run = AsyncRun(buffer=3, updates=1)
+    tasks = {cid: run.receive(cid) for cid in (0, 1, 2)}
+    run.answer(0, tasks.pop(0), 100.0)
+    with pytest.raises(queue.Empty):  # no second task for a in this buffer
+        run.sessions[0].outbox.get(timeout=0.5)
+    run.answer(1, tasks.pop(1), 1.0)
+    run.answer(2, tasks.pop(2), 1.0)
+    final = run.finish()
+    np.testing.assert_allclose(final.params["w"], np.full(3, 34.0))  # (100 + 1 + 1) / 3
+    assert run.history[1].clients["arrived"] == [0, 1, 2]
+
+
+def test_a_failing_client_rests_before_its_next_task() -> None:
+    """A client whose task fails is not handed the model again at once (a failing client
+    would otherwise pull the model in a loop): it rests 1 s, then 2 s after a second failure."""
+    run = AsyncRun(buffer=2, updates=1, size=10_000)
+    tasks = {cid: run.receive(cid) for cid in (0, 1, 2)}
+    started = time.monotonic()
+    run.fail(0, tasks.pop(0))
+    tasks[0] = run.receive(0)
+    first_rest = time.monotonic() - started
+    started = time.monotonic()
+    run.fail(0, tasks.pop(0))
+    tasks[0] = run.receive(0)
+    second_rest = time.monotonic() - started
+    assert 0.9 < first_rest < 1.9 < second_rest
+    run.answer(1, tasks.pop(1), 1.0)
+    run.answer(2, tasks.pop(2), 3.0)
+    final = run.finish()
+    np.testing.assert_allclose(final.params["w"], np.full(10_000, 2.0))
+    assert run.history[1].clients["failed"] == [0, 0]
+
+
+def test_a_reply_queued_before_the_deadline_is_taken_when_polled_after_it() -> None:
+    _, service, transport, (a, _) = _setup(timeout=0.3)
+    transport.submit([Task(FIT, 1, 0, 0, SHARED)])
+    body, round_number, _ = _receive(a)
+    _reply(service, a, round_number, FIT, body.task_id, SHARED, n=5)  # in time
+    time.sleep(0.5)  # the driver was busy (an update, an evaluation, a checkpoint)
+    reply = transport.poll(0.1)
+    assert isinstance(reply, Record) and reply.num_examples == 5
+
+
+def test_a_task_for_a_session_replaced_during_submit_fails_at_once() -> None:
+    hub, _, transport, (a, _) = _setup(timeout=30.0)
+    looked_up = hub.session_for
+
+    def reconnecting(cid: int) -> Session | None:
+        session = looked_up(cid)
+        if session is a:
+            hub.open("a", 0, 100)  # a reconnects right after the lookup: a is closed
+        return session
+
+    hub.session_for = reconnecting  # type: ignore[method-assign]
+    transport.submit([Task(FIT, 1, 0, 0, SHARED)])
+    reply = transport.poll(1.0)
+    assert isinstance(reply, ClientFailure) and reply.error == "client disconnected"
+    assert transport.in_flight == 0 and a.task is None

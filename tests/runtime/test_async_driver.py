@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from fedforge.aggregate.kinds import WeightedMean
 from fedforge.algorithms.fedavg import FedAvg
 from fedforge.algorithms.scaffold import Scaffold
 from fedforge.core.errors import ConfigError
@@ -91,6 +92,30 @@ def test_fedbuff_with_the_cohort_as_buffer_and_no_staleness_is_fedavg() -> None:
         assert a.train_loss == pytest.approx(b.train_loss, nan_ok=True)
         assert a.metrics.get("clock.time") == pytest.approx(b.metrics.get("clock.time"))
     assert all(r.metrics["async.staleness.max"] == 0 for r in fedbuff.history[1:])
+
+
+def test_with_a_weight_cap_an_update_of_the_whole_cohort_is_still_a_fedavg_round() -> None:
+    """The cap applies to a record's weight before its staleness discount (a capped stale
+    record is discounted, and the buffer's mean is over the capped weights)."""
+    train, test = make_blobs(200, seed=0), make_blobs(100, seed=1)
+    sizes = np.cumsum([20, 30, 40, 50])  # clients of 20..60 examples
+    data = FederatedDataset(train, test, np.split(np.arange(200), sizes))
+    devices = _devices(data, [2.0] * 5)
+    capped = WeightedMean(max_weight=35)
+    kwargs = {"rounds": 2, "clients_per_round": 5, "seed": 3, "clock": ClockSpec(devices)}
+    sync = simulate(small_mlp(), data, FedAvg(local=LOCAL), aggregation=capped, **kwargs)  # type: ignore[arg-type]
+    fedbuff = simulate(
+        small_mlp(),
+        data,
+        FedAvg(local=LOCAL),
+        aggregation=capped,
+        fedbuff=FedBuff(buffer=5, concurrency=5),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    uncapped = simulate(small_mlp(), data, FedAvg(local=LOCAL), **kwargs)  # type: ignore[arg-type]
+    assert not np.allclose(uncapped.state.params["0.weight"], sync.state.params["0.weight"])
+    for name, value in sync.state.params.items():
+        np.testing.assert_allclose(fedbuff.state.params[name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_stale_records_count_less_and_vectorized_matches_sequential(small_federated) -> None:  # type: ignore[no-untyped-def]

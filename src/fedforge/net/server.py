@@ -291,8 +291,10 @@ def run_server(
     try:
         if fedbuff is not None:
             # FedBuff in real time: clients that finish get new work at once; an update
-            # every buffer arrivals, checkpointed. Starts once min_clients are connected.
-            hub.wait_for_clients(needed)
+            # every buffer arrivals (of as many clients), checkpointed. Starts once
+            # min_clients, and at least buffer clients, are connected.
+            if state.round < config.server.rounds:
+                hub.wait_for_clients(min(max(needed, fedbuff.buffer), len(names)))
             state = AsyncDriver(driver, fedbuff, wait=lambda: hub.wait_for_change(1.0)).run(
                 state,
                 config.server.rounds,

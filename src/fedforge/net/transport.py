@@ -120,7 +120,12 @@ class NetworkTransport:
                 new_task_id(), task.round, task.stage, Reassembler(self.reply_limit(task.stage))
             )
             with session.lock:
-                session.task = pending
+                closed = session.closed  # (replaced since it was looked up: no one reads it)
+                if not closed:
+                    session.task = pending
+            if closed:
+                self._ready.append(ClientFailure(cid, "client disconnected"))
+                continue
             session.send(self._task_messages(task, pending.task_id, payload, digest, deadline_ms))
             self._in_flight[pending.task_id] = _InFlight(cid, deadline)
 
@@ -143,16 +148,17 @@ class NetworkTransport:
             task_id, due = min(
                 self._in_flight.items(), key=lambda kv: (kv[1].deadline, kv[1].client_id)
             )
-            if due.deadline <= now:
+            if due.deadline <= now and self.hub.results.empty():
+                # (a reply already queued is taken first: it came before the driver looked)
                 self._forget(task_id)
                 return ClientFailure(
                     due.client_id, f"no result within the {self.round_timeout_s:g} s deadline"
                 )
             wait = due.deadline - now if end is None else min(due.deadline, end) - now
-            if wait <= 0:
+            if wait <= 0 and self.hub.results.empty():
                 return None
             try:
-                task_id, reply = self.hub.results.get(timeout=wait)
+                task_id, reply = self.hub.results.get(timeout=max(wait, 0.0))
             except queue.Empty:
                 continue
             flight = self._in_flight.get(task_id)

@@ -7,7 +7,10 @@ model; the server applies an update every ``buffer`` arrivals, each record weigh
 aggregation weight times ``(1 + staleness) ** -exponent`` (``exponent`` 0.5:
 ``1 / sqrt(1 + staleness)``), where staleness is how many server updates happened since the
 client's model version. The buffer's aggregate is ``sum(w_i s_i delta_i) / sum(w_i)``: with no
-staleness and ``buffer`` = the cohort, one update is a synchronous FedAvg round.
+staleness and ``buffer`` = the cohort, one update is a synchronous FedAvg round (with
+``max_weight``, weights are capped before the staleness discount). A buffer holds at most one
+result per client: a client whose result is in it waits for the next update. A client whose
+task failed or was rejected rests before its next one (1 s, doubled per failure in a row).
 
 On the virtual clock, events are ordered by simulated finish time (ties by dispatch order;
 arrivals at one instant are all handled before anyone is dispatched). Training runs as fast
@@ -32,6 +35,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fedforge.aggregate.kinds import WeightedMean, cap_weights
 from fedforge.algorithms.base import RoundContext, ServerState
 from fedforge.compress.downlink import encode_broadcast
 from fedforge.core.errors import ConfigError, FedforgeError
@@ -46,6 +50,8 @@ from fedforge.runtime.transport import AsyncTransport
 from fedforge.stages.base import SumContext
 
 log = logging.getLogger("fedforge")
+FAILURE_REST_S = 1.0  # seconds (simulated or real) a client rests after a failed task
+MAX_REST_S = 60.0
 
 
 def staleness_weight(staleness: np.ndarray | int, exponent: float = 0.5) -> np.ndarray:
@@ -191,6 +197,13 @@ class AsyncDriver:
         self._dispatches = 0  # dispatch calls on the current version
         self._seeded: set[tuple[int, int]] = set()  # (version, client) seeds handed out
         self._shared: tuple[int, Params] | None = None  # (version, what its tasks carry)
+        # At most one result per client in a buffer: a client whose result is in it waits
+        # for the next update (else one fast client could make every update on its own).
+        self._in_buffer: set[int] = set()
+        # A client whose task failed or was rejected rests before it gets another:
+        # FAILURE_REST_S, doubled after each failure in a row (at most MAX_REST_S).
+        self._failures: dict[int, int] = {}  # client -> failures in a row
+        self._rest: dict[int, float] = {}  # client -> time it may be dispatched again
 
     # Dispatch ---------------------------------------------------------------------------
     def _dispatch(self, state: ServerState, window: _Window) -> None:
@@ -198,7 +211,12 @@ class AsyncDriver:
         if free <= 0:
             return
         online = self.time.available(self.driver.population())
-        idle = [c for c in online if c not in self._busy]
+        now = self.time.now()
+        idle = [
+            c
+            for c in online
+            if c not in self._busy and c not in self._in_buffer and self._rest.get(c, 0) <= now
+        ]
         if not idle:
             return
         version = state.round
@@ -214,6 +232,13 @@ class AsyncDriver:
         window.dispatched += len(jobs)
         window.bytes_down += len(jobs) * num_bytes(self._shared_arrays(state))
         self.time.start(jobs, state, window)
+
+    def _rested(self, client_id: int) -> None:
+        """A failed or rejected task: the client rests before its next one."""
+        failures = self._failures.get(client_id, 0) + 1
+        self._failures[client_id] = failures
+        rest = min(FAILURE_REST_S * 2 ** (failures - 1), MAX_REST_S)
+        self._rest[client_id] = self.time.now() + rest
 
     def _shared_arrays(self, state: ServerState) -> Params:
         """What every task on this model version carries (one dict per version)."""
@@ -318,7 +343,10 @@ class AsyncDriver:
                         self.time.flush(state, window)
                     result = self._results.pop(job.seq, None)  # None: it failed
                     if result is None:
+                        self._rested(job.client_id)
                         continue
+                    self._failures.pop(job.client_id, None)
+                    self._in_buffer.add(job.client_id)
                     arrival = Arrival(job.client_id, job.version, state.round, self.time.now())
                     self.arrivals.append(arrival)
                     buffer.append((arrival, result))
@@ -327,6 +355,7 @@ class AsyncDriver:
                     self.time.flush(state, window)  # before the model moves on
                     state = self._update(state, buffer, window, history, updates)
                     buffer = []
+                    self._in_buffer.clear()
                     window = _Window(self.time.now(), time.perf_counter())
                     self._dispatches = 0
                     self._seeded.clear()
@@ -353,10 +382,12 @@ class AsyncDriver:
         staleness = np.array([a.staleness for a, _ in buffer])
         factors = staleness_weight(staleness, self.fedbuff.staleness_exponent)
         plain = 0.0
+        max_weight = d.aggregation.max_weight if isinstance(d.aggregation, WeightedMean) else None
         sums: dict[str, float] = {}
         examples = 0.0
         for (_, batch), factor in zip(buffer, factors, strict=True):
-            weights = d._weights(batch)
+            # capped first: a stale record's discount applies to the weight it may carry
+            weights, _ = cap_weights(d._weights(batch), max_weight)
             plain += float(weights.sum())
             accumulator.add(batch, weights * factor)
             n = float(batch.num_examples.sum())
