@@ -53,13 +53,16 @@ class ModelConfig(_Section):
 class AlgorithmConfig(_Section):
     """The federated algorithm (client program and server update)."""
 
-    name: Literal["fedavg", "fedprox", "scaffold", "fednova", "qfedavg", "fedper", "ditto"] = (
-        "fedavg"
-    )
+    name: Literal[
+        "fedavg", "fedprox", "scaffold", "fednova", "qfedavg", "fedper", "fedrep", "ditto"
+    ] = "fedavg"
     mu: float = Field(0.01, ge=0, description="fedprox: proximal coefficient")
     q: float = Field(1.0, ge=0, description="qfedavg: fairness exponent (0 = uniform FedAvg)")
     lam: float = Field(0.1, ge=0, description="ditto: pull of each personal model to the global")
-    head_layers: int = Field(1, ge=1, description="fedper: last layers kept on each client")
+    head_layers: int = Field(1, ge=1, description="fedper/fedrep: last layers kept on each client")
+    head_epochs: int | None = Field(
+        None, ge=1, description="fedrep: head-only epochs before the body's (default client.epochs)"
+    )
     stragglers: float = Field(
         0.0, ge=0, le=1, description="share of each round's clients running 1..E epochs (sim)"
     )
@@ -439,10 +442,17 @@ class RunConfig(_Section):
                 "client control variates are updated from the unclipped record"
             )
         layers = 1 if self.model.name == "logistic" else len(self.model.hidden) + 1
-        if self.algorithm.name == "fedper" and self.algorithm.head_layers >= layers:
+        personal_head = self.algorithm.name in ("fedper", "fedrep")
+        if personal_head and self.algorithm.head_layers >= layers:
             raise ValueError(
                 f"algorithm.head_layers: {self.algorithm.head_layers} leaves no shared body in a "
-                f"model of {layers} layer(s); lower it (fedper needs model.name = 'mlp')"
+                f"model of {layers} layer(s); lower it ({self.algorithm.name} needs "
+                "model.name = 'mlp')"
+            )
+        if self.algorithm.head_epochs is not None and self.algorithm.name != "fedrep":
+            raise ValueError(
+                "algorithm.head_epochs applies to algorithm.name = 'fedrep' only: "
+                f"{self.algorithm.name!r} has no head-only phase"
             )
         if self.algorithm.name in ("fednova", "qfedavg") and (
             self.update.clip_norm is not None or self.update.codec != "none"

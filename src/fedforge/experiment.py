@@ -19,6 +19,7 @@ from fedforge.algorithms.fedavg import FedAvg
 from fedforge.algorithms.fednova import FedNova
 from fedforge.algorithms.fedper import FedPer, head_names
 from fedforge.algorithms.fedprox import FedProx
+from fedforge.algorithms.fedrep import FedRep
 from fedforge.algorithms.qfedavg import QFedAvg
 from fedforge.algorithms.scaffold import Scaffold
 from fedforge.attacks.configure import plan_attack
@@ -125,6 +126,9 @@ def build_algorithm(config: RunConfig) -> Algorithm:
     if a.name == "fedper":
         names = [n for n, _ in _architecture(config).named_parameters()]
         return FedPer(local=local, server_optimizer=opt, head=head_names(names, a.head_layers))
+    if a.name == "fedrep":
+        head = head_names([n for n, _ in _architecture(config).named_parameters()], a.head_layers)
+        return FedRep(local=local, server_optimizer=opt, head=head, head_epochs=a.head_epochs)
     if a.name == "ditto":
         return Ditto(local=local, server_optimizer=opt, lam=a.lam)
     return FedAvg(local=local, server_optimizer=opt)

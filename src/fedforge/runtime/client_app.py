@@ -224,11 +224,13 @@ class ClientApp:
         self.module.train()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(torch_seed(task.seed))  # dropout draws from the client's stream
-            epochs = task_epochs(task.scalars, local)
-            for batch in batch_order(len(data.train), local.batch_size, epochs, rng):
+            # The local epochs, after a head-first schedule's head-only ones (FedRep).
+            passes = self.program.passes(task_epochs(task.scalars, local))
+            head_steps = self.program.head_steps(len(data.train))
+            for batch in batch_order(len(data.train), local.batch_size, passes, rng):
                 idx = torch.from_numpy(batch)
                 opt_state, loss = self.program.eager_step(
-                    self.module, params, opt_state, shared, own, x[idx], y[idx]
+                    self.module, params, opt_state, shared, own, x[idx], y[idx], steps < head_steps
                 )
                 total += float(loss) * len(batch)
                 seen += len(batch)

@@ -289,10 +289,10 @@ def _virtual_clock(
         )
     if fedbuff is not None and (clock.deadline is not None or clock.keep is not None):
         raise ConfigError("a deadline or over-selection applies to synchronous rounds only")
-    local = algorithm.local
+    program = algorithm.program()  # its step count includes FedRep's head-only steps
     return VirtualClock(
         clock.devices,
-        steps=lambda cid: local.num_steps(data.client_size(cid)),
+        steps=lambda cid: program.num_steps(data.client_size(cid)),
         deadline=clock.deadline,
         keep=clock.keep,
     )

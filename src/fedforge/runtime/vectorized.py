@@ -85,11 +85,11 @@ class VectorizedTransport:
             return
         decoded = decode_broadcast(dict(fit[0].shared))  # a compressed broadcast, as float32
         fit = [replace(t, shared=decoded) for t in fit]
-        local = self.app.algorithm.local
+        local, program = self.app.algorithm.local, self.app.program
 
         def steps(t: Task) -> int:
             size = self.data.client_size(t.client_id)
-            return task_epochs(t.scalars, local) * local.num_steps(size) // local.epochs
+            return program.num_steps(size, task_epochs(t.scalars, local))
 
         by_steps = sorted(fit, key=lambda t: -steps(t))
         largest = max(self.data.client_size(t.client_id) for t in fit)

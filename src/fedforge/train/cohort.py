@@ -86,8 +86,10 @@ class CohortTrainer:
         self.names = program.trained_names([name for name, _ in module.named_parameters()])
         self.x = torch.from_numpy(train_x).to(self.device)
         self.y = torch.from_numpy(train_y).to(self.device)
-        # Per-client starting weights (FedPer's head, Ditto's copy) take the generic path.
-        self.layers = None if program.per_client_start else mlp_structure(module)
+        # Per-client starting weights (FedPer's head, Ditto's copy) and per-client phases
+        # (FedRep's head-first schedule) take the generic path.
+        generic = program.per_client_start or program.head_first is not None
+        self.layers = None if generic else mlp_structure(module)
         self._stacks: Tensors = {}
         self._offsets: Tensors = {}
         self._grad_buffers: Tensors = {}
@@ -107,11 +109,12 @@ class CohortTrainer:
             x: torch.Tensor,
             y: torch.Tensor,
             mask: torch.Tensor,
+            head_phase: torch.Tensor,
             shared: Tensors,
         ) -> tuple[Tensors, tuple[Tensors, ...], torch.Tensor]:
-            return program.step(self.module, params, state, shared, own, x, y, mask)
+            return program.step(self.module, params, state, shared, own, x, y, mask, head_phase)
 
-        self._vstep = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, None), randomness="error")
+        self._vstep = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, 0, None), randomness="error")
 
     def _buffer(
         self, name: str, count: int, value: torch.Tensor, fill: bool = True
@@ -186,11 +189,15 @@ class CohortTrainer:
         clients' stacked states; ``plans`` must be sorted by step count, most first. The
         returned parameters live in buffers the next call reuses: consume them first."""
         local = self.program.local
-        epochs = [local.epochs if p.epochs is None else p.epochs for p in plans]
+        # Passes over each client's data: its local epochs, plus FedRep's head-only ones.
+        epochs = [
+            self.program.passes(local.epochs if p.epochs is None else p.epochs) for p in plans
+        ]
         schedules = [
             [p.indices[b] for b in batch_order(len(p.indices), local.batch_size, e, p.rng)]
             for p, e in zip(plans, epochs, strict=True)
         ]
+        head_steps = np.array([self.program.head_steps(len(p.indices)) for p in plans])
         lengths = [len(s) for s in schedules]
         if lengths != sorted(lengths, reverse=True):
             raise ValueError("plans must be sorted by step count, most first")
@@ -218,8 +225,20 @@ class CohortTrainer:
                 idx[row, len(batch) :] = batch[0]  # pad with its own example, masked out
                 mask[row, : len(batch)] = 1.0
             first = step == 0 and first_fused
+            head_phase = torch.from_numpy(step < head_steps[:active]).to(self.device)
             stacked, state = self._step(
-                stacked, state, own, active, idx, mask, loss_sum, shared, affine, first, one_step
+                stacked,
+                state,
+                own,
+                active,
+                idx,
+                mask,
+                head_phase,
+                loss_sum,
+                shared,
+                affine,
+                first,
+                one_step,
             )
         seen = torch.tensor(
             [len(p.indices) * e for p, e in zip(plans, epochs, strict=True)], dtype=torch.float64
@@ -253,6 +272,7 @@ class CohortTrainer:
         active: int,
         idx_np: np.ndarray,
         mask_np: np.ndarray,
+        head_phase: torch.Tensor,
         loss_sum: torch.Tensor,
         shared: Tensors,
         affine: dict[str, tuple[float, torch.Tensor | None]] | None,
@@ -260,7 +280,9 @@ class CohortTrainer:
         as_delta: bool = False,
     ) -> tuple[Tensors, tuple[Tensors, ...]]:
         """One local step of the first ``active`` clients. ``first``: every client's first
-        step, from the shared global weights into the stacks (as deltas with ``as_delta``)."""
+        step, from the shared global weights into the stacks (as deltas with ``as_delta``).
+        ``head_phase``: per client, whether it is in the head-only phase of a head-first
+        schedule (only the generic path runs such schedules)."""
         idx = torch.from_numpy(idx_np).to(self.device)
         mask = torch.from_numpy(mask_np).to(self.device)
         x, y = self.x[idx], self.y[idx]
@@ -295,7 +317,9 @@ class CohortTrainer:
                 self.program.apply(params, grads, sub_state, shared, sub_own, inplace=True)
                 loss_sum[:active] += losses.double() * mask.sum(dim=1).double()
                 return stacked, state
-        new_params, new_state, losses = self._vstep(params, sub_state, sub_own, x, y, mask, shared)
+        new_params, new_state, losses = self._vstep(
+            params, sub_state, sub_own, x, y, mask, head_phase, shared
+        )
         with torch.no_grad():
             loss_sum[:active] += losses.detach().double() * mask.sum(dim=1).double()
             if whole:

@@ -225,6 +225,24 @@ class PersonalCopy:
 
 
 @dataclass(frozen=True)
+class HeadFirst:
+    """FedRep's local schedule (Collins et al. 2021, Algorithm 1): ``epochs`` passes that
+    train only the head (``names``, body frozen), then the round's local epochs that train
+    only the body (head frozen at its new value), on one stream of batches.
+
+    A frozen tensor does not move, and neither does its transform state: momentum is reset
+    every round, so the body's starts at zero when its phase begins, and the head's stops
+    when its phase ends."""
+
+    names: tuple[str, ...]
+    epochs: int
+
+    def __post_init__(self) -> None:
+        if not self.names or self.epochs < 1:
+            raise ValueError("a head-first schedule needs head names and epochs >= 1")
+
+
+@dataclass(frozen=True)
 class LocalSGD:
     """Client optimizer settings: ``epochs`` passes of minibatch SGD (``batch_size`` 0 is
     full batch). Momentum state is created fresh each round, as in FedAvg."""
@@ -238,8 +256,11 @@ class LocalSGD:
 
     def num_steps(self, num_examples: int) -> int:
         """Local SGD steps a client with ``num_examples`` examples takes per round."""
-        size = self.batch_size or num_examples
-        return self.epochs * -(-num_examples // size)
+        return self.epochs * self.batches(num_examples)
+
+    def batches(self, num_examples: int) -> int:
+        """Minibatches in one pass over ``num_examples`` examples."""
+        return -(-num_examples // (self.batch_size or num_examples))
 
 
 @dataclass(frozen=True)
@@ -255,8 +276,11 @@ class LocalProgram:
     own_start: str | None = None
     personal: PersonalCopy | None = None  # Ditto's personal copy, trained beside the model
     initial_loss: bool = False  # finish needs own[INITIAL_LOSS] (q-FedAvg)
+    head_first: HeadFirst | None = None  # FedRep: head-only steps, then body-only steps
 
     def __post_init__(self) -> None:
+        if self.head_first is not None and self.personal is not None:
+            raise ValueError("a head-first schedule cannot train a personal copy")
         chain: list[GradTransform] = []
         if self.local.weight_decay:
             chain.append(WeightDecay(self.local.weight_decay))
@@ -274,6 +298,25 @@ class LocalProgram:
     def per_client_start(self) -> bool:
         """True when some trained tensors start from the client's state, not the global model."""
         return self.own_start is not None or self.personal is not None
+
+    def passes(self, epochs: int) -> int:
+        """Passes over the local data in a round of ``epochs`` local (body) epochs, counting
+        the head-only ones of a head-first schedule."""
+        return epochs + (self.head_first.epochs if self.head_first else 0)
+
+    def head_steps(self, num_examples: int) -> int:
+        """The leading steps that train only the head (0 without a head-first schedule)."""
+        return self.head_first.epochs * self.local.batches(num_examples) if self.head_first else 0
+
+    def num_steps(self, num_examples: int, epochs: int | None = None) -> int:
+        """Local steps in a round of ``epochs`` (default: the configured) local epochs, the
+        head-only steps included: the step count of the virtual clock and of FedNova."""
+        body = self.local.epochs if epochs is None else epochs
+        return self.passes(body) * self.local.batches(num_examples)
+
+    def trains(self, name: str, head_phase: bool) -> bool:
+        """Whether ``name`` is updated in the given phase of a head-first schedule."""
+        return self.head_first is None or (name in self.head_first.names) == head_phase
 
     def trained_names(self, trainable: list[str]) -> list[str]:
         """Every tensor local training updates: the model's parameters and personal copies."""
@@ -337,9 +380,16 @@ class LocalProgram:
         shared: Tensors,
         own: Tensors,
         inplace: bool = False,
+        head_phase: torch.Tensor | None = None,
     ) -> tuple[Tensors, tuple[Tensors, ...]]:
         """Run the gradient chain and take the SGD step. Pure (returns new tensors) unless
-        ``inplace``, which updates ``params``, ``grads`` and ``state`` where they are."""
+        ``inplace``, which updates ``params``, ``grads`` and ``state`` where they are.
+
+        ``head_phase`` (a boolean scalar, one per client under ``vmap``) runs a head-first
+        schedule's phase: the frozen tensors and their transform state keep their values."""
+        if self.head_first is not None and head_phase is not None:
+            new, new_state = self.apply(params, grads, state, shared, own)
+            return self._freeze(params, new, state, new_state, head_phase)
         new_state = []
         for transform, sub in zip(self.transforms, state, strict=True):
             grads, sub = transform.update(grads, sub, params, shared, own, inplace)
@@ -352,6 +402,29 @@ class LocalProgram:
         if self.personal is not None:
             new = self._personal_prox(new, shared, inplace)
         return new, tuple(new_state)
+
+    def _freeze(
+        self,
+        params: Tensors,
+        new: Tensors,
+        state: tuple[Tensors, ...],
+        new_state: tuple[Tensors, ...],
+        head_phase: torch.Tensor,
+    ) -> tuple[Tensors, tuple[Tensors, ...]]:
+        """Keep the old value of every tensor (and its transform state) frozen in this phase."""
+        assert self.head_first is not None
+        head = set(self.head_first.names)
+
+        def keep(name: str, old: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            trains = head_phase if name in head else ~head_phase
+            return torch.where(trains, value, old)
+
+        params_out = {n: keep(n, params[n], v) for n, v in new.items()}
+        state_out = tuple(
+            {n: keep(n, old[n], v) if n in params else v for n, v in sub.items()}
+            for old, sub in zip(state, new_state, strict=True)
+        )
+        return params_out, state_out
 
     def _personal_prox(self, params: Tensors, shared: Tensors, inplace: bool) -> Tensors:
         """Ditto's proximal step toward the global model on the personal copy."""
@@ -378,9 +451,10 @@ class LocalProgram:
         x: torch.Tensor,
         y: torch.Tensor,
         mask: torch.Tensor,
+        head_phase: torch.Tensor | None = None,
     ) -> tuple[Tensors, tuple[Tensors, ...], torch.Tensor]:
         """One local SGD step on one client, ``module`` evaluated at ``params``: (new params,
-        new chain state, batch loss)."""
+        new chain state, batch loss). ``head_phase``: see :meth:`apply`."""
 
         def objective(weights: Tensors) -> tuple[torch.Tensor, torch.Tensor]:
             model, personal = self.split(weights)
@@ -392,7 +466,7 @@ class LocalProgram:
             return total, loss
 
         grads, (_, loss) = grad_and_value(objective, has_aux=True)(params)
-        new_params, new_state = self.apply(params, grads, state, shared, own)
+        new_params, new_state = self.apply(params, grads, state, shared, own, head_phase=head_phase)
         return new_params, new_state, loss
 
     def eager_step(
@@ -404,23 +478,33 @@ class LocalProgram:
         own: Tensors,
         x: torch.Tensor,
         y: torch.Tensor,
+        head_phase: bool = False,
     ) -> tuple[tuple[Tensors, ...], torch.Tensor]:
         """:meth:`step` for one client whose weights are ``module``'s own parameters (and Ditto's
         personal copy, leaf tensors beside them): the same
         objective and chain, with the gradient from eager autograd and the update in place
-        (one client at a time, torch.func's per-call set-up costs more than the step)."""
+        (one client at a time, torch.func's per-call set-up costs more than the step).
+
+        ``head_phase`` picks a head-first schedule's phase: only the tensors it trains get a
+        gradient and go through the chain, the others and their state are left as they are."""
         model, personal = self.split(params)
         total, loss = self.objective(module(x), y, None, model, shared, own)
         if personal:
             p_logits = functional_call(module, personal, (x,))
             total = total + self.objective(p_logits, y, None, personal, shared, own)[0]
-        grads = torch.autograd.grad(total, list(params.values()))
+        trained, sub_state = params, state
+        if self.head_first is not None:
+            trained = {n: p for n, p in params.items() if self.trains(n, head_phase)}
+            sub_state = tuple({n: s[n] for n in trained if n in s} for s in state)
+        grads = torch.autograd.grad(total, list(trained.values()))
         with torch.no_grad():
-            weights = {n: p.detach() for n, p in params.items()}
-            _, new_state = self.apply(
-                weights, dict(zip(params, grads, strict=True)), state, shared, own, inplace=True
+            weights = {n: p.detach() for n, p in trained.items()}
+            _, new_sub = self.apply(
+                weights, dict(zip(trained, grads, strict=True)), sub_state, shared, own, True
             )
-        return new_state, loss
+        if self.head_first is None:
+            return new_sub, loss
+        return tuple({**s, **sub} for s, sub in zip(state, new_sub, strict=True)), loss
 
     def split(self, weights: Tensors) -> tuple[Tensors, Tensors]:
         """(model parameters, the personal copy under the model's names)."""
