@@ -388,8 +388,8 @@ class LocalProgram:
         ``head_phase`` (a boolean scalar, one per client under ``vmap``) runs a head-first
         schedule's phase: the frozen tensors and their transform state keep their values."""
         if self.head_first is not None and head_phase is not None:
-            new, new_state = self.apply(params, grads, state, shared, own)
-            return self._freeze(params, new, state, new_state, head_phase)
+            unfrozen, unfrozen_state = self.apply(params, grads, state, shared, own)
+            return self._freeze(params, unfrozen, state, unfrozen_state, head_phase)
         new_state = []
         for transform, sub in zip(self.transforms, state, strict=True):
             grads, sub = transform.update(grads, sub, params, shared, own, inplace)
