@@ -16,6 +16,8 @@ from fedforge.data.federated import FederatedDataset
 from fedforge.experiment import build_algorithm
 from fedforge.runtime.client_app import LATEST, ClientApp
 from fedforge.runtime.client_state import MemoryStateStore
+from fedforge.runtime.clock import ClockSpec
+from fedforge.runtime.devices import Devices
 from fedforge.runtime.driver import FederatedEvaluation
 from fedforge.runtime.simulation import simulate
 from fedforge.runtime.stragglers import Stragglers
@@ -170,6 +172,18 @@ def test_personalized_evaluation_reports_mean_and_worst_decile(
     for key in ("accuracy", "personal_accuracy"):
         assert 0 <= m[f"fed_eval.{key}.worst10"] <= m[f"fed_eval.{key}.client_mean"] <= 1
     assert m["fed_eval.personal_accuracy"] > m["fed_eval.accuracy"]
+
+
+def test_the_virtual_clock_counts_head_and_body_steps(small_federated: FederatedDataset) -> None:
+    n = small_federated.num_clients
+    devices = Devices(np.ones(n), np.full(n, 1e15), np.full(n, 1e15))  # compute time only
+    local = LocalSGD(lr=0.1, epochs=1, batch_size=8)
+    algo = FedRep(local=local, head=HEAD_NAMES, head_epochs=3)
+    result = simulate(
+        small_mlp(), small_federated, algo, rounds=1, clients_per_round=n, clock=ClockSpec(devices)
+    )
+    slowest = max(4 * -(-small_federated.client_size(c) // 8) for c in range(n))  # 3 + 1 epochs
+    assert result.history[1].metrics["clock.seconds"] == pytest.approx(slowest, rel=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["vectorized", "workers"])
