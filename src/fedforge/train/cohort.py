@@ -3,8 +3,10 @@
 Per-client parameters are stacked along a leading axis; at every local step the clients that
 still have a batch (a prefix of the stack: clients come sorted by step count, most first) take
 ``vmap(LocalProgram.step)``, the same step the sequential runtime takes one client at a time.
-MLPs take the fused kernels of :mod:`fedforge.train.cohort_mlp` instead of autograd. A short
-last batch is padded and masked, so each client's loss is the mean over its real examples.
+MLPs take the fused kernels of :mod:`fedforge.train.cohort_mlp` instead of autograd; a
+head-first schedule (FedRep) passes each client's phase at the step (head-only while the step
+index is below its head step count), on the generic path. A short last batch is padded and
+masked, so each client's loss is the mean over its real examples.
 Batch order comes from the same :func:`~fedforge.train.program.batch_order` as everywhere.
 """
 
@@ -109,12 +111,13 @@ class CohortTrainer:
             x: torch.Tensor,
             y: torch.Tensor,
             mask: torch.Tensor,
-            head_phase: torch.Tensor,
+            head_phase: torch.Tensor | None,
             shared: Tensors,
         ) -> tuple[Tensors, tuple[Tensors, ...], torch.Tensor]:
             return program.step(self.module, params, state, shared, own, x, y, mask, head_phase)
 
-        self._vstep = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, 0, None), randomness="error")
+        phase_dim = None if program.head_first is None else 0  # one phase flag per client
+        self._vstep = vmap(step, in_dims=(0, 0, 0, 0, 0, 0, phase_dim, None), randomness="error")
 
     def _buffer(
         self, name: str, count: int, value: torch.Tensor, fill: bool = True
@@ -225,7 +228,9 @@ class CohortTrainer:
                 idx[row, len(batch) :] = batch[0]  # pad with its own example, masked out
                 mask[row, : len(batch)] = 1.0
             first = step == 0 and first_fused
-            head_phase = torch.from_numpy(step < head_steps[:active]).to(self.device)
+            head_phase = None
+            if self.program.head_first is not None:
+                head_phase = torch.from_numpy(step < head_steps[:active]).to(self.device)
             stacked, state = self._step(
                 stacked,
                 state,
@@ -272,7 +277,7 @@ class CohortTrainer:
         active: int,
         idx_np: np.ndarray,
         mask_np: np.ndarray,
-        head_phase: torch.Tensor,
+        head_phase: torch.Tensor | None,
         loss_sum: torch.Tensor,
         shared: Tensors,
         affine: dict[str, tuple[float, torch.Tensor | None]] | None,
