@@ -212,15 +212,6 @@ def test_runtimes_agree_with_sequential(with_holdout: FederatedDataset, backend:
         assert other.history[-1].metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
-def test_ray_agrees_with_sequential(with_holdout: FederatedDataset, ray_cluster) -> None:  # type: ignore[no-untyped-def]
-    algo = FedRep(local=LOCAL, head=HEAD_NAMES, head_epochs=1)
-    kwargs = dict(rounds=2, clients_per_round=4, seed=3, federated_eval=FederatedEvaluation(1.0))
-    seq = simulate(small_mlp(), with_holdout, algo, backend="sequential", **kwargs)  # type: ignore[arg-type]
-    on_ray = simulate(small_mlp(), with_holdout, algo, backend="ray", **kwargs)  # type: ignore[arg-type]
-    for key, value in seq.history[-1].metrics.items():
-        assert on_ray.history[-1].metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
-
-
 def test_config_keys_and_refusals(tmp_path: Path) -> None:
     cfg = load_config(None, ["algorithm.name=fedrep", "algorithm.head_epochs=3"])
     assert cfg.algorithm.head_epochs == 3

@@ -16,6 +16,7 @@ from fedforge.runtime import workers as workers_module
 from fedforge.runtime.backends import BackendOptions, resolve_backend
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import MemoryStateStore
+from fedforge.runtime.driver import FederatedEvaluation
 from fedforge.runtime.sequential import SequentialTransport
 from fedforge.runtime.workers import WorkerPoolTransport
 from fedforge.train.cohort_mlp import mlp_structure
@@ -339,6 +340,22 @@ def test_ray_backend_equals_sequential(small_federated, ray_cluster) -> None:  #
         small_mlp(), small_federated, fedforge.Scaffold(local=LOCAL), backend="ray", **kwargs
     )
     assert_same(seq, on_ray)
+
+
+def test_ray_backend_runs_fedreps_two_phases_as_sequential(small_federated, ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    """FedRep's head-first schedule and personal heads (client state) on Ray actors."""
+    from fedforge.algorithms.fedper import head_names
+    from fedforge.algorithms.fedrep import FedRep
+
+    names = [n for n, _ in small_mlp().named_parameters()]
+    algo = FedRep(local=LOCAL, head=head_names(names, 1), head_epochs=1)
+    data = small_federated.with_holdout(0.3, np.random.default_rng(0))
+    kwargs = dict(rounds=2, clients_per_round=4, seed=3, federated_eval=FederatedEvaluation(1.0))
+    seq = fedforge.simulate(small_mlp(), data, algo, backend="sequential", **kwargs)
+    on_ray = fedforge.simulate(small_mlp(), data, algo, backend="ray", **kwargs)
+    assert_same(seq, on_ray)
+    for key, value in seq.history[-1].metrics.items():  # personal accuracy included
+        assert on_ray.history[-1].metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
 def test_dead_ray_actor_fails_one_client_and_is_replaced(small_federated, ray_cluster) -> None:  # type: ignore[no-untyped-def]
