@@ -479,6 +479,17 @@ def server(
             "(deletes that state).",
         ),
     ] = False,
+    dashboard: Annotated[
+        bool,
+        typer.Option(
+            "--dashboard",
+            help="Serve a live web dashboard of the run on localhost while it runs "
+            "(`fedforge dashboard STATE_DIR` shows it later).",
+        ),
+    ] = False,
+    dashboard_port: Annotated[
+        int, typer.Option("--dashboard-port", help="Dashboard port (0: any free port).")
+    ] = DEFAULT_PORT,
 ) -> None:
     """Serve a federated run over gRPC (mutual TLS); resumes from deploy.state_dir."""
     from fedforge.config import load_config
@@ -490,6 +501,7 @@ def server(
         raise _fail(exc, 2) from None
     from fedforge.net.server import run_server
 
+    board = None
     if insecure:
         console.print(
             "[bold red]WARNING: --insecure: traffic is unencrypted and clients are "
@@ -500,14 +512,22 @@ def server(
             from fedforge.runtime.checkpoint import CheckpointStore
 
             CheckpointStore.discard(Path(cfg.deploy.state_dir))
+        if dashboard:
+            from fedforge.report.dashboard import Dashboard
+
+            board = Dashboard(Path(cfg.deploy.state_dir), port=dashboard_port)
+            console.print(f"dashboard: {board.url} (while the server runs)", soft_wrap=True)
         result = run_server(
             cfg,
             insecure=insecure,
             client_names=client,
             allow_remote_insecure=allow_remote_insecure,
         )
-    except FedforgeError as exc:
+    except (FedforgeError, OSError) as exc:
         raise _fail(exc) from None
+    finally:
+        if board is not None:
+            board.close()
     last = result.history[-1]
     if result.stop_reason:
         console.print(f"[bold yellow]stopped early[/]: {result.stop_reason}", soft_wrap=True)

@@ -20,6 +20,7 @@ from safetensors.numpy import load_file
 from fedforge.config import load_config
 from fedforge.experiment import build_dataset, simulate_config
 from fedforge.report.history import History
+from fedforge.report.live import LiveState
 from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
     client_state_dir,
@@ -102,6 +103,11 @@ def test_fedavg_deployment_matches_simulation(tmp_path: Path) -> None:
     _assert_same_model(tmp_path / "state" / "final_model.safetensors", simulated)
     _assert_same_history(history, sim_history)
     assert [r.bytes_up for r in history] == [r.bytes_up for r in sim_history]
+    # `fedforge dashboard STATE_DIR` shows the deployed run: its live log, settings, status.
+    live = LiveState(tmp_path / "state").state()
+    assert [r["round"] for r in live["rounds"]] == [0, 1, 2, 3]
+    assert live["status"] == "finished" and live["total_rounds"] == 3
+    assert live["rounds"][-1]["test_accuracy"] == pytest.approx(history[-1].test_accuracy)
 
 
 def test_scaffold_with_federated_evaluation_resumes_after_server_sigkill(

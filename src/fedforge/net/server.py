@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import statistics
 import time
 from concurrent import futures
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -43,6 +46,9 @@ from fedforge.net.transport import NetworkTransport
 from fedforge.privacy.dp_sgd import dp_sgd_labels
 from fedforge.privacy.setup import secret_sampling_seed
 from fedforge.report.history import History
+from fedforge.report.listeners import ListenerGroup
+from fedforge.report.live import LIVE, LiveLog
+from fedforge.report.rundir import PROVENANCE, provenance, start_provenance
 from fedforge.runtime.async_driver import AsyncDriver
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
@@ -168,6 +174,7 @@ def run_server(
         log.info("resuming run %s after round %d", run_id, state.round)
     for name, cid in client_ids.items():
         store.register_client(name, cid, state.round)
+    run_log = start_run_log(Path(d.state_dir), config, resumed=bool(history))
 
     hub = Hub(run_id)
     if state.round >= config.server.rounds:
@@ -268,7 +275,7 @@ def run_server(
         aggregation=deployed_aggregation(config, signed=credentials is not None),
         evaluator=evaluator,
         federated_eval=build_federated_eval(config),
-        listener=RoundLog(listener or RoundListener(), names),
+        listener=RoundLog(ListenerGroup([LiveLog(Path(d.state_dir) / LIVE), listener]), names),
         describe=lambda cid: names[cid] if 0 <= cid < len(names) else f"client {cid}",
         client_metrics=(DP_SGD_EPSILON,) if sample_dp else (),
         labels=dp_sgd_labels(sample_dp) if sample_dp else {},
@@ -312,6 +319,7 @@ def run_server(
                 checkpoint=lambda s, h: retry.round_done(lambda: store.save(run_id, s, h)),
             )
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
+        finish_run_log(Path(d.state_dir), run_log)
         hub.finish(state.round)
         if d.linger_s > 0:
             log.info("run complete; answering late clients for %g s", d.linger_s)
@@ -322,6 +330,22 @@ def run_server(
         server.stop(grace=2).wait()
         store.close()
     return ServerRun(run_id, history, state, driver.stop_reason)
+
+
+def start_run_log(state_dir: Path, config: RunConfig, *, resumed: bool) -> dict[str, Any]:
+    """What ``fedforge dashboard STATE_DIR`` reads of a deployed run, beside its checkpoint:
+    the configuration, the provenance and the live log (emptied when a new run starts)."""
+    if not resumed:
+        (state_dir / LIVE).unlink(missing_ok=True)
+    (state_dir / "config.toml").write_text(to_toml(config))
+    started = datetime.now().astimezone()
+    record = provenance(config, backend="network", device=None, started=started)
+    return start_provenance(state_dir, record, resume=resumed)
+
+
+def finish_run_log(state_dir: Path, record: dict[str, Any]) -> None:
+    record["finished"] = datetime.now().astimezone().isoformat(timespec="seconds")
+    (state_dir / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def is_loopback(address: str) -> bool:

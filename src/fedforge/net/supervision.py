@@ -38,6 +38,11 @@ class RoundLog(RoundListener):
     def client_done(self, client_id: int, status: str) -> None:
         self.inner.client_done(client_id, status)
 
+    def client_reported(
+        self, client_id: int, status: str, reason: str, metrics: dict[str, float]
+    ) -> None:
+        self.inner.client_reported(client_id, status, reason, metrics)
+
     def round_finished(self, record: RoundRecord) -> None:
         if record.round > 0:
             trouble = "".join(
