@@ -517,8 +517,9 @@ class RunConfig(_Section):
         conflicts = {
             "aggregation.kind": (self.aggregation.kind != "mean", "the buffer is a weighted mean"),
             "algorithm.name": (
-                self.algorithm.name == "scaffold",
-                "SCAFFOLD's client state would move with a model the client never saw",
+                self.algorithm.name in ("scaffold", "fedper", "fedrep", "ditto"),
+                "asynchronous training runs algorithms without client state (control "
+                "variates, personal heads or models)",
             ),
             "privacy.mode": (self.privacy.mode != "off", "privacy is accounted per round"),
             "evaluation.fraction": (self.evaluation.fraction > 0, "no rounds to evaluate in"),

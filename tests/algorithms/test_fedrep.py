@@ -14,6 +14,7 @@ from fedforge.core.errors import ConfigError
 from fedforge.core.records import FIT, Task
 from fedforge.data.federated import FederatedDataset
 from fedforge.experiment import build_algorithm
+from fedforge.privacy.dp_sgd import SampleDP
 from fedforge.runtime.client_app import LATEST, ClientApp
 from fedforge.runtime.client_state import MemoryStateStore
 from fedforge.runtime.clock import ClockSpec
@@ -227,8 +228,22 @@ def test_config_keys_and_refusals(tmp_path: Path) -> None:
         (["algorithm.name=fedrep", "algorithm.head_epochs=0"], "head_epochs"),
         (["algorithm.name=fedper", "algorithm.head_epochs=2"], "head_epochs"),
         (["algorithm.name=fedrep", "privacy.mode=sample"], "fedrep"),
+        (
+            [
+                "algorithm.name=fedrep",
+                "clock.enabled=true",
+                "asynchronous.mode=fedbuff",
+                "asynchronous.buffer=2",
+                "asynchronous.concurrency=4",
+            ],
+            "client state",
+        ),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, bad)
     with pytest.raises(ValueError, match="head_epochs"):
         FedRep(head=HEAD_NAMES, head_epochs=0)
+    # (the Python API: DP-SGD would train every parameter at once, dropping the schedule)
+    dp = SampleDP(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5)
+    with pytest.raises(ConfigError, match="DP-SGD"):
+        ClientApp(FedRep(head=HEAD_NAMES), small_mlp(), sample_dp=dp)

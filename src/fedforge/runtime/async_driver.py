@@ -171,8 +171,9 @@ class AsyncDriver:
             )
         if driver._algorithm_stateful:
             raise ConfigError(
-                "asynchronous training cannot run an algorithm with client state (SCAFFOLD): "
-                "a stale client's state would move with a model it never saw"
+                "asynchronous training cannot run an algorithm with client state "
+                f"({type(driver.algorithm).__name__}): a stale client's state would move "
+                "with a model it never saw"
             )
         if driver.stages.releases_when_empty or driver.federated_eval is not None:
             raise ConfigError(

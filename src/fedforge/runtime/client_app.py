@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from fedforge.algorithms.base import Algorithm
+from fedforge.algorithms.fedavg import FedAvg
 from fedforge.compress.downlink import decode_broadcast
-from fedforge.core.errors import FedforgeError
+from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params
 from fedforge.core.records import EVALUATE, FIT, Record, Task
 from fedforge.data.federated import ClientData
@@ -79,6 +80,12 @@ class ClientApp:
         self.module = module
         self.trainable = [name for name, _ in module.named_parameters()]
         self.program = algorithm.program()
+        if sample_dp is not None and type(algorithm) is not FedAvg:
+            raise ConfigError(
+                "DP-SGD (sample-level DP) trains every parameter with plain local SGD: it "
+                f"cannot run {type(algorithm).__name__}'s local program (use FedAvg, with "
+                "any server optimizer)"
+            )
         self.sample_dp = sample_dp  # DP-SGD inside the client instead of the plain program
         self.secure = secure  # secure aggregation: the record stays here until masked
         sample = {n: np.zeros(1, np.float32) for n in self.trainable}
