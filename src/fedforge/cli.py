@@ -308,10 +308,17 @@ def _describe_model(model: Any, prefix: str, lines: list[str]) -> None:
         shown = "unset" if default is None else _toml_value(default)
         lines.append(f"{prefix}{name} = {shown}  # " + "; ".join(parts))
     for name, section in nested:
-        doc = (section.__doc__ or "").strip().splitlines()
-        header = f"[{prefix}{name}]" + (f"  # {doc[0]}" if doc else "")
+        summary = _first_sentence(section.__doc__ or "")
+        header = f"[{prefix}{name}]" + (f"  # {summary}" if summary else "")
         lines.extend(["", header])
         _describe_model(section, f"{prefix}{name}.", lines)
+
+
+def _first_sentence(doc: str) -> str:
+    """A docstring's first sentence on one line (the whole first paragraph if it has none)."""
+    paragraph = " ".join(doc.strip().split("\n\n", 1)[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
 
 
 def _describe_type(annotation: Any) -> str:
