@@ -450,18 +450,30 @@ def test_fedbuff_in_real_time_weighs_each_arrival_by_its_staleness() -> None:
 
 
 def test_a_fast_client_contributes_once_per_buffer() -> None:
-    """A client that answers at once waits for the next update before its next task: one
-    fast (or malicious) client cannot fill a buffer on its own."""
-    run = AsyncRun(buffer=3, updates=1)
+    """A client that answers at once gets new work at once, but a buffer takes one result per
+    client: its second result is held for the next buffer (and it gets no third task until
+    then), so one fast (or malicious) client cannot make an update on its own."""
+    run = AsyncRun(buffer=3, updates=2)
     tasks = {cid: run.receive(cid) for cid in (0, 1, 2)}
     run.answer(0, tasks.pop(0), 100.0)
-    with pytest.raises(queue.Empty):  # no second task for a in this buffer
+    second = run.receive(0)  # new work at once, still on version 0
+    assert second[1] == 1
+    run.answer(0, second, 100.0)  # held for the next buffer
+    with pytest.raises(queue.Empty):  # and no third task while it is held
         run.sessions[0].outbox.get(timeout=0.5)
     run.answer(1, tasks.pop(1), 1.0)
-    run.answer(2, tasks.pop(2), 1.0)
+    run.answer(2, tasks.pop(2), 1.0)  # update 1: (100 + 1 + 1) / 3 = 34
+    # b restarted on version 0 as it answered; c and a (its held result entering buffer 2)
+    # on version 1
+    tasks = {cid: run.receive(cid) for cid in (0, 1, 2)}
+    assert [tasks[cid][1] for cid in (0, 1, 2)] == [2, 1, 2]
+    run.answer(1, tasks.pop(1), 1.0)  # 1 stale
+    run.answer(2, tasks.pop(2), 1.0)  # update 2: a's held result (1 stale), b, c
     final = run.finish()
-    np.testing.assert_allclose(final.params["w"], np.full(3, 34.0))  # (100 + 1 + 1) / 3
-    assert run.history[1].clients["arrived"] == [0, 1, 2]
+    expected = 34.0 + (100.0 / np.sqrt(2) + 1.0 / np.sqrt(2) + 1.0) / 3
+    np.testing.assert_allclose(final.params["w"], np.full(3, expected), rtol=1e-6)
+    assert [r.clients["arrived"] for r in run.history[1:]] == [[0, 1, 2], [0, 1, 2]]
+    assert run.history[2].metrics["async.staleness.max"] == 1
 
 
 def test_a_failing_client_rests_before_its_next_task() -> None:

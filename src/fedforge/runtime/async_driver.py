@@ -9,8 +9,9 @@ aggregation weight times ``(1 + staleness) ** -exponent`` (``exponent`` 0.5:
 client's model version. The buffer's aggregate is ``sum(w_i s_i delta_i) / sum(w_i)``: with no
 staleness and ``buffer`` = the cohort, one update is a synchronous FedAvg round (with
 ``max_weight``, weights are capped before the staleness discount). A buffer holds at most one
-result per client: a client whose result is in it waits for the next update. A client whose
-task failed or was rejected rests before its next one (1 s, doubled per failure in a row).
+result per client: a client's second result is held for the next buffer (its staleness counted
+when it enters), and the client gets no new task while it has one held. A client whose task
+failed or was rejected rests before its next one (1 s, doubled per failure in a row).
 
 On the virtual clock, events are ordered by simulated finish time (ties by dispatch order;
 arrivals at one instant are all handled before anyone is dispatched). Training runs as fast
@@ -198,9 +199,11 @@ class AsyncDriver:
         self._dispatches = 0  # dispatch calls on the current version
         self._seeded: set[tuple[int, int]] = set()  # (version, client) seeds handed out
         self._shared: tuple[int, Params] | None = None  # (version, what its tasks carry)
-        # At most one result per client in a buffer: a client whose result is in it waits
-        # for the next update (else one fast client could make every update on its own).
+        # At most one result per client in a buffer (else one fast client could make every
+        # update on its own): a client's second result is held for the next buffer, and the
+        # client gets no new task while it has a result held.
         self._in_buffer: set[int] = set()
+        self._held: list[tuple[_Job, RecordBatch]] = []  # results to enter a buffer, in order
         # A client whose task failed or was rejected rests before it gets another:
         # FAILURE_REST_S, doubled after each failure in a row (at most MAX_REST_S).
         self._failures: dict[int, int] = {}  # client -> failures in a row
@@ -213,10 +216,11 @@ class AsyncDriver:
             return
         online = self.time.available(self.driver.population())
         now = self.time.now()
+        held = {job.client_id for job, _ in self._held}
         idle = [
             c
             for c in online
-            if c not in self._busy and c not in self._in_buffer and self._rest.get(c, 0) <= now
+            if c not in self._busy and c not in held and self._rest.get(c, 0) <= now
         ]
         if not idle:
             return
@@ -233,6 +237,13 @@ class AsyncDriver:
         window.dispatched += len(jobs)
         window.bytes_down += len(jobs) * num_bytes(self._shared_arrays(state))
         self.time.start(jobs, state, window)
+
+    def _next_held(self) -> tuple[_Job, RecordBatch] | None:
+        """The earliest held result whose client has none in the buffer (removed)."""
+        for i, (job, _) in enumerate(self._held):
+            if job.client_id not in self._in_buffer:
+                return self._held.pop(i)
+        return None
 
     def _rested(self, client_id: int) -> None:
         """A failed or rejected task: the client rests before its next one."""
@@ -347,23 +358,30 @@ class AsyncDriver:
                         self._rested(job.client_id)
                         continue
                     self._failures.pop(job.client_id, None)
-                    self._in_buffer.add(job.client_id)
-                    arrival = Arrival(job.client_id, job.version, state.round, self.time.now())
-                    self.arrivals.append(arrival)
-                    buffer.append((arrival, result))
-                    if len(buffer) < self.fedbuff.buffer:
-                        continue
-                    self.time.flush(state, window)  # before the model moves on
-                    state = self._update(state, buffer, window, history, updates)
-                    buffer = []
-                    self._in_buffer.clear()
-                    window = _Window(self.time.now(), time.perf_counter())
-                    self._dispatches = 0
-                    self._seeded.clear()
-                    if checkpoint:
-                        checkpoint(state, history)
-                    if state.round < updates:
-                        d.listener.round_started(state.round + 1, [])
+                    self._held.append((job, result))
+                    while state.round < updates:
+                        entry = self._next_held()
+                        if entry is None:
+                            break
+                        held, result = entry
+                        self._in_buffer.add(held.client_id)
+                        now = self.time.now()
+                        arrival = Arrival(held.client_id, held.version, state.round, now)
+                        self.arrivals.append(arrival)
+                        buffer.append((arrival, result))
+                        if len(buffer) < self.fedbuff.buffer:
+                            continue
+                        self.time.flush(state, window)  # before the model moves on
+                        state = self._update(state, buffer, window, history, updates)
+                        buffer = []
+                        self._in_buffer.clear()
+                        window = _Window(self.time.now(), time.perf_counter())
+                        self._dispatches = 0
+                        self._seeded.clear()
+                        if checkpoint:
+                            checkpoint(state, history)
+                        if state.round < updates:
+                            d.listener.round_started(state.round + 1, [])
         finally:
             self.time.close()
         return state
