@@ -16,6 +16,7 @@ from fedforge.report.history import privacy_text
 
 if TYPE_CHECKING:
     from fedforge.config import RunConfig
+    from fedforge.report.dashboard import Dashboard
     from fedforge.runtime.driver import RoundListener
 
 app = typer.Typer(
@@ -25,6 +26,17 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 DEFAULT_PORT = 8765  # the dashboard's
+DashboardFlag = Annotated[
+    bool,
+    typer.Option(
+        "--dashboard",
+        help="Serve a live web dashboard of the run on localhost while it runs "
+        "(`fedforge dashboard DIR` shows it later, DIR the run or state directory).",
+    ),
+]
+DashboardPort = Annotated[
+    int, typer.Option("--dashboard-port", help="Dashboard port (0: any free port).")
+]
 
 
 def _print_version(value: bool) -> None:
@@ -102,17 +114,8 @@ def run(
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
-    dashboard: Annotated[
-        bool,
-        typer.Option(
-            "--dashboard",
-            help="Serve a live web dashboard of the run on localhost while it trains "
-            "(`fedforge dashboard RUN_DIR` shows it later).",
-        ),
-    ] = False,
-    dashboard_port: Annotated[
-        int, typer.Option("--dashboard-port", help="Dashboard port (0: any free port).")
-    ] = DEFAULT_PORT,
+    dashboard: DashboardFlag = False,
+    dashboard_port: DashboardPort = DEFAULT_PORT,
     tensorboard: Annotated[
         bool,
         typer.Option(
@@ -165,7 +168,6 @@ def run(
         raise _fail(exc, 2) from None
     _setup_logging()
     from fedforge.experiment import run_experiment
-    from fedforge.report.dashboard import Dashboard
     from fedforge.report.listeners import ListenerGroup
     from fedforge.report.progress import ProgressListener
 
@@ -174,8 +176,7 @@ def run(
     try:
         listeners.listeners.extend(make_trackers(cfg, out_dir, tensorboard, mlflow))
         if dashboard:
-            server = Dashboard(out_dir, port=dashboard_port)
-            console.print(f"dashboard: {server.url} (while the run lasts)", soft_wrap=True)
+            server = _start_dashboard(out_dir, dashboard_port)
         if quiet:
             result = run_experiment(cfg, out_dir, listeners, resume=resume is not None)
         else:
@@ -201,6 +202,15 @@ def run(
     fairness = fairness_text(last.metrics)
     if fairness:
         console.print(fairness, soft_wrap=True)
+
+
+def _start_dashboard(directory: Path, port: int) -> Dashboard:
+    """The live dashboard of the run in ``directory``, served while the command runs."""
+    from fedforge.report.dashboard import Dashboard
+
+    board = Dashboard(directory, port=port)
+    console.print(f"dashboard: {board.url} (while the run lasts)", soft_wrap=True)
+    return board
 
 
 def missing_trackers(*, tensorboard: bool, mlflow: bool) -> str | None:
@@ -486,17 +496,8 @@ def server(
             "(deletes that state).",
         ),
     ] = False,
-    dashboard: Annotated[
-        bool,
-        typer.Option(
-            "--dashboard",
-            help="Serve a live web dashboard of the run on localhost while it runs "
-            "(`fedforge dashboard STATE_DIR` shows it later).",
-        ),
-    ] = False,
-    dashboard_port: Annotated[
-        int, typer.Option("--dashboard-port", help="Dashboard port (0: any free port).")
-    ] = DEFAULT_PORT,
+    dashboard: DashboardFlag = False,
+    dashboard_port: DashboardPort = DEFAULT_PORT,
 ) -> None:
     """Serve a federated run over gRPC (mutual TLS); resumes from deploy.state_dir."""
     from fedforge.config import load_config
@@ -520,10 +521,7 @@ def server(
 
             CheckpointStore.discard(Path(cfg.deploy.state_dir))
         if dashboard:
-            from fedforge.report.dashboard import Dashboard
-
-            board = Dashboard(Path(cfg.deploy.state_dir), port=dashboard_port)
-            console.print(f"dashboard: {board.url} (while the server runs)", soft_wrap=True)
+            board = _start_dashboard(Path(cfg.deploy.state_dir), dashboard_port)
         result = run_server(
             cfg,
             insecure=insecure,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import statistics
 import time
@@ -48,7 +47,7 @@ from fedforge.privacy.setup import secret_sampling_seed
 from fedforge.report.history import History
 from fedforge.report.listeners import ListenerGroup
 from fedforge.report.live import LIVE, LiveLog
-from fedforge.report.rundir import PROVENANCE, provenance, start_provenance
+from fedforge.report.rundir import provenance, start_provenance, write_provenance
 from fedforge.runtime.async_driver import AsyncDriver
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
@@ -345,7 +344,7 @@ def start_run_log(state_dir: Path, config: RunConfig, *, resumed: bool) -> dict[
 
 def finish_run_log(state_dir: Path, record: dict[str, Any]) -> None:
     record["finished"] = datetime.now().astimezone().isoformat(timespec="seconds")
-    (state_dir / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+    write_provenance(state_dir, record)
 
 
 def is_loopback(address: str) -> bool:

@@ -127,8 +127,13 @@ def start_provenance(
                     {"started": record["started"], "command": record["command"]},
                 ],
             }
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_provenance(out_dir, record)
     return record
+
+
+def write_provenance(out_dir: Path, record: dict[str, Any]) -> None:
+    """``provenance.json``: what ran, where, and when it started (and finished)."""
+    (out_dir / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def write_run_dir(
@@ -143,7 +148,7 @@ def write_run_dir(
     starts, so that a killed run can be resumed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if provenance_record is not None:
-        (out_dir / PROVENANCE).write_text(json.dumps(provenance_record, indent=2) + "\n")
+        write_provenance(out_dir, provenance_record)
     result.history.save(out_dir / "history.json")
     # Written through an ordinary open(), as a new file, so it gets the same mode as the
     # others (safetensors' save_file creates it 0600 whatever the umask).

@@ -26,24 +26,23 @@ evaluation and the history.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from fedforge.aggregate.kinds import WeightedMean, cap_weights
 from fedforge.algorithms.base import RoundContext, ServerState
 from fedforge.compress.downlink import encode_broadcast
-from fedforge.core.errors import ConfigError, FedforgeError
+from fedforge.core.errors import ConfigError
 from fedforge.core.params import Params, num_bytes
 from fedforge.core.records import FIT, RecordBatch, Reply, Task
 from fedforge.core.rng import Purpose
 from fedforge.report.history import History, RoundRecord
+from fedforge.runtime.async_time import Job, RealTime, TimeSource, VirtualTime, Window
 from fedforge.runtime.clock import VirtualClock, spec_bytes
 from fedforge.runtime.driver import Accept, Check, Driver, Exchanged
 from fedforge.runtime.sampling import UniformSampler
@@ -92,60 +91,14 @@ class Arrival:
         return self.arrived - self.started
 
 
-@dataclass(order=True)
-class _Job:
-    finish: float  # simulated seconds (the virtual clock); 0 in real time
-    seq: int
-    client_id: int = field(compare=False)
-    version: int = field(compare=False)
+@dataclass(frozen=True)
+class _Version:
+    """A model version's task payload: the shared arrays, the stages' broadcast, the bytes."""
 
-
-@dataclass
-class _Window:
-    """What happened since the last server update (one history record)."""
-
-    started: float
-    real_started: float
-    dispatched: int = 0
-    failed: list[int] = field(default_factory=list)
-    rejected: list[int] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    train_seconds: float = 0.0
-
-    def count(self, out: Exchanged) -> None:
-        self.failed += out.failed
-        self.rejected += out.rejected
-        self.bytes_up += out.bytes_up
-
-
-class _Time(Protocol):
-    """Where an asynchronous run's time and results come from: the virtual clock, or the
-    transport in real time."""
-
-    def now(self) -> float: ...
-
-    def in_flight(self) -> int: ...
-
-    def available(self, population: Sequence[int]) -> list[int]: ...
-
-    def start(self, jobs: list[_Job], state: ServerState, window: _Window) -> None: ...
-
-    def next(self, state: ServerState, window: _Window) -> list[_Job]:
-        """The jobs that finish next (all those of one instant; none if none came)."""
-        ...
-
-    def flush(self, state: ServerState, window: _Window) -> None:
-        """Before the model moves on: anything dispatched on it must have trained."""
-        ...
-
-    def wait(self) -> None:
-        """Nothing is in flight and nobody can be dispatched: let time pass."""
-        ...
-
-    def metrics(self, window: _Window) -> dict[str, float]: ...
-
-    def close(self) -> None: ...
+    round: int
+    shared: Params
+    broadcast: dict[str, float]
+    bytes: int
 
 
 class AsyncDriver:
@@ -181,12 +134,12 @@ class AsyncDriver:
                 "asynchronous training supports neither central DP nor federated evaluation"
             )
         self.driver, self.fedbuff = driver, fedbuff
-        self.time: _Time
+        self.time: TimeSource
         if clock is not None:
-            self.time = _VirtualTime(self, clock)
+            self.time = VirtualTime(self, clock)
         elif isinstance(driver.transport, AsyncTransport):
             idle = wait or (lambda: time.sleep(poll_s))
-            self.time = _RealTime(self, driver.transport, idle, poll_s)
+            self.time = RealTime(self, driver.transport, idle, poll_s)
         else:
             raise ConfigError(
                 "asynchronous training in real time needs a transport that takes new tasks "
@@ -198,19 +151,19 @@ class AsyncDriver:
         self._seq = 0
         self._dispatches = 0  # dispatch calls on the current version
         self._seeded: set[tuple[int, int]] = set()  # (version, client) seeds handed out
-        self._shared: tuple[int, Params] | None = None  # (version, what its tasks carry)
+        self._version: _Version | None = None  # what tasks on the current version carry
         # At most one result per client in a buffer (else one fast client could make every
         # update on its own): a client's second result is held for the next buffer, and the
         # client gets no new task while it has a result held.
         self._in_buffer: set[int] = set()
-        self._held: list[tuple[_Job, RecordBatch]] = []  # results to enter a buffer, in order
+        self._held: list[tuple[Job, RecordBatch]] = []  # results to enter a buffer, in order
         # A client whose task failed or was rejected rests before it gets another:
         # FAILURE_REST_S, doubled after each failure in a row (at most MAX_REST_S).
         self._failures: dict[int, int] = {}  # client -> failures in a row
         self._rest: dict[int, float] = {}  # client -> time it may be dispatched again
 
     # Dispatch ---------------------------------------------------------------------------
-    def _dispatch(self, state: ServerState, window: _Window) -> None:
+    def _dispatch(self, state: ServerState, window: Window) -> None:
         free = self.fedbuff.concurrency - self.time.in_flight()
         if free <= 0:
             return
@@ -231,14 +184,14 @@ class AsyncDriver:
         chosen = UniformSampler(free)(idle, rng)
         jobs = []
         for cid in chosen:
-            jobs.append(_Job(0.0, self._seq, cid, version))
+            jobs.append(Job(0.0, self._seq, cid, version))
             self._seq += 1
             self._busy.add(cid)
         window.dispatched += len(jobs)
-        window.bytes_down += len(jobs) * num_bytes(self._shared_arrays(state))
+        window.bytes_down += len(jobs) * self.bytes_down(state)
         self.time.start(jobs, state, window)
 
-    def _next_held(self) -> tuple[_Job, RecordBatch] | None:
+    def _next_held(self) -> tuple[Job, RecordBatch] | None:
         """The earliest held result whose client has none in the buffer (removed)."""
         for i, (job, _) in enumerate(self._held):
             if job.client_id not in self._in_buffer:
@@ -252,20 +205,27 @@ class AsyncDriver:
         rest = min(FAILURE_REST_S * 2 ** (failures - 1), MAX_REST_S)
         self._rest[client_id] = self.time.now() + rest
 
-    def _shared_arrays(self, state: ServerState) -> Params:
-        """What every task on this model version carries (one dict per version)."""
-        if self._shared is None or self._shared[0] != state.round:
+    def _current(self, state: ServerState) -> _Version:
+        """What every task on this model version carries (built once per version)."""
+        if self._version is None or self._version.round != state.round:
             d = self.driver
             shared = encode_broadcast({**state.params, **d.algorithm.broadcast(state)}, d.downlink)
-            self._shared = (state.round, shared)
-        return self._shared[1]
+            broadcast = d.stages.broadcast(state.stage_states)
+            self._version = _Version(state.round, shared, broadcast, num_bytes(shared))
+        return self._version
 
-    def _task(self, job: _Job, state: ServerState) -> Task:
-        broadcast = self.driver.stages.broadcast(state.stage_states)
-        shared = self._shared_arrays(state)
-        return Task(FIT, job.version + 1, job.client_id, self._seed(job), shared, broadcast)
+    def task(self, job: Job, state: ServerState) -> Task:
+        current = self._current(state)
+        seed = self._seed(job)
+        return Task(FIT, job.version + 1, job.client_id, seed, current.shared, current.broadcast)
 
-    def _seed(self, job: _Job) -> int:
+    def bytes_down(self, state: ServerState) -> int:
+        return self._current(state).bytes
+
+    def bytes_up(self) -> int:
+        return spec_bytes(self.driver.fit_spec.arrays)
+
+    def _seed(self, job: Job) -> int:
         """The synchronous driver's seed for (round, client); a client dispatched again on
         the same version gets a seed of its own (else it would repeat its work)."""
         seed = self.driver.streams.task_seed(job.version + 1, job.client_id)
@@ -295,21 +255,21 @@ class AsyncDriver:
 
         return accept
 
-    def _train(self, jobs: list[_Job], state: ServerState, window: _Window) -> None:
+    def train(self, jobs: list[Job], state: ServerState, window: Window) -> None:
         """Train ``jobs`` (all on the current model version) in one exchange."""
         if not jobs:
             return
         d = self.driver
         started = time.perf_counter()
         seq_of = {job.client_id: job.seq for job in jobs}
-        tasks = [self._task(job, state) for job in jobs]
+        tasks = [self.task(job, state) for job in jobs]
         out = d._exchange(tasks, self._check(), self._keeper(state, seq_of.__getitem__), True)
         for cid in out.failed + out.rejected:
             self._results.setdefault(seq_of[cid], None)
         window.count(out)
         window.train_seconds += time.perf_counter() - started
 
-    def _receive(self, job: _Job, reply: Reply, state: ServerState, window: _Window) -> None:
+    def receive(self, job: Job, reply: Reply, state: ServerState, window: Window) -> None:
         """One reply, as it arrived (real time)."""
         out = Exchanged()
         accept = self._keeper(state, lambda _cid: job.seq)
@@ -332,14 +292,14 @@ class AsyncDriver:
         """Run until ``updates`` server updates are done (``state.round`` counts them)."""
         d = self.driver
         if history:  # resumed: in-flight work is dispatched anew (the clock continues)
-            if isinstance(self.time, _VirtualTime):
+            if isinstance(self.time, VirtualTime):
                 self.time.clock.now = history[-1].metrics.get("clock.time", 0.0)
         else:
             history.append(d.initial_record(state))
             if checkpoint:
                 checkpoint(state, history)
         buffer: list[tuple[Arrival, RecordBatch]] = []
-        window = _Window(self.time.now(), time.perf_counter())
+        window = Window(self.time.now(), time.perf_counter())
         d.listener.round_started(state.round + 1, [])
         try:
             while state.round < updates:
@@ -375,7 +335,7 @@ class AsyncDriver:
                         state = self._update(state, buffer, window, history, updates)
                         buffer = []
                         self._in_buffer.clear()
-                        window = _Window(self.time.now(), time.perf_counter())
+                        window = Window(self.time.now(), time.perf_counter())
                         self._dispatches = 0
                         self._seeded.clear()
                         if checkpoint:
@@ -390,7 +350,7 @@ class AsyncDriver:
         self,
         state: ServerState,
         buffer: list[tuple[Arrival, RecordBatch]],
-        window: _Window,
+        window: Window,
         history: History,
         updates: int,
     ) -> ServerState:
@@ -418,7 +378,7 @@ class AsyncDriver:
         if scale != 1.0:  # stale records count less: sum(w s delta) / sum(w)
             arrays = {k: (v * scale).astype(v.dtype) for k, v in aggregate.arrays.items()}
             aggregate = replace(aggregate, arrays=arrays)
-        broadcast = d.stages.broadcast(state.stage_states)
+        broadcast = self._current(state).broadcast
         aggregate = d.stages.on_sum(
             aggregate, state.stage_states, SumContext(version, 0, broadcast)
         )
@@ -470,106 +430,3 @@ class AsyncDriver:
         history.append(record)
         d.listener.round_finished(record)
         return state
-
-
-class _VirtualTime:
-    """Simulated time: a job finishes at its dispatch time plus its device's duration; jobs
-    train lazily, all those started on one model version in one exchange (a vectorized
-    batch), before that version's first result is needed or the model moves on."""
-
-    def __init__(self, run: AsyncDriver, clock: VirtualClock, max_idle_waits: int = 100_000):
-        self.run, self.clock, self.max_idle_waits = run, clock, max_idle_waits
-        self._heap: list[_Job] = []
-        self._pending: list[_Job] = []  # dispatched on the current version, not yet trained
-        self._waits = 0
-
-    def now(self) -> float:
-        return self.clock.now
-
-    def in_flight(self) -> int:
-        return len(self._heap)
-
-    def available(self, population: Sequence[int]) -> list[int]:
-        return list(self.clock.online(population))
-
-    def start(self, jobs: list[_Job], state: ServerState, window: _Window) -> None:
-        shared = self.run._shared_arrays(state)
-        up = spec_bytes(self.run.driver.fit_spec.arrays)
-        durations = self.clock.durations([j.client_id for j in jobs], num_bytes(shared), up)
-        for job, seconds in zip(jobs, durations, strict=True):
-            job.finish = self.clock.now + float(seconds)
-            heapq.heappush(self._heap, job)
-        self._pending += jobs
-
-    def next(self, state: ServerState, window: _Window) -> list[_Job]:
-        self._waits = 0
-        now = self._heap[0].finish
-        self.clock.now = now
-        jobs = []
-        while self._heap and self._heap[0].finish <= now:
-            jobs.append(heapq.heappop(self._heap))
-        return jobs
-
-    def flush(self, state: ServerState, window: _Window) -> None:
-        jobs, self._pending = self._pending, []
-        self.run._train(jobs, state, window)
-
-    def wait(self) -> None:
-        self._waits += 1
-        if self._waits > self.max_idle_waits:
-            raise FedforgeError("asynchronous run: no client came online")
-        self.clock.advance(self.clock.devices.availability.resolution)
-
-    def metrics(self, window: _Window) -> dict[str, float]:
-        return {"clock.seconds": self.clock.now - window.started, "clock.time": self.clock.now}
-
-    def close(self) -> None:
-        """Nothing runs between calls."""
-
-
-class _RealTime:
-    """Real time: tasks go out through the transport as soon as they are dispatched, and
-    each reply is taken as it arrives; a client that finishes gets new work at once. With
-    nobody in flight and nobody to dispatch, ``wait`` blocks (e.g. until a client connects);
-    a poll returns after ``poll_s`` without a reply, so newly connected clients get work."""
-
-    def __init__(
-        self, run: AsyncDriver, transport: AsyncTransport, wait: Callable[[], None], poll_s: float
-    ) -> None:
-        self.run, self.transport, self.wait, self.poll_s = run, transport, wait, poll_s
-        self._jobs: dict[int, _Job] = {}  # by client: its job in flight
-        self._started = time.monotonic()
-
-    def now(self) -> float:
-        return time.monotonic() - self._started
-
-    def in_flight(self) -> int:
-        return len(self._jobs)
-
-    def available(self, population: Sequence[int]) -> list[int]:
-        return list(population)
-
-    def start(self, jobs: list[_Job], state: ServerState, window: _Window) -> None:
-        for job in jobs:
-            self._jobs[job.client_id] = job
-        self.transport.submit([self.run._task(job, state) for job in jobs])
-
-    def next(self, state: ServerState, window: _Window) -> list[_Job]:
-        started = time.perf_counter()
-        reply = self.transport.poll(self.poll_s)
-        window.train_seconds += time.perf_counter() - started
-        if reply is None:
-            return []
-        cid = int(reply.client_ids[0]) if isinstance(reply, RecordBatch) else reply.client_id
-        job = self._jobs.pop(cid)
-        self.run._receive(job, reply, state, window)
-        return [job]
-
-    def flush(self, state: ServerState, window: _Window) -> None:
-        """Every job trained as soon as it was dispatched."""
-
-    def metrics(self, window: _Window) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        self.transport.cancel()
