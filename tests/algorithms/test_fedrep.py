@@ -158,23 +158,6 @@ def test_head_stays_on_the_client_and_persists_across_rounds(
     assert not np.allclose(w[0], w[1]) and not np.allclose(w[0], start["2.weight"])
 
 
-def test_personalized_evaluation_reports_mean_and_worst_decile(
-    with_holdout: FederatedDataset,
-) -> None:
-    result = simulate(
-        small_mlp(),
-        with_holdout,
-        FedRep(local=LOCAL, head=HEAD_NAMES),
-        rounds=4,
-        clients_per_round=10,
-        federated_eval=FederatedEvaluation(1.0),
-    )
-    m = result.history[-1].metrics
-    for key in ("accuracy", "personal_accuracy"):
-        assert 0 <= m[f"fed_eval.{key}.worst10"] <= m[f"fed_eval.{key}.client_mean"] <= 1
-    assert m["fed_eval.personal_accuracy"] > m["fed_eval.accuracy"]
-
-
 def test_the_virtual_clock_counts_head_and_body_steps(small_federated: FederatedDataset) -> None:
     n = small_federated.num_clients
     devices = Devices(np.ones(n), np.full(n, 1e15), np.full(n, 1e15))  # compute time only

@@ -9,6 +9,7 @@ from fedforge.algorithms.ditto import PERSONAL, Ditto
 from fedforge.algorithms.fedavg import FedAvg
 from fedforge.algorithms.fednova import FedNova
 from fedforge.algorithms.fedper import HEAD, FedPer, head_names
+from fedforge.algorithms.fedrep import FedRep
 from fedforge.algorithms.qfedavg import QFedAvg
 from fedforge.core.records import FIT, Task
 from fedforge.data.federated import FederatedDataset
@@ -107,13 +108,14 @@ def test_ditto_zero_lambda_is_local_training(with_holdout: FederatedDataset) -> 
         np.testing.assert_allclose(state[PERSONAL + name], local, rtol=1e-5, atol=1e-6)  # type: ignore[index]
 
 
+@pytest.mark.parametrize("personal", [FedPer, FedRep])
 def test_personalized_evaluation_reports_global_and_personal_accuracy(
-    with_holdout: FederatedDataset,
+    with_holdout: FederatedDataset, personal: type[FedPer]
 ) -> None:
     result = simulate(
         small_mlp(),
         with_holdout,
-        FedPer(local=LOCAL, head=HEAD_NAMES),
+        personal(local=LOCAL, head=HEAD_NAMES),
         rounds=4,
         clients_per_round=10,
         federated_eval=FederatedEvaluation(1.0),
