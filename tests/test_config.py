@@ -130,7 +130,7 @@ def test_ray_backend_without_ray_is_refused_when_the_configuration_loads(
 
 
 def test_ray_backend_loads_where_ray_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fedforge.config.ray_installed", lambda: True)
+    monkeypatch.setattr("fedforge.config.load.ray_installed", lambda: True)
     assert load_config(None, ["runtime.backend=ray"]).runtime.backend == "ray"
 
 
