@@ -30,6 +30,8 @@ from fedforge.stages.base import Stage, StageChain
 from fedforge.stages.clip import FixedClip
 from fedforge.train.program import LocalProgram, LocalSGD, Proximal
 from fedforge.train.torch_model import TorchModel
+from fedforge.workload.base import Site, TrainConfig, Workload
+from fedforge.workload.readers import read_data
 
 __version__ = "0.1.0"
 
@@ -74,18 +76,22 @@ __all__ = [
     "ServerSGD",
     "ServerState",
     "SimulationResult",
+    "Site",
     "Stage",
     "StageChain",
     "StreamingMean",
     "Task",
     "TorchModel",
+    "TrainConfig",
     "UniformSampler",
     "WeightedMean",
+    "Workload",
     "load_config",
     "load_digits",
     "load_mnist5k",
     "make_synthetic",
     "partition",
+    "read_data",
     "simulate",
     "weighted_mean",
 ]

@@ -28,8 +28,6 @@ from fedforge.compress.rotation import Rotated
 from fedforge.config import RunConfig
 from fedforge.core.errors import ConfigError
 from fedforge.core.rng import Purpose, RngStreams
-from fedforge.data import partition as part
-from fedforge.data.datasets import load_digits, load_mnist5k, make_synthetic
 from fedforge.data.federated import FederatedDataset
 from fedforge.privacy.dp_sgd import SampleDP
 from fedforge.privacy.setup import privacy_stages, secret_sampling_seed
@@ -49,6 +47,7 @@ from fedforge.runtime.devices import draw_devices, read_trace
 from fedforge.runtime.driver import FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
+from fedforge.runtime.stopping import StopRule
 from fedforge.runtime.stragglers import Stragglers
 from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.stages.base import Stage
@@ -56,45 +55,47 @@ from fedforge.stages.clip import FixedClip
 from fedforge.stages.compress import Compress
 from fedforge.train.models import logistic, mlp, seeded
 from fedforge.train.program import LocalSGD
+from fedforge.train.user_loop import UserLoop
+from fedforge.workload.base import Workload
+from fedforge.workload.configured import DataShape, configured_workload, project_dir
+from fedforge.workload.federate import federate
+
+
+def build_workload(config: RunConfig, data: FederatedDataset | None = None) -> Workload:
+    """The workload the configuration names (built-in or yours); ``data`` is the federation
+    a built-in model takes its input shape and classes from (see ``configured_workload``)."""
+    return configured_workload(config, DataShape.of(data) if data is not None else None)
 
 
 def build_dataset(config: RunConfig) -> FederatedDataset:
-    """The configured federated dataset; with federated evaluation, each client's data is
-    split into a training part and a held-out part (seeded)."""
-    data = _build_partitioned(config)
-    if config.evaluation.fraction > 0:
-        rng = RngStreams(config.seed).generator(Purpose.PARTITION, 1)
-        data = data.with_holdout(config.evaluation.holdout, rng)
-    return data
-
-
-def _build_partitioned(config: RunConfig) -> FederatedDataset:
-    data_cfg, p = config.data, config.partition
-    rng = RngStreams(config.seed).generator(Purpose.PARTITION)
-    if data_cfg.dataset == "synthetic":
-        synth = make_synthetic(data_cfg.alpha, data_cfg.beta, data_cfg.devices, seed=config.seed)
-        train, test = synth.train, synth.test
-        if p.scheme == "natural":
-            return FederatedDataset(train, test, synth.device_indices)
-    else:
-        train, test = load_mnist5k() if data_cfg.dataset == "mnist5k" else load_digits()
-    if p.scheme == "iid":
-        indices = part.iid(len(train), p.num_clients, rng)
-    elif p.scheme == "dirichlet":
-        indices = part.dirichlet(train.y, p.num_clients, p.alpha, rng)
-    elif p.scheme == "shards":
-        indices = part.shards(train.y, p.num_clients, p.shards_per_client, rng)
-    else:
-        indices = part.quantity_skew(len(train), p.num_clients, p.exponent, rng)
-    return FederatedDataset(train, test, indices)
+    """The configured federated dataset: a built-in dataset partitioned over clients, or one
+    client per site of your data; with federated evaluation, each client's data is split
+    into a training part and a held-out part (seeded)."""
+    holdout = config.evaluation.holdout if config.evaluation.fraction > 0 else None
+    return federate(
+        configured_workload(config), root=project_dir(config), seed=config.seed, holdout=holdout
+    )
 
 
 def build_model(config: RunConfig, data: FederatedDataset) -> nn.Module:
-    in_features, classes = data.train.x.shape[1], data.num_classes
+    """The configured model for ``data``, initialized from the run seed."""
     seed = RngStreams(config.seed).int_seed(Purpose.INIT)
-    if config.model.name == "logistic":
-        return seeded(lambda: logistic(in_features, classes), seed)
-    return seeded(lambda: mlp(in_features, classes, config.model.hidden), seed)
+    return seeded(build_workload(config, data).model, seed)
+
+
+def build_loop(workload: Workload) -> UserLoop | None:
+    """The workload's training function, if it has one."""
+    if workload.train is None:
+        return None
+    return UserLoop(workload.train, workload.metrics, workload.proximal)
+
+
+def build_stop_rule(config: RunConfig) -> StopRule | None:
+    stop = config.server.stop_when
+    if stop.metric is None:
+        return None
+    mode = StopRule.default_mode(stop.metric) if stop.mode == "auto" else stop.mode
+    return StopRule(stop.metric, stop.threshold, stop.patience, mode, stop.min_delta)
 
 
 def build_server_optimizer(config: RunConfig) -> ServerOptimizer:
@@ -105,7 +106,9 @@ def build_server_optimizer(config: RunConfig) -> ServerOptimizer:
     return adaptive(lr=s.lr or 0.01, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
 
 
-def build_algorithm(config: RunConfig) -> Algorithm:
+def build_algorithm(config: RunConfig, names: list[str] | None = None) -> Algorithm:
+    """The configured algorithm; ``names`` are the model's parameter names (FedPer's and
+    FedRep's head; default: the configured built-in model's)."""
     c, a = config.client, config.algorithm
     local = LocalSGD(
         lr=c.lr,
@@ -123,11 +126,14 @@ def build_algorithm(config: RunConfig) -> Algorithm:
         return FedNova(local=local, server_optimizer=opt)
     if a.name == "qfedavg":
         return QFedAvg(local=local, server_optimizer=opt, q=a.q)
-    if a.name == "fedper":
-        names = [n for n, _ in _architecture(config).named_parameters()]
-        return FedPer(local=local, server_optimizer=opt, head=head_names(names, a.head_layers))
-    if a.name == "fedrep":
-        head = head_names([n for n, _ in _architecture(config).named_parameters()], a.head_layers)
+    if a.name in ("fedper", "fedrep"):
+        names = names or [n for n, _ in _architecture(config).named_parameters()]
+        try:
+            head = head_names(names, a.head_layers)
+        except ValueError as exc:
+            raise ConfigError(f"algorithm.head_layers: {exc}") from None
+        if a.name == "fedper":
+            return FedPer(local=local, server_optimizer=opt, head=head)
         return FedRep(local=local, server_optimizer=opt, head=head, head_epochs=a.head_epochs)
     if a.name == "ditto":
         return Ditto(local=local, server_optimizer=opt, lam=a.lam)
@@ -135,7 +141,7 @@ def build_algorithm(config: RunConfig) -> Algorithm:
 
 
 def _architecture(config: RunConfig) -> nn.Module:
-    """The configured model on dummy sizes: its parameter names are the real model's."""
+    """The configured built-in MLP on dummy sizes: its parameter names are the real model's."""
     if config.model.name == "logistic":
         return logistic(1, 2)
     return mlp(1, 2, config.model.hidden)
@@ -301,10 +307,12 @@ def simulate_config(
     check_simulation(config)
     aggregation = build_aggregation(config)
     attack = plan_attack(config, data, aggregation)
+    workload = build_workload(config, attack.data)
+    names = [n for n, _ in build_model(config, attack.data).named_parameters()]
     return simulate(
-        build_model(config, attack.data),
+        workload,
         attack.data,
-        build_algorithm(config),
+        build_algorithm(config, names),
         rounds=config.server.rounds,
         sampler=build_sampler(config),
         seed=config.seed,
@@ -325,6 +333,7 @@ def simulate_config(
         resume=resume,
         clock=build_clock(config, data.num_clients),
         fedbuff=build_fedbuff(config),
+        stop_when=build_stop_rule(config),
     )
 
 
@@ -359,6 +368,7 @@ def run_experiment(
         backend=result.backend,
         device=run_device(config, result.backend),
         finished=datetime.now().astimezone().isoformat(timespec="seconds"),
+        stop_reason=result.stop_reason,
     )
     write_run_dir(out_dir, config, result, data, record)
     return result

@@ -40,6 +40,7 @@ from fedforge.runtime.client_app import PERSONAL_ACCURACY, PERSONAL_LOSS
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.clock import VirtualClock, spec_bytes
 from fedforge.runtime.sampling import Sampler
+from fedforge.runtime.stopping import STOPPED, StopRule
 from fedforge.runtime.stragglers import Stragglers
 from fedforge.runtime.transport import Transport
 from fedforge.runtime.validation import validate_batch
@@ -143,6 +144,7 @@ class Driver:
     # Simulation on a virtual clock: only online clients are sampled, stragglers dropped.
     clock: VirtualClock | None = None
     stragglers: Stragglers | None = None  # simulation: clients that can do only partial work
+    stop_when: StopRule | None = None  # early stopping on a recorded metric
 
     def __post_init__(self) -> None:
         self.stop_reason: str | None = None  # why ``run`` stopped before its last round
@@ -507,6 +509,8 @@ class Driver:
             history.append(self.initial_record(state))
             if checkpoint:
                 checkpoint(state, history)
+        elif self._stopped(history):  # a resumed run that had stopped early stays stopped
+            return state
         while state.round < rounds:
             attempts = itertools.count() if max_retries is None else range(max_retries + 1)
             for attempt in attempts:
@@ -537,6 +541,21 @@ class Driver:
                 )
             state = new_state
             history.append(record)
+            stopped = self._stopped(history)
             if checkpoint:
                 checkpoint(state, history)
+            if stopped:
+                return state
         return state
+
+    def _stopped(self, history: History) -> bool:
+        """Whether early stopping ends the run after ``history``'s last round; if so, the
+        reason is the driver's ``stop_reason`` and that round's ``stopped`` label."""
+        reason = self.stop_when.reason(history) if self.stop_when is not None else None
+        if reason is None:
+            return False
+        log.info("stopping early after round %d: %s", history[-1].round, reason)
+        self.stop_reason = reason
+        last = history[-1]
+        history[-1] = replace(last, labels={**last.labels, STOPPED: reason})
+        return True

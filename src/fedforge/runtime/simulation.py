@@ -41,6 +41,7 @@ from fedforge.runtime.client_state import (
 from fedforge.runtime.clock import ClockSpec, VirtualClock
 from fedforge.runtime.driver import Driver, FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import Sampler, UniformSampler
+from fedforge.runtime.stopping import StopRule
 from fedforge.runtime.stragglers import Stragglers
 from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.client import SecAggClient
@@ -49,6 +50,9 @@ from fedforge.stages.base import Stage, StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.models import seeded
 from fedforge.train.torch_model import TorchModel
+from fedforge.train.user_loop import UserLoop
+from fedforge.workload.base import Workload
+from fedforge.workload.federate import federate
 
 Probe = Callable[[torch.nn.Module], float]
 
@@ -68,8 +72,8 @@ ModelFactory = Callable[[], torch.nn.Module]
 
 
 def simulate(
-    model: torch.nn.Module | ModelFactory,
-    data: FederatedDataset,
+    model: torch.nn.Module | ModelFactory | Workload,
+    data: FederatedDataset | None = None,
     algorithm: Algorithm = FedAvg(),  # noqa: B008 (frozen, immutable)
     *,
     rounds: int = 10,
@@ -94,10 +98,14 @@ def simulate(
     clock: ClockSpec | None = None,
     fedbuff: FedBuff | None = None,
     stragglers: Stragglers | None = None,
+    stop_when: StopRule | None = None,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
-    ``model`` is a module, whose current weights are the initial global model (it is not
+    ``model`` is a :class:`~fedforge.Workload` (your model, data and optionally training
+    loop: ``data`` defaults to its sites pooled, each holding out 20% for
+    ``federated_eval``), or a model with ``data`` a :class:`FederatedDataset`:
+    a module, whose current weights are the initial global model (it is not
     modified: ``result.model`` is a trained copy), or a function that builds one: it is called
     under torch's RNG seeded from ``seed``, so the initial model follows the run seed (as in the
     command line's runs) whatever torch's global RNG holds. ``backend`` picks how clients
@@ -118,7 +126,17 @@ def simulate(
     (``runtime/clock.py``); ``fedbuff`` trains asynchronously on that clock, ``rounds`` then
     counting server updates.
     ``stragglers`` makes a share of each round's clients do partial work (or drops them).
+    ``stop_when`` ends the run early (a metric's threshold or patience).
     """
+    loop = None
+    if isinstance(model, Workload):
+        if data is None:
+            data = federate(model, seed=seed, holdout=0.2 if federated_eval else None)
+        if model.train is not None:
+            loop = UserLoop(model.train, model.metrics, model.proximal)
+        model = model.model
+    if data is None:
+        raise ConfigError("simulate needs data: a FederatedDataset, or pass a Workload")
     if not isinstance(model, torch.nn.Module):
         model = seeded(model, RngStreams(seed).int_seed(Purpose.INIT))
     chain = StageChain(stages)
@@ -127,8 +145,13 @@ def simulate(
         raise ConfigError(
             "federated evaluation needs held-out client data: use data.with_holdout(...)"
         )
-    dp_sgd = "DP-SGD trains one client at a time through Opacus" if sample_dp else None
-    chosen = resolve_backend(backend, algorithm.program(), model, dp_sgd)
+    blocker = "DP-SGD trains one client at a time through Opacus" if sample_dp else None
+    if loop is not None:
+        blocker = "a training function (your own loop) trains one client at a time"
+    options = options or BackendOptions()
+    chosen = resolve_backend(
+        backend, algorithm.program(), model, blocker, data.train, options.device
+    )
     previous_threads = torch.get_num_threads()
     default_threads = (os.cpu_count() or 1) if chosen == "vectorized" else 1
     torch.set_num_threads(threads or default_threads)
@@ -147,7 +170,7 @@ def simulate(
             rounds=rounds,
             sampler=sampler or UniformSampler(clients_per_round),
             seed=seed,
-            options=options or BackendOptions(),
+            options=options,
             listener=listener or RoundListener(),
             federated_eval=federated_eval,
             state_dir=state_dir,
@@ -161,6 +184,8 @@ def simulate(
             clock=clock,
             fedbuff=fedbuff,
             stragglers=stragglers,
+            stop_when=stop_when,
+            loop=loop,
         )
     finally:
         blas.restore_original_limits()
@@ -192,6 +217,8 @@ def _simulate(
     clock: ClockSpec | None = None,
     fedbuff: FedBuff | None = None,
     stragglers: Stragglers | None = None,
+    stop_when: StopRule | None = None,
+    loop: UserLoop | None = None,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -223,7 +250,7 @@ def _simulate(
     secure = None
     if isinstance(aggregation, SecureAggregation):
         secure = SecAggClient(withhold_metrics=aggregation.withhold_metrics)
-    app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure)
+    app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure, loop)
     transport = make_transport(chosen, app, data, store, options)
     virtual = _virtual_clock(clock, fedbuff, algorithm, data)
     driver = Driver(
@@ -240,7 +267,7 @@ def _simulate(
         ),
         stages=chain,
         aggregation=aggregation,
-        evaluator=evaluator,
+        evaluator=evaluator if len(data.test) else None,  # no test set: no central evaluation
         federated_eval=federated_eval,
         listener=listener,
         client_states=store,
@@ -250,6 +277,7 @@ def _simulate(
         downlink=downlink,
         clock=virtual if fedbuff is None else None,
         stragglers=stragglers,
+        stop_when=stop_when,
     )
     try:
         save = checkpoint if checkpoints else None

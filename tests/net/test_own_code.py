@@ -1,0 +1,102 @@
+"""A project from `fedforge new` deployed as it is: a server and three hospitals, each a
+`fedforge client CONFIG --data FILE` process with the model factory, data loader and training
+loop from files beside the configuration, under secure aggregation; a fourth site whose model
+differs is refused in the handshake with both fingerprints and the first differing parameter,
+and the run ends with the simulation's model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from typer.testing import CliRunner
+
+from fedforge.cli import app
+from fedforge.config import load_config
+from fedforge.experiment import build_dataset, simulate_config
+from tests.net.helpers import fedforge, free_port, make_keys, stop_all
+
+pytestmark = pytest.mark.timeout(240)
+HOSPITALS = ["hospital1", "hospital2", "hospital3"]
+
+
+def _deployable(project: Path, keys: Path, port: int, state: Path) -> Path:
+    """The project's configuration with its own training loop, secure aggregation, two
+    rounds and this test's keys, port and state directory."""
+    text = (project / "fedforge.toml").read_text()
+    text = text.replace('# train = "train:train"', 'train = "train:train"')
+    text = text.replace("rounds = 20", "rounds = 2")
+    text = text.replace('address = "127.0.0.1:8443"', f'address = "127.0.0.1:{port}"')
+    text = text.replace('keys = "keys"', f'keys = "{keys}"')
+    text = text.replace('state_dir = "server-state"', f'state_dir = "{state}"')
+    text = text.replace("linger_s = 5", "linger_s = 0")
+    text += '\n[aggregation]\nkind = "secure_sum"\n[secagg]\ncomplete_graph = true\n'
+    path = project / "deploy.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_new_project_deploys_unchanged_and_a_different_model_is_refused(tmp_path: Path) -> None:
+    project = tmp_path / "hospitals"
+    assert CliRunner().invoke(app, ["new", str(project), "--template", "tabular"]).exit_code == 0
+    keys = make_keys(tmp_path, [*HOSPITALS, "rogue"])
+    port = free_port()
+    config = _deployable(project, keys, port, tmp_path / "state")
+    rogue = project / "rogue.toml"
+    rogue.write_text(config.read_text().replace("hidden = 32", "hidden = 16"))
+    server = fedforge(["server", str(config)], tmp_path / "server.log")
+    clients = [
+        fedforge(
+            [
+                "client",
+                str(config),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--credentials",
+                str(keys / name),
+                "--data",
+                str(project / "data" / f"{name}.csv"),
+            ],
+            tmp_path / f"{name}.log",
+        )
+        for name in HOSPITALS
+    ]
+    refused = fedforge(
+        [
+            "client",
+            str(rogue),
+            "--server",
+            f"127.0.0.1:{port}",
+            "--credentials",
+            str(keys / "rogue"),
+            "--data",
+            str(project / "data" / "hospital1.csv"),
+        ],
+        tmp_path / "rogue.log",
+    )
+    try:
+        assert refused.wait(timeout=180) == 1
+        assert server.wait(timeout=180) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        for name, client in zip(HOSPITALS, clients, strict=True):
+            assert client.wait(timeout=60) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        stop_all([server, *clients, refused])
+    rogue_log = (tmp_path / "rogue.log").read_text()
+    assert "architecture mismatch: the server's model is " in rogue_log
+    assert (
+        "first difference: the server has '0.weight float32 [32, 30]' where rogue has "
+        "'0.weight float32 [16, 30]'" in rogue_log
+    )
+    assert "Traceback" not in rogue_log
+    assert "refused client rogue: architecture mismatch" in (tmp_path / "server.log").read_text()
+    # The deployment computed what the simulation computes (same seed, sites and loop).
+    simulated = simulate_config(
+        load_config(config), build_dataset(load_config(config)), backend="sequential"
+    )
+    deployed = load_file(str(tmp_path / "state" / "final_model.safetensors"))
+    assert deployed.keys() == simulated.state.params.keys()
+    for name, value in simulated.state.params.items():
+        np.testing.assert_allclose(deployed[name], value, rtol=0, atol=1e-5, err_msg=name)
+    assert simulated.history[-1].clients_completed == 3
