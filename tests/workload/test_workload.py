@@ -257,3 +257,13 @@ def test_an_undeclared_metric_fails_the_client_with_the_reason() -> None:
         ff.Workload(small_model, blob_site, train=loop, sites=2), rounds=1, clients_per_round=2
     )
     assert result.history[-1].clients_failed == 2
+
+
+def test_a_simulation_stops_on_a_site_whose_labels_the_model_cannot_predict() -> None:
+    def data(site: ff.Site) -> ff.ArrayDataset:
+        part = blob_site(site)
+        y = part.y + (3 if site.index == 1 else 0)  # site 1's labels are 3..5
+        return ff.ArrayDataset(part.x, y)
+
+    with pytest.raises(ff.DataError, match="site 1: label [345] is outside the model's 3 classes"):
+        ff.simulate(ff.Workload(small_model, data, sites=2), rounds=1, clients_per_round=2)

@@ -52,7 +52,7 @@ from fedforge.train.models import seeded
 from fedforge.train.torch_model import TorchModel
 from fedforge.train.user_loop import UserLoop
 from fedforge.workload.base import Workload
-from fedforge.workload.federate import federate
+from fedforge.workload.federate import check_federation, describe, federate
 
 Probe = Callable[[torch.nn.Module], float]
 
@@ -128,17 +128,20 @@ def simulate(
     ``stragglers`` makes a share of each round's clients do partial work (or drops them).
     ``stop_when`` ends the run early (a metric's threshold or patience).
     """
-    loop = None
+    loop, workload = None, None
     if isinstance(model, Workload):
+        workload = model
         if data is None:
-            data = federate(model, seed=seed, holdout=0.2 if federated_eval else None)
-        if model.train is not None:
-            loop = UserLoop(model.train, model.metrics, model.proximal)
-        model = model.model
+            data = federate(workload, seed=seed, holdout=0.2 if federated_eval else None)
+        if workload.train is not None:
+            loop = UserLoop(workload.train, workload.metrics, workload.proximal)
+        model = workload.model
     if data is None:
         raise ConfigError("simulate needs data: a FederatedDataset, or pass a Workload")
     if not isinstance(model, torch.nn.Module):
         model = seeded(model, RngStreams(seed).int_seed(Purpose.INIT))
+    if workload is not None:  # your data against your model, before any client trains
+        check_federation(data, model, [describe(s) for s in workload.site_list()])
     chain = StageChain(stages)
     chain.check(aggregation)
     if federated_eval is not None and data.holdout is None:

@@ -104,9 +104,9 @@ class Workload:
     federation: Callable[[], FederatedDataset] | None = None
     name: str = "workload"
 
-    def site_list(self, root: Path | None = None) -> list[Site]:
+    def site_list(self, root: Path | None = None, seed: int = 0) -> list[Site]:
         """The sites a simulation federates, relative paths resolved against ``root``."""
         if isinstance(self.sites, int):
-            return [Site(i) for i in range(self.sites)]
+            return [Site(i, None, seed) for i in range(self.sites)]
         base = root or Path.cwd()
-        return [Site(i, base / Path(p)) for i, p in enumerate(self.sites)]
+        return [Site(i, base / Path(p), seed) for i, p in enumerate(self.sites)]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from fedforge.core.errors import ConfigError, DataError
 from fedforge.core.rng import Purpose, RngStreams
@@ -15,7 +16,7 @@ from fedforge.data.datasets import ArrayDataset
 from fedforge.data.federated import ClientData, FederatedDataset
 from fedforge.workload.base import Site, Workload
 from fedforge.workload.imports import call_user
-from fedforge.workload.sitedata import as_arrays, as_client_data
+from fedforge.workload.sitedata import as_arrays, as_client_data, output_classes
 
 HOLDOUT_STREAM = 2  # the site's held-out split: Purpose.PARTITION, 2, client id
 
@@ -73,7 +74,7 @@ def federate(
         if holdout is not None:
             data = data.with_holdout(holdout, RngStreams(seed).generator(Purpose.PARTITION, 1))
         return data
-    sites = workload.site_list(root)
+    sites = workload.site_list(root, seed)
     if not sites:
         raise ConfigError(
             "the workload has no sites to simulate: give Workload(sites=...) a number of sites "
@@ -85,6 +86,26 @@ def federate(
             split_holdout(p, holdout, seed, s.index) for p, s in zip(parts, sites, strict=True)
         ]
     return pool(parts, sites, load_test(workload))
+
+
+def check_federation(data: FederatedDataset, module: torch.nn.Module, names: Sequence[str]) -> None:
+    """Stop a simulation whose examples the model cannot take or whose labels it cannot
+    predict, naming the first bad site (``names[i]``: how errors name client ``i``): one
+    forward pass (the sites share one pooled array, so one feature shape), then every label."""
+    first = names[0] if names else "site 0"
+    classes = output_classes(module, data.train, first)
+    for where, part in (("", data.train), (" (the central test set)", data.test)):
+        bad = np.flatnonzero((part.y < 0) | (part.y >= classes))
+        if not len(bad):
+            continue
+        row, owner = int(bad[0]), "the central test set"
+        if not where:
+            parts = [*enumerate(data.partition), *enumerate(data.holdout or [])]
+            cid = next(c for c, rows in parts if (rows == row).any())
+            owner = names[cid] if cid < len(names) else f"site {cid}"
+        raise DataError(
+            f"{owner}: label {int(part.y[row])} is outside the model's {classes} classes"
+        )
 
 
 def pool(

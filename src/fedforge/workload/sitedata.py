@@ -87,7 +87,7 @@ def check_against_model(
                 f"(shape {list(shape)}), the model takes {math.prod(inputs)} "
                 f"(shape {list(inputs)})"
             )
-        classes = _output_classes(module, part, f"{where}{suffix}")
+        classes = output_classes(module, part, f"{where}{suffix}")
         bad = np.flatnonzero((part.y < 0) | (part.y >= classes))
         if len(bad):
             raise DataError(
@@ -96,7 +96,7 @@ def check_against_model(
             )
 
 
-def _output_classes(module: torch.nn.Module, data: ArrayDataset, where: str) -> int:
+def output_classes(module: torch.nn.Module, data: ArrayDataset, where: str) -> int:
     """The model's number of outputs on the first examples of ``data``."""
     training = module.training
     module.eval()
