@@ -1,5 +1,6 @@
-"""`fedforge new` writes a runnable project for every template: it runs with `fedforge run`
-(two rounds) and its own generated test passes."""
+"""`fedforge new` writes a runnable project for every template: its own generated test, which
+runs the project's configuration for two rounds as `fedforge run` does, passes. (The
+`tabular` project also runs over the network: tests/net/test_own_code.py.)"""
 
 from __future__ import annotations
 
@@ -24,21 +25,6 @@ def test_every_template_runs_and_its_generated_test_passes(template: str, tmp_pa
     for name in ("fedforge.toml", "models.py", "data.py", "README.md", "test_project.py"):
         assert (project / name).is_file(), name
     assert f"# my-{template}" in (project / "README.md").read_text()
-    run = RUNNER.invoke(
-        app,
-        [
-            "run",
-            str(project / "fedforge.toml"),
-            "--quiet",
-            "--out",
-            str(tmp_path / "run"),
-            "--set",
-            "server.rounds=2",
-        ],
-    )
-    assert run.exit_code == 0, run.output
-    history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert [r["round"] for r in history] == [0, 1, 2]
     # The project's own test, as its users run it (its functions, with a fresh tmp_path).
     spec = importlib.util.spec_from_file_location(
         f"generated_{template}", project / "test_project.py"
@@ -61,3 +47,31 @@ def test_new_refuses_an_unknown_template_and_an_existing_directory(tmp_path: Pat
     assert result.exit_code == 2 and "already exists and is not empty" in result.output
     listed = RUNNER.invoke(app, ["new", "--list"])
     assert listed.exit_code == 0 and "tabular" in listed.output and "images" in listed.output
+
+
+def test_fedforge_run_on_a_new_project_stops_early_with_the_reason_and_status_0(
+    tmp_path: Path,
+) -> None:
+    project = tmp_path / "hospitals"
+    assert RUNNER.invoke(app, ["new", str(project), "--template", "tabular"]).exit_code == 0
+    run = RUNNER.invoke(
+        app,
+        [
+            "run",
+            str(project / "fedforge.toml"),
+            "--quiet",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            'server.stop_when.metric="test_accuracy"',
+            "--set",
+            "server.stop_when.threshold=0.9",
+        ],
+    )
+    assert run.exit_code == 0, run.output
+    assert "stopped early: test_accuracy reached" in " ".join(run.output.split())
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert 1 <= history[-1]["round"] < 20
+    assert history[-1]["test_accuracy"] >= 0.9 > history[-2]["test_accuracy"]
+    provenance = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert provenance["stop_reason"] == history[-1]["labels"]["stopped"]

@@ -265,5 +265,5 @@ def test_a_simulation_stops_on_a_site_whose_labels_the_model_cannot_predict() ->
         y = part.y + (3 if site.index == 1 else 0)  # site 1's labels are 3..5
         return ff.ArrayDataset(part.x, y)
 
-    with pytest.raises(ff.DataError, match="site 1: label [345] is outside the model's 3 classes"):
+    with pytest.raises(ff.DataError, match=r"site 1: label [345] is outside the model's 3 classes"):
         ff.simulate(ff.Workload(small_model, data, sites=2), rounds=1, clients_per_round=2)
