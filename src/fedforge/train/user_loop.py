@@ -112,7 +112,8 @@ def run_loop(
         round=round_number,
         seed=seed,
         mu=mu,
-        global_params={n: t for n, t in shared.items() if n in names},
+        # Copies: the loop may not write into the round's broadcast (the server's model).
+        global_params={n: t.clone() for n, t in shared.items() if n in names},
     )
     module.train()
     with torch.random.fork_rng(devices=[]):
