@@ -53,7 +53,7 @@ def resolve_backend(
         return name
     blocker = blocker or vectorization_blocker(module, program)
     if blocker is None and sample is not None:
-        blocker = vmap_problem(module, sample.x, sample.y)
+        blocker = vmap_problem(module, sample.x)
     if name == "vectorized":
         if blocker:
             raise ConfigError(f"runtime.backend 'vectorized' is not possible: {blocker}")
