@@ -118,7 +118,7 @@ def low_rank_svd(left: np.ndarray, right: np.ndarray) -> SVD:
     then the SVD of the small core ``R_l R_r^T``."""
     q_l, r_l = np.linalg.qr(np.asarray(left, np.float64))
     q_r, r_r = np.linalg.qr(np.asarray(right, np.float64).T)
-    u_c, s, vt_c = np.linalg.svd(r_l @ r_r.T)
+    u_c, s, vt_c = np.linalg.svd(r_l @ r_r.T, full_matrices=False)
     return SVD(q_l @ u_c, s, vt_c @ q_r.T)
 
 

@@ -32,7 +32,7 @@ from fedforge.llm.adapters import LoraModel
 from fedforge.llm.batched import _client_losses, client_batched
 from fedforge.train.program import LocalProgram
 
-TOLERANCE = 0.35  # |estimate - measured| / measured, for the training increment
+TOLERANCE = 0.10  # |estimate - measured| / measured, for what training adds to the base
 GIB = 1024**3
 MIB = 1024**2
 

@@ -3,7 +3,7 @@
 Always offline and deterministic given the Python version. Nothing is imported: every ``.py``
 file under the interpreter's standard-library directory (``sysconfig.get_paths()["stdlib"]``)
 is read as UTF-8 text and parsed with :mod:`ast`, and the docstrings of its module, classes and
-functions (``ast.get_docstring``, indentation cleaned) are collected in sorted path order.
+functions (``ast.get_docstring``, indentation cleaned, ends stripped) are collected in sorted path order.
 Skipped: ``site-packages``/``dist-packages``, ``__pycache__``, test directories (``test``,
 ``tests``, ``idle_test``), directories whose names are not identifiers (``lib-dynload``,
 ``config-*``), private top-level modules (``_pydecimal``, ``_pyio``: copies of public modules'
@@ -22,6 +22,7 @@ Two tasks come from it:
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import os
 import platform
@@ -115,7 +116,7 @@ def _docstrings(module: str, path: Path) -> Iterator[tuple[str, str]]:
 
     def visit(node: ast.AST, prefix: str) -> Iterator[tuple[str, str]]:
         if isinstance(node, DOC_NODES):
-            doc = ast.get_docstring(node, clean=True)
+            doc = (ast.get_docstring(node, clean=True) or "").strip()
             if doc:
                 yield prefix or module, doc
         for child in ast.iter_child_nodes(node):
@@ -129,17 +130,23 @@ def _docstrings(module: str, path: Path) -> Iterator[tuple[str, str]]:
 
 
 def stdlib_corpus(tops: Iterable[str] | None = None, min_chars: int = 40) -> Corpus:
-    """The docstrings of the given top-level names (default: all public ones)."""
+    """The docstrings of the given top-level names (default: all public ones); parsed once
+    per process."""
     root = stdlib_dir()
     available = top_levels(root)
     wanted = available if tops is None else list(tops)
     missing = sorted(set(wanted) - set(available))
     if missing:
         raise DataError(f"not in this Python's standard library ({root}): {', '.join(missing)}")
+    return _parse(root, tuple(sorted(set(wanted))), min_chars)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(root: Path, tops: tuple[str, ...], min_chars: int) -> Corpus:
     seen: set[str] = set()
     docs: list[Docstring] = []
     digest = hashlib.sha256()
-    for top in sorted(set(wanted)):
+    for top in tops:
         for module, path in _source_files(root, top):
             for name, text in _docstrings(module, path):
                 if len(text) < min_chars or text in seen:
