@@ -3,7 +3,8 @@
 Run as a script in a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc then returns
 freed tensors to the system at once, so resident memory follows live tensors); prints one
 JSON line per configuration ``task:clients:batch:seq_len`` given on the command line; the
-first argument is the encoder checkpoint directory for ``classify`` ("-": the packaged one).
+first argument is the encoder checkpoint directory for ``classify`` ("-": the packaged one);
+``next_token`` uses the default decoder. LoRA rank 8, momentum 0.9.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from fedforge.llm.adapters import get_adapters, load_lora_model
 from fedforge.llm.batched import TextData, text_loss, train_batched
 from fedforge.llm.memory import estimate_memory
-from fedforge.llm.models import DecoderShape, LoraModelSpec
+from fedforge.llm.models import LoraModelSpec
 from fedforge.train.program import LocalProgram, LocalSGD
 
 
@@ -32,9 +33,8 @@ def status(key: str) -> int:
 def measure(
     encoder: str | None, task: str, clients: int, batch: int, seq_len: int
 ) -> dict[str, float]:
-    decoder = DecoderShape(n_embd=64, n_layer=2, n_head=2, n_positions=128)
     pretrained = encoder if task == "classify" else None
-    spec = LoraModelSpec(task, pretrained, num_labels=4, rank=8, decoder=decoder)  # type: ignore[arg-type]
+    spec = LoraModelSpec(task, pretrained, num_labels=4, rank=8)  # type: ignore[arg-type]
     lm = load_lora_model(spec)
     local = LocalSGD(lr=0.01, epochs=1, batch_size=batch, momentum=0.9, loss_fn=text_loss)
     program = LocalProgram(local)

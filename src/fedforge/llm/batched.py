@@ -24,7 +24,7 @@ that run out of steps leave the stack (they come sorted by step count, most firs
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -140,16 +140,20 @@ def client_batched(
     with client ``c``'s stacked tensors: the input's rows are ``clients`` equal blocks."""
     patched: list[nn.Module] = []
 
-    def lora_forward(layer: nn.Module, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor):  # type: ignore[no-untyped-def]
+    def lora_forward(
+        layer: nn.Module, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor
+    ) -> Callable[..., torch.Tensor]:
+        base = layer.get_submodule("base_layer")
+
         def forward(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-            out: torch.Tensor = layer.base_layer(x, *args, **kwargs)  # type: ignore[operator]
+            out: torch.Tensor = base(x, *args, **kwargs)
             rows = x.reshape(clients, -1, x.shape[-1])
             low = torch.bmm(torch.bmm(rows, a.transpose(1, 2)), b.transpose(1, 2))
             return out + (low * s[:, None, None]).reshape(out.shape)
 
         return forward
 
-    def head_forward(w: torch.Tensor, bias: torch.Tensor):  # type: ignore[no-untyped-def]
+    def head_forward(w: torch.Tensor, bias: torch.Tensor) -> Callable[..., torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:
             rows = x.reshape(clients, -1, x.shape[-1])
             return torch.baddbmm(bias[:, None, :], rows, w.transpose(1, 2)).flatten(0, 1)
@@ -206,6 +210,12 @@ def train_batched(
         batch_order(len(d), program.local.batch_size, program.local.epochs, r)
         for d, r in zip(datas, rngs, strict=True)
     ]
+    modules = [m.module for m in lm.layout.matrices]
+    if any([m.module for m in lay.matrices] != modules for lay in layouts):
+        raise ValueError("every client layout must adapt the model's modules, in its order")
+    unknown = set(trained) - set(lm.layout.spec())
+    if unknown:
+        raise ValueError(f"not trainable arrays of this model: {sorted(unknown)}")
     rank = max(m.rank for lay in layouts for m in lay.matrices)
     sort = sorted(range(count), key=lambda i: -len(orders[i]))
     padded = [pad_rank(starts[i], layouts[i], rank) for i in sort]
@@ -236,12 +246,12 @@ def train_batched(
             program.apply(views, dict(zip(params, grads, strict=True)), sub, shared or {}, {}, True)
         for row, value in enumerate(per_client.detach().tolist()):
             losses[sort[row]].append(value)
-    results: list[ClientResult] = [None] * count  # type: ignore[list-item]
+    results: dict[int, ClientResult] = {}
     for row, i in enumerate(sort):
         arrays = {n: t[row].numpy().copy() for n, t in stacked.items()}
         mean = float(np.mean(losses[i])) if losses[i] else 0.0
         results[i] = ClientResult(crop_rank(arrays, layouts[i]), mean, len(orders[i]))
-    return results
+    return [results[i] for i in range(count)]
 
 
 def _cohort_batch(

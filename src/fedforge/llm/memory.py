@@ -183,7 +183,7 @@ def check_fits(estimate: MemoryEstimate, available: int, headroom: float = 0.9) 
     budget = int(available * headroom)
     if estimate.training <= budget:
         return
-    fit = max(0, (budget - 0) // max(1, estimate.training // estimate.clients))
+    fit = budget // max(1, estimate.training // estimate.clients)  # training is ~linear
     raise ConfigError(
         f"{estimate.describe()} exceeds the {_size(budget)} available for training "
         f"({headroom:.0%} of {_size(available)}): lower the clients trained at once "

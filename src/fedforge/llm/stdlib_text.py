@@ -3,7 +3,8 @@
 Always offline and deterministic given the Python version. Nothing is imported: every ``.py``
 file under the interpreter's standard-library directory (``sysconfig.get_paths()["stdlib"]``)
 is read as UTF-8 text and parsed with :mod:`ast`, and the docstrings of its module, classes and
-functions (``ast.get_docstring``, indentation cleaned, ends stripped) are collected in sorted path order.
+functions (``ast.get_docstring``, indentation cleaned, ends stripped) are collected in sorted
+path order.
 Skipped: ``site-packages``/``dist-packages``, ``__pycache__``, test directories (``test``,
 ``tests``, ``idle_test``), directories whose names are not identifiers (``lib-dynload``,
 ``config-*``), private top-level modules (``_pydecimal``, ``_pyio``: copies of public modules'
