@@ -21,6 +21,7 @@ from fedforge.llm.modes import (
     client_record,
     exchanged_names,
     residual_bytes,
+    slice_rank,
     traits,
     uplink_bytes,
 )
@@ -233,6 +234,10 @@ def test_model_level_hetero_projects_to_each_clients_rank() -> None:
         assert {n: a.shape for n, a in out.by_rank[rank].items() if n.startswith("lora")} == {
             n: s.shape for n, s in lay.spec().items() if n.startswith("lora")
         }
+        # One broadcast serves every rank: slicing the top rank gives each rank's projection.
+        sliced = slice_rank(out.params, layouts[-1], lay)
+        for name, value in out.by_rank[rank].items():
+            np.testing.assert_allclose(sliced[name], value, atol=1e-12)
     with pytest.raises(ValueError, match="hetero"):
         aggregate("exact", records, [1.0, 1.0, 1.0], layouts, layouts[-1])
 

@@ -205,3 +205,21 @@ def aggregate(
     for arrays in by_rank.values():
         arrays.update(head)
     return LoraAggregate(out, by_rank, residual, float(np.sqrt(squared)), tails)
+
+
+def slice_rank(
+    top: Mapping[str, np.ndarray], top_layout: AdapterLayout, layout: AdapterLayout
+) -> Params:
+    """A ``hetero`` client's factors from the one broadcast at the largest rank.
+
+    The projections are nested truncations of one SVD with singular values split evenly, so
+    rank ``r``'s factors are the leading ``r`` components of the top rank's, rescaled by
+    ``sqrt(s_top / s_r)`` for the client's own scale: every client gets the same broadcast."""
+    out: Params = {n: np.asarray(top[n]) for n in layout.head_names}
+    for big, own in zip(top_layout.matrices, layout.matrices, strict=True):
+        if own.rank > big.rank or own.module != big.module:
+            raise ValueError(f"cannot slice {big.module} rank {big.rank} to {own}")
+        factor = np.sqrt(big.scale / own.scale)
+        out[own.a_name] = factor * np.asarray(top[big.a_name])[: own.rank]
+        out[own.b_name] = factor * np.asarray(top[big.b_name])[:, : own.rank]
+    return out
