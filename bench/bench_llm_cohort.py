@@ -1,10 +1,11 @@
 """One round of federated LoRA: batched cohort vs sequential vs one model copy per client.
 
-Workload: 10 clients, each 16 examples of real text (Python's own docstrings), batch 8, one
-local epoch (2 SGD steps per client), LoRA rank 8 on the attention projections.
-``classify``: the packaged all-MiniLM-L6-v2 (22.7M parameters) with a 10-way head,
-64 tokens per text, one client per package. ``next_token``: the default GPT-2 configuration
-(about 5M parameters, MiniLM's vocabulary), 64-token windows, one client per module.
+Workload: 10 clients, each 16 examples of real text (Python's own docstrings), one local
+epoch of SGD at ``--batch-size`` (default 8: 2 steps per client), LoRA rank 8 on the
+attention projections. ``classify``: the packaged all-MiniLM-L6-v2 (22.7M parameters) with a
+10-way head, ``--seq-len`` tokens per text (default 64), one client per package.
+``next_token``: the default GPT-2 configuration (about 5M parameters, MiniLM's vocabulary),
+``--seq-len``-token windows, one client per module.
 
 Contenders, on identical starts and batches:
 - ``batched``: ``train_batched``, the cohort as one program over the one shared base;
@@ -18,7 +19,7 @@ process per contender (new session, ``MALLOC_MMAP_THRESHOLD_=65536`` so freed te
 the resident set), the peak resident memory above the process's state after imports and
 data preparation, over model loading and one round.
 
-    python -m bench.bench_llm_cohort [--clients 10] [--repeats 5]
+    python -m bench.bench_llm_cohort [--clients 10] [--repeats 5] [--batch-size 8] [--seq-len 64]
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def status(key: str) -> int:
     raise RuntimeError(key)
 
 
+SIZES = {"batch_size": 8, "seq_len": 64}  # set from the command line
+
+
 def workload(task: str, clients: int):  # type: ignore[no-untyped-def]
     """The spec, each client's tokenized data and the local program (no model loaded)."""
     from fedforge.llm.batched import TextData, text_loss
@@ -65,7 +69,7 @@ def workload(task: str, clients: int):  # type: ignore[no-untyped-def]
     datas = []
     if task == "classify":
         data = classification_set(per_class=16)
-        enc = encode_classification(tokenizer, data.texts, 64, cache, tokenizer_dir)
+        enc = encode_classification(tokenizer, data.texts, SIZES["seq_len"], cache, tokenizer_dir)
         labels = np.asarray(data.labels)
         for c in range(clients):
             rows = np.flatnonzero(labels == c % len(CLASSES))[:16]
@@ -73,10 +77,12 @@ def workload(task: str, clients: int):  # type: ignore[no-untyped-def]
     else:
         texts = next_token_clients().texts
         for name in sorted(texts)[:clients]:
-            w = encode_stream(tokenizer, texts[name], 64, cache, tokenizer_dir)
+            w = encode_stream(tokenizer, texts[name], SIZES["seq_len"], cache, tokenizer_dir)
             b = next_token_batch(w["tokens"][:16], w["valid"][:16])
             datas.append(TextData(b["ids"], b["mask"], b["labels"]))
-    program = LocalProgram(LocalSGD(lr=0.05, epochs=1, batch_size=8, loss_fn=text_loss))
+    program = LocalProgram(
+        LocalSGD(lr=0.05, epochs=1, batch_size=SIZES["batch_size"], loss_fn=text_loss)
+    )
     return spec, datas, program
 
 
@@ -147,8 +153,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tasks", nargs="+", default=["classify", "next_token"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--worker", nargs=3, metavar=("WHAT", "MODE", "TASK"))
     args = parser.parse_args()
+    SIZES.update(batch_size=args.batch_size, seq_len=args.seq_len)
     if args.worker:
         what, mode, task = args.worker
         result = (

@@ -52,7 +52,12 @@ def test_estimate_matches_the_measured_peak_of_a_batched_step(encoder, tmp_path:
 
 def test_an_oversized_round_is_refused_with_the_estimate_and_what_to_lower(decoder) -> None:  # type: ignore[no-untyped-def]
     from fedforge.llm.batched import text_loss
-    from fedforge.llm.memory import available_memory, check_fits, estimate_memory
+    from fedforge.llm.memory import (
+        available_memory,
+        check_fits,
+        estimate_memory,
+        largest_cohort,
+    )
     from fedforge.train.program import LocalProgram, LocalSGD
 
     program = LocalProgram(LocalSGD(momentum=0.9, loss_fn=text_loss))
@@ -67,3 +72,9 @@ def test_an_oversized_round_is_refused_with_the_estimate_and_what_to_lower(decod
     message = str(refused.value)
     assert "estimated peak" in message and "100000 client(s)" in message
     assert "lower the clients trained at once" in message and "batch_size (64)" in message
+    # The largest cohort that fits a budget fits, and one more client does not.
+    budget = 300 * 2**20
+    most = largest_cohort(decoder, program, 4, 32, budget)
+    assert most >= 2
+    assert estimate_memory(decoder, program, most, 4, 32).training <= 0.9 * budget
+    assert estimate_memory(decoder, program, most + 1, 4, 32).training > 0.9 * budget

@@ -177,6 +177,23 @@ def available_memory() -> int:
     return max(0, min(limits))
 
 
+def largest_cohort(
+    lm: LoraModel,
+    program: LocalProgram,
+    batch_size: int,
+    seq_len: int,
+    available: int,
+    headroom: float = 0.9,
+) -> int:
+    """The most clients one batched step may train at once within ``headroom`` of
+    ``available`` (0 if not even one fits): the estimate is affine in the client count."""
+    one = estimate_memory(lm, program, 1, batch_size, seq_len).training
+    two = estimate_memory(lm, program, 2, batch_size, seq_len).training
+    per_client, fixed = two - one, 2 * one - two
+    budget = int(available * headroom)
+    return max(0, (budget - fixed) // max(1, per_client))
+
+
 def check_fits(estimate: MemoryEstimate, available: int, headroom: float = 0.9) -> None:
     """Refuse a round whose estimated training memory exceeds ``headroom`` of ``available``
     (the base is already loaded when this runs), naming the estimate and what to lower."""
