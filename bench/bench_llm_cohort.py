@@ -178,6 +178,10 @@ def main() -> None:
             str(args.clients),
             "--repeats",
             str(args.repeats),
+            "--batch-size",
+            str(args.batch_size),
+            "--seq-len",
+            str(args.seq_len),
             "--worker",
             *argv,
         ]
@@ -188,7 +192,8 @@ def main() -> None:
 
     print(
         f"| task | contender | round CPU s | round wall s | CPU vs batched | peak MiB | "
-        f"models MiB |  ({args.clients} clients, median of {args.repeats})"
+        f"models MiB |  ({args.clients} clients, batch {args.batch_size}, {args.seq_len} tokens, "
+        f"median of {args.repeats})"
     )
     print("|---|---|---:|---:|---:|---:|---:|")
     for task in args.tasks:

@@ -103,6 +103,10 @@ def test_pretrained_path_loads_any_local_checkpoint_through_the_same_code(tmp_pa
 
     with pytest.raises(ConfigError, match="not a Hugging Face checkpoint"):
         LoraModelSpec("next_token", pretrained=str(tmp_path / "missing")).base_dir()
+    with pytest.raises(ConfigError, match="do not fit the model"):
+        _fresh(replace(DECODER_SPEC, targets=("no_such_layer",)))
+    with pytest.raises(ConfigError, match="rank >= 1"):
+        LoraModelSpec("next_token", rank=0)
 
 
 def test_fingerprint_names_the_exact_base_and_fold_changes_it(decoder) -> None:  # type: ignore[no-untyped-def]

@@ -70,7 +70,10 @@ def inject_lora(model: TextModel, spec: LoraModelSpec) -> AdapterLayout:
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
     )
-    peft.inject_adapter_in_model(config, model.base, adapter_name=ADAPTER)
+    try:
+        peft.inject_adapter_in_model(config, model.base, adapter_name=ADAPTER)
+    except ValueError as exc:  # peft: no module matches the targets
+        raise ConfigError(f"LoRA targets {targets} do not fit the model: {exc}") from exc
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name or name.startswith("head."))
     matrices = tuple(

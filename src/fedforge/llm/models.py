@@ -78,6 +78,14 @@ class LoraModelSpec:
     targets: tuple[str, ...] = ()
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.task not in ("classify", "next_token"):
+            raise ConfigError(f"task {self.task!r}: choose classify or next_token")
+        if self.rank < 1 or self.alpha <= 0:
+            raise ConfigError(f"LoRA needs rank >= 1 and alpha > 0, got {self.rank}, {self.alpha}")
+        if self.task == "classify" and self.num_labels < 2:
+            raise ConfigError(f"classification needs num_labels >= 2, got {self.num_labels}")
+
     def base_dir(self) -> Path | None:
         """The checkpoint directory the base loads from (None: a fresh decoder)."""
         if self.pretrained is not None:
