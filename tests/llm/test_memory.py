@@ -32,7 +32,7 @@ def test_estimate_matches_the_measured_peak_of_a_batched_step(encoder, tmp_path:
     )
     transformers.BertModel(config).save_pretrained(tmp_path)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    configs = ["classify:4:8:64", "next_token:2:4:64"]
+    configs = ["classify:4:8:64", "next_token:2:4:32"]
     script = str(ROOT / "tests" / "llm" / "measure_peak.py")
     proc = subprocess.run(
         [sys.executable, script, str(tmp_path), *configs],
