@@ -20,6 +20,9 @@ on tensor values, which ``vmap`` cannot trace. Clients of mixed ranks are zero-p
 largest rank (exact: see :func:`~fedforge.llm.layout.pad_rank`); each keeps its own scale.
 Short batches are filled with copies of the client's first row at zero loss weight; clients
 that run out of steps leave the stack (they come sorted by step count, most first).
+
+Both paths use the process's one model in place (adapters written in; LoRA layers' forwards
+patched for the duration of a batched call): one training call at a time per model.
 """
 
 from __future__ import annotations
