@@ -267,7 +267,11 @@ def run_server(
         streams=RngStreams(config.seed),
         model_spec=spec_of(state.params),
         trainable=[name for name, _ in model.module.named_parameters()],
-        population=hub.connected_ids,
+        # Central DP: the sampler draws from every registered client, as the accountant
+        # assumes; one that disconnected since the round began waiting fails its task.
+        population=(
+            (lambda: range(len(names))) if config.privacy.mode == "central" else hub.connected_ids
+        ),
         population_size=lambda: len(names),
         example_cap=example_cap,
         stages=chain,

@@ -18,6 +18,10 @@ class ListenerGroup(RoundListener):
         for item in self.listeners:
             item.round_started(round_number, client_ids)
 
+    def round_expects(self, results: int) -> None:
+        for item in self.listeners:
+            item.round_expects(results)
+
     def client_done(self, client_id: int, status: str) -> None:
         for item in self.listeners:
             item.client_done(client_id, status)
