@@ -68,18 +68,15 @@ def general_problems(config: RunConfig) -> list[str]:
     kind = config.aggregation.kind
     if algorithm.name == "scaffold" and kind != "mean":
         out.append(
-            f"aggregation.kind = {kind!r} cannot run algorithm.name = 'scaffold': every "
-            "accepted client moves its control variate by its own record, so the server must "
-            "add them all (the weighted mean); a rule that drops, reweighs or clips records "
-            "breaks c = mean(c_i)"
+            f"aggregation.kind = {kind!r} cannot run algorithm.name = 'scaffold': its control "
+            "variates need every accepted record added (the mean)"
         )
     # (secure aggregation: secagg_conflicts)
     whole = ("mean", "secure_sum", *WHOLE_RECORD_RULES)
     if algorithm.name in ("fednova", "qfedavg") and kind not in whole:
         out.append(
             f"aggregation.kind = {kind!r} cannot run algorithm.name = {algorithm.name!r}: it "
-            "combines the normalizer in each record apart from the update it normalizes (per "
-            "coordinate or rescaled); use 'mean', 'krum', 'multi_krum' or 'geometric_median'"
+            "separates normalizer and update; use mean, (multi_)krum or geometric_median"
         )
     layers = 1 if config.model.name == "logistic" else len(config.model.hidden) + 1
     personal_head = algorithm.name in ("fedper", "fedrep")
@@ -162,14 +159,11 @@ def clock_conflicts(config: RunConfig) -> list[str]:
         "aggregation.kind": (config.aggregation.kind != "mean", "the buffer is a weighted mean"),
         "algorithm.name": (
             name in ("scaffold", "fedper", "fedrep", "ditto", "fednova", "qfedavg"),
-            "FedBuff runs algorithms without client state (control variates, personal heads "
-            "or models) whose record is the update alone: the staleness discount would also "
-            "scale FedNova's and q-FedAvg's normalizer",
+            "it needs a stateless algorithm whose record is the update alone",
         ),
         "algorithm.stragglers": (
             config.algorithm.stragglers > 0,
-            "clients run at their device's speed on the clock and a slow one arrives late "
-            "(stale) instead of doing partial work",
+            "a slow client arrives late (stale) rather than doing partial work",
         ),
         "privacy.mode": (config.privacy.mode != "off", "privacy is accounted per round"),
         "evaluation.fraction": (config.evaluation.fraction > 0, "no rounds to evaluate in"),

@@ -144,8 +144,7 @@ SCOPES = (
     Scope(
         ("privacy.accountant", "privacy.seeded_noise"),
         lambda c: c.privacy.mode != "distributed",
-        "privacy.mode 'central', 'local' or 'sample' (distributed DP is accounted in zCDP, "
-        "its noise drawn on each client)",
+        "privacy.mode 'central', 'local' or 'sample' (not distributed: zCDP, client noise)",
     ),
     # aggregation
     Scope(
