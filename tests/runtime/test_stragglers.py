@@ -105,3 +105,17 @@ def test_the_clock_times_a_straggler_by_its_partial_work(small_federated) -> Non
         lambda c, e: FedAvg(local=local).program().num_steps(small_federated.client_size(c), e),
     )
     np.testing.assert_allclose(clock.durations([3, 3], 0, 0, epochs=[1, None]), [2.0, 10.0])
+
+
+def test_a_dp_sgd_straggler_runs_and_accounts_its_partial_work(small_federated) -> None:  # type: ignore[no-untyped-def]
+    """DP-SGD honours a straggler's epochs: a quarter of the steps, in its ledger too."""
+    from fedforge.privacy.dp_sgd import SampleDP
+    from fedforge.runtime.client_app import DP_SGD_STEPS
+
+    app = ClientApp(FedAvg(local=LOCAL), small_mlp(), sample_dp=SampleDP(1.0, 1.0, 1e-5))
+    shared = {n: p.detach().numpy() for n, p in small_mlp().named_parameters()}
+    data = small_federated.client_data(0)
+    _, full = app.fit(Task(FIT, 1, 0, 7, shared), data, None)
+    _, part = app.fit(Task(FIT, 1, 0, 7, shared, {WORK_EPOCHS: 1.0}), data, None)
+    assert full is not None and part is not None
+    assert int(full[DP_SGD_STEPS][0]) == 4 * int(part[DP_SGD_STEPS][0]) > 0

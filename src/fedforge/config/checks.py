@@ -159,7 +159,7 @@ def clock_conflicts(config: RunConfig) -> list[str]:
         "aggregation.kind": (config.aggregation.kind != "mean", "the buffer is a weighted mean"),
         "algorithm.name": (
             name in ("scaffold", "fedper", "fedrep", "ditto", "fednova", "qfedavg"),
-            "it needs a stateless algorithm whose record is the update alone",
+            "it needs an algorithm without client state whose record is the update alone",
         ),
         "algorithm.stragglers": (
             config.algorithm.stragglers > 0,

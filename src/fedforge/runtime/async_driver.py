@@ -42,9 +42,10 @@ from fedforge.core.params import Params, num_bytes
 from fedforge.core.records import FIT, RecordBatch, Reply, Task
 from fedforge.core.rng import Purpose
 from fedforge.report.history import History, RoundRecord
+from fedforge.report.listeners import DeferredEvents, Event
 from fedforge.runtime.async_time import Job, RealTime, TimeSource, VirtualTime, Window
 from fedforge.runtime.clock import VirtualClock, spec_bytes
-from fedforge.runtime.driver import Accept, Check, Driver, Exchanged, RoundListener
+from fedforge.runtime.driver import Accept, Check, Driver, Exchanged
 from fedforge.runtime.sampling import UniformSampler
 from fedforge.runtime.transport import AsyncTransport
 from fedforge.stages.base import SumContext
@@ -116,30 +117,6 @@ class Arrival:
     @property
     def staleness(self) -> int:
         return self.arrived - self.started
-
-
-Event = Callable[[RoundListener], None]
-
-
-class _Deferred(RoundListener):
-    """Keeps each client's listener events of an exchange: on the virtual clock a task is
-    trained before its result reaches the server, and the listener hears of it when it does
-    (a result when it enters the buffer, a failure when it arrives)."""
-
-    def __init__(self) -> None:
-        self.events: dict[int, list[Event]] = {}
-
-    def client_done(self, client_id: int, status: str) -> None:
-        self.events.setdefault(client_id, []).append(
-            lambda listener: listener.client_done(client_id, status)
-        )
-
-    def client_reported(
-        self, client_id: int, status: str, reason: str, metrics: dict[str, float]
-    ) -> None:
-        self.events.setdefault(client_id, []).append(
-            lambda listener: listener.client_reported(client_id, status, reason, metrics)
-        )
 
 
 @dataclass(frozen=True)
@@ -308,7 +285,7 @@ class AsyncDriver:
         started = time.perf_counter()
         seq_of = {job.client_id: job.seq for job in jobs}
         tasks = [self.task(job, state) for job in jobs]
-        deferred = _Deferred()
+        deferred = DeferredEvents()
         keeper = self._keeper(state, seq_of.__getitem__)
         out = d._exchange(tasks, self._check(), keeper, deferred)
         for cid in out.failed + out.rejected:
@@ -322,7 +299,7 @@ class AsyncDriver:
         """One reply, as it arrived (real time)."""
         out = Exchanged()
         accept = self._keeper(state, lambda _cid: job.seq)
-        deferred = _Deferred()
+        deferred = DeferredEvents()
         self.driver._take(reply, job.version + 1, self._check(), accept, deferred, out)
         self._results.setdefault(job.seq, None)  # failed or rejected
         self._events[job.seq] = deferred.events.pop(job.client_id, [])

@@ -347,8 +347,11 @@ class Driver:
             tasks = [t for t in tasks if t.client_id in kept]
             cohort = [c for c in sampled if c not in too_slow]
             clients["too_slow"] = timing.dropped
-            metrics["clock.seconds"] = timing.seconds
-            metrics["clock.time"] = self.clock.advance(timing.seconds)
+            seconds = timing.seconds
+            if not population and not self.clock.fixed_rounds:  # nobody online: look later
+                seconds = self.clock.devices.availability.resolution
+            metrics["clock.seconds"] = seconds
+            metrics["clock.time"] = self.clock.advance(seconds)
         fit_started = time.perf_counter()
         secure_bytes_down = 0
         if isinstance(self.aggregation, SecureAggregation):
