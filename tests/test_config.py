@@ -315,5 +315,12 @@ def test_the_same_keys_load_where_they_apply() -> None:
         ["attack.kind=backdoor", "attack.target_label=3", "attack.overclaim=2.0"],
         ["clock.enabled=true", "clock.availability=random", "clock.slot_s=60"],
         ["runtime.backend=auto", "runtime.num_workers=4", "runtime.memory_budget_mb=64"],
+        # FedBuff draws no rounds: the default clients_per_round may exceed the clients
+        [
+            "partition.num_clients=3",
+            *FEDBUFF[:2],
+            "asynchronous.buffer=2",
+            "asynchronous.concurrency=3",
+        ],
     ):
         load_config(None, overrides)

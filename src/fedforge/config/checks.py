@@ -53,7 +53,8 @@ def general_problems(config: RunConfig) -> list[str]:
         )
     clients = num_clients(config)
     server, algorithm, update = config.server, config.algorithm, config.update
-    if server.sampler == "uniform" and server.clients_per_round > clients:
+    synchronous = config.asynchronous.mode == "off"  # (FedBuff draws no rounds)
+    if synchronous and server.sampler == "uniform" and server.clients_per_round > clients:
         natural = config.partition.scheme == "natural"
         where = "data.devices" if natural else "partition.num_clients"
         out.append(
