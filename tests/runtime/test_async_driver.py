@@ -260,18 +260,9 @@ def test_fedbuff_progress_counts_the_buffer() -> None:
 
     from rich.console import Console
 
-    from fedforge.report.history import RoundRecord
     from fedforge.report.listeners import ListenerGroup
     from fedforge.report.progress import ProgressListener
-    from fedforge.runtime.driver import RoundListener
-
-    class Columns(RoundListener):
-        def __init__(self, progress: ProgressListener) -> None:
-            self.progress, self.seen = progress, []
-
-        def round_finished(self, record: RoundRecord) -> None:
-            if record.round:
-                self.seen.append(self.progress.progress.tasks[0].fields["clients"])
+    from tests.report.test_progress import Columns
 
     data = _federation(6)
     devices = _devices(data, [1.0, 1.3, 1.7, 2.2, 2.9, 3.1])
