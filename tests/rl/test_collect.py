@@ -28,13 +28,13 @@ def _agents(env: BatchEnv, count: int, seed: int = 0):
     return policy, params, physics
 
 
-def _assert_same(a, b, atol: float) -> None:
+def _assert_same(a, b) -> None:
     assert torch.equal(a.alive, b.alive)
     assert torch.equal(a.actions, b.actions)
     assert torch.equal(a.rewards, b.rewards)
     assert torch.equal(a.terminated, b.terminated)
     assert torch.equal(a.truncated, b.truncated)
-    torch.testing.assert_close(a.obs, b.obs, rtol=0, atol=atol)
+    assert torch.equal(a.obs, b.obs)
 
 
 def test_cartpole_collectors_agree_bit_for_bit() -> None:
@@ -43,25 +43,27 @@ def test_cartpole_collectors_agree_bit_for_bit() -> None:
     faulty = torch.tensor([False, False, True, False, False])
     fast = collect(CARTPOLE, policy, params, physics, seeds, 4, 500, random_actions=faulty)
     slow = collect_gym(CARTPOLE, policy, params, physics, seeds, 4, 500, random_actions=faulty)
-    _assert_same(fast, slow, atol=0.0)
+    _assert_same(fast, slow)
     assert bool(fast.terminated.all()) and fast.lengths.max() > 20
 
 
-def test_acrobot_collectors_agree_and_truncate_at_the_horizon() -> None:
+def test_acrobot_collectors_agree_bit_for_bit_and_truncate_at_the_horizon() -> None:
+    """Acrobot is chaotic: a single last-bit difference would grow into a different
+    trajectory long before 300 steps."""
     policy, params, physics = _agents(ACROBOT, 3)
     seeds = [np.random.SeedSequence(7, spawn_key=(k,)) for k in range(3)]
-    fast = collect(ACROBOT, policy, params, physics, seeds, 2, 120)
-    slow = collect_gym(ACROBOT, policy, params, physics, seeds, 2, 120)
-    _assert_same(fast, slow, atol=1e-5)  # float64 sin/cos differ in the last bit now and then
-    assert bool(fast.truncated.all()) and fast.obs.shape[2] == 120
-    assert torch.equal(fast.returns, torch.full((3, 2), -120.0, dtype=torch.float64))
+    fast = collect(ACROBOT, policy, params, physics, seeds, 2, 300)
+    slow = collect_gym(ACROBOT, policy, params, physics, seeds, 2, 300)
+    _assert_same(fast, slow)
+    assert bool(fast.truncated.all()) and fast.obs.shape[2] == 300
+    assert torch.equal(fast.returns, torch.full((3, 2), -300.0, dtype=torch.float64))
 
 
 def test_greedy_evaluation_agrees() -> None:
     policy, params, physics = _agents(CARTPOLE, 2, seed=5)
     fast = collect(CARTPOLE, policy, params, physics, [1, 2], 3, 60, greedy=True)
     slow = collect_gym(CARTPOLE, policy, params, physics, [1, 2], 3, 60, greedy=True)
-    _assert_same(fast, slow, atol=0.0)
+    _assert_same(fast, slow)
     with torch.no_grad():
         best = torch.stack(
             [policy.logits({n: t[k] for n, t in params.items()}, fast.obs[k]) for k in range(2)]

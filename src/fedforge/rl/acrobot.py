@@ -5,10 +5,11 @@ fourth-order Runge-Kutta step of ``dt = 0.2`` over the state augmented with the 
 angles wrapped into [-pi, pi] by repeated subtraction of 2 pi (as gymnasium's ``wrap``), the
 velocities clipped to 4 pi and 9 pi. Float dtypes follow gymnasium: ``reset`` draws float64
 uniforms and rounds them to float32, and every later state is float64 (``np.append``
-promotes it). gymnasium computes the first observation's cos and sin in float32 on that
-float32 state; the float64 values rounded to float32 are the same bits there (numpy's
-float32 cos/sin round correctly; torch's float32 ones are 1 ulp off now and then), so
-observations are always computed in float64 and rounded.
+promotes it). So gymnasium computes the first observation's cos and sin in float32 on the
+float32 state (:func:`observe_reset`; NumPy's float32 cos is not always the float64 one
+rounded) and every later one in float64, rounded to float32 (:func:`observe`). cos, sin and
+squares go through :mod:`fedforge.rl.libm` so that they round as gymnasium's NumPy scalars
+do: the trajectories then agree bit for bit.
 
 Termination: the free end above the bar, ``-cos(t1) - cos(t1 + t2) > 1`` (gymnasium's test
 assumes unit link lengths whatever ``LINK_LENGTH_1`` is; so does this one). Reward -1 per step,
@@ -27,6 +28,8 @@ from math import pi
 
 import numpy as np
 import torch
+
+from fedforge.rl import libm
 
 PARAMETERS = (
     "link_length_1",
@@ -59,27 +62,34 @@ def reset(seeds: list[int]) -> torch.Tensor:
 def observe(state: torch.Tensor) -> torch.Tensor:
     """``[cos t1, sin t1, cos t2, sin t2, dt1, dt2]``, computed in float64, as float32."""
     t1, t2, v1, v2 = state.unbind(-1)
-    obs = torch.stack((torch.cos(t1), torch.sin(t1), torch.cos(t2), torch.sin(t2), v1, v2), -1)
+    obs = torch.stack((libm.cos(t1), libm.sin(t1), libm.cos(t2), libm.sin(t2), v1, v2), -1)
     return obs.to(torch.float32)
 
 
+def observe_reset(state: torch.Tensor) -> torch.Tensor:
+    """The first observation, computed in float32 as gymnasium does on its float32 state."""
+    return observe(state.to(torch.float32))
+
+
 def _derivatives(s: torch.Tensor, torque: torch.Tensor, physics: torch.Tensor) -> torch.Tensor:
-    """gymnasium's ``_dsdt`` (book dynamics) for every row; the torque's derivative is 0."""
+    """gymnasium's ``_dsdt`` (book dynamics) for every row; the torque's derivative is 0.
+    Same terms in the same order; ``sq`` is gymnasium's ``**2`` (C ``pow``)."""
+    sq, cos, sin = libm.squared, libm.cos, libm.sin
     l1, m1, m2, lc1, lc2, moi = physics.unbind(-1)
     i1 = i2 = moi
     g = GRAVITY
     theta1, theta2, dtheta1, dtheta2 = s.unbind(-1)
-    d1 = m1 * lc1**2 + m2 * (l1**2 + lc2**2 + 2 * l1 * lc2 * torch.cos(theta2)) + i1 + i2
-    d2 = m2 * (lc2**2 + l1 * lc2 * torch.cos(theta2)) + i2
-    phi2 = m2 * lc2 * g * torch.cos(theta1 + theta2 - pi / 2.0)
+    d1 = m1 * sq(lc1) + m2 * (sq(l1) + sq(lc2) + 2 * l1 * lc2 * cos(theta2)) + i1 + i2
+    d2 = m2 * (sq(lc2) + l1 * lc2 * cos(theta2)) + i2
+    phi2 = m2 * lc2 * g * cos(theta1 + theta2 - pi / 2.0)
     phi1 = (
-        -m2 * l1 * lc2 * dtheta2**2 * torch.sin(theta2)
-        - 2 * m2 * l1 * lc2 * dtheta2 * dtheta1 * torch.sin(theta2)
-        + (m1 * lc1 + m2 * l1) * g * torch.cos(theta1 - pi / 2)
+        -m2 * l1 * lc2 * sq(dtheta2) * sin(theta2)
+        - 2 * m2 * l1 * lc2 * dtheta2 * dtheta1 * sin(theta2)
+        + (m1 * lc1 + m2 * l1) * g * cos(theta1 - pi / 2)
         + phi2
     )
-    ddtheta2 = (torque + d2 / d1 * phi1 - m2 * l1 * lc2 * dtheta1**2 * torch.sin(theta2) - phi2) / (
-        m2 * lc2**2 + i2 - d2**2 / d1
+    ddtheta2 = (torque + d2 / d1 * phi1 - m2 * l1 * lc2 * sq(dtheta1) * sin(theta2) - phi2) / (
+        m2 * sq(lc2) + i2 - sq(d2) / d1
     )
     ddtheta1 = -(d2 * ddtheta2 + phi1) / d1
     parts = torch.broadcast_tensors(dtheta1, dtheta2, ddtheta1, ddtheta2)  # type: ignore[no-untyped-call]
@@ -117,6 +127,6 @@ def step(
     v1 = ns[..., 2].clamp(-MAX_VEL_1, MAX_VEL_1)
     v2 = ns[..., 3].clamp(-MAX_VEL_2, MAX_VEL_2)
     next_state = torch.stack((t1, t2, v1, v2), dim=-1)
-    terminated = -torch.cos(t1) - torch.cos(t2 + t1) > 1.0
+    terminated = -libm.cos(t1) - libm.cos(t2 + t1) > 1.0
     reward = torch.where(terminated, 0.0, -1.0).to(torch.float32)
     return next_state, reward, terminated

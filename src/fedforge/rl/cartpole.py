@@ -19,6 +19,8 @@ import math
 import numpy as np
 import torch
 
+from fedforge.rl import libm
+
 PARAMETERS = ("gravity", "masscart", "masspole", "length", "force_mag")
 DEFAULTS = (9.8, 1.0, 0.1, 0.5, 10.0)
 TAU = 0.02
@@ -51,8 +53,8 @@ def step(
     total_mass = masspole + masscart
     polemass_length = masspole * length
     force = torch.where(action == 1, force_mag, -force_mag)
-    costheta = torch.cos(theta)
-    sintheta = torch.sin(theta)
+    costheta = libm.cos(theta)
+    sintheta = libm.sin(theta)
     temp = (force + polemass_length * torch.square(theta_dot) * sintheta) / total_mass
     thetaacc = (gravity * sintheta - costheta * temp) / (
         length * (4.0 / 3.0 - masspole * torch.square(costheta) / total_mass)

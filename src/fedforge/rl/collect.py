@@ -57,22 +57,27 @@ def collect(
     physical parameters (A, P) float64, ``seeds`` their random streams (see
     :func:`~fedforge.rl.trajectories.agent_draws`). Agents flagged in ``random_actions`` (A,)
     act uniformly at random instead of following their policy; ``greedy`` takes every
-    policy's most probable action instead of sampling (evaluation)."""
+    policy's most probable action instead of sampling (evaluation). Everything runs on the
+    device of ``params``."""
     check_request(env, physics, seeds, episodes, horizon)
     agents = len(seeds)
     draws = [agent_draws(s, episodes, horizon) for s in seeds]
     reset_seeds = [s for d in draws for s in d.episode_seeds]
-    state = env.reset_states(reset_seeds).reshape(agents, episodes, -1)
-    uniforms = torch.from_numpy(np.stack([d.uniforms for d in draws]))
-    row_physics = physics.to(torch.float64).unsqueeze(1)
+    device = next(iter(params.values())).device
+    state = env.reset_states(reset_seeds).reshape(agents, episodes, -1).to(device)
+    uniforms = torch.from_numpy(np.stack([d.uniforms for d in draws])).to(device)
+    row_physics = physics.to(device, torch.float64).unsqueeze(1)
+    if random_actions is not None:
+        random_actions = random_actions.to(device)
 
-    obs_buf = torch.zeros(agents, episodes, horizon, env.obs_dim)
-    act_buf = torch.zeros(agents, episodes, horizon, dtype=torch.long)
-    rew_buf = torch.zeros(agents, episodes, horizon)
-    alive_buf = torch.zeros(agents, episodes, horizon, dtype=torch.bool)
-    alive = torch.ones(agents, episodes, dtype=torch.bool)
-    terminated = torch.zeros(agents, episodes, dtype=torch.bool)
-    obs = env.observe(state)
+    size = (agents, episodes, horizon)
+    obs_buf = torch.zeros(*size, env.obs_dim, device=device)
+    act_buf = torch.zeros(size, dtype=torch.long, device=device)
+    rew_buf = torch.zeros(size, device=device)
+    alive_buf = torch.zeros(size, dtype=torch.bool, device=device)
+    alive = torch.ones(agents, episodes, dtype=torch.bool, device=device)
+    terminated = torch.zeros(agents, episodes, dtype=torch.bool, device=device)
+    obs = env.observe_reset(state)
     steps = horizon
     for t in range(horizon):
         logits = policy.stacked_logits(params, obs)

@@ -3,8 +3,9 @@ the same physical parameters.
 
 A :class:`BatchEnv` is data plus pure functions: ``reset(seeds)`` draws initial states exactly
 as gymnasium's ``reset(seed=s)`` does (gymnasium seeds ``numpy.random.default_rng(s)`` and draws
-``uniform(low, high, size=4)``), ``observe`` maps states to float32 observations and ``step``
-advances a batch of states under per-row physical parameters. Nothing here resets on its
+``uniform(low, high, size=4)``), ``observe_reset`` and ``observe`` map initial and later
+states to float32 observations and ``step`` advances a batch of states under per-row
+physical parameters. Nothing here resets on its
 own: what happens when an episode ends is the collector's business (see
 :mod:`fedforge.rl.collect`).
 """
@@ -34,6 +35,7 @@ class BatchEnv:
     parameters: tuple[str, ...]
     defaults: tuple[float, ...]
     reset_states: Callable[[list[int]], torch.Tensor]
+    observe_reset: Callable[[torch.Tensor], torch.Tensor]
     observe: Callable[[torch.Tensor], torch.Tensor]
     step: StepFn
     gym_attributes: tuple[str, ...]
@@ -50,6 +52,7 @@ CARTPOLE = BatchEnv(
     parameters=cartpole.PARAMETERS,
     defaults=cartpole.DEFAULTS,
     reset_states=cartpole.reset,
+    observe_reset=cartpole.observe,
     observe=cartpole.observe,
     step=cartpole.step,
     gym_attributes=cartpole.PARAMETERS,
@@ -62,6 +65,7 @@ ACROBOT = BatchEnv(
     parameters=acrobot.PARAMETERS,
     defaults=acrobot.DEFAULTS,
     reset_states=acrobot.reset,
+    observe_reset=acrobot.observe_reset,
     observe=acrobot.observe,
     step=acrobot.step,
     gym_attributes=(

@@ -6,11 +6,11 @@ gymnasium's ``reset(seed=s)`` for every episode and one uniform per step for the
 gives its env the agent's physical parameters. gymnasium's ``TimeLimit`` truncates at the
 horizon.
 
-Where the dynamics agree the trajectories are identical. They agree bit for bit on CartPole;
-on Acrobot torch's and NumPy's float64 ``sin``/``cos`` differ in the last bit now and then, so
-states differ by ~1e-15 and, Acrobot being chaotic, by up to ~1e-6 in observations after 500
-steps; an action can then differ if a uniform falls that close to a cumulative probability
-(rare, and the episodes stay equally distributed). gymnasium is imported here only.
+The trajectories are identical, bit for bit, on the CPU: the torch dynamics round as
+gymnasium does (:mod:`fedforge.rl.libm`) and both collectors draw actions from the same
+probabilities and uniforms. On a GPU, torch's own cos/sin differ in the last bit now and then
+and Acrobot, being chaotic, turns that into a different (equally distributed) trajectory
+within ~100 steps; CartPole stays within float rounding. gymnasium is imported here only.
 """
 
 from __future__ import annotations
