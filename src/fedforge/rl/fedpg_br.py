@@ -24,6 +24,10 @@ inequality guarantees every honest report is kept only at twice these radii (an 
 report is within ``T_mu`` of every other honest one, and ``mu_mom`` is within ``T_mu`` of one
 honest report); ``radius_scale=2`` gives that guaranteed variant. With fewer than K/2 faulty
 agents, a group of faulty reports, however they collude, never has a majority around it.
+
+The gradients are :mod:`fedforge.rl.estimators`' (the paper's GPOMDP, unbiased); the authors'
+code instead weighs each step by its reward-to-go standardized within the episode, a biased
+variant not reproduced here.
 """
 
 from __future__ import annotations

@@ -20,23 +20,26 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from fedforge.train import models
+
 Tensors = dict[str, torch.Tensor]
 
 
-def mlp(obs_dim: int, num_actions: int, hidden: Sequence[int] = (16, 16)) -> nn.Sequential:
+def mlp(obs_dim: int, num_actions: int, hidden: Sequence[int] = (16, 16)) -> nn.Module:
     """Linear-tanh-...-Linear producing one logit per action."""
     if obs_dim < 1 or num_actions < 2 or any(h < 1 for h in hidden):
         raise ValueError(
             f"need obs_dim >= 1, num_actions >= 2 and positive widths; "
             f"got {obs_dim}, {num_actions}, {list(hidden)}"
         )
-    layers: list[nn.Module] = []
-    width = obs_dim
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.Tanh()]
-        width = h
-    layers.append(nn.Linear(width, num_actions))
-    return nn.Sequential(*layers)
+    return models.mlp(obs_dim, num_actions, hidden, activation=nn.Tanh)
+
+
+def _reinitialized(module: nn.Module) -> nn.Module:
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            layer.reset_parameters()
+    return module
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,8 @@ class Policy:
 
     def init(self, seed: int) -> Tensors:
         """Fresh parameters (PyTorch's default initialization) from ``seed`` alone."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for layer in self.module.modules():
-                if isinstance(layer, nn.Linear):
-                    layer.reset_parameters()
-        return {name: p.detach().clone() for name, p in self.module.named_parameters()}
+        module = models.seeded(lambda: _reinitialized(self.module), seed)
+        return {name: p.detach().clone() for name, p in module.named_parameters()}
 
     def logits(self, params: Tensors, obs: torch.Tensor) -> torch.Tensor:
         """Logits (..., num_actions) of one agent's observations (..., obs_dim)."""
