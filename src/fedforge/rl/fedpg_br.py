@@ -162,7 +162,10 @@ def scsg_inner_loop(
 ) -> Tensors:
     """SCSG from ``theta0``: ``steps`` times, sample the server's own trajectories at the
     current policy and ``step`` along :func:`scsg_direction`. ``mu`` None (the filter kept
-    nobody) steps along the server's own gradient estimate instead."""
+    nobody) steps along the server's own gradient estimate instead. The importance weights
+    are products over whole episodes and grow or vanish as ``theta_n`` leaves ``theta_0``
+    (the authors' code stops the inner loop once their mean leaves [0.995, 1.005]; that
+    heuristic is not applied here), so keep the step small or the loop short."""
     params = dict(theta0)
     for _ in range(steps):
         traj = sample(params)
