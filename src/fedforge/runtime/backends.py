@@ -74,7 +74,7 @@ def slower_batched(module: torch.nn.Module, device: str | None) -> str | None:
     """Why batching ``module`` on ``device`` would be slower than training one client at a
     time, or None: on the CPU, vmap runs a batch of convolutions with per-client weights as
     one grouped convolution, measured slower than the clients one by one (bench/README.md,
-    section 13: the FedAvg CNN, 1.4x the CPU time on one thread)."""
+    section 15: the FedAvg CNN, 1.4x the CPU time on one thread)."""
     from fedforge.runtime.vectorized import default_device
 
     where = torch.device(device) if device else default_device()
