@@ -38,6 +38,7 @@ def _deployable(project: Path, keys: Path, port: int, state: Path) -> Path:
     return path
 
 
+@pytest.mark.usefixtures("isolated_imports")
 def test_a_new_project_deploys_unchanged_and_a_different_model_is_refused(tmp_path: Path) -> None:
     project = tmp_path / "hospitals"
     assert CliRunner().invoke(app, ["new", str(project), "--template", "tabular"]).exit_code == 0

@@ -358,6 +358,7 @@ def test_ray_backend_runs_fedreps_two_phases_as_sequential(small_federated, ray_
         assert on_ray.history[-1].metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.usefixtures("isolated_imports")
 def test_ray_runs_a_training_function_from_a_project_directory(tmp_path, ray_cluster) -> None:  # type: ignore[no-untyped-def]
     """The training function and the model class live in a project directory the actors
     cannot import: they travel by value, and the run equals the sequential one."""

@@ -23,7 +23,7 @@ def digit_images(clients: int) -> ff.FederatedDataset:
     digits = load_digits()
     x = (digits.images[:, None] / 16.0).astype(np.float32)  # (N, 1, 8, 8)
     y = digits.target.astype(np.int64)
-    train, test = ff.ArrayDataset(x[:240], y[:240]), ff.ArrayDataset(x[1500:1600], y[1500:1600])
+    train, test = ff.ArrayDataset(x[:120], y[:120]), ff.ArrayDataset(x[1500:1560], y[1500:1560])
     parts = ff.partition.dirichlet(train.y, clients, 0.5, np.random.default_rng(0))
     return ff.FederatedDataset(train, test, parts)
 
@@ -37,11 +37,11 @@ def digit_images(clients: int) -> ff.FederatedDataset:
     ids=["fedavg_cnn", "residual_cnn"],
 )
 def test_cnns_vectorized_equal_sequential(make) -> None:  # type: ignore[no-untyped-def]
-    data = digit_images(6)
+    data = digit_images(4)
     algorithm = ff.FedAvg(local=ff.LocalSGD(lr=0.1, epochs=2, batch_size=8))
     runs = {
         backend: ff.simulate(
-            make, data, algorithm, rounds=2, clients_per_round=4, seed=1, backend=backend, threads=1
+            make, data, algorithm, rounds=2, clients_per_round=3, seed=1, backend=backend, threads=1
         )
         for backend in ("sequential", "vectorized")
     }
