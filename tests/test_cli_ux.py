@@ -162,8 +162,8 @@ def test_a_file_size_limit_ends_with_one_line_and_the_run_resumes(tmp_path: Path
 
     args = [*TINY, "--set", "model.name='mlp'", "--set", "model.hidden=[200]"]
     proc = subprocess.run(
-        [sys.executable, "-m", "fedforge.cli", "run", *args, "--set", "server.rounds=2"]
-        + ["--out", str(out), "--quiet"],
+        [sys.executable, "-m", "fedforge.cli", "run", *args, "--set", "server.rounds=2",
+         "--out", str(out), "--quiet"],
         capture_output=True, text=True, timeout=DEADLINE, preexec_fn=limit, check=False,
     )  # fmt: skip
     assert proc.returncode == 1

@@ -127,8 +127,8 @@ def run(
         bool,
         typer.Option(
             "--mlflow",
-            help="Log the configuration and every round to MLflow (at MLFLOW_TRACKING_URI, "
-            "else MLflow's local default).",
+            help="Log the configuration, provenance and every round to MLflow (at "
+            "MLFLOW_TRACKING_URI, else in RUN_DIR/mlflow.db).",
         ),
     ] = False,
 ) -> None:
@@ -298,11 +298,17 @@ def make_trackers(
     cfg: RunConfig, out_dir: Path, tensorboard: bool, mlflow: bool
 ) -> list[RoundListener]:
     """The experiment-tracker listeners asked for on the command line."""
-    import sys
+    from datetime import datetime
 
-    from fedforge import __version__
     from fedforge.report.live import settings_text
-    from fedforge.report.trackers import MLflowExport, TensorBoardExport, flat_config
+    from fedforge.report.rundir import provenance
+    from fedforge.report.trackers import (
+        MLflowExport,
+        TensorBoardExport,
+        flat_config,
+        mlflow_tracking_uri,
+        provenance_tags,
+    )
 
     raw = cfg.model_dump(mode="json", exclude_none=True)
     raw.pop("deploy", None)
@@ -311,13 +317,22 @@ def make_trackers(
     if tensorboard:
         trackers.append(TensorBoardExport(out_dir / "tensorboard", settings))
     if mlflow:
+        record = provenance(
+            cfg, backend=cfg.runtime.backend, device=None, started=datetime.now().astimezone()
+        )
         tags = {
-            "fedforge.version": __version__,
+            **provenance_tags(record),
             "fedforge.run_dir": str(out_dir),
-            "fedforge.command": " ".join(sys.argv),
             "mlflow.note.content": settings,
         }
-        trackers.append(MLflowExport(flat_config(raw), tags, run_name=out_dir.name))
+        trackers.append(
+            MLflowExport(
+                flat_config(raw),
+                tags,
+                tracking_uri=mlflow_tracking_uri(out_dir),
+                run_name=out_dir.name,
+            )
+        )
     return trackers
 
 

@@ -11,7 +11,6 @@ import pytest
 from fedforge.config import RunConfig, load_config
 from fedforge.core.errors import FedforgeError
 from fedforge.report import rundir
-from fedforge.report.runlock import LOCK
 from fedforge.report.rundir import (
     new_run_dir,
     prepare_out_dir,
@@ -19,6 +18,7 @@ from fedforge.report.rundir import (
     simulation_toml,
     start_provenance,
 )
+from fedforge.report.runlock import LOCK
 
 NOON = datetime(2024, 5, 1, 12, 0, 0)
 

@@ -7,6 +7,8 @@ for one that is not installed fails before training with the command that instal
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,26 @@ def flat_config(raw: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def mlflow_tracking_uri(run_dir: Path, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Where ``--mlflow`` logs: ``MLFLOW_TRACKING_URI`` when set (None: MLflow reads it),
+    else a SQLite store in the run directory, ``RUN_DIR/mlflow.db`` (MLflow's own default
+    would be a store in the current directory)."""
+    if environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+def provenance_tags(record: Mapping[str, Any]) -> dict[str, str]:
+    """MLflow tags of a run's provenance (``fedforge.torch``, ``fedforge.seed``, ...)."""
+    return {
+        f"fedforge.{'version' if key == 'fedforge' else key}": (
+            " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        )
+        for key, value in record.items()
+        if value is not None and not isinstance(value, dict)
+    }
+
+
 class TensorBoardExport(RoundListener):
     """Writes every round's scalars to a TensorBoard event file in ``log_dir`` (created at
     the first round: the run directory is prepared first)."""
@@ -82,9 +104,10 @@ class TensorBoardExport(RoundListener):
 
 
 class MLflowExport(RoundListener):
-    """Logs the configuration as parameters, ``tags`` (provenance) and every round's scalars
-    (step = round) to an MLflow run. ``tracking_uri`` None: MLflow's default (the
-    ``MLFLOW_TRACKING_URI`` environment variable, else MLflow's local store)."""
+    """Logs the configuration as parameters, ``tags`` (provenance; the backend and device
+    when the run starts) and every round's scalars (step = round) to an MLflow run.
+    ``tracking_uri`` None: MLflow's default (the ``MLFLOW_TRACKING_URI`` environment
+    variable, else MLflow's local store); see :func:`mlflow_tracking_uri`."""
 
     def __init__(
         self,
@@ -110,6 +133,10 @@ class MLflowExport(RoundListener):
             mlflow.log_params(params)
         except Exception as exc:  # MLflow raises its own types (bad URI, store refused)
             raise FedforgeError(f"MLflow: {exc}") from None
+
+    def run_started(self, backend: str, device: str) -> None:
+        """The backend ``auto`` chose, and the device, once known."""
+        self._mlflow.set_tags({"fedforge.backend": backend, "fedforge.device": device})
 
     def round_finished(self, record: RoundRecord) -> None:
         self._mlflow.log_metrics(record_scalars(record), step=record.round)
