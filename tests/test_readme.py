@@ -34,7 +34,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from fedforge.cli import app
-from fedforge.config import load_config
+from fedforge.config import RunConfig, load_config
 from fedforge.experiment import check_simulation
 from tests.net.helpers import free_port, stop_all, wait_for_port
 
@@ -66,7 +66,7 @@ def test_every_block_is_one_the_tests_know_how_to_run() -> None:
     kinds = {b.lang for b in blocks()}
     assert kinds <= {"python", "bash", ""}, kinds
     samples = [b.code for b in blocks() if b.lang == ""]
-    assert len(samples) == 2  # the configuration error and the trace: both checked below
+    assert len(samples) == 3  # the Ctrl-C line, the configuration error, the trace: below
     assert sum(b.lang == "python" for b in blocks()) >= 5
 
 
@@ -223,13 +223,18 @@ class Shell:
             assert " ".join(argv) in (ROOT / ".ci" / "run").read_text()
             return None
         assert argv[0] == "fedforge", f"README command the tests do not know: {argv}"
-        args = argv[1:]
+        args, target = argv[1:], None
+        if ">" in args:  # fedforge config > my.toml
+            args, target = args[: args.index(">")], args[args.index(">") + 1]
         if args in (["--version"], ["config"]):
             result = self.runner.invoke(app, args)
             assert result.exit_code == 0, result.output
             if args == ["config"]:
-                tomllib.loads(result.output)
+                assert target is not None
+                (self.scratch / target).write_text(result.output)
+                assert load_config(self.scratch / target) == RunConfig()
             return None
+        assert target is None, argv
         path, params = parse(args)
         if path == ("run",):
             return self.fedforge_run(params)
@@ -304,6 +309,24 @@ def test_the_configuration_error_sample_is_what_the_command_prints() -> None:
     result = CliRunner().invoke(app, argv[1:])
     assert result.exit_code == 2
     assert result.output.rstrip("\n").splitlines() == expected
+
+
+def test_the_ctrl_c_sample_is_what_an_interrupted_run_prints(tmp_path: Path) -> None:
+    import sqlite3
+
+    from fedforge.report.stops import interrupted_text
+
+    (sample,) = [b.code for b in blocks() if b.lang == "" and b.code.startswith("interrupted")]
+    found = re.fullmatch(r"interrupted after round (\d+) .*--resume (\S+)\n", sample)
+    assert found is not None
+    run_dir = tmp_path / found.group(2)
+    (run_dir / "checkpoint").mkdir(parents=True)
+    db = sqlite3.connect(run_dir / "checkpoint" / "state.sqlite")
+    with db:
+        db.execute("CREATE TABLE rounds (round INTEGER PRIMARY KEY)")
+        db.execute("INSERT INTO rounds VALUES (?)", (int(found.group(1)),))
+    db.close()
+    assert interrupted_text(run_dir) + "\n" == sample.replace(found.group(2), str(run_dir))
 
 
 def test_the_trace_sample_reads_as_a_trace(tmp_path: Path) -> None:

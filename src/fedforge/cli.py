@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from fedforge.data.federated import FederatedDataset
     from fedforge.report.dashboard import Dashboard
     from fedforge.report.runlock import RunLock
-    from fedforge.runtime.driver import RoundListener
     from fedforge.runtime.simulation import SimulationResult
 
 app = typer.Typer(
@@ -138,6 +137,7 @@ def run(
     """
     from fedforge.config import load_config
     from fedforge.experiment import check_simulation, prepare_data
+    from fedforge.report.trackers import missing_trackers
 
     if resume is not None and (config is not None or out is not None):
         raise _fail(ValueError("--resume takes the run directory's own config.toml"), 2)
@@ -157,6 +157,9 @@ def run(
         data = prepare_data(cfg)
     except FedforgeError as exc:
         raise _fail(exc, 2) from None
+    except KeyboardInterrupt:
+        console.print("interrupted before training started")
+        raise typer.Exit(130) from None
     out_dir, lock = _claim_run_dir(cfg, out, resume, overwrite)
     with lock:
         _setup_logging()
@@ -192,26 +195,15 @@ def run(
 def _claim_run_dir(
     cfg: RunConfig, out: Path | None, resume: Path | None, overwrite: bool
 ) -> tuple[Path, RunLock]:
-    """The run directory, locked for this process: the one resumed (refused while another
-    process trains in it; a complete one ends the command with how to extend it), ``--out``
-    (prepared), or a new one."""
-    from fedforge.report.rundir import new_run_dir, prepare_out_dir
-    from fedforge.report.runlock import hold
-    from fedforge.report.stops import complete_text
+    """:func:`fedforge.report.rundir.claim_run_dir`, its refusals as one line (exit 2), a
+    complete run's message as the command's end (exit 0)."""
+    from fedforge.report.rundir import RunComplete, claim_run_dir
 
     try:
-        if resume is not None:
-            lock = hold(resume)
-            complete = complete_text(resume, cfg.server.rounds)
-            if complete:
-                lock.release()
-                console.print(complete, soft_wrap=True)
-                raise typer.Exit(0)
-            return resume, lock
-        if out is not None:
-            return out, prepare_out_dir(out, overwrite=overwrite)
-        out_dir = new_run_dir()
-        return out_dir, hold(out_dir)
+        return claim_run_dir(out, resume, overwrite=overwrite, rounds=cfg.server.rounds)
+    except RunComplete as done:
+        console.print(str(done), soft_wrap=True)
+        raise typer.Exit(0) from None
     except (FedforgeError, OSError) as exc:
         raise _fail(exc, 2) from None
 
@@ -235,11 +227,12 @@ def _train(
     from fedforge.report.progress import LineProgress, ProgressListener
     from fedforge.report.runlock import RunDirGone
     from fedforge.report.stops import environment_text, interrupted_text
+    from fedforge.report.trackers import run_trackers
 
     server = None
     listeners = ListenerGroup([])
     try:
-        listeners.listeners.extend(make_trackers(cfg, out_dir, tensorboard, mlflow))
+        listeners.listeners.extend(run_trackers(cfg, out_dir, tensorboard, mlflow))
         if dashboard:
             server = _start_dashboard(out_dir, dashboard_port)
         if quiet or not console.is_terminal:
@@ -277,63 +270,6 @@ def _start_dashboard(directory: Path, port: int) -> Dashboard:
     board = Dashboard(directory, port=port)
     console.print(f"dashboard: {board.url} (while the run lasts)", soft_wrap=True)
     return board
-
-
-def missing_trackers(*, tensorboard: bool, mlflow: bool) -> str | None:
-    """Why an asked-for experiment tracker cannot run here (checked before training)."""
-    import importlib.util
-
-    for wanted, module, extra in (
-        (tensorboard, "tensorboard", "tensorboard"),
-        (mlflow, "mlflow", "mlflow"),
-    ):
-        if wanted and importlib.util.find_spec(module) is None:
-            return (
-                f"--{extra} needs {module}, which is not installed: pip install 'fedforge[{extra}]'"
-            )
-    return None
-
-
-def make_trackers(
-    cfg: RunConfig, out_dir: Path, tensorboard: bool, mlflow: bool
-) -> list[RoundListener]:
-    """The experiment-tracker listeners asked for on the command line."""
-    from datetime import datetime
-
-    from fedforge.report.live import settings_text
-    from fedforge.report.rundir import provenance
-    from fedforge.report.trackers import (
-        MLflowExport,
-        TensorBoardExport,
-        flat_config,
-        mlflow_tracking_uri,
-        provenance_tags,
-    )
-
-    raw = cfg.model_dump(mode="json", exclude_none=True)
-    raw.pop("deploy", None)
-    settings = settings_text(raw)
-    trackers: list[RoundListener] = []
-    if tensorboard:
-        trackers.append(TensorBoardExport(out_dir / "tensorboard", settings))
-    if mlflow:
-        record = provenance(
-            cfg, backend=cfg.runtime.backend, device=None, started=datetime.now().astimezone()
-        )
-        tags = {
-            **provenance_tags(record),
-            "fedforge.run_dir": str(out_dir),
-            "mlflow.note.content": settings,
-        }
-        trackers.append(
-            MLflowExport(
-                flat_config(raw),
-                tags,
-                tracking_uri=mlflow_tracking_uri(out_dir),
-                run_name=out_dir.name,
-            )
-        )
-    return trackers
 
 
 @app.command()

@@ -43,7 +43,7 @@ from fedforge.report.rundir import (
     start_provenance,
     write_run_dir,
 )
-from fedforge.report.runlock import hold
+from fedforge.report.runlock import held_here, hold
 from fedforge.runtime.async_driver import FedBuff
 from fedforge.runtime.backends import BackendName, BackendOptions
 from fedforge.runtime.clock import ClockSpec
@@ -365,7 +365,7 @@ def run_experiment(
     (FedforgeError) unless ``overwrite`` is given, which replaces a previous run directory."""
     started = datetime.now().astimezone()
     data = data or prepare_data(config)
-    if resume:
+    if resume or held_here(out_dir):  # held: the caller prepared it (the command line)
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = hold(out_dir)
     else:

@@ -128,3 +128,24 @@ def test_mlflow_run_holds_the_config_and_every_round(
     assert sorted((m.step, m.value) for m in accuracy) == [
         (r.round, pytest.approx(r.test_accuracy)) for r in history
     ]
+
+
+def test_mlflow_without_a_tracking_uri_logs_into_the_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out, history = run_with(tmp_path, "--mlflow")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "small.toml"]  # not in cwd
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("fedforge")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert (
+        run.data.tags["fedforge.backend"]
+        == json.loads((out / "provenance.json").read_text())["backend"]
+    )
+    assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == len(history)

@@ -168,7 +168,6 @@ class LiveState:
             }
         return finite(state)  # type: ignore[no-any-return]
 
-
     def _status(self, config: dict[str, Any], provenance: dict[str, Any]) -> tuple[str, str]:
         """(status, why): ``finished``; ``running`` while a live process holds the run;
         ``stopped`` when the run said why it ended early (Ctrl-C, an error); ``killed`` when

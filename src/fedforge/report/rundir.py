@@ -96,6 +96,31 @@ def _holds_files(directory: Path) -> bool:
     return directory.is_dir() and any(e.name != LOCK for e in directory.iterdir())
 
 
+class RunComplete(FedforgeError):
+    """A resumed run has nothing left to do (the message says how to extend it)."""
+
+
+def claim_run_dir(
+    out: Path | None, resume: Path | None, *, overwrite: bool, rounds: int
+) -> tuple[Path, RunLock]:
+    """The run directory of ``fedforge run``, locked for this process: the one resumed
+    (RunDirInUse while another process trains in it; RunComplete when it has its ``rounds``
+    already), ``out`` (prepared: see :func:`prepare_out_dir`), or a new one."""
+    from fedforge.report.stops import complete_text
+
+    if resume is not None:
+        lock = hold(resume)
+        complete = complete_text(resume, rounds)
+        if complete:
+            lock.release()
+            raise RunComplete(complete)
+        return resume, lock
+    if out is not None:
+        return out, prepare_out_dir(out, overwrite=overwrite)
+    out_dir = new_run_dir()
+    return out_dir, hold(out_dir)
+
+
 def simulation_toml(config: RunConfig) -> str:
     """The resolved configuration as TOML, without the ``[deploy]`` section that simulations
     ignore (every key has a default, so the file loads back to the same configuration)."""

@@ -111,6 +111,24 @@ def hold(directory: Path) -> RunLock:
     return lock
 
 
+def _forget_in_child() -> None:
+    """A forked child (a worker process) does not own its parent's run directories: close its
+    copies of the lock files (which leaves the parent's locks held) so that the lock ends
+    with the process that took it."""
+    for lock in _HELD.values():
+        with contextlib.suppress(OSError):
+            os.close(lock._fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def held_here(directory: Path) -> bool:
+    """Whether this process holds ``directory``'s lock."""
+    return directory.resolve() in _HELD
+
+
 def in_use_text(owner: dict[str, Any]) -> str:
     """``is in use by the run in process 123, started ...``: whom a refusal names."""
     who = f"process {owner['pid']}" if "pid" in owner else "another process"

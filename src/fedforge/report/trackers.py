@@ -10,11 +10,14 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedforge.core.errors import FedforgeError
 from fedforge.report.history import RoundRecord
 from fedforge.runtime.driver import RoundListener
+
+if TYPE_CHECKING:
+    from fedforge.config import RunConfig
 
 _FIELDS = (
     "test_accuracy",
@@ -143,3 +146,53 @@ class MLflowExport(RoundListener):
 
     def close(self) -> None:
         self._mlflow.end_run()
+
+
+def missing_trackers(*, tensorboard: bool, mlflow: bool) -> str | None:
+    """Why an asked-for experiment tracker cannot run here (checked before training)."""
+    import importlib.util
+
+    for wanted, module, extra in (
+        (tensorboard, "tensorboard", "tensorboard"),
+        (mlflow, "mlflow", "mlflow"),
+    ):
+        if wanted and importlib.util.find_spec(module) is None:
+            return (
+                f"--{extra} needs {module}, which is not installed: pip install 'fedforge[{extra}]'"
+            )
+    return None
+
+
+def run_trackers(
+    cfg: RunConfig, out_dir: Path, tensorboard: bool, mlflow: bool
+) -> list[RoundListener]:
+    """The experiment-tracker listeners ``fedforge run --tensorboard --mlflow`` asks for."""
+    from datetime import datetime
+
+    from fedforge.report.live import settings_text
+    from fedforge.report.rundir import provenance
+
+    raw = cfg.model_dump(mode="json", exclude_none=True)
+    raw.pop("deploy", None)
+    settings = settings_text(raw)
+    trackers: list[RoundListener] = []
+    if tensorboard:
+        trackers.append(TensorBoardExport(out_dir / "tensorboard", settings))
+    if mlflow:
+        record = provenance(
+            cfg, backend=cfg.runtime.backend, device=None, started=datetime.now().astimezone()
+        )
+        tags = {
+            **provenance_tags(record),
+            "fedforge.run_dir": str(out_dir),
+            "mlflow.note.content": settings,
+        }
+        trackers.append(
+            MLflowExport(
+                flat_config(raw),
+                tags,
+                tracking_uri=mlflow_tracking_uri(out_dir),
+                run_name=out_dir.name,
+            )
+        )
+    return trackers
