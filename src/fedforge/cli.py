@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from fedforge.config import RunConfig
     from fedforge.data.federated import FederatedDataset
     from fedforge.report.dashboard import Dashboard
+    from fedforge.report.history import History
     from fedforge.report.runlock import RunLock
     from fedforge.runtime.simulation import SimulationResult
 
@@ -176,20 +177,27 @@ def run(
             mlflow,
         )
     from fedforge.report.fairness import fairness_text
-    from fedforge.report.history import privacy_text
 
-    last = result.history[-1]
-    if result.stop_reason:
-        console.print(f"[bold yellow]stopped early[/]: {result.stop_reason}", soft_wrap=True)
-    dp = privacy_text(last)
-    console.print(
-        f"done: {last.round} rounds, test accuracy {100 * last.test_accuracy:.2f}%, "
-        f"test loss {last.test_loss:.4f}{', ' + dp if dp else ''}; run directory: {out_dir}",
-        soft_wrap=True,
-    )
-    fairness = fairness_text(last.metrics)
+    _print_end("done", result.history, result.stop_reason, f"; run directory: {out_dir}")
+    fairness = fairness_text(result.history[-1].metrics)
     if fairness:
         console.print(fairness, soft_wrap=True)
+
+
+def _print_end(head: str, history: History, stop_reason: str | None, tail: str = "") -> None:
+    """The line that ends a run: rounds, accuracy, loss and epsilon (and why it stopped
+    early, when it did)."""
+    from fedforge.report.history import privacy_text
+
+    last = history[-1]
+    if stop_reason:
+        console.print(f"[bold yellow]stopped early[/]: {stop_reason}", soft_wrap=True)
+    dp = privacy_text(last)
+    console.print(
+        f"{head}: {last.round} rounds, test accuracy {100 * last.test_accuracy:.2f}%, "
+        f"test loss {last.test_loss:.4f}{', ' + dp if dp else ''}{tail}",
+        soft_wrap=True,
+    )
 
 
 def _claim_run_dir(
@@ -478,17 +486,7 @@ def server(
     finally:
         if board is not None:
             board.close()
-    from fedforge.report.history import privacy_text
-
-    last = result.history[-1]
-    if result.stop_reason:
-        console.print(f"[bold yellow]stopped early[/]: {result.stop_reason}", soft_wrap=True)
-    dp = privacy_text(last)
-    console.print(
-        f"run {result.run_id} complete: {last.round} rounds, test accuracy "
-        f"{100 * last.test_accuracy:.2f}%{', ' + dp if dp else ''}",
-        soft_wrap=True,
-    )
+    _print_end(f"run {result.run_id} complete", result.history, result.stop_reason)
 
 
 @app.command("client")

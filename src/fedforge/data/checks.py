@@ -51,14 +51,26 @@ def as_features(value: Any) -> np.ndarray:
     if x.dtype != np.float32:
         with np.errstate(over="ignore"):
             x = x.astype(np.float32)
-    finite = np.isfinite(x).reshape(len(x), -1).all(axis=1) if len(x) else np.ones(0, bool)
-    if not finite.all():
-        rows = np.flatnonzero(~finite)
+    bad_rows = _non_finite_rows(x)
+    if len(bad_rows):
         raise DataError(
-            f"x has NaN or infinite values (as float32) in {len(rows)} rows, the first row "
-            f"{rows[0]}; clean or drop them first"
+            f"x has NaN or infinite values (as float32) in {len(bad_rows)} "
+            f"row{'s' if len(bad_rows) > 1 else ''}, the first row {bad_rows[0]}; clean or "
+            "drop them first"
         )
     return x
+
+
+def _non_finite_rows(x: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Rows of ``x`` holding a NaN or an infinity, checked ``block`` rows at a time (a mask
+    of a whole image dataset would cost a byte per value)."""
+    width = int(np.prod(x.shape[1:]))
+    bad = [np.zeros(0, np.int64)]
+    for start in range(0, len(x), block):
+        chunk = x[start : start + block]
+        finite = np.isfinite(chunk).reshape(len(chunk), width).all(axis=1)
+        bad.append(start + np.flatnonzero(~finite))
+    return np.concatenate(bad)
 
 
 def as_labels(value: Any) -> np.ndarray:
