@@ -68,6 +68,7 @@ def test_every_block_is_one_the_tests_know_how_to_run() -> None:
     samples = [b.code for b in blocks() if b.lang == ""]
     assert len(samples) == 3  # the Ctrl-C line, the configuration error, the trace: below
     assert sum(b.lang == "python" for b in blocks()) >= 5
+    assert {p for p in PRINTS if any(s.startswith(p) for s in other_sessions())} == set(PRINTS)
 
 
 # Python blocks.
@@ -116,6 +117,31 @@ def test_the_python_api_blocks_run_in_order_and_the_first_is_reproducible(
     # Default verbosity: progress lines on stderr, round 0 and the last round.
     assert re.search(r"^round 0/10: accuracy ", stderr, re.M)
     assert re.search(r"^round 10/10: accuracy ", stderr, re.M)
+
+
+def other_sessions() -> dict[str, str]:
+    """The python blocks of every other section, one session per section (the deployment
+    client's block runs against a server, below)."""
+    sessions: dict[str, list[str]] = {}
+    for b in blocks():
+        api = b.section.startswith("Python API")
+        if b.lang == "python" and not api and "FederatedClient" not in b.code:
+            sessions.setdefault(b.section, []).append(b.code)
+    return {section: "\n".join(codes) for section, codes in sessions.items()}
+
+
+# What a section's session must print, where its README text says so.
+PRINTS = {"Reinforcement learning": r"^held-out mean return 500\.0$"}
+
+
+@pytest.mark.parametrize("section", sorted(other_sessions()))
+def test_the_python_blocks_of_every_other_section_run(
+    section: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stdout, _ = run_python(other_sessions()[section], tmp_path, monkeypatch)
+    for prefix, pattern in PRINTS.items():
+        if section.startswith(prefix):
+            assert re.search(pattern, stdout, re.M), stdout
 
 
 def test_the_deployment_client_block_trains_against_a_real_server(
