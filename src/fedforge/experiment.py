@@ -34,17 +34,20 @@ from fedforge.privacy.setup import privacy_stages, secret_sampling_seed
 from fedforge.report.listeners import ListenerGroup
 from fedforge.report.live import LIVE, LiveLog
 from fedforge.report.rundir import (
+    RunWatch,
     prepare_out_dir,
     provenance,
     simulation_toml,
     start_provenance,
     write_run_dir,
 )
+from fedforge.report.runlock import held_here, hold
 from fedforge.runtime.async_driver import FedBuff
 from fedforge.runtime.backends import BackendName, BackendOptions
 from fedforge.runtime.clock import ClockSpec
 from fedforge.runtime.devices import draw_devices, read_trace
 from fedforge.runtime.driver import FederatedEvaluation, RoundListener
+from fedforge.runtime.memory import check_training_memory
 from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
 from fedforge.runtime.stopping import StopRule
@@ -78,9 +81,30 @@ def build_dataset(config: RunConfig) -> FederatedDataset:
 
 
 def build_model(config: RunConfig, data: FederatedDataset) -> nn.Module:
-    """The configured model for ``data``, initialized from the run seed."""
+    """The configured model for ``data``, initialized from the run seed; a built-in model is
+    refused before any memory is allocated when training it cannot fit in this machine's
+    memory."""
+    workload = build_workload(config, data)
+    if config.model.factory is None and config.workload is None:
+        check_model_memory(config, workload)
     seed = RngStreams(config.seed).int_seed(Purpose.INIT)
-    return seeded(build_workload(config, data).model, seed)
+    return seeded(workload.model, seed)
+
+
+def check_model_memory(config: RunConfig, workload: Workload) -> None:
+    """Refuse a configured built-in model too large to train here (sized on torch's meta
+    device, which allocates nothing)."""
+    import torch
+
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in workload.model().parameters())
+    copies = {"adam": 2, "yogi": 2, "adagrad": 1}.get(config.server.optimizer, 0)
+    copies += int(config.server.momentum > 0) + int(config.client.momentum > 0)
+    lower = {"mlp": "lower model.hidden", "cnn": "lower model.channels or model.dense"}.get(
+        config.model.name,
+        "use fewer features" if config.model.name == "logistic" else "lower model.channels",
+    )
+    check_training_memory(num_params, optimizer_copies=copies, what_to_lower=lower)
 
 
 def build_loop(workload: Workload) -> UserLoop | None:
@@ -276,19 +300,6 @@ def backend_options(config: RunConfig) -> BackendOptions:
     )
 
 
-def run_device(config: RunConfig, backend: str) -> str:
-    """The torch device clients train on: the vectorized backend's (configured, else cuda
-    when present); every other backend trains on the CPU."""
-    if backend != "vectorized":
-        return "cpu"
-    import torch
-
-    from fedforge.runtime.vectorized import default_device
-
-    device = config.runtime.device
-    return str(torch.device(device) if device else default_device())
-
-
 def check_simulation(config: RunConfig) -> None:
     """What a configuration cannot do in simulation (it may on a deployment's server)."""
     if config.asynchronous.mode != "off" and not config.clock.enabled:
@@ -325,6 +336,7 @@ def simulate_config(
         options=backend_options(config),
         threads=config.runtime.threads,
         listener=listener,
+        verbose=False,  # the command line shows its own progress
         stages=attack.stages + build_stages(config, data.num_clients, data.client_sizes()),
         sample_dp=build_sample_dp(config),
         probes=attack.probes,
@@ -342,6 +354,15 @@ def simulate_config(
     )
 
 
+def prepare_data(config: RunConfig) -> FederatedDataset:
+    """The configured dataset, once the configured model is known to fit in memory (so a
+    model far too large is refused before a run directory is touched)."""
+    data = build_dataset(config)
+    if config.model.factory is None and config.workload is None:
+        check_model_memory(config, build_workload(config, data))
+    return data
+
+
 def run_experiment(
     config: RunConfig,
     out_dir: Path,
@@ -349,31 +370,41 @@ def run_experiment(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    data: FederatedDataset | None = None,
 ) -> SimulationResult:
     """Run the configured simulation and write the run directory; the server state is
     checkpointed in it after every round, so ``resume=True`` continues a killed run.
 
-    Without ``resume``, a non-empty ``out_dir`` is refused (FedforgeError) unless
-    ``overwrite`` is given, which replaces a previous run directory."""
+    ``data`` is the configured dataset when already built (:func:`prepare_data`). The
+    directory is locked for this process while the run lasts (another live run there is
+    refused with RunDirInUse). Without ``resume``, a non-empty ``out_dir`` is refused
+    (FedforgeError) unless ``overwrite`` is given, which replaces a previous run directory."""
     started = datetime.now().astimezone()
-    if resume:
+    data = data or prepare_data(config)
+    if resume or held_here(out_dir):  # held: the caller prepared it (the command line)
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock = hold(out_dir)
     else:
-        prepare_out_dir(out_dir, overwrite=overwrite)
-    (out_dir / "config.toml").write_text(simulation_toml(config))  # first: a killed run resumes
-    record = start_provenance(
-        out_dir,
-        provenance(config, backend=config.runtime.backend, device=None, started=started),
-        resume=resume,
-    )
-    data = build_dataset(config)
-    listeners = ListenerGroup([LiveLog(out_dir / LIVE), listener])  # LIVE: the dashboard's feed
-    result = simulate_config(config, data, listener=listeners, state_dir=out_dir, resume=resume)
-    record.update(
-        backend=result.backend,
-        device=run_device(config, result.backend),
-        finished=datetime.now().astimezone().isoformat(timespec="seconds"),
-        stop_reason=result.stop_reason,
-    )
-    write_run_dir(out_dir, config, result, data, record)
+        lock = prepare_out_dir(out_dir, overwrite=overwrite)
+    with lock:
+        (out_dir / "config.toml").write_text(simulation_toml(config))  # first: resumable
+        record = start_provenance(
+            out_dir,
+            provenance(config, backend=config.runtime.backend, device=None, started=started),
+            resume=resume,
+        )
+        live = LiveLog(out_dir / LIVE)  # the dashboard's feed
+        watch = RunWatch(lock, record)
+        listeners = ListenerGroup([watch, live, listener])
+        try:
+            result = simulate_config(
+                config, data, listener=listeners, state_dir=out_dir, resume=resume
+            )
+            lock.check()
+        except BaseException as exc:
+            live.stopped(exc)
+            raise
+        record["finished"] = datetime.now().astimezone().isoformat(timespec="seconds")
+        record["stop_reason"] = result.stop_reason
+        write_run_dir(out_dir, config, result, data, record)
     return result

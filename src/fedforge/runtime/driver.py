@@ -70,6 +70,10 @@ def work_epochs(task: Task) -> int | None:
 class RoundListener:
     """Hooks for progress display; override what you need."""
 
+    def run_started(self, backend: str, device: str) -> None:
+        """Called once before the first round with the backend that runs the clients (the
+        one ``auto`` chose) and its torch device."""
+
     def round_started(self, round_number: int, client_ids: list[int]) -> None:
         """Called after sampling, before any client runs."""
 

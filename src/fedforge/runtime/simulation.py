@@ -23,10 +23,14 @@ from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data.federated import FederatedDataset
 from fedforge.privacy.dp_sgd import SampleDP
 from fedforge.report.history import History
+from fedforge.report.listeners import ListenerGroup
+from fedforge.report.progress import LINE_SECONDS, LineProgress
+from fedforge.report.runlock import hold
 from fedforge.runtime.async_driver import AsyncDriver, FedBuff
 from fedforge.runtime.backends import (
     BackendName,
     BackendOptions,
+    backend_device,
     make_transport,
     resolve_backend,
 )
@@ -40,6 +44,7 @@ from fedforge.runtime.client_state import (
 )
 from fedforge.runtime.clock import ClockSpec, VirtualClock
 from fedforge.runtime.driver import Driver, FederatedEvaluation, RoundListener
+from fedforge.runtime.memory import check_training_memory
 from fedforge.runtime.sampling import Sampler, UniformSampler
 from fedforge.runtime.stopping import StopRule
 from fedforge.runtime.stragglers import Stragglers
@@ -83,6 +88,7 @@ def simulate(
     options: BackendOptions | None = None,
     threads: int | None = None,
     listener: RoundListener | None = None,
+    verbose: int | bool = 1,
     sampler: Sampler | None = None,
     stages: Sequence[Stage] = (),
     aggregation: Aggregation = WeightedMean(),  # noqa: B008 (frozen, immutable)
@@ -114,7 +120,8 @@ def simulate(
     defaults to ``clients_per_round`` uniformly without replacement. ``threads`` sets torch's
     intra-op threads while the simulation runs (restored afterwards): by default 1, except for
     ``vectorized``, which uses every core. With ``state_dir`` the server state is checkpointed
-    after every round and client state lives on disk; ``resume=True`` continues from there.
+    after every round and client state lives on disk; ``resume=True`` continues from there
+    (the directory is locked while the simulation runs: another process is refused).
     ``client_states`` picks where stateful algorithms keep client state otherwise (default in
     memory; a :class:`DiskStateStore` for 10,000+ clients with large states). ``sample_dp``
     trains every client with DP-SGD (Opacus) instead of the algorithm's program; it runs one
@@ -127,6 +134,9 @@ def simulate(
     counting server updates.
     ``stragglers`` makes a share of each round's clients do partial work (or drops them).
     ``stop_when`` ends the run early (a metric's threshold or patience).
+    ``listener`` follows the run (:class:`RoundListener`); ``verbose`` prints progress to
+    stderr: ``0`` (or False) nothing, ``1`` (or True, the default) a line for round 0, then
+    at most one every 5 seconds, and the last round, ``2`` a line every round.
     """
     loop, workload = None, None
     if isinstance(model, Workload):
@@ -140,6 +150,7 @@ def simulate(
         raise ConfigError("simulate needs data: a FederatedDataset, or pass a Workload")
     if not isinstance(model, torch.nn.Module):
         model = seeded(model, RngStreams(seed).int_seed(Purpose.INIT))
+    check_training_memory(sum(p.numel() for p in model.parameters()))
     if workload is not None:  # your data against your model, before any client trains
         check_federation(data, model, [describe(s) for s in workload.site_list()])
     chain = StageChain(stages)
@@ -169,6 +180,10 @@ def simulate(
     # worker threads otherwise steal the cores from torch's (measured: 0.23 s vs 0.12 s per
     # vectorized round on 2 cores).
     blas = threadpool_limits(limits=1, user_api="blas")
+    lock = None
+    if state_dir is not None:  # one process at a time in a state directory
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = hold(state_dir)
     try:
         return _simulate(
             model,
@@ -181,7 +196,7 @@ def simulate(
             sampler=sampler or UniformSampler(clients_per_round),
             seed=seed,
             options=options,
-            listener=listener or RoundListener(),
+            listener=_with_progress(listener, verbose, rounds),
             federated_eval=federated_eval,
             state_dir=state_dir,
             resume=resume,
@@ -198,6 +213,8 @@ def simulate(
             loop=loop,
         )
     finally:
+        if lock is not None:
+            lock.release()
         blas.restore_original_limits()
         torch.set_num_threads(previous_threads)
 
@@ -262,6 +279,7 @@ def _simulate(
         secure = SecAggClient(withhold_metrics=aggregation.withhold_metrics)
     app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure, loop)
     transport = make_transport(chosen, app, data, store, options)
+    listener.run_started(chosen, backend_device(chosen, options))
     virtual = _virtual_clock(clock, fedbuff, algorithm, data)
     driver = Driver(
         algorithm=algorithm,
@@ -310,6 +328,16 @@ def _simulate(
         backend=chosen,
         stop_reason=driver.stop_reason,
     )
+
+
+def _with_progress(
+    listener: RoundListener | None, verbose: int | bool, rounds: int
+) -> RoundListener:
+    """``listener`` plus the progress lines ``verbose`` asks for."""
+    if int(verbose) <= 0:
+        return listener or RoundListener()
+    progress = LineProgress(rounds, interval=LINE_SECONDS if int(verbose) == 1 else 0.0)
+    return ListenerGroup([listener, progress])
 
 
 def _virtual_clock(
