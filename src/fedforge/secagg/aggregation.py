@@ -33,11 +33,14 @@ log = logging.getLogger("fedforge")
 @dataclass(frozen=True)
 class SecureAggregation:
     """SecAgg+ over the round's clients; ``require_identities``: every client must sign its
-    keys with its certificate (deployment)."""
+    keys with its certificate (deployment), which the server verifies itself against the
+    run's CA (``ca_pem``) and each client's certificate name (``names``, by client id)."""
 
     params: SecAggParams = field(default_factory=SecAggParams)
     require_identities: bool = False
     withhold_metrics: bool = False  # distributed DP: fit replies carry no loss or count
+    ca_pem: bytes | None = None
+    names: Mapping[int, str] = field(default_factory=dict)
     kind: Kind = "secure_sum"
     name: str = "secagg"
 
@@ -50,6 +53,7 @@ class SecureAggregation:
         weights: Mapping[int, float],
         spec: RecordSpec,
         broadcast: Mapping[str, float],
+        describe: Callable[[int], str] = str,
     ) -> tuple[SecAggRound, float]:
         """A session over the clients in ``weights`` (their aggregation weights); returns it
         and the weight scale (the largest weight)."""
@@ -64,6 +68,9 @@ class SecureAggregation:
             clip,
             require_identities=self.require_identities,
             noise_std=broadcast.get(NOISE_KEY, 0.0),
+            ca_pem=self.ca_pem,
+            names=self.names,
+            describe=describe,
         )
         return session, scale
 
@@ -106,6 +113,8 @@ class SessionOutcome:
 
     result: SecureSum | None = None  # None: aborted (the model stays unchanged)
     failed: list[int] = field(default_factory=list)  # clients that failed a step
+    excluded: dict[int, str] = field(default_factory=dict)  # culprits the server excluded
+    refused: str | None = None  # the sum was impossible (or a culprit made it unrecoverable)
     bytes_up: int = 0
     bytes_down: int = 0
     server_seconds: float = 0.0
@@ -117,7 +126,8 @@ def run_session(
 ) -> SessionOutcome:
     """The four steps of ``session``, each one exchange through the driver (``exchange``
     validates replies with the given check and hands the accepted ones over); an abort is
-    logged and returns no result."""
+    logged and returns no result. A client whose reply breaks the protocol is excluded and
+    named in ``excluded`` with the reason; one that fails or times out, in ``failed``."""
     out = SessionOutcome(
         metrics={"secagg.degree": session.degree, "secagg.threshold": session.threshold}
     )
@@ -128,10 +138,23 @@ def run_session(
             )
             out.bytes_up += done.bytes_up
             out.server_seconds += done.server_seconds
-            out.failed.extend(done.failed + done.rejected)
+            out.failed.extend(done.failed + [c for c in done.rejected if c not in session.excluded])
         out.result = session.result()
     except (SecAggAbort, ConfigError) as exc:  # a session that cannot complete safely
         log.warning("round %d: %s", session.round, exc)
+        if isinstance(exc, SecAggAbort):
+            for cid, reason in exc.culprits.items():
+                session.excluded.setdefault(cid, reason)
+            if exc.impossible or exc.culprits:
+                out.refused = str(exc)
+    out.excluded = dict(session.excluded)
+    for cid, reason in sorted(out.excluded.items()):
+        log.warning(
+            "round %d: secure aggregation excluded %s: %s",
+            session.round,
+            session.describe(cid),
+            reason,
+        )
     out.bytes_down = session.shared_bytes
     if out.result is not None and session.reports_clipped:
         out.metrics["secagg.clipped"] = out.result.clipped
@@ -143,6 +166,9 @@ def _step_check(session: SecAggRound, step: str) -> Check:
 
     def check(batch: RecordBatch) -> tuple[np.ndarray, list[str | None]]:
         reasons = [session.check(step, batch.row(i)) for i in range(len(batch))]
+        for cid, reason in zip(batch.client_ids, reasons, strict=True):
+            if reason is not None:
+                session.exclude(int(cid), reason)
         return np.array([r is None for r in reasons], bool), reasons
 
     return check
