@@ -128,7 +128,9 @@ def unpack_identity(blob: np.ndarray) -> tuple[bytes, bytes]:
     return data[2 : 2 + sig_len], data[76 : 76 + cert_len]
 
 
-def _digests(context: bytes, round_number: int, dealer: int, holder: int, shares: bytes) -> np.ndarray:
+def _digests(
+    context: bytes, round_number: int, dealer: int, holder: int, shares: bytes
+) -> np.ndarray:
     """The digest row of one holder's pair of shares (seed share, key share)."""
     half = shamir.SHARE_BYTES
     pieces = (shares[:half], shares[half:])
@@ -152,7 +154,9 @@ def _open_share(
     """The (seed share, key share) ``sender`` encrypted for this client; SecAggError when
     it does not authenticate, names other clients, or holds no field elements."""
     share_key = crypto.derive_key(crypto.agree(c_sk, peer_c_pk), "share", context)
-    plaintext = crypto.decrypt(share_key, message, crypto.associated_data(context, round_number, sender, me))
+    plaintext = crypto.decrypt(
+        share_key, message, crypto.associated_data(context, round_number, sender, me)
+    )
     if struct.unpack_from("<qq", plaintext) != (sender, me):
         raise crypto.SecAggError("a share names the wrong sender or receiver")
     shares = plaintext[16:]
@@ -256,10 +260,7 @@ class SecAggClient:
             aad = crypto.associated_data(context, task.round, me, cid)
             ciphertexts[row] = _u8(crypto.encrypt(share_key, plaintext, aad))
         digests = np.stack(
-            [
-                _digests(context, task.round, me, h, seed_shares[h] + key_shares[h])
-                for h in holders
-            ]
+            [_digests(context, task.round, me, h, seed_shares[h] + key_shares[h]) for h in holders]
         )
         s.update(
             seed=_u8(seed),
@@ -293,7 +294,9 @@ class SecAggClient:
         for cid, message, digest in zip(senders.tolist(), ciphertexts, digests, strict=True):
             peer_c_pk = s["neighbour_keys"][known[cid], :32].tobytes()
             try:
-                share = _open_share(c_sk, peer_c_pk, message.tobytes(), context, task.round, cid, me)
+                share = _open_share(
+                    c_sk, peer_c_pk, message.tobytes(), context, task.round, cid, me
+                )
                 if _digests(context, task.round, cid, me, share).tobytes() != digest.tobytes():
                     raise crypto.SecAggError("a share differs from the digest its dealer sent")
             except crypto.SecAggError:  # the sender's fault: reported, never masked with
