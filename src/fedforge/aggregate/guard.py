@@ -1,10 +1,10 @@
 """Refusing what no honest round produces, before it reaches the model.
 
-- An update far larger than the round's others: a record whose L2 norm exceeds ``ratio``
-  times the round's (low) median record norm is an *offender*. The median of the round's
-  own records moves with training (updates shrink as the model converges), and a minority
-  of offenders cannot drag it: the low median of ``n`` norms is one of the honest ones while
-  fewer than half are offenders.
+- An update far larger than the round's others: a record whose L2 norm per local step
+  exceeds ``ratio`` times the round's (low) median norm per step is an *offender*. The
+  median of the round's own records moves with training (updates shrink as the model
+  converges), and a minority of offenders cannot drag it: the low median of ``n`` values is
+  one of the honest ones while fewer than half are offenders.
 - An aggregate that is not finite (finite records can overflow a float32 or float64 sum) or
   larger than every accepted record allows, and a new model that is not finite.
 
@@ -57,23 +57,27 @@ def low_median(values: list[float]) -> float:
 
 @dataclass(frozen=True)
 class OutlierBound:
-    """Records whose norm exceeds ``ratio`` times the round's low median norm are refused."""
+    """Records whose norm per local step exceeds ``ratio`` times the round's low median norm
+    per step are refused. Per step, because an honest site with ten times the data takes ten
+    times the steps and sends a proportionally larger update; a client's steps come from its
+    counted (capped) example count, so claiming more data buys no larger bound than the cap."""
 
     ratio: float
 
-    def bound(self, norms: Mapping[int, float]) -> float:
-        return self.ratio * low_median([n for n in norms.values() if math.isfinite(n)] or [0.0])
-
-    def offenders(self, norms: Mapping[int, float]) -> dict[int, str]:
-        """Client id -> why, for the records beyond the bound."""
+    def offenders(self, norms: Mapping[int, float], steps: Mapping[int, int]) -> dict[int, str]:
+        """Client id -> why, for the records beyond the bound (``steps``: each client's local
+        steps at its counted example count)."""
         if not norms:
             return {}
-        bound = self.bound(norms)
-        median = bound / self.ratio
+        rates = {c: n / max(steps[c], 1) for c, n in norms.items()}
+        median = low_median([r for r in rates.values() if math.isfinite(r)] or [0.0])
         return {
-            cid: f"update norm {norm:.4g} > {self.ratio:g} x the round's median {median:.4g}"
-            for cid, norm in sorted(norms.items())
-            if not norm <= bound
+            cid: (
+                f"update norm {norms[cid]:.4g} over {steps[cid]} local steps > {self.ratio:g} "
+                f"x the round's median norm per step {median:.4g}"
+            )
+            for cid, rate in sorted(rates.items())
+            if not rate <= self.ratio * median
         }
 
 

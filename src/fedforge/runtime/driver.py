@@ -212,6 +212,7 @@ class Driver:
         for cid, reason in zip(batch.client_ids, reasons, strict=True):
             if reason is not None:
                 out.rejected.append(int(cid))
+                out.why = f"{self.describe(int(cid))}: {reason}"
                 log.warning(
                     "round %d: rejected the record of %s: %s",
                     round_number,
@@ -309,6 +310,11 @@ class Driver:
             clients["dropped_stragglers" if dropped else "stragglers"] = stragglers
         if refusal is None and summed is not None:
             refusal = self._aggregate_refusal(summed)
+        everyone_rejected = fit.rejected and not (fit.accepted or fit.failed)
+        if refusal is None and everyone_rejected and not clients.get("secagg_dropped"):
+            # Every client answered and none could be used: waiting changes nothing when
+            # the model itself is broken (records that are all NaN).
+            refusal = Refusal(f"every record was rejected (the last, {fit.why})")
         if refusal is None and (summed is not None or self.stages.releases_when_empty):
             # Central DP releases noise even when no record arrived: an unchanged model would
             # reveal that nobody took part, which the accounted mechanism never does.
@@ -332,8 +338,9 @@ class Driver:
         elif refusal is None:
             log.warning("round %d: no record was accepted; model unchanged", round_number)
         self.refusal = refusal
+        # the offenders of this attempt and of the round's refused attempts before it
+        clients["refused"] = sorted(self.benched | set(refusal.offenders if refusal else ()))
         if refusal is not None:
-            clients["refused"] = sorted(refusal.offenders)
             log.warning(
                 "round %d: refused the aggregate (model unchanged): %s",
                 round_number,
@@ -401,15 +408,22 @@ class Driver:
         accumulator = self.aggregation.accumulator()
         self.norms = {}
 
+        steps: dict[int, int] = {}
+        program = self.algorithm.program()
+
         def accept(batch: RecordBatch) -> None:
             decoded = self.stages.decode(batch, state.stage_states)
             if self.outliers is not None:
                 norms = record_norms(decoded)
-                self.norms.update(zip(decoded.client_ids.tolist(), norms, strict=True))
+                for cid, norm, n in zip(
+                    decoded.client_ids, norms, decoded.num_examples, strict=True
+                ):
+                    self.norms[int(cid)] = float(norm)
+                    steps[int(cid)] = program.num_steps(int(n))
             accumulator.add(decoded, self._weights(decoded))
 
         fit = self._exchange(tasks, self._spec_check(self.fit_spec, FIT), accept, True)
-        offenders = self.outliers.offenders(self.norms) if self.outliers is not None else {}
+        offenders = {} if self.outliers is None else self.outliers.offenders(self.norms, steps)
         if offenders:
             named = ", ".join(f"{self.describe(c)}: {why}" for c, why in offenders.items())
             return fit, None, Refusal(f"outlying updates ({named})", offenders)

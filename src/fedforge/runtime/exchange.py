@@ -69,6 +69,7 @@ class Exchanged:
     values: dict[str, list[float]] = field(default_factory=dict)  # per accepted client
     examples: float = 0.0
     clamped: list[int] = field(default_factory=list)  # counted fewer examples than claimed
+    why: str = ""  # the last rejection: whose, and why
 
     def mean(self, metric: str) -> float:
         if not self.examples or metric not in self.sums:  # (withheld under distributed DP)
