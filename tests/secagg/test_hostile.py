@@ -43,7 +43,7 @@ def test_bad_signatures_and_invalid_keys_are_excluded_at_advertise(tmp_path: Pat
     assert set(out.session.excluded) == {1, 4}
     assert "not signed by its certificate" in out.session.excluded[1]
     assert out.session.excluded[1].startswith(ADVERTISE)
-    assert "bad public key" in out.session.excluded[4]
+    assert "public key of low order" in out.session.excluded[4]
     assert out.result.survivors == [0, 2, 3, 5] and set(out.errors) == {1, 4}
     _exact(out, 6)
     # A client signing with another site's certificate is refused by name.
@@ -57,7 +57,7 @@ def test_key_checks_refuse_low_order_non_canonical_and_copied_keys() -> None:
     good = crypto.KeyPair.generate().public + crypto.KeyPair.generate().public
     assert key_problem(good, {}) is None
     one = (1).to_bytes(32, "little")  # a point of order 4
-    assert "bad public key" in (key_problem(one + good[32:], {}) or "")
+    assert "low order" in (key_problem(one + good[32:], {}) or "")
     assert "not a canonical" in (key_problem(bytes([0xFF] * 32) + good[32:], {}) or "")
     assert "same key" in (key_problem(good[:32] * 2, {}) or "")
     assert "public key of client 7" in (key_problem(good, {7: good[32:] + good[:32]}) or "")

@@ -131,6 +131,7 @@ def run_session(
     out = SessionOutcome(
         metrics={"secagg.degree": session.degree, "secagg.threshold": session.threshold}
     )
+    logged: set[int] = set()  # the exchange logged their rejected replies
     try:
         for step in STEPS:
             done = exchange(
@@ -139,16 +140,20 @@ def run_session(
             out.bytes_up += done.bytes_up
             out.server_seconds += done.server_seconds
             out.failed.extend(done.failed + [c for c in done.rejected if c not in session.excluded])
+            logged.update(done.rejected)
         out.result = session.result()
     except (SecAggAbort, ConfigError) as exc:  # a session that cannot complete safely
-        log.warning("round %d: %s", session.round, exc)
         if isinstance(exc, SecAggAbort):
             for cid, reason in exc.culprits.items():
                 session.excluded.setdefault(cid, reason)
             if exc.impossible or exc.culprits:
-                out.refused = str(exc)
+                out.refused = str(exc)  # the driver says it refused the round
+        if out.refused is None:
+            log.warning("round %d: %s", session.round, exc)
     out.excluded = dict(session.excluded)
     for cid, reason in sorted(out.excluded.items()):
+        if cid in logged:
+            continue
         log.warning(
             "round %d: secure aggregation excluded %s: %s",
             session.round,

@@ -94,7 +94,12 @@ def check_public_key(raw: bytes) -> None:
         raise SecAggError(f"a public key is {KEY_BYTES} bytes, got {len(raw)}")
     if int.from_bytes(raw, "little") >= X25519_PRIME:
         raise SecAggError("a public key is not a canonical X25519 point")
-    agree(X25519PrivateKey.generate(), raw)  # low order: the agreement is all zero
+    try:
+        agree(X25519PrivateKey.generate(), raw)
+    except SecAggError:
+        raise SecAggError(
+            "a public key of low order (its agreement with every key is all zero)"
+        ) from None
 
 
 def share_digest(

@@ -88,7 +88,7 @@ def settle_disputes(
             else sorted(c for edge in edges for c in edge)
         )
         for client in chosen:
-            excluded[client] = "disputed shares: " + "; ".join(why[client])
+            excluded[client] = "disputed shares: " + "; ".join(sorted(why[client]))
         edges = {edge for edge in edges if not edge & set(chosen)}
     return excluded
 
