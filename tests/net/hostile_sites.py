@@ -1,7 +1,8 @@
 """Deployed sites built from the library, some with one secure-aggregation step overridden:
-``python -m tests.net.hostile_sites SERVER KEYS STATE NAME=BEHAVIOUR ...`` runs one
-:class:`~fedforge.net.client.FederatedClient` per site over mutual TLS (as ``fedforge
-client`` does) until the run completes; exits 0 when every site did.
+``python -m tests.net.hostile_sites SERVER KEYS STATE NAME=BEHAVIOUR[:DATA.npz] ...`` runs
+one :class:`~fedforge.net.client.FederatedClient` per site over mutual TLS (as ``fedforge
+client`` does, on its share of the built-in dataset or on ``DATA.npz``) until the run
+completes; exits 0 when every site did. One process for all sites: one torch import.
 
 Behaviours: ``honest``; ``sig`` (keys it did not sign), ``key`` (an all-zero key); and
 ``shifty``: garbage shares in round 1, crafted unmask shares in round 2, a crafted masked
@@ -20,7 +21,7 @@ from cryptography import x509
 from fedforge.config import RunConfig
 from fedforge.core.records import Record, Task
 from fedforge.net import client as client_module
-from fedforge.net.client import FederatedClient
+from fedforge.net.client import FederatedClient, builtin_partition, npz_loader
 from fedforge.net.keys import ClientCredentials
 from fedforge.secagg import crypto
 from fedforge.secagg.client import Identity, SecAggClient, Session
@@ -65,14 +66,20 @@ def main(server: str, keys: Path, state: Path, sites: dict[str, str]) -> int:
         if honest is None or identity is None:
             return honest
         name = crypto.certificate_name(x509.load_der_x509_certificate(identity.certificate_der))
-        return BEHAVIOURS[sites[name]](identity, withhold_metrics=honest.withhold_metrics)
+        behaviour = BEHAVIOURS[sites[name].split(":")[0]]
+        return behaviour(identity, withhold_metrics=honest.withhold_metrics)
 
     client_module.secure_client = secure_client  # each site's secure side, by its name
     done: dict[str, int] = {}
 
     def serve(name: str) -> None:
+        _, _, data = sites[name].partition(":")
         site = FederatedClient(
-            server, ClientCredentials.load(keys / name), name=name, state_dir=state / name
+            server,
+            ClientCredentials.load(keys / name),
+            npz_loader(data) if data else builtin_partition,
+            name=name,
+            state_dir=state / name,
         )
         site.run()
         done[name] = 1
