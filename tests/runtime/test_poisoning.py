@@ -114,3 +114,5 @@ def test_norms_and_aggregate_checks_survive_overflow() -> None:
     steps = {0: 1, 1: 1, 2: 10, 3: 1}  # client 2 trained ten times as long: not an outlier
     assert list(bound.offenders(norms_of, steps)) == [3]
     assert list(bound.offenders({0: 1.0, 1: 1e37}, {0: 1, 1: 1})) == [1]
+    assert bound.offenders({0: 0.0, 1: 0.5}, {0: 1, 1: 1}) == {}  # zeros are no median
+    assert bound.offenders({0: 0.0, 1: 0.0}, {0: 1, 1: 1}) == {}

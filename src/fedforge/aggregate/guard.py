@@ -4,7 +4,9 @@
   exceeds ``ratio`` times the round's (low) median norm per step is an *offender*. The
   median of the round's own records moves with training (updates shrink as the model
   converges), and a minority of offenders cannot drag it: the low median of ``n`` values is
-  one of the honest ones while fewer than half are offenders.
+  one of the honest ones while fewer than half are offenders (empty updates, which move no
+  model, are left out of it: a site replaying zeros cannot make every other site an
+  outlier).
 - An aggregate that is not finite (finite records can overflow a float32 or float64 sum) or
   larger than every accepted record allows, and a new model that is not finite.
 
@@ -70,7 +72,10 @@ class OutlierBound:
         if not norms:
             return {}
         rates = {c: n / max(steps[c], 1) for c, n in norms.items()}
-        median = low_median([r for r in rates.values() if math.isfinite(r)] or [0.0])
+        informative = [r for r in rates.values() if math.isfinite(r) and r > 0]
+        if not informative:  # nothing but empty updates: nothing to compare with
+            return {}
+        median = low_median(informative)  # an empty update moves no model: not counted
         return {
             cid: (
                 f"update norm {norms[cid]:.4g} over {steps[cid]} local steps > {self.ratio:g} "
