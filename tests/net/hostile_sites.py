@@ -15,6 +15,7 @@ import logging
 import sys
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 from cryptography import x509
 
@@ -31,7 +32,7 @@ from tests.secagg.hostile import BadSignature, CraftedInput, CraftedUnmask, Garb
 class Shifty(GarbageShares, CraftedUnmask, CraftedInput):
     """A different trick in each round."""
 
-    crafted: set[int] = set()  # rounds whose masked input it crafted (once per round)
+    crafted: ClassVar[set[int]] = set()  # rounds whose masked input it crafted (once per round)
 
     def share(self, task: Task, session: Session | None) -> tuple[Record, Session]:
         if task.round == 1:

@@ -35,8 +35,15 @@ def test_hostile_sites_are_excluded_and_the_honest_rounds_complete(tmp_path: Pat
     behaviours = [f"{n}={HOSTILE.get(n, 'honest')}" for n in names]
     with open(tmp_path / "sites.log", "wb") as out:
         sites = subprocess.Popen(
-            [sys.executable, "-m", "tests.net.hostile_sites", f"127.0.0.1:{port}"]
-            + [str(keys), str(tmp_path / "client-state"), *behaviours],
+            [
+                sys.executable,
+                "-m",
+                "tests.net.hostile_sites",
+                f"127.0.0.1:{port}",
+                str(keys),
+                str(tmp_path / "client-state"),
+                *behaviours,
+            ],
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -62,8 +69,9 @@ def test_hostile_sites_are_excluded_and_the_honest_rounds_complete(tmp_path: Pat
     assert "mallory-key: secagg/advertise: a public key of low order" in reasons
     assert "mallory-x: secagg/mask: disputed shares: alice refused its share" in reasons
     assert second.clients["secagg_excluded"] == hostile_ids
-    assert "mallory-x: secagg/unmask: its seed share of alice is not the one dealt" in (
-        second.labels["secagg.excluded"]
+    assert (
+        "mallory-x: secagg/unmask: its seed share of alice is not the one dealt"
+        in (second.labels["secagg.excluded"])
     )
     assert second.clients_completed == 5  # mallory-x's input was masked honestly
     assert third.clients["refused"] == [ids["mallory-key"], ids["mallory-sig"]]

@@ -132,8 +132,17 @@ def test_poison_is_refused_and_large_honest_sites_are_clamped_not_rejected(
     server = start_server(cfg, tmp_path / "server.log")
     with open(tmp_path / "sites.log", "wb") as out:
         sites = subprocess.Popen(
-            [sys.executable, "-m", "tests.net.hostile_sites", f"127.0.0.1:{port}", str(keys)]
-            + [str(tmp_path / "client-state"), "a=honest", "b=honest", f"big=honest:{own}"],
+            [
+                sys.executable,
+                "-m",
+                "tests.net.hostile_sites",
+                f"127.0.0.1:{port}",
+                str(keys),
+                str(tmp_path / "client-state"),
+                "a=honest",
+                "b=honest",
+                f"big=honest:{own}",
+            ],
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -157,7 +166,7 @@ def test_poison_is_refused_and_large_honest_sites_are_clamped_not_rejected(
     store.close()
     assert checkpoint is not None
     history = checkpoint.history
-    a, b, big, bad = range(4)
+    _, b, big, bad = range(4)
     assert [r.round for r in history] == [0, 1, 2]
     assert liar.rounds[:2] == [1, 2]  # it sent both poisons, and neither was applied
     for record in history[1:]:

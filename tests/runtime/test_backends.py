@@ -232,7 +232,7 @@ def test_records_that_do_not_match_the_model_are_rejected(small_federated, backe
         def client_done(self, client_id: int, status: str) -> None:
             statuses.append(status)
 
-    with pytest.raises(FedforgeError, match="every record was rejected .*expected"):
+    with pytest.raises(FedforgeError, match=r"every record was rejected .*expected"):
         fedforge.simulate(
             small_mlp(),
             small_federated,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from fedforge.aggregate.guard import OutlierBound, aggregate_problem, record_norms
+from fedforge.aggregate.kinds import Aggregate
 from fedforge.algorithms.base import RoundContext, ServerState
 from fedforge.algorithms.fedavg import FedAvg
-from fedforge.aggregate.kinds import Aggregate
 from fedforge.config.run import RunConfig
 from fedforge.core.errors import FedforgeError
 from fedforge.core.records import RecordBatch
@@ -97,7 +97,7 @@ class Exploding(FedAvg):
 
 
 def test_a_non_finite_new_model_is_refused_and_the_run_stops(small_federated) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(FedforgeError, match="refused in 3 attempts.*new model's .* not finite"):
+    with pytest.raises(FedforgeError, match=r"refused in 3 attempts.*new model's .* not finite"):
         simulate(small_mlp(), small_federated, Exploding(), rounds=1, max_refused=2)
 
 

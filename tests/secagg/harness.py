@@ -13,7 +13,8 @@ from fedforge.core.records import Record, RecordSpec, Task
 from fedforge.secagg.client import Identity, SecAggClient, Session, keep
 from fedforge.secagg.crypto import SecAggError
 from fedforge.secagg.protocol import STEPS, SecAggParams
-from fedforge.secagg.server import Layout, SecAggRound, SecureSum
+from fedforge.secagg.records import Layout, SecureSum
+from fedforge.secagg.server import SecAggRound
 
 Tamper = Callable[[Task], Task]  # the server's outgoing task, changed in flight
 

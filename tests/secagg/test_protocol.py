@@ -30,7 +30,8 @@ from fedforge.secagg.protocol import (
     SecAggAbort,
     SecAggParams,
 )
-from fedforge.secagg.server import Layout, SecAggRound
+from fedforge.secagg.records import Layout
+from fedforge.secagg.server import SecAggRound
 from tests.secagg.harness import Tamper, records, run_session
 
 COMPLETE = SecAggParams(complete=True)

@@ -22,9 +22,7 @@ import numpy as np
 from fedforge.aggregate.guard import (
     OutlierBound,
     Refusal,
-    aggregate_problem,
     params_problem,
-    record_norms,
 )
 from fedforge.aggregate.kinds import Aggregate, Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
@@ -57,6 +55,7 @@ from fedforge.runtime.exchange import (
     RoundListener,
     federated_metrics,
 )
+from fedforge.runtime.plain_fit import plain_fit
 from fedforge.runtime.sampling import Sampler
 from fedforge.runtime.secure_fit import secure_fit
 from fedforge.runtime.stragglers import Stragglers
@@ -130,7 +129,6 @@ class Driver:
         self.stop_reason: str | None = None  # why ``run`` stopped before its last round
         self.refusal: Refusal | None = None  # why the last attempt's aggregate was refused
         self.benched: set[int] = set()  # offenders left out of the current round's retries
-        self.norms: dict[int, float] = {}  # the current round's record norms (outliers)
         self.stages.check(self.aggregation)
         if self.stages.stages and not self.algorithm.accepts_stages:
             names = ", ".join(s.name for s in self.stages.stages)
@@ -298,7 +296,7 @@ class Driver:
                 self, self.aggregation, tasks, broadcast, metrics, clients, notes
             )
         else:
-            fit, summed, refusal = self._plain_fit(tasks, state)
+            fit, summed, refusal = plain_fit(self, tasks, state)
         fit_seconds = time.perf_counter() - fit_started
         server_started = time.perf_counter()
         for name in sorted(set(fit.sums) - {"train_loss"}):  # e.g. each client's DP-SGD epsilon
@@ -308,8 +306,6 @@ class Driver:
         if stragglers:
             dropped = self.stragglers is not None and self.stragglers.drop
             clients["dropped_stragglers" if dropped else "stragglers"] = stragglers
-        if refusal is None and summed is not None:
-            refusal = self._aggregate_refusal(summed)
         everyone_rejected = fit.rejected and not (fit.accepted or fit.failed)
         if refusal is None and everyone_rejected and not clients.get("secagg_dropped"):
             # Every client answered and none could be used: waiting changes nothing when
@@ -399,44 +395,6 @@ class Driver:
         else:
             weights = batch.num_examples.astype(np.float64)
         return self.stages.weights(batch, weights)
-
-    def _plain_fit(
-        self, tasks: list[Task], state: ServerState
-    ) -> tuple[Exchanged, Aggregate | None, Refusal | None]:
-        """The fit exchange, every accepted record decoded and summed as it arrives; with
-        ``outliers``, a round whose records include an offender is refused."""
-        accumulator = self.aggregation.accumulator()
-        self.norms = {}
-
-        steps: dict[int, int] = {}
-        program = self.algorithm.program()
-
-        def accept(batch: RecordBatch) -> None:
-            decoded = self.stages.decode(batch, state.stage_states)
-            if self.outliers is not None:
-                norms = record_norms(decoded)
-                for cid, norm, n in zip(
-                    decoded.client_ids, norms, decoded.num_examples, strict=True
-                ):
-                    self.norms[int(cid)] = float(norm)
-                    steps[int(cid)] = program.num_steps(int(n))
-            accumulator.add(decoded, self._weights(decoded))
-
-        fit = self._exchange(tasks, self._spec_check(self.fit_spec, FIT), accept, True)
-        offenders = {} if self.outliers is None else self.outliers.offenders(self.norms, steps)
-        if offenders:
-            named = ", ".join(f"{self.describe(c)}: {why}" for c, why in offenders.items())
-            return fit, None, Refusal(f"outlying updates ({named})", offenders)
-        return fit, accumulator.result() if accumulator.count else None, None
-
-    def _aggregate_refusal(self, summed: Aggregate) -> Refusal | None:
-        """A refusal when the aggregate is not finite, or (a mean of records whose norms were
-        measured) larger than its largest record."""
-        bound = None
-        if self.aggregation.kind == "mean" and self.outliers is not None and self.norms:
-            bound = max(self.norms.values())
-        problem = aggregate_problem(summed.arrays, bound)
-        return None if problem is None else Refusal(problem)
 
     def _empty_aggregate(self) -> Aggregate:
         """The sum of no records: zeros shaped like a fit record."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from fedforge.aggregate.guard import Refusal
+from fedforge.aggregate.guard import Refusal, aggregate_problem
 from fedforge.aggregate.kinds import Aggregate
 from fedforge.core.errors import ConfigError
 from fedforge.core.records import FIT, RecordBatch, Task
@@ -74,9 +74,12 @@ def secure_fit(
         )
     fit.accepted, fit.accepted_ids = len(survivors), list(survivors)
     refusal = None
-    if outcome.refused is not None:
-        refusal = Refusal(outcome.refused, {c: outcome.excluded[c] for c in outcome.excluded})
+    if outcome.refused is not None:  # retried without every culprit the session named
+        refusal = Refusal(outcome.refused, dict(outcome.excluded))
     if outcome.result is None:
         return fit, None, outcome.bytes_down, refusal
     aggregate = secure.aggregate(outcome.result, weights, scale)
+    problem = aggregate_problem(aggregate.arrays)
+    if refusal is None and problem is not None:
+        refusal = Refusal(problem)
     return fit, aggregate, outcome.bytes_down, refusal

@@ -21,7 +21,8 @@ from fedforge.aggregate.kinds import Accumulator, Aggregate, Kind
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.records import RecordBatch, RecordSpec, Task
 from fedforge.secagg.protocol import STEPS, SecAggAbort, SecAggParams
-from fedforge.secagg.server import Layout, SecAggRound, SecureSum
+from fedforge.secagg.records import Layout, SecureSum
+from fedforge.secagg.server import SecAggRound
 
 CLIP_KEY = "clip.norm"  # the clip stage's broadcast norm, when a clip stage runs
 NOISE_KEY = "ddg.noise_std"  # distributed DP: the noise stddev the sum must carry
