@@ -15,6 +15,7 @@ import logging
 import sys
 import threading
 from pathlib import Path
+from subprocess import STDOUT, Popen
 from typing import ClassVar
 
 from cryptography import x509
@@ -57,6 +58,17 @@ BEHAVIOURS: dict[str, type[SecAggClient]] = {
     "key": ZeroKey,
     "shifty": Shifty,
 }
+
+
+def start_sites(port: int, keys: Path, state: Path, sites: list[str], log: Path) -> Popen[bytes]:
+    """This module as a process serving ``sites`` (``NAME=BEHAVIOUR[:DATA.npz]``)."""
+    with open(log, "wb") as out:
+        return Popen(
+            [sys.executable, "-m", __name__, f"127.0.0.1:{port}", str(keys), str(state), *sites],
+            cwd=Path(__file__).resolve().parents[2],
+            stdout=out,
+            stderr=STDOUT,
+        )
 
 
 def main(server: str, keys: Path, state: Path, sites: dict[str, str]) -> int:

@@ -3,19 +3,23 @@ excluded at the step where it cheats and named; the honest sites' rounds complet
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from fedforge.runtime.checkpoint import CheckpointStore
-from tests.net.helpers import free_port, make_keys, start_server, stop_all, write_config
+from tests.net.helpers import (
+    free_port,
+    make_keys,
+    start_server,
+    stop_all,
+    stored_history,
+    write_config,
+)
+from tests.net.hostile_sites import start_sites
 
 pytestmark = pytest.mark.timeout(240)
 HONEST = ["alice", "bob", "carol", "dave"]
 HOSTILE = {"mallory-key": "key", "mallory-sig": "sig", "mallory-x": "shifty"}
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_hostile_sites_are_excluded_and_the_honest_rounds_complete(tmp_path: Path) -> None:
@@ -33,32 +37,14 @@ def test_hostile_sites_are_excluded_and_the_honest_rounds_complete(tmp_path: Pat
     cfg = write_config(tmp_path, keys, port, rounds=3, clients=len(names), timeout=60, extra=extra)
     server = start_server(cfg, tmp_path / "server.log")
     behaviours = [f"{n}={HOSTILE.get(n, 'honest')}" for n in names]
-    with open(tmp_path / "sites.log", "wb") as out:
-        sites = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.net.hostile_sites",
-                f"127.0.0.1:{port}",
-                str(keys),
-                str(tmp_path / "client-state"),
-                *behaviours,
-            ],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    sites = start_sites(port, keys, tmp_path / "client-state", behaviours, tmp_path / "sites.log")
     log = tmp_path / "server.log"
     try:
         assert server.wait(timeout=200) == 0, log.read_text()[-4000:]
         assert sites.wait(timeout=30) == 0, (tmp_path / "sites.log").read_text()[-4000:]
     finally:
         stop_all([server, sites])
-    store = CheckpointStore(tmp_path / "state")
-    checkpoint = store.load()
-    store.close()
-    assert checkpoint is not None
-    history = checkpoint.history
+    history = stored_history(tmp_path / "state")
     assert [r.round for r in history] == [0, 1, 2, 3]
     hostile_ids = sorted(ids[n] for n in HOSTILE)
     first, second, third = history[1:]

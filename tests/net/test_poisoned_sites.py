@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -19,19 +17,19 @@ from fedforge.core.records import EVALUATE, FIT
 from fedforge.data.datasets import load_digits
 from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
 from fedforge.net.proto import fedforge_pb2 as pb
-from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
     CraftedClient,
     free_port,
     make_keys,
     start_server,
     stop_all,
+    stored_history,
     wait_for_port,
     write_config,
 )
+from tests.net.hostile_sites import start_sites
 
 pytestmark = pytest.mark.timeout(240)
-REPO = Path(__file__).resolve().parents[2]
 HOLDOUT_CLAIM = 10_000_000
 
 
@@ -130,23 +128,8 @@ def test_poison_is_refused_and_large_honest_sites_are_clamped_not_rejected(
         extra="[evaluation]\nfraction = 1.0\n",
     )
     server = start_server(cfg, tmp_path / "server.log")
-    with open(tmp_path / "sites.log", "wb") as out:
-        sites = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.net.hostile_sites",
-                f"127.0.0.1:{port}",
-                str(keys),
-                str(tmp_path / "client-state"),
-                "a=honest",
-                "b=honest",
-                f"big=honest:{own}",
-            ],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    honest = ["a=honest", "b=honest", f"big=honest:{own}"]
+    sites = start_sites(port, keys, tmp_path / "client-state", honest, tmp_path / "sites.log")
     log = tmp_path / "server.log"
     liar: Poisoner | None = None
     try:
@@ -161,11 +144,7 @@ def test_poison_is_refused_and_large_honest_sites_are_clamped_not_rejected(
         if liar is not None:
             liar.done.set()
             liar.out.put(None)
-    store = CheckpointStore(tmp_path / "state")
-    checkpoint = store.load()
-    store.close()
-    assert checkpoint is not None
-    history = checkpoint.history
+    history = stored_history(tmp_path / "state")
     _, b, big, bad = range(4)
     assert [r.round for r in history] == [0, 1, 2]
     assert liar.rounds[:2] == [1, 2]  # it sent both poisons, and neither was applied
