@@ -86,17 +86,17 @@ class FalseAccuser(SecAggClient):
 
 
 class InconsistentDealer(SecAggClient):
-    """Deals its seed's shares off one polynomial (committing to what it dealt): one
-    holder's share is moved by one."""
+    """Deals its shares off one polynomial (committing to what it dealt): the share of the
+    lowest holder, which every recovery uses, is moved by one."""
 
     def share(self, task: Task, session: Session | None) -> tuple[Record, Session]:
         real_split = shamir.split
 
         def bent(secret: bytes, threshold: int, holders: list[int]) -> dict[int, bytes]:
             shares = real_split(secret, threshold, holders)
-            last = max(holders)
-            value = (int.from_bytes(shares[last], "big") + 1) % shamir.PRIME
-            return {**shares, last: value.to_bytes(shamir.SHARE_BYTES, "big")}
+            first = min(holders)
+            value = (int.from_bytes(shares[first], "big") + 1) % shamir.PRIME
+            return {**shares, first: value.to_bytes(shamir.SHARE_BYTES, "big")}
 
         shamir.split = bent  # type: ignore[assignment]
         try:

@@ -73,6 +73,14 @@ def test_garbage_shares_exclude_their_sender_only() -> None:
     _exact(out, 8)
 
 
+def test_a_dispute_with_a_client_that_dropped_out_excludes_nobody() -> None:
+    """Client 3 sends garbage shares, then never masks: its neighbours' refusals are moot."""
+    out = run_session(records(8, 30), COMPLETE, clients={3: GarbageShares()}, drop={MASK: {3}})
+    assert out.session.excluded == {} and not out.errors
+    assert out.result.survivors == [0, 1, 2, 4, 5, 6, 7]
+    _exact(out, 8)
+
+
 def test_a_false_accuser_is_excluded_not_the_accused() -> None:
     out = run_session(records(8, 30), COMPLETE, clients={5: FalseAccuser()})
     assert set(out.session.excluded) == {5}
@@ -100,9 +108,11 @@ def test_a_crafted_unmask_share_is_discarded_and_the_sum_stays_exact() -> None:
 
 
 def test_shares_dealt_off_one_polynomial_abort_naming_the_dealer() -> None:
-    with pytest.raises(SecAggAbort, match="shares it dealt of its self-mask seed disagree") as info:
+    """Client 6's shares match its digests but not one polynomial: its recovered seed is
+    wrong, so the sum is impossible; the server then finds whose shares disagree."""
+    with pytest.raises(SecAggAbort, match="6: secagg/unmask: the shares it dealt of its") as info:
         run_session(records(8, 30), COMPLETE, clients={6: InconsistentDealer()})
-    assert set(info.value.culprits) == {6} and not info.value.impossible
+    assert set(info.value.culprits) == {6} and info.value.impossible
 
 
 def test_a_crafted_masked_input_makes_the_sum_impossible_and_it_is_refused() -> None:

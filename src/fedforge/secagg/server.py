@@ -156,7 +156,12 @@ class SecAggRound:
         share; the excluded become dropouts, whose pairwise masks the survivors remove."""
         if self.settled:
             return
-        live = {c: r for c, r in self.refusals.items() if c in self.masked}
+        # Disputes with a client already out of the sum are moot: nobody masked with it.
+        live = {
+            c: [other for other in refused if other in self.masked]
+            for c, refused in self.refusals.items()
+            if c in self.masked
+        }
         for cid, reason in settle_disputes(live, self.describe).items():
             self.exclude(cid, f"{MASK}: {reason}")
         self.settled = True
@@ -380,7 +385,7 @@ class SecAggRound:
         n = self.array_words
         array_values = ring.decode(total[:n], params.array_bits, params.ring_bits)
         scalar_values = ring.decode(total[n:], params.scalar_bits, params.ring_bits)
-        self._check_sum(array_values, scalar_values, params, survivors)
+        self._check_sum(array_values, scalar_values, params, survivors, dropped)
         if self.params.rotation:
             rotation = rotation_seed(self.context)
             unrotated = unrotate(
@@ -396,9 +401,15 @@ class SecAggRound:
         return SecureSum(arrays, dtypes, scalars, clipped, survivors, *privacy)
 
     def _check_sum(
-        self, arrays: np.ndarray, scalars: np.ndarray, params: MaskParams, survivors: list[int]
+        self,
+        arrays: np.ndarray,
+        scalars: np.ndarray,
+        params: MaskParams,
+        survivors: list[int],
+        dropped: list[int],
     ) -> None:
-        """Refuse a sum that the survivors' clipped, weighted inputs cannot add up to."""
+        """Refuse a sum that the survivors' clipped, weighted inputs cannot add up to, naming
+        the dealers whose shares disagree (a secret recovered from some of them is wrong)."""
         clipped = float(scalars[-1]) if self.reports_clipped else None
         problem = sum_problem(
             arrays,
@@ -412,13 +423,28 @@ class SecAggRound:
             scalar_bound=params.scalar_bound,
             noise_std=self.noise_std,
         )
-        if problem is not None:
-            raise SecAggAbort(
-                f"secure aggregation: the unmasked sum is impossible for honest inputs: "
-                f"{problem}; a client masked a crafted input or share: the round is refused "
-                "and the model unchanged",
-                impossible=True,
+        if problem is None:
+            return
+        culprits = {
+            owner: f"{UNMASK}: the shares it dealt of its {what} disagree"
+            for store, owners, what in (
+                (self.seed_shares, survivors, "self-mask seed"),
+                (self.key_shares, dropped, "mask key"),
             )
+            for owner in owners
+            if not _consistent(store[owner], self.threshold)
+        }
+        cause = (
+            ", ".join(f"{self.describe(c)}: {why}" for c, why in culprits.items())
+            if culprits
+            else "a client masked a crafted input or share"
+        )
+        raise SecAggAbort(
+            f"secure aggregation: the unmasked sum is impossible for honest inputs: {problem}; "
+            f"{cause}: the round is refused and the model unchanged",
+            culprits,
+            impossible=True,
+        )
 
     def _privacy(self, params: MaskParams, contributors: int) -> tuple[float, float]:
         """(zCDP rho, tau) of this release under distributed DP (Kairouz et al. 2021,
@@ -442,8 +468,8 @@ class SecAggRound:
                 f"fewer than the threshold {self.threshold}; the round is aborted and the "
                 "model unchanged"
             )
-        try:  # every share matched its dealer's digest: a disagreement is the dealer's
-            return shamir.combine(shares, self.threshold, consistent=True)
+        try:  # every share matched its dealer's digest: a bad one is the dealer's
+            return shamir.combine(shares, self.threshold)
         except shamir.ShareError as exc:
             why = f"the shares it dealt of its {what} disagree ({exc})"
             raise SecAggAbort(
@@ -451,6 +477,15 @@ class SecAggRound:
                 "and the model unchanged",
                 {owner: f"{UNMASK}: {why}"},
             ) from None
+
+
+def _consistent(shares: Mapping[int, bytes], threshold: int) -> bool:
+    """Whether the shares lie on one polynomial (checked only once a sum is impossible)."""
+    try:
+        shamir.combine(shares, threshold, consistent=True)
+    except shamir.ShareError:
+        return False
+    return True
 
 
 def _rows(rows: Sequence[np.ndarray], width: int) -> np.ndarray:
