@@ -226,3 +226,24 @@ def test_a_resumed_fedbuff_run_continues_its_clock_and_history(small_federated, 
     times = [r.metrics["clock.time"] for r in h[1:]]
     assert times == sorted(times) and times[2] == first.history[-1].metrics["clock.time"]
     assert resumed.state.round == 6
+
+
+def test_fedbuff_drops_an_outlying_record_from_its_buffer() -> None:
+    """Client 0 sends Gaussian noise of stddev 1e30 every time: with the outlier bound its
+    records never reach the model, which trains on the others'."""
+    from fedforge.aggregate.guard import OutlierBound
+    from fedforge.attacks.simulated import ModelPoisoning
+
+    data = _federation(3)
+    result = simulate(
+        small_mlp(),
+        data,
+        FedAvg(local=LOCAL),
+        rounds=4,
+        clock=ClockSpec(_devices(data, [1.0, 1.5, 2.2])),
+        fedbuff=FedBuff(buffer=3, concurrency=3),
+        stages=[ModelPoisoning(frozenset({0}), "gaussian", std=1e30)],
+        outliers=OutlierBound(10.0),
+    )
+    assert all(r.clients["refused"] == [0] for r in result.history[1:])
+    assert all(np.abs(v).max() < 100 for v in result.state.params.values())  # (finite too)
