@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -68,6 +69,17 @@ class ServerRun:
     history: History
     state: ServerState
     stop_reason: str | None = None  # why the run ended before its last round (a DP budget)
+
+
+def sampling_population(
+    config: RunConfig, hub: Hub, registered: int
+) -> Callable[[], Sequence[int]]:
+    """Who a round may sample: the connected clients, or under central DP every registered
+    one, as its accountant assumes (the server waits until all are connected; one that
+    dropped out since fails its task, which can only lower its inclusion)."""
+    if config.privacy.mode == "central":
+        return lambda: range(registered)
+    return hub.connected_ids
 
 
 def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
@@ -214,7 +226,7 @@ def run_server(
         streams=RngStreams(config.seed),
         model_spec=spec_of(state.params),
         trainable=[name for name, _ in model.module.named_parameters()],
-        population=hub.connected_ids,
+        population=sampling_population(config, hub, len(names)),
         population_size=lambda: len(names),
         example_cap=site_sizes.limit,
         count_cap=site_sizes.count_cap,

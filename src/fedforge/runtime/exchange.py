@@ -25,8 +25,18 @@ Accept = Callable[[RecordBatch], None]
 class RoundListener:
     """Hooks for progress display; override what you need."""
 
+    def run_started(self, backend: str, device: str) -> None:
+        """Called once before the first round with the backend that runs the clients (the
+        one ``auto`` chose) and its torch device."""
+
     def round_started(self, round_number: int, client_ids: list[int]) -> None:
         """Called after sampling, before any client runs."""
+
+    def round_expects(self, results: int) -> None:
+        """Asynchronous training (FedBuff) only, after ``round_started`` (whose sample is
+        empty: nobody is sampled): the accepted results the server update waits for (the
+        buffer). Each result is then reported through ``client_done`` when it enters the
+        buffer, a failed or rejected task when it arrives."""
 
     def client_done(self, client_id: int, status: str) -> None:
         """Called once per client reply of the fit exchange: accepted, rejected or failed."""
@@ -43,8 +53,9 @@ class RoundListener:
 
 @dataclass(frozen=True)
 class FederatedEvaluation:
-    """Every ``every`` rounds, a ``fraction`` of the clients evaluates the new global model
-    on its own held-out split; the example-weighted loss and accuracy are recorded."""
+    """Every ``every`` rounds, a ``fraction`` of the clients that hold out data (those
+    without held-out examples are never asked) evaluates the new global model on its own
+    held-out split; the example-weighted loss and accuracy are recorded."""
 
     fraction: float
     every: int = 1

@@ -34,7 +34,8 @@ def plain_fit(
                 steps[int(cid)] = program.num_steps(int(n))
         accumulator.add(decoded, driver._weights(decoded))
 
-    fit = driver._exchange(tasks, driver._spec_check(driver.fit_spec, FIT), accept, True)
+    check = driver._spec_check(driver.fit_spec, FIT)
+    fit = driver._exchange(tasks, check, accept, driver.listener)
     offenders = {} if driver.outliers is None else driver.outliers.offenders(norms, steps)
     if offenders:
         named = ", ".join(f"{driver.describe(c)}: {why}" for c, why in offenders.items())

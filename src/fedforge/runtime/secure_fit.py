@@ -43,7 +43,8 @@ def secure_fit(
         for cid, w in zip(batch.client_ids, driver._weights(batch), strict=True):
             weights[int(cid)] = float(w)
 
-    fit = driver._exchange(tasks, driver._spec_check(driver.fit_reply_spec, FIT), accept_fit, True)
+    check = driver._spec_check(driver.fit_reply_spec, FIT)
+    fit = driver._exchange(tasks, check, accept_fit, driver.listener)
     if not weights:
         return fit, None, 0, None
     round_number = tasks[0].round
@@ -58,7 +59,7 @@ def secure_fit(
         return fit, None, 0, None
 
     def exchange(step_tasks: list[Task], check: Check, accept: Accept) -> Exchanged:
-        return driver._exchange(step_tasks, check, accept, False)
+        return driver._exchange(step_tasks, check, accept, None)
 
     outcome = run_session(session, {t.client_id: t.seed for t in tasks}, exchange)
     fit.bytes_up += outcome.bytes_up
