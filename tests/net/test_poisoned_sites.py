@@ -120,10 +120,10 @@ def test_poison_is_refused_and_large_honest_sites_are_clamped_not_rejected(
         port,
         rounds=2,
         clients=20,  # the built-in partition: a and b get small shares
-        per_round=4,
         min_clients=4,
         timeout=60,
         server_extra='sampler = "poisson"\nsampling_rate = 1.0',
+        uniform=False,
         deploy_extra='client_data = "own"\nsite_examples = { b = 10 }',
         extra="[evaluation]\nfraction = 1.0\n",
     )

@@ -25,7 +25,7 @@ from fedforge.aggregate.kinds import Aggregate, Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
 from fedforge.compress.downlink import Downlink, encode_broadcast
 from fedforge.core.errors import ConfigError, FedforgeError
-from fedforge.core.params import Params, ParamSpec, num_bytes
+from fedforge.core.params import ParamSpec, num_bytes
 from fedforge.core.records import (
     EVALUATE,
     FIT,
@@ -78,6 +78,7 @@ __all__ = [  # the driver, and what its users import with it
 ]
 
 log = logging.getLogger("fedforge")
+
 
 def work_epochs(task: Task) -> int | None:
     """The local epochs a fit task asks for (a straggler's partial work), or None: all."""
