@@ -18,7 +18,9 @@ from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.workload.fingerprint import Fingerprint, received
 
 log = logging.getLogger("fedforge")
-PROTOCOL_VERSION = 4  # 4: the Hello after the Welcome carries the architecture fingerprint
+PROTOCOL_VERSION = 5  # 3: tasks carry an id that replies and failure reports echo;
+# 4: secure aggregation's share digests and refused shares; 5: the Hello after the Welcome
+# carries the architecture fingerprint
 # A session that sends this many invalid messages within INVALID_WINDOW_S is disconnected.
 INVALID_LIMIT = 32
 INVALID_WINDOW_S = 10.0

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from threadpoolctl import threadpool_limits
 
+from fedforge.aggregate.guard import OutlierBound
 from fedforge.aggregate.kinds import Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, ServerState
 from fedforge.algorithms.fedavg import FedAvg
@@ -105,6 +106,8 @@ def simulate(
     fedbuff: FedBuff | None = None,
     stragglers: Stragglers | None = None,
     stop_when: StopRule | None = None,
+    outliers: OutlierBound | None = None,
+    max_refused: int = 3,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -134,6 +137,9 @@ def simulate(
     counting server updates.
     ``stragglers`` makes a share of each round's clients do partial work (or drops them).
     ``stop_when`` ends the run early (a metric's threshold or patience).
+    ``outliers`` refuses a round with a record far larger than the round's others (retried
+    without it); a round refused more than ``max_refused`` times stops the run with an
+    error (``aggregate/guard.py``).
     ``listener`` follows the run (:class:`RoundListener`); ``verbose`` prints progress to
     stderr: ``0`` (or False) nothing, ``1`` (or True, the default) a line for round 0, then
     at most one every 5 seconds, and the last round, ``2`` a line every round.
@@ -211,6 +217,8 @@ def simulate(
             stragglers=stragglers,
             stop_when=stop_when,
             loop=loop,
+            outliers=outliers,
+            max_refused=max_refused,
         )
     finally:
         if lock is not None:
@@ -246,6 +254,8 @@ def _simulate(
     stragglers: Stragglers | None = None,
     stop_when: StopRule | None = None,
     loop: UserLoop | None = None,
+    outliers: OutlierBound | None = None,
+    max_refused: int = 3,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -306,6 +316,8 @@ def _simulate(
         clock=virtual if fedbuff is None else None,
         stragglers=stragglers,
         stop_when=stop_when,
+        outliers=outliers,
+        max_refused=max_refused,
     )
     try:
         save = checkpoint if checkpoints else None
