@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import copy
-import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -105,7 +104,8 @@ def simulate(
     when present), ``workers`` (persistent forked processes), ``ray``, or ``auto``. ``sampler``
     defaults to ``clients_per_round`` uniformly without replacement. ``threads`` sets torch's
     intra-op threads while the simulation runs (restored afterwards): by default 1, except for
-    ``vectorized``, which uses every core. With ``state_dir`` the server state is checkpointed
+    ``vectorized``, which takes every core while other processes leave them idle (decided
+    before each round and logged). With ``state_dir`` the server state is checkpointed
     after every round and client state lives on disk; ``resume=True`` continues from there.
     ``client_states`` picks where stateful algorithms keep client state otherwise (default in
     memory; a :class:`DiskStateStore` for 10,000+ clients with large states). ``sample_dp``
@@ -130,8 +130,12 @@ def simulate(
     dp_sgd = "DP-SGD trains one client at a time through Opacus" if sample_dp else None
     chosen = resolve_backend(backend, algorithm.program(), model, dp_sgd)
     previous_threads = torch.get_num_threads()
-    default_threads = (os.cpu_count() or 1) if chosen == "vectorized" else 1
-    torch.set_num_threads(threads or default_threads)
+    # One thread unless set; the vectorized runtime takes more while other processes leave
+    # cores idle (runtime/threads.py).
+    options = options or BackendOptions()
+    if threads is not None:
+        options = replace(options, threads=threads)
+    torch.set_num_threads(options.threads or 1)
     # torch owns the cores. NumPy's BLAS (the server's sums) gets one thread: its spinning
     # worker threads otherwise steal the cores from torch's (measured: 0.23 s vs 0.12 s per
     # vectorized round on 2 cores).
@@ -147,7 +151,7 @@ def simulate(
             rounds=rounds,
             sampler=sampler or UniformSampler(clients_per_round),
             seed=seed,
-            options=options or BackendOptions(),
+            options=options,
             listener=listener or RoundListener(),
             federated_eval=federated_eval,
             state_dir=state_dir,
