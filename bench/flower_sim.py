@@ -43,6 +43,32 @@ def make_model() -> torch.nn.Module:
     )
 
 
+_M = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix(z: int) -> int:
+    """SplitMix64's finalizer (fedforge.core.rng.mix64_int)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M
+    return z ^ (z >> 31)
+
+
+def task_seed(round_number: int, cid: int) -> int:
+    """fedforge's RngStreams(SEED).task_seed(round, client), recomputed without fedforge."""
+    seq = np.random.SeedSequence(SEED, spawn_key=(3, round_number))
+    k = [int(w) for w in seq.generate_state(4, np.uint64)]
+    return _mix(k[0] ^ _mix(cid ^ k[1])) | _mix(k[2] ^ _mix(cid ^ k[3])) << 64
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
+    """fedforge's batch order (train.program.shuffles): one epoch's permutation."""
+    lo, hi = seed & _M, (seed >> 64) & _M
+    stream = _mix(lo ^ _mix(hi ^ (((epoch + 1) * _GOLDEN) & _M)))
+    keys = [_mix((stream + (j + 1) * _GOLDEN) & _M) for j in range(n)]
+    return np.array(sorted(range(n), key=keys.__getitem__), np.int64)
+
+
 def set_weights(model: torch.nn.Module, weights: list[np.ndarray]) -> None:
     state = dict(
         zip(model.state_dict(), (torch.from_numpy(np.copy(w)) for w in weights), strict=True)
@@ -73,12 +99,9 @@ def main() -> None:
         def fit(self, parameters, config):  # type: ignore[no-untyped-def]
             set_weights(self.model, parameters)
             opt = torch.optim.SGD(self.model.parameters(), lr=LR)
-            # fedforge's RngStreams.task_seed(round, client), recomputed without fedforge.
-            seq = np.random.SeedSequence(SEED, spawn_key=(3, int(config["round"]), self.cid))
-            words = seq.generate_state(4).astype("<u4").tobytes()
-            rng = np.random.default_rng(int.from_bytes(words, "little"))
-            for _ in range(EPOCHS):
-                perm = torch.from_numpy(rng.permutation(len(self.y)))
+            seed = task_seed(int(config["round"]), self.cid)
+            for epoch in range(EPOCHS):
+                perm = torch.from_numpy(epoch_order(len(self.y), epoch, seed))
                 for s in range(0, len(self.y), BATCH):
                     b = perm[s : s + BATCH]
                     opt.zero_grad()

@@ -2,19 +2,20 @@
 
 No fedforge abstractions: a module, ``load_state_dict``, ``torch.optim.SGD`` and a weighted
 sum of state dicts. It draws sampling and batch order from the same seeded streams as
-fedforge so both train on identical batches, which makes accuracy directly comparable.
+fedforge (``RngStreams``, ``batch_order``: pure functions of the seed) so both train on
+identical batches, which makes accuracy directly comparable.
 """
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data.federated import FederatedDataset
+from fedforge.train.program import batch_order
 
 
 def plain_fedavg(
@@ -47,14 +48,11 @@ def plain_fedavg(
             x, y = x_all[idx], y_all[idx]
             model.load_state_dict(global_state)
             opt = torch.optim.SGD(model.parameters(), lr=lr)
-            rng = np.random.default_rng(streams.task_seed(r, int(cid)))
-            for _ in range(epochs):
-                perm = torch.from_numpy(rng.permutation(len(y)))
-                for start in range(0, len(y), batch_size):
-                    b = perm[start : start + batch_size]
-                    opt.zero_grad()
-                    F.cross_entropy(model(x[b]), y[b]).backward()
-                    opt.step()
+            for batch in batch_order(len(y), batch_size, epochs, streams.task_seed(r, int(cid))):
+                b = torch.from_numpy(batch)
+                opt.zero_grad()
+                F.cross_entropy(model(x[b]), y[b]).backward()
+                opt.step()
             n = len(y)
             for k, v in model.state_dict().items():
                 sums[k] += n * v.double()

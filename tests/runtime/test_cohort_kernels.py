@@ -50,7 +50,7 @@ def test_implicit_steps_equal_the_explicit_kernel(name: str) -> None:
         trainer = CohortTrainer(three_layers(), PROGRAMS[name], x, y)
         trainer.implicit_rows_override = rows
         plans = [
-            ClientPlan(i, np.arange(bounds[i], bounds[i + 1]), np.random.default_rng(i))
+            ClientPlan(i, np.arange(bounds[i], bounds[i + 1]), seed=1000 + i)
             for i in range(len(SIZES))
         ]
         result = trainer.train(shared, {k: v.clone() for k, v in own.items()}, plans)

@@ -222,7 +222,6 @@ class ClientApp:
     ) -> tuple[int, float]:
         """The algorithm's local program on the module's parameters (and the personal copy,
         trained beside them): (steps, mean loss)."""
-        rng = np.random.default_rng(task.seed)
         params: Tensors = {**dict(self.module.named_parameters()), **personal}
         opt_state = self.program.init({n: p.detach() for n, p in params.items()})
         x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
@@ -230,11 +229,13 @@ class ClientApp:
         total, seen, steps = 0.0, 0, 0
         self.module.train()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(torch_seed(task.seed))  # dropout draws from the client's stream
+            # Dropout draws from the client's stream (the CPU generator only: seeding every
+            # device through torch.manual_seed costs more than a small client's training).
+            torch.default_generator.manual_seed(torch_seed(task.seed))
             # The local epochs, after a head-first schedule's head-only ones (FedRep).
             passes = self.program.passes(task_epochs(task.scalars, local))
             head_steps = self.program.head_steps(len(data.train))
-            for batch in batch_order(len(data.train), local.batch_size, passes, rng):
+            for batch in batch_order(len(data.train), local.batch_size, passes, task.seed):
                 idx = torch.from_numpy(batch)
                 opt_state, loss = self.program.eager_step(
                     self.module, params, opt_state, shared, own, x[idx], y[idx], steps < head_steps

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from fedforge.aggregate.kinds import Aggregate, Aggregation, WeightedMean
+from fedforge.aggregate.kinds import Aggregate, Aggregation, StreamingMean, WeightedMean
 from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
 from fedforge.compress.downlink import Downlink, encode_broadcast
 from fedforge.core.errors import ConfigError, FedforgeError
@@ -53,7 +53,8 @@ log = logging.getLogger("fedforge")
 Evaluator = Callable[[Params], Evaluation]
 ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
 Check = Callable[[RecordBatch], tuple[np.ndarray, list[str | None]]]
-Accept = Callable[[RecordBatch], None]
+# Takes validated records; may refuse rows whose values it checks itself (why, per row).
+Accept = Callable[[RecordBatch], list[str | None] | None]
 
 
 class RoundListener:
@@ -169,12 +170,13 @@ class Driver:
         self._algorithm_stateful = bool(self.algorithm.init_client_state(sample))
 
     # One exchange ---------------------------------------------------------------------------
-    def _spec_check(self, spec: RecordSpec, stage: str) -> Check:
-        """Validation against ``spec``, with each client's example cap for ``stage``."""
+    def _spec_check(self, spec: RecordSpec, stage: str, values: bool = True) -> Check:
+        """Validation against ``spec``, with each client's example cap for ``stage``
+        (``values=False``: the array values are left to the accumulator's check)."""
 
         def check(batch: RecordBatch) -> tuple[np.ndarray, list[str | None]]:
             caps = np.array([self.example_cap(int(c), stage) for c in batch.client_ids])
-            return validate_batch(batch, spec, caps)
+            return validate_batch(batch, spec, caps, values)
 
         return check
 
@@ -221,6 +223,13 @@ class Driver:
         batch = reply.as_batch() if not isinstance(reply, RecordBatch) else reply
         out.bytes_up += batch.array_bytes()
         keep, reasons = check(batch)
+        good = batch.select(keep)
+        refused = accept(good) if len(good) else None
+        if refused is not None and any(r is not None for r in refused):
+            for row, reason in zip(np.flatnonzero(keep), refused, strict=True):
+                reasons[row] = reason
+            keep = np.array([r is None for r in reasons])
+            good = batch.select(keep)
         for cid, reason in zip(batch.client_ids, reasons, strict=True):
             if reason is not None:
                 out.rejected.append(int(cid))
@@ -230,9 +239,7 @@ class Driver:
                     self.describe(int(cid)),
                     reason,
                 )
-        good = batch.select(keep)
         if len(good):
-            accept(good)
             weights = good.num_examples.astype(np.float64)
             for name, values in good.metrics.items():
                 out.sums[name] = out.sums.get(name, 0.0) + float(weights @ values)
@@ -279,11 +286,10 @@ class Driver:
             cohort, clients["too_slow"] = timing.kept, timing.dropped
             metrics["clock.seconds"] = timing.seconds
             metrics["clock.time"] = self.clock.advance(timing.seconds)
+        seeds = self.streams.task_seeds(round_number, cohort)
         tasks = [
-            Task(
-                FIT, round_number, cid, self.streams.task_seed(round_number, cid), shared, broadcast
-            )
-            for cid in cohort
+            Task(FIT, round_number, cid, seed, shared, broadcast)
+            for cid, seed in zip(cohort, seeds, strict=True)
         ]
         stragglers: list[int] = []
         if self.stragglers is not None:
@@ -386,12 +392,19 @@ class Driver:
     ) -> tuple[Exchanged, Aggregate | None]:
         """The fit exchange, every accepted record decoded and summed as it arrives."""
         accumulator = self.aggregation.accumulator()
+        # A mean of records no stage decodes checks their values in the summing pass.
+        fused = isinstance(accumulator, StreamingMean) and not self.stages.decodes
 
-        def accept(batch: RecordBatch) -> None:
+        def accept(batch: RecordBatch) -> list[str | None] | None:
+            if fused:
+                assert isinstance(accumulator, StreamingMean)
+                return accumulator.add_finite(batch, self._weights(batch))
             decoded = self.stages.decode(batch, state.stage_states)
             accumulator.add(decoded, self._weights(decoded))
+            return None
 
-        fit = self._exchange(tasks, self._spec_check(self.fit_spec, FIT), accept, True)
+        check = self._spec_check(self.fit_spec, FIT, values=not fused)
+        fit = self._exchange(tasks, check, accept, True)
         return fit, accumulator.result() if accumulator.count else None
 
     def _secure_fit(

@@ -142,7 +142,7 @@ class VectorizedTransport:
             ClientPlan(
                 t.client_id,
                 self.data.partition[t.client_id],
-                np.random.default_rng(t.seed),
+                t.seed,
                 task_epochs(t.scalars, local),
             )
             for t in chunk

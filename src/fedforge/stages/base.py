@@ -215,6 +215,12 @@ class StageChain:
     def keeps_client_state(self) -> bool:
         return any(s.keeps_client_state for s in self.stages)
 
+    @property
+    def decodes(self) -> bool:
+        """Whether some stage's server side changes records (a codec, a clip check)."""
+        plain = StageDefaults.decode
+        return any(getattr(type(s), "decode", None) is not plain for s in self.stages)
+
     def encode(
         self,
         batch: RecordBatch,

@@ -7,7 +7,7 @@ MLPs take the fused kernels of :mod:`fedforge.train.cohort_mlp` instead of autog
 head-first schedule (FedRep) passes each client's phase at the step (head-only while the step
 index is below its head step count), on the generic path. A short last batch is padded and
 masked, so each client's loss is the mean over its real examples.
-Batch order comes from the same :func:`~fedforge.train.program.batch_order` as everywhere.
+Batch order comes from the same :func:`~fedforge.train.program.shuffles` as everywhere.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.func import vmap
 
 from fedforge.train.cohort_lowrank import Chain, Schedule, implicit_steps, implicit_steps_cap
 from fedforge.train.cohort_mlp import fused_grads, fused_sgd_step, mlp_structure
-from fedforge.train.program import LocalProgram, Tensors, batch_order
+from fedforge.train.program import LocalProgram, Tensors, shuffles
 
 RANDOM_LAYERS = (
     torch.nn.Dropout,
@@ -35,11 +35,11 @@ RANDOM_LAYERS = (
 @dataclass(frozen=True)
 class ClientPlan:
     """One client's local work: its example indices (into the shared training arrays) and
-    the generator that orders its batches."""
+    the task seed that orders its batches."""
 
     client_id: int
     indices: np.ndarray
-    rng: np.random.Generator
+    seed: int
     epochs: int | None = None  # fewer than the program's for a simulated straggler
 
 
@@ -204,28 +204,43 @@ class CohortTrainer:
         return copies * size + 2 * own_bytes + activations
 
     def _schedule(self, plans: Sequence[ClientPlan], epochs: list[int]) -> Schedule:
-        """Every client's batches (:func:`batch_order`), padded to the widest batch."""
+        """Every client's batches (:func:`shuffles`, as :func:`batch_order` cuts them for one
+        client), laid out client-major and padded to the widest batch, for the whole chunk
+        with array operations."""
         local = self.program.local
-        orders = [
-            batch_order(len(p.indices), local.batch_size, e, p.rng)
-            for p, e in zip(plans, epochs, strict=True)
-        ]
-        lengths = np.array([len(o) for o in orders], dtype=np.int64)
-        if np.any(np.diff(lengths) > 0):
+        sizes = np.array([len(p.indices) for p in plans], np.int64)
+        order, starts = shuffles(sizes, epochs, [p.seed for p in plans])
+        # Examples per batch: the batch size, or (full batch) the client's whole data.
+        per_batch = np.maximum(sizes if not local.batch_size else local.batch_size, 1)
+        per_batch = np.broadcast_to(per_batch, sizes.shape)
+        batches = -(-sizes // per_batch) * np.asarray(epochs, np.int64)
+        if np.any(np.diff(batches) > 0):
             raise ValueError("plans must be sorted by step count, most first")
-        width = max((len(b) for o in orders for b in o), default=1)
-        steps = int(lengths[0]) if len(plans) else 0
-        index = np.zeros((len(plans), steps, width), dtype=np.int64)
-        mask = np.zeros((len(plans), steps, width), dtype=np.float32)
-        for row, (plan, order) in enumerate(zip(plans, orders, strict=True)):
-            for step, batch in enumerate(order):
-                index[row, step, : len(batch)] = plan.indices[batch]
-                index[row, step, len(batch) :] = plan.indices[batch[0]]  # masked out
-                mask[row, step, : len(batch)] = 1.0
+        width = int(min(local.batch_size or sizes.max(), sizes.max())) if len(plans) else 1
+        steps = int(batches[0]) if len(plans) else 0
+        counts = sizes * np.asarray(epochs, np.int64)
+        client = np.repeat(np.arange(len(plans)), counts)
+        position = np.arange(len(order)) - starts[client]
+        epoch, place = position // sizes[client], position % sizes[client]
+        batch = epoch * -(-sizes[client] // per_batch[client]) + place // per_batch[client]
+        column = batch * width + place % per_batch[client]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        pool = np.concatenate([p.indices for p in plans]) if len(plans) else np.zeros(0)
+        examples = pool[offsets[client] + order].astype(np.int64)
+        index = np.zeros((len(plans), steps * width), np.int64)
+        mask = np.zeros((len(plans), steps * width), np.float32)
+        # Padding repeats the batch's first example (masked out): fill every slot of a batch
+        # with it, then write the real examples over it.
+        first = place % per_batch[client] == 0
+        heads = np.zeros((len(plans), steps), np.int64)
+        heads[client[first], batch[first]] = examples[first]
+        index[:] = np.repeat(heads, width, axis=1)
+        index[client, column] = examples
+        mask[client, column] = 1.0
         return Schedule(
-            torch.from_numpy(index.reshape(len(plans), -1)).to(self.device),
-            torch.from_numpy(mask.reshape(len(plans), -1)).to(self.device),
-            lengths,
+            torch.from_numpy(index).to(self.device),
+            torch.from_numpy(mask).to(self.device),
+            batches,
             width,
         )
 
