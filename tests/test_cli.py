@@ -152,6 +152,7 @@ def test_sigkilled_run_resumes_to_the_same_final_model(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "history.json").exists(), "the run finished before it was killed"
+    assert (killed / "clients" / "slots.bin").exists()  # SCAFFOLD's states: one mapped file
     resumed = fedforge("run", "--resume", str(killed), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(str(whole / "model.safetensors"))
