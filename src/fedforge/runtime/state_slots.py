@@ -230,7 +230,7 @@ class ClientStates:
         if client_id not in self._others:
             size = sum(int(np.asarray(v).nbytes) for v in state.values())
             fresh = self.slots is None or bool((self.slots.tags[client_id] == EMPTY).all())
-            if fresh and self._used + 2 * size <= self.budget:
+            if fresh and self.directory is None and self._used + 2 * size <= self.budget:
                 self._in_memory.add(client_id)
                 self._used += 2 * size
                 self.memory.put(client_id, state, round_number)

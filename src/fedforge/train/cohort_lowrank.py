@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedforge.core.buffers import empty
 from fedforge.train.cohort_mlp import DenseLayer, loss_and_grad
 
 
@@ -102,11 +103,9 @@ class _Layer:
         self.beta = 1.0 - lr * self.chain.alpha
         out_dim, in_dim = self.w0.shape
         device, dtype = self.w0.device, self.w0.dtype
-        self.g_hist = torch.empty((clients, rows, out_dim), dtype=dtype, device=device)
+        self.g_hist = empty((clients, rows, out_dim), dtype, device)
         # The first layer's inputs are the data: its Gram matrices are computed up front.
-        self.h_hist = (
-            None if first else torch.empty((clients, rows, in_dim), dtype=dtype, device=device)
-        )
+        self.h_hist = None if first else empty((clients, rows, in_dim), dtype, device)
         self.bias: torch.Tensor | None = None
         if layer.bias:
             self.b0 = shared[layer.bias]
@@ -302,7 +301,7 @@ def _first_layer_tables(
     w0, own = layer.w0, layer.chain.own
 
     def table(*shape: int) -> torch.Tensor:
-        return torch.empty((clients, *shape), dtype=w0.dtype, device=w0.device)
+        return empty((clients, *shape), w0.dtype, w0.device)
 
     tables = {"gram": table(rows, rows)}
     if layer.chain.shared is None:
