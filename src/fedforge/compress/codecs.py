@@ -392,6 +392,14 @@ def with_error_feedback(
     updates (Seide et al. 2014; Stich et al. 2018). The residual is client state."""
     x = _batch(x)
     corrected = x.copy() if residual is None else np.add(x, _batch(residual))
+    return error_feedback_(codec, corrected, seeds)
+
+
+def error_feedback_(
+    codec: Codec[P], corrected: np.ndarray, seeds: Seeds | None = None
+) -> tuple[P, np.ndarray]:
+    """:func:`with_error_feedback` of the already corrected rows, which it overwrites with
+    the new residual (a float32 ``(n, d)`` array the caller owns)."""
     if isinstance(codec, TopK):  # what was not sent: the corrected update, sent entries zeroed
         rows = _tensor(corrected)
         indices, values = codec.encode_tensor(rows)
@@ -399,4 +407,5 @@ def with_error_feedback(
         rows.scatter_(1, indices, 0.0)  # (the values were gathered first)
         return payload, corrected
     payload = codec.encode(corrected, seeds)
-    return payload, corrected - codec.decode(payload, corrected.shape[1])
+    corrected -= codec.decode(payload, corrected.shape[1])
+    return payload, corrected
