@@ -5,7 +5,8 @@
 Uses flwr 1.41's ``run_simulation`` with the Ray backend, the FedAvg strategy, centralized
 evaluation each round, and the same local training as the plain loop (same arrays,
 partition, initial weights and per-(round, client) batch-order streams; Flower samples the
-clients itself). Prints one JSON line like ``bench/contender.py``.
+clients itself). Prints one JSON line like ``bench/contender.py``; CPU seconds are those of
+this process and every process below it (Ray's raylet and its workers).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from proc_tree import tree_cpu_seconds  # noqa: E402  (bench/, this script's directory)
 
 WORKLOAD, N, K, ROUNDS = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 EPOCHS, BATCH, LR, SEED = 1, 10, 0.05, 0
@@ -114,6 +116,7 @@ def main() -> None:
         return TorchClient(int(context.node_config["partition-id"])).to_client()
 
     marks: list[float] = []
+    cpu_marks: list[float] = []  # CPU seconds of this process and its Ray processes
     accuracy: list[float] = []
     x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
     eval_model = make_model()
@@ -124,6 +127,7 @@ def main() -> None:
             logits = eval_model(x_test)
         accuracy.append(float((logits.argmax(1) == y_test).float().mean()))
         marks.append(time.perf_counter())
+        cpu_marks.append(tree_cpu_seconds())
         return float(F.cross_entropy(logits, y_test)), {}
 
     def server_fn(context: Context) -> ServerAppComponents:
@@ -151,9 +155,15 @@ def main() -> None:
     )
     # marks[0] is the evaluation of the initial model, right before round 1.
     rounds = [b - a for a, b in itertools.pairwise(marks)]
+    cpu = [b - a for a, b in itertools.pairwise(cpu_marks)]
     print(
         json.dumps(
-            {"startup_s": marks[0] - PROCESS_START, "round_s": rounds, "accuracy": accuracy[-1]}
+            {
+                "startup_s": marks[0] - PROCESS_START,
+                "round_s": rounds,
+                "round_cpu_s": cpu,
+                "accuracy": accuracy[-1],
+            }
         )
     )
 

@@ -29,16 +29,17 @@ def plain_fedavg(
     lr: float,
     seed: int,
     round_times: list[float] | None = None,
+    round_cpu: list[float] | None = None,
 ) -> list[float]:
     """Run FedAvg; return the test accuracy after every round (and append round seconds to
-    ``round_times`` if given)."""
+    ``round_times`` if given, and this process's CPU seconds to ``round_cpu``)."""
     streams = RngStreams(seed)
     x_all, y_all = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
     x_test, y_test = torch.from_numpy(data.test.x), torch.from_numpy(data.test.y)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     accuracies = []
     for r in range(1, rounds + 1):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         sampling = streams.generator(Purpose.SAMPLING, r)
         chosen = sorted(sampling.choice(data.num_clients, clients_per_round, replace=False))
         sums = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in global_state.items()}
@@ -63,4 +64,6 @@ def plain_fedavg(
             accuracies.append(float((model(x_test).argmax(1) == y_test).float().mean()))
         if round_times is not None:
             round_times.append(time.perf_counter() - started)
+        if round_cpu is not None:
+            round_cpu.append(time.process_time() - cpu_started)
     return accuracies

@@ -14,23 +14,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedforge.aggregate.kinds import Aggregate
+from fedforge.compress.kernels import tiles
 from fedforge.core.records import RecordBatch
 from fedforge.stages.base import StageDefaults, StageState
 
-_NORM_BLOCK = 16_384  # columns converted to float64 at a time: no full float64 copy
-
 
 def row_norms(batch: RecordBatch) -> np.ndarray:
-    """L2 norm of each record over all its arrays, accumulated in float64."""
-    squares = np.zeros(len(batch), np.float64)
+    """L2 norm of each record over all its arrays, accumulated in float64 (a few rows at a
+    time, so no float64 copy of the batch is made)."""
+    squares = torch.zeros(len(batch), dtype=torch.float64)
     for arr in batch.arrays.values():
-        flat = arr.reshape(len(batch), -1)
-        for start in range(0, flat.shape[1], _NORM_BLOCK):
-            block = flat[:, start : start + _NORM_BLOCK].astype(np.float64)
-            squares += np.einsum("ij,ij->i", block, block)
-    result: np.ndarray = np.sqrt(squares)
+        flat = torch.from_numpy(np.ascontiguousarray(arr).reshape(len(batch), -1))
+        for rows in tiles(len(batch), flat.shape[1], flat.device):
+            squares[rows] += torch.linalg.vector_norm(flat[rows], dim=1, dtype=torch.float64) ** 2
+    result: np.ndarray = np.sqrt(squares.numpy())
     return result
 
 
