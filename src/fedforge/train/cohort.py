@@ -191,7 +191,8 @@ class CohortTrainer:
         item = self.x.element_size()
         activations = 8 * batch * self.x.shape[1] * item
         if self.layers is not None and program.stateless:
-            copies = 3 if program.plain else 4  # affine chain: one summed offset per client
+            # The output stack and what finish makes of it (affine: a per-client offset more).
+            copies = 2 if program.plain else 3
             # The implicit steps' history: per past row, every layer's inputs and output
             # gradients, the first layer's products, and the rows' Gram matrix.
             steps = program.num_steps(largest)
