@@ -26,6 +26,7 @@ from fedforge.runtime.client_state import DiskStateStore, MemoryStateStore
 from fedforge.runtime.driver import FederatedEvaluation, RoundListener
 from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
+from fedforge.runtime.state_slots import ClientStates
 from fedforge.stages.base import Stage, StageChain
 from fedforge.stages.clip import FixedClip
 from fedforge.train.program import LocalProgram, LocalSGD, Proximal
@@ -40,6 +41,7 @@ __all__ = [
     "ClientApp",
     "ClientData",
     "ClientFailure",
+    "ClientStates",
     "ConfigError",
     "CoordinateMedian",
     "DataError",

@@ -2,10 +2,11 @@
 
 :class:`MappedSlots` keeps every client's state in one memory-mapped file, two slots per client
 at fixed offsets (``(2 * client + slot) * slot_bytes``), each tagged with the round that wrote
-it; states are read as views of the mapping and written through the file (``pwrite``). A put goes to the slot that does *not* hold the newest state written before its round, so
-the state a round starts from is never overwritten while that round runs: a retried or
-replayed round, or a run resumed after a crash, reads it intact. After writing, its pages are
-released from this process (they stay in the page cache and reach the file), so the resident
+it; states are read as views of the mapping and written through the file (``pwrite``). A
+put goes to the slot that does *not* hold the newest state written before its round, so the
+state a round starts from is never overwritten while that round runs: a retried or replayed
+round, or a run resumed after a crash, reads it intact. Pages read through the mapping are
+released from this process after a while (they stay in the page cache), so the resident
 memory stays bounded whatever the number of clients.
 
 :class:`ClientStates` is the simulation's store: clients' states in memory while they fit in
@@ -140,7 +141,7 @@ class MappedSlots:
         for name, _, _, offset in self.layout.entries:
             # Written through the file, not the mapping: no page fault per page (10x less
             # CPU on a fresh file); the mapping sees the same page cache.
-            os.pwrite(fd, np.ascontiguousarray(state[name]).view(np.uint8), base + offset)
+            os.pwrite(fd, np.ascontiguousarray(state[name]).data, base + offset)
         self.tags[client_id, slot] = round_number
 
     def _touch(self) -> None:
