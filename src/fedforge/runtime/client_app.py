@@ -78,7 +78,8 @@ class ClientApp:
         self.stages = stages or StageChain()
         self.model = TorchModel(module)
         self.module = module
-        self.trainable = [name for name, _ in module.named_parameters()]
+        self.parameters = dict(module.named_parameters())  # (looked up once: it walks modules)
+        self.trainable = list(self.parameters)
         self.program = algorithm.program()
         if sample_dp is not None and type(algorithm) is not FedAvg:
             raise ConfigError(
@@ -222,12 +223,13 @@ class ClientApp:
     ) -> tuple[int, float]:
         """The algorithm's local program on the module's parameters (and the personal copy,
         trained beside them): (steps, mean loss)."""
-        params: Tensors = {**dict(self.module.named_parameters()), **personal}
+        params: Tensors = {**self.parameters, **personal}
         opt_state = self.program.init({n: p.detach() for n, p in params.items()})
         x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
         local = self.algorithm.local
         total, seen, steps = 0.0, 0, 0
-        self.module.train()
+        if not self.module.training:  # (train() walks every submodule)
+            self.module.train()
         with torch.random.fork_rng(devices=[]):
             # Dropout draws from the client's stream (the CPU generator only: seeding every
             # device through torch.manual_seed costs more than a small client's training).
