@@ -2,7 +2,7 @@
 GEMM floor, side by side.
 
     python -m bench.bench_simulation [--configs A,B,C,D] [--contenders ...] [--repeats 3]
-        [--flower-python PATH] [--skip-flower] [--timeout 900]
+        [--flower-python PATH] [--skip-flower] [--timeout 900] [--src OTHER_CHECKOUT/src]
 
 Workload (``bench/workload.py``): mnist5k, Dirichlet(0.5), 2NN, E=1, B=10, lr=0.05.
 Configurations: A N=100, 10/round, 20 rounds; B N=100, all clients, 5 rounds; C N=1,000,
@@ -91,8 +91,9 @@ def run_config(
     workdir: Path,
     contenders: list[str],
     repeats: int,
+    src: Path = ROOT / "src",
 ) -> list[dict]:  # type: ignore[type-arg]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{src}:{ROOT}", "PYTHONUNBUFFERED": "1"}
     runs: dict[str, list[dict]] = {name: [] for name in contenders}  # type: ignore[type-arg]
     for _ in range(repeats):
         for name in contenders:
@@ -179,6 +180,9 @@ def main() -> None:
     parser.add_argument("--flower-python", type=Path, default=ROOT / ".venv-flwr/bin/python")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--json", type=Path, default=ROOT / "bench/results/simulation.json")
+    parser.add_argument(
+        "--src", type=Path, default=ROOT / "src", help="fedforge sources to time (another checkout)"
+    )
     args = parser.parse_args()
     flower = None if args.skip_flower or not args.flower_python.exists() else args.flower_python
     if flower is None and "flower" in args.contenders:
@@ -187,7 +191,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.configs.split(","):
             names = args.contenders.split(",")
-            rows += run_config(key, flower, args.timeout, Path(tmp), names, args.repeats)
+            rows += run_config(key, flower, args.timeout, Path(tmp), names, args.repeats, args.src)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
     print()

@@ -256,7 +256,7 @@ def test_mistakes_are_refused_with_a_reason() -> None:
 
 def test_timings_report_every_codec() -> None:
     result = timings(d=1000, clients=2, repeats=1)
-    assert len(result) == 8 and all(e >= 0 and d >= 0 for e, d in result.values())
+    assert len(result) == 8 and all(min(t) >= 0 for t in result.values())
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
