@@ -189,16 +189,19 @@ def test_version_run_help_and_config_listing() -> None:
     assert helped.exit_code == 0 and "fedforge config" in " ".join(helped.output.split())
     listing = runner.invoke(app, ["config"])
     assert listing.exit_code == 0
-    lines = listing.output.splitlines()
-    by_key = {line.split(" = ")[0]: line for line in lines if " = " in line}
-    assert (
-        by_key["server.rounds"].startswith("server.rounds = 50")
-        and ">= 1" in (by_key["server.rounds"])
-    )
+    by_key, section = {}, ""
+    for line in listing.output.splitlines():  # TOML: [section] headers, then its keys
+        if line.startswith("["):
+            section = line[1 : line.index("]")] + "."
+        elif " = " in line:
+            key = line.removeprefix("# ").split(" = ")[0]
+            by_key[section + key] = line
+    assert by_key["server.rounds"].startswith("rounds = 50") and ">= 1" in (by_key["server.rounds"])
     assert "fedavg, fedprox, scaffold" in by_key["algorithm.name"]
     assert '"127.0.0.1:8443"' in by_key["deploy.address"]
     assert "fedprox: proximal coefficient" in by_key["algorithm.mu"]
     assert "optional" in by_key["server.lr"] and "unset" in by_key["server.lr"]
+    assert by_key["server.lr"].startswith("# lr =")  # unset: commented out
     assert "0 = the client's whole data" in by_key["client.batch_size"]
 
 
@@ -313,16 +316,23 @@ def test_configuration_errors_print_one_line_each_with_the_fix_verbatim(
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "never"
-    args = ["run", "--set", "runtime.backend=ray", "--set", "runtime.device=cuda"]
-    result = CliRunner().invoke(app, [*args, "--out", str(out)])
-    assert result.exit_code == 2 and not out.exists()
-    assert result.output.splitlines() == [
-        "error: invalid configuration:",
-        "  runtime.backend: 'ray' needs Ray, which is not installed; "
-        "pip install 'fedforge[ray]' or pick another backend",
-        "  runtime.device: 'cuda' needs CUDA, which is not available on this machine; "
-        "use 'cpu' or leave it unset",
-    ]
+    # (runtime.device applies to the vectorized backend only: one run each)
+    for sets, line in (
+        (
+            ["runtime.backend=ray"],
+            "  runtime.backend: 'ray' needs Ray, which is not installed; "
+            "pip install 'fedforge[ray]' or pick another backend",
+        ),
+        (
+            ["runtime.backend=vectorized", "runtime.device=cuda"],
+            "  runtime.device: 'cuda' needs CUDA, which is not available on this machine; "
+            "use 'cpu' or leave it unset",
+        ),
+    ):
+        args = ["run", *(arg for s in sets for arg in ("--set", s))]
+        result = CliRunner().invoke(app, [*args, "--out", str(out)])
+        assert result.exit_code == 2 and not out.exists()
+        assert result.output.splitlines() == ["error: invalid configuration:", line]
 
 
 def test_fedbuff_without_the_clock_is_refused_before_a_run_directory_exists(

@@ -123,6 +123,7 @@ def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) ->
         clients=len(BEHAVIOURS),
         min_clients=len(names),
         server_extra='sampler = "poisson"\nsampling_rate = 1.0',  # every client, honest too
+        uniform=False,
         timeout=6,
     )
     overclaim_id = names.index("overclaim")

@@ -14,22 +14,25 @@ seed is stored; client state versions itself by round.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sqlite3
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from fedforge.algorithms.base import ServerState
 from fedforge.core.errors import FedforgeError
-from fedforge.report.history import History, RoundRecord
+from fedforge.core.files import sqlite_disk_error, write_file
+from fedforge.report.history import History, RoundRecord, to_json
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -76,6 +79,9 @@ class CheckpointStore:
                 self.db.execute("ALTER TABLE rounds ADD COLUMN digest TEXT")
             self.db.commit()
         except sqlite3.DatabaseError as exc:
+            disk = sqlite_disk_error(exc, directory / "state.sqlite")
+            if disk is not None:
+                raise disk from None
             raise FedforgeError(
                 f"{directory / 'state.sqlite'} is unreadable ({exc}); restore the state "
                 "directory from a backup, or start a new run over it with --new-run"
@@ -90,7 +96,7 @@ class CheckpointStore:
             path.unlink()
 
     def start(self, run_id: str, seed: int) -> None:
-        with self.db:
+        with self._transaction():
             self.db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
                 [("run_id", run_id), ("seed", str(seed))],
@@ -144,18 +150,17 @@ class CheckpointStore:
             _GROUPS, (state.params, state.optimizer_state, state.extras), strict=True
         ):
             arrays.update({prefix + k: v for k, v in group.items()})
-        save_file(arrays, str(tmp), metadata={"run_id": run_id, "round": str(state.round)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        digest = file_digest(tmp)
+        data = save(arrays, metadata={"run_id": run_id, "round": str(state.round)})
+        write_file(tmp, data, sync=True)  # a full disk: OSError, the previous round intact
+        digest = hashlib.sha256(data).hexdigest()
         os.replace(tmp, self.directory / name)
         record = history[-1]
-        with self.db:
+        with self._transaction():  # a full disk rolls it back: the previous round stays
             self.db.execute(
                 "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?)",
                 (
                     state.round,
-                    json.dumps(record.to_dict()),
+                    to_json(record.to_dict()),
                     name,
                     json.dumps(state.stage_states),
                     digest,
@@ -163,8 +168,20 @@ class CheckpointStore:
             )
         self._prune()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One SQLite transaction; a full disk rolls it back and raises ``OSError``."""
+        try:
+            with self.db:
+                yield
+        except sqlite3.Error as exc:
+            disk = sqlite_disk_error(exc, self.directory / "state.sqlite")
+            if disk is None:
+                raise
+            raise disk from None
+
     def register_client(self, name: str, client_id: int, round_number: int) -> None:
-        with self.db:
+        with self._transaction():
             self.db.execute(
                 "INSERT OR REPLACE INTO clients VALUES (?, ?, ?)", (name, client_id, round_number)
             )

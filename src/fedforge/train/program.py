@@ -84,14 +84,22 @@ def _one_shuffle(num_examples: int, epochs: int, seed: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def batch_order(num_examples: int, batch_size: int, epochs: int, seed: int) -> list[np.ndarray]:
+def batch_order(
+    num_examples: int, batch_size: int, epochs: int, seed: int | np.random.Generator
+) -> list[np.ndarray]:
     """Index batches for ``epochs`` passes, reshuffled each epoch (:func:`shuffles` with the
     task's seed); the last batch of an epoch may be short.
 
     ``batch_size`` 0 means full batch (FedSGD). Every runtime derives a client's batches
-    from these functions, which is what makes all runtimes take identical steps.
+    from these functions, which is what makes all runtimes take identical steps. Given a
+    NumPy generator instead of a seed, each epoch is ``rng.permutation`` (callers that keep
+    their own generators).
     """
-    order = _one_shuffle(num_examples, epochs, seed)
+    if isinstance(seed, np.random.Generator):
+        order = np.concatenate([seed.permutation(num_examples) for _ in range(epochs)] or [[]])
+        order = order.astype(np.int64)
+    else:
+        order = _one_shuffle(num_examples, epochs, seed)
     size = batch_size or num_examples
     return [
         order[start + i : start + min(i + size, num_examples)]
