@@ -96,8 +96,8 @@ def batch_order(
     their own generators).
     """
     if isinstance(seed, np.random.Generator):
-        order = np.concatenate([seed.permutation(num_examples) for _ in range(epochs)] or [[]])
-        order = order.astype(np.int64)
+        parts = [seed.permutation(num_examples) for _ in range(epochs)]
+        order = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
     else:
         order = _one_shuffle(num_examples, epochs, seed)
     size = batch_size or num_examples
