@@ -35,6 +35,7 @@ from fedforge.privacy.accounting import (
     accountant_for,
     adaptive_value_multiplier,
     epsilon,
+    gaussian_epsilon,
     zcdp_epsilon,
 )
 from fedforge.privacy.ledger import Release
@@ -296,8 +297,7 @@ class LocalGaussian(StageDefaults):
         different noise multipliers (a resumed run) compose exactly."""
         if load <= 0:
             return 0.0
-        one_client = SamplingScheme("full", 1)
-        return epsilon(one_client, load**-0.5, 1, self.delta, self.accountant)
+        return gaussian_epsilon(load**-0.5, self.delta, self.accountant)
 
     def epsilon_after(self, releases: int) -> float:
         """A client's epsilon after ``releases`` records at this noise multiplier."""
