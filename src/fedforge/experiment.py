@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from fedforge.aggregate.gather import RobustAggregation
+from fedforge.aggregate.guard import DEPLOYMENT_RATIO, OutlierBound
 from fedforge.aggregate.kinds import Aggregation, WeightedMean
 from fedforge.aggregate.server_opt import FedAdagrad, FedAdam, FedYogi, ServerOptimizer, ServerSGD
 from fedforge.algorithms.base import Algorithm
@@ -232,6 +233,17 @@ def build_aggregation(config: RunConfig) -> Aggregation:
     )
 
 
+def build_outliers(config: RunConfig, *, deployed: bool) -> OutlierBound | None:
+    """The outlier bound on records: ``aggregation.outlier_ratio``, by default on in
+    deployment (never under secure aggregation, whose server sees no record, nor under
+    central DP, whose records are clipped and whose sample must not depend on them)."""
+    ratio = config.aggregation.outlier_ratio
+    if ratio is None:  # (central DP clips every record already and cannot refuse one)
+        secure = config.aggregation.kind == "secure_sum" or config.privacy.mode == "central"
+        ratio = DEPLOYMENT_RATIO if deployed and not secure else 0.0
+    return OutlierBound(ratio) if ratio > 0 else None
+
+
 def build_sampler(config: RunConfig) -> Sampler:
     s = config.server
     if s.sampler == "poisson":
@@ -341,6 +353,8 @@ def simulate_config(
         resume=resume,
         clock=build_clock(config, data.num_clients),
         fedbuff=build_fedbuff(config),
+        outliers=build_outliers(config, deployed=False),
+        max_refused=config.aggregation.max_refused,
     )
 
 

@@ -21,6 +21,8 @@ from fedforge.net.keys import add_client, init_keys
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import PROTOCOL_VERSION
+from fedforge.report.history import RoundRecord
+from fedforge.runtime.checkpoint import CheckpointStore
 
 BASE_CONFIG = """
 seed = 3
@@ -333,3 +335,14 @@ class FreezableProxy:
 
 def log_has(path: Path, text: str) -> bool:
     return path.exists() and text in path.read_text(errors="replace")
+
+
+def stored_history(state: Path) -> list[RoundRecord]:
+    """The round records a server checkpointed in its state directory."""
+    store = CheckpointStore(state)
+    try:
+        checkpoint = store.load()
+    finally:
+        store.close()
+    assert checkpoint is not None
+    return list(checkpoint.history)

@@ -190,3 +190,18 @@ def test_the_api_refuses_rounding_past_the_record_bound(small_federated: Federat
     bound = CentralGaussian(1.0, scheme, 1e-5, 8.0, record_bound=1.2)
     result = run_api(small_federated, scheme, UniformSampler(8), ring16, noise=bound)
     assert result.history[-1].metrics["dp.epsilon"] == epsilon(scheme, 1 / 1.2, 1, 1e-5)
+
+
+def test_central_dp_refuses_outlier_refusals(small_federated: FederatedDataset) -> None:
+    """Retrying a round without a client because of its record's norm is an unnoised decision
+    on that record: refused at load, off by default in deployment, refused in the API."""
+    from fedforge.aggregate.guard import OutlierBound
+    from fedforge.experiment import build_outliers
+
+    with pytest.raises(ConfigError, match="cannot refuse outlying updates"):
+        load_config(None, [*CENTRAL, "aggregation.outlier_ratio=10"])
+    assert build_outliers(load_config(None, CENTRAL), deployed=True) is None
+    assert build_outliers(load_config(), deployed=True) is not None  # (on without DP)
+    scheme = SamplingScheme.fixed_size(5, small_federated.num_clients)
+    with pytest.raises(ConfigError, match="cannot refuse outlying updates"):
+        run_api(small_federated, scheme, UniformSampler(5), outliers=OutlierBound(10.0))

@@ -138,35 +138,55 @@ def test_local_dp_composes_a_changed_noise_multiplier_and_keeps_its_delta() -> N
 
 
 def test_local_dp_counts_every_record_the_server_saw() -> None:
-    """Every attacker claims more examples than it holds, so the server rejects every record:
-    each still left its client noised once, and every round reports the epsilon so far."""
+    """Half the clients claim more examples than they hold, so the server rejects their
+    records (and refuses, then re-samples, a round in which it rejected every one): each of
+    those records still left its client noised and reached the server."""
     config = load_config(
         None,
         [
-            "data.dataset=digits", "partition.scheme=iid", "partition.num_clients=6",
+            "data.dataset=digits", "partition.scheme=iid", "partition.num_clients=10",
             "model.name=logistic", "client.epochs=1", "client.batch_size=0",
-            "runtime.backend=sequential", "server.clients_per_round=3", "server.rounds=4",
+            "runtime.backend=sequential", "server.clients_per_round=3", "server.rounds=8",
             "privacy.mode=local", "privacy.noise_multiplier=2.0",
-            "attack.kind=label_flip", "attack.fraction=0.99", "attack.overclaim=2",
+            "attack.kind=label_flip", "attack.fraction=0.5", "attack.overclaim=2",
         ],
     )  # fmt: skip
 
     class Sent(RoundListener):
         def __init__(self) -> None:
             self.sent: dict[int, int] = {}
+            self.rejected = 0
 
         def client_done(self, client_id: int, status: str) -> None:
             if status in ("accepted", "rejected"):
                 self.sent[client_id] = self.sent.get(client_id, 0) + 1
+                self.rejected += status == "rejected"
 
     sent = Sent()
     result = simulate_config(config, build_dataset(config), listener=sent)
-    rounds = result.history[1:]
-    assert all(r.clients_completed == 0 for r in rounds) and sent.sent
-    assert all("dp.epsilon" in r.metrics for r in rounds)  # carried forward every round
     most = max(sent.sent.values())
-    assert rounds[-1].metrics["dp.releases"] == most
-    assert rounds[-1].metrics["dp.epsilon"] == pytest.approx(pld((G(1.0), most)), rel=2e-3)
+    last = result.history[-1].metrics
+    assert sent.rejected > 0
+    assert last["dp.releases"] == most
+    assert last["dp.epsilon"] == pytest.approx(pld((G(1.0), most)), rel=2e-3)
+
+
+def test_a_round_without_records_carries_local_dp_epsilon_forward(
+    small_federated: FederatedDataset,
+) -> None:
+    from fedforge.runtime.sampling import PoissonSampler
+
+    result = simulate(
+        small_mlp(), small_federated, rounds=6, sampler=PoissonSampler(0.1), verbose=0,
+        stages=[FixedClip(0.5, report_clipped=False), LocalGaussian(1.0, DELTA)],
+    )  # fmt: skip
+    rounds = result.history  # (round 0: nothing spent yet)
+    empty = [i for i, r in enumerate(rounds) if i and r.clients_sampled == 0]
+    assert empty, "the seed should give a round in which nobody is sampled"
+    assert all("dp.epsilon" in r.metrics for r in rounds[1:])
+    for i in empty:
+        assert rounds[i].metrics["dp.epsilon"] == rounds[i - 1].metrics.get("dp.epsilon", 0.0)
+    assert rounds[-1].metrics["dp.epsilon"] > 0
 
 
 def central_chain(scheme: SamplingScheme | None = None) -> list[object]:

@@ -16,6 +16,12 @@ from fedforge.secagg.ring import frac_bits, rotated_bound
 if TYPE_CHECKING:
     from fedforge.config.run import RunConfig
 
+OUTLIERS_UNDER_CENTRAL_DP = (
+    "central DP cannot refuse outlying updates (aggregation.outlier_ratio): whether a record "
+    "is refused, and the round retried without its client, depends on that record, unnoised "
+    "(and under central DP every record is clipped already); set aggregation.outlier_ratio = 0"
+)
+
 
 def num_clients(config: RunConfig) -> int:
     """The simulated population: the synthetic devices, or ``partition.num_clients``."""
@@ -114,6 +120,17 @@ def aggregation_problems(config: RunConfig) -> list[str]:
         out.append(
             "aggregation.kind = 'norm_bound' needs exactly one of aggregation.max_norm "
             "and aggregation.norm_quantile"
+        )
+    if agg.outlier_ratio is not None and 0 < agg.outlier_ratio < 1:
+        out.append(
+            f"aggregation.outlier_ratio = {agg.outlier_ratio} would refuse every update above "
+            "the median: use a ratio of at least 1 (or 0 to turn it off)"
+        )
+    if agg.kind == "secure_sum" and agg.outlier_ratio:
+        out.append(
+            "aggregation.outlier_ratio cannot apply to aggregation.kind = 'secure_sum': the "
+            "server never sees a record (each is clipped to secagg.clip_norm, and the "
+            "unmasked sum is checked against that bound)"
         )
     if agg.kind != "mean" and agg.kind in BOUNDED_RULES:
         if config.server.sampler != "uniform":
@@ -294,6 +311,8 @@ def privacy_conflicts(config: RunConfig) -> list[str]:
             f"privacy.mode = {mode!r} cannot run algorithm.name = "
             f"{algorithm!r}: its normalizer travels in the record"
         )
+    if mode == "central" and config.aggregation.outlier_ratio:
+        out.append(OUTLIERS_UNDER_CENTRAL_DP)
     if mode == "central" and config.attack.kind in ("alie", "ipm"):
         out.append(
             f"attack.kind = {config.attack.kind!r} cannot run with privacy.mode = 'central': "

@@ -6,7 +6,8 @@ Python API gets the refusals a configuration gets when it loads (``config/checks
   with its bounded weight: the weighted mean without a weight cap, or the secure sum. A
   robust rule (the median moves by several clip norms when one record changes), a weight cap
   (a share of the realized total) or a simulated attack that rewrites records after the
-  server's re-clip (ALIE, IPM) breaks the sensitivity the accountant assumes.
+  server's re-clip (ALIE, IPM) breaks the sensitivity the accountant assumes. So does refusing
+  outlying records (a round retried without a client because of its record's norm).
 - Central DP over secure aggregation: each record is stochastically rounded to the ring's
   ``2^-f`` grid after it is clipped, which can move it by up to ``sqrt(D) 2^-f``, and the
   server cannot re-clip a masked record. The noise stage's ``record_bound`` (in clip norms)
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 from fedforge.aggregate.kinds import Aggregation
 from fedforge.compress.rotation import rotation_shape
+from fedforge.config.checks import OUTLIERS_UNDER_CENTRAL_DP as OUTLIERS_UNDER_CENTRAL_DP
 from fedforge.report.history import RoundRecord
 from fedforge.secagg.aggregation import CLIP_KEY, SecureAggregation
 from fedforge.secagg.protocol import ROTATION_BLOCK, SecAggParams

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from threadpoolctl import threadpool_limits
 
+from fedforge.aggregate.guard import OutlierBound
 from fedforge.aggregate.kinds import Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, ServerState
 from fedforge.algorithms.fedavg import FedAvg
@@ -100,6 +101,8 @@ def simulate(
     clock: ClockSpec | None = None,
     fedbuff: FedBuff | None = None,
     stragglers: Stragglers | None = None,
+    outliers: OutlierBound | None = None,
+    max_refused: int = 3,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
@@ -125,6 +128,9 @@ def simulate(
     (``runtime/clock.py``); ``fedbuff`` trains asynchronously on that clock, ``rounds`` then
     counting server updates.
     ``stragglers`` makes a share of each round's clients do partial work (or drops them).
+    ``outliers`` refuses a round with a record far larger than the round's others (retried
+    without it); a round refused more than ``max_refused`` times stops the run with an
+    error (``aggregate/guard.py``).
     ``listener`` follows the run (:class:`RoundListener`); ``verbose`` prints progress to
     stderr: ``0`` (or False) nothing, ``1`` (or True, the default) a line for round 0, then
     at most one every 5 seconds, and the last round, ``2`` a line every round.
@@ -183,6 +189,8 @@ def simulate(
             clock=clock,
             fedbuff=fedbuff,
             stragglers=stragglers,
+            outliers=outliers,
+            max_refused=max_refused,
         )
     finally:
         if lock is not None:
@@ -216,6 +224,8 @@ def _simulate(
     clock: ClockSpec | None = None,
     fedbuff: FedBuff | None = None,
     stragglers: Stragglers | None = None,
+    outliers: OutlierBound | None = None,
+    max_refused: int = 3,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
@@ -275,6 +285,8 @@ def _simulate(
         downlink=downlink,
         clock=virtual if fedbuff is None else None,
         stragglers=stragglers,
+        outliers=outliers,
+        max_refused=max_refused,
     )
     try:
         save = checkpoint if checkpoints else None

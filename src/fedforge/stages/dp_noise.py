@@ -309,11 +309,12 @@ class LocalGaussian(StageDefaults):
     def finish_round(
         self, state: StageState, aggregate: Aggregate
     ) -> tuple[StageState, dict[str, float]]:
-        """Count every record that reached the server, accepted or rejected (the server is
-        the adversary local DP protects against: it saw them all)."""
+        """Count every record that reached the server, summed or not (rejected, or in a
+        refused round): the server is the adversary local DP protects against, and it saw
+        them all."""
         check_unchanged(state, self.init_state())
         new_state = {**state, **self.init_state()}
-        for cid in [*aggregate.client_ids, *aggregate.rejected]:
+        for cid in [*aggregate.client_ids, *aggregate.unsummed]:
             count = new_state.get(f"releases.{cid}", 0.0)
             if f"load.{cid}" not in new_state:  # (a checkpoint from before loads were kept)
                 new_state[f"load.{cid}"] = count * self.load
