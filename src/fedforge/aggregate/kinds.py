@@ -39,6 +39,9 @@ class Aggregate:
     excluded: list[int] = field(default_factory=list)
     downweighted: list[int] = field(default_factory=list)
     client_ids: list[int] = field(default_factory=list)
+    # Clients whose record reached the server but is not in the sum (rejected, or in a refused
+    # round): local DP's ledger counts them too.
+    unsummed: list[int] = field(default_factory=list)
 
 
 class Accumulator(Protocol):

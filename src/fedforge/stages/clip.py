@@ -104,6 +104,9 @@ class FixedClip(StageDefaults):
         return state, metrics
 
 
+ADAPTIVE_FLOOR = 2.0**-20
+
+
 @dataclass(frozen=True)
 class AdaptiveClip(FixedClip):
     """Adaptive clipping (Andrew et al. 2021): after each round,
@@ -111,7 +114,9 @@ class AdaptiveClip(FixedClip):
 
     The unclipped fraction is ``1 - clipped / clients``; under central DP the clipped count
     arrives noised and ``clients`` is the *expected* number of clients (``expected_clients``),
-    never the realized one, so the norm is a function of released values only."""
+    never the realized one, so the norm is a function of released values only. It never
+    falls below ``ADAPTIVE_FLOOR`` times its start (secure aggregation's rounding error is
+    bounded relative to the norm down to there: ``privacy/guards.py``)."""
 
     target_quantile: float = 0.5
     learning_rate: float = 0.2
@@ -132,5 +137,6 @@ class AdaptiveClip(FixedClip):
         clipped = aggregate.scalars[f"{self.name}.clipped"]
         unclipped = min(max(1.0 - clipped / clients, 0.0), 1.0)
         norm = state["norm"] * math.exp(-self.learning_rate * (unclipped - self.target_quantile))
+        norm = max(norm, self.norm * ADAPTIVE_FLOOR)  # a public function of released values
         metrics[f"{self.name}.unclipped_fraction"] = unclipped
         return {"norm": norm}, metrics
