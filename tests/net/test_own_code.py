@@ -1,12 +1,15 @@
 """A project from `fedforge new` deployed as it is: a server and three hospitals, each a
 `fedforge client CONFIG --data FILE` process with the model factory, data loader and training
 loop from files beside the configuration, under secure aggregation; a fourth site whose model
-differs is refused in the handshake with both fingerprints and the first differing parameter,
-and the run ends with the simulation's model."""
+differs is refused in the handshake with both fingerprints and the first differing parameter;
+the run stops early where the simulation does (server.stop_when) with the simulation's model,
+and a restarted server stays stopped."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import json
 
 import numpy as np
 import pytest
@@ -27,7 +30,7 @@ def _deployable(project: Path, keys: Path, port: int, state: Path) -> Path:
     rounds and this test's keys, port and state directory."""
     text = (project / "fedforge.toml").read_text()
     text = text.replace('# train = "train:train"', 'train = "train:train"')
-    text = text.replace("rounds = 20", "rounds = 2")
+    text = text.replace("rounds = 20", "rounds = 3")
     text = text.replace('address = "127.0.0.1:8443"', f'address = "127.0.0.1:{port}"')
     text = text.replace('keys = "keys"', f'keys = "{keys}"')
     text = text.replace('state_dir = "server-state"', f'state_dir = "{state}"')
@@ -45,6 +48,17 @@ def test_a_new_project_deploys_unchanged_and_a_different_model_is_refused(tmp_pa
     keys = make_keys(tmp_path, [*HOSPITALS, "rogue"])
     port = free_port()
     config = _deployable(project, keys, port, tmp_path / "state")
+    # Early stopping after round 2: a test loss between round 1's and round 2's.
+    full = simulate_config(
+        load_config(config), build_dataset(load_config(config)), backend="sequential"
+    )
+    losses = [r.test_loss for r in full.history[1:]]
+    assert losses[0] > losses[1] > losses[2], losses
+    threshold = (losses[0] + losses[1]) / 2
+    config.write_text(
+        config.read_text()
+        + f'[server.stop_when]\nmetric = "test_loss"\nthreshold = {threshold!r}\n'
+    )
     rogue = project / "rogue.toml"
     rogue.write_text(config.read_text().replace("hidden = 32", "hidden = 16"))
     server = fedforge(["server", str(config)], tmp_path / "server.log")
@@ -92,12 +106,25 @@ def test_a_new_project_deploys_unchanged_and_a_different_model_is_refused(tmp_pa
     )
     assert "Traceback" not in rogue_log
     assert "refused client rogue: architecture mismatch" in (tmp_path / "server.log").read_text()
-    # The deployment computed what the simulation computes (same seed, sites and loop).
+    server_log = (tmp_path / "server.log").read_text()
+    assert "stopped early: test_loss reached" in server_log and "in round 2" in server_log
+    provenance = json.loads((tmp_path / "state" / "provenance.json").read_text())
+    assert "in round 2" in provenance["stop_reason"]
+    # The deployment computed what the simulation computes (same seed, sites, loop and stop).
     simulated = simulate_config(
         load_config(config), build_dataset(load_config(config)), backend="sequential"
     )
+    assert simulated.history[-1].round == 2 and simulated.stop_reason == provenance["stop_reason"]
     deployed = load_file(str(tmp_path / "state" / "final_model.safetensors"))
     assert deployed.keys() == simulated.state.params.keys()
     for name, value in simulated.state.params.items():
         np.testing.assert_allclose(deployed[name], value, rtol=0, atol=1e-5, err_msg=name)
     assert simulated.history[-1].clients_completed == 3
+    # Restarted, the server resumes the stopped run: it stops at once, with status 0.
+    again = fedforge(["server", str(config)], tmp_path / "again.log")
+    try:
+        assert again.wait(timeout=120) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    finally:
+        stop_all([again])
+    assert "stopped early: test_loss reached" in (tmp_path / "again.log").read_text()
+    assert load_file(str(tmp_path / "state" / "final_model.safetensors")).keys() == deployed.keys()

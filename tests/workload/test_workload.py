@@ -192,6 +192,7 @@ def test_bad_import_paths_are_one_line(override: str, problem: str) -> None:
         (['algorithm.name="fednova"'], "cannot run algorithm.name = 'fednova'"),
         (['privacy.mode="sample"', "privacy.noise_multiplier=1.0"], "DP-SGD clips"),
         (['runtime.backend="vectorized"'], "a training function runs its own loop"),
+        (['algorithm.name="fedprox"'], "unless it adds config.proximal.*client.train_proximal"),
     ],
 )
 def test_a_training_function_refuses_what_it_cannot_run(overrides: list[str], problem: str) -> None:
@@ -199,6 +200,27 @@ def test_a_training_function_refuses_what_it_cannot_run(overrides: list[str], pr
         load_config(
             None, ['client.train="tests.workload.test_workload:shift_by_label_mean"', *overrides]
         )
+
+
+def test_a_configured_training_function_declares_its_metrics_and_proximal_term() -> None:
+    with pytest.raises(ConfigError, match="client.train_metrics describes client.train"):
+        load_config(None, ['client.train_metrics=["seen"]'])
+    config = load_config(
+        None,
+        [
+            'client.train="tests.workload.test_workload:shift_by_label_mean"',
+            'client.train_metrics=["seen"]',
+            "client.train_proximal=true",
+            'algorithm.name="fedprox"',
+            'data.dataset="synthetic"',
+            "partition.num_clients=3",
+            "server.rounds=1",
+            "server.clients_per_round=3",
+        ],
+    )
+    result = simulate_config(config, build_dataset(config), backend="sequential")
+    last = result.history[-1]
+    assert last.clients_completed == 3 and last.metrics["seen"] > 0
 
 
 def test_fedprox_runs_a_loop_that_adds_the_proximal_term_and_refuses_one_that_does_not() -> None:

@@ -42,6 +42,14 @@ class ClientConfig(Section):
         description="your training loop: 'module:function' called as train(model, loader, "
         "config) instead of the built-in local SGD",
     )
+    train_proximal: bool = Field(
+        False,
+        description="client.train adds config.proximal(model) to its loss (needed by fedprox)",
+    )
+    train_metrics: list[str] = Field(
+        default_factory=list,
+        description="metrics client.train may return beside train_loss (recorded per round)",
+    )
 
     @field_validator("train")
     @classmethod

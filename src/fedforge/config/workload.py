@@ -99,10 +99,23 @@ def model_problems(config: RunConfig) -> list[str]:
 def loop_problems(config: RunConfig) -> list[str]:
     """A training function (``client.train``) against the algorithm, DP-SGD and the
     vectorized runtime; a workload object is checked when it is built."""
-    if config.client.train is None:
-        return []
+    client = config.client
+    if client.train is None:
+        return [
+            f"client.{key} describes client.train: set it"
+            for key in ("train_proximal", "train_metrics")
+            if key in changed(client, "train")
+        ]
     out = []
     name = config.algorithm.name
+    if name == "fedprox" and config.algorithm.mu > 0 and not client.train_proximal:
+        out.append(
+            "client.train cannot run algorithm.name = 'fedprox' unless it adds "
+            "config.proximal(model) (mu/2 ||w - w_global||^2) to its loss: do so and set "
+            "client.train_proximal = true"
+        )
+    if "train_loss" in client.train_metrics or len(client.train_metrics) > 64:
+        out.append("client.train_metrics: at most 64 names, beside train_loss (always recorded)")
     refusal = loop_refusal(name)
     if refusal is not None:
         out.append(

@@ -311,7 +311,7 @@ def run_server(
                 checkpoint=lambda s, h: retry.round_done(lambda: store.save(run_id, s, h)),
             )
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
-        finish_run_log(Path(d.state_dir), run_log)
+        finish_run_log(Path(d.state_dir), run_log, driver.stop_reason)
         hub.finish(state.round)
         if d.linger_s > 0:
             log.info("run complete; answering late clients for %g s", d.linger_s)
@@ -367,8 +367,9 @@ def start_run_log(state_dir: Path, config: RunConfig, *, resumed: bool) -> dict[
     return start_provenance(state_dir, record, resume=resumed)
 
 
-def finish_run_log(state_dir: Path, record: dict[str, Any]) -> None:
+def finish_run_log(state_dir: Path, record: dict[str, Any], stop_reason: str | None) -> None:
     record["finished"] = datetime.now().astimezone().isoformat(timespec="seconds")
+    record["stop_reason"] = stop_reason  # why the run ended before its last round, if it did
     write_provenance(state_dir, record)
 
 

@@ -76,7 +76,13 @@ def configured_workload(config: RunConfig, shape: DataShape | None = None) -> Wo
         train = load_object(config.client.train, root, "client.train")
         if not callable(train):
             raise ConfigError(f"client.train = {config.client.train!r} is not a function")
-        base = replace(base, train=_as_train(train))
+        c = config.client
+        base = replace(
+            base,
+            train=_as_train(train),
+            proximal=c.train_proximal,
+            metrics=tuple(c.train_metrics),
+        )
     return base
 
 

@@ -3,7 +3,9 @@
 fedforge calls train(model, loader, config) on each site every round: ``model`` holds the
 global model (train it in place), ``loader`` the site's training data (shuffled from the run
 seed), ``config`` the run's [client] settings (epochs, lr, batch_size, momentum, weight_decay)
-and FedProx's ``mu``. The update sent is the trained model minus the global one."""
+and FedProx's ``mu``. The update sent is the trained model minus the global one. This loop
+adds FedProx's proximal term, so it also runs ``algorithm.name = "fedprox"`` once
+``[client] train_proximal = true`` says so."""
 
 from __future__ import annotations
 
