@@ -59,6 +59,7 @@ from fedforge.stages.clip import FixedClip
 from fedforge.stages.compress import Compress
 from fedforge.train.models import logistic, mlp, seeded
 from fedforge.train.program import LocalSGD
+from fedforge.train.torch_model import trainable_names
 from fedforge.train.user_loop import UserLoop
 from fedforge.workload.base import Workload
 from fedforge.workload.configured import DataShape, configured_workload, project_dir
@@ -336,7 +337,7 @@ def simulate_config(
     aggregation = build_aggregation(config)
     attack = plan_attack(config, data, aggregation)
     workload = build_workload(config, attack.data)
-    names = [n for n, _ in build_model(config, attack.data).named_parameters()]
+    names = trainable_names(build_model(config, attack.data))
     return simulate(
         workload,
         attack.data,

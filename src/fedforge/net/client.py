@@ -51,6 +51,7 @@ from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.client import Identity, SecAggClient
 from fedforge.secagg.protocol import SESSION
 from fedforge.stages.base import StageChain
+from fedforge.train.torch_model import trainable_names
 from fedforge.workload.fingerprint import fingerprint
 
 log = logging.getLogger("fedforge")
@@ -277,7 +278,7 @@ class _Worker:
         joined = join(self.site, self.config, self.client_id)
         self.data = joined.data
         self.app = ClientApp(
-            build_algorithm(self.config, [n for n, _ in joined.model.named_parameters()]),
+            build_algorithm(self.config, trainable_names(joined.model)),
             joined.model,
             StageChain(build_stages(self.config, population=None)),
             build_sample_dp(self.config),

@@ -64,7 +64,7 @@ from fedforge.secagg.protocol import CIPHERTEXT_BYTES, IDENTITY_BYTES, MASK, STE
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.models import seeded
-from fedforge.train.torch_model import TorchModel
+from fedforge.train.torch_model import TorchModel, trainable_names
 from fedforge.train.user_loop import loop_problem
 from fedforge.workload.base import Workload
 from fedforge.workload.federate import load_test
@@ -170,7 +170,7 @@ def run_server(
     torch.set_num_threads(config.runtime.threads or 1)
     setup = server_setup(config)
     data, model, workload = setup.data, TorchModel(setup.model), setup.workload
-    algorithm = build_algorithm(config, [n for n, _ in setup.model.named_parameters()])
+    algorithm = build_algorithm(config, trainable_names(setup.model))
     loop = build_loop(workload)
     if loop is not None:  # the clients' training function against the run's algorithm
         problem = loop_problem(
@@ -237,6 +237,7 @@ def run_server(
     def evaluator(params: Params) -> Evaluation:
         assert setup.test is not None
         model.set_params(params)
+        model.set_frozen_offsets(params)  # (an algorithm's frozen/ offsets, when it has them)
         return evaluate(model, setup.test)
 
     site_sizes = SiteSizes(hub, d, data, lambda cid: names[cid])
@@ -253,7 +254,7 @@ def run_server(
         sampler=build_sampler(config),
         streams=RngStreams(config.seed),
         model_spec=spec_of(state.params),
-        trainable=[name for name, _ in model.module.named_parameters()],
+        trainable=trainable_names(model.module),
         population=sampling_population(config, hub, len(names)),
         population_size=lambda: len(names),
         example_cap=site_sizes.limit,
