@@ -144,6 +144,11 @@ def build_algorithm(config: RunConfig, names: list[str] | None = None) -> Algori
         weight_decay=c.weight_decay,
     )
     opt = build_server_optimizer(config)
+    if config.lora.enabled:
+        from fedforge.llm.workload import LoraSetup, lora_algorithm
+
+        mu = a.mu if a.name == "fedprox" else 0.0
+        return lora_algorithm(LoraSetup.of(config), local, opt, mu)
     if a.name == "fedprox":
         return FedProx(local=local, server_optimizer=opt, mu=a.mu)
     if a.name == "scaffold":
@@ -223,6 +228,10 @@ def build_sample_dp(config: RunConfig) -> SampleDP | None:
 
 def build_aggregation(config: RunConfig) -> Aggregation:
     a = config.aggregation
+    if config.lora.enabled and config.lora.aggregation == "exact":
+        from fedforge.aggregate.stacked import StackedRecords
+
+        return StackedRecords()
     if a.kind == "mean":
         return WeightedMean(max_weight=a.max_weight)
     if a.kind == "secure_sum":
