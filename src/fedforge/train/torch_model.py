@@ -37,11 +37,12 @@ def frozen_names(module: torch.nn.Module) -> set[str]:
         owner = name.rpartition(".")[0]
         owners_trainable[owner] = owners_trainable.get(owner, False) or p.requires_grad
     out = set(frozen)
+    state = module.state_dict(keep_vars=True)  # (non-persistent buffers are not state)
     for name, _ in module.named_buffers(remove_duplicate=False):
         owner = name.rpartition(".")[0]
-        if not owners_trainable.get(owner, False):
+        if name in state and not owners_trainable.get(owner, False):
             out.add(name)
-    return out
+    return out & set(state)
 
 
 def trainable_names(module: torch.nn.Module) -> list[str]:
