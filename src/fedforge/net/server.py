@@ -338,7 +338,7 @@ class ServerSetup:
 
 
 def server_setup(config: RunConfig) -> ServerSetup:
-    if config.data.builtin and config.workload is None:
+    if config.data.builtin and config.workload is None and not config.lora.enabled:
         data = build_dataset(config)
         workload = build_workload(config, data)
         return ServerSetup(workload, build_model(config, data), data.test, data)
