@@ -57,7 +57,9 @@ def test_exact_update_is_the_weighted_mean_of_the_clients_models(transposed: boo
         assert norm > 0.1  # rank 2 cannot hold the mean of 3 clients' rank-2 models
         np.testing.assert_allclose(norm, np.linalg.norm(residual), rtol=1e-4)
         expected_offset = offset
-    head = np.tensordot(np.asarray(weights) / sum(weights), np.stack([d["head"] for d in deltas]), 1)
+    head = np.tensordot(
+        np.asarray(weights) / sum(weights), np.stack([d["head"] for d in deltas]), 1
+    )
     np.testing.assert_allclose(state.params["head"] - old["head"], head, atol=1e-6)
 
 

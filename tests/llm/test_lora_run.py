@@ -71,7 +71,9 @@ def test_gpt2_fedit_exchanges_adapters_only(tmp_path: Path) -> None:
         assert record.bytes_up == record.bytes_down == 2 * per_client
     params = result.state.params
     assert params and all(".lora_" in n for n in params)  # no base weight in the state
-    saved = CheckpointStore(tmp_path / "checkpoint").open_run(config.seed, result.state, resume=True)
+    saved = CheckpointStore(tmp_path / "checkpoint").open_run(
+        config.seed, result.state, resume=True
+    )
     assert set(saved[1].params) == set(params)
     assert any(np.abs(v).sum() > 0 for n, v in params.items() if ".lora_B." in n)  # trained
 
@@ -80,16 +82,26 @@ def test_gpt2_exact_folds_the_residual_into_the_base() -> None:
     need_extra()
     from fedforge.train.torch_model import FROZEN
 
-    result = _run(_config({**GPT2, "aggregation": "exact"}, client={"epochs": 2, "lr": 0.5,
-                                                                       "batch_size": 2}))
+    result = _run(
+        _config({**GPT2, "aggregation": "exact"}, client={"epochs": 2, "lr": 0.5, "batch_size": 2})
+    )
     norms = [r.metrics["lora.residual_norm"] for r in result.history[1:]]
     assert len(norms) == 2 and all(n > 0 for n in norms)
     offsets = {k: v for k, v in result.state.extras.items() if k.startswith(FROZEN)}
     assert len(offsets) == 2  # c_attn of both layers
     model = result.model  # the final model: the base moved by the offsets
+    from fedforge.llm.workload import LoraSetup, build_module
+
+    setup = LoraSetup.of(_config({**GPT2, "aggregation": "exact"}))
+    from fedforge.llm.adapters import load_lora_model
+
+    initial = dict(build_module(load_lora_model(setup.spec()), "exact").named_parameters())
+    final = dict(model.named_parameters())
     for name, offset in offsets.items():
-        base = dict(model.named_parameters())[name[len(FROZEN) :]]
-        assert not base.requires_grad
+        base = name[len(FROZEN) :]
+        assert not final[base].requires_grad  # frozen, yet moved by the folded residual
+        moved = (final[base] - initial[base]).detach().numpy()
+        np.testing.assert_allclose(moved, offset, atol=1e-6)
     # the broadcast carries the residual: round 2 sends more than round 1
     assert result.history[2].bytes_down > result.history[1].bytes_down
     assert result.history[1].bytes_up == result.history[2].bytes_up
@@ -175,15 +187,15 @@ def test_what_does_not_compose_with_exact_is_refused_at_load(
 def test_hetero_and_stray_lora_keys_are_refused_at_load() -> None:
     with pytest.raises(ValueError, match="'hetero' is not wired"):
         _config({**GPT2, "aggregation": "hetero"})
-    with pytest.raises(ValueError, match="lora.rank applies with lora.model"):
+    with pytest.raises(ValueError, match=r"lora\.rank applies with lora\.model"):
         RunConfig.model_validate({"lora": {"rank": 4}})
     _config({**GPT2, "aggregation": "fedit"}, aggregation={"kind": "secure_sum"})  # a sum
 
 
 def test_the_model_freezes_the_base_and_ffa_freezes_a() -> None:
     need_extra()
-    from fedforge.llm.workload import LoraSetup, build_module
     from fedforge.llm.adapters import load_lora_model
+    from fedforge.llm.workload import LoraSetup, build_module
 
     config = _config({**GPT2, "aggregation": "ffa"})
     setup = LoraSetup.of(config)

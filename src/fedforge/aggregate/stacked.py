@@ -40,9 +40,7 @@ class KeepAll:
             raise FedforgeError("no record was aggregated")
         names = self.batches[0].arrays
         stacked = {n: np.concatenate([b.arrays[n] for b in self.batches]) for n in names}
-        return replace(
-            self.mean.result(), stacked=stacked, weights=np.concatenate(self.weights)
-        )
+        return replace(self.mean.result(), stacked=stacked, weights=np.concatenate(self.weights))
 
 
 @dataclass(frozen=True)

@@ -80,9 +80,7 @@ class ExactLora(FedAvg):
             residual = residual.T if p.transposed else residual
             key = FROZEN + p.base
             previous = extras.get(key)
-            extras[key] = (residual if previous is None else previous + residual).astype(
-                np.float32
-            )
+            extras[key] = (residual if previous is None else previous + residual).astype(np.float32)
             squared += result.residual_norm**2
         extras[METRIC + RESIDUAL_NORM] = np.array([np.sqrt(squared)])
         return replace(state, params=params, extras=extras)

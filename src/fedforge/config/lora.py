@@ -48,8 +48,10 @@ class LoraConfig(Section):
     decoder_width: int = Field(128, ge=8, le=4096, description="gpt2-small: width")
     decoder_heads: int = Field(4, ge=1, le=64, description="gpt2-small: attention heads")
     memory_limit_mb: int | None = Field(
-        None, ge=1, description="refuse a run whose estimated peak exceeds this (default: "
-        "the memory available)"
+        None,
+        ge=1,
+        description="refuse a run whose estimated peak exceeds this (default: "
+        "the memory available)",
     )
 
     @property

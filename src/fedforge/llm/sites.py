@@ -82,7 +82,7 @@ def read_site_file(path: Path, task: str) -> list[LabelledText] | str:
             or not isinstance(row.get("text"), str)
         ):
             raise DataError(
-                f"{path}, line {number}: need {{\"label\": one of {', '.join(CLASSES)}, "
+                f'{path}, line {number}: need {{"label": one of {", ".join(CLASSES)}, '
                 '"text": "..."}'
             )
         items.append((row["text"], CLASSES.index(row["label"])))

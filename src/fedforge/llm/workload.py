@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -64,7 +64,7 @@ class LoraSetup:
     seq_len: int = 64
     examples: int | None = None
     test_examples: int | None = None
-    decoder: DecoderShape = DecoderShape()
+    decoder: DecoderShape = field(default_factory=DecoderShape)
     seed: int = 0
 
     @property
@@ -162,9 +162,7 @@ def lora_pairs(setup: LoraSetup) -> tuple[LoraPair, ...]:
 
 
 @functools.lru_cache(maxsize=8)
-def check_memory(
-    setup: LoraSetup, batch_size: int, momentum: float, limit_mb: int | None
-) -> None:
+def check_memory(setup: LoraSetup, batch_size: int, momentum: float, limit_mb: int | None) -> None:
     """Refuse, before training, a run whose estimated peak (base, adapters, gradients,
     optimizer state, activations: ``llm/memory.py``) for one client at a time exceeds
     ``limit_mb`` (default: the memory available), naming the estimate and what to lower."""
@@ -185,9 +183,7 @@ def _cache() -> TokenCache:
 
 def _classify_arrays(lm: LoraModel, items: list[tuple[str, int]], seq_len: int) -> ArrayDataset:
     texts = [t for t, _ in items]
-    enc = encode_classification(
-        lm.tokenizer, texts, seq_len, _cache(), lm.spec.tokenizer_dir()
-    )
+    enc = encode_classification(lm.tokenizer, texts, seq_len, _cache(), lm.spec.tokenizer_dir())
     x = np.stack([enc["ids"], enc["mask"].astype(np.int32)], 1)
     return ArrayDataset(x, np.array([label for _, label in items], np.int64))
 
@@ -208,7 +204,7 @@ def _head(data: ArrayDataset, count: int | None) -> ArrayDataset:
 
 def _split_windows(data: ArrayDataset) -> tuple[ArrayDataset, ArrayDataset]:
     """(first 80% of a site's windows, last 20%: its share of the test set)."""
-    cut = max(1, int(round(len(data) * 0.8)))
+    cut = max(1, round(len(data) * 0.8))
     return data.subset(np.arange(cut)), data.subset(np.arange(cut, len(data)))
 
 

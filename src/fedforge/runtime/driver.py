@@ -441,7 +441,9 @@ class Driver:
             self._forget_unused_states(round_number, sampled, fit.accepted_ids + fit.rejected)
 
         eval_started = time.perf_counter()
-        evaluation = self.evaluator(model_view(self.algorithm, state)) if self.evaluator and counts else None
+        evaluation = (
+            self.evaluator(model_view(self.algorithm, state)) if self.evaluator and counts else None
+        )
         if evaluation is not None:
             metrics.update(evaluation.metrics)
         # (stragglers the clock dropped downloaded the model too)

@@ -1,8 +1,9 @@
 """The architecture fingerprint server and clients compare in the handshake: every tensor
 of the model's state (name, dtype, shape), the SHA-256 of its frozen weights (a LoRA base,
 which never travels: each side proves it holds the same one) and the settings that give the
-data its meaning (``Workload.schema``), hashed. A client whose fingerprint differs is refused with both
-fingerprints and the first entry that differs, before it takes part in a round."""
+data its meaning (``Workload.schema``), hashed. A client whose fingerprint differs is
+refused with both fingerprints and the first entry that differs, before it takes part in a
+round."""
 
 from __future__ import annotations
 
