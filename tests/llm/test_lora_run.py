@@ -205,3 +205,15 @@ def test_the_model_freezes_the_base_and_ffa_freezes_a() -> None:
     x = torch.zeros((2, 2, 12), dtype=torch.int64)
     x[:, 1] = 1
     assert module(x).shape == (2, 30522)  # the next token over MiniLM's vocabulary
+
+
+def test_the_vectorized_runtime_refuses_a_model_with_frozen_parameters() -> None:
+    need_extra()
+    import fedforge
+    from fedforge.llm.models import DecoderShape
+    from fedforge.llm.workload import LoraSetup, lora_workload
+
+    setup = LoraSetup(model="gpt2-small", rank=2, clients=2, seq_len=12, examples=4,
+                      test_examples=4, decoder=DecoderShape(64, 2, 2, 12))  # fmt: skip
+    with pytest.raises(ConfigError, match="frozen parameters"):
+        fedforge.simulate(lora_workload(setup), rounds=1, backend="vectorized", verbose=0)

@@ -25,13 +25,11 @@ class KeepAll:
         self.mean = StreamingMean()
         self.batches: list[RecordBatch] = []
         self.weights: list[np.ndarray] = []
-
-    @property
-    def count(self) -> int:
-        return self.mean.count
+        self.count = 0
 
     def add(self, batch: RecordBatch, weights: np.ndarray) -> None:
         self.mean.add(batch, weights)
+        self.count = self.mean.count
         self.batches.append(batch.replace_arrays({k: v.copy() for k, v in batch.arrays.items()}))
         self.weights.append(np.asarray(weights, np.float64))
 

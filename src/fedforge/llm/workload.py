@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -127,7 +127,7 @@ class LoraTextModule(nn.Module):
         if self.text.head is not None:
             logits: torch.Tensor = self.text(ids, mask)
             return logits
-        base = self.text.base
+        base: Any = self.text.base  # a Hugging Face causal language model
         hidden = base.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
         last = (mask.sum(1) - 1).clamp(min=0)
         out: torch.Tensor = base.get_output_embeddings()(hidden[torch.arange(len(ids)), last])
