@@ -7,9 +7,8 @@ and a restarted server stays stopped."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest

@@ -203,7 +203,7 @@ def test_a_training_function_refuses_what_it_cannot_run(overrides: list[str], pr
 
 
 def test_a_configured_training_function_declares_its_metrics_and_proximal_term() -> None:
-    with pytest.raises(ConfigError, match="client.train_metrics describes client.train"):
+    with pytest.raises(ConfigError, match=r"client\.train_metrics describes client\.train"):
         load_config(None, ['client.train_metrics=["seen"]'])
     config = load_config(
         None,
