@@ -3,7 +3,8 @@
 loop from files beside the configuration, under secure aggregation; a fourth site whose model
 differs is refused in the handshake with both fingerprints and the first differing parameter;
 the run stops early where the simulation does (server.stop_when) with the simulation's model,
-and a restarted server stays stopped."""
+and a restarted server stays stopped. A `workload = "module:NAME"` object deploys the same
+way, and ends with its simulation's model."""
 
 from __future__ import annotations
 
