@@ -22,10 +22,11 @@ import torch
 
 from fedforge.core.params import ArraySpec
 from fedforge.core.records import Record, RecordSpec
-from fedforge.secagg.client import SecAggClient, keep
+from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import MASK, STEPS, SecAggParams
 from fedforge.secagg.records import Layout
 from fedforge.secagg.server import SecAggRound
+from fedforge.secagg.session import keep
 
 
 def protocol_cost(n: int, d: int, dropout: float) -> dict[str, float]:

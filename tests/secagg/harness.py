@@ -10,11 +10,12 @@ import numpy as np
 
 from fedforge.core.params import ArraySpec
 from fedforge.core.records import Record, RecordSpec, Task
-from fedforge.secagg.client import Identity, SecAggClient, Session, keep
+from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.crypto import SecAggError
 from fedforge.secagg.protocol import STEPS, SecAggParams
 from fedforge.secagg.records import Layout, SecureSum
 from fedforge.secagg.server import SecAggRound
+from fedforge.secagg.session import Identity, Session, keep
 
 Tamper = Callable[[Task], Task]  # the server's outgoing task, changed in flight
 

@@ -4,7 +4,8 @@ Clients are sorted by step count and chunked to a memory budget. Each chunk: the
 states are stacked, :class:`~fedforge.train.cohort.CohortTrainer` runs the local program for
 all of them, ``vmap(algorithm.finish)`` turns the stack into records, and the stages encode
 the whole chunk. The chunk travels to the driver as one :class:`RecordBatch`, which it
-validates and sums with array operations. Other tasks (federated evaluation) run per client.
+validates and sums with array operations. The secure-aggregation steps run once per chunk
+(``ClientApp.secure_chunk``); other tasks (federated evaluation) run per client.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from fedforge.data.federated import FederatedDataset
 from fedforge.runtime.client_app import ClientApp, to_arrays, to_tensors
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sequential import answer
+from fedforge.secagg.protocol import MASK, SESSION, STEPS
+from fedforge.secagg.session import RECORD
 from fedforge.train.cohort import ClientPlan, CohortTrainer
 from fedforge.train.program import INITIAL_LOSS, task_epochs
 
@@ -78,9 +81,12 @@ class VectorizedTransport:
 
     def exchange(self, tasks: Sequence[Task]) -> Iterator[Reply]:
         fit = [t for t in tasks if t.stage == FIT]
+        secure = [t for t in tasks if t.stage in STEPS]
         for task in tasks:
-            if task.stage != FIT:
+            if task.stage != FIT and task.stage not in STEPS:
                 yield answer(self.app, task, self.data, self.store)
+        if secure:
+            yield from self._secure_steps(secure)
         if not fit:
             return
         decoded = decode_broadcast(dict(fit[0].shared))  # a compressed broadcast, as float32
@@ -108,6 +114,27 @@ class VectorizedTransport:
                     except Exception as exc:
                         tb = traceback.format_exc()
                         yield ClientFailure(task.client_id, f"{type(exc).__name__}: {exc}", tb)
+
+    def _secure_steps(self, tasks: Sequence[Task]) -> Iterator[Reply]:
+        """Secure-aggregation tasks (one step) in chunks: each chunk runs the step once for
+        all its clients (``ClientApp.secure_chunk``); the mask step's chunks hold their
+        masked inputs within the memory budget."""
+        states = [self.app.stored_state(t, self.store) for t in tasks]
+        size = len(tasks)
+        if tasks[0].stage == MASK:
+            kept = [sum(v.nbytes for k, v in (s or {}).items() if k.startswith(SESSION + RECORD)) for s in states]
+            size = max(1, self.memory_budget // max(2 * max(kept), 1))
+        for start in range(0, len(tasks), size):
+            chunk = tasks[start : start + size]
+            answers = self.app.secure_chunk(chunk, states[start : start + size])
+            for task, reply in zip(chunk, answers, strict=True):
+                if isinstance(reply, Exception):
+                    tb = "".join(traceback.format_exception(reply))
+                    yield ClientFailure(task.client_id, f"{type(reply).__name__}: {reply}", tb)
+                    continue
+                record, state = reply
+                self.store.put(task.client_id, state, task.round)
+                yield record
 
     def _stored_states(self, chunk: Sequence[Task]) -> list[Params | None]:
         """Each client's stored state, read once per chunk (None: none yet, or stateless)."""
