@@ -9,6 +9,13 @@ compute, bytes up and down per client, against plaintext float32 (d * 4 bytes ea
 Part 2, a whole round: mnist5k, 100 clients per round, a 784-128-10 MLP (d = 101,770), one
 local epoch; plain weighted mean vs secure sum in the same process (sequential backend, one
 torch thread), seconds per round and bytes per round from the history.
+
+Part 3 (``--vectorized``), the vectorized backend: the same workload (100 clients, all per
+round, d = 101,770) with FedAvg's weighted mean and with the secure sum, alternated in one
+process, ``--repeats`` runs of ``--rounds`` rounds each; CPU seconds of each round
+(``time.process_time`` from the round's start to its end, one torch thread: this machine is
+shared, and CPU time is what other load disturbs least), the first round of each run left
+out; medians and their ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import torch
 
 from fedforge.core.params import ArraySpec
 from fedforge.core.records import Record, RecordSpec
+from fedforge.report.history import RoundRecord
+from fedforge.runtime.exchange import RoundListener
 from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import MASK, STEPS, SecAggParams
 from fedforge.secagg.records import Layout
@@ -108,10 +117,74 @@ def round_cost(epochs: int, rounds: int = 3) -> dict[str, dict[str, float]]:
     return out
 
 
+class _RoundCpu(RoundListener):
+    """CPU seconds from each round's start to its end."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.seconds: list[float] = []
+
+    def round_started(self, round_number: int, client_ids: list[int]) -> None:
+        self.started = time.process_time()
+
+    def round_finished(self, record: RoundRecord) -> None:
+        if record.round > 0:
+            self.seconds.append(time.process_time() - self.started)
+
+
+def vectorized_cost(epochs: int, rounds: int, repeats: int) -> dict[str, list[float]]:
+    """CPU seconds per round (first round of each run left out) of the plain mean and the
+    secure sum on the vectorized backend, the two alternated."""
+    from fedforge.config import load_config
+    from fedforge.experiment import build_dataset, simulate_config
+
+    torch.set_num_threads(1)
+    seconds: dict[str, list[float]] = {"mean": [], "secure_sum": []}
+    data = None
+    for _ in range(repeats):
+        for kind in seconds:
+            config = load_config(
+                None,
+                [
+                    f'aggregation.kind="{kind}"',
+                    "model.hidden=[128]",
+                    "server.clients_per_round=100",
+                    f"server.rounds={rounds}",
+                    f"client.epochs={epochs}",
+                    'runtime.backend="vectorized"',
+                    "runtime.threads=1",
+                ],
+            )
+            data = data or build_dataset(config)
+            clock = _RoundCpu()
+            simulate_config(config, data, listener=clock)
+            seconds[kind] += clock.seconds[1:]
+    return seconds
+
+
+def vectorized_table(epochs: tuple[int, ...], rounds: int, repeats: int) -> None:
+    print("| local epochs | aggregation | CPU s per round (median) | rounds | ratio |")
+    print("|---:|---|---:|---:|---:|")
+    for e in epochs:
+        cost = vectorized_cost(e, rounds, repeats)
+        plain = statistics.median(cost["mean"])
+        for kind, values in cost.items():
+            median = statistics.median(values)
+            print(f"| {e} | {kind} | {median:.3f} | {len(values)} | {median / plain:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="n <= 50 and d <= 1e5 only")
+    parser.add_argument(
+        "--vectorized", action="store_true", help="only part 3: vectorized rounds, CPU time"
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="part 3: rounds per run")
+    parser.add_argument("--repeats", type=int, default=3, help="part 3: runs per contender")
     args = parser.parse_args()
+    if args.vectorized:
+        vectorized_table((5, 1), args.rounds, args.repeats)
+        return
     sizes = [10, 50] if args.quick else [10, 50, 100, 200]
     dims = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
     print(
@@ -143,7 +216,8 @@ def main() -> None:
             f"bytes up {secure['up_mb'] / plain['up_mb']:.3f}x, "
             f"bytes down {secure['down_mb'] / plain['down_mb']:.3f}x"
         )
-    print("\n" + "\n".join(ratios))
+    print("\n" + "\n".join(ratios) + "\n")
+    vectorized_table((5, 1), args.rounds, args.repeats)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def _zero_bytes(num_bytes: int) -> memoryview:
     if len(_zeros) < num_bytes:
         _zeros = np.zeros(max(num_bytes, 2 * len(_zeros)), np.uint8)  # calloc: zero pages
         _zeros.setflags(write=False)
-    return memoryview(_zeros)[:num_bytes]
+    return memoryview(_zeros.data)[:num_bytes]
 
 
 def _check_key(key: bytes) -> None:
@@ -36,7 +36,7 @@ def _expand_into(key: bytes, out: np.ndarray, num_bytes: int) -> None:
     ``num_bytes + 16`` long; the bytes after ``num_bytes`` are scratch)."""
     _check_key(key)
     encryptor = Cipher(algorithms.AES(key), modes.CTR(_NONCE)).encryptor()
-    encryptor.update_into(_zero_bytes(num_bytes), out)
+    encryptor.update_into(_zero_bytes(num_bytes), memoryview(out.data))
     encryptor.finalize()
 
 

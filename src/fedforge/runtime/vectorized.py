@@ -122,7 +122,10 @@ class VectorizedTransport:
         states = [self.app.stored_state(t, self.store) for t in tasks]
         size = len(tasks)
         if tasks[0].stage == MASK:
-            kept = [sum(v.nbytes for k, v in (s or {}).items() if k.startswith(SESSION + RECORD)) for s in states]
+            kept = [
+                sum(v.nbytes for k, v in (s or {}).items() if k.startswith(SESSION + RECORD))
+                for s in states
+            ]
             size = max(1, self.memory_budget // max(2 * max(kept), 1))
         for start in range(0, len(tasks), size):
             chunk = tasks[start : start + size]

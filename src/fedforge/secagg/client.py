@@ -88,12 +88,20 @@ def _open_share(
     return shares
 
 
-def _each(work: Callable[[], T]) -> T | Exception:
-    """One client's part of a chunk's step: its result, or the exception that failed it."""
-    try:
-        return work()
-    except Exception as exc:  # that client fails; the others answer
-        return exc
+def _per_client(
+    step: Callable[[Task, Session | None], T],
+    tasks: Sequence[Task],
+    sessions: Sequence[Session | None],
+) -> list[T | Exception]:
+    """One client's part of a chunk's step for each client: its result, or the exception
+    that failed it (that client alone fails; the others answer)."""
+    out: list[T | Exception] = []
+    for task, session in zip(tasks, sessions, strict=True):
+        try:
+            out.append(step(task, session))
+        except Exception as exc:
+            out.append(exc)
+    return out
 
 
 def _only(answers: list[T | Exception]) -> T:
@@ -132,13 +140,15 @@ class SecAggClient:
     ) -> list[Answer]:
         """One step's tasks for many clients (each with its session), in task order. A
         subclass that changes a step (a hostile client in tests) answers it per client."""
+        if not tasks:
+            return []
         stages = {t.stage for t in tasks}
         if len(stages) != 1 or not stages <= set(_STEP_METHODS):
             raise crypto.SecAggError(f"a chunk holds one secure-aggregation step, got {stages}")
         (step,) = stages
         name = _STEP_METHODS[step]
         if any(getattr(type(self), n) is not getattr(SecAggClient, n) for n in (name, "handle")):
-            return [_each(lambda t=t, s=s: self.handle(t, s)) for t, s in zip(tasks, sessions)]  # type: ignore[misc]
+            return list(_per_client(self.handle, tasks, sessions))
         chunk = {
             ADVERTISE: self._advertise_chunk,
             SHARE: self._share_chunk,
@@ -170,10 +180,7 @@ class SecAggClient:
     def _advertise_chunk(
         self, tasks: Sequence[Task], sessions: Sequence[Session | None]
     ) -> list[Answer]:
-        return [
-            _each(lambda t=t, s=s: self._advertise_one(t, s))  # type: ignore[misc]
-            for t, s in zip(tasks, sessions, strict=True)
-        ]
+        return _per_client(self._advertise_one, tasks, sessions)
 
     def _advertise_one(self, task: Task, session: Session | None) -> Answer:
         s = advance(session, task)
@@ -217,10 +224,7 @@ class SecAggClient:
         self, tasks: Sequence[Task], sessions: Sequence[Session | None]
     ) -> list[Answer]:
         keys = PairKeys()
-        return [
-            _each(lambda t=t, s=s: self._share_one(t, s, keys))  # type: ignore[misc]
-            for t, s in zip(tasks, sessions, strict=True)
-        ]
+        return _per_client(lambda t, s: self._share_one(t, s, keys), tasks, sessions)
 
     def _check_identities(self, task: Task, context: bytes, neighbours: np.ndarray) -> None:
         """Deployment: every neighbour's keys signed by a distinct certificate of the CA."""
@@ -247,9 +251,7 @@ class SecAggClient:
         s = advance(session, task)
         me, context = task.client_id, s["context"].tobytes()
         neighbours = ids(task.shared.get("neighbours"), "neighbours")
-        keys = blob(
-            task.shared.get("neighbour_keys"), "keys", (len(neighbours), PUBLIC_KEYS_BYTES)
-        )
+        keys = blob(task.shared.get("neighbour_keys"), "keys", (len(neighbours), PUBLIC_KEYS_BYTES))
         allowed = set(s["neighbourhood"].tolist())
         named = neighbours.tolist()
         if len(set(named)) != len(named) or not set(named) <= allowed:
@@ -275,8 +277,7 @@ class SecAggClient:
             ciphertexts[row] = u8(crypto.encrypt(share_key, plaintext, aad))
             share_keys[row] = u8(share_key)  # the same key opens what ``cid`` sends back
         digests = b"".join(
-            digest_rows(context, task.round, me, h, seed_shares[h] + key_shares[h])
-            for h in holders
+            digest_rows(context, task.round, me, h, seed_shares[h] + key_shares[h]) for h in holders
         )
         s.update(
             seed=u8(seed),
@@ -293,25 +294,26 @@ class SecAggClient:
         return Record(me, 1, arrays), s
 
     # 3. Masked input -----------------------------------------------------------------------
-    def _mask_chunk(self, tasks: Sequence[Task], sessions: Sequence[Session | None]) -> list[Answer]:
+    def _mask_chunk(
+        self, tasks: Sequence[Task], sessions: Sequence[Session | None]
+    ) -> list[Answer]:
         pairs, rounding = PairKeys(), ring.Rounding()  # shared by the chunk's clients
-        prepared = [
-            _each(lambda t=t, s=s: self._prepare_mask(t, s, pairs, rounding))  # type: ignore[misc]
-            for t, s in zip(tasks, sessions, strict=True)
-        ]
-        ready = [p for p in prepared if isinstance(p, _Masking)]
+        prepared = _per_client(
+            lambda t, s: self._prepare_mask(t, s, pairs, rounding), tasks, sessions
+        )
+        ready = [m for m in prepared if isinstance(m, _Masking)]
         masks: Masks = {}
-        for row, p in enumerate(ready):
-            for key, sign in p.masks:
+        for row, masking in enumerate(ready):
+            for key, sign in masking.masks:
                 masks.setdefault(key, []).append((row, sign))
-        add_masks([p.total for p in ready], masks)
+        add_masks([m.total for m in ready], masks)
         answers: list[Answer] = []
-        for task, p in zip(tasks, prepared, strict=True):
-            if isinstance(p, Exception):
-                answers.append(p)
+        for task, done in zip(tasks, prepared, strict=True):
+            if isinstance(done, Exception):
+                answers.append(done)
                 continue
-            refused = np.array(p.refused, np.int64)
-            answers.append((Record(task.client_id, 1, {"masked": p.total, "refused": refused}), p.session))
+            arrays = {"masked": done.total, "refused": np.array(done.refused, np.int64)}
+            answers.append((Record(task.client_id, 1, arrays), done.session))
         return answers
 
     @staticmethod
@@ -375,10 +377,7 @@ class SecAggClient:
     def _unmask_chunk(
         self, tasks: Sequence[Task], sessions: Sequence[Session | None]
     ) -> list[Answer]:
-        return [
-            _each(lambda t=t, s=s: (self._unmask_one(t, s), None))  # type: ignore[misc]
-            for t, s in zip(tasks, sessions, strict=True)
-        ]
+        return _per_client(lambda t, s: (self._unmask_one(t, s), None), tasks, sessions)
 
     @staticmethod
     def _unmask_one(task: Task, session: Session | None) -> Record:
@@ -409,4 +408,3 @@ class SecAggClient:
             ),
         }
         return Record(me, 1, arrays)
-

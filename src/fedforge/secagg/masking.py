@@ -16,6 +16,7 @@ a deployed client is a chunk of one).
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -103,6 +104,8 @@ def encode_input(
     if arrays:
         np.concatenate([np.ravel(a) for a in arrays], out=vector, casting="same_kind")
     norm = float(np.sqrt(np.einsum("i,i->", vector, vector)))  # no BLAS threads
+    if not math.isfinite(norm):  # a NaN, an infinity, or values beyond 1e154
+        raise crypto.SecAggError("the record holds a NaN, an infinity or a huge value")
     clipped = norm > params.clip_norm
     scale = params.weight * (params.clip_norm * (1 - 1e-9) / norm if clipped else 1.0)
     if params.rotation_block:
@@ -111,7 +114,7 @@ def encode_input(
         vector, scale = vector.astype(np.float64), 1.0
     # The clipped bit only without noise: under distributed DP it would be released bare.
     tail = np.array([*scalars, *([float(clipped)] if params.noise_units == 0 else [])])
-    if np.any(np.abs(tail) > params.scalar_bound) or not np.isfinite(vector).all():
+    if not np.all(np.abs(tail) <= params.scalar_bound):
         raise crypto.SecAggError("a summed scalar is outside the ring's bound, or NaN")
     rng = np.random.default_rng(seed)  # stochastic rounding from the client's stream
     total = np.empty(len(vector) + len(tail), ring.ring_dtype(params.ring_bits))

@@ -79,12 +79,12 @@ class Rounding:
         if size <= self.size:
             return
         self.size = size
-        self._values, self._scaled, self._up, self._low = (np.empty(size) for _ in range(4))
-        self._ints = np.empty(size, np.int64)
+        self._values, self._up, self._low = (np.empty(size) for _ in range(3))
         self._below = np.empty(size, bool)
 
     def values(self, n: int) -> np.ndarray:
-        """Scratch for the float64 vector to encode (its caller fills it)."""
+        """Scratch for the float64 vector to encode (its caller fills it; encoding it
+        overwrites it)."""
         return self._values[:n]
 
     def encode(
@@ -102,14 +102,15 @@ class Rounding:
         if out.shape != (n,) or out.dtype != ring_dtype(bits):
             raise ValueError(f"{n} values round into {n} words of a {bits}-bit ring")
         self.reserve(n)
-        scaled, up, low = self._scaled[:n], self._up[:n], self._low[:n]
-        np.multiply(values, scale * 2.0**f, out=scaled)
+        scaled, up, low = self._values[:n], self._up[:n], self._low[:n]
+        np.multiply(values, scale * 2.0**f, out=scaled)  # in place when values is scratch
         rng.random(out=up)
         np.floor(scaled, out=low)
         np.subtract(scaled, low, out=scaled)  # the fractional part, exactly
         np.add(low, np.less(up, scaled, out=self._below[:n]), out=low)
-        np.copyto(self._ints[:n], low, casting="unsafe")  # exact: integers below 2^53
-        np.copyto(out, self._ints[:n].view(np.uint64), casting="unsafe")  # mod 2^bits
+        ints = up.view(np.int64)  # the uniforms are spent
+        np.copyto(ints, low, casting="unsafe")  # exact: integers below 2^53
+        np.copyto(out, ints.view(np.uint64), casting="unsafe")  # mod 2^bits
 
 
 def encode(values: np.ndarray, f: int, bits: int, rng: np.random.Generator) -> np.ndarray:

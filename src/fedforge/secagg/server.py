@@ -23,8 +23,8 @@ from fedforge.core.params import Params
 from fedforge.core.records import Record, Task
 from fedforge.privacy import discrete_gaussian
 from fedforge.secagg import crypto, ring, shamir
-from fedforge.secagg.masking import MaskParams, Masks, add_masks
 from fedforge.secagg.graph import neighbours
+from fedforge.secagg.masking import MaskParams, Masks, add_masks
 from fedforge.secagg.protocol import (
     ADVERTISE,
     CIPHERTEXT_BYTES,
