@@ -116,28 +116,33 @@ class VectorizedTransport:
                         yield ClientFailure(task.client_id, f"{type(exc).__name__}: {exc}", tb)
 
     def _secure_steps(self, tasks: Sequence[Task]) -> Iterator[Reply]:
-        """Secure-aggregation tasks (one step) in chunks: each chunk runs the step once for
-        all its clients (``ClientApp.secure_chunk``); the mask step's chunks hold their
-        masked inputs within the memory budget."""
-        states = [self.app.stored_state(t, self.store) for t in tasks]
-        size = len(tasks)
-        if tasks[0].stage == MASK:
-            kept = [
-                sum(v.nbytes for k, v in (s or {}).items() if k.startswith(SESSION + RECORD))
-                for s in states
-            ]
-            size = max(1, self.memory_budget // max(2 * max(kept), 1))
-        for start in range(0, len(tasks), size):
-            chunk = tasks[start : start + size]
-            answers = self.app.secure_chunk(chunk, states[start : start + size])
-            for task, reply in zip(chunk, answers, strict=True):
-                if isinstance(reply, Exception):
-                    tb = "".join(traceback.format_exception(reply))
-                    yield ClientFailure(task.client_id, f"{type(reply).__name__}: {reply}", tb)
-                    continue
-                record, state = reply
-                self.store.put(task.client_id, state, task.round)
-                yield record
+        """Secure-aggregation tasks, each step in chunks: a chunk runs the step once for all
+        its clients (``ClientApp.secure_chunk``)."""
+        for stage in dict.fromkeys(t.stage for t in tasks):
+            step = [t for t in tasks if t.stage == stage]
+            states = [self.app.stored_state(t, self.store) for t in step]
+            size = self._secure_chunk_size(states) if stage == MASK else len(step)
+            for start in range(0, len(step), size):
+                chunk = step[start : start + size]
+                answers = self.app.secure_chunk(chunk, states[start : start + size])
+                for task, done in zip(chunk, answers, strict=True):
+                    if isinstance(done, Exception):
+                        why = f"{type(done).__name__}: {done}"
+                        tb = "".join(traceback.format_exception(done))
+                        yield ClientFailure(task.client_id, why, tb)
+                        continue
+                    reply, state = done
+                    self.store.put(task.client_id, state, task.round)
+                    yield reply
+
+    def _secure_chunk_size(self, states: Sequence[Params | None]) -> int:
+        """Clients per mask-step chunk: their masked inputs (ring words, at most twice the
+        float32 record they keep) within the memory budget."""
+        kept = SESSION + RECORD
+        record = max(
+            sum(v.nbytes for k, v in (s or {}).items() if k.startswith(kept)) for s in states
+        )
+        return max(1, self.memory_budget // max(2 * record, 1))
 
     def _stored_states(self, chunk: Sequence[Task]) -> list[Params | None]:
         """Each client's stored state, read once per chunk (None: none yet, or stateless)."""

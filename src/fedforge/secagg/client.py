@@ -182,7 +182,7 @@ class SecAggClient:
     ) -> list[Answer]:
         return _per_client(self._advertise_one, tasks, sessions)
 
-    def _advertise_one(self, task: Task, session: Session | None) -> Answer:
+    def _advertise_one(self, task: Task, session: Session | None) -> tuple[Record, Session]:
         s = advance(session, task)
         participants = ids(task.shared.get("participants"), "participants")
         seed = blob(task.shared.get("graph_seed"), "graph seed", (32,))
@@ -247,7 +247,9 @@ class SecAggClient:
                 raise crypto.SecAggError(f"two neighbours claim the certificate of {name!r}")
             names.add(name)
 
-    def _share_one(self, task: Task, session: Session | None, pairs: PairKeys) -> Answer:
+    def _share_one(
+        self, task: Task, session: Session | None, pairs: PairKeys
+    ) -> tuple[Record, Session]:
         s = advance(session, task)
         me, context = task.client_id, s["context"].tobytes()
         neighbours = ids(task.shared.get("neighbours"), "neighbours")
