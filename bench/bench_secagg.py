@@ -31,6 +31,7 @@ import time
 import numpy as np
 import torch
 
+from fedforge.config import RunConfig
 from fedforge.core.params import ArraySpec
 from fedforge.core.records import Record, RecordSpec
 from fedforge.report.history import RoundRecord
@@ -95,36 +96,22 @@ def protocol_cost(n: int, d: int, dropout: float, batched: bool = False) -> dict
     }
 
 
-def round_cost(epochs: int, rounds: int = 3) -> dict[str, dict[str, float]]:
-    """Plain vs secure rounds of the default workload at 100 clients per round."""
+def _round_config(kind: str, backend: str, epochs: int, rounds: int) -> RunConfig:
+    """The default workload at 100 clients x d = 101,770, all per round, one thread."""
     from fedforge.config import load_config
-    from fedforge.experiment import build_dataset, simulate_config
 
-    torch.set_num_threads(1)
-    out = {}
-    for kind in ("mean", "secure_sum"):
-        config = load_config(
-            None,
-            [
-                f'aggregation.kind="{kind}"',
-                "model.hidden=[128]",
-                "server.clients_per_round=100",
-                f"server.rounds={rounds}",
-                f"client.epochs={epochs}",
-                'runtime.backend="sequential"',
-                "runtime.threads=1",
-            ],
-        )
-        clock = _RoundCpu()
-        result = simulate_config(config, build_dataset(config), listener=clock)
-        rows = result.history[1:]
-        out[kind] = {
-            "round_s": statistics.median(clock.seconds[1:]),
-            "up_mb": rows[-1].bytes_up / 1e6,
-            "down_mb": rows[-1].bytes_down / 1e6,
-            "accuracy": rows[-1].test_accuracy,
-        }
-    return out
+    return load_config(
+        None,
+        [
+            f'aggregation.kind="{kind}"',
+            "model.hidden=[128]",
+            "server.clients_per_round=100",
+            f"server.rounds={rounds}",
+            f"client.epochs={epochs}",
+            f'runtime.backend="{backend}"',
+            "runtime.threads=1",
+        ],
+    )
 
 
 class _RoundCpu(RoundListener):
@@ -142,10 +129,29 @@ class _RoundCpu(RoundListener):
             self.seconds.append(time.process_time() - self.started)
 
 
+def round_cost(epochs: int, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Plain vs secure rounds on the sequential backend."""
+    from fedforge.experiment import build_dataset, simulate_config
+
+    torch.set_num_threads(1)
+    out = {}
+    for kind in ("mean", "secure_sum"):
+        config = _round_config(kind, "sequential", epochs, rounds)
+        clock = _RoundCpu()
+        result = simulate_config(config, build_dataset(config), listener=clock)
+        rows = result.history[1:]
+        out[kind] = {
+            "round_s": statistics.median(clock.seconds[1:]),
+            "up_mb": rows[-1].bytes_up / 1e6,
+            "down_mb": rows[-1].bytes_down / 1e6,
+            "accuracy": rows[-1].test_accuracy,
+        }
+    return out
+
+
 def vectorized_cost(epochs: int, rounds: int, repeats: int) -> dict[str, list[float]]:
     """CPU seconds per round (first round of each run left out) of the plain mean and the
     secure sum on the vectorized backend, the two alternated."""
-    from fedforge.config import load_config
     from fedforge.experiment import build_dataset, simulate_config
 
     torch.set_num_threads(1)
@@ -153,18 +159,7 @@ def vectorized_cost(epochs: int, rounds: int, repeats: int) -> dict[str, list[fl
     data = None
     for _ in range(repeats):
         for kind in seconds:
-            config = load_config(
-                None,
-                [
-                    f'aggregation.kind="{kind}"',
-                    "model.hidden=[128]",
-                    "server.clients_per_round=100",
-                    f"server.rounds={rounds}",
-                    f"client.epochs={epochs}",
-                    'runtime.backend="vectorized"',
-                    "runtime.threads=1",
-                ],
-            )
+            config = _round_config(kind, "vectorized", epochs, rounds)
             data = data or build_dataset(config)
             clock = _RoundCpu()
             simulate_config(config, data, listener=clock)
