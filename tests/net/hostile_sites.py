@@ -27,7 +27,8 @@ from fedforge.net.client import FederatedClient
 from fedforge.net.keys import ClientCredentials
 from fedforge.net.site import LocalSite
 from fedforge.secagg import crypto
-from fedforge.secagg.client import Identity, SecAggClient, Session
+from fedforge.secagg.client import SecAggClient
+from fedforge.secagg.session import Identity, Session
 from tests.secagg.hostile import BadSignature, CraftedInput, CraftedUnmask, GarbageShares, ZeroKey
 
 
