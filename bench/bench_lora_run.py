@@ -96,6 +96,9 @@ def main() -> None:
                 "test_accuracy": sum(a["test_accuracy"] for a in alone) / len(alone),
                 "per_client": [a["test_accuracy"] for a in alone],
             }
+        elif mode == "exact_mean":
+            lora = {**base, "aggregation": "exact", "exact_factors": "mean"}
+            results[mode] = run(lora, args, args.clients)
         else:
             results[mode] = run({**base, "aggregation": mode}, args, args.clients)
         print(mode, json.dumps(results[mode]), flush=True)

@@ -3,6 +3,8 @@ clients' models, whatever the records; fedit's mean of factors is not."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pytest
 
@@ -22,11 +24,15 @@ def _round(algorithm: ExactLora, state, deltas, weights):  # type: ignore[no-unt
     return algorithm.server_update(state, aggregate, RoundContext(1, 3, 3))
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_exact_update_is_the_weighted_mean_of_the_clients_models(transposed: bool) -> None:
+@pytest.mark.parametrize(
+    ("transposed", "factors"), [(False, "svd"), (True, "svd"), (False, "mean")]
+)
+def test_exact_update_is_the_weighted_mean_of_the_clients_models(
+    transposed: bool, factors: Literal["svd", "mean"]
+) -> None:
     rng = np.random.default_rng(0)
     pair = LoraPair("a", "b", "base.weight", SCALE, transposed)
-    algorithm = ExactLora(pairs=(pair,))
+    algorithm = ExactLora(pairs=(pair,), factors=factors)
     params = {
         "a": rng.standard_normal((RANK, D_IN)).astype(np.float32),
         "b": rng.standard_normal((D_OUT, RANK)).astype(np.float32),

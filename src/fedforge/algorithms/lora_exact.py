@@ -10,11 +10,17 @@ lives in the server state (``extras["frozen/<base weight>"]``) and is broadcast 
 that frozen parameter's offset (``train/torch_model.py``): the base itself never travels.
 Other trainable arrays (a classification head) take the mean delta. The residual's Frobenius
 norm, summed over matrices, is recorded every round (``lora.residual_norm``).
+
+``factors`` picks the new adapters: ``"svd"``, the best rank-``r`` part of the mean (the
+residual is its tail), or ``"mean"``, the weighted means of the clients' ``A`` and ``B``
+(FedIT's factors, so local training continues at their scale; the residual is
+``mean(s B_k A_k) - s mean(B) mean(A)``, FedEx-LoRA's own choice). Both are exact.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal
 
 import numpy as np
 
@@ -23,7 +29,7 @@ from fedforge.algorithms.base import METRIC, RoundContext, ServerState
 from fedforge.algorithms.fedavg import FedAvg
 from fedforge.core.errors import FedforgeError
 from fedforge.core.params import Params
-from fedforge.llm.aggregation import Factors, exact
+from fedforge.llm.aggregation import Factors, exact, fedit, product_mean
 from fedforge.train.torch_model import FROZEN
 
 RESIDUAL_NORM = "lora.residual_norm"
@@ -45,6 +51,7 @@ class LoraPair:
 @dataclass(frozen=True)
 class ExactLora(FedAvg):
     pairs: tuple[LoraPair, ...] = ()
+    factors: Literal["svd", "mean"] = "svd"
 
     def __post_init__(self) -> None:
         if not self.pairs:
@@ -73,14 +80,18 @@ class ExactLora(FedAvg):
                 Factors(a0 + deltas[p.a][k], b0 + deltas[p.b][k], p.scale)
                 for k in range(len(weights))
             ]
-            result = exact(clients, weights, a0.shape[0], p.scale)
-            params[p.a] = result.factors.a.astype(a0.dtype)
-            params[p.b] = result.factors.b.astype(b0.dtype)
-            residual = result.residual.dense()
+            if self.factors == "svd":
+                result = exact(clients, weights, a0.shape[0], p.scale)
+                new, residual = result.factors, result.residual.dense()
+            else:  # FedEx-LoRA: the mean factors, and what their product misses
+                new = fedit(clients, weights)
+                residual = product_mean(clients, weights) - new.update()
+            params[p.a] = new.a.astype(a0.dtype)
+            params[p.b] = new.b.astype(b0.dtype)
+            squared += float(np.sum(residual**2))
             residual = residual.T if p.transposed else residual
             key = FROZEN + p.base
             previous = extras.get(key)
             extras[key] = (residual if previous is None else previous + residual).astype(np.float32)
-            squared += result.residual_norm**2
         extras[METRIC + RESIDUAL_NORM] = np.array([np.sqrt(squared)])
         return replace(state, params=params, extras=extras)

@@ -40,6 +40,11 @@ class LoraConfig(Section):
         description="fedit: A and B averaged; ffa: A frozen, B averaged; exact: mean of "
         "B_k A_k, residual folded into the base; fedsa: A averaged, B kept by each client",
     )
+    exact_factors: Literal["svd", "mean"] = Field(
+        "svd",
+        description="exact: the new adapters are the mean's best rank-r part (svd) or the "
+        "clients' mean factors (mean, FedEx-LoRA's); the residual goes to the base either way",
+    )
     clients: int = Field(10, ge=1, le=10, description="sites (one per package or modules)")
     seq_len: int = Field(64, ge=2, le=512, description="tokens per example")
     examples: int | None = Field(None, ge=1, description="at most this many per client")
@@ -116,6 +121,8 @@ def _mode_problems(config: RunConfig) -> list[str]:
     if mode == "fedsa" and config.algorithm.name != "fedavg":
         out.append("lora.aggregation = 'fedsa' keeps B like FedPer's head: use algorithm fedavg")
     if mode != "exact":
+        if config.lora.exact_factors != "svd":
+            out.append("lora.exact_factors applies to lora.aggregation = 'exact'")
         return out
     why = "exact's aggregate is the mean of each client's product B_k A_k, not of the records"
     if config.aggregation.kind == "secure_sum":

@@ -60,6 +60,7 @@ class LoraSetup:
     alpha: float = 16.0
     targets: tuple[str, ...] = ()
     aggregation: Mode = "fedit"
+    exact_factors: Literal["svd", "mean"] = "svd"
     clients: int = 10
     seq_len: int = 64
     examples: int | None = None
@@ -99,6 +100,7 @@ class LoraSetup:
             alpha=lora.alpha,
             targets=tuple(lora.targets),
             aggregation=lora.aggregation,
+            exact_factors=lora.exact_factors,
             clients=lora.clients,
             seq_len=lora.seq_len,
             examples=lora.examples,
@@ -308,7 +310,10 @@ def lora_algorithm(
     if mode == "exact":
         if not isinstance(opt, ServerSGD) or opt.lr != 1.0 or opt.momentum != 0:
             raise ConfigError("exact LoRA replaces the model by the exact mean: server SGD, lr 1")
-        return ExactLora(local=local, server_optimizer=opt, pairs=lora_pairs(setup))
+        pairs = lora_pairs(setup)
+        return ExactLora(
+            local=local, server_optimizer=opt, pairs=pairs, factors=setup.exact_factors
+        )
     if mode == "fedsa":
         if mu:
             raise ConfigError("fedsa keeps B like FedPer's head: it runs FedAvg's objective")
