@@ -180,6 +180,15 @@ def channel(port: int, ca: bytes, key: bytes | None, cert: bytes | None) -> grpc
     return grpc.secure_channel(f"127.0.0.1:{port}", tls)
 
 
+def base_architecture() -> list[str]:
+    """The architecture fingerprint of BASE_CONFIG's model (the 64-32-10 MLP on digits),
+    which a client declares with its data sizes."""
+    from fedforge.train.models import mlp
+    from fedforge.workload.fingerprint import fingerprint
+
+    return list(fingerprint(mlp(64, 10, [32]), {"data.dataset": "digits"}).entries)
+
+
 class CraftedClient:
     """Speaks the protocol by hand so the test can send what a real client never would."""
 
@@ -226,8 +235,12 @@ class CraftedClient:
             kind = message.WhichOneof("body")
             if kind == "welcome":
                 self.run_id = message.envelope.run_id
-                # Declare the data sizes, as a real client does once welcomed.
-                hello = pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=self.declared)
+                # Declare the data sizes and the model, as a real client does once welcomed.
+                hello = pb.Hello(
+                    protocol_version=PROTOCOL_VERSION,
+                    num_examples=self.declared,
+                    architecture=base_architecture(),
+                )
                 self.out.put(pb.ClientMessage(hello=hello))
             elif kind == "task":
                 assert message.task.stage == FIT and len(message.task.seed) == 16

@@ -15,24 +15,20 @@ import random
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
 import torch
 
 from fedforge.config import RunConfig
 from fedforge.core.errors import FedforgeError
 from fedforge.core.records import FIT, Record, Task
-from fedforge.data.datasets import ArrayDataset
-from fedforge.data.federated import ClientData, FederatedDataset
 from fedforge.experiment import (
     build_aggregation,
     build_algorithm,
-    build_dataset,
-    build_model,
+    build_loop,
     build_sample_dp,
     build_stages,
 )
@@ -48,6 +44,7 @@ from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.server import grpc_options
 from fedforge.net.service import PROTOCOL_VERSION
+from fedforge.net.site import LocalSite, join, ready
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import DiskStateStore, EphemeralSessions
 from fedforge.secagg.aggregation import SecureAggregation
@@ -55,12 +52,10 @@ from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import SESSION
 from fedforge.secagg.session import Identity
 from fedforge.stages.base import StageChain
+from fedforge.workload.fingerprint import fingerprint
 
 log = logging.getLogger("fedforge")
 
-# The client's local data (training and held-out split), given the run's built-in federated
-# dataset and the client's id.
-DataLoader = Callable[[FederatedDataset, int], ClientData]
 DEFAULT_STATE_ROOT = Path("client-state")
 Outbox = queue.Queue[pb.ClientMessage | Iterator[pb.ClientMessage] | None]
 # Refusals that retrying cannot change. Anything else (UNAVAILABLE, RESOURCE_EXHAUSTED, a
@@ -74,25 +69,6 @@ FATAL = {
 # gRPC's words for a TLS handshake that failed on a certificate (ours or the server's).
 TLS_REFUSALS = ("CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE", "certificate verify failed")
 SILENT_SERVER_HEARTBEATS = 3.0  # a server silent this many heartbeat intervals is gone
-
-
-def builtin_partition(data: FederatedDataset, client_id: int) -> ClientData:
-    """The client's share of the run's built-in dataset (for demos and tests), with the same
-    held-out split as the simulation's when federated evaluation is configured."""
-    if client_id >= data.num_clients:
-        raise FedforgeError(f"client id {client_id} has no partition ({data.num_clients} exist)")
-    return data.client_data(client_id)
-
-
-def npz_loader(path: str) -> DataLoader:
-    """Local data from an ``.npz`` with arrays ``x`` (float32) and ``y`` (int64); all of it
-    is training data (no held-out split, so this client cannot evaluate)."""
-
-    def load(data: FederatedDataset, client_id: int) -> ClientData:
-        with np.load(path, allow_pickle=False) as f:
-            return ClientData(ArrayDataset(f["x"].astype(np.float32), f["y"].astype(np.int64)))
-
-    return load
 
 
 @dataclass(frozen=True)
@@ -115,7 +91,7 @@ class FederatedClient:
         self,
         address: str,
         credentials: ClientCredentials | None,
-        data_loader: DataLoader = builtin_partition,
+        site: LocalSite | None = None,
         *,
         name: str = "",
         max_message_mb: int = 16,
@@ -123,8 +99,11 @@ class FederatedClient:
         max_attempts: int | None = None,
         state_dir: Path | None = None,
     ) -> None:
-        """``state_dir`` holds the client's persistent state (one subdirectory per run);
-        default ``client-state/<client name>`` in the working directory."""
+        """``site`` is this client's own workload and data (see :class:`LocalSite`; default:
+        the run's built-in workload and the client's share of its dataset); with a workload,
+        data given as a path is read and checked against the model before the client
+        connects. ``state_dir`` holds the client's persistent state (one subdirectory per
+        run); default ``client-state/<client name>`` in the working directory."""
         if credentials is None:
             log.warning(
                 "INSECURE: no TLS: the server is not authenticated and traffic to %s is "
@@ -133,7 +112,7 @@ class FederatedClient:
             )
         self.address = address
         self.credentials = credentials
-        self.data_loader = data_loader
+        self.site = site or LocalSite()
         self.name = name
         self.max_message_mb = max_message_mb
         self.backoff = backoff or Backoff()
@@ -146,6 +125,7 @@ class FederatedClient:
         """Serve the run until it completes; return the number of fit tasks answered."""
         attempt = 0
         self._trained = 0
+        self.site = ready(self.site)  # a workload's data is read and checked before connecting
         while True:
             self._joined = False
             try:
@@ -211,7 +191,7 @@ class FederatedClient:
             stream = pb_grpc.FederationStub(channel).Connect(requests())  # type: ignore[no-untyped-call]
             watch = _ServerWatch(stream, stop)
             try:
-                worker = _Worker(outbox, self.data_loader, self.state_dir, self._identity())
+                worker = _Worker(outbox, self.site, self.state_dir, self._identity())
                 for message in stream:
                     watch.busy = True
                     kind = message.WhichOneof("body")
@@ -279,11 +259,11 @@ class _Worker:
     """Holds the client app, data and state store of one connection and answers tasks."""
 
     def __init__(
-        self, outbox: Outbox, loader: DataLoader, state_dir: Path | None, identity: Identity | None
+        self, outbox: Outbox, site: LocalSite, state_dir: Path | None, identity: Identity | None
     ) -> None:
         self.outbox = outbox
         self.identity = identity
-        self.loader = loader
+        self.site = site
         self.state_dir = state_dir
         self.run_id = ""
         self.reassembler: Reassembler | None = None
@@ -295,15 +275,17 @@ class _Worker:
         self.config = RunConfig.model_validate(tomllib.loads(w.config_toml))
         # One small model per process: extra intra-op threads only oversubscribe the cores.
         torch.set_num_threads(self.config.runtime.threads or 1)
-        federated = build_dataset(self.config)  # built once: model shapes and built-in data
-        self.data = self.loader(federated, self.client_id)
+        joined = join(self.site, self.config, self.client_id)
+        self.data = joined.data
         self.app = ClientApp(
-            build_algorithm(self.config),
-            build_model(self.config, federated),
+            build_algorithm(self.config, [n for n, _ in joined.model.named_parameters()]),
+            joined.model,
             StageChain(build_stages(self.config, population=None)),
             build_sample_dp(self.config),
             secure_client(self.config, self.identity),
+            build_loop(joined.workload),
         )
+        architecture = fingerprint(joined.model, joined.workload.schema)
         root = self.state_dir or DEFAULT_STATE_ROOT / _safe_name(w.client_name)
         disk = DiskStateStore(root / _safe_name(self.run_id))
         self.store = EphemeralSessions(disk, SESSION)
@@ -324,6 +306,7 @@ class _Worker:
                     protocol_version=PROTOCOL_VERSION,
                     num_examples=len(self.data.train),
                     holdout_examples=holdout,
+                    architecture=list(architecture.entries),
                 )
             )
         )

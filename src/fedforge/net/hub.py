@@ -73,6 +73,8 @@ class Session:
     invalid_times: deque[float] = field(default_factory=deque)  # the recent ones
     # Called once when the hub closes the session (ends the client's stream).
     on_close: list[Callable[[], object]] = field(default_factory=list)
+    # Why the server refused the client for good (its stream ends with FAILED_PRECONDITION).
+    refusal: str | None = None
 
     def seen(self) -> None:
         self.last_seen = time.monotonic()
@@ -145,9 +147,17 @@ class Hub:
             self.results.put((task.task_id, ClientFailure(session.client_id, reason)))
         # The callbacks first (the handler's ``context.cancel``: the client sees its stream
         # cancelled), then the end of the outbox (else the stream could end as if complete).
-        for callback in session.on_close:
-            callback()
+        # A refused session skips them: its handler ends the stream with the refusal.
+        if session.refusal is None:
+            for callback in session.on_close:
+                callback()
         session.outbox.put(None)
+
+    def refuse(self, session: Session, reason: str) -> None:
+        """Close ``session`` for good: its stream ends with ``reason`` (a client that cannot
+        take part, e.g. another architecture), which the client does not retry."""
+        session.refusal = reason
+        self.close(session, reason)
 
     def reap(self, silent_after_s: float) -> list[str]:
         """Close every session that sent nothing (not even a heartbeat) for

@@ -23,18 +23,23 @@ from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params, ParamSpec, spec_of
 from fedforge.core.records import EVALUATE, FIT
-from fedforge.core.rng import RngStreams
+from fedforge.core.rng import Purpose, RngStreams
+from fedforge.data.datasets import ArrayDataset
+from fedforge.data.federated import FederatedDataset
 from fedforge.experiment import (
     build_aggregation,
     build_algorithm,
     build_dataset,
     build_fedbuff,
     build_federated_eval,
+    build_loop,
     build_model,
     build_outliers,
     build_sample_dp,
     build_sampler,
     build_stages,
+    build_stop_rule,
+    build_workload,
 )
 from fedforge.net.codec import encoded_size_bound
 from fedforge.net.hub import Hub
@@ -58,7 +63,12 @@ from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.protocol import CIPHERTEXT_BYTES, IDENTITY_BYTES, MASK, STEPS
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
+from fedforge.train.models import seeded
 from fedforge.train.torch_model import TorchModel
+from fedforge.train.user_loop import loop_problem
+from fedforge.workload.base import Workload
+from fedforge.workload.federate import load_test
+from fedforge.workload.fingerprint import fingerprint
 
 log = logging.getLogger("fedforge")
 
@@ -158,11 +168,22 @@ def run_server(
             "time): set clock.enabled = false"
         )
     torch.set_num_threads(config.runtime.threads or 1)
-    data = build_dataset(config)
-    model = TorchModel(build_model(config, data))
-    algorithm = build_algorithm(config)
-    known_sizes = d.client_data == "builtin" and len(names) <= data.num_clients
-    sizes = [data.client_size(c) for c in range(len(names))] if known_sizes else None
+    setup = server_setup(config)
+    data, model, workload = setup.data, TorchModel(setup.model), setup.workload
+    algorithm = build_algorithm(config, [n for n, _ in setup.model.named_parameters()])
+    loop = build_loop(workload)
+    if loop is not None:  # the clients' training function against the run's algorithm
+        problem = loop_problem(
+            type(algorithm).__name__,
+            algorithm.loop_refusal,
+            algorithm.program(),
+            loop,
+            config.privacy.mode == "sample",
+        )
+        if problem:
+            raise ConfigError(problem)
+    known_sizes = data is not None and d.client_data == "builtin" and len(names) <= data.num_clients
+    sizes = [data.client_size(c) for c in range(len(names))] if data and known_sizes else None
     chain = StageChain(build_stages(config, len(names), sizes))
     sample_dp = build_sample_dp(config)
     store = CheckpointStore(Path(d.state_dir))
@@ -188,7 +209,13 @@ def run_server(
     )
     pb_grpc.add_FederationServicer_to_server(  # type: ignore[no-untyped-call]
         FederationService(
-            hub, credentials, client_ids, to_toml(config), d.heartbeat_s, d.hello_timeout_s
+            hub,
+            credentials,
+            client_ids,
+            welcome_toml(config),
+            d.heartbeat_s,
+            d.hello_timeout_s,
+            fingerprint(setup.model, workload.schema),
         ),
         server,
     )
@@ -208,8 +235,9 @@ def run_server(
     log.info("run %s serving on %s (%d registered clients)", run_id, d.address, len(names))
 
     def evaluator(params: Params) -> Evaluation:
+        assert setup.test is not None
         model.set_params(params)
-        return evaluate(model, data.test)
+        return evaluate(model, setup.test)
 
     site_sizes = SiteSizes(hub, d, data, lambda cid: names[cid])
 
@@ -236,14 +264,15 @@ def run_server(
         aggregation=deployed_aggregation(
             config, credentials, {cid: name for name, cid in client_ids.items()}
         ),
-        evaluator=evaluator,
+        evaluator=evaluator if setup.test is not None and len(setup.test) else None,
         federated_eval=build_federated_eval(config),
         listener=RoundLog(ListenerGroup([LiveLog(Path(d.state_dir) / LIVE), listener]), names),
         describe=lambda cid: names[cid] if 0 <= cid < len(names) else f"client {cid}",
-        client_metrics=(DP_SGD_EPSILON,) if sample_dp else (),
+        client_metrics=(DP_SGD_EPSILON,) if sample_dp else loop_metrics(workload),
         labels=dp_sgd_labels(sample_dp) if sample_dp else {},
         sampling_seed=secret_sampling_seed(config),
         downlink=config.update.downlink,
+        stop_when=build_stop_rule(config),
     )
     # Replies announcing more bytes than a valid record of their stage encodes to are
     # refused at their first chunk: a client holds O(model) server memory at most.
@@ -282,7 +311,7 @@ def run_server(
                 checkpoint=lambda s, h: retry.round_done(lambda: store.save(run_id, s, h)),
             )
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
-        finish_run_log(Path(d.state_dir), run_log)
+        finish_run_log(Path(d.state_dir), run_log, driver.stop_reason)
         hub.finish(state.round)
         if d.linger_s > 0:
             log.info("run complete; answering late clients for %g s", d.linger_s)
@@ -293,6 +322,38 @@ def run_server(
         server.stop(grace=2).wait()
         store.close()
     return ServerRun(run_id, history, state, driver.stop_reason)
+
+
+@dataclass(frozen=True)
+class ServerSetup:
+    """What the server builds from the configuration: the workload, its model (initialized
+    from the run seed), the central test set (None: none) and, for a built-in dataset, the
+    federation whose shares clients train on."""
+
+    workload: Workload
+    model: torch.nn.Module
+    test: ArrayDataset | None
+    data: FederatedDataset | None
+
+
+def server_setup(config: RunConfig) -> ServerSetup:
+    if config.data.builtin and config.workload is None:
+        data = build_dataset(config)
+        workload = build_workload(config, data)
+        return ServerSetup(workload, build_model(config, data), data.test, data)
+    workload = build_workload(config)
+    model = seeded(workload.model, RngStreams(config.seed).int_seed(Purpose.INIT))
+    return ServerSetup(workload, model, load_test(workload), None)
+
+
+def loop_metrics(workload: Workload) -> tuple[str, ...]:
+    """The metrics clients report beside ``train_loss`` (a training function's)."""
+    return workload.metrics if workload.train is not None else ()
+
+
+def welcome_toml(config: RunConfig) -> str:
+    """The configuration sent to clients: the run's, without the server's own paths."""
+    return to_toml(config.model_copy(update={"project_dir": None}))
 
 
 def start_run_log(state_dir: Path, config: RunConfig, *, resumed: bool) -> dict[str, Any]:
@@ -306,8 +367,9 @@ def start_run_log(state_dir: Path, config: RunConfig, *, resumed: bool) -> dict[
     return start_provenance(state_dir, record, resume=resumed)
 
 
-def finish_run_log(state_dir: Path, record: dict[str, Any]) -> None:
+def finish_run_log(state_dir: Path, record: dict[str, Any], stop_reason: str | None) -> None:
     record["finished"] = datetime.now().astimezone().isoformat(timespec="seconds")
+    record["stop_reason"] = stop_reason  # why the run ended before its last round, if it did
     write_provenance(state_dir, record)
 
 
