@@ -260,21 +260,35 @@ def dashboard(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or running).")],
     port: Annotated[int, typer.Option("--port", help="Port (0: any free port).")] = DEFAULT_PORT,
     host: Annotated[
-        str, typer.Option("--host", help="Address to listen on (default: this machine only).")
+        str,
+        typer.Option(
+            "--host",
+            help="Address to listen on (default: this machine only; any other needs a token).",
+        ),
     ] = "127.0.0.1",
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="File holding the token requests must carry (default: the "
+            "FEDFORGE_DASHBOARD_TOKEN environment variable); required beyond loopback.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a run's live dashboard (accuracy, loss, clients, privacy) until Ctrl-C."""
     import threading
 
-    from fedforge.report.dashboard import Dashboard
+    from fedforge.report.dashboard import Dashboard, read_token
 
     if not (run_dir / "config.toml").is_file():
         raise _fail(FedforgeError(f"{run_dir} is not a run directory (no config.toml)"), 2)
     try:
-        server = Dashboard(run_dir, host=host, port=port)
-    except OSError as exc:
+        token = read_token(token_file)
+        server = Dashboard(run_dir, host=host, port=port, token=token)
+    except (OSError, FedforgeError) as exc:
         raise _fail(exc, 2) from None
-    console.print(f"dashboard of {run_dir}: {server.url} (Ctrl-C to stop)", soft_wrap=True)
+    how = " (open it with ?token=<the token> once)" if token else ""
+    console.print(f"dashboard of {run_dir}: {server.url}{how} (Ctrl-C to stop)", soft_wrap=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -470,6 +484,31 @@ def keys_revoke(
     except FedforgeError as exc:
         raise _fail(exc) from None
     console.print(f"revoked {name!r} (serial {serial})")
+
+
+@keys_app.command("renew")
+def keys_renew(
+    name: Annotated[str, typer.Argument(help="Client whose certificate to renew.")],
+    keys: Annotated[Path, typer.Option("--keys", help="Keys directory.")] = Path("keys"),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where to write client.crt and ca.crt (default KEYS/NAME)."),
+    ] = None,
+) -> None:
+    """Issue a client a new certificate for the key it already holds (before or after the
+    old one expires); the old certificate is refused from then on."""
+    from fedforge.net.keys import renew_client
+
+    target = out or keys / name
+    try:
+        expires = renew_client(keys, name, target)
+    except FedforgeError as exc:
+        raise _fail(exc) from None
+    console.print(
+        f"renewed {name!r} until {expires:%Y-%m-%d}: put {target / 'client.crt'} and "
+        f"{target / 'ca.crt'} into the site's credentials directory",
+        soft_wrap=True,
+    )
 
 
 @app.command()

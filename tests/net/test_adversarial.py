@@ -14,7 +14,6 @@ import pytest
 
 from fedforge.config import load_config
 from fedforge.core.records import FIT
-from fedforge.data.datasets import load_digits
 from fedforge.experiment import build_dataset
 from fedforge.net.codec import encode_params, split_payload
 from fedforge.net.keys import add_client, init_keys, revoke_client
@@ -26,8 +25,8 @@ from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
     CraftedClient,
     channel,
-    fedforge,
     free_port,
+    start_client,
     start_server,
     stop_all,
     wait_for_port,
@@ -105,8 +104,7 @@ def _foreign_message(round_number: int) -> pb.ClientMessage:
 
 
 def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) -> None:
-    # The honest client sorts last: its id has no share of the built-in dataset (one per
-    # crafted client), and it brings its own data.
+    # One share of the built-in dataset per client (the server refuses clients without one).
     honest = "z-honest"
     names = sorted([honest, *BEHAVIOURS])
     assert names[-1] == honest
@@ -120,32 +118,17 @@ def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) ->
         keys,
         port,
         rounds=1,
-        clients=len(BEHAVIOURS),
+        clients=len(names),
         min_clients=len(names),
         server_extra='sampler = "poisson"\nsampling_rate = 1.0',  # every client, honest too
         timeout=6,
     )
     overclaim_id = names.index("overclaim")
-    real_size = build_dataset(load_config(cfg)).client_size(overclaim_id)
+    data = build_dataset(load_config(cfg))
+    real_size = data.client_size(overclaim_id)
     assert real_size < OVERCLAIM
-    # The honest client's data is more than a share of the built-in dataset: the server has
-    # no size of its own for it, so it accepts the declared count.
-    train, _ = load_digits()
-    own = tmp_path / "honest.npz"
-    np.savez(own, x=train.x[:900], y=train.y[:900])
     server = start_server(cfg, tmp_path / "server.log")
-    honest_client = fedforge(
-        [
-            "client",
-            "--server",
-            f"127.0.0.1:{port}",
-            "--credentials",
-            str(keys / honest),
-            "--data",
-            str(own),
-        ],
-        tmp_path / "honest.log",
-    )
+    honest_client = start_client(port, keys / honest, tmp_path / "honest.log")
     crafted: dict[str, CraftedClient] = {}
     try:
         # Garbage on the TLS port must not disturb the server.
@@ -211,7 +194,8 @@ def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) ->
     assert "round 1: 12 sampled, 2 accepted, 7 rejected, 3 failed" in log
     assert "failed: flood, mute, silent" in log
     assert any("replayed" in r for r in crafted["replay"].rejects)
-    assert "with 900 examples" in (tmp_path / "honest.log").read_text()
+    honest_size = data.client_size(names.index(honest))
+    assert f"with {honest_size} examples" in (tmp_path / "honest.log").read_text()
 
 
 def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(

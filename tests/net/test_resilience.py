@@ -113,8 +113,15 @@ def test_silent_and_revoked_streams_do_not_lock_sites_out(tmp_path: Path) -> Non
     keys = make_keys(tmp_path, [*NAMES, "eve", "mallory"])
     revoke_client(keys, "mallory")
     port = free_port()
-    cfg = write_config(
-        tmp_path, keys, port, rounds=1, clients=3, deploy_extra="hello_timeout_s = 2.0"
+    cfg = write_config(  # (a share of the data for eve too: she is registered)
+        tmp_path,
+        keys,
+        port,
+        rounds=1,
+        clients=4,
+        per_round=3,
+        min_clients=3,
+        deploy_extra="hello_timeout_s = 2.0",
     )
     server = start_server(cfg, tmp_path / "server.log")
     held: list[queue.Queue[pb.ClientMessage | None]] = []

@@ -25,6 +25,7 @@ import torch
 
 from fedforge.config import RunConfig
 from fedforge.core.errors import FedforgeError
+from fedforge.core.params import spec_of
 from fedforge.core.records import FIT, Record, Task
 from fedforge.data.datasets import ArrayDataset
 from fedforge.data.federated import ClientData, FederatedDataset
@@ -37,13 +38,16 @@ from fedforge.experiment import (
     build_stages,
 )
 from fedforge.net.codec import (
+    ProtocolError,
     Reassembler,
     array_bytes,
     decode_params,
     encode_params,
+    encoded_size_bound,
     split_payload,
 )
 from fedforge.net.keys import ClientCredentials
+from fedforge.net.peer import peer_text
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.server import grpc_options
@@ -72,6 +76,13 @@ FATAL = {
 }
 # gRPC's words for a TLS handshake that failed on a certificate (ours or the server's).
 TLS_REFUSALS = ("CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE", "certificate verify failed")
+# A server that closes the connection before answering, this many times in a row and never
+# once welcoming the client, refuses it in the TLS handshake (a server that is down refuses
+# the connection instead).
+CLOSED_BEFORE_WELCOME = 4
+# What a task may announce beyond what the run's broadcast arrays encode to: the
+# secure-aggregation steps' keys, shares and ciphertexts (a few hundred bytes per neighbour).
+TASK_ALLOWANCE_BYTES = 16 << 20
 SILENT_SERVER_HEARTBEATS = 3.0  # a server silent this many heartbeat intervals is gone
 
 
@@ -144,6 +155,7 @@ class FederatedClient:
     def run(self) -> int:
         """Serve the run until it completes; return the number of fit tasks answered."""
         attempt = 0
+        closed = 0  # connections in a row the server closed before welcoming the client
         self._trained = 0
         while True:
             self._joined = False
@@ -152,7 +164,7 @@ class FederatedClient:
                     return self._trained
                 attempt = 1 if self._joined else attempt + 1
             except grpc.RpcError as exc:
-                code, details = exc.code(), str(exc.details())
+                code, details = exc.code(), peer_text(str(exc.details()))
                 if code in FATAL:
                     raise FatalClientError(
                         f"server refused the client: {code.name}: {details}"
@@ -163,6 +175,9 @@ class FederatedClient:
                         "accept this client's certificate, or the server's certificate is not "
                         f"signed by this client's ca.crt ({details})"
                     ) from None
+                closed = 0 if self._joined or "Socket closed" not in details else closed + 1
+                if closed >= CLOSED_BEFORE_WELCOME:
+                    raise FatalClientError(self._closed_explanation(closed)) from None
                 log.warning("connection lost (%s: %s)", code.name, details)
                 # After a session that was established, back off from the start again.
                 attempt = 1 if self._joined else attempt + 1
@@ -171,6 +186,18 @@ class FederatedClient:
             delay = self.backoff.delay(attempt)
             log.info("reconnecting in %.1f s", delay)
             time.sleep(delay)
+
+    def _closed_explanation(self, times: int) -> str:
+        if self.credentials is None:
+            return (
+                f"the server closed the connection {times} times before answering: it "
+                "probably requires TLS; pass this site's --credentials"
+            )
+        return (
+            f"the server closed the connection {times} times before answering: it refuses "
+            "this client's certificate in the TLS handshake (revoked and replaced, issued by "
+            "another CA, or expired on the server's clock); ask the coordinator"
+        )
 
     def _identity(self) -> Identity | None:
         """What signs this client's secure-aggregation keys: its certificate key."""
@@ -225,7 +252,9 @@ class FederatedClient:
                     elif kind == "task":
                         self._trained += worker.task(message)
                     elif kind == "reject":
-                        log.warning("server rejected a message: %s", message.reject.reason)
+                        log.warning(
+                            "server rejected a message: %s", peer_text(message.reject.reason)
+                        )
                     elif kind == "run_complete":
                         log.info("run complete after %d rounds", message.run_complete.rounds)
                         return True
@@ -286,6 +315,7 @@ class _Worker:
         self.state_dir = state_dir
         self.run_id = ""
         self.reassembler: Reassembler | None = None
+        self.refused_transfer = b""  # the transfer id of a task refused at its first chunk
 
     def welcome(self, message: pb.ServerMessage) -> None:
         w = message.welcome
@@ -303,8 +333,10 @@ class _Worker:
             build_sample_dp(self.config),
             secure_client(self.config, self.identity),
         )
+        self.max_task_bytes = task_size_limit(self.app)
         root = self.state_dir or DEFAULT_STATE_ROOT / _safe_name(w.client_name)
         disk = DiskStateStore(root / _safe_name(self.run_id))
+        check_own_id(disk.directory, self.client_id)
         self.store = EphemeralSessions(disk, SESSION)
         holdout = len(self.data.holdout) if self.data.holdout is not None else 0
         log.info(
@@ -354,23 +386,42 @@ class _Worker:
             log.warning("ignoring a task for another run")
             return 0
         body = message.task
+        if body.chunk.transfer_id == self.refused_transfer:
+            return 0  # the rest of a task refused at its first chunk
         if body.chunk.index == 0:
-            self.reassembler = Reassembler(max_bytes=1 << 40)
+            # What the server announces is checked against what the run can send before any
+            # of it is allocated: a compromised server cannot make this site allocate more.
+            self.reassembler = Reassembler(max_bytes=self.max_task_bytes)
             self.receive_started = time.time()
         if self.reassembler is None:
             log.warning("ignoring a task chunk without its transfer's start")
             return 0
-        payload = self.reassembler.add(body.chunk)
+        try:
+            payload = self.reassembler.add(body.chunk)
+        except ProtocolError as exc:
+            self.reassembler = None
+            self.refused_transfer = body.chunk.transfer_id
+            log.warning("refused a %s task from the server: %s", peer_text(body.stage, 40), exc)
+            self.outbox.put(
+                pb.ClientMessage(
+                    envelope=self._envelope(int(message.envelope.round)),
+                    failure=pb.ClientFailureReport(
+                        error=f"task refused: {exc}", task_id=body.task_id
+                    ),
+                )
+            )
+            return 0
         if payload is None:
             return 0
         self.reassembler = None  # release the chunks
         # The reply (or failure report) echoes the task's id: the server takes no other.
         round_number, stage, task_id = int(message.envelope.round), body.stage, body.task_id
+        shown = peer_text(stage, 40)  # the server's word, in this site's log
         received = time.time()
         log.info(
             "round %d: received a %s task (%.1f MB, %d array bytes) in %.3f s (%.6f-%.6f)",
             round_number,
-            stage,
+            shown,
             len(payload) / 1e6,
             array_bytes(payload),
             received - self.receive_started,
@@ -393,10 +444,10 @@ class _Worker:
             if new_state is not None:  # saved before the reply: a retried round reads it back
                 self.store.put(self.client_id, new_state, round_number)
             log.info(
-                "round %d: %s done in %.4f s", round_number, stage, time.perf_counter() - started
+                "round %d: %s done in %.4f s", round_number, shown, time.perf_counter() - started
             )
         except Exception as exc:
-            log.exception("the %s task of round %d failed", stage, round_number)
+            log.exception("the %s task of round %d failed", shown, round_number)
             self.outbox.put(
                 pb.ClientMessage(
                     envelope=self._envelope(round_number),
@@ -410,12 +461,34 @@ class _Worker:
         log.info(
             "round %d: sending a %s reply (%d bytes, %d array bytes)",
             round_number,
-            stage,
+            shown,
             len(encoded),
             array_bytes(encoded),
         )
         self.outbox.put(self._reply_messages(round_number, stage, task_id, encoded, record))
         return 1 if stage == FIT else 0
+
+
+def check_own_id(directory: Path, client_id: int) -> None:
+    """Refuse to go on when the server gives this site another id than the one its state for
+    the run was kept under (its privacy ledger, control variate... would not follow it)."""
+    path = directory / "client_id"
+    if path.exists() and path.read_text().strip() != str(client_id):
+        raise FedforgeError(
+            f"the server now calls this site client id {client_id}, but its state for this "
+            f"run ({directory}) belongs to client id {path.read_text().strip()}: refusing to "
+            "train without it; tell the coordinator (a run's client ids must not change)"
+        )
+    path.write_text(f"{client_id}\n")
+
+
+def task_size_limit(app: ClientApp) -> int:
+    """The largest task this client accepts: twice what the run's broadcast (the model and
+    the algorithm's server state, such as SCAFFOLD's control variate) encodes to, which any
+    downlink codec only shrinks, plus room for the secure-aggregation steps."""
+    params = app.model.get_params()
+    shared = {**params, **app.algorithm.broadcast(app.algorithm.init(params))}
+    return 2 * encoded_size_bound(spec_of(shared)) + TASK_ALLOWANCE_BYTES
 
 
 def secure_client(config: RunConfig, identity: Identity | None) -> SecAggClient | None:

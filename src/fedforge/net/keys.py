@@ -14,13 +14,21 @@ client.csr`` and returns ``client.crt`` and ``ca.crt``, which complete ``DIR``. 
 keys add-client NAME`` makes the key at the coordinator, for demos on one machine.) Private
 keys are ECDSA P-256, written with mode 0600. A revocation takes effect at once: the server
 re-reads ``revoked.txt`` when it changes and closes the revoked client's session.
+
+Client names are identities, file names and log words: lowercase ASCII letters, digits, ``-``
+and ``_``, starting with a letter, at most 64 characters (:data:`NAME_RULE`), so no name is a
+path (``.``, ``..``), an address (``127.0.0.1``), a case variant or a Unicode look-alike of
+another. Certificates last 825 days; ``fedforge keys renew NAME`` issues a site a new one for
+the same key (the registry then holds the new one only).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +42,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedforge.core.errors import FedforgeError
 
 VALIDITY = dt.timedelta(days=825)
+RENEW_WARNING = dt.timedelta(days=30)  # warn this long before a certificate expires
+NAME_RULE = "lowercase letters, digits, '-' and '_', starting with a letter, at most 64"
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+log = logging.getLogger("fedforge")
 
 
 class CredentialsError(FedforgeError):
@@ -72,6 +84,7 @@ def _issue(
     ca: bool = False,
     server_names: list[str] | None = None,
     client: bool = False,
+    validity: dt.timedelta = VALIDITY,
 ) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
@@ -82,7 +95,7 @@ def _issue(
         .public_key(key if isinstance(key, ec.EllipticCurvePublicKey) else key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
+        .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if ca:
@@ -146,13 +159,15 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-def _check_name(name: str) -> None:
-    if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise CredentialsError(f"client name {name!r}: use letters, digits, '-', '_' or '.'")
+def check_client_name(name: str) -> str:
+    """``name`` if it is a valid client name (see :data:`NAME_RULE`); else CredentialsError."""
+    if not _NAME.fullmatch(name):
+        raise CredentialsError(f"client name {name!r} is not allowed: use {NAME_RULE} characters")
+    return name
 
 
 def _new_registry_entry(directory: Path, name: str) -> Path:
-    _check_name(name)
+    check_client_name(name)
     registry = directory / "clients" / f"{name}.crt"
     if registry.exists():
         raise CredentialsError(f"client {name!r} already exists; revoke it or pick another name")
@@ -177,7 +192,7 @@ def request_certificate(name: str, out: Path) -> Path:
     """At a site: make the site's private key (``out/client.key``, mode 0600) and a
     certificate signing request for ``name`` (``out/client.csr``, returned) to send to the
     coordinator. The key never leaves ``out``."""
-    _check_name(name)
+    check_client_name(name)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     if (out / "client.key").exists():
         raise CredentialsError(f"{out} already holds a client key; refusing to overwrite it")
@@ -226,12 +241,56 @@ def ca_fingerprint(directory: Path) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":")
 
 
-def revoke_client(directory: Path, name: str) -> int:
-    """Revoke ``name``'s certificate; return its serial number."""
-    registry = directory / "clients" / f"{name}.crt"
+def _registered(directory: Path, name: str) -> x509.Certificate:
+    registry = directory / "clients" / f"{check_client_name(name)}.crt"
     if not registry.exists():
         raise CredentialsError(f"no client {name!r} in {directory}")
-    serial = x509.load_pem_x509_certificate(registry.read_bytes()).serial_number
+    return x509.load_pem_x509_certificate(registry.read_bytes())
+
+
+def renew_client(directory: Path, name: str, out: Path) -> dt.datetime:
+    """Issue ``name`` a new certificate for the key its registered one certifies (the site
+    keeps its key), register it in place of the old one (which the server refuses from then
+    on) and write ``out/client.crt`` and ``out/ca.crt``; return the new expiry."""
+    old = _registered(directory, name)
+    public_key = old.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise CredentialsError(f"{name}'s registered certificate does not hold an ECDSA key")
+    ca_cert, ca_key = _load_ca(directory)
+    cert = _issue(name, public_key, ca_cert, ca_key, client=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "client.crt").write_bytes(_pem_cert(cert))
+    (out / "ca.crt").write_bytes(_pem_cert(ca_cert))
+    (directory / "clients" / f"{name}.crt").write_bytes(_pem_cert(cert))
+    return cert.not_valid_after_utc
+
+
+def expiry_problem(cert: x509.Certificate, what: str, now: dt.datetime | None = None) -> str | None:
+    """Why ``cert`` cannot be used now (expired, or not valid yet), or None."""
+    now = now or dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        return f"{what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if now < cert.not_valid_before_utc:
+        return f"{what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    return None
+
+
+def warn_if_expiring(cert: x509.Certificate, what: str, renew: str) -> None:
+    """Log a warning when ``cert`` expires within :data:`RENEW_WARNING`."""
+    left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
+    if left < RENEW_WARNING:
+        log.warning(
+            "%s expires on %s UTC (in %d days): %s",
+            what,
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M}",
+            max(left.days, 0),
+            renew,
+        )
+
+
+def revoke_client(directory: Path, name: str) -> int:
+    """Revoke ``name``'s certificate; return its serial number."""
+    serial = _registered(directory, name).serial_number
     with open(directory / "revoked.txt", "a") as f:
         f.write(f"{serial}\n")
     return serial
@@ -261,13 +320,61 @@ class RevocationList:
             return self._serials
 
 
+class ClientRegistry:
+    """Registered client name -> certificate serial, from ``clients/NAME.crt``; an entry is
+    re-read when its file changes (``fedforge keys renew``: no restart)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[tuple[int, int], x509.Certificate]] = {}
+        for path in sorted(directory.glob("*.crt")):
+            try:
+                check_client_name(path.stem)
+            except CredentialsError as exc:
+                raise CredentialsError(f"{path}: {exc}; rename or remove it") from None
+            self._read(path.stem)
+
+    def _read(self, name: str) -> x509.Certificate | None:
+        path = self.directory / f"{name}.crt"
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry[0] != stamp:
+                entry = (stamp, x509.load_pem_x509_certificate(path.read_bytes()))
+                self._entries[name] = entry
+            return entry[1]
+
+    def names(self) -> list[str]:
+        """The names registered when the server started, sorted."""
+        return sorted(self._entries)
+
+    def serial(self, name: str) -> int | None:
+        """The serial of ``name``'s registered certificate now (None: not registered)."""
+        cert = self._read(name) if name in self._entries else None
+        return None if cert is None else cert.serial_number
+
+    def certificates(self) -> dict[str, x509.Certificate]:
+        with self._lock:
+            return {name: entry[1] for name, entry in self._entries.items()}
+
+
 @dataclass(frozen=True)
 class ServerCredentials:
     private_key: bytes
     certificate: bytes
     ca_certificate: bytes
-    clients: dict[str, int]  # registered client name -> certificate serial
+    registry: ClientRegistry
     revocations: RevocationList
+
+    @property
+    def clients(self) -> dict[str, int]:
+        """Registered client name -> certificate serial (as registered now)."""
+        return {name: c.serial_number for name, c in self.registry.certificates().items()}
 
     @property
     def revoked(self) -> frozenset[int]:
@@ -284,21 +391,44 @@ class ServerCredentials:
     @classmethod
     def load(cls, directory: Path) -> ServerCredentials:
         try:
-            clients = {
-                p.stem: x509.load_pem_x509_certificate(p.read_bytes()).serial_number
-                for p in sorted((directory / "clients").glob("*.crt"))
-            }
             if not (directory / "revoked.txt").exists():
                 raise FileNotFoundError(directory / "revoked.txt")
-            return cls(
+            creds = cls(
                 (directory / "server.key").read_bytes(),
                 (directory / "server.crt").read_bytes(),
                 (directory / "ca.crt").read_bytes(),
-                clients,
+                ClientRegistry(directory / "clients"),
                 RevocationList(directory / "revoked.txt"),
             )
         except FileNotFoundError as exc:
             raise CredentialsError(f"incomplete keys directory {directory}: {exc}") from exc
+        creds.check_expiry(directory)
+        return creds
+
+    def check_expiry(self, directory: Path) -> None:
+        """Refuse an expired server or CA certificate; warn about one that expires soon, and
+        name the registered clients whose certificates expired or expire soon."""
+        for data, what in ((self.certificate, "server.crt"), (self.ca_certificate, "ca.crt")):
+            cert = x509.load_pem_x509_certificate(data)
+            problem = expiry_problem(cert, f"{directory / what}")
+            if problem:
+                raise CredentialsError(f"{problem}: no client can connect; make new keys")
+            warn_if_expiring(cert, f"{directory / what}", "make new keys before then")
+        revoked = self.revocations.current()
+        for name, cert in self.registry.certificates().items():
+            if cert.serial_number in revoked:
+                continue
+            problem = expiry_problem(cert, f"the certificate of client {name}")
+            if problem:
+                log.warning(
+                    "%s: it cannot connect until renewed (`fedforge keys renew %s`)", problem, name
+                )
+            else:
+                warn_if_expiring(
+                    cert,
+                    f"the certificate of client {name}",
+                    f"renew it with `fedforge keys renew {name}`",
+                )
 
 
 @dataclass(frozen=True)
@@ -338,6 +468,20 @@ class ClientCredentials:
             ) from None
         if cert.public_key() != key.public_key():
             raise CredentialsError(f"{directory}/client.crt does not match client.key")
+        name = certificate_identity(self.certificate)[0]
+        renew = (
+            f"ask the coordinator to run `fedforge keys renew {name}` and put the client.crt "
+            f"and ca.crt it returns into {directory}"
+        )
+        problem = expiry_problem(ca, f"{directory}/ca.crt")
+        if problem:
+            raise CredentialsError(
+                f"{problem}: the run's CA is no longer valid; ask the coordinator"
+            )
+        problem = expiry_problem(cert, f"{directory}/client.crt")
+        if problem:
+            raise CredentialsError(f"{problem}: the server will refuse this client; {renew}")
+        warn_if_expiring(cert, f"{directory}/client.crt", renew)
 
 
 def certificate_identity(pem: bytes) -> tuple[str, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import statistics
 import time
@@ -36,18 +35,20 @@ from fedforge.experiment import (
     build_stages,
 )
 from fedforge.net.codec import encoded_size_bound
+from fedforge.net.deployment import settle_run, site_config_toml
 from fedforge.net.hub import Hub
-from fedforge.net.keys import ServerCredentials
+from fedforge.net.keys import ServerCredentials, check_client_name
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import FederationService
 from fedforge.net.supervision import RetryPolicy, RoundLog, Watchdog
 from fedforge.net.transport import NetworkTransport
 from fedforge.privacy.dp_sgd import dp_sgd_labels
 from fedforge.privacy.setup import secret_sampling_seed
+from fedforge.report.dashboard import is_loopback_host
 from fedforge.report.history import History
 from fedforge.report.listeners import ListenerGroup
 from fedforge.report.live import LIVE, LiveLog
-from fedforge.report.rundir import provenance, start_provenance, write_provenance
+from fedforge.report.rundir import provenance, start_provenance, write_provenance, write_report
 from fedforge.runtime.async_driver import AsyncDriver
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
@@ -136,9 +137,9 @@ def run_server(
 ) -> ServerRun:
     """Serve until ``config.server.rounds`` rounds are complete; resume from checkpoints.
 
-    Clients are the names registered in the keys directory (ids in sorted name order), or
-    ``client_names`` when ``insecure``. ``insecure`` listens on loopback only unless
-    ``allow_remote_insecure``.
+    Clients are the names registered in the keys directory, or ``client_names`` when
+    ``insecure``; their ids are fixed for the run (see :func:`settle_run`). ``insecure``
+    listens on loopback only unless ``allow_remote_insecure``.
     """
     d = config.deploy
     if insecure and not allow_remote_insecure and not is_loopback(d.address):
@@ -147,10 +148,15 @@ def run_server(
             "can read and forge updates; listen on 127.0.0.1, or pass --allow-remote-insecure"
         )
     credentials = None if insecure else ServerCredentials.load(Path(d.keys))
-    names = sorted(credentials.clients) if credentials else sorted(client_names or [])
-    if not names:
+    if credentials is not None:  # a revoked client is no longer one of the federation
+        revoked = credentials.revoked_names()
+        registered = [n for n in credentials.registry.names() if n not in revoked]
+    else:
+        registered = sorted(client_names or [])
+    if not registered:
         raise FedforgeError("no clients are registered; run `fedforge keys add-client NAME`")
-    client_ids = {name: i for i, name in enumerate(names)}
+    for name in registered:
+        check_client_name(name)
 
     if config.attack.kind != "none":
         log.warning("[attack] simulates attackers in simulations only; the server ignores it")
@@ -163,19 +169,24 @@ def run_server(
     data = build_dataset(config)
     model = TorchModel(build_model(config, data))
     algorithm = build_algorithm(config)
-    known_sizes = d.client_data == "builtin" and len(names) <= data.num_clients
-    sizes = [data.client_size(c) for c in range(len(names))] if known_sizes else None
-    chain = StageChain(build_stages(config, len(names), sizes))
-    sample_dp = build_sample_dp(config)
     store = CheckpointStore(Path(d.state_dir))
-    run_id, state, history = store.open_run(config.seed, algorithm.init(model.get_params()))
+    try:
+        run_id, state, history = store.open_run(config.seed, algorithm.init(model.get_params()))
+        # Ids are the run's: recorded at its start, kept across restarts; new names get new ids.
+        client_ids = settle_run(store, config, registered, data.num_clients, run_id, history)
+    except BaseException:
+        store.close()
+        raise
     if history:
         log.info("resuming run %s after round %d", run_id, state.round)
-    for name, cid in client_ids.items():
-        store.register_client(name, cid, state.round)
+    names = {cid: name for name, cid in client_ids.items()}  # id -> name
+    known_sizes = d.client_data == "builtin" and max(names) < data.num_clients
+    sizes = [data.client_size(c) for c in sorted(names)] if known_sizes else None
+    chain = StageChain(build_stages(config, len(names), sizes))
+    sample_dp = build_sample_dp(config)
     run_log = start_run_log(Path(d.state_dir), config, resumed=bool(history))
 
-    hub = Hub(run_id)
+    hub = Hub(run_id, d.heartbeat_s)
     if state.round >= config.server.rounds:
         hub.finished = state.round  # a complete run: answer late clients, then exit
     # A stream holds a worker thread while it lives; a refused certificate holds none and a
@@ -190,7 +201,7 @@ def run_server(
     )
     pb_grpc.add_FederationServicer_to_server(  # type: ignore[no-untyped-call]
         FederationService(
-            hub, credentials, client_ids, to_toml(config), d.heartbeat_s, d.hello_timeout_s
+            hub, credentials, client_ids, site_config_toml(config), d.heartbeat_s, d.hello_timeout_s
         ),
         server,
     )
@@ -275,7 +286,7 @@ def run_server(
         evaluator=evaluator,
         federated_eval=build_federated_eval(config),
         listener=RoundLog(ListenerGroup([LiveLog(Path(d.state_dir) / LIVE), listener]), names),
-        describe=lambda cid: names[cid] if 0 <= cid < len(names) else f"client {cid}",
+        describe=lambda cid: names.get(cid, f"client {cid}"),
         client_metrics=(DP_SGD_EPSILON,) if sample_dp else (),
         labels=dp_sgd_labels(sample_dp) if sample_dp else {},
         sampling_seed=secret_sampling_seed(config),
@@ -318,6 +329,7 @@ def run_server(
                 checkpoint=lambda s, h: retry.round_done(lambda: store.save(run_id, s, h)),
             )
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
+        write_report(Path(d.state_dir), config, history, data, "network")
         finish_run_log(Path(d.state_dir), run_log)
         hub.finish(state.round)
         if d.linger_s > 0:
@@ -349,10 +361,4 @@ def finish_run_log(state_dir: Path, record: dict[str, Any]) -> None:
 
 def is_loopback(address: str) -> bool:
     """Whether ``host:port`` listens on the loopback interface only."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(address.rsplit(":", 1)[0])
