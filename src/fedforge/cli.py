@@ -604,12 +604,13 @@ def client_command(
     ] = None,
 ) -> None:
     """Join a federated run: train on pushed work until the run completes."""
-    from fedforge.net.client import FederatedClient, builtin_partition, npz_loader
     from fedforge.net.keys import ClientCredentials
 
     _setup_logging()
-    try:
+    try:  # (credentials first: unusable ones are refused before the heavy imports)
         creds = ClientCredentials.load(credentials) if credentials else None
+        from fedforge.net.client import FederatedClient, builtin_partition, npz_loader
+
         loader = npz_loader(str(data)) if data else builtin_partition
         client = FederatedClient(server_address, creds, loader, name=name, state_dir=state_dir)
         rounds = client.run()

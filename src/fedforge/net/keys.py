@@ -174,13 +174,16 @@ def _new_registry_entry(directory: Path, name: str) -> Path:
     return registry
 
 
-def add_client(directory: Path, name: str, out: Path) -> None:
-    """Issue a client certificate for ``name`` and write its credentials directory ``out``
-    (the key is made here: for demos; sites should use :func:`request_certificate`)."""
+def add_client(
+    directory: Path, name: str, out: Path, *, validity: dt.timedelta = VALIDITY
+) -> None:
+    """Issue a client certificate for ``name``, valid for ``validity``, and write its
+    credentials directory ``out`` (the key is made here: for demos; sites should use
+    :func:`request_certificate`)."""
     registry = _new_registry_entry(directory, name)
     ca_cert, ca_key = _load_ca(directory)
     key = _new_key()
-    cert = _issue(name, key, ca_cert, ca_key, client=True)
+    cert = _issue(name, key, ca_cert, ca_key, client=True, validity=validity)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_private(out / "client.key", _pem_key(key))
     (out / "client.crt").write_bytes(_pem_cert(cert))
