@@ -201,6 +201,7 @@ class CraftedClient:
         self.saw_run_complete = False
         self.run_id = ""
         self.task_id = b""
+        self.welcome_config = ""  # the configuration the server sent this site
 
     def _requests(self) -> Iterator[pb.ClientMessage]:
         while (m := self.out.get()) is not None:
@@ -221,6 +222,7 @@ class CraftedClient:
             kind = message.WhichOneof("body")
             if kind == "welcome":
                 self.run_id = message.envelope.run_id
+                self.welcome_config = message.welcome.config_toml
                 # Declare the data sizes, as a real client does once welcomed.
                 hello = pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=self.declared)
                 self.out.put(pb.ClientMessage(hello=hello))

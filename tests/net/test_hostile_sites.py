@@ -147,3 +147,7 @@ def test_a_zombie_a_twin_and_a_flooding_liar_cannot_stall_or_blind_the_run(
     assert checkpoint is not None
     last = checkpoint.history[-1]
     assert (last.round, last.clients_completed, last.clients_failed) == (4, 2, 0)  # c0, c1
+    # A site learns what its training needs, not the server's paths or the others' sizes.
+    assert "512" in liar.welcome_config  # (the model it trains)
+    for secret in ("[deploy]", str(tmp_path), "state_dir", "site_examples", "address"):
+        assert secret not in liar.welcome_config, secret
