@@ -11,17 +11,15 @@ from cryptography.x509.oid import NameOID
 
 from fedforge.net.keys import (
     ClientCredentials,
-    CredentialsError,
     ServerCredentials,
     add_client,
-    certificate_identity,
-    check_client_name,
     init_keys,
     renew_client,
     request_certificate,
     revoke_client,
     sign_request,
 )
+from fedforge.net.registry import CredentialsError, certificate_identity, check_client_name
 
 
 def test_keys_layout_permissions_and_revocation(tmp_path: Path) -> None:

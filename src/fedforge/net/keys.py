@@ -15,11 +15,9 @@ keys add-client NAME`` makes the key at the coordinator, for demos on one machin
 keys are ECDSA P-256, written with mode 0600. A revocation takes effect at once: the server
 re-reads ``revoked.txt`` when it changes and closes the revoked client's session.
 
-Client names are identities, file names and log words: lowercase ASCII letters, digits, ``-``
-and ``_``, starting with a letter, at most 64 characters (:data:`NAME_RULE`), so no name is a
-path (``.``, ``..``), an address (``127.0.0.1``), a case variant or a Unicode look-alike of
-another. Certificates last 825 days; ``fedforge keys renew NAME`` issues a site a new one for
-the same key (the registry then holds the new one only).
+Client names follow :data:`fedforge.net.registry.NAME_RULE` wherever one is accepted.
+Certificates last 825 days; ``fedforge keys renew NAME`` issues a site a new one for the same
+key (the registry then holds the new one only).
 """
 
 from __future__ import annotations
@@ -28,8 +26,6 @@ import datetime as dt
 import ipaddress
 import logging
 import os
-import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,17 +35,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedforge.core.errors import FedforgeError
+from fedforge.net.registry import (
+    ClientRegistry,
+    CredentialsError,
+    RevocationList,
+    certificate_identity,
+    check_client_name,
+    expiry_problem,
+    warn_if_expiring,
+)
 
 VALIDITY = dt.timedelta(days=825)
-RENEW_WARNING = dt.timedelta(days=30)  # warn this long before a certificate expires
-NAME_RULE = "lowercase letters, digits, '-' and '_', starting with a letter, at most 64"
-_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 log = logging.getLogger("fedforge")
-
-
-class CredentialsError(FedforgeError):
-    """Credentials are missing, malformed or not allowed."""
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -159,13 +156,6 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-def check_client_name(name: str) -> str:
-    """``name`` if it is a valid client name (see :data:`NAME_RULE`); else CredentialsError."""
-    if not _NAME.fullmatch(name):
-        raise CredentialsError(f"client name {name!r} is not allowed: use {NAME_RULE} characters")
-    return name
-
-
 def _new_registry_entry(directory: Path, name: str) -> Path:
     check_client_name(name)
     registry = directory / "clients" / f"{name}.crt"
@@ -174,9 +164,7 @@ def _new_registry_entry(directory: Path, name: str) -> Path:
     return registry
 
 
-def add_client(
-    directory: Path, name: str, out: Path, *, validity: dt.timedelta = VALIDITY
-) -> None:
+def add_client(directory: Path, name: str, out: Path, *, validity: dt.timedelta = VALIDITY) -> None:
     """Issue a client certificate for ``name``, valid for ``validity``, and write its
     credentials directory ``out`` (the key is made here: for demos; sites should use
     :func:`request_certificate`)."""
@@ -268,102 +256,12 @@ def renew_client(directory: Path, name: str, out: Path) -> dt.datetime:
     return cert.not_valid_after_utc
 
 
-def expiry_problem(cert: x509.Certificate, what: str, now: dt.datetime | None = None) -> str | None:
-    """Why ``cert`` cannot be used now (expired, or not valid yet), or None."""
-    now = now or dt.datetime.now(dt.UTC)
-    if now > cert.not_valid_after_utc:
-        return f"{what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
-    if now < cert.not_valid_before_utc:
-        return f"{what} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
-    return None
-
-
-def warn_if_expiring(cert: x509.Certificate, what: str, renew: str) -> None:
-    """Log a warning when ``cert`` expires within :data:`RENEW_WARNING`."""
-    left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
-    if left < RENEW_WARNING:
-        log.warning(
-            "%s expires on %s UTC (in %d days): %s",
-            what,
-            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M}",
-            max(left.days, 0),
-            renew,
-        )
-
-
 def revoke_client(directory: Path, name: str) -> int:
     """Revoke ``name``'s certificate; return its serial number."""
     serial = _registered(directory, name).serial_number
     with open(directory / "revoked.txt", "a") as f:
         f.write(f"{serial}\n")
     return serial
-
-
-class RevocationList:
-    """The serials in ``revoked.txt``, re-read whenever the file changes (no restart)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
-        self._serials: frozenset[int] = frozenset()
-        self.current()
-
-    def current(self) -> frozenset[int]:
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return self._serials  # keep the last list rather than forgive everyone
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            if stamp != self._stamp:
-                text = self.path.read_text()
-                self._serials = frozenset(int(s) for s in text.split() if s.isdigit())
-                self._stamp = stamp
-            return self._serials
-
-
-class ClientRegistry:
-    """Registered client name -> certificate serial, from ``clients/NAME.crt``; an entry is
-    re-read when its file changes (``fedforge keys renew``: no restart)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._lock = threading.Lock()
-        self._entries: dict[str, tuple[tuple[int, int], x509.Certificate]] = {}
-        for path in sorted(directory.glob("*.crt")):
-            try:
-                check_client_name(path.stem)
-            except CredentialsError as exc:
-                raise CredentialsError(f"{path}: {exc}; rename or remove it") from None
-            self._read(path.stem)
-
-    def _read(self, name: str) -> x509.Certificate | None:
-        path = self.directory / f"{name}.crt"
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return None
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            entry = self._entries.get(name)
-            if entry is None or entry[0] != stamp:
-                entry = (stamp, x509.load_pem_x509_certificate(path.read_bytes()))
-                self._entries[name] = entry
-            return entry[1]
-
-    def names(self) -> list[str]:
-        """The names registered when the server started, sorted."""
-        return sorted(self._entries)
-
-    def serial(self, name: str) -> int | None:
-        """The serial of ``name``'s registered certificate now (None: not registered)."""
-        cert = self._read(name) if name in self._entries else None
-        return None if cert is None else cert.serial_number
-
-    def certificates(self) -> dict[str, x509.Certificate]:
-        with self._lock:
-            return {name: entry[1] for name, entry in self._entries.items()}
 
 
 @dataclass(frozen=True)
@@ -485,12 +383,3 @@ class ClientCredentials:
         if problem:
             raise CredentialsError(f"{problem}: the server will refuse this client; {renew}")
         warn_if_expiring(cert, f"{directory}/client.crt", renew)
-
-
-def certificate_identity(pem: bytes) -> tuple[str, int]:
-    """(common name, serial number) of a PEM certificate."""
-    cert = x509.load_pem_x509_certificate(pem)
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not names:
-        raise CredentialsError("certificate has no common name")
-    return str(names[0].value), cert.serial_number

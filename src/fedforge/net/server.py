@@ -37,8 +37,9 @@ from fedforge.experiment import (
 from fedforge.net.codec import encoded_size_bound
 from fedforge.net.deployment import settle_run, site_config_toml
 from fedforge.net.hub import Hub
-from fedforge.net.keys import ServerCredentials, check_client_name
+from fedforge.net.keys import ServerCredentials
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+from fedforge.net.registry import check_client_name
 from fedforge.net.service import FederationService
 from fedforge.net.supervision import RetryPolicy, RoundLog, Watchdog
 from fedforge.net.transport import NetworkTransport

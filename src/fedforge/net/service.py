@@ -12,10 +12,11 @@ import grpc
 from fedforge.core.records import ClientFailure, Record
 from fedforge.net.codec import ProtocolError, decode_params
 from fedforge.net.hub import Hub, IdentityInUse, ReplyHeader, Session
-from fedforge.net.keys import ServerCredentials, certificate_identity
+from fedforge.net.keys import ServerCredentials
 from fedforge.net.peer import LogLimiter, peer_host, peer_text
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+from fedforge.net.registry import certificate_identity
 
 log = logging.getLogger("fedforge")
 PROTOCOL_VERSION = 3  # 3: tasks carry an id that replies and failure reports echo
