@@ -21,6 +21,7 @@ from fedforge.net.keys import add_client, init_keys
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import PROTOCOL_VERSION
+from fedforge.runtime.checkpoint import Checkpoint, CheckpointStore
 
 BASE_CONFIG = """
 seed = 3
@@ -328,6 +329,17 @@ class FreezableProxy:
 
     def close(self) -> None:
         self.listener.close()
+
+
+def stored_run(state: Path) -> Checkpoint:
+    """The run stored in the state directory ``state`` (it must hold one)."""
+    store = CheckpointStore(state)
+    try:
+        checkpoint = store.load()
+    finally:
+        store.close()
+    assert checkpoint is not None
+    return checkpoint
 
 
 def log_has(path: Path, text: str) -> bool:

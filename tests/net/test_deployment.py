@@ -21,7 +21,6 @@ from fedforge.config import load_config
 from fedforge.experiment import build_dataset, simulate_config
 from fedforge.report.history import History
 from fedforge.report.live import LiveState
-from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
     client_state_dir,
     free_port,
@@ -29,6 +28,7 @@ from tests.net.helpers import (
     start_client,
     start_server,
     stop_all,
+    stored_run,
     wait_for,
     write_config,
 )
@@ -43,12 +43,7 @@ def _log_tail(path: Path) -> str:
 
 
 def _checkpoint(state: Path) -> tuple[str, History]:
-    store = CheckpointStore(state)
-    try:
-        checkpoint = store.load()
-    finally:
-        store.close()
-    assert checkpoint is not None
+    checkpoint = stored_run(state)
     return checkpoint.run_id, checkpoint.history
 
 

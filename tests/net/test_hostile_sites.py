@@ -19,7 +19,6 @@ from fedforge.core.records import FIT
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import INVALID_LIMIT, PROTOCOL_VERSION
-from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
     CraftedClient,
     free_port,
@@ -27,6 +26,7 @@ from tests.net.helpers import (
     start_client,
     start_server,
     stop_all,
+    stored_run,
     wait_for_port,
     write_config,
 )
@@ -139,13 +139,7 @@ def test_a_zombie_a_twin_and_a_flooding_liar_cannot_stall_or_blind_the_run(
     assert f"client liar sent {INVALID_LIMIT} invalid messages within" in log
     liar_lines = [line for line in lines if "liar" in line and "round" not in line]
     assert len([line for line in liar_lines if "connected" not in line]) <= 3, liar_lines
-    store = CheckpointStore(tmp_path / "state")
-    try:
-        checkpoint = store.load()
-    finally:
-        store.close()
-    assert checkpoint is not None
-    last = checkpoint.history[-1]
+    last = stored_run(tmp_path / "state").history[-1]
     assert (last.round, last.clients_completed, last.clients_failed) == (4, 2, 0)  # c0, c1
     # A site learns what its training needs, not the server's paths or the others' sizes.
     assert "512" in liar.welcome_config  # (the model it trains)

@@ -25,7 +25,6 @@ from fedforge.net.keys import (
 )
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
-from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
     CraftedClient,
     FreezableProxy,
@@ -37,6 +36,7 @@ from tests.net.helpers import (
     start_client,
     start_server,
     stop_all,
+    stored_run,
     wait_for,
     wait_for_port,
     write_config,
@@ -48,13 +48,7 @@ NAMES = ["c0", "c1", "c2"]
 
 def _history(state: Path) -> list[tuple[int, int, int]]:
     """(round, sampled, accepted) of every stored round."""
-    store = CheckpointStore(state)
-    try:
-        checkpoint = store.load()
-    finally:
-        store.close()
-    assert checkpoint is not None
-    return [(r.round, r.clients_sampled, r.clients_completed) for r in checkpoint.history]
+    return [(r.round, r.clients_sampled, r.clients_completed) for r in stored_run(state).history]
 
 
 def _tail(path: Path) -> str:

@@ -15,7 +15,6 @@ from fedforge.config import load_config
 from fedforge.core.errors import ConfigError
 from fedforge.net.keys import add_client
 from fedforge.net.server import run_server
-from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
     fedforge,
     free_port,
@@ -23,6 +22,7 @@ from tests.net.helpers import (
     start_client,
     start_server,
     stop_all,
+    stored_run,
     wait_for,
     write_config,
 )
@@ -33,12 +33,7 @@ DP_SGD = '[privacy]\nmode = "sample"\nnoise_multiplier = 1.0\n'
 
 def _stored(state: Path) -> tuple[int, list[float]]:
     """(the last stored round, the largest DP-SGD epsilon a site reported in each round)."""
-    store = CheckpointStore(state)
-    try:
-        checkpoint = store.load()
-    finally:
-        store.close()
-    assert checkpoint is not None
+    checkpoint = stored_run(state)
     epsilons = [r.metrics["dp_sgd.epsilon.max"] for r in checkpoint.history[1:]]
     return checkpoint.state.round, epsilons
 

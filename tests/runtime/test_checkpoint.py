@@ -126,7 +126,7 @@ def test_a_modified_checkpoint_or_record_is_refused_not_only_a_corrupted_one(
     with store.db:
         store.db.execute("UPDATE rounds SET record = replace(record, '0.5', '0.9') WHERE round = 1")
     store.close()
-    with pytest.raises(FedforgeError, match="record of round 1 .* fails its HMAC: it was modified"):
+    with pytest.raises(FedforgeError, match=r"round 1 .* fails its HMAC: it was modified"):
         _resume(tmp_path)
     # Without its key, a keyed run cannot be authenticated: refused, not re-keyed.
     _three_rounds(tmp_path / "other")

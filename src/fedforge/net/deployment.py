@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import tomllib
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import ConfigError
 from fedforge.report.history import History
+from fedforge.report.trackers import flat_config
 from fedforge.runtime.checkpoint import CheckpointStore
 
 log = logging.getLogger("fedforge")
@@ -65,17 +65,6 @@ def partition_problem(
     )
 
 
-def flatten(raw: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_change_problem(stored_toml: str, config: RunConfig, completed: int) -> str | None:
     """Why ``config`` cannot resume the run configured by ``stored_toml`` (None when it can).
 
@@ -86,15 +75,15 @@ def config_change_problem(stored_toml: str, config: RunConfig, completed: int) -
         stored = RunConfig.model_validate(tomllib.loads(stored_toml))
     except (tomllib.TOMLDecodeError, ValueError) as exc:
         raise ConfigError(f"the stored configuration of the run is unreadable: {exc}") from None
-    before = flatten(stored.model_dump(mode="json"))
-    after = flatten(config.model_dump(mode="json"))
+    before = flat_config(stored.model_dump(mode="json"))
+    after = flat_config(config.model_dump(mode="json"))
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     refused = [k for k in changed if k != ROUNDS and not k.startswith(OPERATIONAL_SECTIONS)]
     if refused:
         key = refused[0]
         more = f" (and {len(refused) - 1} more: {', '.join(refused[1:])})" if refused[1:] else ""
         return (
-            f"{key} = {after.get(key)!r} differs from the run's {before.get(key)!r}{more}: a "
+            f"{key} = {after.get(key)} differs from the run's {before.get(key)}{more}: a "
             "run's configuration is fixed (only [deploy], [runtime] and server.rounds may "
             "change); restore it, or start a new run in another deploy.state_dir or with "
             "--new-run"
