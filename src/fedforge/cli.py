@@ -539,8 +539,14 @@ def server(
     dashboard_port: DashboardPort = DEFAULT_PORT,
 ) -> None:
     """Serve a federated run over gRPC (mutual TLS); resumes from deploy.state_dir."""
+    import os
+    import sqlite3
+
     from fedforge.config import load_config
 
+    # gRPC's own log would write a line for every failed TLS handshake (anyone can cause
+    # them); GRPC_VERBOSITY=INFO shows them.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     _setup_logging()
     try:
         cfg = load_config(config, set_)
@@ -567,7 +573,7 @@ def server(
             client_names=client,
             allow_remote_insecure=allow_remote_insecure,
         )
-    except (FedforgeError, OSError) as exc:
+    except (FedforgeError, OSError, sqlite3.Error) as exc:  # (a full disk: one line)
         raise _fail(exc) from None
     finally:
         if board is not None:
