@@ -23,6 +23,11 @@ from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.runtime.checkpoint import Checkpoint, CheckpointStore
 
+# How much longer than on a quiet machine the tests wait for a process or an event before
+# they fail (on a loaded machine a process can take a minute to import torch): generous
+# deadlines cost nothing when things work.
+PATIENCE = 3
+
 BASE_CONFIG = """
 seed = 3
 [data]
@@ -85,7 +90,7 @@ def write_config(
     min_completed: int = 1,
     max_retries: int = 3,
     linger: float = 0,
-    heartbeat: float = 1.0,
+    heartbeat: float = 2.0,
     deploy_extra: str = "",
     server_extra: str = "",
     extra: str = "",
@@ -158,7 +163,7 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
         p.wait(timeout=10)
 
 
-def wait_for_port(port: int, timeout: float = 60) -> None:
+def wait_for_port(port: int, timeout: float = 60 * PATIENCE) -> None:
     def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()

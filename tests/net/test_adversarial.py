@@ -23,6 +23,7 @@ from fedforge.net.server import size_cap
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
+    PATIENCE,
     CraftedClient,
     channel,
     free_port,
@@ -33,7 +34,7 @@ from tests.net.helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(PATIENCE * 300)
 
 
 def _zero_update(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -121,7 +122,8 @@ def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) ->
         clients=len(names),
         min_clients=len(names),
         server_extra='sampler = "poisson"\nsampling_rate = 1.0',  # every client, honest too
-        timeout=6,
+        timeout=10,
+        heartbeat=1.5,  # mute is cut off (after 3.75 s of silence) before the deadline
     )
     overclaim_id = names.index("overclaim")
     data = build_dataset(load_config(cfg))
@@ -150,9 +152,11 @@ def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) ->
         threads = [threading.Thread(target=act, args=(n,)) for n in BEHAVIOURS]
         for t in threads:
             t.start()
-        assert server.wait(timeout=120) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        assert server.wait(timeout=120 * PATIENCE) == 0, (tmp_path / "server.log").read_text()[
+            -3000:
+        ]
         for t in threads:
-            t.join(timeout=30)
+            t.join(timeout=30 * PATIENCE)
     finally:
         stop_all([server, honest_client])
     store = CheckpointStore(tmp_path / "state")

@@ -20,6 +20,7 @@ from fedforge.net.keys import ServerCredentials, add_client
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from tests.net.helpers import (
+    PATIENCE,
     fedforge,
     free_port,
     make_keys,
@@ -28,7 +29,7 @@ from tests.net.helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(PATIENCE * 300)
 HUGE = 2 << 30  # what the compromised server announces: 2 GiB
 
 
@@ -70,7 +71,7 @@ class HostileServer(pb_grpc.FederationServicer):
         )
         task = pb.TaskChunk(stage=FIT, seed=bytes(16), chunk=chunk, task_id=b"t" * 16)
         yield pb.ServerMessage(envelope=envelope, task=task)
-        self.reported.wait(timeout=60)
+        self.reported.wait(timeout=60 * PATIENCE)
         yield pb.ServerMessage(envelope=envelope, run_complete=pb.RunComplete(rounds=1))
 
 
@@ -104,7 +105,7 @@ def test_a_site_bounds_what_a_server_announces_and_explains_unusable_credentials
         ),
     ]
     try:
-        codes = [p.wait(timeout=120) for p in procs]
+        codes = [p.wait(timeout=120 * PATIENCE) for p in procs]
     finally:
         stop_all(procs)
         server.stop(grace=None)

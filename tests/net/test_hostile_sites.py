@@ -20,6 +20,7 @@ from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import INVALID_LIMIT, PROTOCOL_VERSION
 from tests.net.helpers import (
+    PATIENCE,
     CraftedClient,
     free_port,
     make_keys,
@@ -31,7 +32,7 @@ from tests.net.helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(PATIENCE * 300)
 # A model of ~150 KB: more than a stream's initial flow-control window (64 KiB), so a task
 # cannot reach a client that does not read its stream.
 WIDE = ("hidden = [32]", "hidden = [512]")
@@ -113,7 +114,7 @@ def test_a_zombie_a_twin_and_a_flooding_liar_cannot_stall_or_blind_the_run(
         for _ in range(20_000):
             liar.out.put(_stale_chunk(liar, round_number))
         threading.Thread(target=liar.drain, daemon=True).start()
-        assert server.wait(timeout=180) == 0, server_log.read_text()[-3000:]
+        assert server.wait(timeout=180 * PATIENCE) == 0, server_log.read_text()[-3000:]
     finally:
         if zombie is not None:
             zombie.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import queue
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from fedforge.net.keys import (
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from tests.net.helpers import (
+    PATIENCE,
     CraftedClient,
     FreezableProxy,
     channel,
@@ -42,7 +42,7 @@ from tests.net.helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(PATIENCE * 300)
 NAMES = ["c0", "c1", "c2"]
 
 
@@ -91,7 +91,7 @@ def test_a_claimed_size_never_raises_a_sites_cap(tmp_path: Path) -> None:
         update = {k: np.full_like(v, 5.0) for k, v in params.items()}
         liar.send_result(round_number, list(split_payload(encode_params(update))), 10_000_000)
         liar.drain()
-        assert server.wait(timeout=120) == 0, _tail(tmp_path / "server.log")
+        assert server.wait(timeout=120 * PATIENCE) == 0, _tail(tmp_path / "server.log")
     finally:
         stop_all(procs)
     log = (tmp_path / "server.log").read_text()
@@ -143,19 +143,19 @@ def test_silent_and_revoked_streams_do_not_lock_sites_out(tmp_path: Path) -> Non
         wait_for_port(port)
         revoked = [silent_stream("mallory") for _ in range(40)]
         eves = [silent_stream("eve") for _ in range(3)]
-        started = time.monotonic()
         clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES]
-        assert server.wait(timeout=90) == 0, _tail(tmp_path / "server.log")
-        took = time.monotonic() - started
+        assert server.wait(timeout=90 * PATIENCE) == 0, _tail(tmp_path / "server.log")
         assert all(refusal(s) == grpc.StatusCode.PERMISSION_DENIED for s in revoked)
         codes = sorted(refusal(s).name for s in eves)
         # Two may wait for their Hello (then are cancelled), a third is refused at once.
         assert codes == ["CANCELLED", "CANCELLED", "RESOURCE_EXHAUSTED"]
-        assert took < 60
     finally:
         for q in held:
             q.put(None)
         stop_all([server, *clients])
+    # The sites joined at once: none was ever refused for want of a server thread.
+    for name in NAMES:
+        assert "RESOURCE_EXHAUSTED" not in (tmp_path / f"{name}.log").read_text()
     log = (tmp_path / "server.log").read_text()
     assert "refused revoked certificate of 'mallory' from ipv4:127.0.0.1" in log
     assert log.count("refused revoked certificate") == 1  # 40 refusals, one line a minute
@@ -172,11 +172,11 @@ def test_a_restarted_site_replaces_its_hung_session(tmp_path: Path) -> None:
     clients = {n: start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES}
     restarted = None
     try:
-        wait_for(lambda: log_has(tmp_path / "server.log", "round 1:"), 90, "round 1")
+        wait_for(lambda: log_has(tmp_path / "server.log", "round 1:"), 90 * PATIENCE, "round 1")
         clients["c2"].send_signal(signal.SIGSTOP)
         restarted = start_client(port, keys / "c2", tmp_path / "c2-again.log")
-        assert server.wait(timeout=120) == 0, _tail(tmp_path / "server.log")
-        assert restarted.wait(timeout=30) == 0, _tail(tmp_path / "c2-again.log")
+        assert server.wait(timeout=120 * PATIENCE) == 0, _tail(tmp_path / "server.log")
+        assert restarted.wait(timeout=30 * PATIENCE) == 0, _tail(tmp_path / "c2-again.log")
     finally:
         clients["c2"].send_signal(signal.SIGCONT)
         stop_all([server, *clients.values(), *([restarted] if restarted else [])])
@@ -205,22 +205,28 @@ def test_a_partitioned_site_is_dropped_within_heartbeats_and_waited_for(tmp_path
         timeout=60,
         min_completed=3,
         max_retries=1,
-        heartbeat=1.0,
+        heartbeat=2.0,
     )
     server = start_server(cfg, tmp_path / "server.log")
     clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES[:2]]
     clients.append(start_client(proxy.port, keys / "c2", tmp_path / "c2.log"))
     server_log = tmp_path / "server.log"
     try:
-        wait_for(lambda: log_has(server_log, "client c2 (id 2) connected"), 90, "c2")
-        wait_for(lambda: log_has(server_log, "round 1: 3 sampled, 3 accepted"), 90, "round 1")
+        wait_for(lambda: log_has(server_log, "client c2 (id 2) connected"), 90 * PATIENCE, "c2")
+        wait_for(
+            lambda: log_has(server_log, "round 1: 3 sampled, 3 accepted"), 90 * PATIENCE, "round 1"
+        )
         proxy.freeze()
-        wait_for(lambda: log_has(server_log, "client c2 sent nothing for"), 10, "detection")
-        wait_for(lambda: log_has(server_log, "waiting up to 60 s"), 30, "the server to wait")
+        wait_for(
+            lambda: log_has(server_log, "client c2 sent nothing for"), 10 * PATIENCE, "detection"
+        )
+        wait_for(
+            lambda: log_has(server_log, "waiting up to 60 s"), 30 * PATIENCE, "the server to wait"
+        )
         assert server.poll() is None  # waiting for its site, not giving up
         proxy.thaw()
-        assert server.wait(timeout=90) == 0, _tail(server_log)
-        assert clients[2].wait(timeout=30) == 0, _tail(tmp_path / "c2.log")
+        assert server.wait(timeout=90 * PATIENCE) == 0, _tail(server_log)
+        assert clients[2].wait(timeout=30 * PATIENCE) == 0, _tail(tmp_path / "c2.log")
     finally:
         proxy.close()
         stop_all([server, *clients])
@@ -238,10 +244,14 @@ def test_rounds_start_with_the_sites_there_and_late_sites_learn_the_run_ended(
     server = start_server(cfg, tmp_path / "server.log")
     clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES[:2]]
     try:
-        wait_for(lambda: log_has(tmp_path / "server.log", "answering late clients"), 120, "the run")
+        wait_for(
+            lambda: log_has(tmp_path / "server.log", "answering late clients"),
+            120 * PATIENCE,
+            "the run",
+        )
         late = start_client(port, keys / "c2", tmp_path / "c2.log")
         clients.append(late)
-        assert late.wait(timeout=60) == 0, _tail(tmp_path / "c2.log")
+        assert late.wait(timeout=60 * PATIENCE) == 0, _tail(tmp_path / "c2.log")
     finally:
         stop_all([server, *clients])
     assert "run complete after 2 rounds" in (tmp_path / "c2.log").read_text()
@@ -253,7 +263,10 @@ def test_rounds_start_with_the_sites_there_and_late_sites_learn_the_run_ended(
 def test_sites_make_their_own_keys_and_a_revocation_needs_no_restart(tmp_path: Path) -> None:
     # Each site makes its key and a signing request; the coordinator signs the requests.
     keys = tmp_path / "keys"
-    assert fedforge(["keys", "init", str(keys)], tmp_path / "keys.log").wait(timeout=60) == 0
+    assert (
+        fedforge(["keys", "init", str(keys)], tmp_path / "keys.log").wait(timeout=60 * PATIENCE)
+        == 0
+    )
     for name in NAMES[:2]:  # what the commands below run
         site = tmp_path / "sites" / name
         sign_request(keys, request_certificate(name, site), site)
@@ -263,7 +276,7 @@ def test_sites_make_their_own_keys_and_a_revocation_needs_no_restart(tmp_path: P
         ["keys", "sign", str(site / "client.csr"), "--keys", str(keys)],
     ]
     for step in steps:
-        assert fedforge(step, tmp_path / "keys.log").wait(timeout=60) == 0, _tail(
+        assert fedforge(step, tmp_path / "keys.log").wait(timeout=60 * PATIENCE) == 0, _tail(
             tmp_path / "keys.log"
         )
     assert sorted(p.name for p in keys.rglob("*.key")) == ["ca.key", "server.key"]
@@ -274,14 +287,14 @@ def test_sites_make_their_own_keys_and_a_revocation_needs_no_restart(tmp_path: P
     sites = tmp_path / "sites"
     clients = {n: start_client(port, sites / n, tmp_path / f"{n}.log") for n in NAMES}
     try:
-        wait_for(lambda: log_has(tmp_path / "server.log", "round 2:"), 120, "round 2")
+        wait_for(lambda: log_has(tmp_path / "server.log", "round 2:"), 120 * PATIENCE, "round 2")
         revoke_client(keys, "c2")
         wait_for(
             lambda: log_has(tmp_path / "server.log", "client c2: its certificate was revoked"),
-            20,
+            20 * PATIENCE,
             "the revocation",
         )
-        assert clients["c2"].wait(timeout=60) == 1  # refused when it reconnects
+        assert clients["c2"].wait(timeout=60 * PATIENCE) == 1  # refused when it reconnects
         assert server.poll() is None
     finally:
         stop_all([server, *clients.values()])
@@ -295,7 +308,7 @@ def test_operator_mistakes_get_clear_refusals(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, keys, port, rounds=1, clients=1)
     cfg.write_text(cfg.read_text().replace("127.0.0.1:", "0.0.0.0:"))
     insecure = fedforge(["server", str(cfg), "--insecure", "--client", "a"], tmp_path / "i.log")
-    assert insecure.wait(timeout=60) == 1
+    assert insecure.wait(timeout=60 * PATIENCE) == 1
     assert "--insecure refuses to listen on 0.0.0.0" in (tmp_path / "i.log").read_text()
     # A client certificate from another CA (the server would refuse it in the handshake).
     foreign = tmp_path / "foreign"
@@ -303,7 +316,7 @@ def test_operator_mistakes_get_clear_refusals(tmp_path: Path) -> None:
     add_client(foreign, "a", foreign / "a")
     (foreign / "a" / "ca.crt").write_bytes((keys / "ca.crt").read_bytes())
     client = start_client(port, foreign / "a", tmp_path / "c.log")
-    assert client.wait(timeout=60) == 1
+    assert client.wait(timeout=60 * PATIENCE) == 1
     assert "the server will not accept this certificate" in (tmp_path / "c.log").read_text()
     # A state directory with checkpoints but no run database is not started over.
     cfg = write_config(tmp_path, keys, port, rounds=1, clients=1)
@@ -311,5 +324,5 @@ def test_operator_mistakes_get_clear_refusals(tmp_path: Path) -> None:
     state.mkdir()
     (state / "round_000003.safetensors").write_bytes(b"left over")
     server = start_server(cfg, tmp_path / "s.log")
-    assert server.wait(timeout=60) == 1
+    assert server.wait(timeout=60 * PATIENCE) == 1
     assert "but no run to resume" in (tmp_path / "s.log").read_text()

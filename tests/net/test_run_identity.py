@@ -16,6 +16,7 @@ from fedforge.core.errors import ConfigError
 from fedforge.net.keys import add_client
 from fedforge.net.server import run_server
 from tests.net.helpers import (
+    PATIENCE,
     fedforge,
     free_port,
     make_keys,
@@ -27,7 +28,7 @@ from tests.net.helpers import (
     write_config,
 )
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(PATIENCE * 300)
 DP_SGD = '[privacy]\nmode = "sample"\nnoise_multiplier = 1.0\n'
 
 
@@ -50,9 +51,9 @@ def test_a_new_site_and_a_full_disk_leave_ids_privacy_and_state_intact(tmp_path:
     try:
         # Round 1 is stored; then no file may grow beyond 100 KB (a checkpoint is ~150 KB):
         # the disk is full for the next checkpoint.
-        wait_for(lambda: (state / "round_000001.safetensors").exists(), 120, "round 1")
+        wait_for(lambda: (state / "round_000001.safetensors").exists(), 120 * PATIENCE, "round 1")
         resource.prlimit(server.pid, resource.RLIMIT_FSIZE, (100_000, 100_000))
-        assert server.wait(timeout=120) == 1
+        assert server.wait(timeout=120 * PATIENCE) == 1
         log = logs["server"].read_text()
         assert "Traceback" not in log
         assert len(re.findall(r"error: cannot save the checkpoint of round \d", log)) == 1, log
@@ -64,7 +65,7 @@ def test_a_new_site_and_a_full_disk_leave_ids_privacy_and_state_intact(tmp_path:
         longer = ["--set", "server.rounds=4", "--set", "deploy.min_clients=3"]
         again = fedforge(["server", str(cfg), *longer], logs["again"])
         procs += [again, start_client(port, keys / "aaron", tmp_path / "aaron.log")]
-        assert again.wait(timeout=120) == 0, logs["again"].read_text()[-3000:]
+        assert again.wait(timeout=120 * PATIENCE) == 0, logs["again"].read_text()[-3000:]
     finally:
         stop_all(procs)
     log = logs["again"].read_text()
