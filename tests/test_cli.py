@@ -312,16 +312,23 @@ def test_configuration_errors_print_one_line_each_with_the_fix_verbatim(
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "never"
-    args = ["run", "--set", "runtime.backend=ray", "--set", "runtime.device=cuda"]
-    result = CliRunner().invoke(app, [*args, "--out", str(out)])
-    assert result.exit_code == 2 and not out.exists()
-    assert result.output.splitlines() == [
-        "error: invalid configuration:",
-        "  runtime.backend: 'ray' needs Ray, which is not installed; "
-        "pip install 'fedforge[ray]' or pick another backend",
-        "  runtime.device: 'cuda' needs CUDA, which is not available on this machine; "
-        "use 'cpu' or leave it unset",
-    ]
+    # (runtime.device applies to the vectorized backend only: one run each)
+    for sets, line in (
+        (
+            ["runtime.backend=ray"],
+            "  runtime.backend: 'ray' needs Ray, which is not installed; "
+            "pip install 'fedforge[ray]' or pick another backend",
+        ),
+        (
+            ["runtime.backend=vectorized", "runtime.device=cuda"],
+            "  runtime.device: 'cuda' needs CUDA, which is not available on this machine; "
+            "use 'cpu' or leave it unset",
+        ),
+    ):
+        args = ["run", *(arg for s in sets for arg in ("--set", s))]
+        result = CliRunner().invoke(app, [*args, "--out", str(out)])
+        assert result.exit_code == 2 and not out.exists()
+        assert result.output.splitlines() == ["error: invalid configuration:", line]
 
 
 def test_fedbuff_without_the_clock_is_refused_before_a_run_directory_exists(

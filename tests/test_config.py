@@ -192,3 +192,135 @@ def test_non_iid_algorithm_keys() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, bad)
+
+
+FEDBUFF = ["clock.enabled=true", "asynchronous.mode=fedbuff", "asynchronous.concurrency=20"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        # FedBuff: normalizers the staleness discount would scale; ignored stragglers, sampler
+        ([*FEDBUFF, "algorithm.name=fednova"], "algorithm.name"),
+        ([*FEDBUFF, "algorithm.name=qfedavg"], "algorithm.name"),
+        ([*FEDBUFF, "algorithm.stragglers=0.5"], "algorithm.stragglers"),
+        ([*FEDBUFF, "server.sampler=poisson"], "server.sampler"),
+        ([*FEDBUFF, "server.clients_per_round=5"], "server.clients_per_round"),
+        # algorithm-specific keys under another algorithm
+        (["algorithm.mu=0.5"], "algorithm.mu"),
+        (["algorithm.q=2.0"], "algorithm.q"),
+        (["algorithm.name=fedprox", "algorithm.lam=0.5"], "algorithm.lam"),
+        (["algorithm.head_layers=2"], "algorithm.head_layers"),
+        (["algorithm.drop_stragglers=true"], "algorithm.drop_stragglers"),
+        # records the aggregation would break
+        (["algorithm.name=scaffold", "aggregation.kind=median"], "aggregation.kind"),
+        (["algorithm.name=scaffold", "aggregation.kind=krum"], "aggregation.kind"),
+        (["algorithm.name=scaffold", "aggregation.kind=secure_sum"], "aggregation.kind"),
+        (["algorithm.name=fednova", "aggregation.kind=trimmed_mean"], "aggregation.kind"),
+        # the sampler and the server optimizer
+        (["server.sampling_rate=0.3"], "server.sampling_rate"),
+        (["server.sampler=poisson", "server.clients_per_round=5"], "server.clients_per_round"),
+        (["server.optimizer=adam", "server.momentum=0.9"], "server.momentum"),
+        (["server.optimizer=adagrad", "server.beta2=0.9"], "server.beta2"),
+        (["server.tau=0.1"], "server.tau"),
+        # update stages
+        (["update.codec=float16", "update.codec_block=64"], "update.codec_block"),
+        (["update.codec=q8", "update.topk_fraction=0.1"], "update.topk_fraction"),
+        (["update.error_feedback=true"], "update.error_feedback"),
+        # privacy
+        (["privacy.noise_multiplier=1.0"], "privacy.noise_multiplier"),
+        (
+            ["privacy.mode=central", "privacy.noise_multiplier=1", "privacy.target_quantile=0.7"],
+            "privacy.target_quantile",
+        ),
+        (
+            ["privacy.mode=central", "privacy.noise_multiplier=1", "privacy.weight_cap=50"],
+            "privacy.weight_cap",
+        ),
+        (
+            [
+                "privacy.mode=distributed",
+                "privacy.noise_multiplier=1",
+                "aggregation.kind=secure_sum",
+                "privacy.accountant=rdp",
+            ],
+            "privacy.accountant",
+        ),
+        # aggregation keys of another kind, secure aggregation without it
+        (["aggregation.kind=median", "aggregation.byzantine=1"], "aggregation.byzantine"),
+        (["aggregation.kind=krum", "aggregation.trim=0.2"], "aggregation.trim"),
+        (["aggregation.kind=krum", "aggregation.multi_krum=3"], "aggregation.multi_krum"),
+        (["aggregation.max_norm=2.0"], "aggregation.max_norm"),
+        (["aggregation.kind=median", "aggregation.tau=2.0"], "aggregation.tau"),
+        (["secagg.ring_bits=64"], "secagg.ring_bits"),
+        # federated evaluation off
+        (["evaluation.holdout=0.3"], "evaluation.holdout"),
+        (["evaluation.every=2"], "evaluation.every"),
+        # attacks
+        (["attack.scale=5.0"], "attack.scale"),
+        (["attack.overclaim=3.0"], "attack.overclaim"),
+        (["attack.kind=sign_flip", "attack.std=2.0"], "attack.std"),
+        (["attack.kind=label_flip", "attack.target_label=3"], "attack.target_label"),
+        # the clock's device keys
+        (["clock.enabled=true", "clock.online_fraction=0.3"], "clock.online_fraction"),
+        (["clock.enabled=true", "clock.availability=diurnal", "clock.slot_s=60"], "clock.slot_s"),
+        (
+            ["clock.enabled=true", "clock.availability=random", "clock.period_s=60"],
+            "clock.period_s",
+        ),
+        (
+            ["clock.enabled=true", "clock.trace='d.csv'", "clock.speed_median=2"],
+            "clock.speed_median",
+        ),
+        # data, partition, model, runtime
+        (["data.alpha=0.5"], "data.alpha"),
+        (["partition.scheme=iid", "partition.alpha=0.1"], "partition.alpha"),
+        (["partition.shards_per_client=3"], "partition.shards_per_client"),
+        (["partition.exponent=2.0"], "partition.exponent"),
+        (
+            ["data.dataset=synthetic", "partition.scheme=natural", "partition.num_clients=50"],
+            "partition.num_clients",
+        ),
+        (["model.name=logistic", "model.hidden=[10]"], "model.hidden"),
+        (["runtime.backend=sequential", "runtime.num_workers=4"], "runtime.num_workers"),
+        (["runtime.backend=workers", "runtime.memory_budget_mb=64"], "runtime.memory_budget_mb"),
+        (["runtime.ray_address='auto'"], "runtime.ray_address"),
+    ],
+)
+def test_a_setting_that_would_be_ignored_is_refused_naming_its_key(
+    overrides: list[str], key: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = str(info.value)
+    assert _is_short(message), message
+    assert message.splitlines()[1].strip().startswith(key) or f"this {key}" in message, message
+
+
+def test_the_same_keys_load_where_they_apply() -> None:
+    for overrides in (
+        ["algorithm.name=fedprox", "algorithm.mu=0.5"],
+        ["algorithm.name=fedrep", "algorithm.head_layers=2", "algorithm.head_epochs=2"],
+        ["algorithm.stragglers=0.5", "algorithm.drop_stragglers=true"],
+        ["algorithm.name=fednova", "aggregation.kind=krum", "aggregation.byzantine=2"],
+        ["server.sampler=poisson", "server.sampling_rate=0.3"],
+        ["update.codec=q4", "update.codec_block=64", "update.error_feedback=true"],
+        [
+            "privacy.mode=central",
+            "privacy.noise_multiplier=1",
+            "privacy.weighting=capped",
+            "privacy.weight_cap=50",
+        ],
+        ["evaluation.fraction=0.5", "evaluation.holdout=0.3", "evaluation.every=2"],
+        ["attack.kind=backdoor", "attack.target_label=3", "attack.overclaim=2.0"],
+        ["clock.enabled=true", "clock.availability=random", "clock.slot_s=60"],
+        ["runtime.backend=auto", "runtime.num_workers=4", "runtime.memory_budget_mb=64"],
+        # FedBuff draws no rounds: the default clients_per_round may exceed the clients
+        [
+            "partition.num_clients=3",
+            *FEDBUFF[:2],
+            "asynchronous.buffer=2",
+            "asynchronous.concurrency=3",
+        ],
+    ):
+        load_config(None, overrides)

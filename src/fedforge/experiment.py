@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from fedforge.attacks.configure import plan_attack
 from fedforge.compress.codecs import BFloat16, Codec, Float16, StochasticQuantizer, TopK
 from fedforge.compress.rotation import Rotated
 from fedforge.config import RunConfig
+from fedforge.config.checks import clients_drawn
 from fedforge.core.errors import ConfigError
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data import partition as part
@@ -214,11 +214,13 @@ def build_sampler(config: RunConfig) -> Sampler:
     if s.sampler == "poisson":
         return PoissonSampler(s.sampling_rate)
     # over-selection: the clock keeps the first clients_per_round to finish
-    return UniformSampler(math.ceil(config.clock.over_selection * s.clients_per_round))
+    return UniformSampler(clients_drawn(config))
 
 
 def build_clock(config: RunConfig, num_clients: int) -> ClockSpec | None:
-    """The simulated devices and the synchronous rounds' deadline and over-selection."""
+    """The simulated devices and the synchronous rounds' deadline and over-selection. Under
+    central DP with partial availability every round lasts the deadline (fixed-length
+    rounds), so who is online does not depend on who took part before."""
     c = config.clock
     if not c.enabled:
         return None
@@ -240,7 +242,10 @@ def build_clock(config: RunConfig, num_clients: int) -> ClockSpec | None:
             period_seconds=c.period_s,
         )
     keep = config.server.clients_per_round if c.over_selection > 1 else None
-    return ClockSpec(devices, c.deadline_s, keep)
+    fixed = (
+        config.privacy.mode == "central" and c.deadline_s is not None and not devices.always_online
+    )
+    return ClockSpec(devices, c.deadline_s, keep, fixed_rounds=fixed)
 
 
 def build_fedbuff(config: RunConfig) -> FedBuff | None:
@@ -306,7 +311,7 @@ def simulate_config(
         attack.data,
         build_algorithm(config),
         rounds=config.server.rounds,
-        sampler=build_sampler(config),
+        sampler=build_sampler(config) if config.asynchronous.mode == "off" else None,
         seed=config.seed,
         backend=backend or config.runtime.backend,
         options=backend_options(config),

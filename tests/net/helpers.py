@@ -45,7 +45,7 @@ batch_size = 16
 lr = 0.1
 [server]
 rounds = {rounds}
-clients_per_round = {per_round}
+{per_round}
 {server_extra}
 [deploy]
 address = "127.0.0.1:{port}"
@@ -84,6 +84,7 @@ def write_config(
     rounds: int = 3,
     clients: int = 3,
     per_round: int | None = None,
+    uniform: bool = True,
     min_clients: int | None = None,
     epochs: int = 1,
     timeout: float = 30,
@@ -96,14 +97,16 @@ def write_config(
     extra: str = "",
 ) -> Path:
     """A run configuration; ``server_extra`` and ``deploy_extra`` add keys to ``[server]`` and
-    ``[deploy]``, and ``extra`` appends TOML sections (e.g. ``[algorithm]``)."""
+    ``[deploy]``, and ``extra`` appends TOML sections (e.g. ``[algorithm]``). ``uniform``
+    False: the rounds draw no fixed number of clients (Poisson sampling, FedBuff), so
+    ``clients_per_round`` is not written."""
     path = root / f"{state}.toml"
     path.write_text(
         BASE_CONFIG.format(
             num_clients=clients,
             epochs=epochs,
             rounds=rounds,
-            per_round=per_round or clients,
+            per_round=f"clients_per_round = {per_round or clients}" if uniform else "",
             port=port,
             keys=keys,
             state=root / state,

@@ -122,6 +122,7 @@ def test_malformed_replayed_and_inflated_results_are_rejected(tmp_path: Path) ->
         clients=len(names),
         min_clients=len(names),
         server_extra='sampler = "poisson"\nsampling_rate = 1.0',  # every client, honest too
+        uniform=False,
         timeout=10,
         heartbeat=1.5,  # mute is cut off (after 3.75 s of silence) before the deadline
     )

@@ -345,7 +345,9 @@ def test_fedbuff_over_the_network_does_not_wait_for_a_frozen_client(tmp_path: Pa
     keys = make_keys(tmp_path, NAMES)
     port = free_port()
     fedbuff = '[asynchronous]\nmode = "fedbuff"\nbuffer = 2\nconcurrency = 3\n'
-    cfg = write_config(tmp_path, keys, port, rounds=40, epochs=4, heartbeat=5.0, extra=fedbuff)
+    cfg = write_config(
+        tmp_path, keys, port, rounds=40, epochs=4, heartbeat=5.0, extra=fedbuff, uniform=False
+    )
     server_log, c2_log = tmp_path / "server.log", tmp_path / "c2.log"
     server = start_server(cfg, server_log)
     clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES]

@@ -226,3 +226,55 @@ def test_a_resumed_fedbuff_run_continues_its_clock_and_history(small_federated, 
     times = [r.metrics["clock.time"] for r in h[1:]]
     assert times == sorted(times) and times[2] == first.history[-1].metrics["clock.time"]
     assert resumed.state.round == 6
+
+
+def test_fedbuff_refuses_what_the_configuration_refuses(small_federated) -> None:  # type: ignore[no-untyped-def]
+    """FedNova and q-FedAvg carry a normalizer the staleness discount would scale (FedNova's
+    twice); stragglers, differential privacy and a sampler would be silently ignored."""
+    from fedforge.algorithms.fednova import FedNova
+    from fedforge.algorithms.qfedavg import QFedAvg
+    from fedforge.privacy.dp_sgd import SampleDP
+    from fedforge.runtime.sampling import UniformSampler
+    from fedforge.runtime.stragglers import Stragglers
+    from fedforge.stages.clip import FixedClip
+    from fedforge.stages.dp_noise import LocalGaussian
+
+    devices = Devices(np.ones(10), np.ones(10), np.ones(10))
+    common = {"rounds": 1, "clock": ClockSpec(devices), "fedbuff": FedBuff(2, 4)}
+    cases = [
+        ({"algorithm": FedNova(local=LOCAL)}, "normalizer"),
+        ({"algorithm": QFedAvg(local=LOCAL)}, "normalizer"),
+        ({"stragglers": Stragglers(0.5, 1)}, "stragglers"),
+        ({"stages": [FixedClip(1.0, report_clipped=False), LocalGaussian(1.0, 1e-5)]}, "privacy"),
+        ({"sample_dp": SampleDP(1.0, 1.0, 1e-5)}, "DP-SGD"),
+        ({"sampler": UniformSampler(4)}, "pass no sampler"),
+    ]
+    for kwargs, reason in cases:
+        with pytest.raises(ConfigError, match=reason):
+            simulate(small_mlp(), small_federated, **common, **kwargs)  # type: ignore[arg-type]
+
+
+def test_fedbuff_progress_counts_the_buffer() -> None:
+    """The progress column counts the results in the buffer of the K an update waits for."""
+    import io
+
+    from rich.console import Console
+
+    from fedforge.report.listeners import ListenerGroup
+    from fedforge.report.progress import ProgressListener
+    from tests.report.test_progress import Columns
+
+    data = _federation(6)
+    devices = _devices(data, [1.0, 1.3, 1.7, 2.2, 2.9, 3.1])
+    progress = ProgressListener(ProgressListener.make_progress(Console(file=io.StringIO())), 4)
+    columns = Columns(progress)
+    simulate(
+        small_mlp(),
+        data,
+        FedAvg(local=LOCAL),
+        rounds=4,
+        clock=ClockSpec(devices),
+        fedbuff=FedBuff(buffer=3, concurrency=5),
+        listener=ListenerGroup([progress, columns]),
+    )
+    assert columns.seen == ["3/3"] * 4

@@ -9,7 +9,14 @@ from fedforge.algorithms.fedavg import FedAvg
 from fedforge.core.errors import ConfigError
 from fedforge.data.federated import FederatedDataset
 from fedforge.runtime.clock import ClockSpec, schedule_round
-from fedforge.runtime.devices import Devices, Diurnal, RandomOnOff, draw_devices, read_trace
+from fedforge.runtime.devices import (
+    Devices,
+    Diurnal,
+    Intervals,
+    RandomOnOff,
+    draw_devices,
+    read_trace,
+)
 from fedforge.runtime.driver import RoundListener
 from fedforge.runtime.simulation import simulate
 from fedforge.train.program import LocalSGD
@@ -141,6 +148,25 @@ def test_offline_clients_are_never_sampled(small_federated, tmp_path: Path) -> N
     )
     assert seen.clients and seen.clients <= {5, 6, 7, 8, 9}
     assert all(r.clients_sampled == 3 for r in result.history[1:])
+
+
+def test_a_round_with_nobody_online_lets_time_pass(small_federated) -> None:  # type: ignore[no-untyped-def]
+    """Everybody is offline until t = 150 s: the empty rounds last the availability's
+    resolution (60 s) instead of zero, so the clock reaches the clients."""
+    n = small_federated.num_clients
+    later = Intervals(np.arange(n), np.full(n, 150.0), np.full(n, 1e9), np.zeros(n, bool), 0.0)
+    devices = Devices(np.ones(n), np.full(n, 1e12), np.full(n, 1e12), later)
+    result = simulate(
+        small_mlp(),
+        small_federated,
+        FedAvg(local=LOCAL),
+        rounds=4,
+        clients_per_round=3,
+        clock=ClockSpec(devices),
+    )
+    h = result.history[1:]
+    assert [r.clients_sampled for r in h] == [0, 0, 0, 3]
+    assert [r.metrics["clock.seconds"] for r in h[:3]] == [60.0, 60.0, 60.0]
 
 
 def test_trace_errors_name_the_line(tmp_path: Path) -> None:

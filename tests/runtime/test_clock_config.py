@@ -24,6 +24,8 @@ SMALL = [
     "server.clients_per_round=5",
     "runtime.backend=sequential",
 ]
+# FedBuff has no clients per round (it dispatches up to asynchronous.concurrency)
+SMALL_ASYNC = [o for o in SMALL if not o.startswith("server.clients_per_round")]
 
 
 @pytest.mark.parametrize(
@@ -70,7 +72,7 @@ def test_fedbuff_in_simulation_needs_the_virtual_clock() -> None:
     cfg = load_config(
         None,
         [
-            *SMALL,
+            *SMALL_ASYNC,
             "asynchronous.mode=fedbuff",
             "asynchronous.concurrency=6",
             "asynchronous.buffer=3",
@@ -95,7 +97,7 @@ def test_fedbuff_runs_from_the_configuration() -> None:
     cfg = load_config(
         None,
         [
-            *SMALL,
+            *SMALL_ASYNC,
             "clock.enabled=true",
             "clock.availability='random'",
             "clock.online_fraction=0.5",

@@ -24,7 +24,7 @@ from fedforge.runtime.sequential import SequentialTransport
 from fedforge.runtime.simulation import simulate
 from fedforge.train.program import LocalSGD
 from fedforge.train.torch_model import TorchModel
-from tests.conftest import small_mlp
+from tests.conftest import make_blobs, small_mlp
 
 LOCAL = LocalSGD(lr=0.1, epochs=1, batch_size=8)
 
@@ -105,6 +105,23 @@ def test_federated_evaluation_is_a_second_exchange(small_federated) -> None:  # 
     )
     assert "fed_eval.accuracy" not in every_other.history[1].metrics
     assert every_other.history[2].metrics["fed_eval.clients"] == 10
+
+
+def test_federated_evaluation_asks_only_clients_with_held_out_data() -> None:
+    """A client with one example holds none out: it is never asked to evaluate (it would
+    fail), and the fraction is of the clients that can."""
+    train, test = make_blobs(61, seed=0), make_blobs(30, seed=1)
+    data = FederatedDataset(
+        train, test, [np.arange(20), np.arange(20, 40), np.arange(40, 60), np.array([60])]
+    )
+    data = data.with_holdout(0.25, np.random.default_rng(0))
+    assert [data.holdout_size(c) for c in range(4)] == [5, 5, 5, 0]
+    result = simulate(
+        small_mlp(), data, rounds=2, clients_per_round=4, federated_eval=FederatedEvaluation(1.0)
+    )
+    for record in result.history[1:]:
+        assert record.metrics["fed_eval.clients"] == 3
+        assert "fed_eval_failed" not in record.clients
 
 
 def test_simulate_restores_torch_threads(small_federated) -> None:  # type: ignore[no-untyped-def]
@@ -195,6 +212,31 @@ def test_scaffold_with_update_stages_is_refused(small_federated) -> None:  # typ
 
     with pytest.raises(ConfigError, match="Scaffold cannot run with update stages"):
         simulate(small_mlp(), small_federated, Scaffold(), stages=[FixedClip(1.0)])
+
+
+def test_normalized_records_refuse_aggregations_that_break_them(small_federated) -> None:  # type: ignore[no-untyped-def]
+    """SCAFFOLD needs every accepted control delta added (the mean); FedNova and q-FedAvg need
+    their normalizer combined with the update it normalizes (whole records)."""
+    from fedforge.aggregate.gather import RobustAggregation
+    from fedforge.algorithms.fednova import FedNova
+    from fedforge.algorithms.qfedavg import QFedAvg
+    from fedforge.algorithms.scaffold import Scaffold
+
+    refused = [
+        (Scaffold(local=LOCAL), CoordinateMedian(), "control variate"),
+        (Scaffold(local=LOCAL), RobustAggregation("krum", byzantine=1), "control variate"),
+        (Scaffold(local=LOCAL), RobustAggregation("geometric_median"), "control variate"),
+        (FedNova(local=LOCAL), CoordinateMedian(), "normalizer"),
+        (QFedAvg(local=LOCAL), RobustAggregation("norm_bound", max_norm=1.0), "normalizer"),
+    ]
+    for algorithm, aggregation, reason in refused:
+        with pytest.raises(ConfigError, match=reason):
+            simulate(small_mlp(), small_federated, algorithm, rounds=1, aggregation=aggregation)
+    krum = RobustAggregation("multi_krum", byzantine=1, multi=3)
+    result = simulate(
+        small_mlp(), small_federated, FedNova(local=LOCAL), rounds=1, aggregation=krum
+    )
+    assert result.history[-1].clients_completed == 10
 
 
 def test_batchnorm_models_train_on_sequential_and_workers(small_federated) -> None:  # type: ignore[no-untyped-def]

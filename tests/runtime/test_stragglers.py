@@ -7,6 +7,8 @@ from fedforge.algorithms.fednova import FedNova
 from fedforge.core.records import FIT, Task
 from fedforge.core.rng import RngStreams
 from fedforge.runtime.client_app import ClientApp
+from fedforge.runtime.clock import ClockSpec, VirtualClock
+from fedforge.runtime.devices import Devices
 from fedforge.runtime.simulation import simulate
 from fedforge.runtime.stragglers import Stragglers
 from fedforge.train.program import WORK_EPOCHS, LocalSGD
@@ -68,3 +70,52 @@ def test_rounds_record_stragglers_and_drops(small_federated) -> None:  # type: i
     for name, value in plain.state.params.items():
         np.testing.assert_array_equal(none.state.params[name], value)
         assert not np.allclose(partial.state.params[name], value)
+
+
+def test_the_clock_times_a_straggler_by_its_partial_work(small_federated) -> None:  # type: ignore[no-untyped-def]
+    """Full work (5 epochs) takes 10 simulated seconds on every device, one epoch 2: with a
+    2.5 s deadline exactly the stragglers that drew one epoch make it; everyone else,
+    full-work clients included, is too slow."""
+    local = LocalSGD(lr=0.1, epochs=5, batch_size=5)
+    n = small_federated.num_clients
+    full_steps = np.array([local.num_steps(small_federated.client_size(c)) for c in range(n)])
+    fast_link = np.full(n, 1e15)  # transfers take no time
+    devices = Devices(full_steps / 10.0, fast_link, fast_link)
+    plan, seed, rounds = Stragglers(0.5, 5), 3, 4
+    result = simulate(
+        small_mlp(),
+        small_federated,
+        FedAvg(local=local),
+        rounds=rounds,
+        clients_per_round=n,
+        seed=seed,
+        stragglers=plan,
+        clock=ClockSpec(devices, deadline=2.5),
+    )
+    kept_stragglers = 0
+    for record in result.history[1:]:
+        work, _ = plan.assign(tasks(record.round, n), RngStreams(seed))
+        one_epoch = {t.client_id for t in work if t.scalars.get(WORK_EPOCHS) == 1.0}
+        assert set(record.clients["too_slow"]) == set(range(n)) - one_epoch
+        assert record.clients_completed == len(one_epoch)
+        kept_stragglers += len(one_epoch)
+    assert kept_stragglers > 0  # (the seed draws one-epoch stragglers)
+    clock = VirtualClock(
+        devices,
+        lambda c, e: FedAvg(local=local).program().num_steps(small_federated.client_size(c), e),
+    )
+    np.testing.assert_allclose(clock.durations([3, 3], 0, 0, epochs=[1, None]), [2.0, 10.0])
+
+
+def test_a_dp_sgd_straggler_runs_and_accounts_its_partial_work(small_federated) -> None:  # type: ignore[no-untyped-def]
+    """DP-SGD honours a straggler's epochs: a quarter of the steps, in its ledger too."""
+    from fedforge.privacy.dp_sgd import SampleDP
+    from fedforge.runtime.client_app import DP_SGD_STEPS
+
+    app = ClientApp(FedAvg(local=LOCAL), small_mlp(), sample_dp=SampleDP(1.0, 1.0, 1e-5))
+    shared = {n: p.detach().numpy() for n, p in small_mlp().named_parameters()}
+    data = small_federated.client_data(0)
+    _, full = app.fit(Task(FIT, 1, 0, 7, shared), data, None)
+    _, part = app.fit(Task(FIT, 1, 0, 7, shared, {WORK_EPOCHS: 1.0}), data, None)
+    assert full is not None and part is not None
+    assert int(full[DP_SGD_STEPS][0]) == 4 * int(part[DP_SGD_STEPS][0]) > 0

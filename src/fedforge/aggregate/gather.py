@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 
 from fedforge.aggregate import robust
-from fedforge.aggregate.kinds import Aggregate, Kind, add_scalars
+from fedforge.aggregate.kinds import Aggregate, Aggregation, Kind, add_scalars
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.records import RecordBatch
 
@@ -30,6 +30,9 @@ Rule = Literal[
     "centered_clipping",
 ]
 BOUNDED_RULES = ("trimmed_mean", "krum", "multi_krum", "bulyan")  # need a known cohort size
+# Rules whose result is a convex combination of whole records: a value averaged beside the
+# update in the same record (FedNova's step count, q-FedAvg's h) stays paired with it.
+WHOLE_RECORD_RULES = ("krum", "multi_krum", "geometric_median")
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,25 @@ class CoordinateMedian(RobustAggregation):
     """Coordinate-wise median of the records (Yin et al. 2018); ignores weights."""
 
     rule: Rule = "median"
+
+
+def combines_whole_records(aggregation: Aggregation) -> bool:
+    """Whether ``aggregation``'s result is a convex combination of whole records (the mean,
+    Krum, Multi-Krum, the geometric median), not per coordinate or rescaled (the median,
+    trimmed mean, Bulyan, norm bounding, centered clipping, secure aggregation's clip)."""
+    inner = getattr(aggregation, "inner", None)  # a simulated attack wrapping the rule
+    if inner is not None:
+        return combines_whole_records(inner)
+    if aggregation.kind == "mean":
+        return True
+    return aggregation.kind == "gather" and getattr(aggregation, "rule", None) in WHOLE_RECORD_RULES
+
+
+def is_mean(aggregation: Aggregation) -> bool:
+    """Whether ``aggregation`` is the weighted mean of every accepted record (possibly under
+    a simulated attack that replaces the attackers' records)."""
+    inner = getattr(aggregation, "inner", None)
+    return is_mean(inner) if inner is not None else aggregation.kind == "mean"
 
 
 def flatten(batches: list[RecordBatch]) -> tuple[np.ndarray, list[str]]:

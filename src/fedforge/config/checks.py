@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, cast
 
-from fedforge.aggregate.gather import BOUNDED_RULES, RobustAggregation, Rule
+from fedforge.aggregate.gather import BOUNDED_RULES, WHOLE_RECORD_RULES, RobustAggregation, Rule
 from fedforge.config.base import changed
+from fedforge.config.ignored import ignored_settings
 from fedforge.core.errors import ConfigError
 from fedforge.secagg.protocol import ROTATION_BLOCK
 from fedforge.secagg.ring import frac_bits, rotated_bound
@@ -23,12 +24,23 @@ def num_clients(config: RunConfig) -> int:
     return config.partition.num_clients
 
 
+def clients_drawn(config: RunConfig) -> int:
+    """The uniform sampler's draw per round: ``server.clients_per_round``, or with
+    over-selection ``ceil(clock.over_selection x clients_per_round)`` (the clock keeps the
+    first ``clients_per_round`` to finish)."""
+    per_round = config.server.clients_per_round
+    if config.clock.over_selection > 1:
+        return math.ceil(round(config.clock.over_selection * per_round, 9))
+    return per_round
+
+
 def problems(config: RunConfig) -> list[str]:
     """Every cross-section problem of ``config`` (empty: it composes)."""
     out = general_problems(config)
     out += config.privacy.problems() + privacy_conflicts(config) + secagg_conflicts(config)
+    out += privacy_sampling_conflicts(config)
     out += config.clock.problems() + clock_conflicts(config)
-    return out
+    return out + ignored_settings(config)
 
 
 def general_problems(config: RunConfig) -> list[str]:
@@ -41,7 +53,8 @@ def general_problems(config: RunConfig) -> list[str]:
         )
     clients = num_clients(config)
     server, algorithm, update = config.server, config.algorithm, config.update
-    if server.sampler == "uniform" and server.clients_per_round > clients:
+    synchronous = config.asynchronous.mode == "off"  # (FedBuff draws no rounds)
+    if synchronous and server.sampler == "uniform" and server.clients_per_round > clients:
         natural = config.partition.scheme == "natural"
         where = "data.devices" if natural else "partition.num_clients"
         out.append(
@@ -52,6 +65,19 @@ def general_problems(config: RunConfig) -> list[str]:
         out.append(
             "update.clip_norm cannot be combined with algorithm.name = 'scaffold': its "
             "client control variates are updated from the unclipped record"
+        )
+    kind = config.aggregation.kind
+    if algorithm.name == "scaffold" and kind != "mean":
+        out.append(
+            f"aggregation.kind = {kind!r} cannot run algorithm.name = 'scaffold': its control "
+            "variates need every accepted record added (the mean)"
+        )
+    # (secure aggregation: secagg_conflicts)
+    whole = ("mean", "secure_sum", *WHOLE_RECORD_RULES)
+    if algorithm.name in ("fednova", "qfedavg") and kind not in whole:
+        out.append(
+            f"aggregation.kind = {kind!r} cannot run algorithm.name = {algorithm.name!r}: it "
+            "separates normalizer and update; use mean, (multi_)krum or geometric_median"
         )
     layers = 1 if config.model.name == "logistic" else len(config.model.hidden) + 1
     personal_head = algorithm.name in ("fedper", "fedrep")
@@ -129,12 +155,16 @@ def clock_conflicts(config: RunConfig) -> list[str]:
             f"asynchronous.concurrency ({fedbuff.concurrency}) exceeds the number of "
             f"clients ({clients})"
         )
+    name = config.algorithm.name
     conflicts = {
         "aggregation.kind": (config.aggregation.kind != "mean", "the buffer is a weighted mean"),
         "algorithm.name": (
-            config.algorithm.name in ("scaffold", "fedper", "fedrep", "ditto"),
-            "asynchronous training runs algorithms without client state (control "
-            "variates, personal heads or models)",
+            name in ("scaffold", "fedper", "fedrep", "ditto", "fednova", "qfedavg"),
+            "it needs an algorithm without client state whose record is the update alone",
+        ),
+        "algorithm.stragglers": (
+            config.algorithm.stragglers > 0,
+            "a slow client arrives late (stale) rather than doing partial work",
         ),
         "privacy.mode": (config.privacy.mode != "off", "privacy is accounted per round"),
         "evaluation.fraction": (config.evaluation.fraction > 0, "no rounds to evaluate in"),
@@ -194,6 +224,39 @@ def secagg_conflicts(config: RunConfig) -> list[str]:
         frac_bits(secagg.ring_bits, bound, cohort, secagg.params().min_frac_bits)
     except ConfigError as exc:
         out.append(str(exc))
+    return out
+
+
+def privacy_sampling_conflicts(config: RunConfig) -> list[str]:
+    """Central DP's amplification by sampling against who is actually summed (the rules of
+    ``privacy/amplification.py``, derived in the README; traces are checked when read)."""
+    p, server, clock = config.privacy, config.server, config.clock
+    if p.mode != "central":
+        return []
+    poisson = server.sampler == "poisson" and server.sampling_rate < 1
+    fixed = server.sampler == "uniform" and clients_drawn(config) < num_clients(config)
+    partial = clock.enabled and clock.availability != "always" and clock.always_on < 1
+    out = []
+    if fixed and partial:
+        out.append(
+            f"privacy.mode = 'central' with server.sampler = 'uniform' cannot run on "
+            f"clock.availability = {clock.availability!r}: K clients drawn from those online "
+            "are each summed far more often than the K/N the accountant assumes; use "
+            "server.sampler = 'poisson' with clock.deadline_s"
+        )
+    if poisson and partial and clock.deadline_s is None:
+        out.append(
+            "privacy.mode = 'central' with Poisson sampling among the online clients needs "
+            "clock.deadline_s: every round then lasts the deadline, so who is online in a "
+            "later round does not depend on who took part in an earlier one"
+        )
+    if poisson and config.algorithm.stragglers > 0:
+        out.append(
+            "algorithm.stragglers cannot run with privacy.mode = 'central' and Poisson "
+            "sampling: the stragglers are a share of the sampled clients, so one client's "
+            "presence changes who else does partial work or is dropped (use "
+            "server.sampler = 'uniform')"
+        )
     return out
 
 

@@ -24,6 +24,7 @@ class Purpose(IntEnum):
     EVALUATION = 4
     STRAGGLERS = 5
     DEVICES = 12  # simulated device speeds, bandwidths and availability
+    ENVIRONMENT = 13  # RL agents' physical parameters and the held-out evaluation set
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -83,6 +84,17 @@ def size_cap(declared: int, known: int | None, max_examples: int, undeclared: in
     else:
         cap = declared if declared > 0 else undeclared
     return max(0, min(cap, max_examples))
+
+
+def sampling_population(
+    config: RunConfig, hub: Hub, registered: int
+) -> Callable[[], Sequence[int]]:
+    """Who a round may sample: the connected clients, or under central DP every registered
+    one, as its accountant assumes (the server waits until all are connected; one that
+    dropped out since fails its task, which can only lower its inclusion)."""
+    if config.privacy.mode == "central":
+        return lambda: range(registered)
+    return hub.connected_ids
 
 
 def outlier_cap(others: list[int], ratio: float) -> int | None:
@@ -279,7 +291,7 @@ def run_server(
         streams=RngStreams(config.seed),
         model_spec=spec_of(state.params),
         trainable=[name for name, _ in model.module.named_parameters()],
-        population=hub.connected_ids,
+        population=sampling_population(config, hub, len(names)),
         population_size=lambda: len(names),
         example_cap=example_cap,
         stages=chain,

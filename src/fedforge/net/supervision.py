@@ -35,6 +35,9 @@ class RoundLog(RoundListener):
         self.started = time.monotonic()
         self.inner.round_started(round_number, client_ids)
 
+    def round_expects(self, results: int) -> None:
+        self.inner.round_expects(results)
+
     def client_done(self, client_id: int, status: str) -> None:
         self.inner.client_done(client_id, status)
 

@@ -16,6 +16,7 @@ from functools import lru_cache
 import numpy as np
 
 from fedforge.config import RunConfig
+from fedforge.config.checks import clients_drawn
 from fedforge.core.errors import ConfigError
 from fedforge.privacy.accounting import (
     AccountantKind,
@@ -47,13 +48,22 @@ def secret_sampling_seed(config: RunConfig) -> int | None:
 
 
 def sampling_scheme(config: RunConfig, population: int) -> SamplingScheme:
-    """The scheme of the configured sampler over ``population`` clients."""
+    """The scheme of the configured sampler over ``population`` clients: with over-selection
+    the clients drawn (each of them may be among the first to finish), not those kept."""
     server = config.server
     if server.sampler == "poisson":
         if server.sampling_rate >= 1:
             return SamplingScheme("full", population)
         return SamplingScheme("poisson", population, rate=server.sampling_rate)
-    return SamplingScheme.fixed_size(server.clients_per_round, population)
+    return SamplingScheme.fixed_size(clients_drawn(config), population)
+
+
+def expected_summed(config: RunConfig, scheme: SamplingScheme) -> float:
+    """The expected number of clients in a round's sum: the scheme's, or the clients kept
+    of an over-selected draw."""
+    if scheme.kind == "fixed" and config.clock.over_selection > 1:
+        return float(config.server.clients_per_round)
+    return scheme.expected_clients
 
 
 @lru_cache(maxsize=16)
@@ -81,7 +91,7 @@ def privacy_stages(
         bound = FixedClip(p.clip_norm, report_clipped=False)
         if population is None:
             return [bound]
-        expected = sampling_scheme(config, population).expected_clients
+        expected = expected_summed(config, sampling_scheme(config, population))
         return [bound, DistributedGaussian(p.noise_multiplier, p.clip_norm, p.delta, expected)]
     if p.mode == "local":
         assert p.noise_multiplier is not None
@@ -108,7 +118,7 @@ def privacy_stages(
             rounds,
             scheme.describe(),
         )
-    expected = scheme.expected_clients
+    expected = expected_summed(config, scheme)
     count_stddev = None
     clip: FixedClip
     if p.adaptive_clip:
@@ -143,6 +153,7 @@ def privacy_stages(
         accountant=p.accountant,
         target_epsilon=p.target_epsilon,
         source=source,
+        expected_clients=expected,
     )
     if noise.accountant_used != p.accountant:
         log.info(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from fedforge.report.history import RoundRecord
 from fedforge.runtime.driver import RoundListener
@@ -17,6 +17,10 @@ class ListenerGroup(RoundListener):
     def round_started(self, round_number: int, client_ids: list[int]) -> None:
         for item in self.listeners:
             item.round_started(round_number, client_ids)
+
+    def round_expects(self, results: int) -> None:
+        for item in self.listeners:
+            item.round_expects(results)
 
     def client_done(self, client_id: int, status: str) -> None:
         for item in self.listeners:
@@ -37,3 +41,27 @@ class ListenerGroup(RoundListener):
             close = getattr(item, "close", None)
             if callable(close):
                 close()
+
+
+Event = Callable[[RoundListener], None]
+
+
+class DeferredEvents(RoundListener):
+    """Keeps each client's ``client_done`` and ``client_reported`` events, to be replayed to
+    another listener later (FedBuff on the virtual clock trains a task before its result
+    reaches the server: the listener hears of it when it does)."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, list[Event]] = {}
+
+    def client_done(self, client_id: int, status: str) -> None:
+        self.events.setdefault(client_id, []).append(
+            lambda listener: listener.client_done(client_id, status)
+        )
+
+    def client_reported(
+        self, client_id: int, status: str, reason: str, metrics: dict[str, float]
+    ) -> None:
+        self.events.setdefault(client_id, []).append(
+            lambda listener: listener.client_reported(client_id, status, reason, metrics)
+        )

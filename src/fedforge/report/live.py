@@ -51,6 +51,10 @@ class LiveLog(RoundListener):
         self._round, self._counts, self._client_metrics = round_number, {}, {}
         self._write({"event": "start", "round": round_number, "sampled": len(client_ids)})
 
+    def round_expects(self, results: int) -> None:
+        """FedBuff: the update's window waits for ``results`` (the dashboard's denominator)."""
+        self._write({"event": "start", "round": self._round, "sampled": results})
+
     def client_done(self, client_id: int, status: str) -> None:
         self._counts[status] = self._counts.get(status, 0) + 1
         if time.monotonic() - self._last_write >= self.every:

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedforge.report.history import RoundRecord, privacy_text
-from fedforge.runtime.driver import RoundListener
+from fedforge.runtime.driver import ACCEPTED, RoundListener
 
 
 class ProgressListener(RoundListener):
@@ -19,6 +19,7 @@ class ProgressListener(RoundListener):
         )
         self._sampled = 0
         self._done = 0
+        self._buffer = False  # FedBuff: count the results in the buffer
 
     @staticmethod
     def make_progress(console: Console | None = None) -> Progress:
@@ -36,10 +37,18 @@ class ProgressListener(RoundListener):
         )
 
     def round_started(self, round_number: int, client_ids: list[int]) -> None:
-        self._sampled, self._done = len(client_ids), 0
+        self._sampled, self._done, self._buffer = len(client_ids), 0, False
         self.progress.update(self.task, clients=f"0/{self._sampled}")
 
+    def round_expects(self, results: int) -> None:
+        """FedBuff: the column counts the results in the buffer, of the ``results`` an
+        update waits for (failed or rejected tasks do not fill it)."""
+        self._sampled, self._buffer = results, True
+        self.progress.update(self.task, clients=f"{self._done}/{self._sampled}")
+
     def client_done(self, client_id: int, status: str) -> None:
+        if self._buffer and status != ACCEPTED:
+            return
         self._done += 1
         self.progress.update(self.task, clients=f"{self._done}/{self._sampled}")
 

@@ -42,6 +42,7 @@ from fedforge.core.params import Params, num_bytes
 from fedforge.core.records import FIT, RecordBatch, Reply, Task
 from fedforge.core.rng import Purpose
 from fedforge.report.history import History, RoundRecord
+from fedforge.report.listeners import DeferredEvents, Event
 from fedforge.runtime.async_time import Job, RealTime, TimeSource, VirtualTime, Window
 from fedforge.runtime.clock import VirtualClock, spec_bytes
 from fedforge.runtime.driver import Accept, Check, Driver, Exchanged
@@ -74,6 +75,33 @@ class FedBuff:
             raise ConfigError("FedBuff needs 1 <= buffer <= concurrency and eval_every >= 1")
         if self.staleness_exponent < 0:
             raise ConfigError("FedBuff's staleness exponent must be >= 0")
+
+
+def fedbuff_problem(driver: Driver) -> str | None:
+    """Why FedBuff cannot run ``driver``'s pieces (what ``asynchronous.mode = 'fedbuff'``
+    refuses when a configuration loads), or None."""
+    name = type(driver.algorithm).__name__
+    if driver._algorithm_stateful:
+        return (
+            f"asynchronous training cannot run an algorithm with client state ({name}): a "
+            "stale client's state would move with a model it never saw"
+        )
+    if not driver.algorithm.accepts_stages:
+        return (
+            f"asynchronous training cannot run {name}: its record carries a normalizer beside "
+            "the update, which the staleness discount would scale with it"
+        )
+    if driver.stragglers is not None:
+        return (
+            "asynchronous training cannot simulate stragglers: clients run at their device's "
+            "speed on the clock, and a slow one arrives late (stale) instead of doing "
+            "partial work"
+        )
+    if any(stage.position == "noise" for stage in driver.stages.stages):
+        return "asynchronous training cannot run differential privacy: it is accounted per round"
+    if driver.federated_eval is not None:
+        return "asynchronous training cannot run federated evaluation: it has no rounds"
+    return None
 
 
 @dataclass(frozen=True)
@@ -123,16 +151,9 @@ class AsyncDriver:
                 "asynchronous training sums its buffer with the weighted mean: "
                 f"aggregation {driver.aggregation.name!r} is not supported"
             )
-        if driver._algorithm_stateful:
-            raise ConfigError(
-                "asynchronous training cannot run an algorithm with client state "
-                f"({type(driver.algorithm).__name__}): a stale client's state would move "
-                "with a model it never saw"
-            )
-        if driver.stages.releases_when_empty or driver.federated_eval is not None:
-            raise ConfigError(
-                "asynchronous training supports neither central DP nor federated evaluation"
-            )
+        problem = fedbuff_problem(driver)
+        if problem:
+            raise ConfigError(problem)
         self.driver, self.fedbuff = driver, fedbuff
         self.time: TimeSource
         if clock is not None:
@@ -157,6 +178,7 @@ class AsyncDriver:
         # client gets no new task while it has a result held.
         self._in_buffer: set[int] = set()
         self._held: list[tuple[Job, RecordBatch]] = []  # results to enter a buffer, in order
+        self._events: dict[int, list[Event]] = {}  # by job seq: what the listener hears of it
         # A client whose task failed or was rejected rests before it gets another:
         # FAILURE_REST_S, doubled after each failure in a row (at most MAX_REST_S).
         self._failures: dict[int, int] = {}  # client -> failures in a row
@@ -263,9 +285,13 @@ class AsyncDriver:
         started = time.perf_counter()
         seq_of = {job.client_id: job.seq for job in jobs}
         tasks = [self.task(job, state) for job in jobs]
-        out = d._exchange(tasks, self._check(), self._keeper(state, seq_of.__getitem__), True)
+        deferred = DeferredEvents()
+        keeper = self._keeper(state, seq_of.__getitem__)
+        out = d._exchange(tasks, self._check(), keeper, deferred)
         for cid in out.failed + out.rejected:
             self._results.setdefault(seq_of[cid], None)
+        for job in jobs:
+            self._events[job.seq] = deferred.events.pop(job.client_id, [])
         window.count(out)
         window.train_seconds += time.perf_counter() - started
 
@@ -273,9 +299,21 @@ class AsyncDriver:
         """One reply, as it arrived (real time)."""
         out = Exchanged()
         accept = self._keeper(state, lambda _cid: job.seq)
-        self.driver._take(reply, job.version + 1, self._check(), accept, True, out)
+        deferred = DeferredEvents()
+        self.driver._take(reply, job.version + 1, self._check(), accept, deferred, out)
         self._results.setdefault(job.seq, None)  # failed or rejected
+        self._events[job.seq] = deferred.events.pop(job.client_id, [])
         window.count(out)
+
+    def _report(self, job: Job) -> None:
+        """Tell the listener what became of ``job`` (now that it reached the server)."""
+        for event in self._events.pop(job.seq, []):
+            event(self.driver.listener)
+
+    def _announce(self, version: int) -> None:
+        """A new server update's window: it waits for a buffer of results."""
+        self.driver.listener.round_started(version, [])
+        self.driver.listener.round_expects(self.fedbuff.buffer)
 
     def _check(self) -> Check:
         return self.driver._spec_check(self.driver.fit_spec, FIT)
@@ -300,7 +338,7 @@ class AsyncDriver:
                 checkpoint(state, history)
         buffer: list[tuple[Arrival, RecordBatch]] = []
         window = Window(self.time.now(), time.perf_counter())
-        d.listener.round_started(state.round + 1, [])
+        self._announce(state.round + 1)
         try:
             while state.round < updates:
                 self._dispatch(state, window)
@@ -315,6 +353,7 @@ class AsyncDriver:
                         self.time.flush(state, window)
                     result = self._results.pop(job.seq, None)  # None: it failed
                     if result is None:
+                        self._report(job)
                         self._rested(job.client_id)
                         continue
                     self._failures.pop(job.client_id, None)
@@ -324,6 +363,7 @@ class AsyncDriver:
                         if entry is None:
                             break
                         held, result = entry
+                        self._report(held)
                         self._in_buffer.add(held.client_id)
                         now = self.time.now()
                         arrival = Arrival(held.client_id, held.version, state.round, now)
@@ -341,7 +381,7 @@ class AsyncDriver:
                         if checkpoint:
                             checkpoint(state, history)
                         if state.round < updates:
-                            d.listener.round_started(state.round + 1, [])
+                            self._announce(state.round + 1)
         finally:
             self.time.close()
         return state

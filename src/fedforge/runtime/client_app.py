@@ -170,7 +170,8 @@ class ClientApp:
             steps, metrics["train_loss"] = self._train(task, data, shared, own, personal)
         else:
             x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
-            local = self.algorithm.local
+            configured = self.algorithm.local  # a straggler runs fewer epochs
+            local = replace(configured, epochs=task_epochs(task.scalars, configured))
             result = train_dp_sgd(
                 self.module, x, y, local, self.sample_dp, task.seed, self.sample_dp.seeded
             )

@@ -132,6 +132,11 @@ class Devices:
         """Mask of ``ids`` online at time ``t``."""
         return self.availability.online(np.asarray(ids, np.int64), t)
 
+    @property
+    def always_online(self) -> bool:
+        """Whether every client is online all the time (who may be sampled never changes)."""
+        return always_online(self.availability, len(self))
+
     def durations(
         self, ids: Sequence[int], steps: np.ndarray, bytes_down: int, bytes_up: int
     ) -> np.ndarray:
@@ -145,6 +150,15 @@ class Devices:
             bytes_down,
             bytes_up,
         )
+
+
+def always_online(availability: Availability, num_clients: int) -> bool:
+    """Whether ``availability`` keeps all ``num_clients`` clients online at every time (an
+    availability that cannot say is taken as partial)."""
+    if isinstance(availability, AlwaysOn):
+        return True
+    always = getattr(availability, "always", None)
+    return always is not None and len(always) >= num_clients and bool(np.all(always))
 
 
 def client_seconds(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from fedforge.aggregate.gather import combines_whole_records, is_mean
 from fedforge.aggregate.kinds import Aggregate, Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
 from fedforge.compress.downlink import Downlink, encode_broadcast
@@ -34,6 +35,7 @@ from fedforge.core.records import (
     Task,
 )
 from fedforge.core.rng import Purpose, RngStreams
+from fedforge.privacy.amplification import sampling_problem
 from fedforge.report.fairness import client_spread
 from fedforge.report.history import History, RoundRecord
 from fedforge.runtime.client_app import PERSONAL_ACCURACY, PERSONAL_LOSS
@@ -46,7 +48,9 @@ from fedforge.runtime.validation import validate_batch
 from fedforge.secagg.aggregation import SecureAggregation, run_session
 from fedforge.secagg.protocol import SecAggAbort
 from fedforge.stages.base import StageChain, SumContext
+from fedforge.stages.dp_noise import CentralGaussian
 from fedforge.train.evaluate import Evaluation
+from fedforge.train.program import WORK_EPOCHS
 
 log = logging.getLogger("fedforge")
 
@@ -56,11 +60,23 @@ Check = Callable[[RecordBatch], tuple[np.ndarray, list[str | None]]]
 Accept = Callable[[RecordBatch], None]
 
 
+def work_epochs(task: Task) -> int | None:
+    """The local epochs a fit task asks for (a straggler's partial work), or None: all."""
+    epochs = task.scalars.get(WORK_EPOCHS)
+    return None if epochs is None else int(epochs)
+
+
 class RoundListener:
     """Hooks for progress display; override what you need."""
 
     def round_started(self, round_number: int, client_ids: list[int]) -> None:
         """Called after sampling, before any client runs."""
+
+    def round_expects(self, results: int) -> None:
+        """Asynchronous training (FedBuff) only, after ``round_started`` (whose sample is
+        empty: nobody is sampled): the accepted results the server update waits for (the
+        buffer). Each result is then reported through ``client_done`` when it enters the
+        buffer, a failed or rejected task when it arrives."""
 
     def client_done(self, client_id: int, status: str) -> None:
         """Called once per client reply of the fit exchange: accepted, rejected or failed."""
@@ -77,8 +93,9 @@ class RoundListener:
 
 @dataclass(frozen=True)
 class FederatedEvaluation:
-    """Every ``every`` rounds, a ``fraction`` of the clients evaluates the new global model
-    on its own held-out split; the example-weighted loss and accuracy are recorded."""
+    """Every ``every`` rounds, a ``fraction`` of the clients that hold out data (those
+    without held-out examples are never asked) evaluates the new global model on its own
+    held-out split; the example-weighted loss and accuracy are recorded."""
 
     fraction: float
     every: int = 1
@@ -147,12 +164,10 @@ class Driver:
     def __post_init__(self) -> None:
         self.stop_reason: str | None = None  # why ``run`` stopped before its last round
         self.stages.check(self.aggregation)
-        if self.stages.stages and not self.algorithm.accepts_stages:
-            names = ", ".join(s.name for s in self.stages.stages)
-            raise ConfigError(
-                f"{type(self.algorithm).__name__} cannot run with update stages ({names}): its "
-                "client state is computed from the record before the stages change it"
-            )
+        sample = {name: np.zeros(1, np.float32) for name in self.trainable}
+        self._algorithm_stateful = bool(self.algorithm.init_client_state(sample))
+        self._check_algorithm()
+        self._check_amplification()
         fit_spec = self.algorithm.record_spec(self.model_spec, self.trainable)
         fit_spec = replace(fit_spec, metrics=(*fit_spec.metrics, *self.client_metrics))
         self.fit_spec = self.stages.wire_spec(fit_spec)
@@ -165,8 +180,49 @@ class Driver:
             self.fit_reply_spec = self.fit_spec
         personal = (PERSONAL_ACCURACY, PERSONAL_LOSS) if self.algorithm.personalized else ()
         self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss", *personal))
-        sample = {name: np.zeros(1, np.float32) for name in self.trainable}
-        self._algorithm_stateful = bool(self.algorithm.init_client_state(sample))
+
+    def _check_algorithm(self) -> None:
+        """An algorithm whose record must reach the server as the client computed it
+        (``accepts_stages`` False) refuses stages, and aggregations that break it."""
+        if self.algorithm.accepts_stages:
+            return
+        name = type(self.algorithm).__name__
+        if self.stages.stages:
+            names = ", ".join(s.name for s in self.stages.stages)
+            raise ConfigError(
+                f"{name} cannot run with update stages ({names}): its client state or the "
+                "normalizer in its record is computed from the record before the stages "
+                "change it"
+            )
+        if self._algorithm_stateful and not is_mean(self.aggregation):
+            raise ConfigError(
+                f"{name} cannot run with aggregation {self.aggregation.name!r}: every accepted "
+                "client moves its control variate by its own record, so the server must add "
+                "them all (the weighted mean); a rule that drops, reweighs or clips records "
+                "breaks c = mean(c_i)"
+            )
+        if not combines_whole_records(self.aggregation):
+            raise ConfigError(
+                f"{name} cannot run with aggregation {self.aggregation.name!r}: it combines the "
+                "normalizer in each record apart from the update it normalizes (per "
+                "coordinate or rescaled); use the mean, krum, multi_krum or geometric_median"
+            )
+
+    def _check_amplification(self) -> None:
+        """Central DP: the clients summed each round must be a sample its accountant bounds
+        (``privacy/amplification.py``)."""
+        central = [s for s in self.stages.stages if isinstance(s, CentralGaussian)]
+        if not central:
+            return
+        problem = sampling_problem(
+            central[0].scheme,
+            self.sampler,
+            self.population_size(),
+            self.clock,
+            self.stragglers,
+        )
+        if problem:
+            raise ConfigError(problem)
 
     # One exchange ---------------------------------------------------------------------------
     def _spec_check(self, spec: RecordSpec, stage: str) -> Check:
@@ -183,7 +239,7 @@ class Driver:
         tasks: list[Task],
         check: Check,
         accept: Accept,
-        notify: bool,
+        notify: RoundListener | None,
     ) -> Exchanged:
         out = Exchanged()
         round_number = tasks[0].round if tasks else 0
@@ -197,11 +253,11 @@ class Driver:
         round_number: int,
         check: Check,
         accept: Accept,
-        notify: bool,
+        notify: RoundListener | None,
         out: Exchanged,
     ) -> None:
         """Classify one reply (failed, rejected with its reason, or accepted and passed to
-        ``accept``), counting it in ``out`` and telling the listener when ``notify``."""
+        ``accept``), counting it in ``out`` and telling the ``notify`` listener."""
         if isinstance(reply, ClientFailure):
             kind = REJECTED if reply.rejected else FAILED
             (out.rejected if reply.rejected else out.failed).append(reply.client_id)
@@ -213,9 +269,9 @@ class Driver:
                 reply.error,
                 f"\n{reply.traceback}" if reply.traceback else "",
             )
-            if notify:
-                self.listener.client_done(reply.client_id, kind)
-                self.listener.client_reported(reply.client_id, kind, reply.error, {})
+            if notify is not None:
+                notify.client_done(reply.client_id, kind)
+                notify.client_reported(reply.client_id, kind, reply.error, {})
             return
         start = time.perf_counter()
         batch = reply.as_batch() if not isinstance(reply, RecordBatch) else reply
@@ -242,12 +298,12 @@ class Driver:
             out.accepted += len(good)
             out.accepted_ids.extend(int(c) for c in good.client_ids)
         out.server_seconds += time.perf_counter() - start
-        if notify:
+        if notify is not None:
             for i, (cid, ok) in enumerate(zip(batch.client_ids, keep, strict=True)):
                 status = ACCEPTED if ok else REJECTED
-                self.listener.client_done(int(cid), status)
+                notify.client_done(int(cid), status)
                 metrics = {n: float(v[i]) for n, v in batch.metrics.items()} if ok else {}
-                self.listener.client_reported(int(cid), status, reasons[i] or "", metrics)
+                notify.client_reported(int(cid), status, reasons[i] or "", metrics)
 
     # One round ------------------------------------------------------------------------------
     def run_round(
@@ -271,23 +327,31 @@ class Driver:
         broadcast = self.stages.broadcast(state.stage_states)
         metrics: dict[str, float] = {}
         clients: dict[str, list[int]] = {}
-        cohort = sampled
-        if self.clock is not None:  # stragglers are dropped before they train
-            timing = self.clock.schedule(
-                sampled, num_bytes(shared), spec_bytes(self.fit_spec.arrays)
-            )
-            cohort, clients["too_slow"] = timing.kept, timing.dropped
-            metrics["clock.seconds"] = timing.seconds
-            metrics["clock.time"] = self.clock.advance(timing.seconds)
         tasks = [
             Task(
                 FIT, round_number, cid, self.streams.task_seed(round_number, cid), shared, broadcast
             )
-            for cid in cohort
+            for cid in sampled
         ]
         stragglers: list[int] = []
         if self.stragglers is not None:
             tasks, stragglers = self.stragglers.assign(tasks, self.streams, attempt)
+        cohort = sampled
+        if self.clock is not None:  # too slow for the deadline: dropped before they train
+            epochs = [work_epochs(t) for t in tasks]  # a straggler's partial work is shorter
+            ids = [t.client_id for t in tasks]
+            timing = self.clock.schedule(
+                ids, num_bytes(shared), spec_bytes(self.fit_spec.arrays), epochs
+            )
+            kept, too_slow = set(timing.kept), set(timing.dropped)
+            tasks = [t for t in tasks if t.client_id in kept]
+            cohort = [c for c in sampled if c not in too_slow]
+            clients["too_slow"] = timing.dropped
+            seconds = timing.seconds
+            if not population and not self.clock.fixed_rounds:  # nobody online: look later
+                seconds = self.clock.devices.availability.resolution
+            metrics["clock.seconds"] = seconds
+            metrics["clock.time"] = self.clock.advance(seconds)
         fit_started = time.perf_counter()
         secure_bytes_down = 0
         if isinstance(self.aggregation, SecureAggregation):
@@ -391,7 +455,7 @@ class Driver:
             decoded = self.stages.decode(batch, state.stage_states)
             accumulator.add(decoded, self._weights(decoded))
 
-        fit = self._exchange(tasks, self._spec_check(self.fit_spec, FIT), accept, True)
+        fit = self._exchange(tasks, self._spec_check(self.fit_spec, FIT), accept, self.listener)
         return fit, accumulator.result() if accumulator.count else None
 
     def _secure_fit(
@@ -412,7 +476,8 @@ class Driver:
             for cid, w in zip(batch.client_ids, self._weights(batch), strict=True):
                 weights[int(cid)] = float(w)
 
-        fit = self._exchange(tasks, self._spec_check(self.fit_reply_spec, FIT), accept_fit, True)
+        check = self._spec_check(self.fit_reply_spec, FIT)
+        fit = self._exchange(tasks, check, accept_fit, self.listener)
         if not weights:
             return fit, None, 0
         round_number = tasks[0].round
@@ -425,7 +490,7 @@ class Driver:
             return fit, None, 0
 
         def exchange(step_tasks: list[Task], check: Check, accept: Accept) -> Exchanged:
-            return self._exchange(step_tasks, check, accept, False)
+            return self._exchange(step_tasks, check, accept, None)
 
         outcome = run_session(session, {t.client_id: t.seed for t in tasks}, exchange)
         fit.bytes_up += outcome.bytes_up
@@ -458,7 +523,8 @@ class Driver:
         fed = self.federated_eval
         if fed is None or state.round % fed.every:
             return None
-        population = list(self.population())
+        # Only clients that hold out data can evaluate (their held-out example cap is > 0).
+        population = [c for c in self.population() if self.example_cap(int(c), EVALUATE) > 0]
         if not population:
             return None
         count = max(1, round(fed.fraction * len(population)))
@@ -467,7 +533,7 @@ class Driver:
         model = encode_broadcast(state.params, self.downlink)
         tasks = [Task(EVALUATE, state.round, cid, 0, model) for cid in chosen]
         check = self._spec_check(self.eval_spec, EVALUATE)
-        exchange = self._exchange(tasks, check, lambda batch: None, notify=False)
+        exchange = self._exchange(tasks, check, lambda batch: None, notify=None)
         return exchange, num_bytes(model) * len(tasks)
 
     def initial_record(self, state: ServerState) -> RoundRecord:

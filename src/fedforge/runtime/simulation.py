@@ -123,6 +123,13 @@ def simulate(
         model = seeded(model, RngStreams(seed).int_seed(Purpose.INIT))
     chain = StageChain(stages)
     chain.check(aggregation)
+    if fedbuff is not None and sample_dp is not None:
+        raise ConfigError("asynchronous training cannot run DP-SGD: it is accounted per round")
+    if fedbuff is not None and sampler is not None:
+        raise ConfigError(
+            "asynchronous training samples no rounds (an idle online client gets work as "
+            "soon as one of the fedbuff.concurrency slots frees): pass no sampler"
+        )
     if federated_eval is not None and data.holdout is None:
         raise ConfigError(
             "federated evaluation needs held-out client data: use data.with_holdout(...)"
@@ -292,7 +299,8 @@ def _virtual_clock(
     program = algorithm.program()  # its step count includes FedRep's head-only steps
     return VirtualClock(
         clock.devices,
-        steps=lambda cid: program.num_steps(data.client_size(cid)),
+        steps=lambda cid, epochs: program.num_steps(data.client_size(cid), epochs),
         deadline=clock.deadline,
         keep=clock.keep,
+        fixed_rounds=clock.fixed_rounds,
     )

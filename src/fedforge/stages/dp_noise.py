@@ -66,6 +66,9 @@ class CentralGaussian(StageDefaults):
     accountant: AccountantKind = "pld"
     target_epsilon: float | None = None
     source: NoiseSource = field(default_factory=NoiseSource)
+    # The expected number of clients summed (default: the scheme's): fewer than the scheme
+    # draws when over-selection keeps only the first to finish.
+    expected_clients: float | None = None
     name: str = "dp"
     position: str = "noise"
     commutes_with_sum: bool = True
@@ -93,6 +96,13 @@ class CentralGaussian(StageDefaults):
     def accountant_used(self) -> AccountantKind:
         return accountant_for(self.scheme, self.accountant)
 
+    @property
+    def expected_summed(self) -> float:
+        """The public expected number of clients in the sum."""
+        if self.expected_clients is None:
+            return self.scheme.expected_clients
+        return self.expected_clients
+
     def init_state(self) -> StageState:
         return {"releases": 0.0, **self._settings()}
 
@@ -101,7 +111,7 @@ class CentralGaussian(StageDefaults):
         return {
             "noise_multiplier": self.noise_multiplier,
             "delta": self.delta,
-            "expected_clients": self.scheme.expected_clients,
+            "expected_clients": self.expected_summed,
             "population": float(self.scheme.population),
         }
 
@@ -143,7 +153,7 @@ class CentralGaussian(StageDefaults):
                 (1,), self.count_stddev, "count", context.round, context.attempt
             )
             centred = aggregate.scalars.get(count_key, 0.0) - aggregate.count / 2
-            scalars[count_key] = centred + float(noise[0]) + self.scheme.expected_clients / 2
+            scalars[count_key] = centred + float(noise[0]) + self.expected_summed / 2
         return replace(aggregate, arrays=arrays, scalars=scalars)
 
     def epsilon_after(self, releases: int) -> float:

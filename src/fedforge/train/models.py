@@ -8,12 +8,18 @@ import torch
 from torch import nn
 
 
-def mlp(in_features: int, num_classes: int, hidden: Sequence[int] = (200, 200)) -> nn.Module:
-    """A ReLU multilayer perceptron; ``hidden=(200, 200)`` is the FedAvg paper's 2NN."""
+def mlp(
+    in_features: int,
+    num_classes: int,
+    hidden: Sequence[int] = (200, 200),
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> nn.Module:
+    """A multilayer perceptron (ReLU unless ``activation`` says otherwise);
+    ``hidden=(200, 200)`` is the FedAvg paper's 2NN."""
     layers: list[nn.Module] = []
     width = in_features
     for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
+        layers += [nn.Linear(width, h), activation()]
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
