@@ -63,6 +63,7 @@ def test_a_site_is_told_what_it_trains_with_not_the_servers_paths_or_other_sites
             "deploy.state_dir=/srv/state",
             "deploy.site_examples={alice = 900, bob = 12}",
             "runtime.threads=2",
+            'runtime.backend="ray"',
             'runtime.ray_address="10.0.0.9:6379"',
         ],
     )
