@@ -165,10 +165,11 @@ def test_silent_and_revoked_streams_do_not_lock_sites_out(tmp_path: Path) -> Non
 
 def test_a_restarted_site_replaces_its_hung_session(tmp_path: Path) -> None:
     # A site's process hangs (SIGSTOP) mid-run; the operator starts it again with the same
-    # credentials long before the server could notice the hang (heartbeats every 5 s).
+    # credentials long before the server could notice the hang (heartbeats every 30 s: it
+    # would after 75 s, longer than a new process takes to start even on a loaded machine).
     keys = make_keys(tmp_path, NAMES)
     port = free_port()
-    cfg = write_config(tmp_path, keys, port, rounds=4, clients=3, epochs=3, heartbeat=5.0)
+    cfg = write_config(tmp_path, keys, port, rounds=4, clients=3, epochs=3, heartbeat=30.0)
     server = start_server(cfg, tmp_path / "server.log")
     clients = {n: start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES}
     restarted = None
