@@ -91,7 +91,7 @@ def write_config(
     min_completed: int = 1,
     max_retries: int = 3,
     linger: float = 0,
-    heartbeat: float = 2.0,
+    heartbeat: float = 3.0,
     deploy_extra: str = "",
     server_extra: str = "",
     extra: str = "",

@@ -45,9 +45,10 @@ FATAL = {
 }
 # gRPC's words for a TLS handshake that failed on a certificate (ours or the server's).
 TLS_REFUSALS = ("CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE", "certificate verify failed")
-# A server that closes the connection before answering, this many times in a row and never
-# once welcoming the client, refuses it in the TLS handshake (a server that is down refuses
-# the connection instead).
+# A server that closes the connection once its TLS handshake is under way ("Socket closed",
+# not "Handshake read failed": that is a relay with nothing behind it), this many times in a
+# row and never once welcoming the client, refuses it in the TLS handshake (a server that is
+# down refuses the connection instead).
 CLOSED_BEFORE_WELCOME = 4
 SILENT_SERVER_HEARTBEATS = 3.0  # a server silent this many heartbeat intervals is gone
 
@@ -141,7 +142,8 @@ class FederatedClient:
                         "accept this client's certificate, or the server's certificate is not "
                         f"signed by this client's ca.crt ({details})"
                     ) from None
-                closed = 0 if self._joined or "Socket closed" not in details else closed + 1
+                refused = "Socket closed" in details and "Handshake read failed" not in details
+                closed = closed + 1 if refused and not self._joined else 0
                 if closed >= CLOSED_BEFORE_WELCOME:
                     raise FatalClientError(self._closed_explanation(closed)) from None
                 log.warning("connection lost (%s: %s)", code.name, details)
