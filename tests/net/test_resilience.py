@@ -208,7 +208,7 @@ def test_a_partitioned_site_is_dropped_within_heartbeats_and_waited_for(tmp_path
         timeout=60,
         min_completed=3,
         max_retries=1,
-        heartbeat=2.0,
+        heartbeat=3.0,
     )
     server = start_server(cfg, tmp_path / "server.log")
     clients = [start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES[:2]]
