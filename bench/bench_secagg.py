@@ -24,7 +24,8 @@ from fedforge.core.params import ArraySpec
 from fedforge.core.records import Record, RecordSpec
 from fedforge.secagg.client import SecAggClient, keep
 from fedforge.secagg.protocol import MASK, STEPS, SecAggParams
-from fedforge.secagg.server import Layout, SecAggRound
+from fedforge.secagg.records import Layout
+from fedforge.secagg.server import SecAggRound
 
 
 def protocol_cost(n: int, d: int, dropout: float) -> dict[str, float]:

@@ -188,16 +188,19 @@ def test_version_run_help_and_config_listing() -> None:
     assert helped.exit_code == 0 and "fedforge config" in " ".join(helped.output.split())
     listing = runner.invoke(app, ["config"])
     assert listing.exit_code == 0
-    lines = listing.output.splitlines()
-    by_key = {line.split(" = ")[0]: line for line in lines if " = " in line}
-    assert (
-        by_key["server.rounds"].startswith("server.rounds = 50")
-        and ">= 1" in (by_key["server.rounds"])
-    )
+    by_key, section = {}, ""
+    for line in listing.output.splitlines():  # TOML: [section] headers, then its keys
+        if line.startswith("["):
+            section = line[1 : line.index("]")] + "."
+        elif " = " in line:
+            key = line.removeprefix("# ").split(" = ")[0]
+            by_key[section + key] = line
+    assert by_key["server.rounds"].startswith("rounds = 50") and ">= 1" in (by_key["server.rounds"])
     assert "fedavg, fedprox, scaffold" in by_key["algorithm.name"]
     assert '"127.0.0.1:8443"' in by_key["deploy.address"]
     assert "fedprox: proximal coefficient" in by_key["algorithm.mu"]
     assert "optional" in by_key["server.lr"] and "unset" in by_key["server.lr"]
+    assert by_key["server.lr"].startswith("# lr =")  # unset: commented out
     assert "0 = the client's whole data" in by_key["client.batch_size"]
 
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
 from fedforge.core.errors import FedforgeError
-from fedforge.report.fairness import fairness_text
-from fedforge.report.history import privacy_text
 
 if TYPE_CHECKING:
     from fedforge.config import RunConfig
+    from fedforge.data.federated import FederatedDataset
     from fedforge.report.dashboard import Dashboard
-    from fedforge.runtime.driver import RoundListener
+    from fedforge.report.history import History
+    from fedforge.report.runlock import RunLock
+    from fedforge.runtime.simulation import SimulationResult
 
 app = typer.Typer(
     help="fedforge: federated learning, simulated or deployed.",
@@ -126,8 +127,8 @@ def run(
         bool,
         typer.Option(
             "--mlflow",
-            help="Log the configuration and every round to MLflow (at MLFLOW_TRACKING_URI, "
-            "else MLflow's local default).",
+            help="Log the configuration, provenance and every round to MLflow (at "
+            "MLFLOW_TRACKING_URI, else in RUN_DIR/mlflow.db).",
         ),
     ] = False,
 ) -> None:
@@ -136,8 +137,8 @@ def run(
     Every configuration key, with its default and allowed values: `fedforge config`.
     """
     from fedforge.config import load_config
-    from fedforge.experiment import check_simulation
-    from fedforge.report.rundir import new_run_dir, prepare_out_dir
+    from fedforge.experiment import check_simulation, prepare_data
+    from fedforge.report.trackers import missing_trackers
 
     if resume is not None and (config is not None or out is not None):
         raise _fail(ValueError("--resume takes the run directory's own config.toml"), 2)
@@ -145,7 +146,7 @@ def run(
         raise _fail(ValueError("--overwrite cannot be combined with --resume"), 2)
     try:
         if resume is not None:
-            if not (resume / "config.toml").exists():
+            if not (resume / "config.toml").is_file():
                 raise FedforgeError(f"{resume} is not a run directory (no config.toml)")
             cfg = load_config(resume / "config.toml", set_)
         else:
@@ -154,54 +155,120 @@ def run(
         missing = missing_trackers(tensorboard=tensorboard, mlflow=mlflow)
         if missing:
             raise FedforgeError(missing)
+        data = prepare_data(cfg)
     except FedforgeError as exc:
         raise _fail(exc, 2) from None
+    except KeyboardInterrupt:
+        console.print("interrupted before training started")
+        raise typer.Exit(130) from None
+    out_dir, lock = _claim_run_dir(cfg, out, resume, overwrite)
+    with lock:
+        _setup_logging()
+        result = _train(
+            cfg,
+            data,
+            out_dir,
+            lock,
+            resume is not None,
+            quiet,
+            dashboard,
+            dashboard_port,
+            tensorboard,
+            mlflow,
+        )
+    from fedforge.report.fairness import fairness_text
+
+    _print_end("done", result.history, result.stop_reason, f"; run directory: {out_dir}")
+    fairness = fairness_text(result.history[-1].metrics)
+    if fairness:
+        console.print(fairness, soft_wrap=True)
+
+
+def _print_end(head: str, history: History, stop_reason: str | None, tail: str = "") -> None:
+    """The line that ends a run: rounds, accuracy, loss and epsilon (and why it stopped
+    early, when it did)."""
+    from fedforge.report.history import privacy_text
+
+    last = history[-1]
+    if stop_reason:
+        console.print(f"[bold yellow]stopped early[/]: {stop_reason}", soft_wrap=True)
+    dp = privacy_text(last)
+    console.print(
+        f"{head}: {last.round} rounds, test accuracy {100 * last.test_accuracy:.2f}%, "
+        f"test loss {last.test_loss:.4f}{', ' + dp if dp else ''}{tail}",
+        soft_wrap=True,
+    )
+
+
+def _claim_run_dir(
+    cfg: RunConfig, out: Path | None, resume: Path | None, overwrite: bool
+) -> tuple[Path, RunLock]:
+    """:func:`fedforge.report.rundir.claim_run_dir`, its refusals as one line (exit 2), a
+    complete run's message as the command's end (exit 0)."""
+    from fedforge.report.rundir import RunComplete, claim_run_dir
+
     try:
-        if resume is not None:
-            out_dir = resume
-        elif out is not None:
-            prepare_out_dir(out, overwrite=overwrite)
-            out_dir = out
-        else:
-            out_dir = new_run_dir()
+        return claim_run_dir(out, resume, overwrite=overwrite, rounds=cfg.server.rounds)
+    except RunComplete as done:
+        console.print(str(done), soft_wrap=True)
+        raise typer.Exit(0) from None
     except (FedforgeError, OSError) as exc:
         raise _fail(exc, 2) from None
-    _setup_logging()
+
+
+def _train(
+    cfg: RunConfig,
+    data: FederatedDataset,
+    out_dir: Path,
+    lock: RunLock,
+    resume: bool,
+    quiet: bool,
+    dashboard: bool,
+    dashboard_port: int,
+    tensorboard: bool,
+    mlflow: bool,
+) -> SimulationResult:
+    """Run the simulation with the progress display, dashboard and trackers asked for; a
+    run that cannot go on ends the command with one line (and how to continue it)."""
     from fedforge.experiment import run_experiment
     from fedforge.report.listeners import ListenerGroup
-    from fedforge.report.progress import ProgressListener
+    from fedforge.report.progress import LineProgress, ProgressListener
+    from fedforge.report.runlock import RunDirGone
+    from fedforge.report.stops import environment_text, interrupted_text
+    from fedforge.report.trackers import run_trackers
 
     server = None
     listeners = ListenerGroup([])
     try:
-        listeners.listeners.extend(make_trackers(cfg, out_dir, tensorboard, mlflow))
+        listeners.listeners.extend(run_trackers(cfg, out_dir, tensorboard, mlflow))
         if dashboard:
             server = _start_dashboard(out_dir, dashboard_port)
-        if quiet:
-            result = run_experiment(cfg, out_dir, listeners, resume=resume is not None)
-        else:
-            progress = ProgressListener.make_progress(console)
-            with progress:
-                listeners.listeners.append(ProgressListener(progress, cfg.server.rounds))
-                result = run_experiment(cfg, out_dir, listeners, resume=resume is not None)
+        if quiet or not console.is_terminal:
+            if not quiet:  # off a terminal (nohup, SLURM, CI): plain lines in the log
+                listeners.listeners.append(LineProgress(cfg.server.rounds))
+            return run_experiment(cfg, out_dir, listeners, resume=resume, data=data)
+        progress = ProgressListener.make_progress(console)
+        with progress:
+            listeners.listeners.append(ProgressListener(progress, cfg.server.rounds))
+            return run_experiment(cfg, out_dir, listeners, resume=resume, data=data)
+    except KeyboardInterrupt:
+        console.print(interrupted_text(out_dir), soft_wrap=True)
+        raise typer.Exit(130) from None
     except FedforgeError as exc:
         raise _fail(exc) from None
+    except Exception as exc:
+        try:
+            lock.check()
+        except RunDirGone as gone:  # a FileNotFoundError, say, because the directory went
+            raise _fail(gone) from None
+        text = environment_text(exc, out_dir)
+        if text is None:
+            raise
+        raise _fail(FedforgeError(text)) from None
     finally:
         listeners.close()
         if server is not None:
             server.close()
-    last = result.history[-1]
-    if result.stop_reason:
-        console.print(f"[bold yellow]stopped early[/]: {result.stop_reason}", soft_wrap=True)
-    dp = privacy_text(last)
-    console.print(
-        f"done: {last.round} rounds, test accuracy {100 * last.test_accuracy:.2f}%, "
-        f"test loss {last.test_loss:.4f}{', ' + dp if dp else ''}; run directory: {out_dir}",
-        soft_wrap=True,
-    )
-    fairness = fairness_text(last.metrics)
-    if fairness:
-        console.print(fairness, soft_wrap=True)
 
 
 def _start_dashboard(directory: Path, port: int) -> Dashboard:
@@ -211,48 +278,6 @@ def _start_dashboard(directory: Path, port: int) -> Dashboard:
     board = Dashboard(directory, port=port)
     console.print(f"dashboard: {board.url} (while the run lasts)", soft_wrap=True)
     return board
-
-
-def missing_trackers(*, tensorboard: bool, mlflow: bool) -> str | None:
-    """Why an asked-for experiment tracker cannot run here (checked before training)."""
-    import importlib.util
-
-    for wanted, module, extra in (
-        (tensorboard, "tensorboard", "tensorboard"),
-        (mlflow, "mlflow", "mlflow"),
-    ):
-        if wanted and importlib.util.find_spec(module) is None:
-            return (
-                f"--{extra} needs {module}, which is not installed: pip install 'fedforge[{extra}]'"
-            )
-    return None
-
-
-def make_trackers(
-    cfg: RunConfig, out_dir: Path, tensorboard: bool, mlflow: bool
-) -> list[RoundListener]:
-    """The experiment-tracker listeners asked for on the command line."""
-    import sys
-
-    from fedforge import __version__
-    from fedforge.report.live import settings_text
-    from fedforge.report.trackers import MLflowExport, TensorBoardExport, flat_config
-
-    raw = cfg.model_dump(mode="json", exclude_none=True)
-    raw.pop("deploy", None)
-    settings = settings_text(raw)
-    trackers: list[RoundListener] = []
-    if tensorboard:
-        trackers.append(TensorBoardExport(out_dir / "tensorboard", settings))
-    if mlflow:
-        tags = {
-            "fedforge.version": __version__,
-            "fedforge.run_dir": str(out_dir),
-            "fedforge.command": " ".join(sys.argv),
-            "mlflow.note.content": settings,
-        }
-        trackers.append(MLflowExport(flat_config(raw), tags, run_name=out_dir.name))
-    return trackers
 
 
 @app.command()
@@ -299,87 +324,15 @@ def dashboard(
 
 @app.command("config")
 def config_command() -> None:
-    """Print every configuration key with its default, allowed values and meaning.
+    """Print every configuration key, at its default, as a TOML file `fedforge run` accepts.
 
-    Generated from the schema that validates run configurations: set keys in a TOML file
-    (``[section]`` then ``key = value``) or with ``--set section.key=value``.
+    Each key's type, allowed values and meaning are in its comment; keys unset by default
+    are commented out. Save the output, edit it, and run it: ``fedforge config > my.toml``,
+    ``fedforge run my.toml``; or override keys with ``--set section.key=value``.
     """
-    typer.echo("\n".join(describe_config()))
+    from fedforge.config.describe import describe_config
 
-
-def describe_config() -> list[str]:
-    """One line per configuration key, from :class:`fedforge.config.RunConfig`."""
-    from fedforge.config import RunConfig
-
-    lines: list[str] = []
-    _describe_model(RunConfig, "", lines)
-    return lines
-
-
-def _describe_model(model: Any, prefix: str, lines: list[str]) -> None:
-    from pydantic import BaseModel
-
-    nested: list[tuple[str, Any]] = []
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            nested.append((name, annotation))
-            continue
-        default = field.get_default(call_default_factory=True)
-        parts = [_describe_type(annotation) + _describe_bounds(field.metadata)]
-        if field.description:
-            parts.append(field.description)
-        shown = "unset" if default is None else _toml_value(default)
-        lines.append(f"{prefix}{name} = {shown}  # " + "; ".join(parts))
-    for name, section in nested:
-        summary = _first_sentence(section.__doc__ or "")
-        header = f"[{prefix}{name}]" + (f"  # {summary}" if summary else "")
-        lines.extend(["", header])
-        _describe_model(section, f"{prefix}{name}.", lines)
-
-
-def _first_sentence(doc: str) -> str:
-    """A docstring's first sentence on one line (the whole first paragraph if it has none)."""
-    paragraph = " ".join(doc.strip().split("\n\n", 1)[0].split())
-    end = paragraph.find(". ")
-    return paragraph if end < 0 else paragraph[: end + 1]
-
-
-def _describe_type(annotation: Any) -> str:
-    import types
-    from typing import Union
-
-    origin = get_origin(annotation)
-    if origin is Literal:
-        return "one of: " + ", ".join(str(a) for a in get_args(annotation))
-    if origin in (Union, types.UnionType):
-        members = [a for a in get_args(annotation) if a is not type(None)]
-        inner = " | ".join(_describe_type(a) for a in members)
-        return f"{inner}, optional" if len(members) < len(get_args(annotation)) else inner
-    if origin is not None:
-        inner = ", ".join(_describe_type(a) for a in get_args(annotation))
-        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _describe_bounds(metadata: list[Any]) -> str:
-    bounds = []
-    for item in metadata:
-        for attr, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            value = getattr(item, attr, None)
-            if value is not None:
-                bounds.append(f"{symbol} {value}")
-    return f" ({', '.join(bounds)})" if bounds else ""
-
-
-def _toml_value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | list):
-        return json.dumps(value)
-    return str(value)
+    typer.echo(describe_config(), nl=False)
 
 
 keys_app = typer.Typer(help="Create and manage deployment credentials.", no_args_is_help=True)
@@ -578,15 +531,7 @@ def server(
     finally:
         if board is not None:
             board.close()
-    last = result.history[-1]
-    if result.stop_reason:
-        console.print(f"[bold yellow]stopped early[/]: {result.stop_reason}", soft_wrap=True)
-    dp = privacy_text(last)
-    console.print(
-        f"run {result.run_id} complete: {last.round} rounds, test accuracy "
-        f"{100 * last.test_accuracy:.2f}%{', ' + dp if dp else ''}",
-        soft_wrap=True,
-    )
+    _print_end(f"run {result.run_id} complete", result.history, result.stop_reason)
 
 
 @app.command("client")

@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from fedforge.aggregate.gather import RobustAggregation
+from fedforge.aggregate.guard import DEPLOYMENT_RATIO, OutlierBound
 from fedforge.aggregate.kinds import Aggregation, WeightedMean
 from fedforge.aggregate.server_opt import FedAdagrad, FedAdam, FedYogi, ServerOptimizer, ServerSGD
 from fedforge.algorithms.base import Algorithm
@@ -36,17 +37,20 @@ from fedforge.privacy.setup import privacy_stages, secret_sampling_seed
 from fedforge.report.listeners import ListenerGroup
 from fedforge.report.live import LIVE, LiveLog
 from fedforge.report.rundir import (
+    RunWatch,
     prepare_out_dir,
     provenance,
     simulation_toml,
     start_provenance,
     write_run_dir,
 )
+from fedforge.report.runlock import held_here, hold
 from fedforge.runtime.async_driver import FedBuff
 from fedforge.runtime.backends import BackendName, BackendOptions
 from fedforge.runtime.clock import ClockSpec
 from fedforge.runtime.devices import draw_devices, read_trace
 from fedforge.runtime.driver import FederatedEvaluation, RoundListener
+from fedforge.runtime.memory import check_training_memory
 from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
 from fedforge.runtime.stragglers import Stragglers
@@ -90,11 +94,31 @@ def _build_partitioned(config: RunConfig) -> FederatedDataset:
 
 
 def build_model(config: RunConfig, data: FederatedDataset) -> nn.Module:
+    """The configured model, initialized from the run seed; refused before any memory is
+    allocated when training it cannot fit in this machine's memory."""
     in_features, classes = data.train.x.shape[1], data.num_classes
+    check_model_memory(config, in_features, classes)
     seed = RngStreams(config.seed).int_seed(Purpose.INIT)
+    return seeded(lambda: _model(config, in_features, classes), seed)
+
+
+def _model(config: RunConfig, in_features: int, classes: int) -> nn.Module:
     if config.model.name == "logistic":
-        return seeded(lambda: logistic(in_features, classes), seed)
-    return seeded(lambda: mlp(in_features, classes, config.model.hidden), seed)
+        return logistic(in_features, classes)
+    return mlp(in_features, classes, config.model.hidden)
+
+
+def check_model_memory(config: RunConfig, in_features: int, classes: int) -> None:
+    """Refuse a configured model too large to train here (sized on torch's meta device,
+    which allocates nothing)."""
+    import torch
+
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in _model(config, in_features, classes).parameters())
+    copies = {"adam": 2, "yogi": 2, "adagrad": 1}.get(config.server.optimizer, 0)
+    copies += int(config.server.momentum > 0) + int(config.client.momentum > 0)
+    lower = "lower model.hidden" if config.model.name == "mlp" else "use fewer features"
+    check_training_memory(num_params, optimizer_copies=copies, what_to_lower=lower)
 
 
 def build_server_optimizer(config: RunConfig) -> ServerOptimizer:
@@ -209,6 +233,16 @@ def build_aggregation(config: RunConfig) -> Aggregation:
     )
 
 
+def build_outliers(config: RunConfig, *, deployed: bool) -> OutlierBound | None:
+    """The outlier bound on records: ``aggregation.outlier_ratio``, by default on in
+    deployment (never under secure aggregation, whose server sees no record)."""
+    ratio = config.aggregation.outlier_ratio
+    if ratio is None:
+        secure = config.aggregation.kind == "secure_sum"
+        ratio = DEPLOYMENT_RATIO if deployed and not secure else 0.0
+    return OutlierBound(ratio) if ratio > 0 else None
+
+
 def build_sampler(config: RunConfig) -> Sampler:
     s = config.server
     if s.sampler == "poisson":
@@ -270,19 +304,6 @@ def backend_options(config: RunConfig) -> BackendOptions:
     )
 
 
-def run_device(config: RunConfig, backend: str) -> str:
-    """The torch device clients train on: the vectorized backend's (configured, else cuda
-    when present); every other backend trains on the CPU."""
-    if backend != "vectorized":
-        return "cpu"
-    import torch
-
-    from fedforge.runtime.vectorized import default_device
-
-    device = config.runtime.device
-    return str(torch.device(device) if device else default_device())
-
-
 def check_simulation(config: RunConfig) -> None:
     """What a configuration cannot do in simulation (it may on a deployment's server)."""
     if config.asynchronous.mode != "off" and not config.clock.enabled:
@@ -317,6 +338,7 @@ def simulate_config(
         options=backend_options(config),
         threads=config.runtime.threads,
         listener=listener,
+        verbose=False,  # the command line shows its own progress
         stages=attack.stages + build_stages(config, data.num_clients, data.client_sizes()),
         sample_dp=build_sample_dp(config),
         probes=attack.probes,
@@ -330,7 +352,17 @@ def simulate_config(
         resume=resume,
         clock=build_clock(config, data.num_clients),
         fedbuff=build_fedbuff(config),
+        outliers=build_outliers(config, deployed=False),
+        max_refused=config.aggregation.max_refused,
     )
+
+
+def prepare_data(config: RunConfig) -> FederatedDataset:
+    """The configured dataset, once the configured model is known to fit in memory (so a
+    model far too large is refused before a run directory is touched)."""
+    data = build_dataset(config)
+    check_model_memory(config, data.train.x.shape[1], data.num_classes)
+    return data
 
 
 def run_experiment(
@@ -340,30 +372,40 @@ def run_experiment(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    data: FederatedDataset | None = None,
 ) -> SimulationResult:
     """Run the configured simulation and write the run directory; the server state is
     checkpointed in it after every round, so ``resume=True`` continues a killed run.
 
-    Without ``resume``, a non-empty ``out_dir`` is refused (FedforgeError) unless
-    ``overwrite`` is given, which replaces a previous run directory."""
+    ``data`` is the configured dataset when already built (:func:`prepare_data`). The
+    directory is locked for this process while the run lasts (another live run there is
+    refused with RunDirInUse). Without ``resume``, a non-empty ``out_dir`` is refused
+    (FedforgeError) unless ``overwrite`` is given, which replaces a previous run directory."""
     started = datetime.now().astimezone()
-    if resume:
+    data = data or prepare_data(config)
+    if resume or held_here(out_dir):  # held: the caller prepared it (the command line)
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock = hold(out_dir)
     else:
-        prepare_out_dir(out_dir, overwrite=overwrite)
-    (out_dir / "config.toml").write_text(simulation_toml(config))  # first: a killed run resumes
-    record = start_provenance(
-        out_dir,
-        provenance(config, backend=config.runtime.backend, device=None, started=started),
-        resume=resume,
-    )
-    data = build_dataset(config)
-    listeners = ListenerGroup([LiveLog(out_dir / LIVE), listener])  # LIVE: the dashboard's feed
-    result = simulate_config(config, data, listener=listeners, state_dir=out_dir, resume=resume)
-    record.update(
-        backend=result.backend,
-        device=run_device(config, result.backend),
-        finished=datetime.now().astimezone().isoformat(timespec="seconds"),
-    )
-    write_run_dir(out_dir, config, result, data, record)
+        lock = prepare_out_dir(out_dir, overwrite=overwrite)
+    with lock:
+        (out_dir / "config.toml").write_text(simulation_toml(config))  # first: resumable
+        record = start_provenance(
+            out_dir,
+            provenance(config, backend=config.runtime.backend, device=None, started=started),
+            resume=resume,
+        )
+        live = LiveLog(out_dir / LIVE)  # the dashboard's feed
+        watch = RunWatch(lock, record)
+        listeners = ListenerGroup([watch, live, listener])
+        try:
+            result = simulate_config(
+                config, data, listener=listeners, state_dir=out_dir, resume=resume
+            )
+            lock.check()
+        except BaseException as exc:
+            live.stopped(exc)
+            raise
+        record["finished"] = datetime.now().astimezone().isoformat(timespec="seconds")
+        write_run_dir(out_dir, config, result, data, record)
     return result

@@ -21,6 +21,7 @@ from fedforge.net.keys import add_client, init_keys
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import PROTOCOL_VERSION
+from fedforge.report.history import RoundRecord
 from fedforge.runtime.checkpoint import Checkpoint, CheckpointStore
 
 # How much longer than on a quiet machine the tests wait for a process or an event before
@@ -352,3 +353,8 @@ def stored_run(state: Path) -> Checkpoint:
 
 def log_has(path: Path, text: str) -> bool:
     return path.exists() and text in path.read_text(errors="replace")
+
+
+def stored_history(state: Path) -> list[RoundRecord]:
+    """The round records a server checkpointed in its state directory."""
+    return list(stored_run(state).history)

@@ -19,7 +19,6 @@ from fedforge.net.codec import encode_params, split_payload
 from fedforge.net.keys import add_client, init_keys, revoke_client
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
-from fedforge.net.server import size_cap
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.runtime.checkpoint import CheckpointStore
 from tests.net.helpers import (
@@ -262,15 +261,3 @@ def test_unauthenticated_revoked_foreign_and_duplicate_clients_are_refused(
         assert server.poll() is None  # still serving after all of that
     finally:
         stop_all([server])
-
-
-def test_a_known_size_caps_the_declared_one() -> None:
-    # A share of the built-in dataset (training or held-out): never more than its real size.
-    assert size_cap(10_000_000, 150, 10_000_000, undeclared=10_000_000) == 150
-    assert size_cap(90, 150, 10_000_000, undeclared=0) == 90  # less data of its own
-    assert size_cap(0, 30, 10_000_000, undeclared=0) == 30  # declared nothing
-    # No size known: the declaration, capped by deploy.max_examples.
-    assert size_cap(900, None, 10_000_000, undeclared=0) == 900
-    assert size_cap(10**9, None, 10_000_000, undeclared=0) == 10_000_000
-    assert size_cap(0, None, 500, undeclared=500) == 500
-    assert size_cap(0, None, 500, undeclared=0) == 0

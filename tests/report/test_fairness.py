@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from fedforge.report.fairness import client_spread, worst_share_mean
 
 
@@ -34,8 +36,12 @@ def test_worst_decile_is_the_mean_of_the_lowest_tenth() -> None:
 
 
 def test_client_spread_names_accuracy_metrics_only() -> None:
-    out = client_spread({"accuracy": [0.5, 1.0], "loss": [1.0, 2.0]}, "fed_eval.")
-    assert out == {"fed_eval.accuracy.client_mean": 0.75, "fed_eval.accuracy.worst10": 0.5}
+    out = client_spread({"accuracy": [0.5, 1.0, 0.9], "loss": [1.0, 2.0, 3.0]}, "fed_eval.")
+    assert out == {
+        "fed_eval.accuracy.client_mean": pytest.approx(0.8),
+        "fed_eval.accuracy.worst10": 0.5,
+        "fed_eval.accuracy.min": 0.5,
+    }
 
 
 def test_fairness_text_reports_global_and_personal() -> None:

@@ -102,3 +102,45 @@ def test_the_clients_column_counts_every_client(
         listener=ListenerGroup([listener, columns]),
     )
     assert columns.seen == ["6/6", "6/6"]
+
+
+# Issue 21: off a terminal and from the Python API, progress is printed as lines.
+
+
+def test_line_progress_prints_round_0_the_last_round_and_at_most_one_line_per_interval() -> None:
+    from fedforge.report.progress import LineProgress
+
+    now = [0.0]
+    stream = io.StringIO()
+    lines = LineProgress(10, stream, interval=5.0, clock=lambda: now[0])
+    for r in range(11):
+        now[0] = 1.5 * r  # 1.5 s per round: a line at 0, 7.5, 15 s and the last
+        counts = {"clients_sampled": 4, "clients_completed": 3, "clients_failed": 1} if r else {}
+        lines.round_finished(RoundRecord(r, 0.5, 1.25, **counts))
+    printed = stream.getvalue().splitlines()
+    assert [line.split(":")[0] for line in printed] == [
+        "round 0/10", "round 4/10", "round 8/10", "round 10/10",
+    ]  # fmt: skip
+    assert printed[0] == "round 0/10: accuracy 50.0%, loss 1.25, 0.0 s"
+    assert printed[-1] == "round 10/10: accuracy 50.0%, loss 1.25, clients 3/4 (1 failed), 15.0 s"
+
+
+@pytest.mark.parametrize(("verbose", "rounds_printed"), [(0, []), (2, [0, 1, 2, 3]), (1, [0, 3])])
+def test_simulate_prints_progress_as_asked(
+    small_federated: FederatedDataset,
+    capsys: pytest.CaptureFixture[str],
+    verbose: int,
+    rounds_printed: list[int],
+) -> None:
+    kwargs = {} if verbose == 1 else {"verbose": verbose}  # 1 is the default
+    fedforge.simulate(
+        small_mlp(),
+        small_federated,
+        rounds=3,
+        clients_per_round=2,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    captured = capsys.readouterr()
+    assert captured.out == ""  # stdout stays the user's
+    printed = [int(m) for m in re.findall(r"^round (\d+)/3: accuracy", captured.err, re.M)]
+    assert printed == rounds_printed

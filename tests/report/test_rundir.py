@@ -18,6 +18,7 @@ from fedforge.report.rundir import (
     simulation_toml,
     start_provenance,
 )
+from fedforge.report.runlock import LOCK
 
 NOON = datetime(2024, 5, 1, 12, 0, 0)
 
@@ -60,8 +61,8 @@ def test_an_existing_run_directory_is_refused_and_left_intact(tmp_path: Path) ->
 
 def test_overwrite_replaces_a_previous_run(tmp_path: Path) -> None:
     old = _previous_run(tmp_path / "old")
-    prepare_out_dir(old, overwrite=True)
-    assert old.is_dir() and not any(old.iterdir())
+    with prepare_out_dir(old, overwrite=True):  # held by this process until released
+        assert [p.name for p in old.iterdir()] == [LOCK]  # only the lock file is kept
 
 
 def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
@@ -74,9 +75,9 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tmp_path: Path) -> N
 
 
 def test_missing_or_empty_out_is_fine_and_a_file_is_refused(tmp_path: Path) -> None:
-    prepare_out_dir(tmp_path / "new" / "run")
+    prepare_out_dir(tmp_path / "new" / "run").release()
     assert (tmp_path / "new" / "run").is_dir()
-    prepare_out_dir(tmp_path / "new" / "run")  # empty: still fine
+    prepare_out_dir(tmp_path / "new" / "run").release()  # empty (but its lock): still fine
     (tmp_path / "file").write_text("x")
     with pytest.raises(FedforgeError, match="not a directory"):
         prepare_out_dir(tmp_path / "file", overwrite=True)

@@ -4,8 +4,10 @@ read back with each tool's own reader; a clear error before training where one i
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,23 @@ def test_tensorboard_event_file_holds_every_round(tmp_path: Path) -> None:
     assert [s.step for s in train] == list(range(1, ROUNDS + 1))  # round 0 has no train loss
 
 
+def test_mlflow_logs_into_the_run_directory_unless_told_and_tags_the_provenance(
+    tmp_path: Path,
+) -> None:
+    from fedforge.config import RunConfig
+    from fedforge.report.rundir import provenance
+    from fedforge.report.trackers import mlflow_tracking_uri, provenance_tags
+
+    run_dir = tmp_path / "run"
+    assert mlflow_tracking_uri(run_dir, {}) == f"sqlite:///{run_dir.resolve()}/mlflow.db"
+    assert mlflow_tracking_uri(run_dir, {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}) is None
+    record = provenance(RunConfig(seed=7), backend="auto", device=None, started=datetime.now())
+    tags = provenance_tags(record)
+    for key in ("version", "torch", "numpy", "python", "platform", "backend_requested"):
+        assert tags[f"fedforge.{key}"] == str(record["fedforge" if key == "version" else key])
+    assert tags["fedforge.seed"] == "7" and "fedforge.device" not in tags  # not known yet
+
+
 def test_mlflow_run_holds_the_config_and_every_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -101,8 +120,32 @@ def test_mlflow_run_holds_the_config_and_every_round(
     assert run.data.params["server.rounds"] == str(ROUNDS)
     assert run.data.params["data.dataset"] == "digits"
     assert run.data.tags["fedforge.run_dir"] == str(out)
+    provenance = json.loads((out / "provenance.json").read_text())
+    for key in ("torch", "numpy", "python", "platform", "backend", "device", "seed"):
+        assert run.data.tags[f"fedforge.{key}"] == str(provenance[key]), key
     assert run.info.status == "FINISHED"
     accuracy = client.get_metric_history(run.info.run_id, "test_accuracy")
     assert sorted((m.step, m.value) for m in accuracy) == [
         (r.round, pytest.approx(r.test_accuracy)) for r in history
     ]
+
+
+def test_mlflow_without_a_tracking_uri_logs_into_the_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    out, history = run_with(tmp_path, "--mlflow")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "small.toml"]  # not in cwd
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("fedforge")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert (
+        run.data.tags["fedforge.backend"]
+        == json.loads((out / "provenance.json").read_text())["backend"]
+    )
+    assert len(client.get_metric_history(run.info.run_id, "test_accuracy")) == len(history)

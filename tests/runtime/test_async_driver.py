@@ -278,3 +278,24 @@ def test_fedbuff_progress_counts_the_buffer() -> None:
         listener=ListenerGroup([progress, columns]),
     )
     assert columns.seen == ["3/3"] * 4
+
+
+def test_fedbuff_drops_an_outlying_record_from_its_buffer() -> None:
+    """Client 0 sends Gaussian noise of stddev 1e30 every time: with the outlier bound its
+    records never reach the model, which trains on the others'."""
+    from fedforge.aggregate.guard import OutlierBound
+    from fedforge.attacks.simulated import ModelPoisoning
+
+    data = _federation(3)
+    result = simulate(
+        small_mlp(),
+        data,
+        FedAvg(local=LOCAL),
+        rounds=4,
+        clock=ClockSpec(_devices(data, [1.0, 1.5, 2.2])),
+        fedbuff=FedBuff(buffer=3, concurrency=3),
+        stages=[ModelPoisoning(frozenset({0}), "gaussian", std=1e30)],
+        outliers=OutlierBound(10.0),
+    )
+    assert all(r.clients["refused"] == [0] for r in result.history[1:])
+    assert all(np.abs(v).max() < 100 for v in result.state.params.values())  # (finite too)

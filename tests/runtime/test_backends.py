@@ -10,13 +10,14 @@ import torch
 
 import fedforge
 from fedforge.config import load_config
+from fedforge.core.errors import FedforgeError
 from fedforge.core.records import FIT, ClientFailure, Record, Task
 from fedforge.experiment import build_algorithm, build_dataset, build_model
 from fedforge.runtime import workers as workers_module
 from fedforge.runtime.backends import BackendOptions, resolve_backend
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import MemoryStateStore
-from fedforge.runtime.driver import FederatedEvaluation
+from fedforge.runtime.driver import FederatedEvaluation, RoundListener
 from fedforge.runtime.sequential import SequentialTransport
 from fedforge.runtime.workers import WorkerPoolTransport
 from fedforge.train.cohort_mlp import mlp_structure
@@ -223,16 +224,26 @@ class WrongShape(fedforge.FedAvg):
 
 @pytest.mark.parametrize("backend", ["sequential", "vectorized", "workers"])
 def test_records_that_do_not_match_the_model_are_rejected(small_federated, backend) -> None:  # type: ignore[no-untyped-def]
-    result = fedforge.simulate(
-        small_mlp(),
-        small_federated,
-        WrongShape(local=LOCAL),
-        rounds=1,
-        clients_per_round=4,
-        backend=backend,
-    )
-    rec = result.history[1]
-    assert (rec.clients_completed, rec.clients_rejected, rec.clients_failed) == (0, 4, 0)
+    """Every backend rejects them (not failed); a round whose every record is rejected is
+    refused, and after aggregation.max_refused retries the run stops with the reason."""
+    statuses: list[str] = []
+
+    class Statuses(RoundListener):
+        def client_done(self, client_id: int, status: str) -> None:
+            statuses.append(status)
+
+    with pytest.raises(FedforgeError, match=r"every record was rejected .*expected"):
+        fedforge.simulate(
+            small_mlp(),
+            small_federated,
+            WrongShape(local=LOCAL),
+            rounds=1,
+            clients_per_round=4,
+            backend=backend,
+            listener=Statuses(),
+            max_refused=1,
+        )
+    assert statuses == ["rejected"] * 8  # two attempts of four clients
 
 
 def _pool_setup(data):  # type: ignore[no-untyped-def]

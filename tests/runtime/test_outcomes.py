@@ -36,11 +36,11 @@ def poisoned(
     data: FederatedDataset, clients: tuple[int, ...], nan: int = NAN, bad_label: int = BAD_LABEL
 ) -> FederatedDataset:
     x, y = data.train.x.copy(), data.train.y.copy()
-    if nan in clients:
-        x[data.partition[nan]] = np.nan
     if bad_label in clients:
         y[data.partition[bad_label]] = 99
     out = FederatedDataset(ArrayDataset(x, y), data.test, data.partition)
+    if nan in clients:  # after the dataset's checks, which refuse NaN features up front
+        out.train.x[data.partition[nan]] = np.nan
     return out.with_holdout(0.25, np.random.default_rng(0))
 
 

@@ -13,7 +13,8 @@ from fedforge.core.records import Record, RecordSpec, Task
 from fedforge.secagg.client import Identity, SecAggClient, Session, keep
 from fedforge.secagg.crypto import SecAggError
 from fedforge.secagg.protocol import STEPS, SecAggParams
-from fedforge.secagg.server import Layout, SecAggRound, SecureSum
+from fedforge.secagg.records import Layout, SecureSum
+from fedforge.secagg.server import SecAggRound
 
 Tamper = Callable[[Task], Task]  # the server's outgoing task, changed in flight
 
@@ -51,10 +52,15 @@ def run_session(
     round_number: int = 1,
     noise_std: float = 0.0,
     errors: dict[int, str] | None = None,
+    clients: Mapping[int, SecAggClient] | None = None,
+    server_verifies: bool = True,
 ) -> Outcome:
     """One session over ``inputs``; ``drop[step]``: clients that vanish at that step (they
     never answer it); a client whose step raises is a dropout too, its error recorded in
-    ``errors``. Raises SecAggAbort."""
+    ``errors``; ``clients``: who answers for some clients (a hostile one). With
+    ``identities`` the server checks the signatures itself unless not ``server_verifies``
+    (then only the neighbours do); their certificates are named ``site<id>``. A reply the
+    server rejects excludes its client, as in the driver. Raises SecAggAbort."""
     dim = len(next(iter(inputs.values())).arrays["w"])
     names = tuple(next(iter(inputs.values())).scalars)
     spec = RecordSpec({"w": ArraySpec((dim,), np.float32)}, scalars=names)
@@ -70,6 +76,8 @@ def run_session(
         params.clip_norm,
         require_identities=identities is not None,
         noise_std=noise_std,
+        ca_pem=next(iter(identities.values())).ca_pem if identities and server_verifies else None,
+        names={c: f"site{c}" for c in inputs},
     )
     replies: dict[str, dict[int, Record]] = {}
     errors = {} if errors is None else errors  # the caller's dict survives an abort
@@ -81,7 +89,9 @@ def run_session(
                 continue
             if tamper and step in tamper:
                 task = tamper[step](task)
-            client = SecAggClient(identities[cid] if identities else None)
+            client = (clients or {}).get(cid) or SecAggClient(
+                identities[cid] if identities else None
+            )
             try:
                 reply, sessions[cid] = client.handle(task, sessions[cid])
             except SecAggError as exc:
@@ -90,6 +100,7 @@ def run_session(
             problem = server.check(step, reply)
             if problem is not None:
                 errors[cid] = problem
+                server.exclude(cid, problem)
                 continue
             server.accept(step, reply)
             replies[step][cid] = reply

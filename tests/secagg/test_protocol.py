@@ -30,7 +30,8 @@ from fedforge.secagg.protocol import (
     SecAggAbort,
     SecAggParams,
 )
-from fedforge.secagg.server import Layout, SecAggRound
+from fedforge.secagg.records import Layout
+from fedforge.secagg.server import SecAggRound
 from tests.secagg.harness import Tamper, records, run_session
 
 COMPLETE = SecAggParams(complete=True)
@@ -123,10 +124,16 @@ def _flip_ciphertext(task: Task) -> Task:
     return dataclasses.replace(task, shared={**task.shared, "ciphertexts": ciphertexts})
 
 
-def test_a_tampered_ciphertext_is_rejected_and_the_round_goes_on() -> None:
+def test_a_tampered_ciphertext_is_refused_and_the_round_goes_on() -> None:
+    """Client 0 cannot open the share client 1 sent it: it masks without client 1 and says
+    so; the server cannot tell which of the two lies, so it excludes both (they become
+    dropouts) and the others' sum is exact."""
     out = run_session(records(12, 30), tamper={MASK: _flip_ciphertext})
-    assert "authentication" in out.errors[0]
-    assert 0 not in out.result.survivors and len(out.result.survivors) == 11
+    assert out.replies[MASK][0].arrays["refused"].tolist() == [1]
+    assert set(out.session.excluded) == {0, 1}
+    assert "0 refused its share" in out.session.excluded[1]
+    assert out.result.survivors == list(range(2, 12))
+    assert out.session.transcript.both_kinds() == set()
     np.testing.assert_allclose(
         out.result.arrays["w"], survivors_sum(out, out.result.survivors), atol=tolerance(out, 12)
     )
@@ -150,7 +157,7 @@ def test_a_replayed_share_is_rejected() -> None:
         return dataclasses.replace(task, shared={**task.shared, "ciphertexts": old_task_payload[2]})
 
     out = run_session(inputs, COMPLETE, tamper={MASK: replay}, round_number=2)
-    assert "authentication" in out.errors[2]
+    assert "shares checked out (refused: [0, 1, 3, 4, 5, 6, 7])" in out.errors[2]
 
 
 def _credentials(root: Path, count: int) -> dict[int, Identity]:
@@ -270,9 +277,15 @@ def test_an_expired_certificate_is_refused(tmp_path: Path) -> None:
     identities[0] = Identity(
         key_pem, expired.public_bytes(serialization.Encoding.DER), identities[0].ca_pem
     )
+    # The server refuses site0's keys at the advertise step; the others go on.
+    out = run_session(records(4, 10), COMPLETE, identities=identities)
+    assert "expired" in out.session.excluded[0] and out.result.survivors == [1, 2, 3]
+    # A server that relays them anyway: every neighbour refuses them (too few clients left).
     errors: dict[int, str] = {}
-    with pytest.raises(SecAggAbort):  # nobody accepts site0's keys: too few clients left
-        run_session(records(4, 10), COMPLETE, identities=identities, errors=errors)
+    with pytest.raises(SecAggAbort):
+        run_session(
+            records(4, 10), COMPLETE, identities=identities, errors=errors, server_verifies=False
+        )
     assert all("expired" in errors[c] for c in (1, 2, 3))
 
 
@@ -307,7 +320,7 @@ def test_a_client_refuses_a_threshold_below_a_majority() -> None:
 
 def test_the_server_rejects_a_masked_input_of_the_wrong_length() -> None:
     out = run_session(records(6, 10), COMPLETE)
-    bad = Record(1, 1, {"masked": np.zeros(3, np.uint32)})
+    bad = Record(1, 1, {"masked": np.zeros(3, np.uint32), "refused": np.zeros(0, np.int64)})
     assert "masked input: expected uint32" in (out.session.check(MASK, bad) or "")
 
 

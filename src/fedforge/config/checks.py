@@ -115,6 +115,17 @@ def aggregation_problems(config: RunConfig) -> list[str]:
             "aggregation.kind = 'norm_bound' needs exactly one of aggregation.max_norm "
             "and aggregation.norm_quantile"
         )
+    if agg.outlier_ratio is not None and 0 < agg.outlier_ratio < 1:
+        out.append(
+            f"aggregation.outlier_ratio = {agg.outlier_ratio} would refuse every update above "
+            "the median: use a ratio of at least 1 (or 0 to turn it off)"
+        )
+    if agg.kind == "secure_sum" and agg.outlier_ratio:
+        out.append(
+            "aggregation.outlier_ratio cannot apply to aggregation.kind = 'secure_sum': the "
+            "server never sees a record (each is clipped to secagg.clip_norm, and the "
+            "unmasked sum is checked against that bound)"
+        )
     if agg.kind != "mean" and agg.kind in BOUNDED_RULES:
         if config.server.sampler != "uniform":
             out.append(

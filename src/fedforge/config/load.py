@@ -69,6 +69,13 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
             raw = tomllib.loads(Path(path).read_text())
         except FileNotFoundError as exc:
             raise ConfigError(f"config file not found: {path}") from exc
+        except IsADirectoryError:
+            raise ConfigError(
+                f"{path} is a directory, not a configuration file (to continue the run in a "
+                f"run directory: fedforge run --resume {path})"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the configuration file {path}: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     for assignment in overrides or []:

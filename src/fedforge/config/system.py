@@ -123,14 +123,14 @@ class DeployConfig(Section):
     site_examples: dict[str, int] = Field(
         default_factory=dict,
         description="the operator's training-set size per client name: a client listed here "
-        "never counts more examples, whatever it declares",
+        "counts at most this many examples (a larger claim is clamped, not rejected)",
     )
     max_size_ratio: float = Field(
         10.0,
         ge=0,
         description="a client not in site_examples counts at most this many times the median "
-        "size the other connected clients declare (outlier claims are logged, larger counts "
-        "rejected); 0: no such cap",
+        "size every connected client declares (larger claims are clamped and the client listed "
+        "in clients.clamped; evaluation counts likewise); 0: no such cap",
     )
     hello_timeout_s: float = Field(
         10.0, gt=0, description="a connection that sends no Hello within this is closed"

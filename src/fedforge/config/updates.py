@@ -106,6 +106,16 @@ class AggregationConfig(Section):
     )
     tau: float = Field(1.0, gt=0, description="centered_clipping: clipping radius")
     iterations: int = Field(3, ge=1, description="centered_clipping: iterations")
+    outlier_ratio: float | None = Field(
+        None,
+        ge=0,
+        description="refuse a round with a record whose update norm exceeds this many times "
+        "the round's median norm, and retry it without that client (default: 10 in "
+        "deployment, off in simulation; 0: off)",
+    )
+    max_refused: int = Field(
+        3, ge=0, description="refused aggregates of one round before the run stops (an error)"
+    )
 
 
 class SecAggConfig(Section):

@@ -8,21 +8,37 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedforge.core.errors import DataError
+from fedforge.data.checks import as_features, as_labels
 
 
 @dataclass(frozen=True)
 class ArrayDataset:
-    """Features ``x`` (float32, one row per example) and integer labels ``y``."""
+    """Features ``x`` (one row per example: float32, or integers such as token ids) and
+    class labels ``y`` (int64, ``0 .. classes - 1``).
+
+    Checked and converted when made: NumPy arrays, torch tensors or nested sequences are
+    accepted; float64 features become float32, integer-valued float labels int64; NaN or
+    infinite features, non-integer or negative labels, ragged rows and mismatched lengths
+    are refused with a :class:`DataError`."""
 
     x: np.ndarray
     y: np.ndarray
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "x", as_features(self.x))
+        object.__setattr__(self, "y", as_labels(self.y))
         if len(self.x) != len(self.y):
             raise DataError(f"x has {len(self.x)} rows but y has {len(self.y)} labels")
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def subset(self, rows: np.ndarray) -> ArrayDataset:
+        """The examples at ``rows``; not checked again (this dataset was)."""
+        part = object.__new__(ArrayDataset)
+        object.__setattr__(part, "x", self.x[rows])
+        object.__setattr__(part, "y", self.y[rows])
+        return part
 
     @property
     def num_classes(self) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from fedforge.core.errors import DataError
+from fedforge.data.checks import as_indices, check_disjoint
 from fedforge.data.datasets import ArrayDataset
 from fedforge.data.partition import Partition, label_counts
 
@@ -26,7 +27,10 @@ class FederatedDataset:
 
     ``holdout`` (optional) holds each client's held-out indices into ``train`` for federated
     evaluation; :meth:`with_holdout` makes it. Client data is materialized lazily, so ten
-    thousand clients cost only their index arrays.
+    thousand clients cost only their index arrays. Checked when made: every client has
+    examples, indices are integers inside ``train`` (torch tensors and lists are converted),
+    no example belongs to two clients (or twice to one), and train and test examples have
+    the same shape and kind.
     """
 
     train: ArrayDataset
@@ -35,15 +39,40 @@ class FederatedDataset:
     holdout: Partition | None = None
 
     def __post_init__(self) -> None:
-        if not self.partition:
+        for name in ("train", "test"):
+            if not isinstance(getattr(self, name), ArrayDataset):
+                raise DataError(f"{name} must be an ArrayDataset(x, y)")
+        train, test = self.train, self.test
+        if len(test) and (
+            train.x.shape[1:] != test.x.shape[1:] or train.x.dtype.kind != test.x.dtype.kind
+        ):
+            raise DataError(
+                f"test examples are {test.x.dtype} of shape {test.x.shape[1:]}, training "
+                f"examples {train.x.dtype} of shape {train.x.shape[1:]}: they must match"
+            )
+        if isinstance(self.partition, np.ndarray) and self.partition.ndim < 2:
+            raise DataError("partition must be a list of index arrays, one per client")
+        if not len(self.partition):
             raise DataError("a federated dataset needs at least one client")
-        for cid, idx in enumerate(self.partition):
+        parts = [
+            as_indices(idx, f"client {cid}'s indices", len(train))
+            for cid, idx in enumerate(self.partition)
+        ]
+        for cid, idx in enumerate(parts):
             if len(idx) == 0:
                 raise DataError(f"client {cid} has no examples")
-            if idx.min() < 0 or idx.max() >= len(self.train):
-                raise DataError(f"client {cid} has indices outside the training set")
-        if self.holdout is not None and len(self.holdout) != len(self.partition):
-            raise DataError("holdout needs one index array per client")
+        object.__setattr__(self, "partition", parts)
+        every = parts
+        if self.holdout is not None:
+            if len(self.holdout) != len(parts):
+                raise DataError("holdout needs one index array per client")
+            held = [
+                as_indices(idx, f"client {cid}'s held-out indices", len(train))
+                for cid, idx in enumerate(self.holdout)
+            ]
+            object.__setattr__(self, "holdout", held)
+            every = parts + held
+        check_disjoint(every, len(train), "partition")
 
     def with_holdout(self, fraction: float, rng: np.random.Generator) -> FederatedDataset:
         """Move a random ``fraction`` of each client's examples (at least one when it has two
@@ -67,14 +96,12 @@ class FederatedDataset:
         return max(self.train.num_classes, self.test.num_classes)
 
     def client(self, client_id: int) -> ArrayDataset:
-        idx = self.partition[client_id]
-        return ArrayDataset(self.train.x[idx], self.train.y[idx])
+        return self.train.subset(self.partition[client_id])
 
     def client_data(self, client_id: int) -> ClientData:
         held = None
         if self.holdout is not None and len(self.holdout[client_id]):
-            idx = self.holdout[client_id]
-            held = ArrayDataset(self.train.x[idx], self.train.y[idx])
+            held = self.train.subset(self.holdout[client_id])
         return ClientData(self.client(client_id), held)
 
     def client_size(self, client_id: int) -> int:

@@ -240,10 +240,13 @@ class Hub:
             log.warning("client %s: %s; closing its session", session.name, reason)
             self.close(session, reason)
 
-    def declared_sizes(self) -> dict[str, int]:
-        """Each connected client's declared training-set size (0: none declared)."""
+    def declared_sizes(self, *, holdout: bool = False) -> dict[str, int]:
+        """Each connected client's declared training-set (or held-out set) size (0: none)."""
         with self._changed:
-            return {s.name: s.declared_examples for s in self._sessions.values()}
+            return {
+                s.name: s.declared_holdout if holdout else s.declared_examples
+                for s in self._sessions.values()
+            }
 
     def mark_ready(self, session: Session) -> None:
         """The client has declared its data sizes: from now on it may be sampled."""

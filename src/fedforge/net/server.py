@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -31,6 +30,7 @@ from fedforge.experiment import (
     build_fedbuff,
     build_federated_eval,
     build_model,
+    build_outliers,
     build_sample_dp,
     build_sampler,
     build_stages,
@@ -42,6 +42,7 @@ from fedforge.net.keys import ServerCredentials
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.registry import check_client_name
 from fedforge.net.service import FederationService
+from fedforge.net.sizes import SiteSizes
 from fedforge.net.supervision import RetryPolicy, RoundLog, Watchdog
 from fedforge.net.transport import NetworkTransport
 from fedforge.privacy.dp_sgd import dp_sgd_labels
@@ -72,20 +73,6 @@ class ServerRun:
     stop_reason: str | None = None  # why the run ended before its last round (a DP budget)
 
 
-def size_cap(declared: int, known: int | None, max_examples: int, undeclared: int) -> int:
-    """The largest example count accepted from a client.
-
-    ``known`` is the client's real size when the server knows it (its share of the built-in
-    dataset): a client may declare less (it brings less data of its own), never more.
-    Otherwise (``None``) the client's declaration is all there is (``undeclared`` when it
-    made none). Never above ``max_examples``."""
-    if known is not None:
-        cap = min(declared, known) if declared > 0 else known
-    else:
-        cap = declared if declared > 0 else undeclared
-    return max(0, min(cap, max_examples))
-
-
 def sampling_population(
     config: RunConfig, hub: Hub, registered: int
 ) -> Callable[[], Sequence[int]]:
@@ -95,15 +82,6 @@ def sampling_population(
     if config.privacy.mode == "central":
         return lambda: range(registered)
     return hub.connected_ids
-
-
-def outlier_cap(others: list[int], ratio: float) -> int | None:
-    """The largest size a client may count next to the other clients' declared sizes:
-    ``ratio`` times their median (None without a ratio or without others' declarations)."""
-    sizes = [n for n in others if n > 0]
-    if ratio <= 0 or not sizes:
-        return None
-    return max(1, int(ratio * statistics.median(sizes)))
 
 
 def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
@@ -118,12 +96,20 @@ def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
     ]
 
 
-def deployed_aggregation(config: RunConfig, *, signed: bool) -> Aggregation:
+def deployed_aggregation(
+    config: RunConfig, credentials: ServerCredentials | None, names: dict[int, str]
+) -> Aggregation:
     """The configured aggregation; secure aggregation over TLS requires every client to
-    sign its keys with its certificate, so the server cannot substitute them."""
+    sign its keys with its certificate, so the server cannot substitute them, and the server
+    checks each signature itself (the run's CA, the client's own name) before relaying it."""
     aggregation = build_aggregation(config)
-    if isinstance(aggregation, SecureAggregation) and signed:
-        return replace(aggregation, require_identities=True)
+    if isinstance(aggregation, SecureAggregation) and credentials is not None:
+        return replace(
+            aggregation,
+            require_identities=True,
+            ca_pem=credentials.ca_certificate,
+            names=names,
+        )
     return aggregation
 
 
@@ -237,46 +223,7 @@ def run_server(
         model.set_params(params)
         return evaluate(model, data.test)
 
-    clamped: set[tuple[str, int]] = set()  # (client, cap) outlier clamps already logged
-
-    def example_cap(cid: int, stage: str) -> int:
-        """The largest example count accepted from a client (see :func:`size_cap`): a client
-        with a share of the built-in dataset is held to its size (training examples, or
-        held-out examples for the evaluate stage); a client the operator sized in
-        ``deploy.site_examples`` to that size; any other to ``deploy.max_size_ratio`` times
-        the median size the other clients declare. A claim is never what raises a cap."""
-        session = hub.session_for(cid)
-        name = names[cid]
-        builtin = d.client_data == "builtin" and cid < data.num_clients
-        if stage != FIT:
-            declared = session.declared_holdout if session else 0
-            known = data.holdout_size(cid) if builtin else None
-            return size_cap(declared, known, d.max_examples, undeclared=0)
-        declared = session.declared_examples if session else 0
-        known = data.client_size(cid) if builtin else None
-        if name in d.site_examples:
-            known = (
-                min(known, d.site_examples[name]) if known is not None else d.site_examples[name]
-            )
-        cap = size_cap(declared, known, d.max_examples, undeclared=d.max_examples)
-        if name in d.site_examples:
-            return cap
-        others = [n for other, n in hub.declared_sizes().items() if other != name]
-        limit = outlier_cap(others, d.max_size_ratio)
-        if limit is not None and cap > limit:
-            if (name, limit) not in clamped:
-                clamped.add((name, limit))
-                log.warning(
-                    "client %s declares %s examples, more than %g x the median the other "
-                    "clients declare: it counts at most %d (results claiming more are "
-                    "rejected; set deploy.site_examples to vouch for a large site)",
-                    name,
-                    declared or "no number of",
-                    d.max_size_ratio,
-                    limit,
-                )
-            cap = limit
-        return cap
+    site_sizes = SiteSizes(hub, d, data, lambda cid: names[cid])
 
     transport = NetworkTransport(
         hub,
@@ -293,9 +240,14 @@ def run_server(
         trainable=[name for name, _ in model.module.named_parameters()],
         population=sampling_population(config, hub, len(names)),
         population_size=lambda: len(names),
-        example_cap=example_cap,
+        example_cap=site_sizes.limit,
+        count_cap=site_sizes.count_cap,
+        outliers=build_outliers(config, deployed=True),
+        max_refused=config.aggregation.max_refused,
         stages=chain,
-        aggregation=deployed_aggregation(config, signed=credentials is not None),
+        aggregation=deployed_aggregation(
+            config, credentials, {cid: name for name, cid in client_ids.items()}
+        ),
         evaluator=evaluator,
         federated_eval=build_federated_eval(config),
         listener=RoundLog(ListenerGroup([LiveLog(Path(d.state_dir) / LIVE), listener]), names),

@@ -19,7 +19,8 @@ from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.registry import certificate_identity
 
 log = logging.getLogger("fedforge")
-PROTOCOL_VERSION = 3  # 3: tasks carry an id that replies and failure reports echo
+PROTOCOL_VERSION = 4  # 3: tasks carry an id that replies and failure reports echo;
+# 4: secure aggregation's share digests and refused shares
 # A session that sends this many invalid messages within INVALID_WINDOW_S is disconnected.
 INVALID_LIMIT = 32
 INVALID_WINDOW_S = 10.0

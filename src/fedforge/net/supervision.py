@@ -20,8 +20,20 @@ from fedforge.runtime.driver import RoundListener
 log = logging.getLogger("fedforge")
 
 
+# The named client lists a round line spells out, in order, with how it says each.
+TROUBLE = {
+    "failed": "failed",
+    "rejected": "rejected",
+    "secagg_failed": "failed a secure step",
+    "secagg_excluded": "excluded from the secure sum",
+    "refused": "refused (the round is retried without them)",
+    "clamped": "counted at their size cap",
+}
+
+
 class RoundLog(RoundListener):
-    """One INFO line per round, with names of the clients that failed or were rejected."""
+    """One INFO line per round, with names of the clients that failed, were rejected,
+    excluded from the secure sum, refused as outliers, or clamped to their size cap."""
 
     def __init__(self, inner: RoundListener, names: Mapping[int, str]) -> None:
         self.inner = inner
@@ -49,8 +61,8 @@ class RoundLog(RoundListener):
     def round_finished(self, record: RoundRecord) -> None:
         if record.round > 0:
             trouble = "".join(
-                f"; {kind}: {', '.join(self._name(c) for c in record.clients[kind])}"
-                for kind in ("failed", "rejected")
+                f"; {said}: {', '.join(self._name(c) for c in record.clients[kind])}"
+                for kind, said in TROUBLE.items()
                 if record.clients.get(kind)
             )
             log.info(

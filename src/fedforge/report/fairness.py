@@ -21,14 +21,15 @@ def worst_share_mean(values: Sequence[float], share: float = WORST_SHARE) -> flo
 
 
 def client_spread(per_client: Mapping[str, Sequence[float]], prefix: str) -> dict[str, float]:
-    """``<prefix><metric>.client_mean`` (unweighted over clients) and
-    ``<prefix><metric>.worst10`` of each per-client accuracy metric."""
+    """``<prefix><metric>.client_mean`` (unweighted over clients), ``.worst10`` and ``.min``
+    of each per-client accuracy metric: what no client's claimed example count can move."""
     out: dict[str, float] = {}
     for name, values in per_client.items():
         if not name.endswith("accuracy") or not len(values):
             continue
         out[f"{prefix}{name}.client_mean"] = float(np.mean(values))
         out[f"{prefix}{name}.worst10"] = worst_share_mean(values)
+        out[f"{prefix}{name}.min"] = float(np.min(values))
     return out
 
 

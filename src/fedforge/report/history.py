@@ -1,4 +1,8 @@
-"""Per-round records of a run, serializable to JSON and loaded back without loss."""
+"""Per-round records of a run, serializable to JSON and loaded back without loss.
+
+JSON has no NaN or infinity: they are written as ``null`` (a round in which no client was
+accepted has no training loss) and read back as NaN where the record holds a float.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from fedforge.core.errors import FedforgeError
 
@@ -47,11 +52,36 @@ class RoundRecord:
 
     @classmethod
     def from_dict(cls, row: dict[str, object]) -> RoundRecord:
+        """The record ``to_dict`` (or its JSON, nulls for NaN) describes."""
         names = {f.name for f in fields(cls)}
         unknown = set(row) - names
         if unknown:
             raise FedforgeError(f"round record has unknown fields {sorted(unknown)}")
-        return cls(**row)  # type: ignore[arg-type]
+        values = dict(row)
+        for f in fields(cls):
+            if f.type == "float" and values.get(f.name, 0.0) is None:
+                values[f.name] = math.nan
+        metrics = values.get("metrics")
+        if isinstance(metrics, dict):
+            values["metrics"] = {k: math.nan if v is None else v for k, v in metrics.items()}
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity (in nested dicts and lists) replaced by None:
+    what JSON can hold."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def to_json(value: Any, indent: int | None = None) -> str:
+    """Strict JSON of ``value``, NaN and infinities written as null."""
+    return json.dumps(finite(value), indent=indent, allow_nan=False)
 
 
 def privacy_text(record: RoundRecord) -> str:
@@ -69,7 +99,7 @@ class History(list[RoundRecord]):
     """The list of round records, with JSON round-tripping."""
 
     def to_json(self) -> str:
-        return json.dumps([r.to_dict() for r in self], indent=2, allow_nan=True)
+        return to_json([r.to_dict() for r in self], indent=2)
 
     def save(self, path: Path) -> None:
         path.write_text(self.to_json() + "\n")

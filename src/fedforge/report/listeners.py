@@ -14,6 +14,10 @@ class ListenerGroup(RoundListener):
     def __init__(self, listeners: Iterable[RoundListener | None]) -> None:
         self.listeners = [item for item in listeners if item is not None]
 
+    def run_started(self, backend: str, device: str) -> None:
+        for item in self.listeners:
+            item.run_started(backend, device)
+
     def round_started(self, round_number: int, client_ids: list[int]) -> None:
         for item in self.listeners:
             item.round_started(round_number, client_ids)

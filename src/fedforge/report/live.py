@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import threading
 import time
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedforge.report.history import History, RoundRecord
+from fedforge.report.history import History, RoundRecord, finite, to_json
+from fedforge.report.runlock import owner
 
 if TYPE_CHECKING:
     from fedforge.config import RunConfig
@@ -44,7 +44,7 @@ class LiveLog(RoundListener):
     def _write(self, event: dict[str, Any]) -> None:
         event["time"] = time.time()
         with self.path.open("a") as f:
-            f.write(json.dumps(event) + "\n")
+            f.write(to_json(event) + "\n")
         self._last_write = time.monotonic()
 
     def round_started(self, round_number: int, client_ids: list[int]) -> None:
@@ -74,16 +74,15 @@ class LiveLog(RoundListener):
         self._write({"event": "round", "record": record.to_dict(), "client_metrics": metrics})
         self._client_metrics = {}
 
-
-def finite(value: Any) -> Any:
-    """``value`` with every NaN or infinity replaced by None (JSON has neither)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
+    def stopped(self, exc: BaseException) -> None:
+        """Record why the run ended before its last round (when its directory still exists)."""
+        if isinstance(exc, KeyboardInterrupt):
+            reason = "interrupted (Ctrl-C)"
+        else:
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        with contextlib.suppress(OSError):
+            if self.path.parent.is_dir():
+                self._write({"event": "stopped", "round": self._round, "reason": reason})
 
 
 class LiveState:
@@ -99,6 +98,7 @@ class LiveState:
         self._problems: list[dict[str, Any]] = []
         self._current: dict[str, Any] | None = None
         self._updated: float | None = None
+        self._stopped: dict[str, Any] | None = None  # why the run ended early, if it said
 
     def _read_live(self) -> None:
         path = self.run_dir / LIVE
@@ -122,6 +122,10 @@ class LiveState:
         self._updated = event.get("time", self._updated)
         if kind == "start":
             self._current = {"round": event["round"], "sampled": event["sampled"], "counts": {}}
+            self._stopped = None  # a resumed run goes on
+        elif kind == "stopped":
+            self._stopped = {"round": event.get("round"), "reason": event.get("reason", "")}
+            self._current = None
         elif kind == "progress" and self._current is not None:
             self._current["counts"] = event["counts"]
         elif kind == "problem":
@@ -152,11 +156,13 @@ class LiveState:
             if not rounds and (self.run_dir / "history.json").exists():  # no live log
                 rounds = [r.to_dict() for r in History.load(self.run_dir / "history.json")]
             config, provenance = self._files()
+            status, why = self._status(config, provenance)
             state = {
                 "run_dir": str(self.run_dir),
                 "title": settings_text(config),
                 "total_rounds": total_rounds(config),
-                "status": _status(config, provenance),
+                "status": status,
+                "status_reason": why,
                 "updated": self._updated,
                 "provenance": provenance,
                 "rounds": rounds,
@@ -166,11 +172,23 @@ class LiveState:
             }
         return finite(state)  # type: ignore[no-any-return]
 
-
-def _status(config: dict[str, Any], provenance: dict[str, Any]) -> str:
-    if "finished" in provenance:
-        return "finished"
-    return "running" if config else "waiting"
+    def _status(self, config: dict[str, Any], provenance: dict[str, Any]) -> tuple[str, str]:
+        """(status, why): ``finished``; ``running`` while a live process holds the run;
+        ``stopped`` when the run said why it ended early (Ctrl-C, an error); ``killed`` when
+        its process ended without a word (SIGKILL, a crash of the machine); ``waiting``
+        before a run starts. A directory no run ever locked (a deployment's state
+        directory) is ``running`` once it has a configuration."""
+        if "finished" in provenance:
+            return "finished", ""
+        state, info = owner(self.run_dir)
+        if state == "alive":
+            return "running", ""
+        if self._stopped is not None:
+            return "stopped", str(self._stopped["reason"])
+        if state == "dead":
+            pid = f" {info['pid']}" if "pid" in info else ""
+            return "killed", f"its process{pid} ended without finishing the run"
+        return ("running" if config else "waiting"), ""
 
 
 def _validated(config: dict[str, Any]) -> RunConfig | None:

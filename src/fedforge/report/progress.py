@@ -1,6 +1,12 @@
-"""Live terminal progress for a run: round, accuracy, loss, clients done."""
+"""Progress of a run: a live bar on a terminal (:class:`ProgressListener`), or plain lines
+for logs and the Python API (:class:`LineProgress`): round, accuracy, loss, clients done."""
 
 from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -60,3 +66,64 @@ class ProgressListener(RoundListener):
             loss=f"{record.test_loss:.3f}",
             dp=privacy_text(record),
         )
+
+
+# Off a terminal (nohup, SLURM, CI) and from the Python API: at most one line this often,
+# plus the first and the last round.
+LINE_SECONDS = 5.0
+
+
+class LineProgress(RoundListener):
+    """Prints one line per finished round to ``stream`` (default: stderr at the time of
+    writing), at most one every ``interval`` seconds besides round 0 and the last round
+    (``interval`` 0: every round)."""
+
+    def __init__(
+        self,
+        total_rounds: int,
+        stream: TextIO | None = None,
+        interval: float = LINE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.total_rounds = total_rounds
+        self.stream = stream
+        self.interval = interval
+        self.clock = clock
+        self._start = clock()
+        self._last: float | None = None
+
+    def round_finished(self, record: RoundRecord) -> None:
+        now = self.clock()
+        due = self._last is None or now - self._last >= self.interval
+        if not (due or record.round >= self.total_rounds):
+            return
+        self._last = now
+        print(
+            round_line(record, self.total_rounds, now - self._start),
+            file=self.stream or sys.stderr,
+            flush=True,
+        )
+
+
+def round_line(record: RoundRecord, total_rounds: int, elapsed: float) -> str:
+    """``round 3/50: accuracy 85.2%, loss 0.432, clients 10/10, 1.2 s`` (and epsilon, and
+    failed or rejected clients, when there are)."""
+    parts = [
+        f"round {record.round}/{total_rounds}: accuracy {100 * record.test_accuracy:.1f}%",
+        f"loss {record.test_loss:.4g}",
+    ]
+    if record.round > 0:
+        sampled = f"/{record.clients_sampled}" if record.clients_sampled else ""
+        clients = f"clients {record.clients_completed}{sampled}"
+        for count, word in (
+            (record.clients_failed, "failed"),
+            (record.clients_rejected, "rejected"),
+        ):
+            if count:
+                clients += f" ({count} {word})"
+        parts.append(clients)
+    dp = privacy_text(record)
+    if dp:
+        parts.append(dp)
+    parts.append(f"{elapsed:.1f} s")
+    return ", ".join(parts)

@@ -18,9 +18,11 @@ from safetensors.numpy import save
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import FedforgeError
 from fedforge.data.federated import FederatedDataset
-from fedforge.report.history import History
+from fedforge.report.history import History, RoundRecord
 from fedforge.report.live import settings_text
 from fedforge.report.plots import plot_report
+from fedforge.report.runlock import LOCK, RunDirInUse, RunLock, hold, in_use_text, owner
+from fedforge.runtime.driver import RoundListener
 
 if TYPE_CHECKING:
     from fedforge.runtime.simulation import SimulationResult
@@ -48,30 +50,75 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.toml").is_file()
 
 
-def prepare_out_dir(out_dir: Path, *, overwrite: bool = False) -> None:
-    """Make ``out_dir`` ready for a new run without ever destroying a previous one silently.
+def prepare_out_dir(out_dir: Path, *, overwrite: bool = False) -> RunLock:
+    """Make ``out_dir`` ready for a new run, lock it for this process and return the lock,
+    without ever destroying a previous run silently.
 
-    A missing or empty directory is fine. A directory with files is refused unless
-    ``overwrite`` is given, and even then only a previous run directory (one with a
-    ``config.toml``) is replaced: ``--overwrite`` never deletes an arbitrary folder."""
+    A missing or empty directory is fine. A directory a live run holds is refused, whatever
+    the flags. A directory with files is refused unless ``overwrite`` is given, and even
+    then only a previous run directory (one with a ``config.toml``) is replaced:
+    ``--overwrite`` never deletes an arbitrary folder."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FedforgeError(f"--out {out_dir} exists and is not a directory")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return
-    if not overwrite:
-        raise FedforgeError(
-            f"--out {out_dir} already exists and is not empty; pass --overwrite to replace "
-            "it, --resume to continue it, or choose another directory"
-        )
-    resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
-    if not is_run_dir(out_dir) or resolved == cwd or resolved in cwd.parents:
-        raise FedforgeError(
-            f"--out {out_dir} is not empty and is not a fedforge run directory (no "
-            "config.toml); --overwrite only replaces previous runs, choose another directory"
-        )
-    shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    if _holds_files(out_dir):
+        state, info = owner(out_dir)
+        if state == "alive":
+            raise RunDirInUse(
+                f"--out {out_dir} {in_use_text(info)}; choose another directory (or wait "
+                "for that run to end)"
+            )
+        if not overwrite:
+            raise FedforgeError(
+                f"--out {out_dir} already exists and is not empty; pass --overwrite to replace "
+                "it, --resume to continue it, or choose another directory"
+            )
+        resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
+        if not is_run_dir(out_dir) or resolved == cwd or resolved in cwd.parents:
+            raise FedforgeError(
+                f"--out {out_dir} is not empty and is not a fedforge run directory (no "
+                "config.toml); --overwrite only replaces previous runs, choose another directory"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold(out_dir)  # a run that started since the check above is refused here
+    if overwrite:
+        for entry in out_dir.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return lock
+
+
+def _holds_files(directory: Path) -> bool:
+    """Whether ``directory`` exists and holds anything besides a run's lock file."""
+    return directory.is_dir() and any(e.name != LOCK for e in directory.iterdir())
+
+
+class RunComplete(FedforgeError):
+    """A resumed run has nothing left to do (the message says how to extend it)."""
+
+
+def claim_run_dir(
+    out: Path | None, resume: Path | None, *, overwrite: bool, rounds: int
+) -> tuple[Path, RunLock]:
+    """The run directory of ``fedforge run``, locked for this process: the one resumed
+    (RunDirInUse while another process trains in it; RunComplete when it has its ``rounds``
+    already), ``out`` (prepared: see :func:`prepare_out_dir`), or a new one."""
+    from fedforge.report.stops import complete_text
+
+    if resume is not None:
+        lock = hold(resume)
+        complete = complete_text(resume, rounds)
+        if complete:
+            lock.release()
+            raise RunComplete(complete)
+        return resume, lock
+    if out is not None:
+        return out, prepare_out_dir(out, overwrite=overwrite)
+    out_dir = new_run_dir()
+    return out_dir, hold(out_dir)
 
 
 def simulation_toml(config: RunConfig) -> str:
@@ -135,6 +182,27 @@ def start_provenance(
 def write_provenance(out_dir: Path, record: dict[str, Any]) -> None:
     """``provenance.json``: what ran, where, and when it started (and finished)."""
     (out_dir / PROVENANCE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+class RunWatch(RoundListener):
+    """Keeps a running simulation's directory honest: records the backend and device in
+    ``provenance.json`` as soon as they are known, and stops the run (RunDirGone) at the
+    next round boundary once its directory was deleted."""
+
+    def __init__(self, lock: RunLock, record: dict[str, Any]) -> None:
+        self.lock = lock
+        self.record = record
+
+    def run_started(self, backend: str, device: str) -> None:
+        self.lock.check()
+        self.record.update(backend=backend, device=device)
+        write_provenance(self.lock.directory, self.record)
+
+    def round_started(self, round_number: int, client_ids: list[int]) -> None:
+        self.lock.check()
+
+    def round_finished(self, record: RoundRecord) -> None:
+        self.lock.check()
 
 
 def write_run_dir(

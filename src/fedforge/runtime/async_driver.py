@@ -34,10 +34,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from fedforge.aggregate.guard import aggregate_problem, params_problem, record_norms
 from fedforge.aggregate.kinds import WeightedMean, cap_weights
 from fedforge.algorithms.base import RoundContext, ServerState
 from fedforge.compress.downlink import encode_broadcast
-from fedforge.core.errors import ConfigError
+from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params, num_bytes
 from fedforge.core.records import FIT, RecordBatch, Reply, Task
 from fedforge.core.rng import Purpose
@@ -386,6 +387,31 @@ class AsyncDriver:
             self.time.close()
         return state
 
+    def _without_outliers(
+        self, buffer: list[tuple[Arrival, RecordBatch]], version: int
+    ) -> tuple[list[tuple[Arrival, RecordBatch]], list[int]]:
+        """The buffer without the records the driver's outlier bound refuses (they never
+        reach the model), and the refused clients."""
+        d = self.driver
+        if d.outliers is None:
+            return buffer, []
+        program = d.algorithm.program()
+        norms: dict[int, float] = {}
+        steps: dict[int, int] = {}
+        for index, (_, batch) in enumerate(buffer):
+            norms[index] = float(record_norms(batch)[0])
+            steps[index] = program.num_steps(int(batch.num_examples[0]))
+        offenders = d.outliers.offenders(norms, steps)
+        for index, why in offenders.items():
+            log.warning(
+                "update %d: refused the record of %s: %s",
+                version,
+                d.describe(buffer[index][0].client_id),
+                why,
+            )
+        kept = [entry for index, entry in enumerate(buffer) if index not in offenders]
+        return kept, [buffer[index][0].client_id for index in offenders]
+
     def _update(
         self,
         state: ServerState,
@@ -397,6 +423,7 @@ class AsyncDriver:
         d = self.driver
         server_started = time.perf_counter()
         version = state.round + 1
+        buffer, refused = self._without_outliers(buffer, version)
         accumulator = d.aggregation.accumulator()
         staleness = np.array([a.staleness for a, _ in buffer])
         factors = staleness_weight(staleness, self.fedbuff.staleness_exponent)
@@ -425,6 +452,9 @@ class AsyncDriver:
         stage_states, metrics = d.stages.finish_round(state.stage_states, aggregate)
         context = RoundContext(version, d.population_size(), len(buffer))
         state = d.algorithm.server_update(state, aggregate, context)
+        problem = aggregate_problem(aggregate.arrays) or params_problem(state.params)
+        if problem is not None:  # from records that passed every check: nothing to retry
+            raise FedforgeError(f"update {version}: {problem}; the run cannot make progress")
         state = replace(state, round=version, stage_states=stage_states)
         aggregate_seconds = time.perf_counter() - server_started
         eval_started = time.perf_counter()
@@ -462,6 +492,7 @@ class AsyncDriver:
                     "failed": window.failed,
                     "rejected": window.rejected,
                     "arrived": [a.client_id for a, _ in buffer],
+                    "refused": refused,
                 }.items()
                 if v
             },

@@ -56,6 +56,18 @@ def resolve_backend(
     return "sequential"
 
 
+def backend_device(name: str, options: BackendOptions) -> str:
+    """The torch device the clients of backend ``name`` train on: the vectorized backend's
+    (``options.device``, else cuda when present); every other backend trains on the CPU."""
+    if name != "vectorized":
+        return "cpu"
+    if options.device:
+        return str(torch.device(options.device))
+    from fedforge.runtime.vectorized import default_device
+
+    return str(default_device())
+
+
 def make_transport(
     name: str,
     app: ClientApp,

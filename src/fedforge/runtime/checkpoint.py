@@ -12,14 +12,15 @@ mode 0600, beside the database), of its run, round, file digest, stage states an
 checkpoint or record modified on purpose (its digest recomputed) is refused like a corrupted
 one. State written before rows were keyed is verified by its digests and keyed once, with a
 warning. A directory holding checkpoints but no readable run is never silently started over.
-A checkpoint that cannot be written (a full disk) is one :class:`CheckpointWriteError` line;
-the state stays at the previous round. Randomness
+A checkpoint that cannot be written (a full disk) is an ``OSError`` naming the file; the state
+stays at the previous round. Randomness
 needs no saving: every stream is a pure function of (seed, purpose, round, client), and the
 seed is stored; client state versions itself by round.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -27,17 +28,19 @@ import logging
 import os
 import sqlite3
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from fedforge.algorithms.base import ServerState
 from fedforge.core.errors import FedforgeError
-from fedforge.report.history import History, RoundRecord
+from fedforge.core.files import sqlite_disk_error, write_file
+from fedforge.report.history import History, RoundRecord, to_json
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -53,10 +56,6 @@ KEY_FILE = "checkpoint.key"
 _KEY_BYTES = 32
 _STATE_FILES = ("state.sqlite", "state.sqlite-journal", "final_model.safetensors", KEY_FILE)
 log = logging.getLogger("fedforge")
-
-
-class CheckpointWriteError(FedforgeError):
-    """A round's checkpoint could not be written (a full disk, a lost directory)."""
 
 
 def row_mac(
@@ -100,6 +99,9 @@ class CheckpointStore:
                 self.db.execute("ALTER TABLE rounds ADD COLUMN mac TEXT")
             self.db.commit()
         except sqlite3.DatabaseError as exc:
+            disk = sqlite_disk_error(exc, directory / "state.sqlite")
+            if disk is not None:
+                raise disk from None
             raise FedforgeError(
                 f"{directory / 'state.sqlite'} is unreadable ({exc}); restore the state "
                 "directory from a backup, or start a new run over it with --new-run"
@@ -114,7 +116,7 @@ class CheckpointStore:
             path.unlink()
 
     def start(self, run_id: str, seed: int) -> None:
-        with self.db:
+        with self._transaction():
             self.db.execute("DELETE FROM clients")  # a new run numbers its clients afresh
             self.db.executemany(
                 "INSERT OR REPLACE INTO meta VALUES (?, ?)",
@@ -161,8 +163,7 @@ class CheckpointStore:
         return None if row is None else str(row[0])
 
     def save(self, run_id: str, state: ServerState, history: History) -> None:
-        """Persist ``state`` and the newest record of ``history`` (the round just done); on
-        failure (CheckpointWriteError) nothing of the round is kept."""
+        """Persist ``state`` and the newest record of ``history`` (the round just done)."""
         name = f"round_{state.round:06d}.safetensors"
         tmp = self.directory / f".{name}.tmp"
         arrays = {}
@@ -170,28 +171,31 @@ class CheckpointStore:
             _GROUPS, (state.params, state.optimizer_state, state.extras), strict=True
         ):
             arrays.update({prefix + k: v for k, v in group.items()})
-        try:
-            save_file(arrays, str(tmp), metadata={"run_id": run_id, "round": str(state.round)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            digest = file_digest(tmp)
-            os.replace(tmp, self.directory / name)
-            record, stages = json.dumps(history[-1].to_dict()), json.dumps(state.stage_states)
-            mac = row_mac(self._key_made(), run_id, state.round, digest, stages, record)
-            with self.db:
-                self.db.execute(
-                    "INSERT OR REPLACE INTO rounds (round, record, arrays, stages, digest, mac) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (state.round, record, name, stages, digest, mac),
-                )
-        except (OSError, SafetensorError, sqlite3.Error) as exc:
-            tmp.unlink(missing_ok=True)
-            raise CheckpointWriteError(
-                f"cannot save the checkpoint of round {state.round} in {self.directory} "
-                f"({exc}); the run's state stays at the previous round: free space, then start "
-                "again to resume"
-            ) from None
+        data = save(arrays, metadata={"run_id": run_id, "round": str(state.round)})
+        write_file(tmp, data, sync=True)  # a full disk: OSError, the previous round intact
+        digest = hashlib.sha256(data).hexdigest()
+        os.replace(tmp, self.directory / name)
+        record, stages = to_json(history[-1].to_dict()), json.dumps(state.stage_states)
+        mac = row_mac(self._key_made(), run_id, state.round, digest, stages, record)
+        with self._transaction():  # a full disk rolls it back: the previous round stays
+            self.db.execute(
+                "INSERT OR REPLACE INTO rounds (round, record, arrays, stages, digest, mac) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (state.round, record, name, stages, digest, mac),
+            )
         self._prune()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One SQLite transaction; a full disk rolls it back and raises ``OSError``."""
+        try:
+            with self.db:
+                yield
+        except sqlite3.Error as exc:
+            disk = sqlite_disk_error(exc, self.directory / "state.sqlite")
+            if disk is None:
+                raise
+            raise disk from None
 
     def _key(self) -> bytes | None:
         """The key of the rows' HMACs, None when there is none yet."""
@@ -216,12 +220,12 @@ class CheckpointStore:
         return key
 
     def set_meta(self, key: str, value: str) -> None:
-        with self.db:
+        with self._transaction():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def set_clients(self, ids: dict[str, int]) -> None:
         """Record the run's client ids (name -> id); ids recorded before are kept."""
-        with self.db:
+        with self._transaction():
             self.db.executemany(
                 "INSERT OR IGNORE INTO clients VALUES (?, ?, 0)", sorted(ids.items())
             )
@@ -256,7 +260,7 @@ class CheckpointStore:
                 continue
             if problems:
                 log.warning("resuming from round %d, the newest intact checkpoint", round_number)
-                with self.db:
+                with self._transaction():
                     self.db.execute("DELETE FROM rounds WHERE round > ?", (round_number,))
             earlier = [row for row in rows if row[0] <= round_number]
             self._authenticate_history(run_id, earlier, key)
@@ -302,7 +306,7 @@ class CheckpointStore:
         rows were keyed (``key`` None) is keyed now, once, with a warning."""
         if key is None:
             key = self._key_made()
-            with self.db:
+            with self._transaction():
                 self.db.executemany(
                     "UPDATE rounds SET mac = ? WHERE round = ?",
                     [(row_mac(key, run_id, r, d, st, rec), r) for r, _, st, d, rec, _ in rows],

@@ -16,8 +16,9 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
+from fedforge.core.files import write_file
 from fedforge.core.params import Params
 
 
@@ -118,7 +119,7 @@ class DiskStateStore:
         if current is not None and current[0] < round_number:
             os.replace(newest, prev)  # keep the version this round started from
         tmp = newest.with_suffix(".tmp")
-        save_file(state, str(tmp), metadata={"round": str(round_number)})
+        write_file(tmp, save(state, metadata={"round": str(round_number)}))
         os.replace(tmp, newest)
 
     def discard(self, client_id: int, round_number: int) -> None:

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from fedforge.aggregate.gather import combines_whole_records, is_mean
+from fedforge.aggregate.guard import OutlierBound, Refusal, params_problem
 from fedforge.aggregate.kinds import Aggregate, Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
 from fedforge.compress.downlink import Downlink, encode_broadcast
 from fedforge.core.errors import ConfigError, FedforgeError
-from fedforge.core.params import Params, ParamSpec, num_bytes
+from fedforge.core.params import ParamSpec, num_bytes
 from fedforge.core.records import (
     EVALUATE,
     FIT,
@@ -36,28 +37,47 @@ from fedforge.core.records import (
 )
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.privacy.amplification import sampling_problem
-from fedforge.report.fairness import client_spread
 from fedforge.report.history import History, RoundRecord
 from fedforge.runtime.client_app import PERSONAL_ACCURACY, PERSONAL_LOSS
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.clock import VirtualClock, spec_bytes
+from fedforge.runtime.exchange import (
+    ACCEPTED,
+    FAILED,
+    REJECTED,
+    Accept,
+    Check,
+    Evaluator,
+    Exchanged,
+    FederatedEvaluation,
+    RoundListener,
+    federated_metrics,
+)
+from fedforge.runtime.plain_fit import plain_fit
 from fedforge.runtime.sampling import Sampler
+from fedforge.runtime.secure_fit import secure_fit
 from fedforge.runtime.stragglers import Stragglers
 from fedforge.runtime.transport import Transport
 from fedforge.runtime.validation import validate_batch
-from fedforge.secagg.aggregation import SecureAggregation, run_session
-from fedforge.secagg.protocol import SecAggAbort
+from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.stages.base import StageChain, SumContext
 from fedforge.stages.dp_noise import CentralGaussian
-from fedforge.train.evaluate import Evaluation
 from fedforge.train.program import WORK_EPOCHS
 
-log = logging.getLogger("fedforge")
+__all__ = [  # the driver, and what its users import with it
+    "ACCEPTED",
+    "FAILED",
+    "REJECTED",
+    "Accept",
+    "Check",
+    "Driver",
+    "Evaluator",
+    "Exchanged",
+    "FederatedEvaluation",
+    "RoundListener",
+]
 
-Evaluator = Callable[[Params], Evaluation]
-ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
-Check = Callable[[RecordBatch], tuple[np.ndarray, list[str | None]]]
-Accept = Callable[[RecordBatch], None]
+log = logging.getLogger("fedforge")
 
 
 def work_epochs(task: Task) -> int | None:
@@ -66,73 +86,20 @@ def work_epochs(task: Task) -> int | None:
     return None if epochs is None else int(epochs)
 
 
-class RoundListener:
-    """Hooks for progress display; override what you need."""
-
-    def round_started(self, round_number: int, client_ids: list[int]) -> None:
-        """Called after sampling, before any client runs."""
-
-    def round_expects(self, results: int) -> None:
-        """Asynchronous training (FedBuff) only, after ``round_started`` (whose sample is
-        empty: nobody is sampled): the accepted results the server update waits for (the
-        buffer). Each result is then reported through ``client_done`` when it enters the
-        buffer, a failed or rejected task when it arrives."""
-
-    def client_done(self, client_id: int, status: str) -> None:
-        """Called once per client reply of the fit exchange: accepted, rejected or failed."""
-
-    def client_reported(
-        self, client_id: int, status: str, reason: str, metrics: dict[str, float]
-    ) -> None:
-        """Called after ``client_done`` with why a reply was rejected or failed (empty when
-        accepted) and, when accepted, the metrics the client reported."""
-
-    def round_finished(self, record: RoundRecord) -> None:
-        """Called with the completed round's record (round 0: the initial evaluation)."""
-
-
-@dataclass(frozen=True)
-class FederatedEvaluation:
-    """Every ``every`` rounds, a ``fraction`` of the clients that hold out data (those
-    without held-out examples are never asked) evaluates the new global model on its own
-    held-out split; the example-weighted loss and accuracy are recorded."""
-
-    fraction: float
-    every: int = 1
-
-    def __post_init__(self) -> None:
-        if not 0 < self.fraction <= 1 or self.every < 1:
-            raise ValueError("federated evaluation needs 0 < fraction <= 1 and every >= 1")
-
-
-@dataclass
-class Exchanged:
-    """What came back from one exchange."""
-
-    accepted: int = 0
-    accepted_ids: list[int] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)
-    rejected: list[int] = field(default_factory=list)
-    bytes_up: int = 0
-    server_seconds: float = 0.0
-    sums: dict[str, float] = field(default_factory=dict)  # example-weighted metric sums
-    maxima: dict[str, float] = field(default_factory=dict)
-    values: dict[str, list[float]] = field(default_factory=dict)  # per accepted client
-    examples: float = 0.0
-
-    def mean(self, metric: str) -> float:
-        if not self.examples or metric not in self.sums:  # (withheld under distributed DP)
-            return math.nan
-        return self.sums[metric] / self.examples
-
-
 @dataclass
 class Driver:
     """Drives rounds of ``algorithm`` through ``transport``.
 
     ``population()`` lists the clients that may be sampled now; ``population_size()`` counts
     all clients of the federation (SCAFFOLD's N); ``example_cap(client, stage)`` is the largest
-    example count the server accepts from that client.
+    example count the server accepts from that client (a larger claim is rejected);
+    ``count_cap(client, stage)`` the most it counts (a larger claim is clamped to it and the
+    client listed in ``clients.clamped``), None for no such cap.
+
+    ``outliers`` refuses a round with a record far larger than the round's others, and every
+    round's aggregate and new model must be finite: a refused round leaves the model
+    unchanged and is tried again without its offenders; after ``max_refused`` refusals of
+    one round the run stops with the reason (:mod:`fedforge.aggregate.guard`).
     """
 
     algorithm: Algorithm
@@ -160,9 +127,14 @@ class Driver:
     # Simulation on a virtual clock: only online clients are sampled, stragglers dropped.
     clock: VirtualClock | None = None
     stragglers: Stragglers | None = None  # simulation: clients that can do only partial work
+    count_cap: Callable[[int, str], int | None] | None = None
+    outliers: OutlierBound | None = None
+    max_refused: int = 3
 
     def __post_init__(self) -> None:
         self.stop_reason: str | None = None  # why ``run`` stopped before its last round
+        self.refusal: Refusal | None = None  # why the last attempt's aggregate was refused
+        self.benched: set[int] = set()  # offenders left out of the current round's retries
         self.stages.check(self.aggregation)
         sample = {name: np.zeros(1, np.float32) for name in self.trainable}
         self._algorithm_stateful = bool(self.algorithm.init_client_state(sample))
@@ -243,8 +215,9 @@ class Driver:
     ) -> Exchanged:
         out = Exchanged()
         round_number = tasks[0].round if tasks else 0
+        stage = tasks[0].stage if tasks else FIT
         for reply in self.transport.exchange(tasks):
-            self._take(reply, round_number, check, accept, notify, out)
+            self._take(reply, round_number, check, accept, notify, out, stage)
         return out
 
     def _take(
@@ -255,9 +228,11 @@ class Driver:
         accept: Accept,
         notify: RoundListener | None,
         out: Exchanged,
+        stage: str = FIT,
     ) -> None:
-        """Classify one reply (failed, rejected with its reason, or accepted and passed to
-        ``accept``), counting it in ``out`` and telling the ``notify`` listener."""
+        """Classify one reply (failed, rejected with its reason, or accepted, its example
+        count clamped to the client's count cap for ``stage``, and passed to ``accept``),
+        counting it in ``out`` and telling the ``notify`` listener."""
         if isinstance(reply, ClientFailure):
             kind = REJECTED if reply.rejected else FAILED
             (out.rejected if reply.rejected else out.failed).append(reply.client_id)
@@ -280,13 +255,14 @@ class Driver:
         for cid, reason in zip(batch.client_ids, reasons, strict=True):
             if reason is not None:
                 out.rejected.append(int(cid))
+                out.why = f"{self.describe(int(cid))}: {reason}"
                 log.warning(
                     "round %d: rejected the record of %s: %s",
                     round_number,
                     self.describe(int(cid)),
                     reason,
                 )
-        good = batch.select(keep)
+        good = self._clamp(batch.select(keep), stage, out)
         if len(good):
             accept(good)
             weights = good.num_examples.astype(np.float64)
@@ -305,6 +281,19 @@ class Driver:
                 metrics = {n: float(v[i]) for n, v in batch.metrics.items()} if ok else {}
                 notify.client_reported(int(cid), status, reasons[i] or "", metrics)
 
+    def _clamp(self, batch: RecordBatch, stage: str, out: Exchanged) -> RecordBatch:
+        """``batch`` with each example count clamped to its client's count cap."""
+        if self.count_cap is None or not len(batch):
+            return batch
+        caps = [self.count_cap(int(c), stage) for c in batch.client_ids]
+        limit = np.array([np.iinfo(np.int64).max if c is None else c for c in caps], np.int64)
+        over = batch.num_examples > limit
+        if not over.any():
+            return batch
+        out.clamped.extend(int(c) for c in batch.client_ids[over])
+        counts = np.minimum(batch.num_examples, limit).astype(batch.num_examples.dtype)
+        return replace(batch, num_examples=counts)
+
     # One round ------------------------------------------------------------------------------
     def run_round(
         self, state: ServerState, attempt: int = 0, min_completed: int = 0
@@ -316,7 +305,7 @@ class Driver:
         round_number = state.round + 1
         coords = (round_number,) if attempt == 0 else (round_number, attempt)
         streams = self.streams if self.sampling_seed is None else RngStreams(self.sampling_seed)
-        population = self.population()
+        population = [c for c in self.population() if c not in self.benched]
         if self.clock is not None:
             population = self.clock.online(population)
         sampled = self.sampler(population, streams.generator(Purpose.SAMPLING, *coords))
@@ -354,22 +343,28 @@ class Driver:
             metrics["clock.time"] = self.clock.advance(seconds)
         fit_started = time.perf_counter()
         secure_bytes_down = 0
+        notes: dict[str, str] = {}  # this round's labels (who was excluded, and why)
         if isinstance(self.aggregation, SecureAggregation):
-            fit, summed, secure_bytes_down = self._secure_fit(
-                self.aggregation, tasks, broadcast, metrics, clients
+            fit, summed, secure_bytes_down, refusal = secure_fit(
+                self, self.aggregation, tasks, broadcast, metrics, clients, notes
             )
         else:
-            fit, summed = self._plain_fit(tasks, state)
+            fit, summed, refusal = plain_fit(self, tasks, state)
         fit_seconds = time.perf_counter() - fit_started
         server_started = time.perf_counter()
         for name in sorted(set(fit.sums) - {"train_loss"}):  # e.g. each client's DP-SGD epsilon
             metrics[name] = fit.mean(name)
             metrics[f"{name}.max"] = fit.maxima[name]
-        clients.update(failed=fit.failed, rejected=fit.rejected)
+        clients.update(failed=fit.failed, rejected=fit.rejected, clamped=fit.clamped)
         if stragglers:
             dropped = self.stragglers is not None and self.stragglers.drop
             clients["dropped_stragglers" if dropped else "stragglers"] = stragglers
-        if summed is not None or self.stages.releases_when_empty:
+        everyone_rejected = fit.rejected and not (fit.accepted or fit.failed)
+        if refusal is None and everyone_rejected and not clients.get("secagg_dropped"):
+            # Every client answered and none could be used: waiting changes nothing when
+            # the model itself is broken (records that are all NaN).
+            refusal = Refusal(f"every record was rejected (the last, {fit.why})")
+        if refusal is None and (summed is not None or self.stages.releases_when_empty):
             # Central DP releases noise even when no record arrived: an unchanged model would
             # reveal that nobody took part, which the accounted mechanism never does.
             aggregate = self.stages.on_sum(
@@ -380,15 +375,29 @@ class Driver:
             stage_states, stage_metrics = self.stages.finish_round(state.stage_states, aggregate)
             metrics.update(stage_metrics)
             context = RoundContext(round_number, self.population_size(), len(cohort))
-            state = self.algorithm.server_update(state, aggregate, context)
-            state = replace(state, stage_states=stage_states)
-            clients["excluded"] = aggregate.excluded
-            clients["downweighted"] = aggregate.downweighted
-        else:
+            updated = self.algorithm.server_update(state, aggregate, context)
+            problem = params_problem(updated.params)
+            if problem is not None:  # what the stages released stands (see ``run``)
+                refusal = Refusal(problem)
+                state = replace(state, stage_states=stage_states)
+            else:
+                state = replace(updated, stage_states=stage_states)
+                clients["excluded"] = aggregate.excluded
+                clients["downweighted"] = aggregate.downweighted
+        elif refusal is None:
             log.warning("round %d: no record was accepted; model unchanged", round_number)
+        self.refusal = refusal
+        # the offenders of this attempt and of the round's refused attempts before it
+        clients["refused"] = sorted(self.benched | set(refusal.offenders if refusal else ()))
+        if refusal is not None:
+            log.warning(
+                "round %d: refused the aggregate (model unchanged): %s",
+                round_number,
+                refusal.reason,
+            )
         state = replace(state, round=round_number)
         aggregate_seconds = fit.server_seconds + time.perf_counter() - server_started
-        counts = fit.accepted >= min_completed
+        counts = refusal is None and fit.accepted >= min_completed
         if self._algorithm_stateful or isinstance(self.aggregation, SecureAggregation):
             # (a secure session holds the record: forgotten unless it went into the sum)
             self._forget_unused_states(round_number, sampled, fit.accepted_ids if counts else [])
@@ -405,14 +414,9 @@ class Driver:
         if fed is not None:
             fed_exchange, fed_bytes = fed
             bytes_down += fed_bytes
-            metrics["fed_eval.accuracy"] = fed_exchange.mean("accuracy")
-            metrics["fed_eval.loss"] = fed_exchange.mean("loss")
-            metrics["fed_eval.clients"] = float(fed_exchange.accepted)
-            if self.algorithm.personalized:
-                metrics[f"fed_eval.{PERSONAL_ACCURACY}"] = fed_exchange.mean(PERSONAL_ACCURACY)
-                metrics[f"fed_eval.{PERSONAL_LOSS}"] = fed_exchange.mean(PERSONAL_LOSS)
-            metrics.update(client_spread(fed_exchange.values, "fed_eval."))
+            metrics.update(federated_metrics(fed_exchange, self.algorithm.personalized))
             clients["fed_eval_failed"] = fed_exchange.failed + fed_exchange.rejected
+            clients["fed_eval_clamped"] = fed_exchange.clamped
         eval_seconds = time.perf_counter() - eval_started
         record = RoundRecord(
             round=round_number,
@@ -431,7 +435,7 @@ class Driver:
             wall_seconds=time.perf_counter() - start,
             metrics=metrics,
             clients={k: sorted(v) for k, v in clients.items() if v},
-            labels={**self.labels, **self.stages.labels()},
+            labels={**self.labels, **self.stages.labels(), **notes},
         )
         self.listener.round_finished(record)
         return state, record
@@ -444,65 +448,6 @@ class Driver:
         else:
             weights = batch.num_examples.astype(np.float64)
         return self.stages.weights(batch, weights)
-
-    def _plain_fit(
-        self, tasks: list[Task], state: ServerState
-    ) -> tuple[Exchanged, Aggregate | None]:
-        """The fit exchange, every accepted record decoded and summed as it arrives."""
-        accumulator = self.aggregation.accumulator()
-
-        def accept(batch: RecordBatch) -> None:
-            decoded = self.stages.decode(batch, state.stage_states)
-            accumulator.add(decoded, self._weights(decoded))
-
-        fit = self._exchange(tasks, self._spec_check(self.fit_spec, FIT), accept, self.listener)
-        return fit, accumulator.result() if accumulator.count else None
-
-    def _secure_fit(
-        self,
-        secure: SecureAggregation,
-        tasks: list[Task],
-        broadcast: dict[str, float],
-        metrics: dict[str, float],
-        clients: dict[str, list[int]],
-    ) -> tuple[Exchanged, Aggregate | None, int]:
-        """The fit exchange (clients train and keep their records), then the four
-        secure-aggregation exchanges; returns the fit's outcome with the survivors as its
-        accepted clients, the aggregate (None when the session aborted) and the bytes the
-        secure-aggregation tasks sent down."""
-        weights: dict[int, float] = {}
-
-        def accept_fit(batch: RecordBatch) -> None:
-            for cid, w in zip(batch.client_ids, self._weights(batch), strict=True):
-                weights[int(cid)] = float(w)
-
-        check = self._spec_check(self.fit_reply_spec, FIT)
-        fit = self._exchange(tasks, check, accept_fit, self.listener)
-        if not weights:
-            return fit, None, 0
-        round_number = tasks[0].round
-        try:
-            session, scale = secure.session(round_number, weights, self.fit_spec, broadcast)
-        except (SecAggAbort, ConfigError) as exc:  # e.g. fewer than 2 clients trained
-            log.warning("round %d: %s", round_number, exc)
-            clients["secagg_dropped"] = sorted(weights)
-            fit.accepted, fit.accepted_ids = 0, []
-            return fit, None, 0
-
-        def exchange(step_tasks: list[Task], check: Check, accept: Accept) -> Exchanged:
-            return self._exchange(step_tasks, check, accept, None)
-
-        outcome = run_session(session, {t.client_id: t.seed for t in tasks}, exchange)
-        fit.bytes_up += outcome.bytes_up
-        fit.server_seconds += outcome.server_seconds
-        metrics.update(outcome.metrics)
-        survivors = outcome.result.survivors if outcome.result is not None else []
-        clients["secagg_dropped"] = sorted(set(weights) - set(survivors))  # not in the sum
-        clients["secagg_failed"] = sorted(outcome.failed)  # failed a step (maybe after masking)
-        fit.accepted, fit.accepted_ids = len(survivors), list(survivors)
-        if outcome.result is None:
-            return fit, None, outcome.bytes_down
-        return fit, secure.aggregate(outcome.result, weights, scale), outcome.bytes_down
 
     def _empty_aggregate(self) -> Aggregate:
         """The sum of no records: zeros shaped like a fit record."""
@@ -566,7 +511,9 @@ class Driver:
     ) -> ServerState:
         """Run until ``rounds`` rounds are complete; a round with fewer than ``min_completed``
         accepted records is re-sampled up to ``max_retries`` times (``None``: until it
-        succeeds; ``before_attempt`` then decides how long to wait between attempts)."""
+        succeeds; ``before_attempt`` then decides how long to wait between attempts). A round
+        whose aggregate was refused is tried again without its offenders, up to
+        ``max_refused`` times; then the run stops with an error naming the reason."""
         if self.clock is not None and history:  # a resumed run continues the clock
             self.clock.now = history[-1].metrics.get("clock.time", 0.0)
         if not history:
@@ -574,8 +521,9 @@ class Driver:
             if checkpoint:
                 checkpoint(state, history)
         while state.round < rounds:
-            attempts = itertools.count() if max_retries is None else range(max_retries + 1)
-            for attempt in attempts:
+            short, refused = 0, 0
+            self.benched = set()
+            for attempt in itertools.count():
                 problem = self.stages.budget_problem(state.stage_states)
                 if problem:
                     log.warning("stopping before round %d: %s", state.round + 1, problem)
@@ -583,26 +531,50 @@ class Driver:
                     return state
                 before_attempt()
                 new_state, record = self.run_round(state, attempt, min_completed)
-                if record.clients_completed >= min_completed:
+                refusal = self.refusal
+                if refusal is None and record.clients_completed >= min_completed:
                     break
                 # A discarded attempt's update is dropped, but what its stages released (a
                 # noised sum the privacy ledger paid for, a moved clip norm) stands.
                 state = replace(state, stage_states=new_state.stage_states)
+                if refusal is not None:
+                    refused += 1
+                    self._retry_after_refusal(record.round, refused, refusal)
+                    continue
+                short += 1
+                again = max_retries is None or short <= max_retries
                 log.warning(
                     "round %d attempt %d: %d accepted results (< %d)%s",
                     record.round,
                     attempt,
                     record.clients_completed,
                     min_completed,
-                    "; re-sampling" if max_retries is None or attempt < max_retries else "",
+                    "; re-sampling" if again else "",
                 )
-            else:
-                raise FedforgeError(
-                    f"round {state.round + 1} got fewer than {min_completed} accepted results "
-                    f"in {(max_retries or 0) + 1} attempts"
-                )
+                if not again:
+                    raise FedforgeError(
+                        f"round {state.round + 1} got fewer than {min_completed} accepted "
+                        f"results in {short} attempts"
+                    )
             state = new_state
             history.append(record)
             if checkpoint:
                 checkpoint(state, history)
         return state
+
+    def _retry_after_refusal(self, round_number: int, refused: int, refusal: Refusal) -> None:
+        """Leave the refusal's offenders out of the round's next attempt, or stop the run
+        once ``max_refused`` attempts were refused."""
+        if refused > self.max_refused:
+            raise FedforgeError(
+                f"round {round_number}: the aggregate was refused in {refused} attempts (last: "
+                f"{refusal.reason}); the run cannot make progress"
+            )
+        self.benched |= set(refusal.offenders)
+        log.warning(
+            "round %d: trying again%s",
+            round_number,
+            f" without {', '.join(self.describe(c) for c in sorted(self.benched))}"
+            if self.benched
+            else "",
+        )

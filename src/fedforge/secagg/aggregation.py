@@ -21,7 +21,8 @@ from fedforge.aggregate.kinds import Accumulator, Aggregate, Kind
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.records import RecordBatch, RecordSpec, Task
 from fedforge.secagg.protocol import STEPS, SecAggAbort, SecAggParams
-from fedforge.secagg.server import Layout, SecAggRound, SecureSum
+from fedforge.secagg.records import Layout, SecureSum
+from fedforge.secagg.server import SecAggRound
 
 CLIP_KEY = "clip.norm"  # the clip stage's broadcast norm, when a clip stage runs
 NOISE_KEY = "ddg.noise_std"  # distributed DP: the noise stddev the sum must carry
@@ -33,11 +34,14 @@ log = logging.getLogger("fedforge")
 @dataclass(frozen=True)
 class SecureAggregation:
     """SecAgg+ over the round's clients; ``require_identities``: every client must sign its
-    keys with its certificate (deployment)."""
+    keys with its certificate (deployment), which the server verifies itself against the
+    run's CA (``ca_pem``) and each client's certificate name (``names``, by client id)."""
 
     params: SecAggParams = field(default_factory=SecAggParams)
     require_identities: bool = False
     withhold_metrics: bool = False  # distributed DP: fit replies carry no loss or count
+    ca_pem: bytes | None = None
+    names: Mapping[int, str] = field(default_factory=dict)
     kind: Kind = "secure_sum"
     name: str = "secagg"
 
@@ -50,6 +54,7 @@ class SecureAggregation:
         weights: Mapping[int, float],
         spec: RecordSpec,
         broadcast: Mapping[str, float],
+        describe: Callable[[int], str] = str,
     ) -> tuple[SecAggRound, float]:
         """A session over the clients in ``weights`` (their aggregation weights); returns it
         and the weight scale (the largest weight)."""
@@ -64,6 +69,9 @@ class SecureAggregation:
             clip,
             require_identities=self.require_identities,
             noise_std=broadcast.get(NOISE_KEY, 0.0),
+            ca_pem=self.ca_pem,
+            names=self.names,
+            describe=describe,
         )
         return session, scale
 
@@ -106,6 +114,8 @@ class SessionOutcome:
 
     result: SecureSum | None = None  # None: aborted (the model stays unchanged)
     failed: list[int] = field(default_factory=list)  # clients that failed a step
+    excluded: dict[int, str] = field(default_factory=dict)  # culprits the server excluded
+    refused: str | None = None  # the sum was impossible (or a culprit made it unrecoverable)
     bytes_up: int = 0
     bytes_down: int = 0
     server_seconds: float = 0.0
@@ -117,10 +127,12 @@ def run_session(
 ) -> SessionOutcome:
     """The four steps of ``session``, each one exchange through the driver (``exchange``
     validates replies with the given check and hands the accepted ones over); an abort is
-    logged and returns no result."""
+    logged and returns no result. A client whose reply breaks the protocol is excluded and
+    named in ``excluded`` with the reason; one that fails or times out, in ``failed``."""
     out = SessionOutcome(
         metrics={"secagg.degree": session.degree, "secagg.threshold": session.threshold}
     )
+    logged: set[int] = set()  # the exchange logged their rejected replies
     try:
         for step in STEPS:
             done = exchange(
@@ -128,10 +140,27 @@ def run_session(
             )
             out.bytes_up += done.bytes_up
             out.server_seconds += done.server_seconds
-            out.failed.extend(done.failed + done.rejected)
+            out.failed.extend(done.failed + [c for c in done.rejected if c not in session.excluded])
+            logged.update(done.rejected)
         out.result = session.result()
     except (SecAggAbort, ConfigError) as exc:  # a session that cannot complete safely
-        log.warning("round %d: %s", session.round, exc)
+        if isinstance(exc, SecAggAbort):
+            for cid, reason in exc.culprits.items():
+                session.excluded.setdefault(cid, reason)
+            if exc.impossible or exc.culprits:
+                out.refused = str(exc)  # the driver says it refused the round
+        if out.refused is None:
+            log.warning("round %d: %s", session.round, exc)
+    out.excluded = dict(session.excluded)
+    for cid, reason in sorted(out.excluded.items()):
+        if cid in logged:
+            continue
+        log.warning(
+            "round %d: secure aggregation excluded %s: %s",
+            session.round,
+            session.describe(cid),
+            reason,
+        )
     out.bytes_down = session.shared_bytes
     if out.result is not None and session.reports_clipped:
         out.metrics["secagg.clipped"] = out.result.clipped
@@ -143,6 +172,9 @@ def _step_check(session: SecAggRound, step: str) -> Check:
 
     def check(batch: RecordBatch) -> tuple[np.ndarray, list[str | None]]:
         reasons = [session.check(step, batch.row(i)) for i in range(len(batch))]
+        for cid, reason in zip(batch.client_ids, reasons, strict=True):
+            if reason is not None:
+                session.exclude(int(cid), reason)
         return np.array([r is None for r in reasons], bool), reasons
 
     return check

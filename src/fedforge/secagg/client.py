@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedforge.compress.rotation import rotate
 from fedforge.core.params import Params
@@ -29,11 +30,13 @@ from fedforge.secagg.graph import neighbours_of
 from fedforge.secagg.protocol import (
     ADVERTISE,
     CIPHERTEXT_BYTES,
+    DIGEST_ROW,
     IDENTITY_BYTES,
     MASK,
     PUBLIC_KEYS_BYTES,
     ROTATION_BLOCK,
     SHARE,
+    SHARE_KINDS,
     STEPS,
     UNMASK,
     least_threshold,
@@ -123,6 +126,44 @@ def unpack_identity(blob: np.ndarray) -> tuple[bytes, bytes]:
     if sig_len > 72 or cert_len > 4096:
         raise crypto.SecAggError("malformed identity")
     return data[2 : 2 + sig_len], data[76 : 76 + cert_len]
+
+
+def _digests(
+    context: bytes, round_number: int, dealer: int, holder: int, shares: bytes
+) -> np.ndarray:
+    """The digest row of one holder's pair of shares (seed share, key share)."""
+    half = shamir.SHARE_BYTES
+    pieces = (shares[:half], shares[half:])
+    return np.stack(
+        [
+            _u8(crypto.share_digest(context, round_number, dealer, holder, kind, piece))
+            for kind, piece in zip(SHARE_KINDS, pieces, strict=True)
+        ]
+    )
+
+
+def _open_share(
+    c_sk: X25519PrivateKey,
+    peer_c_pk: bytes,
+    message: bytes,
+    context: bytes,
+    round_number: int,
+    sender: int,
+    me: int,
+) -> bytes:
+    """The (seed share, key share) ``sender`` encrypted for this client; SecAggError when
+    it does not authenticate, names other clients, or holds no field elements."""
+    share_key = crypto.derive_key(crypto.agree(c_sk, peer_c_pk), "share", context)
+    plaintext = crypto.decrypt(
+        share_key, message, crypto.associated_data(context, round_number, sender, me)
+    )
+    if struct.unpack_from("<qq", plaintext) != (sender, me):
+        raise crypto.SecAggError("a share names the wrong sender or receiver")
+    shares = plaintext[16:]
+    half = shamir.SHARE_BYTES
+    if not (shamir.is_field_element(shares[:half]) and shamir.is_field_element(shares[half:])):
+        raise crypto.SecAggError("a share is not a field element")
+    return shares
 
 
 class SecAggClient:
@@ -218,13 +259,17 @@ class SecAggClient:
             share_key = crypto.derive_key(crypto.agree(c_sk, key[:32].tobytes()), "share", context)
             aad = crypto.associated_data(context, task.round, me, cid)
             ciphertexts[row] = _u8(crypto.encrypt(share_key, plaintext, aad))
+        digests = np.stack(
+            [_digests(context, task.round, me, h, seed_shares[h] + key_shares[h]) for h in holders]
+        )
         s.update(
             seed=_u8(seed),
             neighbours=ids.copy(),
             neighbour_keys=keys.copy(),
             own_shares=_u8(seed_shares[me] + key_shares[me]),
         )
-        return Record(me, 1, {"receivers": ids.copy(), "ciphertexts": ciphertexts}), s
+        arrays = {"receivers": ids.copy(), "ciphertexts": ciphertexts, "share_digests": digests}
+        return Record(me, 1, arrays), s
 
     # 3. Masked input -----------------------------------------------------------------------
     def mask(self, task: Task, session: Session | None) -> tuple[Record, Session]:
@@ -239,17 +284,33 @@ class SecAggClient:
             raise crypto.SecAggError("shares forwarded from clients that are not neighbours")
         if len(senders) + 1 < int(s["threshold"][0]):
             raise crypto.SecAggError("too few neighbours shared keys to continue securely")
+        digests = _blob(
+            task.shared.get("share_digests"), "share digests", (len(senders), *DIGEST_ROW)
+        )
         c_sk = crypto.private_key(s["c_sk"].tobytes())
+        accepted: list[int] = []
+        refused: list[int] = []
         received = np.empty((len(senders), 2 * shamir.SHARE_BYTES), np.uint8)
-        for row, (cid, message) in enumerate(zip(senders.tolist(), ciphertexts, strict=True)):
+        for cid, message, digest in zip(senders.tolist(), ciphertexts, digests, strict=True):
             peer_c_pk = s["neighbour_keys"][known[cid], :32].tobytes()
-            share_key = crypto.derive_key(crypto.agree(c_sk, peer_c_pk), "share", context)
-            aad = crypto.associated_data(context, task.round, cid, me)
-            plaintext = crypto.decrypt(share_key, message.tobytes(), aad)
-            sender, receiver = struct.unpack_from("<qq", plaintext)
-            if (sender, receiver) != (cid, me):
-                raise crypto.SecAggError("a share names the wrong sender or receiver")
-            received[row] = _u8(plaintext[16:])
+            try:
+                share = _open_share(
+                    c_sk, peer_c_pk, message.tobytes(), context, task.round, cid, me
+                )
+                if _digests(context, task.round, cid, me, share).tobytes() != digest.tobytes():
+                    raise crypto.SecAggError("a share differs from the digest its dealer sent")
+            except crypto.SecAggError:  # the sender's fault: reported, never masked with
+                refused.append(cid)
+                continue
+            received[len(accepted)] = _u8(share)
+            accepted.append(cid)
+        if len(accepted) + 1 < int(s["threshold"][0]):
+            raise crypto.SecAggError(
+                f"only {len(accepted)} neighbours' shares checked out (refused: {refused}): "
+                "too few to continue securely"
+            )
+        senders = np.array(accepted, np.int64)
+        received = received[: len(accepted)]
         params = MaskParams.from_scalars(task.scalars)
         total = self._encode_input(s, params, task.seed)
         total += crypto.mask(
@@ -268,7 +329,7 @@ class SecAggClient:
         s.update(senders=senders.copy(), received=received)
         for key in [k for k in s if k.startswith(("record/", "scalar/"))]:
             del s[key]  # the plaintext record is not needed any more
-        return Record(me, 1, {"masked": total}), s
+        return Record(me, 1, {"masked": total, "refused": np.array(refused, np.int64)}), s
 
     @staticmethod
     def _encode_input(s: Session, params: MaskParams, seed: int) -> np.ndarray:

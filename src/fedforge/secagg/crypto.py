@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import struct
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from fedforge.core.keystream import keystream_words
 KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
+DIGEST_BYTES = 32
+X25519_PRIME = 2**255 - 19
 
 
 class SecAggError(FedforgeError):
@@ -81,6 +84,35 @@ def agree(private: bytes | X25519PrivateKey, peer_public: bytes) -> bytes:
         return key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:
         raise SecAggError(f"bad public key: {exc}") from None
+
+
+def check_public_key(raw: bytes) -> None:
+    """Refuse an X25519 public key that no honest client advertises: not 32 bytes, not a
+    canonical field element (``u >= 2^255 - 19``), or of low order (all zero, and the other
+    small-subgroup points: its agreement with every key is all zero)."""
+    if len(raw) != KEY_BYTES:
+        raise SecAggError(f"a public key is {KEY_BYTES} bytes, got {len(raw)}")
+    if int.from_bytes(raw, "little") >= X25519_PRIME:
+        raise SecAggError("a public key is not a canonical X25519 point")
+    try:
+        agree(X25519PrivateKey.generate(), raw)
+    except SecAggError:
+        raise SecAggError(
+            "a public key of low order (its agreement with every key is all zero)"
+        ) from None
+
+
+def share_digest(
+    context: bytes, round_number: int, dealer: int, holder: int, kind: str, share: bytes
+) -> bytes:
+    """The dealer's commitment to one share it dealt (``kind``: ``seed`` or ``key``): the
+    holder checks what it decrypts against it, and the server what the holder reveals, so a
+    wrong share is pinned on whoever sent it. (A share is a uniformly random field element:
+    its hash tells nothing about the secret.)"""
+    label = b"fedforge-secagg/share/" + kind.encode() + b"/"
+    return hashlib.sha256(
+        label + associated_data(context, round_number, dealer, holder) + share
+    ).digest()
 
 
 def derive_key(shared_secret: bytes, purpose: str, context: bytes) -> bytes:

@@ -5,15 +5,23 @@ every message routed through the server:
 
 1. ``secagg/advertise``: the server sends the participants, the graph seed and a fresh
    session context; each client answers with two X25519 public keys (signed in deployment).
+   The server checks the keys (canonical, not of low order, not another client's) and, in
+   deployment, the signature (the run's CA, the client's own name) before relaying them.
 2. ``secagg/share``: the server forwards each client its neighbours' keys; the client
    Shamir-shares its self-mask seed ``b`` and its mask private key among its neighbourhood
-   (itself included) and answers with one AES-GCM ciphertext per neighbour.
-3. ``secagg/mask``: the server forwards the ciphertexts addressed to each client, its
-   aggregation weight and the ring parameters; the client answers with its record clipped,
-   weighted, encoded in the ring, plus its self mask and its signed pairwise masks.
+   (itself included) and answers with one AES-GCM ciphertext per neighbour and a SHA-256
+   digest of every share it dealt.
+3. ``secagg/mask``: the server forwards the ciphertexts addressed to each client with their
+   digests, its aggregation weight and the ring parameters; the client answers with its
+   record clipped, weighted, encoded in the ring, plus its self mask and its signed pairwise
+   masks with every neighbour whose share checked out, and names the neighbours whose share
+   did not (``refused``). The server settles these disputes by excluding the fewest clients
+   that end them; the excluded become dropouts.
 4. ``secagg/unmask``: the server names which of each client's neighbours survived; the
    client answers with its shares of the survivors' ``b`` and of the dropouts' mask keys,
-   never both kinds for one client. The server removes the masks and decodes the exact sum.
+   never both kinds for one client. The server checks each share against its dealer's
+   digest, removes the masks, and decodes the sum, which must be one that inputs clipped to
+   the clip norm can produce.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ IDENTITY_BYTES = 2 + 72 + 2 + 4096  # signature and certificate, each length-pre
 # A share ciphertext: nonce | (sender, receiver, seed share, key share) | tag.
 SHARE_PLAINTEXT_BYTES = 8 + 8 + 66 + 66
 CIPHERTEXT_BYTES = 12 + SHARE_PLAINTEXT_BYTES + 16
+SHARE_KINDS = ("seed", "key")  # a dealer's digest row: (seed share, key share), 32 bytes each
+DIGEST_ROW = (len(SHARE_KINDS), 32)
 
 
 ROTATION_BLOCK = 4096
@@ -51,7 +61,16 @@ def rotation_seed(context: bytes) -> int:
 
 
 class SecAggAbort(FedforgeError):
-    """The round cannot complete securely (too few clients left); the model is unchanged."""
+    """The round cannot complete securely; the model is unchanged. ``culprits``: clients
+    shown to have broken the protocol (id -> why), whom a retry leaves out; ``impossible``:
+    the unmasked sum is one no clipped inputs produce (someone masked a crafted input)."""
+
+    def __init__(
+        self, message: str, culprits: dict[int, str] | None = None, *, impossible: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.culprits = dict(culprits or {})
+        self.impossible = impossible
 
 
 @dataclass(frozen=True)

@@ -2,24 +2,25 @@
 messages, and recovers the exact sum of the survivors' encoded records.
 
 Every reply is checked against what this client must send at this step (array names,
-dtypes, shapes, addressees); a reply that fails is rejected and its client becomes a
-dropout, which the protocol tolerates. The transcript records which kind of share of which
-client the server received: never both kinds for one client.
+dtypes, shapes, addressees; keys and signatures, shares against their dealers' digests: see
+``verify.py``); a reply that fails is rejected, its client is excluded (named, with the
+reason, in ``excluded``) and becomes a dropout, which the protocol tolerates. So do the
+clients excluded to settle disputes over shares. The transcript records which kind of share
+of which client the server received: never both kinds for one client.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from fedforge.compress.rotation import rotation_shape, unrotate
 from fedforge.core.errors import ConfigError
 from fedforge.core.params import Params
-from fedforge.core.records import Record, RecordSpec, Task
+from fedforge.core.records import Record, Task
 from fedforge.privacy import discrete_gaussian
 from fedforge.secagg import crypto, ring, shamir
 from fedforge.secagg.client import MaskParams, unpack_identity
@@ -27,72 +28,22 @@ from fedforge.secagg.graph import neighbours
 from fedforge.secagg.protocol import (
     ADVERTISE,
     CIPHERTEXT_BYTES,
+    DIGEST_ROW,
     IDENTITY_BYTES,
     MASK,
     MIN_CLIENTS,
     PUBLIC_KEYS_BYTES,
     ROTATION_BLOCK,
     SHARE,
+    SHARE_KINDS,
     UNMASK,
     SecAggAbort,
     SecAggParams,
     rotation_seed,
     threshold_for,
 )
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How a record flattens into the masked vector: arrays then summed scalars (each in
-    name order), then the secure-aggregation clipped bit."""
-
-    arrays: tuple[tuple[str, tuple[int, ...], np.dtype], ...]
-    scalars: tuple[str, ...]
-
-    @classmethod
-    def of(cls, spec: RecordSpec) -> Layout:
-        arrays = tuple((n, a.shape, np.dtype(a.dtype)) for n, a in sorted(spec.arrays.items()))
-        return cls(arrays, tuple(sorted(spec.scalars)))
-
-    @property
-    def array_size(self) -> int:
-        return sum(int(np.prod(shape, dtype=np.int64)) for _, shape, _ in self.arrays)
-
-    def unflatten(self, values: np.ndarray) -> tuple[Params, dict[str, float], float]:
-        arrays, start = {}, 0
-        for name, shape, _ in self.arrays:
-            size = int(np.prod(shape, dtype=np.int64))
-            arrays[name] = values[start : start + size].reshape(shape)
-            start += size
-        scalars = {n: float(values[start + i]) for i, n in enumerate(self.scalars)}
-        return arrays, scalars, float(values[-1])
-
-
-@dataclass
-class Transcript:
-    """What the server received, per step; ``shares[kind]`` names the clients whose share
-    of that kind (``seed`` or ``key``) reached the server."""
-
-    replied: dict[str, list[int]] = field(default_factory=dict)
-    shares: dict[str, set[int]] = field(default_factory=lambda: {"seed": set(), "key": set()})
-
-    def both_kinds(self) -> set[int]:
-        """Clients of which the server holds both kinds of share (always empty)."""
-        return self.shares["seed"] & self.shares["key"]
-
-
-@dataclass(frozen=True)
-class SecureSum:
-    """The result: the exact sum of the survivors' weighted records (dequantized, float64;
-    ``dtypes`` are the records' own)."""
-
-    arrays: Params
-    dtypes: dict[str, np.dtype]
-    scalars: dict[str, float]
-    clipped: float
-    survivors: list[int]
-    rho: float = 0.0  # distributed DP: this release's zCDP parameter (0 without noise)
-    tau: float = 0.0  # ... and its slack on delta
+from fedforge.secagg.records import Layout, SecureSum, Transcript
+from fedforge.secagg.verify import identity_problem, key_problem, settle_disputes, sum_problem
 
 
 class SecAggRound:
@@ -109,7 +60,13 @@ class SecAggRound:
         *,
         require_identities: bool = False,
         noise_std: float = 0.0,
+        ca_pem: bytes | None = None,
+        names: Mapping[int, str] | None = None,
+        describe: Callable[[int], str] = str,
     ) -> None:
+        """``ca_pem``: the run's CA, with which the server verifies the signed keys itself
+        (deployment); ``names``: each client's certificate name, which must be the one that
+        signed its keys; ``describe``: a client's name in messages."""
         if len(set(participants)) < MIN_CLIENTS:
             raise SecAggAbort(
                 f"secure aggregation needs at least {MIN_CLIENTS} clients, got "
@@ -125,6 +82,9 @@ class SecAggRound:
         self.participants = sorted(int(c) for c in participants)
         self.weights = {int(c): float(w) for c, w in weights.items()}
         self.require_identities = require_identities
+        self.ca_pem = ca_pem
+        self.names = dict(names or {})
+        self.describe = describe
         self.noise_std = noise_std  # distributed DP: stddev of the noise on the sum
         self.context = os.urandom(32)  # fresh per session: binds every key and ciphertext
         self.graph_seed = os.urandom(32)  # announced before any key is seen
@@ -139,6 +99,10 @@ class SecAggRound:
         self.masked: dict[int, np.ndarray] = {}
         self.seed_shares: dict[int, dict[int, bytes]] = {}
         self.key_shares: dict[int, dict[int, bytes]] = {}
+        self.digests: dict[int, dict[int, np.ndarray]] = {}  # dealer -> holder -> digest row
+        self.refusals: dict[int, list[int]] = {}  # client -> neighbours whose share it refused
+        self.excluded: dict[int, str] = {}  # client -> why the server excluded it
+        self.settled = False  # the disputes of the mask step are settled
         self.dtype = ring.ring_dtype(params.ring_bits)
         # Ring words of the arrays: the rotation pads them to whole blocks.
         self.array_words = (
@@ -174,7 +138,33 @@ class SecAggRound:
         previous = {ADVERTISE: None, SHARE: ADVERTISE, MASK: SHARE, UNMASK: MASK}[stage]
         if previous is None:
             return self.participants
-        return sorted(self.transcript.replied.get(previous, []))
+        if stage == UNMASK:
+            self._settle()
+        replied = self.transcript.replied.get(previous, [])
+        return sorted(c for c in replied if c not in self.excluded)
+
+    def exclude(self, cid: int, reason: str) -> None:
+        """Leave ``cid`` out of the rest of the session (its reply broke the protocol). Until
+        the unmask step its masked input is dropped too; after it, the input stays (removing
+        it would need both kinds of its shares) and only what it sends is discarded."""
+        self.excluded.setdefault(int(cid), reason)
+        if not self.settled:
+            self.masked.pop(int(cid), None)
+
+    def _settle(self) -> None:
+        """After the mask step: exclude the fewest clients that end every dispute over a
+        share; the excluded become dropouts, whose pairwise masks the survivors remove."""
+        if self.settled:
+            return
+        # Disputes with a client already out of the sum are moot: nobody masked with it.
+        live = {
+            c: [other for other in refused if other in self.masked]
+            for c, refused in self.refusals.items()
+            if c in self.masked
+        }
+        for cid, reason in settle_disputes(live, self.describe).items():
+            self.exclude(cid, f"{MASK}: {reason}")
+        self.settled = True
 
     def _advertise(self, cid: int, seed: int) -> Task:
         shared: Params = {
@@ -206,11 +196,16 @@ class SecAggRound:
 
     def _mask(self, cid: int, seed: int) -> Task:
         inbox = self.outbox.get(cid, {})
-        senders = sorted(c for c in inbox if c in self.transcript.replied[SHARE])
+        shared_keys = set(self.transcript.replied[SHARE]) - set(self.excluded)
+        senders = sorted(c for c in inbox if c in shared_keys)
         self.senders[cid] = senders
+        digests = [self.digests[c][cid] for c in senders]
         shared = {
             "senders": np.array(senders, np.int64),
             "ciphertexts": _rows([inbox[c] for c in senders], CIPHERTEXT_BYTES),
+            "share_digests": (
+                np.stack(digests) if digests else np.zeros((0, *DIGEST_ROW), np.uint8)
+            ),
         }
         return self._task(MASK, cid, seed, shared, **self.mask_params(cid).scalars())
 
@@ -254,39 +249,73 @@ class SecAggRound:
         cid, a = record.client_id, record.arrays
         expected = {
             ADVERTISE: {"keys", "identity"} if self.require_identities else {"keys"},
-            SHARE: {"receivers", "ciphertexts"},
-            MASK: {"masked"},
+            SHARE: {"receivers", "ciphertexts", "share_digests"},
+            MASK: {"masked", "refused"},
             UNMASK: {"seed_owners", "seed_shares", "key_owners", "key_shares"},
         }[stage]
         if set(a) != expected:
             return f"{stage}: arrays {sorted(a)}, expected {sorted(expected)}"
         try:
-            if stage == ADVERTISE:
-                _shape(a["keys"], np.uint8, (PUBLIC_KEYS_BYTES,), "keys")
-                if self.require_identities:
-                    self._check_identity(cid, a["keys"].tobytes(), a["identity"])
-            elif stage == SHARE:
-                want = [c for c in self.graph[cid] if c in self.keys]
-                _shape(a["receivers"], np.int64, (len(want),), "receivers")
-                if a["receivers"].tolist() != want:
-                    return f"{stage}: shares addressed to the wrong clients"
-                _shape(a["ciphertexts"], np.uint8, (len(want), CIPHERTEXT_BYTES), "ciphertexts")
-            elif stage == MASK:
-                _shape(a["masked"], self.dtype, (self.words,), "masked input")
-            else:
-                holds = set(self.senders[cid]) | {cid}
-                owners = sorted(holds & set(self.masked)), sorted(holds - set(self.masked))
-                for kind, want in zip(("seed", "key"), owners, strict=True):
-                    if a[f"{kind}_owners"].tolist() != want:
-                        return f"{stage}: {kind} shares of the wrong clients"
-                    _shape(a[f"{kind}_shares"], np.uint8, (len(want), shamir.SHARE_BYTES), kind)
+            problem = {
+                ADVERTISE: self._check_advertise,
+                SHARE: self._check_share,
+                MASK: self._check_mask,
+                UNMASK: self._check_unmask,
+            }[stage](cid, a)
         except crypto.SecAggError as exc:
-            return f"{stage}: {exc}"
+            problem = str(exc)
+        return None if problem is None else f"{stage}: {problem}"
+
+    def _check_advertise(self, cid: int, a: Params) -> str | None:
+        _shape(a["keys"], np.uint8, (PUBLIC_KEYS_BYTES,), "keys")
+        keys = a["keys"].tobytes()
+        problem = key_problem(keys, {c: k for c, k in self.keys.items() if c != cid})
+        if problem is None and self.require_identities:
+            _shape(a["identity"], np.uint8, (IDENTITY_BYTES,), "identity")
+            unpack_identity(a["identity"])
+            if self.ca_pem is not None:
+
+                def statement(name: str) -> bytes:
+                    return crypto.key_statement(self.context, self.round, cid, name, keys)
+
+                problem = identity_problem(
+                    self.ca_pem, a["identity"], statement, self.names.get(cid)
+                )
+        return problem
+
+    def _check_share(self, cid: int, a: Params) -> str | None:
+        want = [c for c in self.graph[cid] if c in self.keys]
+        _shape(a["receivers"], np.int64, (len(want),), "receivers")
+        if a["receivers"].tolist() != want:
+            return "shares addressed to the wrong clients"
+        _shape(a["ciphertexts"], np.uint8, (len(want), CIPHERTEXT_BYTES), "ciphertexts")
+        _shape(a["share_digests"], np.uint8, (len(want) + 1, *DIGEST_ROW), "share digests")
         return None
 
-    def _check_identity(self, cid: int, keys: bytes, identity: np.ndarray) -> None:
-        _shape(identity, np.uint8, (IDENTITY_BYTES,), "identity")
-        unpack_identity(identity)
+    def _check_mask(self, cid: int, a: Params) -> str | None:
+        _shape(a["masked"], self.dtype, (self.words,), "masked input")
+        refused = a["refused"]
+        if not isinstance(refused, np.ndarray) or refused.dtype != np.int64 or refused.ndim != 1:
+            return "refused must be a 1-D int64 array"
+        named = refused.tolist()
+        if len(set(named)) != len(named) or not set(named) <= set(self.senders[cid]):
+            return "it refused shares it was not sent"
+        return None
+
+    def _check_unmask(self, cid: int, a: Params) -> str | None:
+        holds = set(self.senders[cid]) | {cid}
+        owners = sorted(holds & set(self.masked)), sorted(holds - set(self.masked))
+        for index, (kind, want) in enumerate(zip(SHARE_KINDS, owners, strict=True)):
+            if a[f"{kind}_owners"].tolist() != want:
+                return f"{kind} shares of the wrong clients"
+            _shape(a[f"{kind}_shares"], np.uint8, (len(want), shamir.SHARE_BYTES), kind)
+            for owner, share in zip(want, a[f"{kind}_shares"], strict=True):
+                digest = crypto.share_digest(
+                    self.context, self.round, owner, cid, kind, share.tobytes()
+                )
+                if digest != self.digests[owner][cid][index].tobytes():
+                    return f"its {kind} share of {self.describe(owner)} is not the one dealt"
+        return None
 
     def accept(self, stage: str, record: Record) -> None:
         cid, a = record.client_id, record.arrays
@@ -298,8 +327,14 @@ class SecAggRound:
         elif stage == SHARE:
             for receiver, ciphertext in zip(a["receivers"].tolist(), a["ciphertexts"], strict=True):
                 self.outbox.setdefault(int(receiver), {})[cid] = ciphertext.copy()
+            holders = [cid, *a["receivers"].tolist()]
+            self.digests[cid] = dict(zip(holders, a["share_digests"].copy(), strict=True))
         elif stage == MASK:
             self.masked[cid] = a["masked"].copy()
+            refused = a["refused"].tolist()
+            if refused:  # it masked without them: their pairwise masks are not in its input
+                self.refusals[cid] = refused
+                self.senders[cid] = [c for c in self.senders[cid] if c not in refused]
         else:
             for kind, store in (("seed", self.seed_shares), ("key", self.key_shares)):
                 for owner, share in zip(
@@ -311,7 +346,8 @@ class SecAggRound:
     # The sum ---------------------------------------------------------------------------------
     def result(self) -> SecureSum:
         """Remove every mask and decode the survivors' sum; SecAggAbort if any secret cannot
-        be recovered."""
+        be recovered (naming its owner as the culprit when the shares it dealt disagree), or
+        if the sum is one no clipped inputs can produce."""
         survivors = sorted(self.masked)
         if len(survivors) < max(self.threshold, MIN_CLIENTS):
             raise SecAggAbort(
@@ -329,7 +365,12 @@ class SecAggRound:
         for cid in dropped:
             raw = self._recover(self.key_shares, cid, "mask key")
             if crypto.public_of(raw) != self.keys[cid][32:]:
-                raise SecAggAbort(f"the recovered mask key of client {cid} does not match its key")
+                why = "dealt shares of a mask key that is not the one it advertised"
+                raise SecAggAbort(
+                    f"secure aggregation: {self.describe(cid)} {why}; the round is aborted "
+                    "and the model unchanged",
+                    {cid: f"{UNMASK}: {why}"},
+                )
             s_sk = crypto.private_key(raw)
             for other in survivors:
                 if cid not in self.senders[other]:
@@ -343,21 +384,67 @@ class SecAggRound:
         params = self.mask_params(survivors[0])
         n = self.array_words
         array_values = ring.decode(total[:n], params.array_bits, params.ring_bits)
+        scalar_values = ring.decode(total[n:], params.scalar_bits, params.ring_bits)
+        self._check_sum(array_values, scalar_values, params, survivors, dropped)
         if self.params.rotation:
             rotation = rotation_seed(self.context)
             unrotated = unrotate(
                 array_values[None], [rotation], self.layout.array_size, ROTATION_BLOCK
             )
             array_values = unrotated[0].astype(np.float64)
-        values = np.concatenate(
-            [array_values, ring.decode(total[n:], params.scalar_bits, params.ring_bits)]
-        )
+        values = np.concatenate([array_values, scalar_values])
         if not self.reports_clipped:
             values = np.append(values, 0.0)
         arrays, scalars, clipped = self.layout.unflatten(values)
         dtypes = {name: dtype for name, _, dtype in self.layout.arrays}
         privacy = self._privacy(params, len(survivors))
         return SecureSum(arrays, dtypes, scalars, clipped, survivors, *privacy)
+
+    def _check_sum(
+        self,
+        arrays: np.ndarray,
+        scalars: np.ndarray,
+        params: MaskParams,
+        survivors: list[int],
+        dropped: list[int],
+    ) -> None:
+        """Refuse a sum that the survivors' clipped, weighted inputs cannot add up to, naming
+        the dealers whose shares disagree (a secret recovered from some of them is wrong)."""
+        clipped = float(scalars[-1]) if self.reports_clipped else None
+        problem = sum_problem(
+            arrays,
+            scalars[:-1] if self.reports_clipped else scalars,
+            clipped,
+            total_weight=sum(self.weights[c] for c in survivors),
+            clip_norm=self.clip_norm,
+            contributors=len(survivors),
+            unit=2.0**-params.array_bits,
+            scalar_unit=2.0**-params.scalar_bits,
+            scalar_bound=params.scalar_bound,
+            noise_std=self.noise_std,
+        )
+        if problem is None:
+            return
+        culprits = {
+            owner: f"{UNMASK}: the shares it dealt of its {what} disagree"
+            for store, owners, what in (
+                (self.seed_shares, survivors, "self-mask seed"),
+                (self.key_shares, dropped, "mask key"),
+            )
+            for owner in owners
+            if not _consistent(store[owner], self.threshold)
+        }
+        cause = (
+            ", ".join(f"{self.describe(c)}: {why}" for c, why in culprits.items())
+            if culprits
+            else "a client masked a crafted input or share"
+        )
+        raise SecAggAbort(
+            f"secure aggregation: the unmasked sum is impossible for honest inputs: {problem}; "
+            f"{cause}: the round is refused and the model unchanged",
+            culprits,
+            impossible=True,
+        )
 
     def _privacy(self, params: MaskParams, contributors: int) -> tuple[float, float]:
         """(zCDP rho, tau) of this release under distributed DP (Kairouz et al. 2021,
@@ -381,10 +468,24 @@ class SecAggRound:
                 f"fewer than the threshold {self.threshold}; the round is aborted and the "
                 "model unchanged"
             )
-        try:
+        try:  # every share matched its dealer's digest: a bad one is the dealer's
             return shamir.combine(shares, self.threshold)
         except shamir.ShareError as exc:
-            raise SecAggAbort(f"secure aggregation: {exc}") from None
+            why = f"the shares it dealt of its {what} disagree ({exc})"
+            raise SecAggAbort(
+                f"secure aggregation: {self.describe(owner)}: {why}; the round is aborted "
+                "and the model unchanged",
+                {owner: f"{UNMASK}: {why}"},
+            ) from None
+
+
+def _consistent(shares: Mapping[int, bytes], threshold: int) -> bool:
+    """Whether the shares lie on one polynomial (checked only once a sum is impossible)."""
+    try:
+        shamir.combine(shares, threshold, consistent=True)
+    except shamir.ShareError:
+        return False
+    return True
 
 
 def _rows(rows: Sequence[np.ndarray], width: int) -> np.ndarray:

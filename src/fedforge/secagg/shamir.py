@@ -45,36 +45,49 @@ def split(secret: bytes, threshold: int, holders: Sequence[int]) -> dict[int, by
 
 
 @lru_cache(maxsize=4096)
-def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
-    """The Lagrange basis coefficients at 0 for the points ``xs`` (cached: in a complete
+def _lagrange_at(xs: tuple[int, ...], x: int) -> tuple[int, ...]:
+    """The Lagrange basis coefficients at ``x`` for the points ``xs`` (cached: in a complete
     graph every secret is recovered from the same holders)."""
     out = []
     for i, xi in enumerate(xs):
         num, den = 1, 1
         for j, xj in enumerate(xs):
             if i != j:
-                num = num * (-xj) % PRIME
+                num = num * (x - xj) % PRIME
                 den = den * (xi - xj) % PRIME
         out.append(num * pow(den, -1, PRIME) % PRIME)
     return tuple(out)
 
 
-def combine(shares: Mapping[int, bytes], threshold: int) -> bytes:
-    """The secret from at least ``threshold`` shares (holder id -> share bytes)."""
+def _value(share: bytes) -> int:
+    if len(share) != SHARE_BYTES:
+        raise ShareError(f"a share is {SHARE_BYTES} bytes, got {len(share)}")
+    value = int.from_bytes(share, "big")
+    if value >= PRIME:
+        raise ShareError("a share is not a field element")
+    return value
+
+
+def is_field_element(share: bytes) -> bool:
+    return len(share) == SHARE_BYTES and int.from_bytes(share, "big") < PRIME
+
+
+def combine(shares: Mapping[int, bytes], threshold: int, *, consistent: bool = False) -> bytes:
+    """The secret from at least ``threshold`` shares (holder id -> share bytes).
+    ``consistent``: also check that every share lies on the polynomial the first
+    ``threshold`` define (shares dealt by one honest dealer always do)."""
     if len(shares) < threshold:
         raise ShareError(f"{len(shares)} shares cannot recover a secret shared {threshold}-of-n")
-    chosen = sorted(shares)[:threshold]
-    values = []
-    for holder in chosen:
-        share = shares[holder]
-        if len(share) != SHARE_BYTES:
-            raise ShareError(f"a share is {SHARE_BYTES} bytes, got {len(share)}")
-        value = int.from_bytes(share, "big")
-        if value >= PRIME:
-            raise ShareError("a share is not a field element")
-        values.append(value)
-    basis = _lagrange_at_zero(tuple(h + 1 for h in chosen))
-    secret = sum(v * b for v, b in zip(values, basis, strict=True)) % PRIME
+    holders = sorted(shares)
+    chosen = holders[:threshold]
+    values = [_value(shares[h]) for h in chosen]
+    xs = tuple(h + 1 for h in chosen)
+    secret = sum(v * b for v, b in zip(values, _lagrange_at(xs, 0), strict=True)) % PRIME
     if secret >> (8 * SECRET_BYTES):
         raise ShareError("the shares do not recover a 32-byte secret (inconsistent shares)")
+    if consistent:
+        for h in holders[threshold:]:
+            basis = _lagrange_at(xs, h + 1)
+            if sum(v * b for v, b in zip(values, basis, strict=True)) % PRIME != _value(shares[h]):
+                raise ShareError("the shares do not lie on one polynomial (inconsistent shares)")
     return secret.to_bytes(SECRET_BYTES, "big")

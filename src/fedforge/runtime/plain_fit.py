@@ -1,0 +1,49 @@
+"""A round's fit without secure aggregation: every accepted record is decoded and summed as
+it arrives; the aggregate is refused when the records include an outlier (the driver's
+``outliers`` bound) or when it is not finite (``aggregate/guard.py``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedforge.aggregate.guard import Refusal, aggregate_problem, record_norms
+from fedforge.aggregate.kinds import Aggregate
+from fedforge.algorithms.base import ServerState
+from fedforge.core.records import FIT, RecordBatch, Task
+from fedforge.runtime.exchange import Exchanged
+
+if TYPE_CHECKING:
+    from fedforge.runtime.driver import Driver
+
+
+def plain_fit(
+    driver: Driver, tasks: list[Task], state: ServerState
+) -> tuple[Exchanged, Aggregate | None, Refusal | None]:
+    """The fit exchange and its aggregate (None when no record arrived), or the refusal."""
+    accumulator = driver.aggregation.accumulator()
+    norms: dict[int, float] = {}
+    steps: dict[int, int] = {}
+    program = driver.algorithm.program()
+
+    def accept(batch: RecordBatch) -> None:
+        decoded = driver.stages.decode(batch, state.stage_states)
+        if driver.outliers is not None:
+            rows = zip(decoded.client_ids, record_norms(decoded), decoded.num_examples, strict=True)
+            for cid, norm, n in rows:
+                norms[int(cid)] = float(norm)
+                steps[int(cid)] = program.num_steps(int(n))
+        accumulator.add(decoded, driver._weights(decoded))
+
+    check = driver._spec_check(driver.fit_spec, FIT)
+    fit = driver._exchange(tasks, check, accept, driver.listener)
+    offenders = {} if driver.outliers is None else driver.outliers.offenders(norms, steps)
+    if offenders:
+        named = ", ".join(f"{driver.describe(c)}: {why}" for c, why in offenders.items())
+        return fit, None, Refusal(f"outlying updates ({named})", offenders)
+    if not accumulator.count:
+        return fit, None, None
+    aggregate = accumulator.result()
+    # A mean of records is no larger than its largest record (when their norms are known).
+    bound = max(norms.values()) if driver.aggregation.kind == "mean" and norms else None
+    problem = aggregate_problem(aggregate.arrays, bound)
+    return fit, aggregate, None if problem is None else Refusal(problem)
