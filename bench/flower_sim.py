@@ -5,7 +5,8 @@
 Uses flwr 1.41's ``run_simulation`` with the Ray backend, the FedAvg strategy, centralized
 evaluation each round, and the same local training as the plain loop (same arrays,
 partition, initial weights and per-(round, client) batch-order streams; Flower samples the
-clients itself). Prints one JSON line like ``bench/contender.py``.
+clients itself). Prints one JSON line like ``bench/contender.py``; CPU seconds are those of
+this process and every process below it (Ray's raylet and its workers).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from proc_tree import tree_cpu_seconds  # noqa: E402  (bench/, this script's directory)
 
 WORKLOAD, N, K, ROUNDS = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 EPOCHS, BATCH, LR, SEED = 1, 10, 0.05, 0
@@ -41,6 +43,32 @@ def make_model() -> torch.nn.Module:
         torch.nn.ReLU(),
         torch.nn.Linear(200, 10),
     )
+
+
+_M = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix(z: int) -> int:
+    """SplitMix64's finalizer (fedforge.core.rng.mix64_int)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M
+    return z ^ (z >> 31)
+
+
+def task_seed(round_number: int, cid: int) -> int:
+    """fedforge's RngStreams(SEED).task_seed(round, client), recomputed without fedforge."""
+    seq = np.random.SeedSequence(SEED, spawn_key=(3, round_number))
+    k = [int(w) for w in seq.generate_state(4, np.uint64)]
+    return _mix(k[0] ^ _mix(cid ^ k[1])) | _mix(k[2] ^ _mix(cid ^ k[3])) << 64
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> np.ndarray:
+    """fedforge's batch order (train.program.shuffles): one epoch's permutation."""
+    lo, hi = seed & _M, (seed >> 64) & _M
+    stream = _mix(lo ^ _mix(hi ^ (((epoch + 1) * _GOLDEN) & _M)))
+    keys = [_mix((stream + (j + 1) * _GOLDEN) & _M) for j in range(n)]
+    return np.array(sorted(range(n), key=keys.__getitem__), np.int64)
 
 
 def set_weights(model: torch.nn.Module, weights: list[np.ndarray]) -> None:
@@ -73,12 +101,9 @@ def main() -> None:
         def fit(self, parameters, config):  # type: ignore[no-untyped-def]
             set_weights(self.model, parameters)
             opt = torch.optim.SGD(self.model.parameters(), lr=LR)
-            # fedforge's RngStreams.task_seed(round, client), recomputed without fedforge.
-            seq = np.random.SeedSequence(SEED, spawn_key=(3, int(config["round"]), self.cid))
-            words = seq.generate_state(4).astype("<u4").tobytes()
-            rng = np.random.default_rng(int.from_bytes(words, "little"))
-            for _ in range(EPOCHS):
-                perm = torch.from_numpy(rng.permutation(len(self.y)))
+            seed = task_seed(int(config["round"]), self.cid)
+            for epoch in range(EPOCHS):
+                perm = torch.from_numpy(epoch_order(len(self.y), epoch, seed))
                 for s in range(0, len(self.y), BATCH):
                     b = perm[s : s + BATCH]
                     opt.zero_grad()
@@ -91,6 +116,7 @@ def main() -> None:
         return TorchClient(int(context.node_config["partition-id"])).to_client()
 
     marks: list[float] = []
+    cpu_marks: list[float] = []  # CPU seconds of this process and its Ray processes
     accuracy: list[float] = []
     x_test, y_test = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
     eval_model = make_model()
@@ -101,6 +127,7 @@ def main() -> None:
             logits = eval_model(x_test)
         accuracy.append(float((logits.argmax(1) == y_test).float().mean()))
         marks.append(time.perf_counter())
+        cpu_marks.append(tree_cpu_seconds())
         return float(F.cross_entropy(logits, y_test)), {}
 
     def server_fn(context: Context) -> ServerAppComponents:
@@ -128,9 +155,15 @@ def main() -> None:
     )
     # marks[0] is the evaluation of the initial model, right before round 1.
     rounds = [b - a for a, b in itertools.pairwise(marks)]
+    cpu = [b - a for a, b in itertools.pairwise(cpu_marks)]
     print(
         json.dumps(
-            {"startup_s": marks[0] - PROCESS_START, "round_s": rounds, "accuracy": accuracy[-1]}
+            {
+                "startup_s": marks[0] - PROCESS_START,
+                "round_s": rounds,
+                "round_cpu_s": cpu,
+                "accuracy": accuracy[-1],
+            }
         )
     )
 

@@ -85,6 +85,7 @@ _EXPORTS: dict[str, str] = {
     "BackendOptions": "fedforge.runtime.backends",
     "ClientApp": "fedforge.runtime.client_app",
     "DiskStateStore": "fedforge.runtime.client_state",
+    "ClientStates": "fedforge.runtime.state_slots",
     "MemoryStateStore": "fedforge.runtime.client_state",
     "FederatedEvaluation": "fedforge.runtime.driver",
     "RoundListener": "fedforge.runtime.driver",
@@ -118,6 +119,7 @@ __all__ = [
     "ClientApp",
     "ClientData",
     "ClientFailure",
+    "ClientStates",
     "ClockSpec",
     "Compress",
     "ConfigError",
@@ -251,6 +253,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedforge.runtime.driver import FederatedEvaluation, RoundListener
     from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
     from fedforge.runtime.simulation import SimulationResult, simulate
+    from fedforge.runtime.state_slots import ClientStates
     from fedforge.runtime.stragglers import Stragglers
     from fedforge.secagg.aggregation import SecureAggregation
     from fedforge.stages.base import Stage, StageChain

@@ -235,10 +235,11 @@ def build_aggregation(config: RunConfig) -> Aggregation:
 
 def build_outliers(config: RunConfig, *, deployed: bool) -> OutlierBound | None:
     """The outlier bound on records: ``aggregation.outlier_ratio``, by default on in
-    deployment (never under secure aggregation, whose server sees no record)."""
+    deployment (never under secure aggregation, whose server sees no record, nor under
+    central DP, whose records are clipped and whose sample must not depend on them)."""
     ratio = config.aggregation.outlier_ratio
-    if ratio is None:
-        secure = config.aggregation.kind == "secure_sum"
+    if ratio is None:  # (central DP clips every record already and cannot refuse one)
+        secure = config.aggregation.kind == "secure_sum" or config.privacy.mode == "central"
         ratio = DEPLOYMENT_RATIO if deployed and not secure else 0.0
     return OutlierBound(ratio) if ratio > 0 else None
 

@@ -93,3 +93,37 @@ def test_median_resists_a_minority_of_huge_values() -> None:
     attackers = np.full((2, 3), 1e9)
     result = coordinate_median(np.concatenate([honest, attackers]))
     np.testing.assert_allclose(result.update, 1.0)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_add_finite_sums_the_finite_rows_and_names_the_others(rows: int) -> None:
+    """The mean checks finiteness in its summing pass: a NaN or an infinity in any row is
+    refused with the array's name, the sum holds exactly the finite rows (and a float32 sum
+    that overflows on finite rows falls back to float64, refusing nothing)."""
+    rng = np.random.default_rng(0)
+    updates = rng.standard_normal((rows, 6)).astype(np.float32)
+    weights = np.arange(1.0, rows + 1)
+    clean = StreamingMean()
+    assert clean.add_finite(batch(updates), weights) == [None] * rows
+    np.testing.assert_allclose(
+        clean.result().arrays["p"], weighted_mean(updates, weights), rtol=1e-6
+    )
+
+    bad = updates.copy()
+    bad[0, 2], bad[-1, 4] = np.nan, np.inf
+    acc = StreamingMean()
+    reasons = acc.add_finite(batch(bad), weights)
+    assert reasons[0] == reasons[-1] == "p: NaN or infinite"
+    assert reasons[1:-1] == [None] * (rows - 2)
+    if rows > 2:
+        kept = slice(1, rows - 1)
+        np.testing.assert_allclose(
+            acc.result().arrays["p"], weighted_mean(updates[kept], weights[kept]), rtol=1e-6
+        )
+    else:
+        assert acc.count == 0
+
+    huge = np.full((rows, 3), 3e38, np.float32)
+    overflow = StreamingMean()
+    assert overflow.add_finite(batch(huge), np.full(rows, 2.0)) == [None] * rows
+    np.testing.assert_allclose(overflow.result().arrays["p"], np.full(3, 3e38), rtol=1e-6)

@@ -31,8 +31,7 @@ def test_one_client_full_participation_equals_centralized_training() -> None:
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     for r in range(1, rounds + 1):
         opt = torch.optim.SGD(central.parameters(), lr=0.1, momentum=0.5, weight_decay=1e-3)
-        rng = np.random.default_rng(streams.task_seed(r, 0))
-        for batch in batch_order(len(train), 16, 3, rng):
+        for batch in batch_order(len(train), 16, 3, streams.task_seed(r, 0)):
             idx = torch.from_numpy(batch)
             opt.zero_grad()
             torch.nn.functional.cross_entropy(central(x[idx]), y[idx]).backward()

@@ -60,8 +60,7 @@ def reference(x: np.ndarray, y: np.ndarray, head_epochs: int) -> dict[str, np.nd
     with torch.no_grad():
         for n in HEAD_NAMES:
             params[n].copy_(torch.from_numpy(own_head()[HEAD + n]))
-    rng = np.random.default_rng(SEED)
-    batches = batch_order(len(x), LOCAL.batch_size, head_epochs + LOCAL.epochs, rng)
+    batches = batch_order(len(x), LOCAL.batch_size, head_epochs + LOCAL.epochs, SEED)
     head_steps = head_epochs * -(-len(x) // LOCAL.batch_size)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     phases = [(HEAD_NAMES, batches[:head_steps]), (BODY, batches[head_steps:])]

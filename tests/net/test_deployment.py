@@ -327,7 +327,8 @@ def test_distributed_dp_over_secure_aggregation_on_real_processes(tmp_path: Path
     _, history = _checkpoint(tmp_path / "state")
     last = history[-1]
     assert [r.clients_completed for r in history[1:]] == [3, 3]
-    assert last.metrics["dp.rho"] == pytest.approx(2 * 0.5, rel=1e-3)  # 2 releases, z = 1
+    # 2 releases at z = 1, replace-one (Delta = 2C): rho = 2 x 2^2 / 2
+    assert last.metrics["dp.rho"] == pytest.approx(2 * 2.0, rel=1e-3)
     assert last.metrics["dp.epsilon"] > 0 and math.isnan(last.train_loss)
 
 

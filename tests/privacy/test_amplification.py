@@ -14,7 +14,7 @@ from fedforge.algorithms.fedavg import FedAvg
 from fedforge.config import load_config
 from fedforge.core.errors import ConfigError
 from fedforge.experiment import build_dataset, build_stages, simulate_config
-from fedforge.privacy.accounting import SamplingScheme
+from fedforge.privacy.accounting import SamplingScheme, epsilon
 from fedforge.report.history import RoundRecord
 from fedforge.runtime.clock import ClockSpec
 from fedforge.runtime.devices import Devices, Diurnal
@@ -124,7 +124,8 @@ def test_over_selection_is_accounted_for_the_clients_drawn() -> None:
     config = load_config(None, [*TINY, "server.clients_per_round=2", "clock.over_selection=4"])
     noise = build_stages(config, CLIENTS, [10] * CLIENTS)[-1]
     assert isinstance(noise, CentralGaussian)
-    assert noise.scheme == SamplingScheme.fixed_size(8, CLIENTS)
+    assert noise.scheme == SamplingScheme.fixed_size(8, CLIENTS, keep=2)
+    assert noise.epsilon_after(5) == epsilon(SamplingScheme.fixed_size(8, CLIENTS), 1.0, 5, 1e-5)
     assert noise.denominator == 2.0 and noise.expected_summed == 2.0
 
 
@@ -161,7 +162,8 @@ def test_what_stays_valid_loads() -> None:
     for overrides in (
         ["server.sampler=poisson", "clock.availability=diurnal", "clock.deadline_s=5"],
         ["clock.availability=diurnal", "clock.always_on=1.0"],  # everyone always online
-        ["server.clients_per_round=20", "clock.availability=diurnal"],  # full participation
+        # full participation on a clock of fixed-length rounds
+        ["server.clients_per_round=20", "clock.availability=diurnal", "clock.deadline_s=5"],
         ["algorithm.stragglers=0.5", "algorithm.drop_stragglers=true"],  # K of N, thinned
         ["privacy.mode=local", "clock.availability=diurnal"],  # no amplification counted
     ):

@@ -129,7 +129,9 @@ def test_a_resumed_run_continues_the_accountant(
 def test_discarded_attempts_that_released_a_sum_are_accounted() -> None:
     """Clients 0 and 1 always fail; a round needs 2 results, so attempts that sampled a bad
     client are re-sampled, but their noised sum was computed: each is a release."""
-    stages = [FixedClip(0.5), CentralGaussian(1.0, SamplingScheme.fixed_size(2, 4), 1e-5, 2.0)]
+    scheme = SamplingScheme.fixed_size(2, 4)
+    # (seeded noise: clients are sampled from the run seed, which sampled_attempts replays)
+    stages = [FixedClip(0.5), CentralGaussian(1.0, scheme, 1e-5, 2.0, source=NoiseSource(0))]
     final = run_failing_federation(StageChain(stages))
     releases = len(sampled_attempts())  # every attempt releases noise, even one with no good client
     assert releases > 3  # the seed does produce discarded attempts
@@ -285,7 +287,8 @@ def test_a_round_with_no_record_still_releases_noise(small_federated: FederatedD
     noise anyway (an unchanged model would say that nobody took part)."""
     from fedforge.runtime.sampling import PoissonSampler
 
-    noise = CentralGaussian(1.0, SamplingScheme("poisson", 10, rate=0.1), 1e-5, denominator=1.0)
+    scheme = SamplingScheme("poisson", 10, rate=0.1)
+    noise = CentralGaussian(1.0, scheme, 1e-5, denominator=1.0, source=NoiseSource(0))
     result = simulate(
         small_mlp(), small_federated, rounds=6, sampler=PoissonSampler(0.1),
         stages=[FixedClip(0.5), noise],

@@ -36,7 +36,8 @@ def central(**kwargs: object) -> CentralGaussian:
         "source": NoiseSource(seed=7),
     }
     args.update(kwargs)
-    return CentralGaussian(1.0, delta=1e-5, **args)  # type: ignore[arg-type]
+    z = args.pop("noise_multiplier", 1.0)
+    return CentralGaussian(z, delta=1e-5, **args)  # type: ignore[arg-type]
 
 
 def released(chain: StageChain, records: RecordBatch, norm: float) -> np.ndarray:
@@ -171,14 +172,20 @@ def test_local_dp_keeps_the_signal_through_decode_and_aggregation() -> None:
     assert mean[0] == pytest.approx(1.0, abs=5 * 0.5 / np.sqrt(n))
 
 
-def test_a_resumed_run_with_other_privacy_settings_is_refused() -> None:
+def test_a_resumed_run_with_another_delta_or_calibrated_noise_is_refused() -> None:
     from fedforge.core.errors import ConfigError
 
     state, _ = central().finish_round(central().init_state(), Aggregate({}, {}, 1, 1.0))
-    other = CentralGaussian(1.5, SCHEME, 1e-5, 10.0)
-    with pytest.raises(ConfigError, match="privacy settings changed"):
-        other.budget_problem(state)
+    for other in (
+        CentralGaussian(1.0, SCHEME, 1e-6, 10.0),  # epsilon at another delta
+        central(target_epsilon=5.0, noise_multiplier=1.5),  # z calibrated for one mechanism
+        central(accountant="rdp"),
+    ):
+        with pytest.raises(ConfigError, match="privacy settings changed"):
+            other.budget_problem(state)
     assert central().budget_problem(state) is None
+    # Another noise multiplier without a target is a new segment of the ledger: test_ledger.py
+    assert CentralGaussian(1.5, SCHEME, 1e-5, 10.0).budget_problem(state) is None
 
 
 def test_the_budget_stops_the_release_that_would_exceed_it() -> None:

@@ -47,8 +47,9 @@ def test_the_secure_sum_carries_the_configured_noise_and_its_cost() -> None:
     noise = out.result.arrays["w"] - truth
     assert abs(noise.std() / (z * clip) - 1) < 0.03  # 20 clients' shares add up to z C
     assert abs(noise.mean()) < 0.03 * z * clip
-    # zCDP of one release: Delta^2 / (2 sigma^2), Delta = C plus rounding (tiny at 2^-f).
-    assert out.result.rho == pytest.approx(1 / (2 * z**2), rel=1e-3)
+    # zCDP of one release: Delta^2 / (2 sigma^2), Delta = 2 (C plus rounding, tiny at 2^-f):
+    # replace one client's record, whose participation the server sees.
+    assert out.result.rho == pytest.approx((2 * clip) ** 2 / (2 * (z * clip) ** 2), rel=1e-3)
     assert out.result.tau < 1e-30
 
 
@@ -58,7 +59,7 @@ def test_fewer_contributors_cost_more_privacy() -> None:
         records(n, 100, scalars=False), SecAggParams(), noise_std=z, drop={MASK: {0, 1, 2, 3}}
     )
     # Each client added (z C)^2 / 20 of variance; only 16 did: rho grows by 20 / 16.
-    assert out.result.rho == pytest.approx(10.0**2 / (2 * z**2) * 20 / 16, rel=1e-3)
+    assert out.result.rho == pytest.approx((2 * 10.0) ** 2 / (2 * z**2) * 20 / 16, rel=1e-3)
 
 
 def test_distributed_dp_run_reports_epsilon_from_the_summed_rho() -> None:
@@ -81,7 +82,7 @@ def test_distributed_dp_run_reports_epsilon_from_the_summed_rho() -> None:
     result = simulate_config(config, build_dataset(config), backend="vectorized")
     last = result.history[-1]
     rho = last.metrics["dp.rho"]
-    assert rho == pytest.approx(3 / (2 * z**2), rel=1e-3)
+    assert rho == pytest.approx(3 * 2**2 / (2 * z**2), rel=1e-3)  # replace-one: Delta = 2C
     assert last.metrics["dp.epsilon"] == pytest.approx(zcdp_epsilon(rho, 1e-5), rel=1e-6)
     assert "distributed" in last.labels["dp.mode"]
     # Nothing un-noised reaches the server: no clipped count, no loss, no example count.

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
+import torch
 
 from fedforge.core.errors import FedforgeError
 from fedforge.core.params import Params
@@ -38,6 +39,9 @@ class Aggregate:
     excluded: list[int] = field(default_factory=list)
     downweighted: list[int] = field(default_factory=list)
     client_ids: list[int] = field(default_factory=list)
+    # Clients whose record reached the server but is not in the sum (rejected, or in a refused
+    # round): local DP's ledger counts them too.
+    unsummed: list[int] = field(default_factory=list)
 
 
 class Accumulator(Protocol):
@@ -88,13 +92,34 @@ def weighted_mean(updates: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return mean
 
 
+def rows_finite(flat: np.ndarray) -> np.ndarray:
+    """Which rows of ``(n, d)`` hold only finite values. A finite row sum proves its row
+    finite (NaN and infinities propagate), so only rows whose sum is not finite are checked
+    element-wise."""
+    if flat.dtype.kind != "f":
+        return np.ones(len(flat), bool)
+    if flat.flags.writeable and flat.dtype in (np.float32, np.float64):
+        finite: np.ndarray = torch.isfinite(torch.from_numpy(flat).sum(dim=1)).numpy()
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(flat.sum(axis=1))
+    for i in np.flatnonzero(~finite):
+        finite[i] = bool(np.isfinite(flat[i]).all())
+    return finite
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 class StreamingMean:
     """Running weighted sum of record batches; ``result`` divides by the total weight.
 
-    A batch of several records (a vectorized chunk) is summed with one matrix product
-    ``weights @ rows`` in the arrays' own dtype (BLAS accumulates at most a chunk's rows); a
+    A batch of several records (a vectorized chunk) is summed with one matrix-vector product
+    ``rows^T weights`` in the arrays' own dtype (torch's, several times NumPy's here); a
     single record is weighted in float64 exactly. Batch sums accumulate in float64, so memory
     stays O(model) and rounding does not grow with the number of clients.
+    :meth:`add_finite` checks that the records are finite in the same pass.
     """
 
     def __init__(self, max_weight: float | None = None) -> None:
@@ -107,24 +132,90 @@ class StreamingMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def add(self, batch: RecordBatch, weights: np.ndarray) -> None:
+    def _weights(self, batch: RecordBatch, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         w, capped = cap_weights(np.asarray(weights, np.float64), self.max_weight)
         if len(w) != len(batch) or np.any(w <= 0):
             raise ValueError("need one positive aggregation weight per record")
+        return w, capped
+
+    @staticmethod
+    def _chunk_sum(flat: np.ndarray, w: np.ndarray) -> torch.Tensor:
+        """``w @ flat`` of several rows in their own dtype (float64 for integers)."""
+        if flat.dtype.kind != "f":
+            return torch.from_numpy(w @ flat.astype(np.float64))
+        rows = _tensor(flat)
+        return torch.mv(rows.t(), torch.from_numpy(w.astype(flat.dtype)))
+
+    def add(self, batch: RecordBatch, weights: np.ndarray) -> None:
+        w, capped = self._weights(batch, weights)
+        rows = len(batch)
+        chunks: dict[str, torch.Tensor] = {}
+        if rows > 1:
+            for name, arr in batch.arrays.items():
+                flat = arr.reshape(rows, -1)
+                chunk = self._chunk_sum(flat, w)
+                if not bool(torch.isfinite(chunk).all()):  # finite rows overflowed the sum
+                    chunk = torch.from_numpy(w @ flat.astype(np.float64))
+                chunks[name] = chunk
+        self._commit(batch, w, capped, chunks)
+
+    def add_finite(self, batch: RecordBatch, weights: np.ndarray) -> list[str | None]:
+        """:meth:`add` of the rows whose arrays are all finite, checked in the same pass as
+        the sum: with positive weights a finite sum proves every row finite (a NaN or an
+        infinity in any row propagates), so rows are checked one by one only when it is
+        not. Returns why each row was refused (None: added)."""
+        w, capped = self._weights(batch, weights)
+        rows = len(batch)
+        chunks: dict[str, torch.Tensor] = {}
+        fast = True
+        for name, arr in batch.arrays.items():
+            flat = arr.reshape(rows, -1)
+            if rows == 1:  # one record: a dot product checks it, the add stays exact
+                with np.errstate(over="ignore", invalid="ignore"):
+                    square = np.dot(flat[0], flat[0]) if flat.dtype.kind == "f" else 0.0
+                if not np.isfinite(square):  # (or huge: overflowed, checked again below)
+                    fast = False
+                    break
+                continue
+            chunk = self._chunk_sum(flat, w)
+            if not bool(torch.isfinite(chunk).all()):
+                fast = False
+                break
+            chunks[name] = chunk
+        if fast:
+            self._commit(batch, w, capped, chunks)
+            return [None] * rows
+        reasons: list[str | None] = [None] * rows
+        for name, arr in batch.arrays.items():
+            for i in np.flatnonzero(~rows_finite(arr.reshape(rows, -1))):
+                reasons[i] = reasons[i] or f"{name}: NaN or infinite"
+        keep = np.array([r is None for r in reasons])
+        if keep.any():
+            self.add(batch.select(keep), np.asarray(weights)[keep])
+        return reasons
+
+    def _commit(
+        self,
+        batch: RecordBatch,
+        w: np.ndarray,
+        capped: np.ndarray,
+        chunks: dict[str, torch.Tensor],
+    ) -> None:
+        """Add the batch: its precomputed ``chunks`` (several rows), or its one row exactly."""
         self._downweighted.extend(int(c) for c in batch.client_ids[capped])
         if not self._sums:
             self._sums = {k: np.zeros(v.shape[1:], np.float64) for k, v in batch.arrays.items()}
             self._dtypes = {k: v.dtype for k, v in batch.arrays.items()}
         rows = len(batch)
         for name, total in self._sums.items():
-            flat = batch.arrays[name].reshape(rows, -1)
-            if rows == 1:  # one record: the product itself in float64, exactly
-                total.reshape(-1)[:] += np.multiply(flat[0], w[0], dtype=np.float64)
+            target = torch.from_numpy(total.reshape(-1))
+            if rows == 1:  # the product itself in float64, exactly
+                row = batch.arrays[name].reshape(-1)
+                if row.dtype.kind != "f":
+                    row = row.astype(np.float64)
+                target.add_(_tensor(row), alpha=float(w[0]))
             else:
-                chunk = w.astype(flat.dtype) @ flat
-                if not np.isfinite(chunk).all():  # finite rows overflowed the narrow sum
-                    chunk = w @ flat.astype(np.float64)
-                total.reshape(-1)[:] += chunk
+                target.add_(chunks[name])
         add_scalars(self._scalars, batch)
         self._client_ids.extend(int(c) for c in batch.client_ids)
         self.total_weight += float(w.sum())

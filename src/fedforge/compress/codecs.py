@@ -5,8 +5,10 @@ processed together) and returns a payload: a small frozen dataclass of ``(n, ...
 arrays of fixed dtypes (what goes on the wire, e.g. as safetensors). ``decode(payload, d)``
 returns ``(n, d)`` float32, ``encoded_bytes(d)`` is the exact byte count of one row's arrays,
 and ``from_arrays`` rebuilds a payload from its named arrays. Randomness comes from one seed
-per row (an int in ``[0, 2**128)``, e.g. the row's task seed), keying a counter-based Philox
-stream, so a row's encoding never depends on the other rows of its batch.
+per row (an int in ``[0, 2**128)``, e.g. the row's task seed), seeding the row's own stream,
+so a row's encoding never depends on the other rows of its batch. The quantizers and top-k
+run as torch tensor programs (:mod:`fedforge.compress.kernels`) over the whole batch, on the
+CPU or CUDA: a chunk of clients encodes to the bytes each client would send alone.
 
 Bytes per parameter (d large; block scales are float32 ``low`` and ``step``)::
 
@@ -34,6 +36,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Literal, Protocol, Self, TypeVar
 
 import numpy as np
+import torch
+
+from fedforge.compress import kernels
+from fedforge.core.buffers import empty
 
 Seeds = Sequence[int] | np.ndarray
 
@@ -141,10 +147,8 @@ def _words(keys: Sequence[int], tag: int, count: int) -> np.ndarray:
     return out
 
 
-def _uniforms(keys: Sequence[int], d: int) -> np.ndarray:
-    """``(n, d)`` float32 uniforms on the grid ``k / 2**24`` in [0, 1)."""
-    halves = _words(keys, _QUANTIZE, -(-d // 2)).astype("<u8", copy=False).view("<u4")[:, :d]
-    return (halves >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
 
 
 # --- casts ---------------------------------------------------------------------------------
@@ -230,9 +234,10 @@ class StochasticQuantizer:
     padded to a block multiple with its last value, which widens no range) gets
     ``2**bits`` levels ``low + k * step`` spanning its [min, max]; min-max rather than
     symmetric [-absmax, absmax] because its step is never larger. A coordinate at
-    ``low + (k + f) step`` becomes ``k + 1`` with probability ``f`` and ``k`` otherwise, so
-    ``E[decode] = x`` (up to float32 rounding and the 2**-24 grid of the uniforms) and
-    ``|decode - x| <= step``, variance ``<= step**2 / 4``. Inputs must be finite.
+    ``low + (k + f) step`` becomes ``k + 1`` with probability ``f`` and ``k`` otherwise
+    (``f`` in fixed point, truncated to 16 bits: :func:`kernels.quantize`), so
+    ``E[decode] = x`` up to float32 rounding and ``2**-16`` of a step, ``|decode - x| <=
+    step``, variance ``<= step**2 / 4``. Inputs must be finite.
     """
 
     bits: Literal[1, 2, 4, 8] = 8
@@ -254,25 +259,31 @@ class StochasticQuantizer:
 
     def encode(self, x: np.ndarray, seeds: Seeds | None = None) -> QuantizedPayload:
         x = _batch(x)
+        codes, low, step = self.encode_tensor(_tensor(x), _keys(seeds, x.shape[0]))
+        return QuantizedPayload(codes.numpy(), low.numpy(), step.numpy())
+
+    def encode_tensor(
+        self, x: torch.Tensor, keys: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The payload's (codes, low, step) of a float32 ``(n, d)`` tensor, on its device."""
         n, d = x.shape
-        if not np.isfinite(x).all():
-            bad = np.flatnonzero(~np.isfinite(x).all(axis=1)).tolist()
-            raise ValueError(f"rows {bad} are not finite: clip or reject them before quantizing")
-        u = _uniforms(_keys(seeds, n), d)
         size, count = self._blocks(d)
-        padded = np.pad(x, ((0, 0), (0, size * count - d)), mode="edge")
-        blocks = padded.reshape(n, count, size)
-        low, high = blocks.min(axis=2), blocks.max(axis=2)
-        step = ((high.astype(np.float64) - low) / (2**self.bits - 1)).astype(np.float32)
-        inverse = np.divide(1.0, step, out=np.zeros_like(step), where=step > 0)
-        t = ((blocks - low[:, :, None]) * inverse[:, :, None]).reshape(n, -1)[:, :d]
-        np.clip(t, 0, 2**self.bits - 1, out=t)
-        floor = np.floor(t)
-        codes = (floor + (u < t - floor)).astype(np.uint8)
-        return QuantizedPayload(_pack(codes, self.bits), low, step)
+        uniforms = torch.from_numpy(kernels.lanes(keys, _QUANTIZE, d)).to(x.device)
+        codes = torch.empty((n, -(-d * self.bits // 8)), dtype=torch.uint8, device=x.device)
+        low = torch.empty((n, count), dtype=torch.float32, device=x.device)
+        step = torch.empty_like(low)
+        for rows in kernels.tiles(n, d, x.device):
+            c, low[rows], step[rows] = kernels.quantize(x[rows], uniforms[rows], self.bits, size)
+            codes[rows] = kernels.pack(c, self.bits)
+        # A NaN or an infinity reaches its block's minimum or maximum.
+        finite = torch.isfinite(low).all(dim=1) & torch.isfinite(step).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite)[:, 0].tolist()
+            raise ValueError(f"rows {bad} are not finite: clip or reject them before quantizing")
+        return codes, low, step
 
     def decode(self, payload: QuantizedPayload, d: int) -> np.ndarray:
-        size, count = self._blocks(d)
+        count = self._blocks(d)[1]
         _check(
             payload,
             {
@@ -281,11 +292,20 @@ class StochasticQuantizer:
                 "step": (count, np.float32),
             },
         )
-        n = payload.codes.shape[0]
-        q = np.zeros((n, size * count), np.float32)
-        q[:, :d] = _unpack(payload.codes, self.bits, d)
-        blocks = q.reshape(n, count, size) * payload.step[:, :, None] + payload.low[:, :, None]
-        return np.ascontiguousarray(blocks.reshape(n, -1)[:, :d])
+        tensors = (_tensor(payload.codes), _tensor(payload.low), _tensor(payload.step))
+        return self.decode_tensor(*tensors, d).numpy()
+
+    def decode_tensor(
+        self, codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor, d: int
+    ) -> torch.Tensor:
+        """``(n, d)`` float32 from the payload's tensors, on their device."""
+        size = self._blocks(d)[0]
+        n = codes.shape[0]
+        out = empty((n, d), torch.float32, codes.device)
+        for rows in kernels.tiles(n, d, codes.device):
+            values = kernels.unpack(codes[rows], self.bits, d)
+            kernels.dequantize(values, low[rows], step[rows], size, out[rows])
+        return out
 
     def encoded_bytes(self, d: int) -> int:
         """``ceil(d * bits / 8) + 8 * ceil(d / block)`` (one block per row when None)."""
@@ -293,29 +313,6 @@ class StochasticQuantizer:
 
     def from_arrays(self, arrays: Mapping[str, np.ndarray]) -> QuantizedPayload:
         return QuantizedPayload(**arrays)
-
-
-def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    per = 8 // bits
-    if per == 1:
-        return codes
-    n, d = codes.shape
-    padded = np.zeros((n, -(-d // per), per), np.uint8)
-    padded.reshape(n, -1)[:, :d] = codes
-    packed = padded[:, :, 0].copy()
-    for j in range(1, per):
-        packed |= padded[:, :, j] << np.uint8(bits * j)
-    return packed
-
-
-def _unpack(packed: np.ndarray, bits: int, d: int) -> np.ndarray:
-    per = 8 // bits
-    if per == 1:
-        return packed
-    codes = np.empty((*packed.shape, per), np.uint8)
-    for j in range(per):
-        np.bitwise_and(packed >> np.uint8(bits * j), np.uint8(2**bits - 1), out=codes[:, :, j])
-    return codes.reshape(packed.shape[0], -1)[:, :d]
 
 
 # --- top-k sparsification ------------------------------------------------------------------
@@ -349,22 +346,34 @@ class TopK:
 
     def encode(self, x: np.ndarray, seeds: Seeds | None = None) -> TopKPayload:
         x = _batch(x)
-        d, k = x.shape[1], self.k(x.shape[1])
+        d = x.shape[1]
         if d >= 2**31:
             raise ValueError(f"d = {d} does not fit int32 indices")
-        indices = np.argpartition(np.abs(x), d - k, axis=1)[:, d - k :]
-        indices.sort(axis=1)
-        values = np.take_along_axis(x, indices, axis=1)
-        return TopKPayload(indices.astype(np.int32), values)
+        indices, values = self.encode_tensor(_tensor(x))
+        return TopKPayload(indices.to(torch.int32).numpy(), values.numpy())
+
+    def encode_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices int64, values) of each row's ``k`` largest magnitudes, on ``x``'s device;
+        ties at the cut go to the lowest indices."""
+        n, d = x.shape
+        k = self.k(d)
+        indices = torch.empty((n, k), dtype=torch.int64, device=x.device)
+        for rows in kernels.tiles(n, d, x.device):
+            indices[rows] = kernels.top_k(x[rows], k)
+        return indices, torch.gather(x, 1, indices)
 
     def decode(self, payload: TopKPayload, d: int) -> np.ndarray:
         k = self.k(d)
         _check(payload, {"indices": (k, np.int32), "values": (k, np.float32)})
         if payload.indices.size and not (0 <= payload.indices.min() <= payload.indices.max() < d):
             raise ValueError(f"top-k indices outside [0, {d}): the payload is corrupt")
-        out = np.zeros((payload.indices.shape[0], d), np.float32)
-        np.put_along_axis(out, payload.indices.astype(np.intp), payload.values, axis=1)
-        return out
+        indices = torch.from_numpy(payload.indices.astype(np.int64))
+        return self.decode_tensor(indices, _tensor(payload.values), d).numpy()
+
+    @staticmethod
+    def decode_tensor(indices: torch.Tensor, values: torch.Tensor, d: int) -> torch.Tensor:
+        out = empty((indices.shape[0], d), torch.float32, values.device).zero_()
+        return out.scatter_(1, indices, values)
 
     def encoded_bytes(self, d: int) -> int:
         """``8 k`` with ``k = ceil(ratio * d)``: an int32 index and a float32 value each."""
@@ -381,6 +390,22 @@ def with_error_feedback(
     (for top-k: the dropped coordinates), so ``x + residual == decode(payload) +
     new_residual`` and, over rounds, what was sent plus the last residual is the sum of the
     updates (Seide et al. 2014; Stich et al. 2018). The residual is client state."""
-    corrected = _batch(x) if residual is None else _batch(x) + _batch(residual)
+    x = _batch(x)
+    corrected = x.copy() if residual is None else np.add(x, _batch(residual))
+    return error_feedback_(codec, corrected, seeds)
+
+
+def error_feedback_(
+    codec: Codec[P], corrected: np.ndarray, seeds: Seeds | None = None
+) -> tuple[P, np.ndarray]:
+    """:func:`with_error_feedback` of the already corrected rows, which it overwrites with
+    the new residual (a float32 ``(n, d)`` array the caller owns)."""
+    if isinstance(codec, TopK):  # what was not sent: the corrected update, sent entries zeroed
+        rows = _tensor(corrected)
+        indices, values = codec.encode_tensor(rows)
+        payload = TopKPayload(indices.to(torch.int32).numpy(), values.numpy())
+        rows.scatter_(1, indices, 0.0)  # (the values were gathered first)
+        return payload, corrected
     payload = codec.encode(corrected, seeds)
-    return payload, corrected - codec.decode(payload, corrected.shape[1])
+    corrected -= codec.decode(payload, corrected.shape[1])
+    return payload, corrected

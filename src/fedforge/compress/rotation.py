@@ -1,16 +1,19 @@
 """Randomized Hadamard rotation before quantization (as in DRIVE and TFF's encoders): random
-signs, then an orthonormal fast Walsh-Hadamard transform, vectorized over rows; the rotated
-coordinates are near-Gaussian, so a low-bit quantizer's error drops on heavy-tailed updates."""
+signs, then an orthonormal fast Walsh-Hadamard transform (torch butterflies on the rows'
+device, :func:`fedforge.compress.kernels.fwht_`); the rotated coordinates are near-Gaussian,
+so a low-bit quantizer's error drops on heavy-tailed updates."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic
 
 import numpy as np
+import torch
 
+from fedforge.compress import kernels
 from fedforge.compress.codecs import (
     _ROTATE,
     Codec,
@@ -21,8 +24,7 @@ from fedforge.compress.codecs import (
     _keys,
     _words,
 )
-
-_FWHT_INNER = 64  # width of the transposed pass in the fast Walsh-Hadamard transform
+from fedforge.core.buffers import empty
 
 
 def rotation_shape(d: int, block: int | None = None) -> tuple[int, int]:
@@ -36,42 +38,12 @@ def rotation_shape(d: int, block: int | None = None) -> tuple[int, int]:
     return size, -(-d // size) * size
 
 
-def _signs(seeds: Seeds, n: int, length: int, size: int) -> np.ndarray:
+def _signs(keys: Sequence[int], length: int, size: int) -> torch.Tensor:
     """``(n, length)`` float32 of +-1/sqrt(size), one random bit per coordinate."""
-    words = _words(_keys(seeds, n), _ROTATE, -(-length // 64)).astype("<u8", copy=False)
+    words = _words(keys, _ROTATE, -(-length // 64)).astype("<u8", copy=False)
     bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :length]
     scale = np.float32(1 / math.sqrt(size))
-    return scale - (2 * scale) * bits.astype(np.float32)
-
-
-def _butterflies(src: np.ndarray, dst: np.ndarray, lead: int, size: int, inner: int) -> np.ndarray:
-    """Walsh-Hadamard butterflies along the middle axis of ``(lead, size, inner)``."""
-    h = 1
-    while h < size:
-        s = src.reshape(lead, size // (2 * h), 2, h * inner)
-        t = dst.reshape(lead, size // (2 * h), 2, h * inner)
-        np.add(s[:, :, 0], s[:, :, 1], out=t[:, :, 0])
-        np.subtract(s[:, :, 0], s[:, :, 1], out=t[:, :, 1])
-        src, dst = dst, src
-        h *= 2
-    return src
-
-
-def _fwht(a: np.ndarray, size: int) -> np.ndarray:
-    """Unnormalized Walsh-Hadamard transform of each ``size`` run of ``a`` (overwritten).
-
-    ``H_size = H_m (x) H_k`` on a run viewed as an (m, k) matrix: the k-axis butterflies run
-    on a transposed copy so every pass streams over contiguous memory."""
-    k = min(size, _FWHT_INNER)
-    m, lead = size // k, a.size // size
-    spare = np.empty_like(a)
-    out = _butterflies(a, spare, lead, m, k)
-    other = spare if out is a else a
-    np.copyto(other.reshape(lead, k, m), out.reshape(lead, m, k).transpose(0, 2, 1))
-    done = _butterflies(other, out, lead, k, m)
-    result = out if done is other else other
-    np.copyto(result.reshape(lead, m, k), done.reshape(lead, k, m).transpose(0, 2, 1))
-    return result
+    return torch.from_numpy(scale - (2 * scale) * bits.astype(np.float32))
 
 
 def rotate(x: np.ndarray, seeds: Seeds, block: int | None = None) -> np.ndarray:
@@ -83,23 +55,44 @@ def rotate(x: np.ndarray, seeds: Seeds, block: int | None = None) -> np.ndarray:
     ``block`` only runs of that size are mixed, so D stays close to d.
     """
     x = _batch(x)
+    return rotate_tensor(torch.from_numpy(x), _keys(seeds, x.shape[0]), block).numpy()
+
+
+def rotate_tensor(x: torch.Tensor, keys: Sequence[int], block: int | None) -> torch.Tensor:
+    """:func:`rotate` of a float32 ``(n, d)`` tensor on its device, a few rows at a time."""
     n, d = x.shape
     size, length = rotation_shape(d, block)
-    y = np.zeros((n, length), np.float32)
-    y[:, :d] = x
-    y *= _signs(seeds, n, length, size)
-    return _fwht(y, size)
+    out = empty((n, length), torch.float32, x.device)
+    for rows in kernels.tiles(n, length, x.device):
+        y = torch.zeros((rows.stop - rows.start, length), dtype=torch.float32, device=x.device)
+        y[:, :d] = x[rows]
+        y.mul_(_signs(keys[rows], length, size).to(x.device))
+        out[rows] = kernels.fwht_(y, size)
+    return out
 
 
 def unrotate(y: np.ndarray, seeds: Seeds, d: int, block: int | None = None) -> np.ndarray:
     """``(n, d)``: the inverse of :func:`rotate` (``S H y``, H being its own inverse)."""
-    size, length = rotation_shape(d, block)
-    y = np.array(y, dtype=np.float32, copy=True)
+    length = rotation_shape(d, block)[1]
+    y = np.asarray(y, dtype=np.float32)
     if y.ndim != 2 or y.shape[1] != length:
         raise ValueError(f"expected rotated rows of length {length} for d = {d}, got {y.shape}")
-    z = _fwht(y, size)
-    z *= _signs(seeds, z.shape[0], length, size)
-    return np.ascontiguousarray(z[:, :d])
+    keys = _keys(seeds, y.shape[0])
+    return unrotate_tensor(torch.from_numpy(np.array(y, copy=True)), keys, d, block).numpy()
+
+
+def unrotate_tensor(
+    y: torch.Tensor, keys: Sequence[int], d: int, block: int | None
+) -> torch.Tensor:
+    """:func:`unrotate` of ``(n, D)`` rows on their device (``y`` is overwritten)."""
+    n, length = y.shape
+    size = rotation_shape(d, block)[0]
+    out = empty((n, d), torch.float32, y.device)
+    for rows in kernels.tiles(n, length, y.device):
+        z = kernels.fwht_(y[rows], size)
+        z.mul_(_signs(keys[rows], length, size).to(y.device))
+        out[rows] = z[:, :d]
+    return out
 
 
 @dataclass(frozen=True)
@@ -131,7 +124,7 @@ class Rotated(Generic[P]):
         x = _batch(x)
         keys = _keys(seeds, x.shape[0])
         rotation = [_derive(k) for k in keys]
-        y = rotate(x, rotation, self.block)
+        y = rotate_tensor(torch.from_numpy(x), rotation, self.block).numpy()
         seed = np.array([[r & (2**64 - 1), r >> 64] for r in rotation], np.uint64)
         return RotatedPayload(seed.reshape(-1, 2), self.inner.encode(y, keys))
 

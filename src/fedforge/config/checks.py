@@ -16,6 +16,12 @@ from fedforge.secagg.ring import frac_bits, rotated_bound
 if TYPE_CHECKING:
     from fedforge.config.run import RunConfig
 
+OUTLIERS_UNDER_CENTRAL_DP = (
+    "central DP cannot refuse outlying updates (aggregation.outlier_ratio): whether a record "
+    "is refused, and the round retried without its client, depends on that record, unnoised "
+    "(and under central DP every record is clipped already); set aggregation.outlier_ratio = 0"
+)
+
 
 def num_clients(config: RunConfig) -> int:
     """The simulated population: the synthetic devices, or ``partition.num_clients``."""
@@ -246,6 +252,8 @@ def privacy_sampling_conflicts(config: RunConfig) -> list[str]:
         return []
     poisson = server.sampler == "poisson" and server.sampling_rate < 1
     fixed = server.sampler == "uniform" and clients_drawn(config) < num_clients(config)
+    # Otherwise full participation: K = N, rate 1, or over-selection that draws everyone
+    # (accounted with sensitivity 2C: a client can displace another of the first K).
     partial = clock.enabled and clock.availability != "always" and clock.always_on < 1
     out = []
     if fixed and partial:
@@ -255,17 +263,18 @@ def privacy_sampling_conflicts(config: RunConfig) -> list[str]:
             "are each summed far more often than the K/N the accountant assumes; use "
             "server.sampler = 'poisson' with clock.deadline_s"
         )
-    if poisson and partial and clock.deadline_s is None:
+    who = "Poisson sampling" if poisson else "full participation (every client drawn)"
+    if not fixed and partial and clock.deadline_s is None:
         out.append(
-            "privacy.mode = 'central' with Poisson sampling among the online clients needs "
+            f"privacy.mode = 'central' with {who} among the online clients needs "
             "clock.deadline_s: every round then lasts the deadline, so who is online in a "
             "later round does not depend on who took part in an earlier one"
         )
-    if poisson and config.algorithm.stragglers > 0:
+    if not fixed and config.algorithm.stragglers > 0:
         out.append(
-            "algorithm.stragglers cannot run with privacy.mode = 'central' and Poisson "
-            "sampling: the stragglers are a share of the sampled clients, so one client's "
-            "presence changes who else does partial work or is dropped (use "
+            f"algorithm.stragglers cannot run with privacy.mode = 'central' and {who}: the "
+            "stragglers are a share of the round's clients, so one client's presence changes "
+            "who else does partial work or is dropped (use K < N clients per round with "
             "server.sampler = 'uniform')"
         )
     return out
@@ -301,6 +310,14 @@ def privacy_conflicts(config: RunConfig) -> list[str]:
         out.append(
             f"privacy.mode = {mode!r} cannot run algorithm.name = "
             f"{algorithm!r}: its normalizer travels in the record"
+        )
+    if mode == "central" and config.aggregation.outlier_ratio:
+        out.append(OUTLIERS_UNDER_CENTRAL_DP)
+    if mode == "central" and config.attack.kind in ("alie", "ipm"):
+        out.append(
+            f"attack.kind = {config.attack.kind!r} cannot run with privacy.mode = 'central': "
+            "it rewrites the attackers' records from the honest ones after the server's "
+            "re-clip, so one client moves the noised sum by more than the clip norm"
         )
     agg = config.aggregation
     if mode == "central" and (agg.kind not in ("mean", "secure_sum") or agg.max_weight is not None):

@@ -10,6 +10,13 @@ the clients sampled in it; how clients are sampled is part of the accounting:
   replace-one-client adjacency, so that scheme always uses RDP (the report says so);
 - ``full``: every client every round, plain composition (no amplification).
 
+Over-selection (``keep``): the round sums only the first ``keep`` of the clients drawn to
+finish. For ``fixed`` the replace-one event already bounds it (replacing a client's data moves
+its own record and at most which other client fills the last kept place: 2C); for ``full`` a
+client added (or replaced) can displace another kept one, so the sum moves by up to 2C and
+the release is the Gaussian of half the multiplier. Poisson sampling refuses it (adding one
+client would evict another: not the Poisson event's C).
+
 Every attempt that released an aggregate is one release, including round attempts that
 were discarded and re-sampled: the noisy sum was computed, so it is paid for.
 """
@@ -46,6 +53,7 @@ class SamplingScheme:
     population: int
     rate: float = 1.0  # poisson: inclusion probability
     sample_size: int = 0  # fixed: clients per round
+    keep: int = 0  # over-selection: the first ``keep`` drawn to finish are summed (0: all)
 
     def __post_init__(self) -> None:
         if self.population < 1:
@@ -57,27 +65,66 @@ class SamplingScheme:
                 f"fixed-size sampling needs 1 <= clients per round <= population, got "
                 f"{self.sample_size} of {self.population}"
             )
+        if self.keep and self.kind == "poisson":
+            raise ConfigError(
+                "central DP cannot keep only the first clients of a Poisson sample to "
+                "finish (over-selection): adding one client can evict another, so the sum "
+                "moves by 2 clip norms, not the 1 the Poisson event accounts; use K of N"
+            )
+        if not 0 <= self.keep < max(self.drawn, 1):
+            raise ConfigError(
+                f"over-selection must keep fewer clients than it draws, got {self.keep} "
+                f"of {self.drawn}"
+            )
 
     @classmethod
-    def fixed_size(cls, sample_size: int, population: int) -> SamplingScheme:
-        """K of N without replacement; all of them is full participation."""
+    def fixed_size(cls, sample_size: int, population: int, keep: int = 0) -> SamplingScheme:
+        """K of N without replacement; all of them is full participation. ``keep``: only
+        the first ``keep`` to finish are summed (over-selection; 0 or >= K: all of them)."""
+        drawn = min(sample_size, population)
+        kept = keep if 0 < keep < drawn else 0
         if sample_size >= population:
-            return cls("full", population)
-        return cls("fixed", population, sample_size=sample_size)
+            return cls("full", population, keep=kept)
+        return cls("fixed", population, sample_size=sample_size, keep=kept)
 
     @property
-    def expected_clients(self) -> float:
+    def drawn(self) -> float:
+        """The expected number of clients the sampler draws."""
         if self.kind == "poisson":
             return self.rate * self.population
         if self.kind == "fixed":
             return float(self.sample_size)
         return float(self.population)
 
+    @property
+    def expected_clients(self) -> float:
+        """The expected number of clients summed: those drawn, or the ``keep`` kept."""
+        return float(self.keep) if self.keep else self.drawn
+
+    @property
+    def replace_one(self) -> bool:
+        """Whether the scheme is accounted under replace-one-client adjacency (K of N, the
+        without-replacement event); the others under add-or-remove-one-client."""
+        return self.kind == "fixed"
+
+    @property
+    def adjacency(self) -> str:
+        """The neighbouring relation epsilon is for, in words."""
+        if self.replace_one:
+            return "replace-one client (its data swapped for any other's)"
+        return "add/remove one client (the population size is public)"
+
     def describe(self) -> str:
+        kept = f", the first {self.keep} to finish summed" if self.keep else ""
         if self.kind == "poisson":
             return f"Poisson sampling, q = {self.rate:g} of {self.population} clients"
         if self.kind == "fixed":
-            return f"{self.sample_size} of {self.population} clients without replacement"
+            return f"{self.sample_size} of {self.population} clients without replacement{kept}"
+        if self.keep:
+            return (
+                f"full participation of {self.population} clients{kept} (a client can "
+                "displace another: sensitivity 2 clip norms)"
+            )
         return f"full participation of {self.population} clients"
 
 
@@ -88,7 +135,8 @@ def round_event(scheme: SamplingScheme, noise_multiplier: float) -> dp_event.DpE
     An event's noise multiplier is the noise stddev over the sum's sensitivity under the
     event's adjacency. Adding or removing a client moves the sum by at most C; *replacing*
     one (the without-replacement event's adjacency) by up to 2C, so there the multiplier
-    the accountant sees is halved."""
+    the accountant sees is halved, and so it is for full participation thinned by
+    over-selection (a client's arrival can displace another)."""
     from dp_accounting import dp_event
 
     if scheme.kind == "poisson":
@@ -99,7 +147,7 @@ def round_event(scheme: SamplingScheme, noise_multiplier: float) -> dp_event.DpE
         return dp_event.SampledWithoutReplacementDpEvent(
             scheme.population, scheme.sample_size, dp_event.GaussianDpEvent(noise_multiplier / 2)
         )
-    return dp_event.GaussianDpEvent(noise_multiplier)
+    return dp_event.GaussianDpEvent(noise_multiplier / 2 if scheme.keep else noise_multiplier)
 
 
 def accountant_for(scheme: SamplingScheme, requested: AccountantKind) -> AccountantKind:
@@ -138,7 +186,7 @@ _LAST_PLD: dict[
 ] = {}
 
 
-def _composed_pld(
+def composed_pld(
     scheme: SamplingScheme, noise_multiplier: float, releases: int
 ) -> privacy_loss_distribution.PrivacyLossDistribution:
     """The PLD of ``releases`` rounds: the composition the PLD accountant performs, with the
@@ -166,7 +214,7 @@ def _round_pld(
     from dp_accounting.pld import privacy_loss_distribution
 
     return privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=noise_multiplier,
+        standard_deviation=noise_multiplier / 2 if scheme.keep else noise_multiplier,
         sampling_prob=scheme.rate if scheme.kind == "poisson" else 1.0,
         value_discretization_interval=PLD_DISCRETIZATION,
     )
@@ -186,7 +234,7 @@ def epsilon(
     if noise_multiplier <= 0:
         return math.inf
     if accountant_for(scheme, kind) == "pld":
-        return float(_composed_pld(scheme, noise_multiplier, releases).get_epsilon_for_delta(delta))
+        return float(composed_pld(scheme, noise_multiplier, releases).get_epsilon_for_delta(delta))
     # What the RDP accountant computes for ``releases`` compositions (RDP adds up), with the
     # one-release RDP cached: the without-replacement bound costs ~0.4 s per evaluation.
     orders, one = _round_rdp(scheme, noise_multiplier)
@@ -194,6 +242,29 @@ def epsilon(
 
     eps, _ = rdp_privacy_accountant.compute_epsilon(orders, releases * one, delta)
     return float(eps)
+
+
+def gaussian_epsilon(noise_multiplier: float, delta: float, kind: AccountantKind = "pld") -> float:
+    """Epsilon at ``delta`` of one Gaussian mechanism of ``noise_multiplier`` (noise over the
+    sensitivity). PLD: dp-accounting's exact hockey-stick divergence of the Gaussian privacy
+    loss, inverted by bisection (a discretized PLD of a multiplier far below 1 is too wide
+    to build: 70 s for 0.016); RDP: its accountant."""
+    if noise_multiplier <= 0:
+        return math.inf
+    if kind == "rdp":
+        return epsilon(SamplingScheme("full", 1), noise_multiplier, 1, delta, "rdp")
+    from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
+
+    loss = GaussianPrivacyLoss(noise_multiplier)
+    if loss.get_delta_for_epsilon(0.0) <= delta:
+        return 0.0
+    low, high = 0.0, 1.0
+    while loss.get_delta_for_epsilon(high) > delta:
+        low, high = high, 2 * high
+    while high - low > 1e-10 * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if loss.get_delta_for_epsilon(middle) > delta else (low, middle)
+    return high  # the end of the bracket at or below delta: never under-reports
 
 
 def zcdp_epsilon(rho: float, delta: float) -> float:

@@ -51,3 +51,21 @@ def sum_distance(sigma: float, contributors: int) -> float:
     return 10 * sum(
         math.exp(-2 * math.pi**2 * sigma**2 * k / (k + 1)) for k in range(1, contributors)
     )
+
+
+def release_rho(clip_units: float, words: int, contributors: int, noise_units: float) -> float:
+    """zCDP rho of one distributed-DP release (Kairouz et al. 2021, Theorem 1): the sum of
+    ``contributors`` discrete Gaussians of stddev ``noise_units`` each (ring units) on
+    ``words`` coordinates is ``Delta^2 / (2 m s^2) + tau d / 4``-zCDP, ``tau`` bounding how far
+    that sum is from one discrete Gaussian per coordinate (:func:`sum_distance`; the slack
+    is added to rho, not taken off delta).
+
+    Adjacency: replace one client's record, as local DP (the server knows who took part, so
+    adding or removing a participant is no secret to protect). A record is clipped to
+    ``clip_units`` and stochastic rounding moves each coordinate by less than one unit, so two
+    records differ by at most ``Delta = 2 (clip_units + sqrt(words))``."""
+    if noise_units <= 0:
+        return 0.0
+    sensitivity = 2 * (clip_units + math.sqrt(words))
+    tau = sum_distance(noise_units, contributors)
+    return sensitivity**2 / (2 * contributors * noise_units**2) + tau * words / 4

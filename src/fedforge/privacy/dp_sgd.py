@@ -138,11 +138,37 @@ def num_steps(local: LocalSGD, num_examples: int) -> int:
 
 def client_epsilon(total_steps: int, num_examples: int, local: LocalSGD, dp: SampleDP) -> float:
     """The client's cumulative epsilon at ``dp.delta`` after ``total_steps`` DP-SGD steps
-    (all its rounds together): the Poisson-subsampled Gaussian composed ``total_steps``
-    times, from ``dp-accounting``."""
+    (all its rounds together, at one rate and noise multiplier): the Poisson-subsampled
+    Gaussian composed ``total_steps`` times, from ``dp-accounting``."""
     q = sample_rate(local.batch_size, num_examples)
     scheme = SamplingScheme("poisson", population=num_examples, rate=q)
     return epsilon(scheme, dp.noise_multiplier, total_steps, dp.delta, dp.accountant)
+
+
+def add_steps(ledger: np.ndarray, rate: float, noise_multiplier: float, steps: int) -> np.ndarray:
+    """A client's DP-SGD ledger, rows ``(rate, noise multiplier, steps)``, with ``steps`` more
+    at this rate and multiplier (a resumed run may change either: each keeps its own row)."""
+    rows = ledger.reshape(-1, 3).astype(np.float64)
+    same = (rows[:, 0] == rate) & (rows[:, 1] == noise_multiplier)
+    if same.any():
+        rows = rows.copy()
+        rows[np.flatnonzero(same)[0], 2] += steps
+        return rows
+    return np.concatenate([rows, [[rate, noise_multiplier, float(steps)]]])
+
+
+def ledger_epsilon(ledger: np.ndarray, num_examples: int, dp: SampleDP) -> float:
+    """Epsilon at ``dp.delta`` of every step in a client's ledger, each row's steps the
+    Poisson-subsampled Gaussian of its rate and multiplier, composed by ``dp-accounting``."""
+    from fedforge.privacy import ledger as central_ledger
+
+    steps = {
+        central_ledger.Release(SamplingScheme("poisson", num_examples, rate=float(q)), float(z)): (
+            int(n)
+        )
+        for q, z, n in ledger.reshape(-1, 3)
+    }
+    return central_ledger.ledger_epsilon(steps, dp.delta, dp.accountant)
 
 
 def _generator_seeds(seed: int, seeded: bool) -> tuple[int, int]:
@@ -277,5 +303,7 @@ def dp_sgd_labels(dp: SampleDP) -> dict[str, str]:
         "dp.mode": "sample (DP-SGD in each client, Opacus)",
         "dp.sampling": "Poisson batches, q = batch_size / client examples",
         "dp.accountant": dp.accountant,
+        "dp.delta": f"{dp.delta:g}",
+        "dp.adjacency": "add/remove one example of a client's data",
         "dp.noise": noise if dp.seeded else "os-entropy seeds",
     }

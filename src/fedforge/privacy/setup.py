@@ -23,6 +23,7 @@ from fedforge.privacy.accounting import (
     SamplingScheme,
     calibrate_noise_multiplier,
 )
+from fedforge.privacy.guards import SECURE_SUM_SLACK
 from fedforge.privacy.noise import NoiseSource
 from fedforge.stages.base import Stage
 from fedforge.stages.clip import AdaptiveClip, FixedClip
@@ -49,21 +50,22 @@ def secret_sampling_seed(config: RunConfig) -> int | None:
 
 def sampling_scheme(config: RunConfig, population: int) -> SamplingScheme:
     """The scheme of the configured sampler over ``population`` clients: with over-selection
-    the clients drawn (each of them may be among the first to finish), not those kept."""
+    the clients drawn (each of them may be among the first to finish), the first
+    ``clients_per_round`` to finish kept."""
     server = config.server
     if server.sampler == "poisson":
         if server.sampling_rate >= 1:
             return SamplingScheme("full", population)
         return SamplingScheme("poisson", population, rate=server.sampling_rate)
-    return SamplingScheme.fixed_size(clients_drawn(config), population)
+    keep = server.clients_per_round if config.clock.over_selection > 1 else 0
+    return SamplingScheme.fixed_size(clients_drawn(config), population, keep)
 
 
-def expected_summed(config: RunConfig, scheme: SamplingScheme) -> float:
-    """The expected number of clients in a round's sum: the scheme's, or the clients kept
-    of an over-selected draw."""
-    if scheme.kind == "fixed" and config.clock.over_selection > 1:
-        return float(config.server.clients_per_round)
-    return scheme.expected_clients
+def record_bound(config: RunConfig) -> float:
+    """The norm one record can have in central DP's sum, in clip norms: the clip, plus what
+    secure aggregation's rounding may add (refused before the first round if more:
+    ``privacy/guards.py``)."""
+    return 1 + SECURE_SUM_SLACK if config.aggregation.kind == "secure_sum" else 1.0
 
 
 @lru_cache(maxsize=16)
@@ -91,7 +93,7 @@ def privacy_stages(
         bound = FixedClip(p.clip_norm, report_clipped=False)
         if population is None:
             return [bound]
-        expected = expected_summed(config, sampling_scheme(config, population))
+        expected = sampling_scheme(config, population).expected_clients
         return [bound, DistributedGaussian(p.noise_multiplier, p.clip_norm, p.delta, expected)]
     if p.mode == "local":
         assert p.noise_multiplier is not None
@@ -107,9 +109,10 @@ def privacy_stages(
     scheme = sampling_scheme(config, population)
     rounds = config.server.rounds
     z = p.noise_multiplier
+    record_norms = record_bound(config)
     if z is None:
         assert p.target_epsilon is not None
-        z = _calibrated(p.target_epsilon, p.delta, scheme, rounds, p.accountant)
+        z = record_norms * _calibrated(p.target_epsilon, p.delta, scheme, rounds, p.accountant)
         log.info(
             "privacy: noise multiplier %.4f reaches epsilon %g at delta %g after %d rounds (%s)",
             z,
@@ -118,7 +121,7 @@ def privacy_stages(
             rounds,
             scheme.describe(),
         )
-    expected = expected_summed(config, scheme)
+    expected = scheme.expected_clients
     count_stddev = None
     clip: FixedClip
     if p.adaptive_clip:
@@ -154,6 +157,7 @@ def privacy_stages(
         target_epsilon=p.target_epsilon,
         source=source,
         expected_clients=expected,
+        record_bound=record_norms,
     )
     if noise.accountant_used != p.accountant:
         log.info(

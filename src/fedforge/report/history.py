@@ -84,14 +84,23 @@ def to_json(value: Any, indent: int | None = None) -> str:
     return json.dumps(finite(value), indent=indent, allow_nan=False)
 
 
+DP_SGD_MAX = "dp_sgd.epsilon.max_so_far"  # the largest epsilon any DP-SGD client reported
+
+
 def privacy_text(record: RoundRecord) -> str:
-    """``eps 1.23 (delta 1e-05)`` when the round recorded a DP epsilon (for DP-SGD: the
-    largest client epsilon so far), else empty."""
+    """``eps 1.23 (delta 1e-05, add/remove one client)`` when the round recorded a DP
+    epsilon (for DP-SGD: the largest any client has reported so far), with the neighbouring
+    relation it is for; else empty."""
     m = record.metrics
+    adjacency = record.labels.get("dp.adjacency", "").split(" (")[0]
+    relation = f", {adjacency}" if adjacency else ""
     if "dp.epsilon" in m:
-        return f"eps {m['dp.epsilon']:.3g} (delta {m.get('dp.delta', math.nan):g})"
-    if "dp_sgd.epsilon.max" in m:
-        return f"eps <= {m['dp_sgd.epsilon.max']:.3g} per client (DP-SGD)"
+        return f"eps {m['dp.epsilon']:.3g} (delta {m.get('dp.delta', math.nan):g}{relation})"
+    largest = m.get(DP_SGD_MAX, m.get("dp_sgd.epsilon.max"))
+    if largest is not None:
+        delta = record.labels.get("dp.delta")
+        detail = f"delta {delta}{relation}" if delta else "DP-SGD"
+        return f"eps <= {largest:.3g} per client ({detail})"
     return ""
 
 

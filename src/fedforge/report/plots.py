@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedforge.report.history import History
+from fedforge.report.history import DP_SGD_MAX, History
 
 TIME_LABELS = (
     "client training (the fit exchange: local training and transport)",
@@ -61,7 +61,8 @@ def report_figure(history: History, label_counts: np.ndarray, title: str = "") -
             ax_acc.plot([r for r, _ in fed], [100 * v for _, v in fed], marker=".", label=label)
     ax_acc.set(title="Accuracy (round 0: the initial model)", xlabel="round", ylabel="accuracy (%)")
     ax_acc.legend(loc="lower right")
-    epsilon = history.metric("dp.epsilon")
+    # (DP-SGD: the largest epsilon any client has reported so far)
+    epsilon = history.metric("dp.epsilon") or history.metric(DP_SGD_MAX)
     if epsilon:
         _privacy_axis(ax_acc, epsilon, history[-1].labels)
     ax_loss.plot(rounds, [r.test_loss for r in history], marker=".", label="central test")
@@ -134,7 +135,11 @@ def _privacy_axis(ax: Any, epsilon: list[tuple[int, float]], labels: dict[str, s
     twin.legend(loc="lower right")
     mode = labels.get("dp.mode", "")
     seeded = "SEEDED" in labels.get("dp.noise", "")
-    ax.set_title(f"Accuracy and privacy ({mode} DP{', seeded noise' if seeded else ''})")
+    adjacency = labels.get("dp.adjacency", "").split(" (")[0]
+    ax.set_title(
+        f"Accuracy and privacy ({mode} DP{', seeded noise' if seeded else ''}"
+        f"{', ' + adjacency if adjacency else ''})"
+    )
 
 
 def _stacked_steps(ax: Any, x: np.ndarray, values: np.ndarray, labels: Sequence[str]) -> None:

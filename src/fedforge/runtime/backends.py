@@ -31,6 +31,7 @@ class BackendOptions:
     memory_budget: int | None = None  # vectorized: bytes per chunk (default by device)
     device: str | None = None  # vectorized: "cpu", "cuda", ... (default: cuda if present)
     ray_address: str | None = None
+    threads: int | None = None  # vectorized: torch threads (default: chosen from the load)
 
 
 def resolve_backend(
@@ -89,6 +90,7 @@ def make_transport(
             store,
             device=torch.device(options.device) if options.device else None,
             memory_budget=options.memory_budget,
+            threads=options.threads,
         )
     if name == "workers":
         from fedforge.runtime.workers import WorkerPoolTransport

@@ -25,7 +25,13 @@ from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params
 from fedforge.core.records import EVALUATE, FIT, Record, Task
 from fedforge.data.federated import ClientData
-from fedforge.privacy.dp_sgd import SampleDP, client_epsilon, dp_sgd_labels, train_dp_sgd
+from fedforge.privacy.dp_sgd import (
+    SampleDP,
+    add_steps,
+    dp_sgd_labels,
+    ledger_epsilon,
+    train_dp_sgd,
+)
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.secagg.client import SecAggClient, keep
 from fedforge.secagg.protocol import SESSION, STEPS
@@ -35,6 +41,7 @@ from fedforge.train.program import INITIAL_LOSS, Tensors, batch_order, task_epoc
 from fedforge.train.torch_model import TorchModel
 
 DP_SGD_STEPS = "dp_sgd/steps"  # the client's DP-SGD steps so far, kept in its state
+DP_SGD_LEDGER = "dp_sgd/ledger"  # ... by (sampling rate, noise multiplier): rows of 3
 LATEST = 1 << 62  # a round after every round: ``store.get(cid, LATEST)`` is the newest state
 DP_SGD_EPSILON = "dp_sgd.epsilon"  # the metric: the client's epsilon after this round
 PERSONAL_ACCURACY = "personal_accuracy"  # evaluate metrics of a personalized algorithm
@@ -78,7 +85,8 @@ class ClientApp:
         self.stages = stages or StageChain()
         self.model = TorchModel(module)
         self.module = module
-        self.trainable = [name for name, _ in module.named_parameters()]
+        self.parameters = dict(module.named_parameters())  # (looked up once: it walks modules)
+        self.trainable = list(self.parameters)
         self.program = algorithm.program()
         if sample_dp is not None and type(algorithm) is not FedAvg:
             raise ConfigError(
@@ -123,8 +131,9 @@ class ClientApp:
             # The DP-SGD ledger only grows: a retried or replayed round adds to the newest
             # count (those steps were trained and sent), not to the one the round started from.
             newest = store.get(task.client_id, LATEST) or {}
-            if DP_SGD_STEPS in newest:
-                state = {**(state or {}), DP_SGD_STEPS: newest[DP_SGD_STEPS]}
+            ledger = {k: newest[k] for k in (DP_SGD_STEPS, DP_SGD_LEDGER) if k in newest}
+            if ledger:
+                state = {**(state or {}), **ledger}
         return state
 
     def handle(
@@ -147,6 +156,7 @@ class ClientApp:
         shared = to_tensors(dict(task.shared))
         state = dict(state) if state is not None else None
         ledger = state.pop(DP_SGD_STEPS, None) if state is not None else None
+        segments = state.pop(DP_SGD_LEDGER, None) if state is not None else None
         stage_state = {k: v for k, v in (state or {}).items() if k.startswith(STAGE_STATE)}
         state = {k: v for k, v in (state or {}).items() if k not in stage_state} or None
         if not state:
@@ -176,10 +186,14 @@ class ClientApp:
                 self.module, x, y, local, self.sample_dp, task.seed, self.sample_dp.seeded
             )
             steps, metrics["train_loss"] = result.steps, result.train_loss
-            total_steps = steps + (int(ledger[0]) if ledger is not None else 0)
-            metrics[DP_SGD_EPSILON] = client_epsilon(
-                total_steps, len(data.train), local, self.sample_dp
+            before = int(ledger[0]) if ledger is not None else 0
+            total_steps = steps + before
+            if segments is None:  # (a state from before the ledger: its steps at these settings)
+                segments = np.array([[result.sample_rate, self.sample_dp.noise_multiplier, before]])
+            segments = add_steps(
+                segments, result.sample_rate, self.sample_dp.noise_multiplier, steps
             )
+            metrics[DP_SGD_EPSILON] = ledger_epsilon(segments, len(data.train), self.sample_dp)
         with torch.no_grad():
             local_state = self.model.tensors()
             delta = {n: local_state[n] - shared[n] for n in names}
@@ -194,6 +208,8 @@ class ClientApp:
         new_state = {**(to_arrays(new_own) if new_own else {}), **stage_states[0]}
         if self.sample_dp is not None:
             new_state[DP_SGD_STEPS] = np.array([total_steps], np.int64)
+            assert segments is not None
+            new_state[DP_SGD_LEDGER] = segments
         if self.secure is not None:
             return self.keep_record(encoded, new_state, task.round)
         return encoded, (new_state or None)
@@ -223,19 +239,21 @@ class ClientApp:
     ) -> tuple[int, float]:
         """The algorithm's local program on the module's parameters (and the personal copy,
         trained beside them): (steps, mean loss)."""
-        rng = np.random.default_rng(task.seed)
-        params: Tensors = {**dict(self.module.named_parameters()), **personal}
+        params: Tensors = {**self.parameters, **personal}
         opt_state = self.program.init({n: p.detach() for n, p in params.items()})
         x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)
         local = self.algorithm.local
         total, seen, steps = 0.0, 0, 0
-        self.module.train()
+        if not self.module.training:  # (train() walks every submodule)
+            self.module.train()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(torch_seed(task.seed))  # dropout draws from the client's stream
+            # Dropout draws from the client's stream (the CPU generator only: seeding every
+            # device through torch.manual_seed costs more than a small client's training).
+            torch.default_generator.manual_seed(torch_seed(task.seed))
             # The local epochs, after a head-first schedule's head-only ones (FedRep).
             passes = self.program.passes(task_epochs(task.scalars, local))
             head_steps = self.program.head_steps(len(data.train))
-            for batch in batch_order(len(data.train), local.batch_size, passes, rng):
+            for batch in batch_order(len(data.train), local.batch_size, passes, task.seed):
                 idx = torch.from_numpy(batch)
                 opt_state, loss = self.program.eager_step(
                     self.module, params, opt_state, shared, own, x[idx], y[idx], steps < head_steps

@@ -5,9 +5,10 @@ one before it, each tagged with its round. ``get(client, before_round=r)`` retur
 state written in a round before ``r``: a round that is retried, or replayed after a crash,
 starts from the same client state as the first attempt did. In simulation the driver
 ``discard``s the state of a client whose record was not used (rejected, or in an abandoned
-attempt), so the client state moves only with the aggregate. In memory for simulations; on disk
-(one safetensors file per client and version, written atomically) for 10,000+ clients, for
-resumable simulations, and on each deployed client, where it survives a client restart.
+attempt), so the client state moves only with the aggregate. In memory; on disk (one safetensors
+file per client and version, written atomically) on each deployed client, where it survives a
+client restart. Simulations keep it in :mod:`fedforge.runtime.state_slots` (memory up to a
+budget, then one memory-mapped file; durable in a run directory).
 """
 
 from __future__ import annotations
@@ -97,26 +98,26 @@ class DiskStateStore:
         )
 
     @staticmethod
-    def _read(path: Path) -> tuple[int, Params] | None:
+    def _round(path: Path) -> int | None:
+        """The round a state file was written in (its header only), None if there is none."""
         if not path.exists():
             return None
         from safetensors import safe_open
 
         with safe_open(str(path), framework="numpy") as f:
-            round_number = int((f.metadata() or {}).get("round", "-1"))
-        return round_number, load_file(str(path))
+            return int((f.metadata() or {}).get("round", "-1"))
 
     def get(self, client_id: int, before_round: int) -> Params | None:
         for path in self._paths(client_id):
-            version = self._read(path)
-            if version is not None and version[0] < before_round:
-                return version[1]
+            written = self._round(path)
+            if written is not None and written < before_round:
+                return load_file(str(path))
         return None
 
     def put(self, client_id: int, state: Params, round_number: int) -> None:
         newest, prev = self._paths(client_id)
-        current = self._read(newest)
-        if current is not None and current[0] < round_number:
+        written = self._round(newest)
+        if written is not None and written < round_number:
             os.replace(newest, prev)  # keep the version this round started from
         tmp = newest.with_suffix(".tmp")
         write_file(tmp, save(state, metadata={"round": str(round_number)}))
@@ -124,8 +125,7 @@ class DiskStateStore:
 
     def discard(self, client_id: int, round_number: int) -> None:
         newest, prev = self._paths(client_id)
-        current = self._read(newest)
-        if current is None or current[0] != round_number:
+        if self._round(newest) != round_number:
             return
         if prev.exists():
             os.replace(prev, newest)

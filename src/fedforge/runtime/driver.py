@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -37,8 +38,9 @@ from fedforge.core.records import (
 )
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.privacy.amplification import sampling_problem
-from fedforge.report.history import History, RoundRecord
-from fedforge.runtime.client_app import PERSONAL_ACCURACY, PERSONAL_LOSS
+from fedforge.privacy.guards import OUTLIERS_UNDER_CENTRAL_DP, privacy_problem, resume_problem
+from fedforge.report.history import DP_SGD_MAX, History, RoundRecord
+from fedforge.runtime.client_app import DP_SGD_EPSILON, PERSONAL_ACCURACY, PERSONAL_LOSS
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.clock import VirtualClock, spec_bytes
 from fedforge.runtime.exchange import (
@@ -139,10 +141,11 @@ class Driver:
         sample = {name: np.zeros(1, np.float32) for name in self.trainable}
         self._algorithm_stateful = bool(self.algorithm.init_client_state(sample))
         self._check_algorithm()
-        self._check_amplification()
         fit_spec = self.algorithm.record_spec(self.model_spec, self.trainable)
         fit_spec = replace(fit_spec, metrics=(*fit_spec.metrics, *self.client_metrics))
         self.fit_spec = self.stages.wire_spec(fit_spec)
+        self._check_privacy()
+        self._dp_sgd_max = -math.inf  # the largest DP-SGD epsilon any client reported so far
         # Secure aggregation: the fit reply carries no arrays (the record stays with its
         # client until it is masked); everything summed travels in the masked vector.
         if isinstance(self.aggregation, SecureAggregation):
@@ -180,29 +183,36 @@ class Driver:
                 "coordinate or rescaled); use the mean, krum, multi_krum or geometric_median"
             )
 
-    def _check_amplification(self) -> None:
+    def _check_privacy(self) -> None:
         """Central DP: the clients summed each round must be a sample its accountant bounds
-        (``privacy/amplification.py``)."""
-        central = [s for s in self.stages.stages if isinstance(s, CentralGaussian)]
-        if not central:
-            return
-        problem = sampling_problem(
-            central[0].scheme,
-            self.sampler,
-            self.population_size(),
-            self.clock,
-            self.stragglers,
-        )
+        (``privacy/amplification.py``) and the aggregation must keep its sensitivity
+        (``privacy/guards.py``); unless its noise is seeded, clients are sampled from a
+        secret of the server's (amplification needs a sample nobody can predict)."""
+        stages = self.stages.stages
+        population = self.population_size()
+        per_round = getattr(self.sampler, "per_round", population)
+        array_size = sum(int(np.prod(a.shape)) for a in self.fit_spec.arrays.values())
+        problem = privacy_problem(stages, self.aggregation, array_size, min(per_round, population))
+        central = [s for s in stages if isinstance(s, CentralGaussian)]
+        if central and problem is None:
+            problem = sampling_problem(
+                central[0].scheme, self.sampler, population, self.clock, self.stragglers
+            )
+        if central and problem is None and self.outliers is not None:
+            problem = OUTLIERS_UNDER_CENTRAL_DP
         if problem:
             raise ConfigError(problem)
+        if central and self.sampling_seed is None and not central[0].source.seeded:
+            self.sampling_seed = secrets.randbits(128)
 
     # One exchange ---------------------------------------------------------------------------
-    def _spec_check(self, spec: RecordSpec, stage: str) -> Check:
-        """Validation against ``spec``, with each client's example cap for ``stage``."""
+    def _spec_check(self, spec: RecordSpec, stage: str, arrays: bool = True) -> Check:
+        """Validation against ``spec``, with each client's example cap for ``stage``
+        (``arrays=False``: the array values are left to the accumulator's check)."""
 
         def check(batch: RecordBatch) -> tuple[np.ndarray, list[str | None]]:
             caps = np.array([self.example_cap(int(c), stage) for c in batch.client_ids])
-            return validate_batch(batch, spec, caps)
+            return validate_batch(batch, spec, caps, arrays)
 
         return check
 
@@ -252,6 +262,13 @@ class Driver:
         batch = reply.as_batch() if not isinstance(reply, RecordBatch) else reply
         out.bytes_up += batch.array_bytes()
         keep, reasons = check(batch)
+        good = self._clamp(batch.select(keep), stage, out)
+        refused = accept(good) if len(good) else None
+        if refused is not None and any(r is not None for r in refused):
+            for row, reason in zip(np.flatnonzero(keep), refused, strict=True):
+                reasons[row] = reason
+            keep = np.array([r is None for r in reasons])
+            good = good.select(np.array([r is None for r in refused]))
         for cid, reason in zip(batch.client_ids, reasons, strict=True):
             if reason is not None:
                 out.rejected.append(int(cid))
@@ -262,9 +279,7 @@ class Driver:
                     self.describe(int(cid)),
                     reason,
                 )
-        good = self._clamp(batch.select(keep), stage, out)
         if len(good):
-            accept(good)
             weights = good.num_examples.astype(np.float64)
             for name, values in good.metrics.items():
                 out.sums[name] = out.sums.get(name, 0.0) + float(weights @ values)
@@ -316,11 +331,10 @@ class Driver:
         broadcast = self.stages.broadcast(state.stage_states)
         metrics: dict[str, float] = {}
         clients: dict[str, list[int]] = {}
+        seeds = self.streams.task_seeds(round_number, sampled)
         tasks = [
-            Task(
-                FIT, round_number, cid, self.streams.task_seed(round_number, cid), shared, broadcast
-            )
-            for cid in sampled
+            Task(FIT, round_number, cid, seed, shared, broadcast)
+            for cid, seed in zip(sampled, seeds, strict=True)
         ]
         stragglers: list[int] = []
         if self.stragglers is not None:
@@ -355,6 +369,10 @@ class Driver:
         for name in sorted(set(fit.sums) - {"train_loss"}):  # e.g. each client's DP-SGD epsilon
             metrics[name] = fit.mean(name)
             metrics[f"{name}.max"] = fit.maxima[name]
+        if DP_SGD_EPSILON in fit.maxima:
+            self._dp_sgd_max = max(self._dp_sgd_max, fit.maxima[DP_SGD_EPSILON])
+        if self._dp_sgd_max > -math.inf:  # every client's ledger only grows: the largest yet
+            metrics[DP_SGD_MAX] = self._dp_sgd_max
         clients.update(failed=fit.failed, rejected=fit.rejected, clamped=fit.clamped)
         if stragglers:
             dropped = self.stragglers is not None and self.stragglers.drop
@@ -372,6 +390,7 @@ class Driver:
                 state.stage_states,
                 SumContext(round_number, attempt, broadcast),
             )
+            aggregate = replace(aggregate, unsummed=fit.rejected)  # (local DP counts them)
             stage_states, stage_metrics = self.stages.finish_round(state.stage_states, aggregate)
             metrics.update(stage_metrics)
             context = RoundContext(round_number, self.population_size(), len(cohort))
@@ -384,8 +403,16 @@ class Driver:
                 state = replace(updated, stage_states=stage_states)
                 clients["excluded"] = aggregate.excluded
                 clients["downweighted"] = aggregate.downweighted
-        elif refusal is None:
-            log.warning("round %d: no record was accepted; model unchanged", round_number)
+        else:
+            if refusal is None:
+                log.warning("round %d: no record was accepted; model unchanged", round_number)
+            # A privacy ledger still counts every record the server saw (a refused round's
+            # too) and reports its epsilon.
+            seen = fit.rejected + (fit.accepted_ids if refusal is not None else [])
+            empty = replace(self._empty_aggregate(), unsummed=seen)
+            stage_states, stage_metrics = self.stages.finish_ledgers(state.stage_states, empty)
+            metrics.update(stage_metrics)
+            state = replace(state, stage_states=stage_states)
         self.refusal = refusal
         # the offenders of this attempt and of the round's refused attempts before it
         clients["refused"] = sorted(self.benched | set(refusal.offenders if refusal else ()))
@@ -497,6 +524,15 @@ class Driver:
         self.listener.round_finished(record)
         return record
 
+    def _resume_privacy(self, history: History) -> None:
+        """A resumed run keeps its privacy mode and settings (``privacy/guards.py``) and
+        continues the largest DP-SGD epsilon reported so far."""
+        problem = resume_problem(history, {**self.labels, **self.stages.labels()})
+        if problem:
+            raise ConfigError(problem)
+        most = (r.metrics.get(DP_SGD_MAX, r.metrics.get(f"{DP_SGD_EPSILON}.max")) for r in history)
+        self._dp_sgd_max = max([v for v in most if v is not None], default=-math.inf)
+
     # The run --------------------------------------------------------------------------------
     def run(
         self,
@@ -516,6 +552,7 @@ class Driver:
         ``max_refused`` times; then the run stops with an error naming the reason."""
         if self.clock is not None and history:  # a resumed run continues the clock
             self.clock.now = history[-1].metrics.get("clock.time", 0.0)
+        self._resume_privacy(history)
         if not history:
             history.append(self.initial_record(state))
             if checkpoint:

@@ -19,7 +19,8 @@ from fedforge.train.evaluate import Evaluation
 Evaluator = Callable[[Params], Evaluation]
 ACCEPTED, REJECTED, FAILED = "accepted", "rejected", "failed"
 Check = Callable[[RecordBatch], tuple[np.ndarray, list[str | None]]]
-Accept = Callable[[RecordBatch], None]
+# Takes validated records; may refuse rows whose values it checks itself (why, per row).
+Accept = Callable[[RecordBatch], list[str | None] | None]
 
 
 class RoundListener:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fedforge.aggregate.guard import Refusal, aggregate_problem, record_norms
-from fedforge.aggregate.kinds import Aggregate
+from fedforge.aggregate.kinds import Aggregate, StreamingMean
 from fedforge.algorithms.base import ServerState
 from fedforge.core.records import FIT, RecordBatch, Task
 from fedforge.runtime.exchange import Exchanged
@@ -25,7 +25,18 @@ def plain_fit(
     steps: dict[int, int] = {}
     program = driver.algorithm.program()
 
-    def accept(batch: RecordBatch) -> None:
+    # A mean of records that no stage decodes and no outlier bound inspects checks their
+    # values in the same pass that sums them.
+    fused = (
+        isinstance(accumulator, StreamingMean)
+        and not driver.stages.decodes
+        and driver.outliers is None
+    )
+
+    def accept(batch: RecordBatch) -> list[str | None] | None:
+        if fused:
+            assert isinstance(accumulator, StreamingMean)
+            return accumulator.add_finite(batch, driver._weights(batch))
         decoded = driver.stages.decode(batch, state.stage_states)
         if driver.outliers is not None:
             rows = zip(decoded.client_ids, record_norms(decoded), decoded.num_examples, strict=True)
@@ -33,8 +44,9 @@ def plain_fit(
                 norms[int(cid)] = float(norm)
                 steps[int(cid)] = program.num_steps(int(n))
         accumulator.add(decoded, driver._weights(decoded))
+        return None
 
-    check = driver._spec_check(driver.fit_spec, FIT)
+    check = driver._spec_check(driver.fit_spec, FIT, arrays=not fused)
     fit = driver._exchange(tasks, check, accept, driver.listener)
     offenders = {} if driver.outliers is None else driver.outliers.offenders(norms, steps)
     if offenders:

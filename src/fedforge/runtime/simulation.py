@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import copy
-import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,16 +36,12 @@ from fedforge.runtime.backends import (
 )
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import ClientApp
-from fedforge.runtime.client_state import (
-    ClientStateStore,
-    DiskStateStore,
-    EphemeralSessions,
-    MemoryStateStore,
-)
+from fedforge.runtime.client_state import ClientStateStore, EphemeralSessions
 from fedforge.runtime.clock import ClockSpec, VirtualClock
 from fedforge.runtime.driver import Driver, FederatedEvaluation, RoundListener
 from fedforge.runtime.memory import check_training_memory
 from fedforge.runtime.sampling import Sampler, UniformSampler
+from fedforge.runtime.state_slots import ClientStates, run_states
 from fedforge.runtime.stragglers import Stragglers
 from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.client import SecAggClient
@@ -114,11 +109,13 @@ def simulate(
     when present), ``workers`` (persistent forked processes), ``ray``, or ``auto``. ``sampler``
     defaults to ``clients_per_round`` uniformly without replacement. ``threads`` sets torch's
     intra-op threads while the simulation runs (restored afterwards): by default 1, except for
-    ``vectorized``, which uses every core. With ``state_dir`` the server state is checkpointed
+    ``vectorized``, which takes every core while other processes leave them idle (decided
+    before each round and logged). With ``state_dir`` the server state is checkpointed
     after every round and client state lives on disk; ``resume=True`` continues from there
     (the directory is locked while the simulation runs: another process is refused).
-    ``client_states`` picks where stateful algorithms keep client state otherwise (default in
-    memory; a :class:`DiskStateStore` for 10,000+ clients with large states). ``sample_dp``
+    ``client_states`` picks where stateful algorithms keep client state otherwise (default:
+    :class:`~fedforge.runtime.state_slots.ClientStates`, in memory up to 1 GiB, beyond it in
+    one memory-mapped file). ``sample_dp``
     trains every client with DP-SGD (Opacus) instead of the algorithm's program; it runs one
     client at a time (not ``vectorized``). ``probes`` are extra metrics of the global model
     computed at every central evaluation (a backdoor's success rate); ``labels`` are recorded
@@ -154,8 +151,12 @@ def simulate(
     dp_sgd = "DP-SGD trains one client at a time through Opacus" if sample_dp else None
     chosen = resolve_backend(backend, algorithm.program(), model, dp_sgd)
     previous_threads = torch.get_num_threads()
-    default_threads = (os.cpu_count() or 1) if chosen == "vectorized" else 1
-    torch.set_num_threads(threads or default_threads)
+    # One thread unless set; the vectorized runtime takes more while other processes leave
+    # cores idle (runtime/threads.py).
+    options = options or BackendOptions()
+    if threads is not None:
+        options = replace(options, threads=threads)
+    torch.set_num_threads(options.threads or 1)
     # torch owns the cores. NumPy's BLAS (the server's sums) gets one thread: its spinning
     # worker threads otherwise steal the cores from torch's (measured: 0.23 s vs 0.12 s per
     # vectorized round on 2 cores).
@@ -175,7 +176,7 @@ def simulate(
             rounds=rounds,
             sampler=sampler or UniformSampler(clients_per_round),
             seed=seed,
-            options=options or BackendOptions(),
+            options=options,
             listener=_with_progress(listener, verbose, rounds),
             federated_eval=federated_eval,
             state_dir=state_dir,
@@ -237,21 +238,23 @@ def _simulate(
             result.metrics[name] = probe(eval_model.module)
         return result
 
-    store: ClientStateStore = client_states or MemoryStateStore()
+    states = client_states or ClientStates(data.num_clients)
     checkpoints: CheckpointStore | None = None
     state = algorithm.init(eval_model.get_params())
     history = History()
     run_id = uuid.uuid4().hex
     if state_dir is not None:
-        store = DiskStateStore(state_dir / "clients")
         checkpoints = CheckpointStore(state_dir / "checkpoint")
         run_id, state, history = checkpoints.open_run(seed, state, resume=resume)
-
-    if isinstance(store, DiskStateStore):  # secure-aggregation sessions never touch disk
-        store = EphemeralSessions(store, SESSION)
+        states = run_states(state_dir / "clients", data.num_clients, resume)
+    store: ClientStateStore = states
+    if state_dir is not None:  # secure-aggregation sessions never touch disk
+        store = EphemeralSessions(states, SESSION)
 
     def checkpoint(s: ServerState, h: History) -> None:
         assert checkpoints is not None
+        if isinstance(states, ClientStates):
+            states.flush()  # the round's client states, durable before the round commits
         checkpoints.save(run_id, s, h)
 
     secure = None
@@ -301,6 +304,8 @@ def _simulate(
         transport.close()
         if checkpoints is not None:
             checkpoints.close()
+        if isinstance(states, ClientStates) and states is not client_states:
+            states.close()
     eval_model.set_params(state.params)
     return SimulationResult(
         history=history,

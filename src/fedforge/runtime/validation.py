@@ -3,14 +3,16 @@
 Records are checked against the stage's wire spec (never against the model): exactly the
 expected array names with their shapes and dtypes, the expected summed scalars and metrics,
 finite values everywhere, and an integer example count in ``[1, cap]``. A batch is checked with
-array operations: a structural mismatch rejects every row, a bad value only its row.
+array operations: a structural mismatch rejects every row, a bad value only its row. Where the
+records are summed as they arrive (a weighted mean, no stage decoding them), the finiteness
+of the arrays is checked by the sum itself, in the same pass.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from fedforge.aggregate.kinds import rows_finite
 from fedforge.core.records import RecordBatch, RecordSpec
 
 
@@ -45,24 +47,12 @@ def _structure_error(batch: RecordBatch, spec: RecordSpec) -> str | None:
     return None
 
 
-def _rows_finite(flat: np.ndarray) -> np.ndarray:
-    """Which rows hold only finite values. A finite row sum proves its row finite (NaN and
-    infinities propagate), so only rows whose sum is not finite are checked element-wise."""
-    if flat.flags.writeable and flat.dtype in (np.float32, np.float64):
-        # torch sums rows on every core (numpy on one): a whole vectorized chunk at once.
-        finite: np.ndarray = torch.isfinite(torch.from_numpy(flat).sum(dim=1)).numpy()
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            finite = np.isfinite(flat.sum(axis=1))
-    for i in np.flatnonzero(~finite):
-        finite[i] = bool(np.isfinite(flat[i]).all())
-    return finite
-
-
 def validate_batch(
-    batch: RecordBatch, spec: RecordSpec, caps: np.ndarray
+    batch: RecordBatch, spec: RecordSpec, caps: np.ndarray, arrays: bool = True
 ) -> tuple[np.ndarray, list[str | None]]:
-    """(rows to keep, the reason each rejected row was rejected)."""
+    """(rows to keep, the reason each rejected row was rejected). ``arrays=False`` leaves out
+    the check that every array value is finite, for a caller that checks it while summing
+    (:meth:`~fedforge.aggregate.kinds.StreamingMean.add_finite`)."""
     rows = len(batch)
     error = _structure_error(batch, spec)
     if error is not None:
@@ -75,15 +65,20 @@ def validate_batch(
             reasons[i] = why
         keep[mask] = False
 
-    for name, arr in batch.arrays.items():
-        if arr.dtype.kind == "f":
-            reject(~_rows_finite(arr.reshape(rows, -1)), f"{name}: NaN or infinite")
+    for name, arr in batch.arrays.items() if arrays else ():
+        reject(~rows_finite(arr.reshape(rows, -1)), f"{name}: NaN or infinite")
     for field in ("scalars", "metrics"):
         for key, values in getattr(batch, field).items():
             if values.dtype.kind not in "fiu":
                 reject(np.ones(rows, bool), f"{key} is not a number")
             else:
                 reject(~np.isfinite(values.astype(np.float64)), f"{key} is not finite")
+    if not arrays and not keep.all():  # name the arrays of the rows refused for the above
+        refused = np.flatnonzero(~keep)
+        for name, arr in reversed(batch.arrays.items()):
+            bad = refused[~rows_finite(arr[refused].reshape(len(refused), -1))]
+            for i in bad:
+                reasons[i] = f"{name}: NaN or infinite"
     n = batch.num_examples
     out_of_range = (n < 1) | (n > caps)
     for i in np.flatnonzero(out_of_range & keep):

@@ -26,6 +26,7 @@ from fedforge.data.federated import FederatedDataset
 from fedforge.runtime.client_app import ClientApp, to_arrays, to_tensors
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sequential import answer
+from fedforge.runtime.threads import ThreadGovernor
 from fedforge.train.cohort import ClientPlan, CohortTrainer
 from fedforge.train.program import INITIAL_LOSS, task_epochs
 
@@ -56,10 +57,12 @@ class VectorizedTransport:
         *,
         device: torch.device | None = None,
         memory_budget: int | None = None,
+        threads: int | None = None,
     ) -> None:
         self.app, self.data, self.store = app, data, store
         self.device = device or default_device()
         self.memory_budget = memory_budget or default_memory_budget(self.device)
+        self.threads = ThreadGovernor(threads)
         algorithm = app.algorithm
         self.trainer = CohortTrainer(
             copy.deepcopy(app.module), app.program, data.train.x, data.train.y, self.device
@@ -83,6 +86,7 @@ class VectorizedTransport:
                 yield answer(self.app, task, self.data, self.store)
         if not fit:
             return
+        self.threads.before_round()
         decoded = decode_broadcast(dict(fit[0].shared))  # a compressed broadcast, as float32
         fit = [replace(t, shared=decoded) for t in fit]
         local, program = self.app.algorithm.local, self.app.program
@@ -138,7 +142,7 @@ class VectorizedTransport:
             ClientPlan(
                 t.client_id,
                 self.data.partition[t.client_id],
-                np.random.default_rng(t.seed),
+                t.seed,
                 task_epochs(t.scalars, local),
             )
             for t in chunk

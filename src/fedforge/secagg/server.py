@@ -447,18 +447,16 @@ class SecAggRound:
         )
 
     def _privacy(self, params: MaskParams, contributors: int) -> tuple[float, float]:
-        """(zCDP rho, tau) of this release under distributed DP (Kairouz et al. 2021,
-        Theorem 1): the sum of ``contributors`` discrete Gaussians of stddev ``s`` is
-        ``Delta^2 / (2 m s^2) + tau d / 4``-zCDP, ``tau`` bounding how far the sum is from one
-        discrete Gaussian per coordinate; ``Delta`` is the clip norm plus what stochastic
-        rounding can add (one unit per coordinate)."""
+        """(zCDP rho, tau) of this release under distributed DP (``release_rho``: replace-one
+        adjacency, the clip norm plus what stochastic rounding can add per record)."""
         if params.noise_units <= 0:
             return 0.0, 0.0
         units = 2.0**params.array_bits
-        sensitivity = self.clip_norm * units + math.sqrt(self.array_words)
         tau = discrete_gaussian.sum_distance(params.noise_units, contributors)
-        rho = sensitivity**2 / (2 * contributors * params.noise_units**2)
-        return rho + tau * self.array_words / 4, tau
+        rho = discrete_gaussian.release_rho(
+            self.clip_norm * units, self.array_words, contributors, params.noise_units
+        )
+        return rho, tau
 
     def _recover(self, store: dict[int, dict[int, bytes]], owner: int, what: str) -> bytes:
         shares = store.get(owner, {})

@@ -119,6 +119,10 @@ class StageDefaults:
 
     commutes_with_sum: bool = True
     releases_when_empty: bool = False  # central DP: noise is released even with no record
+    # A privacy ledger (local, distributed DP): its ``finish_round`` runs in a round in which
+    # nothing was summed too (with an empty aggregate), to count rejected records and carry
+    # its epsilon forward.
+    reports_when_empty: bool = False
     keeps_client_state: bool = False
 
     def init_state(self) -> StageState:
@@ -215,6 +219,12 @@ class StageChain:
     def keeps_client_state(self) -> bool:
         return any(s.keeps_client_state for s in self.stages)
 
+    @property
+    def decodes(self) -> bool:
+        """Whether some stage's server side changes records (a codec, a clip check)."""
+        plain = StageDefaults.decode
+        return any(getattr(type(s), "decode", None) is not plain for s in self.stages)
+
     def encode(
         self,
         batch: RecordBatch,
@@ -260,6 +270,18 @@ class StageChain:
     @property
     def releases_when_empty(self) -> bool:
         return any(getattr(s, "releases_when_empty", False) for s in self.stages)
+
+    def finish_ledgers(
+        self, states: Mapping[str, StageState], aggregate: Aggregate
+    ) -> tuple[dict[str, StageState], dict[str, float]]:
+        """A round in which nothing was summed: only the ledgers (``reports_when_empty``)
+        finish it; every other stage keeps its state."""
+        new_states, metrics = dict(states), {}
+        for s in self.stages:
+            if getattr(s, "reports_when_empty", False):
+                new_states[s.name], m = s.finish_round(self._state(states, s), aggregate)
+                metrics.update(m)
+        return new_states, metrics
 
     def labels(self) -> dict[str, str]:
         out: dict[str, str] = {}

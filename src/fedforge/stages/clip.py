@@ -14,23 +14,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from fedforge.aggregate.kinds import Aggregate
+from fedforge.compress.kernels import tiles
 from fedforge.core.records import RecordBatch
 from fedforge.stages.base import StageDefaults, StageState
 
-_NORM_BLOCK = 16_384  # columns converted to float64 at a time: no full float64 copy
-
 
 def row_norms(batch: RecordBatch) -> np.ndarray:
-    """L2 norm of each record over all its arrays, accumulated in float64."""
-    squares = np.zeros(len(batch), np.float64)
+    """L2 norm of each record over all its arrays, accumulated in float64 (a few rows at a
+    time, so no float64 copy of the batch is made)."""
+    squares = torch.zeros(len(batch), dtype=torch.float64)
     for arr in batch.arrays.values():
-        flat = arr.reshape(len(batch), -1)
-        for start in range(0, flat.shape[1], _NORM_BLOCK):
-            block = flat[:, start : start + _NORM_BLOCK].astype(np.float64)
-            squares += np.einsum("ij,ij->i", block, block)
-    result: np.ndarray = np.sqrt(squares)
+        flat = torch.from_numpy(np.ascontiguousarray(arr).reshape(len(batch), -1))
+        for rows in tiles(len(batch), flat.shape[1], flat.device):
+            squares[rows] += torch.linalg.vector_norm(flat[rows], dim=1, dtype=torch.float64) ** 2
+    result: np.ndarray = np.sqrt(squares.numpy())
     return result
 
 
@@ -104,6 +104,9 @@ class FixedClip(StageDefaults):
         return state, metrics
 
 
+ADAPTIVE_FLOOR = 2.0**-20
+
+
 @dataclass(frozen=True)
 class AdaptiveClip(FixedClip):
     """Adaptive clipping (Andrew et al. 2021): after each round,
@@ -111,7 +114,9 @@ class AdaptiveClip(FixedClip):
 
     The unclipped fraction is ``1 - clipped / clients``; under central DP the clipped count
     arrives noised and ``clients`` is the *expected* number of clients (``expected_clients``),
-    never the realized one, so the norm is a function of released values only."""
+    never the realized one, so the norm is a function of released values only. It never
+    falls below ``ADAPTIVE_FLOOR`` times its start (secure aggregation's rounding error is
+    bounded relative to the norm down to there: ``privacy/guards.py``)."""
 
     target_quantile: float = 0.5
     learning_rate: float = 0.2
@@ -132,5 +137,6 @@ class AdaptiveClip(FixedClip):
         clipped = aggregate.scalars[f"{self.name}.clipped"]
         unclipped = min(max(1.0 - clipped / clients, 0.0), 1.0)
         norm = state["norm"] * math.exp(-self.learning_rate * (unclipped - self.target_quantile))
+        norm = max(norm, self.norm * ADAPTIVE_FLOOR)  # a public function of released values
         metrics[f"{self.name}.unclipped_fraction"] = unclipped
         return {"norm": norm}, metrics

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fedforge.compress.codecs import with_error_feedback
+from fedforge.compress.codecs import error_feedback_
 from fedforge.core.params import ArraySpec, Params
 from fedforge.core.records import RecordBatch, RecordSpec
 from fedforge.stages.base import StageDefaults, StageState
@@ -58,9 +58,10 @@ class Compress(StageDefaults):
     @staticmethod
     def _rows(batch: RecordBatch) -> np.ndarray:
         names = sorted(batch.arrays)
-        return np.concatenate(
-            [batch.arrays[k].reshape(len(batch), -1).astype(np.float32) for k in names], axis=1
-        )
+        parts = [batch.arrays[k].reshape(len(batch), -1) for k in names]
+        if len(parts) == 1:
+            return parts[0].astype(np.float32)  # (a copy: error feedback overwrites it)
+        return np.concatenate(parts, axis=1, dtype=np.float32)
 
     def encode(
         self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
@@ -77,13 +78,12 @@ class Compress(StageDefaults):
     ) -> tuple[RecordBatch, list[Params]]:
         """Error feedback: each row's residual (what the codec lost before) is added before
         encoding, and what it loses now is the new residual."""
-        rows = self._rows(batch)
-        residual = np.zeros_like(rows)
+        rows = self._rows(batch)  # (a fresh array: corrected and overwritten in place)
         for row, state in enumerate(states):
             kept = state.get(RESIDUAL)
             if kept is not None and kept.shape == rows.shape[1:]:  # (a changed model: reset)
-                residual[row] = kept
-        payload, new = with_error_feedback(self.codec, rows, residual, list(seeds))
+                rows[row] += kept
+        payload, new = error_feedback_(self.codec, rows, list(seeds))
         encoded = batch.replace_arrays({PREFIX + k: v for k, v in payload.arrays().items()})
         return encoded, [{RESIDUAL: new[row]} for row in range(len(batch))]
 
@@ -96,7 +96,7 @@ class Compress(StageDefaults):
         for name, spec in self._layout.items():
             size = int(np.prod(spec.shape, dtype=np.int64))
             block = rows[:, start : start + size].reshape((len(batch), *spec.shape))
-            arrays[name] = block.astype(spec.dtype)
+            arrays[name] = block.astype(spec.dtype, copy=False)  # (views when float32)
             start += size
         return batch.replace_arrays(arrays)
 

@@ -7,7 +7,7 @@ MLPs take the fused kernels of :mod:`fedforge.train.cohort_mlp` instead of autog
 head-first schedule (FedRep) passes each client's phase at the step (head-only while the step
 index is below its head step count), on the generic path. A short last batch is padded and
 masked, so each client's loss is the mean over its real examples.
-Batch order comes from the same :func:`~fedforge.train.program.batch_order` as everywhere.
+Batch order comes from the same :func:`~fedforge.train.program.shuffles` as everywhere.
 """
 
 from __future__ import annotations
@@ -19,13 +19,9 @@ import numpy as np
 import torch
 from torch.func import vmap
 
-from fedforge.train.cohort_mlp import (
-    fused_first_step,
-    fused_grads,
-    fused_sgd_step,
-    mlp_structure,
-)
-from fedforge.train.program import LocalProgram, Tensors, batch_order
+from fedforge.train.cohort_lowrank import Chain, Schedule, implicit_steps, implicit_steps_cap
+from fedforge.train.cohort_mlp import fused_grads, fused_sgd_step, mlp_structure
+from fedforge.train.program import LocalProgram, Tensors, shuffles
 
 RANDOM_LAYERS = (
     torch.nn.Dropout,
@@ -39,11 +35,11 @@ RANDOM_LAYERS = (
 @dataclass(frozen=True)
 class ClientPlan:
     """One client's local work: its example indices (into the shared training arrays) and
-    the generator that orders its batches."""
+    the task seed that orders its batches."""
 
     client_id: int
     indices: np.ndarray
-    rng: np.random.Generator
+    seed: int
     epochs: int | None = None  # fewer than the program's for a simulated straggler
 
 
@@ -54,7 +50,7 @@ class CohortResult:
     params: Tensors
     train_loss: np.ndarray
     steps: np.ndarray
-    is_delta: bool = False  # params hold local - global (one-step chunks of the fused path)
+    is_delta: bool = False  # params hold local - global (the fused kernels write changes)
 
 
 def vectorization_blocker(module: torch.nn.Module, program: LocalProgram) -> str | None:
@@ -95,6 +91,7 @@ class CohortTrainer:
         self._stacks: Tensors = {}
         self._offsets: Tensors = {}
         self._grad_buffers: Tensors = {}
+        self.implicit_rows_override: int | None = None  # tests: force the explicit phase
         if self.layers is None:
             self.kernel = "vmap(grad) of the client step"
         elif program.plain:
@@ -171,21 +168,110 @@ class CohortTrainer:
             out[name] = (alpha, offset[:active] if stacked and offset is not None else offset)
         return out
 
+    def implicit_rows(self) -> int:
+        """Past batch rows up to which steps run in the implicit form (per-client weights are
+        materialized after them); 0 where the fused kernels do not apply."""
+        if self.layers is None or not self.program.stateless:
+            return 0
+        if self.implicit_rows_override is not None:
+            return self.implicit_rows_override
+        shapes = {n: p.shape for n, p in self.module.named_parameters()}
+        return implicit_steps_cap(self.layers, shapes)
+
     def bytes_per_client(
         self, sample_params: dict[str, np.ndarray], own_bytes: int = 0, largest: int = 256
     ) -> int:
-        """Rough peak memory one client adds to a chunk (params, grads, chain state,
-        activations). ``largest``: the most examples a client of the chunk holds, which
-        bounds the batch width (full batch, or a batch size beyond every client's data)."""
+        """Rough peak memory one client adds to a chunk (params, grads, chain state, the
+        implicit steps' history, activations). ``largest``: the most examples a client of
+        the chunk holds, which bounds the batch width (full batch, or a batch size beyond
+        every client's data)."""
         size = sum(a.nbytes for a in sample_params.values())
         program = self.program
+        batch = min(self.program.local.batch_size or largest, largest)
+        item = self.x.element_size()
+        activations = 8 * batch * self.x.shape[1] * item
         if self.layers is not None and program.stateless:
-            copies = 3 if program.plain else 4  # affine chain: one summed offset per client
+            # The output stack and what finish makes of it (affine: a per-client offset more).
+            copies = 2 if program.plain else 3
+            # The implicit steps' history: per past row, every layer's inputs and output
+            # gradients, the first layer's products, and the rows' Gram matrix.
+            steps = program.num_steps(largest)
+            rows = min(self.implicit_rows() // batch, steps) * batch
+            shapes = [sample_params[layer.weight].shape for layer in self.layers]
+            width = sum(out + inp for out, inp in shapes) + 3 * shapes[0][0] + rows
+            activations += rows * width * item
         else:
             copies = 3 + len(program.transforms) + (0 if program.plain else 1)
-        batch = min(self.program.local.batch_size or largest, largest)
-        activations = 8 * batch * self.x.shape[1] * self.x.element_size()
         return copies * size + 2 * own_bytes + activations
+
+    def _schedule(self, plans: Sequence[ClientPlan], epochs: list[int]) -> Schedule:
+        """Every client's batches (:func:`shuffles`, as :func:`batch_order` cuts them for one
+        client), laid out client-major and padded to the widest batch, for the whole chunk
+        with array operations."""
+        local = self.program.local
+        sizes = np.array([len(p.indices) for p in plans], np.int64)
+        order, starts = shuffles(sizes, epochs, [p.seed for p in plans])
+        # Examples per batch: the batch size, or (full batch) the client's whole data.
+        per_batch = np.maximum(sizes if not local.batch_size else local.batch_size, 1)
+        per_batch = np.broadcast_to(per_batch, sizes.shape)
+        batches = -(-sizes // per_batch) * np.asarray(epochs, np.int64)
+        if np.any(np.diff(batches) > 0):
+            raise ValueError("plans must be sorted by step count, most first")
+        width = int(min(local.batch_size or sizes.max(), sizes.max())) if len(plans) else 1
+        steps = int(batches[0]) if len(plans) else 0
+        counts = sizes * np.asarray(epochs, np.int64)
+        client = np.repeat(np.arange(len(plans)), counts)
+        position = np.arange(len(order)) - starts[client]
+        epoch, place = position // sizes[client], position % sizes[client]
+        batch = epoch * -(-sizes[client] // per_batch[client]) + place // per_batch[client]
+        column = batch * width + place % per_batch[client]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        pool = np.concatenate([p.indices for p in plans]) if len(plans) else np.zeros(0)
+        examples = pool[offsets[client] + order].astype(np.int64)
+        index = np.zeros((len(plans), steps * width), np.int64)
+        mask = np.zeros((len(plans), steps * width), np.float32)
+        # Padding repeats the batch's first example (masked out): fill every slot of a batch
+        # with it, then write the real examples over it.
+        first = place % per_batch[client] == 0
+        heads = np.zeros((len(plans), steps), np.int64)
+        heads[client[first], batch[first]] = examples[first]
+        index[:] = np.repeat(heads, width, axis=1)
+        index[client, column] = examples
+        mask[client, column] = 1.0
+        return Schedule(
+            torch.from_numpy(index).to(self.device),
+            torch.from_numpy(mask).to(self.device),
+            batches,
+            width,
+        )
+
+    def _chains(self, shared: Tensors, own: Tensors) -> dict[str, Chain]:
+        """Per parameter, the affine chain split for the implicit steps: the offsets that are
+        the parameter's own global value (FedProx) as a coefficient, the other shared ones
+        summed, the per-client ones (stacked) with their coefficient (several are summed)."""
+        out: dict[str, Chain] = {}
+        for name in self.names:
+            affine = self.program.affine(name, shared, own)
+            assert affine is not None  # a stateless chain
+            gamma, common, owned = 0.0, [], []
+            for tensor, coef in affine.offsets:
+                if tensor is shared[name]:
+                    gamma += coef
+                elif tensor.dim() == shared[name].dim():
+                    common.append((tensor, coef))
+                else:
+                    owned.append((tensor, coef))
+            total = None
+            for tensor, coef in common:
+                total = tensor * coef if total is None else total.add_(tensor, alpha=coef)
+            own_tensor, own_coef = (owned[0][0], owned[0][1]) if len(owned) == 1 else (None, 0.0)
+            if len(owned) > 1:
+                own_tensor = owned[0][0] * owned[0][1]
+                for tensor, coef in owned[1:]:
+                    own_tensor.add_(tensor, alpha=coef)
+                own_coef = 1.0
+            out[name] = Chain(affine.alpha, gamma, total, own_tensor, own_coef)
+        return out
 
     def train(self, shared: Tensors, own: Tensors, plans: Sequence[ClientPlan]) -> CohortResult:
         """Train every planned client from the global model in ``shared``. ``own`` holds the
@@ -196,63 +282,62 @@ class CohortTrainer:
         epochs = [
             self.program.passes(local.epochs if p.epochs is None else p.epochs) for p in plans
         ]
-        schedules = [
-            [p.indices[b] for b in batch_order(len(p.indices), local.batch_size, e, p.rng)]
-            for p, e in zip(plans, epochs, strict=True)
-        ]
-        head_steps = np.array([self.program.head_steps(len(p.indices)) for p in plans])
-        lengths = [len(s) for s in schedules]
-        if lengths != sorted(lengths, reverse=True):
-            raise ValueError("plans must be sorted by step count, most first")
+        schedule = self._schedule(plans, epochs)
+        lengths = schedule.lengths
         count = len(plans)
-        affine = self._affine(shared, own) if self.layers and not self.program.plain else None
-        first_fused = self.layers is not None and (self.program.plain or affine is not None)
-        one_step = first_fused and bool(plans) and lengths[0] == 1  # write deltas directly
-        # The fused kernels write every client's first step straight into the stacks.
-        base = self.program.base_name
-        stacked = {
-            n: self._buffer(n, count, shared[base(n)], fill=not first_fused) for n in self.names
-        }
-        for name, key in self.program.starts(list(own)).items():
-            stacked[name].copy_(own[key])  # FedPer's head, Ditto's personal copy
-        state = self.program.init(stacked)
+        total_steps = int(lengths[0]) if count else 0
         loss_sum = torch.zeros(count, dtype=torch.float64, device=self.device)
-        width = max((len(b) for s in schedules for b in s), default=1)
-        for step in range(lengths[0] if plans else 0):
-            active = sum(1 for n in lengths if n > step)
-            idx = np.zeros((active, width), dtype=np.int64)
-            mask = np.zeros((active, width), dtype=np.float32)
-            for row in range(active):
-                batch = schedules[row][step]
-                idx[row, : len(batch)] = batch
-                idx[row, len(batch) :] = batch[0]  # pad with its own example, masked out
-                mask[row, : len(batch)] = 1.0
-            first = step == 0 and first_fused
-            head_phase = None
-            if self.program.head_first is not None:
-                head_phase = torch.from_numpy(step < head_steps[:active]).to(self.device)
-            stacked, state = self._step(
-                stacked,
-                state,
-                own,
-                active,
-                idx,
-                mask,
-                head_phase,
-                loss_sum,
-                shared,
-                affine,
-                first,
-                one_step,
-            )
         seen = torch.tensor(
             [len(p.indices) * e for p, e in zip(plans, epochs, strict=True)], dtype=torch.float64
         )
+        base = self.program.base_name
+        implicit = min(total_steps, self.implicit_rows() // schedule.width)
+        stacked = {
+            n: self._buffer(n, count, shared[base(n)], fill=implicit == 0) for n in self.names
+        }
+        first = 0
+        if implicit:  # the first steps without per-client weights, deltas written directly
+            chains = self._chains(shared, own)
+            assert self.layers is not None
+            implicit_steps(
+                self.layers,
+                shared,
+                chains,
+                schedule,
+                implicit,
+                local.lr,
+                self.x,
+                self.y,
+                stacked,
+                loss_sum,
+            )
+            first = implicit
+        for name, key in self.program.starts(list(own)).items():
+            stacked[name].copy_(own[key])  # FedPer's head, Ditto's personal copy
+        state = self.program.init(stacked)
+        affine = None
+        if first < total_steps and self.layers is not None and not self.program.plain:
+            affine = self._affine(shared, own)
+        head_steps = np.array([self.program.head_steps(len(p.indices)) for p in plans])
+        for step in range(first, total_steps):
+            active = schedule.active(step)
+            head_phase = None
+            if self.program.head_first is not None:
+                head_phase = torch.from_numpy(step < head_steps[:active]).to(self.device)
+            now = schedule.rows(step)
+            index, mask = schedule.index[:active, now], schedule.mask[:active, now]
+            stacked, state = self._step(
+                stacked, state, own, active, index, mask, head_phase, loss_sum, shared, affine
+            )
+        if implicit and total_steps > implicit:  # the explicit rows hold weights: to changes
+            going_on = schedule.active(implicit)
+            for name in self.names:
+                stacked[name][:going_on].sub_(shared[base(name)])
         return CohortResult(
             stacked,
             (loss_sum.cpu() / seen).numpy(),
-            np.asarray(lengths, dtype=np.float64),
-            is_delta=one_step,
+            lengths.astype(np.float64),
+            is_delta=bool(implicit),
         )
 
     def initial_losses(self, shared: Tensors, plans: Sequence[ClientPlan]) -> torch.Tensor:
@@ -275,22 +360,18 @@ class CohortTrainer:
         state: tuple[Tensors, ...],
         own: Tensors,
         active: int,
-        idx_np: np.ndarray,
-        mask_np: np.ndarray,
+        index: torch.Tensor,
+        mask: torch.Tensor,
         head_phase: torch.Tensor | None,
         loss_sum: torch.Tensor,
         shared: Tensors,
         affine: dict[str, tuple[float, torch.Tensor | None]] | None,
-        first: bool = False,
-        as_delta: bool = False,
     ) -> tuple[Tensors, tuple[Tensors, ...]]:
-        """One local step of the first ``active`` clients. ``first``: every client's first
-        step, from the shared global weights into the stacks (as deltas with ``as_delta``).
-        ``head_phase``: per client, whether it is in the head-only phase of a head-first
-        schedule (only the generic path runs such schedules)."""
-        idx = torch.from_numpy(idx_np).to(self.device)
-        mask = torch.from_numpy(mask_np).to(self.device)
-        x, y = self.x[idx], self.y[idx]
+        """One local step of the first ``active`` clients, whose batches are the example
+        indices ``index`` (``mask`` 0 on padding). ``head_phase``: per client, whether it is in
+        the head-only phase of a head-first schedule (only the generic path runs such
+        schedules)."""
+        x, y = self.x[index], self.y[index]
         whole = active == len(loss_sum)
 
         def head(d: Tensors) -> Tensors:
@@ -298,14 +379,6 @@ class CohortTrainer:
 
         params, sub_state, sub_own = head(stacked), tuple(head(s) for s in state), head(own)
         with torch.no_grad():
-            if first:
-                assert self.layers is not None
-                lr = self.program.local.lr
-                losses = fused_first_step(
-                    self.layers, shared, stacked, x, y, mask, lr, affine, as_delta
-                )
-                loss_sum += losses.double() * mask.sum(dim=1).double()
-                return stacked, state
             if self.layers is not None and (self.program.plain or affine is not None):
                 # Plain SGD, or a chain of affine terms fused into the update: in place.
                 sliced = None if affine is None else self._head_affine(affine, active, whole)

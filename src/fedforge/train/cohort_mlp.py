@@ -5,7 +5,9 @@ clients it is one ``bmm`` per layer. Plain SGD applies it in place with one ``ba
 layer, so the gradient is never stored (:func:`fused_sgd_step`); any other program gets the
 gradients (:func:`fused_grads`) and runs its own chain (:meth:`LocalProgram.apply`). The math
 is exactly that of the program's masked mean cross-entropy; both are tested equal to the
-generic ``vmap`` path and to the sequential runtime.
+generic ``vmap`` path and to the sequential runtime. A stateless program's first steps run
+without per-client weights at all (:mod:`fedforge.train.cohort_lowrank`); these kernels
+continue from the weights it materializes.
 
 The structure is read from a ``torch.fx`` trace, so it does not matter whether the network is
 an ``nn.Sequential`` or a custom module whose ``forward`` chains its layers.
@@ -87,29 +89,34 @@ def _forward(
     mask: torch.Tensor,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Inputs and pre-activations per layer, d(loss)/d(logits), and each client's loss."""
-    count = mask.sum(dim=1)
     inputs, pre_activations = [], []
     h = x
     for layer in layers:
         inputs.append(h)
         w = params[layer.weight]
-        if w.dim() == 2:  # one weight for every client: one matrix product for the stack
-            flat = h.reshape(-1, h.shape[-1])
-            z2 = torch.addmm(params[layer.bias], flat, w.t()) if layer.bias else flat @ w.t()
-            z = z2.view(*h.shape[:-1], -1)
-        elif layer.bias:
+        if layer.bias:
             z = torch.baddbmm(params[layer.bias].unsqueeze(1), h, w.transpose(1, 2))
         else:
             z = torch.bmm(h, w.transpose(1, 2))
         pre_activations.append(z)
         h = torch.relu(z) if layer.relu else z
-    log_probs = F.log_softmax(h, dim=-1)
+    loss, grad = loss_and_grad(h, y, mask)
+    return inputs, pre_activations, grad, loss
+
+
+def loss_and_grad(
+    logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each client's masked mean cross-entropy over its batch, and its gradient with
+    respect to the ``(clients, batch, classes)`` logits."""
+    count = mask.sum(dim=1)
+    log_probs = F.log_softmax(logits, dim=-1)
     nll = -log_probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     loss = (nll * mask).sum(dim=1) / count
     grad = log_probs.exp_()
     grad.scatter_add_(-1, y.unsqueeze(-1), -torch.ones_like(nll).unsqueeze(-1))
     grad.mul_((mask / count.unsqueeze(1)).unsqueeze(-1))
-    return inputs, pre_activations, grad, loss
+    return loss, grad
 
 
 Affine = dict[str, tuple[float, torch.Tensor | None]]
@@ -142,7 +149,7 @@ def _below(
     pre_activations: list[torch.Tensor],
 ) -> torch.Tensor:
     """The gradient with respect to layer ``index``'s input (through the *old* weights)."""
-    below = torch.matmul(grad, w) if w.dim() == 2 else torch.bmm(grad, w)
+    below = torch.bmm(grad, w)
     if layers[index - 1].relu:
         below.mul_(pre_activations[index - 1] > 0)
     return below
@@ -150,45 +157,32 @@ def _below(
 
 def _update(
     layers: list[DenseLayer],
-    source: dict[str, torch.Tensor],
-    target: dict[str, torch.Tensor],
+    params: dict[str, torch.Tensor],
     inputs: list[torch.Tensor],
     pre_activations: list[torch.Tensor],
     grad: torch.Tensor,
     lr: float,
     affine: Affine | None,
-    as_delta: bool = False,
 ) -> None:
-    """Back-propagate and take the SGD step ``new = (1 - lr alpha) w - lr (grad + offset)``
-    (``affine`` per parameter: ``alpha`` and an ``offset`` tensor; plain SGD without it), the
-    decay fused into ``baddbmm``. ``source`` holds the weights (stacked, or one shared weight
-    for every client); ``target`` receives the new ones (the same stacks: in place), or their
-    change ``new - w`` with ``as_delta``."""
-    clients = grad.shape[0]
+    """Back-propagate and take the SGD step ``w <- (1 - lr alpha) w - lr (grad + offset)`` in
+    place (``affine`` per parameter: ``alpha`` and an ``offset`` tensor; plain SGD without
+    it), the decay fused into ``baddbmm``."""
     for index in range(len(layers) - 1, -1, -1):
         layer, h_in = layers[index], inputs[index]
-        w, new_w = source[layer.weight], target[layer.weight]
+        w = params[layer.weight]
         below = _below(layers, index, w, grad, pre_activations) if index > 0 else None
         decay, offset = affine[layer.weight] if affine else (0.0, None)
-        beta = -lr * decay if as_delta else 1.0 - lr * decay
-        if new_w is w:
-            new_w.baddbmm_(grad.transpose(1, 2), h_in, beta=beta, alpha=-lr)
-        else:
-            weights = w.expand(clients, *w.shape) if w.dim() == 2 else w
-            torch.baddbmm(weights, grad.transpose(1, 2), h_in, beta=beta, alpha=-lr, out=new_w)
+        w.baddbmm_(grad.transpose(1, 2), h_in, beta=1.0 - lr * decay, alpha=-lr)
         if offset is not None:
-            new_w.sub_(offset, alpha=lr)
+            w.sub_(offset, alpha=lr)
         if layer.bias:
-            b, new_b = source[layer.bias], target[layer.bias]
+            b = params[layer.bias]
             decay, offset = affine[layer.bias] if affine else (0.0, None)
-            beta = -lr * decay if as_delta else 1.0 - lr * decay
-            if new_b is not b:
-                torch.mul(b.expand_as(new_b), beta, out=new_b)
-            elif beta != 1.0:
-                new_b.mul_(beta)
-            new_b.sub_(grad.sum(dim=1), alpha=lr)
+            if decay:
+                b.mul_(1.0 - lr * decay)
+            b.sub_(grad.sum(dim=1), alpha=lr)
             if offset is not None:
-                new_b.sub_(offset, alpha=lr)
+                b.sub_(offset, alpha=lr)
         if below is not None:
             grad = below
 
@@ -209,29 +203,7 @@ def fused_sgd_step(
     gradient term ``alpha * w + offset`` (weight decay, a proximal term, a control-variate
     correction)."""
     inputs, pre, grad, loss = _forward(layers, params, x, y, mask)
-    _update(layers, params, params, inputs, pre, grad, lr, affine)
-    return loss
-
-
-def fused_first_step(
-    layers: list[DenseLayer],
-    shared: dict[str, torch.Tensor],
-    out: dict[str, torch.Tensor],
-    x: torch.Tensor,
-    y: torch.Tensor,
-    mask: torch.Tensor,
-    lr: float,
-    affine: Affine | None = None,
-    as_delta: bool = False,
-) -> torch.Tensor:
-    """Every client's first SGD step, which starts from the same global weights: the
-    forward and the back-propagation use the one ``shared`` weight (one matrix product for
-    the whole stack), and each client's updated weight is written straight into ``out`` (no
-    copy of the global model per client first). Same update as :func:`fused_sgd_step`.
-    With ``as_delta``, ``out`` receives the change ``new - global`` instead (for clients whose
-    only step this is)."""
-    inputs, pre, grad, loss = _forward(layers, shared, x, y, mask)
-    _update(layers, shared, out, inputs, pre, grad, lr, affine, as_delta)
+    _update(layers, params, inputs, pre, grad, lr, affine)
     return loss
 
 

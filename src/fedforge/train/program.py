@@ -21,7 +21,7 @@ client's persistent state (``control/<name>`` for its control variate).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -30,8 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value
 
+from fedforge.core.rng import mix64, mix64_int, seed_words
+
 Tensors = dict[str, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_ONE, _GOLDEN = np.uint64(1), np.uint64(0x9E3779B97F4A7C15)
+_MASK64 = (1 << 64) - 1
 
 # Per-task inputs the runtimes hand to ``finish`` in ``own`` beside the client's state (not
 # persisted): the global model's mean loss on the client's training data (q-FedAvg's F_k).
@@ -40,20 +45,67 @@ INITIAL_LOSS = "program/initial_loss"
 WORK_EPOCHS = "work.epochs"
 
 
+def shuffles(
+    sizes: Sequence[int] | np.ndarray, epochs: Sequence[int], seeds: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every client's example order over its epochs, reshuffled each epoch, for many clients
+    at once: client ``i`` (``sizes[i]`` examples, ``epochs[i]`` passes, 128-bit ``seeds[i]``)
+    gets ``order[starts[i] : starts[i] + sizes[i] * epochs[i]]``, local example indices.
+
+    Each epoch's permutation sorts SplitMix64 draws keyed by (seed, epoch): a pure function
+    of the client's seed, computed as arrays over the whole cohort."""
+    n = np.asarray(sizes, np.int64)
+    e = np.asarray(epochs, np.int64)
+    counts = n * e
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    client = np.repeat(np.arange(len(n)), counts)
+    position = np.arange(int(counts.sum()), dtype=np.int64) - starts[client]
+    size = n[client]
+    epoch, example = position // size, position % size
+    lo, hi = seed_words(seeds)
+    stream = mix64(lo[client] ^ mix64(hi[client] ^ (epoch.astype(np.uint64) + _ONE) * _GOLDEN))
+    keys = mix64(stream + (example.astype(np.uint64) + _ONE) * _GOLDEN)
+    order = np.lexsort((keys, epoch, client))
+    return example[order], starts
+
+
+def _one_shuffle(num_examples: int, epochs: int, seed: int) -> np.ndarray:
+    """:func:`shuffles` of one client (the same numbers, without the cohort's bookkeeping)."""
+    lo, hi, golden = seed & _MASK64, (seed >> 64) & _MASK64, int(_GOLDEN)
+    parts = []
+    for epoch in range(epochs):
+        stream = mix64_int(lo ^ mix64_int(hi ^ (((epoch + 1) * golden) & _MASK64)))
+        if num_examples <= 64:  # (Python integers beat array set-up for a few examples)
+            keys = [mix64_int((stream + (j + 1) * golden) & _MASK64) for j in range(num_examples)]
+            parts.append(np.array(sorted(range(num_examples), key=keys.__getitem__), np.int64))
+        else:
+            steps = (np.arange(num_examples, dtype=np.uint64) + _ONE) * _GOLDEN
+            parts.append(np.argsort(mix64(np.uint64(stream) + steps), kind="stable"))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 def batch_order(
-    num_examples: int, batch_size: int, epochs: int, rng: np.random.Generator
+    num_examples: int, batch_size: int, epochs: int, seed: int | np.random.Generator
 ) -> list[np.ndarray]:
-    """Index batches for ``epochs`` passes, reshuffled each epoch; the last batch may be short.
+    """Index batches for ``epochs`` passes, reshuffled each epoch (:func:`shuffles` with the
+    task's seed); the last batch of an epoch may be short.
 
     ``batch_size`` 0 means full batch (FedSGD). Every runtime derives a client's batches
-    from this one function, which is what makes all runtimes take identical steps.
+    from these functions, which is what makes all runtimes take identical steps. Given a
+    NumPy generator instead of a seed, each epoch is ``rng.permutation`` (callers that keep
+    their own generators).
     """
+    if isinstance(seed, np.random.Generator):
+        parts = [seed.permutation(num_examples) for _ in range(epochs)]
+        order = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    else:
+        order = _one_shuffle(num_examples, epochs, seed)
     size = batch_size or num_examples
-    batches: list[np.ndarray] = []
-    for _ in range(epochs):
-        perm = rng.permutation(num_examples)
-        batches.extend(perm[i : i + size] for i in range(0, num_examples, size))
-    return batches
+    return [
+        order[start + i : start + min(i + size, num_examples)]
+        for start in range(0, num_examples * epochs, max(num_examples, 1))
+        for i in range(0, num_examples, size)
+    ]
 
 
 def task_epochs(scalars: Mapping[str, float], local: LocalSGD) -> int:
