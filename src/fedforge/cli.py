@@ -514,10 +514,6 @@ def server(
             "not authenticated. Never use this beyond localhost.[/]"
         )
     try:
-        if new_run:
-            from fedforge.runtime.checkpoint import CheckpointStore
-
-            CheckpointStore.discard(Path(cfg.deploy.state_dir))
         if dashboard:
             board = _start_dashboard(Path(cfg.deploy.state_dir), dashboard_port)
         result = run_server(
@@ -525,6 +521,7 @@ def server(
             insecure=insecure,
             client_names=client,
             allow_remote_insecure=allow_remote_insecure,
+            new_run=new_run,
         )
     except (FedforgeError, OSError, sqlite3.Error) as exc:  # (a full disk: one line)
         raise _fail(exc) from None
