@@ -272,9 +272,12 @@ class StochasticQuantizer:
         codes = torch.empty((n, -(-d * self.bits // 8)), dtype=torch.uint8, device=x.device)
         low = torch.empty((n, count), dtype=torch.float32, device=x.device)
         step = torch.empty_like(low)
+        scratch = kernels.Scratch(x.device)
         for rows in kernels.tiles(n, d, x.device):
-            c, low[rows], step[rows] = kernels.quantize(x[rows], uniforms[rows], self.bits, size)
-            codes[rows] = kernels.pack(c, self.bits)
+            c, low[rows], step[rows] = kernels.quantize(
+                x[rows], uniforms[rows], self.bits, size, scratch
+            )
+            kernels.pack(c, self.bits, codes[rows], scratch)
         # A NaN or an infinity reaches its block's minimum or maximum.
         finite = torch.isfinite(low).all(dim=1) & torch.isfinite(step).all(dim=1)
         if not bool(finite.all()):
@@ -302,8 +305,9 @@ class StochasticQuantizer:
         size = self._blocks(d)[0]
         n = codes.shape[0]
         out = empty((n, d), torch.float32, codes.device)
+        scratch = kernels.Scratch(codes.device)
         for rows in kernels.tiles(n, d, codes.device):
-            values = kernels.unpack(codes[rows], self.bits, d)
+            values = kernels.unpack(codes[rows], self.bits, d, scratch)
             kernels.dequantize(values, low[rows], step[rows], size, out[rows])
         return out
 

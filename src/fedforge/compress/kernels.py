@@ -11,6 +11,7 @@ time (:func:`tiles`) so that the half dozen passes of an encode run in cache, no
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -51,6 +52,25 @@ def block_ranges(x: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor
     return low, high
 
 
+class Scratch:
+    """Tile-sized buffers reused across the tiles of one call: a fresh temporary of a few
+    hundred KiB is a new mapping on the CPU, so it page-faults every time it is written
+    (measured: 1 ms for a copy that takes 15 us in a buffer already touched)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized ``shape`` tensor, the same memory every call with ``name``."""
+        count = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < count:
+            buffer = torch.empty(count, dtype=dtype, device=self.device)
+            self._buffers[name] = buffer
+        return buffer[:count].view(shape)
+
+
 def _blockwise(t: torch.Tensor, size: int, op: str, values: torch.Tensor) -> None:
     """In place, ``t (op)= values`` with one value per ``size``-run of each row (views of
     the whole runs, then the short last run: nothing is expanded)."""
@@ -62,25 +82,43 @@ def _blockwise(t: torch.Tensor, size: int, op: str, values: torch.Tensor) -> Non
         getattr(t[:, full * size :], op)(values[:, full:])
 
 
+def _blockwise_sub(x: torch.Tensor, size: int, values: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = x - values`` with one value per ``size``-run of each row (as :func:`_blockwise`)."""
+    n, d = x.shape
+    full = d // size
+    runs = slice(0, full * size)
+    head = out[:, runs].view(n, full, size)
+    torch.sub(x[:, runs].view(n, full, size), values[:, :full, None], out=head)
+    if full * size < d:
+        torch.sub(x[:, full * size :], values[:, full:], out=out[:, full * size :])
+
+
 def quantize(
-    x: torch.Tensor, uniforms: torch.Tensor, bits: int, size: int
+    x: torch.Tensor, uniforms: torch.Tensor, bits: int, size: int, scratch: Scratch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stochastic rounding of each ``size``-block to ``2**bits`` levels over its [min, max]:
-    ``(codes uint8 (n, d), low, step)``. In fixed point with 16 fractional bits, a coordinate
-    at ``low + (k + r / 65536) step`` (``r`` the integer part of its scaled fraction) becomes
-    ``k + 1`` when its uniform 16-bit lane ``u`` carries ``r + u`` past 65535 (probability
-    ``r / 65536``), else ``k``: integer operations only after the scaling."""
+    ``(codes uint8 (n, d), low, step)``, the codes in ``scratch``. In fixed point with 16
+    fractional bits, a coordinate at ``low + (k + r / 65536) step`` (``r`` the integer part
+    of its scaled fraction) becomes ``k + 1`` when its uniform 16-bit lane ``u`` carries
+    ``r + u`` past 65535 (probability ``r / 65536``), else ``k``: integer operations only
+    after the scaling. Every pass writes into a scratch buffer (no temporaries)."""
     top = 2**bits - 1
+    n, d = x.shape
     low, high = block_ranges(x, size)
     step = ((high.double() - low) / top).float()
     inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
-    t = x.clone()
-    _blockwise(t, size, "sub_", low)
+    t = scratch.get("scaled", (n, d), torch.float32)
+    _blockwise_sub(x, size, low, t)
     _blockwise(t, size, "mul_", inverse * float(LANE))  # (exact: a power of 2)
     t.clamp_(0.0, float(top * LANE))
-    fixed = t.to(torch.int32)  # truncation is the floor of a non-negative value
-    fixed.add_(uniforms.to(torch.int32)).bitwise_right_shift_(16)
-    return fixed.to(torch.uint8), low, step
+    fixed = scratch.get("fixed", (n, d), torch.int32)
+    fixed.copy_(t)  # truncation is the floor of a non-negative value
+    lanes32 = scratch.get("lanes", (n, d), torch.int32)
+    lanes32.copy_(uniforms)
+    fixed.add_(lanes32).bitwise_right_shift_(16)
+    codes = scratch.get("codes", (n, d), torch.uint8)
+    codes.copy_(fixed)
+    return codes, low, step
 
 
 def dequantize(
@@ -93,30 +131,40 @@ def dequantize(
     return out
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``8 // bits`` codes per byte, the first in the low bits."""
+def pack(codes: torch.Tensor, bits: int, out: torch.Tensor, scratch: Scratch) -> None:
+    """``8 // bits`` codes per byte, the first in the low bits, into ``out`` (n, ceil(d /
+    (8 // bits))) uint8."""
     per = 8 // bits
     if per == 1:
-        return codes
+        out.copy_(codes)
+        return
     n, d = codes.shape
-    padded = torch.zeros((n, -(-d // per) * per), dtype=torch.uint8, device=codes.device)
-    padded[:, :d] = codes
-    grouped = padded.view(n, -1, per)
-    packed = grouped[:, :, 0].clone()
+    full = d // per
+    grouped = codes[:, : full * per].view(n, full, per)
+    head = out[:, :full]
+    head.copy_(grouped[:, :, 0])
+    shifted = scratch.get("shifted", (n, full), torch.uint8)
     for j in range(1, per):
-        packed |= grouped[:, :, j] << (bits * j)
-    return packed
+        head |= torch.bitwise_left_shift(grouped[:, :, j], bits * j, out=shifted)
+    if full * per < d:  # the last byte's codes, zeros above them
+        last = out[:, full]
+        last.copy_(codes[:, full * per])
+        for j in range(1, d - full * per):
+            last |= codes[:, full * per + j] << (bits * j)
 
 
-def unpack(packed: torch.Tensor, bits: int, d: int) -> torch.Tensor:
+def unpack(packed: torch.Tensor, bits: int, d: int, scratch: Scratch) -> torch.Tensor:
+    """The ``(n, d)`` uint8 codes of :func:`pack`'s bytes (in ``scratch``)."""
     per = 8 // bits
     if per == 1:
         return packed
     mask = 2**bits - 1
     n, width = packed.shape
-    codes = torch.empty((n, width, per), dtype=torch.uint8, device=packed.device)
+    codes = scratch.get("unpacked", (n, width, per), torch.uint8)
+    shifted = scratch.get("shifted", (n, width), torch.uint8)
     for j in range(per):
-        torch.bitwise_and(packed >> (bits * j), mask, out=codes[:, :, j])
+        torch.bitwise_right_shift(packed, bits * j, out=shifted)
+        torch.bitwise_and(shifted, mask, out=codes[:, :, j])
     return codes.view(n, -1)[:, :d]
 
 
