@@ -60,6 +60,7 @@ class Scratch:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[tuple[int, ...], list[tuple[torch.Tensor, ...]]] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialized ``shape`` tensor, the same memory every call with ``name``."""
@@ -69,6 +70,19 @@ class Scratch:
             buffer = torch.empty(count, dtype=dtype, device=self.device)
             self._buffers[name] = buffer
         return buffer[:count].view(shape)
+
+    def butterflies(self, src: torch.Tensor, dst: torch.Tensor, h: int, stop: int) -> torch.Tensor:
+        """Radix-2 butterflies of spans ``h, 2h, ... < stop`` over the ``(lead, size)`` rows
+        of ``src``, ping-ponging with ``dst`` (two of this object's buffers: their views are
+        kept); returns the buffer holding the result."""
+        key = (src.data_ptr(), dst.data_ptr(), tuple(src.shape), h, stop)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = _butterfly_views(src, dst, h, stop)
+        for first, second, total, difference in views:
+            torch.add(first, second, out=total)
+            torch.sub(first, second, out=difference)
+        return src if len(views) % 2 == 0 else dst
 
 
 def _blockwise(t: torch.Tensor, size: int, op: str, values: torch.Tensor) -> None:
@@ -201,18 +215,45 @@ def _top_k_rows(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def fwht_(a: torch.Tensor, size: int) -> torch.Tensor:
+def fwht_(a: torch.Tensor, size: int, scratch: Scratch | None = None) -> torch.Tensor:
     """Unnormalized Walsh-Hadamard transform of every ``size``-run of the rows of ``a``
-    (``size`` a power of 2), as radix-2 butterflies; returns the transformed tensor."""
+    (``size`` a power of 2), in place, as radix-2 butterflies over the index bits from the
+    lowest up; returns ``a``.
+
+    A butterfly over a low bit pairs neighbours a few floats apart, which strided kernels
+    process several times slower than long runs, so the butterflies over the low half of the
+    bits run on each block transposed (its low bits made the slow axis), then the block is
+    transposed back for the others: the same additions in the same order, the same bits.
+    The butterflies run between two scratch buffers whose views are made once per call
+    shape (their Python cost is a third of a row's transform otherwise)."""
+    scratch = scratch or Scratch(a.device)
     lead = a.numel() // size
-    src = a.reshape(lead, size)
-    dst = torch.empty_like(src)
-    h = 1
-    while h < size:
+    bits = size.bit_length() - 1
+    low = 1 << (bits // 2)  # the span of the low bits
+    high = size // low
+    x = a.view(lead, size)
+    first = scratch.get("fwht.first", (lead, size), a.dtype)
+    second = scratch.get("fwht.second", (lead, size), a.dtype)
+    first.view(lead, low, high).copy_(x.view(lead, high, low).transpose(1, 2))
+    done = scratch.butterflies(first, second, high, size)  # the low bits (transposed)
+    free = second if done is first else first
+    free.view(lead, high, low).copy_(done.view(lead, low, high).transpose(1, 2))
+    x.copy_(scratch.butterflies(free, done, low, size))  # the high bits
+    return a
+
+
+def _butterfly_views(
+    src: torch.Tensor, dst: torch.Tensor, h: int, stop: int
+) -> list[tuple[torch.Tensor, ...]]:
+    """For radix-2 butterflies of spans ``h, 2h, ... < stop`` over the ``(lead, size)`` rows
+    of ``src``, ping-ponging with ``dst``: each one's (first half, second half, sum out,
+    difference out) views."""
+    lead, size = src.shape
+    views = []
+    while h < stop:
         s = src.view(lead, size // (2 * h), 2, h)
         t = dst.view(lead, size // (2 * h), 2, h)
-        torch.add(s[:, :, 0], s[:, :, 1], out=t[:, :, 0])
-        torch.sub(s[:, :, 0], s[:, :, 1], out=t[:, :, 1])
+        views.append((s[:, :, 0], s[:, :, 1], t[:, :, 0], t[:, :, 1]))
         src, dst = dst, src
         h *= 2
-    return src.view(a.shape)
+    return views
