@@ -1,6 +1,7 @@
 """Update codecs: sizes match the formulas, quantizers are unbiased, errors stay bounded."""
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -312,3 +313,53 @@ def test_batched_codecs_send_each_clients_bytes_bit_for_bit(
     kept = TopK(0.7).encode(x[2:3]).indices[0]  # 421 of 601: 401 non-zeros, 20 zeros
     expected = np.concatenate([np.arange(20), np.arange(200, 601)])
     np.testing.assert_array_equal(kept, expected)  # the lowest tied zeros win
+
+
+def _radix2_reference(a: torch.Tensor, size: int) -> torch.Tensor:
+    """The plain radix-2 butterflies, lowest index bit first (strided views throughout)."""
+    lead = a.numel() // size
+    src = a.reshape(lead, size).clone()
+    dst = torch.empty_like(src)
+    h = 1
+    while h < size:
+        s, t = src.view(lead, size // (2 * h), 2, h), dst.view(lead, size // (2 * h), 2, h)
+        torch.add(s[:, :, 0], s[:, :, 1], out=t[:, :, 0])
+        torch.sub(s[:, :, 0], s[:, :, 1], out=t[:, :, 1])
+        src, dst = dst, src
+        h *= 2
+    return src.view(a.shape)
+
+
+def test_the_transposed_walsh_hadamard_transform_equals_plain_butterflies_bit_for_bit() -> None:
+    from fedforge.compress import kernels
+
+    scratch = kernels.Scratch(torch.device("cpu"))
+    for size in (1, 2, 4, 8, 32, 128, 2048, 4096):
+        for rows in (1, 3):
+            x = torch.from_numpy(_batch(rows, 3 * size, seed=size))
+            expected = _radix2_reference(x, size)
+            got = x.clone()
+            assert kernels.fwht_(got, size, scratch) is got
+            assert torch.equal(got, expected), size
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [
+        StochasticQuantizer(8, 256),
+        StochasticQuantizer(4, 64),
+        StochasticQuantizer(1, None),
+        TopK(0.05),
+    ],
+    ids=lambda c: c.name,
+)
+def test_a_weighted_sum_of_payloads_equals_the_sum_of_the_decoded_rows(codec: Any) -> None:
+    x = _batch(6, 1001, seed=3)
+    weights = np.array([1.0, 2.5, 0.5, 7.0, 1.0, 3.0])
+    payload = codec.encode(x, list(range(6)))
+    expected = weights @ codec.decode(payload, 1001).astype(np.float64)
+    got = codec.weighted_sum(payload, 1001, weights)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-12)
+    if isinstance(codec, TopK):  # indices not strictly ascending: not summed so
+        forged = replace(payload, indices=payload.indices[:, ::-1].copy())
+        assert codec.weighted_sum(forged, 1001, weights) is None

@@ -311,6 +311,32 @@ class StochasticQuantizer:
             kernels.dequantize(values, low[rows], step[rows], size, out[rows])
         return out
 
+    def weighted_sum(self, payload: QuantizedPayload, d: int, weights: np.ndarray) -> torch.Tensor:
+        """``weights @ decode(payload, d)`` as ``(d,)`` float64, each row decoded into a
+        tile-sized buffer and added at once (no ``(n, d)`` array of decoded rows)."""
+        count = self._blocks(d)[1]
+        _check(
+            payload,
+            {
+                "codes": (-(-d * self.bits // 8), np.uint8),
+                "low": (count, np.float32),
+                "step": (count, np.float32),
+            },
+        )
+        size = self._blocks(d)[0]
+        codes, low, step = (_tensor(a) for a in (payload.codes, payload.low, payload.step))
+        w = torch.from_numpy(np.asarray(weights, np.float64))
+        n = codes.shape[0]
+        total = torch.zeros(d, dtype=torch.float64)
+        scratch = kernels.Scratch(codes.device)
+        for rows in kernels.tiles(n, d, codes.device):
+            values = kernels.unpack(codes[rows], self.bits, d, scratch)
+            out = scratch.get("decoded", (rows.stop - rows.start, d), torch.float32)
+            kernels.dequantize(values, low[rows], step[rows], size, out)
+            for row in range(out.shape[0]):  # each row weighted in float64, exactly
+                total.add_(out[row], alpha=float(w[rows.start + row]))
+        return total
+
     def encoded_bytes(self, d: int) -> int:
         """``ceil(d * bits / 8) + 8 * ceil(d / block)`` (one block per row when None)."""
         return -(-d * self.bits // 8) + 8 * self._blocks(d)[1]
@@ -373,6 +399,25 @@ class TopK:
             raise ValueError(f"top-k indices outside [0, {d}): the payload is corrupt")
         indices = torch.from_numpy(payload.indices.astype(np.int64))
         return self.decode_tensor(indices, _tensor(payload.values), d).numpy()
+
+    def weighted_sum(
+        self, payload: TopKPayload, d: int, weights: np.ndarray
+    ) -> torch.Tensor | None:
+        """``weights @ decode(payload, d)`` as ``(d,)`` float64 from the kept entries alone
+        (no dense rows); None when some row's indices are not strictly ascending (never so
+        from :meth:`encode`: such a payload is decoded as :meth:`decode` does)."""
+        k = self.k(d)
+        _check(payload, {"indices": (k, np.int32), "values": (k, np.float32)})
+        indices = payload.indices
+        if indices.size and not (0 <= indices.min() <= indices.max() < d):
+            raise ValueError(f"top-k indices outside [0, {d}): the payload is corrupt")
+        if k > 1 and not bool((np.diff(indices, axis=1) > 0).all()):
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):  # (a sum not finite is refused)
+            scaled = payload.values.astype(np.float64) * np.asarray(weights, np.float64)[:, None]
+        total = torch.zeros(d, dtype=torch.float64)
+        flat = torch.from_numpy(indices.astype(np.int64).reshape(-1))
+        return total.index_add_(0, flat, torch.from_numpy(scaled.reshape(-1)))
 
     @staticmethod
     def decode_tensor(indices: torch.Tensor, values: torch.Tensor, d: int) -> torch.Tensor:

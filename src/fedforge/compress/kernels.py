@@ -75,7 +75,7 @@ class Scratch:
         """Radix-2 butterflies of spans ``h, 2h, ... < stop`` over the ``(lead, size)`` rows
         of ``src``, ping-ponging with ``dst`` (two of this object's buffers: their views are
         kept); returns the buffer holding the result."""
-        key = (src.data_ptr(), dst.data_ptr(), tuple(src.shape), h, stop)
+        key = (src.data_ptr(), dst.data_ptr(), *src.shape, h, stop)
         views = self._views.get(key)
         if views is None:
             views = self._views[key] = _butterfly_views(src, dst, h, stop)
@@ -249,7 +249,7 @@ def _butterfly_views(
     of ``src``, ping-ponging with ``dst``: each one's (first half, second half, sum out,
     difference out) views."""
     lead, size = src.shape
-    views = []
+    views: list[tuple[torch.Tensor, ...]] = []
     while h < stop:
         s = src.view(lead, size // (2 * h), 2, h)
         t = dst.view(lead, size // (2 * h), 2, h)
