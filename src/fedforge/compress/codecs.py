@@ -268,15 +268,13 @@ class StochasticQuantizer:
         """The payload's (codes, low, step) of a float32 ``(n, d)`` tensor, on its device."""
         n, d = x.shape
         size, count = self._blocks(d)
-        uniforms = torch.from_numpy(kernels.lanes(keys, _QUANTIZE, d)).to(x.device)
         codes = torch.empty((n, -(-d * self.bits // 8)), dtype=torch.uint8, device=x.device)
         low = torch.empty((n, count), dtype=torch.float32, device=x.device)
         step = torch.empty_like(low)
         scratch = kernels.Scratch(x.device)
-        for rows in kernels.tiles(n, d, x.device):
-            c, low[rows], step[rows] = kernels.quantize(
-                x[rows], uniforms[rows], self.bits, size, scratch
-            )
+        for rows in kernels.tiles(n, d, x.device):  # (each tile's random lanes drawn for it)
+            uniforms = torch.from_numpy(kernels.lanes(keys[rows], _QUANTIZE, d)).to(x.device)
+            c, low[rows], step[rows] = kernels.quantize(x[rows], uniforms, self.bits, size, scratch)
             kernels.pack(c, self.bits, codes[rows], scratch)
         # A NaN or an infinity reaches its block's minimum or maximum.
         finite = torch.isfinite(low).all(dim=1) & torch.isfinite(step).all(dim=1)
@@ -285,7 +283,10 @@ class StochasticQuantizer:
             raise ValueError(f"rows {bad} are not finite: clip or reject them before quantizing")
         return codes, low, step
 
-    def decode(self, payload: QuantizedPayload, d: int) -> np.ndarray:
+    def _tensors(
+        self, payload: QuantizedPayload, d: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The payload's (codes, low, step) as tensors, refused unless shaped for ``d``."""
         count = self._blocks(d)[1]
         _check(
             payload,
@@ -295,8 +296,10 @@ class StochasticQuantizer:
                 "step": (count, np.float32),
             },
         )
-        tensors = (_tensor(payload.codes), _tensor(payload.low), _tensor(payload.step))
-        return self.decode_tensor(*tensors, d).numpy()
+        return _tensor(payload.codes), _tensor(payload.low), _tensor(payload.step)
+
+    def decode(self, payload: QuantizedPayload, d: int) -> np.ndarray:
+        return self.decode_tensor(*self._tensors(payload, d), d).numpy()
 
     def decode_tensor(
         self, codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor, d: int
@@ -312,30 +315,21 @@ class StochasticQuantizer:
         return out
 
     def weighted_sum(self, payload: QuantizedPayload, d: int, weights: np.ndarray) -> torch.Tensor:
-        """``weights @ decode(payload, d)`` as ``(d,)`` float64, each row decoded into a
-        tile-sized buffer and added at once (no ``(n, d)`` array of decoded rows)."""
-        count = self._blocks(d)[1]
-        _check(
-            payload,
-            {
-                "codes": (-(-d * self.bits // 8), np.uint8),
-                "low": (count, np.float32),
-                "step": (count, np.float32),
-            },
-        )
+        """``weights @ decode(payload, d)`` as ``(d,)`` float64, accumulated in float32 as the
+        server's sum of a chunk of decoded records is, each tile of rows decoded into a small
+        buffer and added at once (no ``(n, d)`` array of decoded rows)."""
+        codes, low, step = self._tensors(payload, d)
         size = self._blocks(d)[0]
-        codes, low, step = (_tensor(a) for a in (payload.codes, payload.low, payload.step))
-        w = torch.from_numpy(np.asarray(weights, np.float64))
+        w = torch.from_numpy(np.asarray(weights, np.float32))
         n = codes.shape[0]
-        total = torch.zeros(d, dtype=torch.float64)
+        total = torch.zeros(d, dtype=torch.float32)  # (as a chunk's matrix-vector sum)
         scratch = kernels.Scratch(codes.device)
         for rows in kernels.tiles(n, d, codes.device):
             values = kernels.unpack(codes[rows], self.bits, d, scratch)
             out = scratch.get("decoded", (rows.stop - rows.start, d), torch.float32)
             kernels.dequantize(values, low[rows], step[rows], size, out)
-            for row in range(out.shape[0]):  # each row weighted in float64, exactly
-                total.add_(out[row], alpha=float(w[rows.start + row]))
-        return total
+            total.addmv_(out.t(), w[rows])
+        return total.double()
 
     def encoded_bytes(self, d: int) -> int:
         """``ceil(d * bits / 8) + 8 * ceil(d / block)`` (one block per row when None)."""
