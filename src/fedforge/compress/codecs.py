@@ -320,7 +320,8 @@ class StochasticQuantizer:
         buffer and added at once (no ``(n, d)`` array of decoded rows)."""
         codes, low, step = self._tensors(payload, d)
         size = self._blocks(d)[0]
-        w = torch.from_numpy(np.asarray(weights, np.float32))
+        with np.errstate(over="ignore"):  # (a weight past float32: a sum not finite, refused)
+            w = torch.from_numpy(np.asarray(weights, np.float32))
         n = codes.shape[0]
         total = torch.zeros(d, dtype=torch.float32)  # (as a chunk's matrix-vector sum)
         scratch = kernels.Scratch(codes.device)
