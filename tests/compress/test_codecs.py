@@ -350,6 +350,7 @@ def test_the_transposed_walsh_hadamard_transform_equals_plain_butterflies_bit_fo
         StochasticQuantizer(4, 64),
         StochasticQuantizer(1, None),
         TopK(0.05),
+        Rotated(StochasticQuantizer(4, 128), block=128),
     ],
     ids=lambda c: c.name,
 )

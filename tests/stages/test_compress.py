@@ -151,7 +151,11 @@ def test_error_feedback_and_downlink_agree_across_runtimes(
     assert differs  # the compression is real
 
 
-@pytest.mark.parametrize("codec", [StochasticQuantizer(8, 64), TopK(0.1)], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "codec",
+    [StochasticQuantizer(8, 64), TopK(0.1), Rotated(StochasticQuantizer(4, 16), 16)],
+    ids=lambda c: c.name,
+)
 def test_a_mean_sums_compressed_records_without_decoding_them_to_the_same_aggregate(
     codec: object,
 ) -> None:

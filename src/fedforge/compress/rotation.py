@@ -135,12 +135,31 @@ class Rotated(Generic[P]):
         return RotatedPayload(seed.reshape(-1, 2), self.inner.encode(y, keys))
 
     def decode(self, payload: RotatedPayload[P], d: int) -> np.ndarray:
-        if payload.seed.ndim != 2 or payload.seed.shape[1] != 2:
-            raise ValueError(f"the rotation seed must be (n, 2) uint64, got {payload.seed.shape}")
-        seeds = [int(lo) | int(hi) << 64 for lo, hi in payload.seed.tolist()]
+        seeds = self._seeds(payload)
         length = rotation_shape(d, self.block)[1]
         rotated = torch.from_numpy(self.inner.decode(payload.inner, length))  # (fresh: ours)
         return unrotate_tensor(rotated, seeds, d, self.block).numpy()
+
+    @staticmethod
+    def _seeds(payload: RotatedPayload[P]) -> list[int]:
+        if payload.seed.ndim != 2 or payload.seed.shape[1] != 2:
+            raise ValueError(f"the rotation seed must be (n, 2) uint64, got {payload.seed.shape}")
+        return [int(lo) | int(hi) << 64 for lo, hi in payload.seed.tolist()]
+
+    def weighted_sum(self, payload: RotatedPayload[P], d: int, weights: np.ndarray) -> torch.Tensor:
+        """``weights @ decode(payload, d)`` as ``(d,)`` float64, accumulated in float32 as the
+        server's sum of a chunk of decoded records is, a tile of rows decoded at a time (no
+        ``(n, d)`` array of decoded rows)."""
+        seeds = self._seeds(payload)
+        length = rotation_shape(d, self.block)[1]
+        with np.errstate(over="ignore"):  # (a weight past float32: a sum not finite, refused)
+            w = torch.from_numpy(np.asarray(weights, np.float32))
+        total = torch.zeros(d, dtype=torch.float32)
+        for rows in kernels.tiles(len(seeds), length, torch.device("cpu")):
+            inner = self.inner.decode(payload.inner.select(rows), length)
+            rotated = unrotate_tensor(torch.from_numpy(inner), seeds[rows], d, self.block)
+            total.addmv_(rotated.t(), w[rows])
+        return total.double()
 
     def encoded_bytes(self, d: int) -> int:
         """``16 + inner.encoded_bytes(D)`` with D the padded length (:func:`rotation_shape`)."""
