@@ -8,7 +8,10 @@ and ``from_arrays`` rebuilds a payload from its named arrays. Randomness comes f
 per row (an int in ``[0, 2**128)``, e.g. the row's task seed), seeding the row's own stream,
 so a row's encoding never depends on the other rows of its batch. The quantizers and top-k
 run as torch tensor programs (:mod:`fedforge.compress.kernels`) over the whole batch, on the
-CPU or CUDA: a chunk of clients encodes to the bytes each client would send alone.
+CPU or CUDA: a chunk of clients encodes to the bytes each client would send alone. The
+quantizers, top-k and the rotation also offer ``weighted_sum(payload, d, weights)``: the
+``(d,)`` weighted sum of the decoded rows, computed without an ``(n, d)`` array of them (the
+server's weighted mean uses it, ``stages/compress.py``).
 
 Bytes per parameter (d large; block scales are float32 ``low`` and ``step``)::
 

@@ -244,9 +244,9 @@ def _candidates(row: np.ndarray, k: int) -> np.ndarray | None:
 
 
 def fwht_(a: torch.Tensor, size: int, scratch: Scratch | None = None) -> torch.Tensor:
-    """Unnormalized Walsh-Hadamard transform of every ``size``-run of the rows of ``a``
-    (``size`` a power of 2), in place, as radix-2 butterflies over the index bits from the
-    lowest up; returns ``a``.
+    """Unnormalized Walsh-Hadamard transform of every ``size``-run of the rows of the
+    contiguous ``a`` (``size`` a power of 2), in place, as radix-2 butterflies over the
+    index bits from the lowest up; returns ``a``.
 
     A butterfly over a low bit pairs neighbours a few floats apart, which strided kernels
     process several times slower than long runs, so the butterflies over the low half of the

@@ -90,6 +90,7 @@ def unrotate_tensor(
     y: torch.Tensor, keys: Sequence[int], d: int, block: int | None
 ) -> torch.Tensor:
     """:func:`unrotate` of ``(n, D)`` rows on their device (``y`` is overwritten)."""
+    y = y.contiguous()  # (the transform runs in place on whole rows)
     n, length = y.shape
     size = rotation_shape(d, block)[0]
     out = empty((n, d), torch.float32, y.device)
