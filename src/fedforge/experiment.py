@@ -110,9 +110,7 @@ def check_model_memory(config: RunConfig, workload: Workload) -> None:
 
 def build_loop(workload: Workload) -> UserLoop | None:
     """The workload's training function, if it has one."""
-    if workload.train is None:
-        return None
-    return UserLoop(workload.train, workload.metrics, workload.proximal)
+    return UserLoop.of(workload)
 
 
 def build_stop_rule(config: RunConfig) -> StopRule | None:

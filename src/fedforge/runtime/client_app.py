@@ -39,7 +39,14 @@ from fedforge.stages.base import STAGE_STATE, StageChain
 from fedforge.train.evaluate import evaluate
 from fedforge.train.program import INITIAL_LOSS, Tensors, batch_order, task_epochs
 from fedforge.train.torch_model import TorchModel
-from fedforge.train.user_loop import UserLoop, loop_problem, proximal_mu, run_loop
+from fedforge.train.user_loop import (
+    SiteEvaluation,
+    UserLoop,
+    loop_problem,
+    proximal_mu,
+    run_evaluate,
+    run_loop,
+)
 
 DP_SGD_STEPS = "dp_sgd/steps"  # the client's DP-SGD steps so far, kept in its state
 DP_SGD_LEDGER = "dp_sgd/ledger"  # ... by (sampling rate, noise multiplier): rows of 3
@@ -82,6 +89,7 @@ class ClientApp:
         sample_dp: SampleDP | None = None,
         secure: SecAggClient | None = None,
         loop: UserLoop | None = None,
+        site_eval: SiteEvaluation | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.stages = stages or StageChain()
@@ -103,6 +111,12 @@ class ClientApp:
             if problem:
                 raise ConfigError(problem)
         self.loop = loop  # your training function instead of the built-in program
+        self.site_eval = site_eval  # your evaluation function instead of loss and accuracy
+        if site_eval is not None and algorithm.personalized:
+            raise ConfigError(
+                f"{type(algorithm).__name__} evaluates a personal model beside the global one "
+                "with the built-in loss and accuracy: it cannot run a workload's evaluate"
+            )
         self.secure = secure  # secure aggregation: the record stays here until masked
         sample = {n: np.zeros(1, np.float32) for n in self.trainable}
         # DP-SGD keeps the client's own privacy ledger (its steps so far) in its state;
@@ -196,7 +210,10 @@ class ClientApp:
                 seed=torch_seed(task.seed),
                 mu=proximal_mu(self.program),
                 shared=shared,
+                site=data.site,
             )
+        elif data.site is not None:
+            raise FedforgeError("an opaque site trains only with the workload's training function")
         elif self.sample_dp is None:
             steps, metrics["train_loss"] = self._train(task, data, shared, own, personal)
         else:
@@ -291,6 +308,12 @@ class ClientApp:
             raise FedforgeError("this client has no held-out data to evaluate on")
         params = {n: task.shared[n] for n in self.model.names}
         self.model.set_params(params)
+        if self.site_eval is not None:  # your evaluation: on the site's object or examples
+            site = data.site if data.site is not None else data.holdout
+            scores = run_evaluate(self.site_eval, self.module, site)
+            return Record(task.client_id, len(data.holdout), {}, metrics=scores)
+        if data.site is not None:
+            raise FedforgeError("an opaque site is evaluated only by the workload's evaluate")
         result = evaluate(self.model, data.holdout)
         metrics = {"loss": result.loss, "accuracy": result.accuracy}
         if self.algorithm.personalized:
