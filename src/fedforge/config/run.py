@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import Field, field_validator, model_validator
 
 from fedforge.config.base import Section
-from fedforge.config.rl import RLConfig
 from fedforge.config.checks import problems
+from fedforge.config.rl import RLConfig
 from fedforge.config.system import AsyncConfig, ClockConfig, DeployConfig, RuntimeConfig
 from fedforge.config.task import DataConfig, ModelConfig, PartitionConfig, check_import_path
 from fedforge.config.training import (

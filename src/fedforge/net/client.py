@@ -51,6 +51,7 @@ from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.client import Identity, SecAggClient
 from fedforge.secagg.protocol import SESSION
 from fedforge.stages.base import StageChain
+from fedforge.train.user_loop import SiteEvaluation
 from fedforge.workload.fingerprint import fingerprint
 
 log = logging.getLogger("fedforge")
@@ -283,6 +284,7 @@ class _Worker:
             build_sample_dp(self.config),
             secure_client(self.config, self.identity),
             build_loop(joined.workload),
+            SiteEvaluation.of(joined.workload),
         )
         architecture = fingerprint(joined.model, joined.workload.schema)
         root = self.state_dir or DEFAULT_STATE_ROOT / _safe_name(w.client_name)

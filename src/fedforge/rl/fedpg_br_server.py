@@ -9,7 +9,7 @@ its trajectories are drawn from the run seed and the round, so a resumed run rep
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class FedPGBR(FedAvg):
     env_id: str = "CartPole-v1"
     horizon: int = 500
     hidden: tuple[int, ...] = (16, 16)
-    estimator: Estimator = Estimator()
+    estimator: Estimator = field(default_factory=Estimator)
     batch_size: int = 10
     mini_batch: int = 4
     server_lr: float = 1e-2

@@ -86,10 +86,12 @@ def _first_line(exc: ValueError) -> str:
 
 
 def agent_of(rl: RLConfig, seed: int, index: int) -> Agent:
-    """Agent ``index`` of a simulation, or (``index`` < 0) the deployed agent ``rl`` names."""
+    """Agent ``index`` of a simulation (or of a deployment, its client id), unless ``rl``
+    names the agent (``rl.agent``: a deployed agent's own configuration); ``rl.physics``
+    overrides the drawn parameters."""
     spec = env_spec(rl)
     env = spec.env
-    agent = index if index >= 0 else rl.agent
+    agent = rl.agent if rl.agent is not None else (index if index >= 0 else None)
     if agent is None and not rl.physics:
         raise ConfigError(
             "a deployed agent needs its environment: set rl.agent (its draw from rl.spread) "

@@ -190,7 +190,9 @@ def run_evaluate(
         try:
             out[name] = float(returned[name])
         except (TypeError, ValueError):
-            raise FedforgeError(f"the evaluate function's metric {name!r} is not a number") from None
+            raise FedforgeError(
+                f"the evaluate function's metric {name!r} is not a number"
+            ) from None
     extra = set(returned) - set(out)
     if extra:
         raise FedforgeError(
