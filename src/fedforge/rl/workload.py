@@ -20,7 +20,7 @@ dynamics, equal to gymnasium's).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -122,49 +122,73 @@ class AgentWork:
     collector: Collector = collect_gym
 
     def train(self, model: nn.Module, agent: Agent, config: TrainConfig) -> dict[str, float]:
-        """The agent's round from the global policy in ``model``; ``model`` ends at
-        ``global + record`` (see the module docstring)."""
-        if not isinstance(agent, Agent):
-            raise ConfigError(f"the RL workload's site is a {type(agent).__name__}, not an Agent")
-        env = batch_env(agent.env_id)
-        policy = Policy(model)
-        names = [n for n, _ in model.named_parameters()]
-        start = {n: config.global_params[n].detach().clone() for n in names}
-        physics = torch.tensor([agent.physics], dtype=torch.float64)
-        mask = torch.tensor([True]) if agent.fault == "random_action" else None
-        local = self.local
-        if self.method == "fedavg":
-            local = LocalRL(
-                local.estimator,
-                local.episodes,
-                agent.horizon,
-                local.iterations,
-                config.lr,
-                local.optimizer,
-                local.kl,
-                local.prox,
-            )
-            result = local_update(
-                local, env, policy, stack([start]), start, physics, [config.seed], mask,
-                collector=self.collector,
-            )  # fmt: skip
-            new = unstack(result.params)[0]
-            change = {n: new[n] - start[n] for n in names}
-            mean_return, used = float(result.mean_return[0]), result.trajectories
-        else:
-            stream = np.random.SeedSequence(entropy=config.seed)
-            grads, traj = estimate_gradients(
-                env, policy, stack([start]), physics, [stream], local.episodes, agent.horizon,
-                local.estimator, mask, collector=self.collector,
-            )  # fmt: skip
-            change = unstack(grads)[0]
-            mean_return, used = float(traj.returns.mean()), local.episodes
-        if agent.fault in ("random_noise", "sign_flip"):
-            change = _corrupt(change, agent.fault, config.seed)
+        """The agent's round from the global policy in ``model``, on gymnasium; ``model``
+        ends at ``global + record`` (see the module docstring)."""
+        [(params, metrics)] = self.rounds(model, [agent], [config], self.collector)
         with torch.no_grad():
             for name, param in model.named_parameters():
-                param.copy_(start[name] + change[name].to(param.dtype))
-        return {"train_loss": -mean_return, RETURN: mean_return, TRAJECTORIES: float(used)}
+                param.copy_(params[name])
+        return metrics
+
+    def train_cohort(
+        self, model: nn.Module, agents: list[Agent], configs: list[TrainConfig]
+    ) -> list[tuple[Tensors, dict[str, float]]]:
+        """Every agent's round at once: their environments stepped as one tensor program on
+        the torch dynamics (gymnasium's, bit for bit on the CPU), the policies vmapped."""
+        return self.rounds(model, agents, configs, collect)
+
+    def rounds(
+        self,
+        model: nn.Module,
+        agents: list[Agent],
+        configs: list[TrainConfig],
+        collector: Collector,
+    ) -> list[tuple[Tensors, dict[str, float]]]:
+        """The agents' rounds from the global policy (the configs' ``global_params``):
+        per agent, ``global + record`` and its metrics."""
+        for agent in agents:
+            if not isinstance(agent, Agent):
+                raise ConfigError(
+                    f"the RL workload's site is a {type(agent).__name__}, not an Agent"
+                )
+        kinds = {(a.env_id, a.horizon) for a in agents}
+        if len(kinds) != 1:
+            raise ConfigError("a cohort of agents must share one environment and horizon")
+        env_id, horizon = kinds.pop()
+        env = batch_env(env_id)
+        policy = Policy(model)
+        names = [n for n, _ in model.named_parameters()]
+        start = {n: configs[0].global_params[n].detach().clone() for n in names}
+        stacked = stack([start] * len(agents))
+        physics = torch.tensor([a.physics for a in agents], dtype=torch.float64)
+        randomly = [a.fault == "random_action" for a in agents]
+        mask = torch.tensor(randomly) if any(randomly) else None
+        seeds = [c.seed for c in configs]
+        if self.method == "fedavg":
+            local = replace(self.local, horizon=horizon, lr=configs[0].lr)
+            result = local_update(
+                local, env, policy, stacked, start, physics, seeds, mask, collector=collector
+            )
+            changes = [{n: p[n] - start[n] for n in names} for p in unstack(result.params)]
+            returns, used = result.mean_return.tolist(), result.trajectories
+        else:
+            streams = [np.random.SeedSequence(entropy=s) for s in seeds]
+            grads, traj = estimate_gradients(
+                env, policy, stacked, physics, streams, self.local.episodes, horizon,
+                self.local.estimator, mask, collector=collector,
+            )  # fmt: skip
+            changes = unstack(grads)
+            returns, used = traj.returns.mean(dim=-1).tolist(), self.local.episodes
+        out = []
+        for agent, config, change, mean_return in zip(
+            agents, configs, changes, returns, strict=True
+        ):
+            if agent.fault in ("random_noise", "sign_flip"):
+                change = _corrupt(change, agent.fault, config.seed)
+            params = {n: (start[n] + change[n]).to(start[n].dtype) for n in names}
+            metrics = {"train_loss": -mean_return, RETURN: mean_return, TRAJECTORIES: float(used)}
+            out.append((params, metrics))
+        return out
 
     def evaluate(self, model: nn.Module, site: object) -> dict[str, float]:
         """The policy's mean return on an agent's environment or on the held-out physics."""
@@ -238,6 +262,7 @@ def rl_workload(rl: RLConfig, seed: int) -> Workload:
         model=model,
         data=data,
         train=work.train,
+        train_cohort=work.train_cohort,  # type: ignore[arg-type]
         test=test,
         sites=rl.agents,
         metrics=(RETURN, TRAJECTORIES),

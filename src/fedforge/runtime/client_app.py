@@ -38,6 +38,7 @@ from fedforge.secagg.protocol import SESSION, STEPS
 from fedforge.stages.base import STAGE_STATE, StageChain
 from fedforge.train.evaluate import evaluate
 from fedforge.train.program import INITIAL_LOSS, Tensors, batch_order, task_epochs
+from fedforge.train.site_cohort import Trained
 from fedforge.train.torch_model import TorchModel
 from fedforge.train.user_loop import (
     SiteEvaluation,
@@ -160,12 +161,13 @@ class ClientApp:
         return state
 
     def handle(
-        self, task: Task, data: ClientData, state: Params | None
+        self, task: Task, data: ClientData, state: Params | None, trained: Trained | None = None
     ) -> tuple[Record, Params | None]:
+        """The reply to ``task``; ``trained``: a fit's training already done (a cohort's)."""
         if task.stage in (FIT, EVALUATE):  # a compressed broadcast back to float32
             task = replace(task, shared=decode_broadcast(dict(task.shared)))
         if task.stage == FIT:
-            return self.fit(task, data, state)
+            return self.fit(task, data, state, trained)
         if task.stage == EVALUATE:
             return self.evaluate(task, data, state), None
         if task.stage in STEPS:
@@ -173,7 +175,7 @@ class ClientApp:
         raise FedforgeError(f"unknown task stage {task.stage!r}")
 
     def fit(
-        self, task: Task, data: ClientData, state: Params | None
+        self, task: Task, data: ClientData, state: Params | None, trained: Trained | None = None
     ) -> tuple[Record, Params | None]:
         names = self.model.names
         shared = to_tensors(dict(task.shared))
@@ -199,7 +201,12 @@ class ClientApp:
         personal = {
             n: own[key].clone().requires_grad_(True) for n, key in starts.items() if n not in names
         }
-        if self.loop is not None:
+        if trained is not None:  # trained with its cohort (train/site_cohort.py)
+            with torch.no_grad():
+                for name, param in self.module.named_parameters():
+                    param.copy_(trained.params[name])
+            steps, metrics = trained.steps, dict(trained.metrics)
+        elif self.loop is not None:
             steps, metrics = run_loop(
                 self.loop,
                 self.module,

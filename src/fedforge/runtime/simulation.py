@@ -176,9 +176,12 @@ def simulate(
     if loop is not None:
         blocker = "a training function (your own loop) trains one client at a time"
     options = options or BackendOptions()
-    chosen = resolve_backend(
-        backend, algorithm.program(), model, blocker, data.train, options.device
-    )
+    if loop is not None and loop.cohort is not None and backend in ("auto", "vectorized"):
+        chosen = "vectorized"  # the workload trains a cohort at once (Workload.train_cohort)
+    else:
+        chosen = resolve_backend(
+            backend, algorithm.program(), model, blocker, data.train, options.device
+        )
     previous_threads = torch.get_num_threads()
     # One thread unless set; the vectorized runtime takes more while other processes leave
     # cores idle (runtime/threads.py).

@@ -24,7 +24,8 @@ from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.data.datasets import ArrayDataset
 from fedforge.train.evaluate import Evaluation
 from fedforge.train.program import LocalProgram, LocalSGD, Proximal, Tensors
-from fedforge.workload.base import EvaluateFunction, TrainConfig, TrainFunction, Workload
+from fedforge.train.site_cohort import train_config
+from fedforge.workload.base import CohortFunction, EvaluateFunction, TrainFunction, Workload
 from fedforge.workload.imports import call_user
 
 TRAIN_LOSS = "train_loss"
@@ -41,13 +42,20 @@ class UserLoop:
     metrics: tuple[str, ...] = ()
     proximal: bool = False
     opaque: bool = False
+    cohort: CohortFunction | None = None  # the same for many opaque sites at once
 
     @classmethod
     def of(cls, workload: Workload) -> UserLoop | None:
         """The workload's training function, if it has one."""
         if workload.train is None:
             return None
-        return cls(workload.train, workload.metrics, workload.proximal, workload.opaque)
+        return cls(
+            workload.train,
+            workload.metrics,
+            workload.proximal,
+            workload.opaque,
+            workload.train_cohort,
+        )
 
     def __post_init__(self) -> None:
         if len(self.metrics) > MAX_METRICS or TRAIN_LOSS in self.metrics:
@@ -119,18 +127,10 @@ def run_loop(
             dataset, batch_size=local.batch_size or len(data), shuffle=True, generator=generator
         )
     names = {n for n, _ in module.named_parameters()}
-    config = TrainConfig(
-        epochs=epochs,
-        lr=local.lr,
-        batch_size=local.batch_size,
-        momentum=local.momentum,
-        weight_decay=local.weight_decay,
-        round=round_number,
-        seed=seed,
-        mu=mu,
-        # Copies: the loop may not write into the round's broadcast (the server's model).
-        global_params={n: t.clone() for n, t in shared.items() if n in names},
-    )
+    config = train_config(
+        local, epochs=epochs, round_number=round_number, seed=seed, mu=mu, shared=shared,
+        names=names,
+    )  # fmt: skip
     module.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

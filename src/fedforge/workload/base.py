@@ -74,6 +74,11 @@ class TrainConfig:
 # train(model, loader, config) -> metrics (e.g. {"train_loss": 0.3}) or None; with
 # Workload(opaque=True), train(model, site_data, config): the data function's object itself.
 TrainFunction = Callable[[nn.Module, Any, TrainConfig], Mapping[str, float] | None]
+# train_cohort(model, sites, configs) -> [(trained parameters, metrics)], one per site.
+CohortFunction = Callable[
+    [nn.Module, list[Any], list[TrainConfig]],
+    Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, float]]],
+]
 # evaluate(model, site_data) -> metrics (every name in Workload.evaluate_metrics).
 EvaluateFunction = Callable[[nn.Module, Any], Mapping[str, float]]
 
@@ -106,6 +111,9 @@ class Workload:
     object, else its held-out examples as an ``ArrayDataset``) and records
     ``fed_eval.<name>``; central evaluation calls it on ``test()``'s result and records
     ``test_<name>``. It returns a number for every name in ``evaluate_metrics``.
+    ``train_cohort(model, sites, configs)`` (opaque workloads) trains a whole cohort at once
+    and is what the vectorized runtime runs: per site, the parameters and metrics ``train``
+    would have given (``fedforge.train.site_cohort``).
     """
 
     model: Callable[[], nn.Module]
@@ -121,6 +129,7 @@ class Workload:
     opaque: bool = False
     evaluate: EvaluateFunction | None = None
     evaluate_metrics: tuple[str, ...] = ()
+    train_cohort: CohortFunction | None = None
 
     def __post_init__(self) -> None:
         problem = workload_problem(self)
@@ -145,6 +154,8 @@ def workload_problem(workload: Workload) -> str | None:
             "Workload(opaque=True): fedforge cannot train on an opaque site object itself: "
             "give train(model, site_data, config)"
         )
+    if workload.train_cohort is not None and not (workload.opaque and workload.train):
+        return "Workload.train_cohort trains opaque sites: give opaque=True and train too"
     if workload.opaque and workload.federation is not None:
         return "Workload(opaque=True) federates data(site) results: give no federation"
     if workload.evaluate is not None and not callable(workload.evaluate):
