@@ -262,7 +262,7 @@ def rl_workload(rl: RLConfig, seed: int) -> Workload:
         model=model,
         data=data,
         train=work.train,
-        train_cohort=work.train_cohort,  # type: ignore[arg-type]
+        train_cohort=work.train_cohort,
         test=test,
         sites=rl.agents,
         metrics=(RETURN, TRAJECTORIES),
