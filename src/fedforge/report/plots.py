@@ -41,6 +41,9 @@ def report_figure(history: History, label_counts: np.ndarray, title: str = "") -
 
     rounds = [r.round for r in history]
     accuracy = [100 * r.test_accuracy for r in history]
+    score = _workload_score(history)  # a workload's own central evaluation, if it has one
+    if score is not None:
+        accuracy = [r.metrics.get(score, math.nan) for r in history]
     trained = [r for r in history if r.round > 0]
     clock = history.metric("clock.time")
     columns = 4 if clock else 3  # the virtual clock adds a column of its own
@@ -85,6 +88,10 @@ def report_figure(history: History, label_counts: np.ndarray, title: str = "") -
     )
     ax_wall.plot(np.cumsum([r.wall_seconds for r in history]), accuracy, marker=".")
     ax_wall.set(title="Accuracy vs time", xlabel="cumulative wall time (s)", ylabel="accuracy (%)")
+    if score is not None:
+        for ax in (ax_acc, ax_comm, ax_wall):
+            ax.set_title(ax.get_title().replace("Accuracy", score))
+            ax.set_ylabel(score)
     x = [r.round for r in trained]
     fields = ("train_seconds", "aggregate_seconds", "eval_seconds")
     seconds = np.array([[getattr(r, f) for r in trained] for f in fields]).reshape(3, -1)
@@ -161,6 +168,15 @@ RETURNS = (
     ("fed_eval.episode_return", "global policy, agents' own environments"),
     ("episode_return", "agents' local episodes"),
 )
+
+
+def _workload_score(history: History) -> str | None:
+    """The first ``test_<name>`` metric of a workload's own evaluation, when the run has no
+    built-in accuracy."""
+    if any(not math.isnan(r.test_accuracy) for r in history):
+        return None
+    names = sorted({k for r in history for k in r.metrics if k.startswith("test_")})
+    return names[0] if names else None
 
 
 def trajectories_per_agent(history: History, agents: int) -> list[tuple[int, float]]:

@@ -166,8 +166,10 @@ class ClientApp:
         """The reply to ``task``; ``trained``: a fit's training already done (a cohort's)."""
         if task.stage in (FIT, EVALUATE):  # a compressed broadcast back to float32
             task = replace(task, shared=decode_broadcast(dict(task.shared)))
-        if task.stage == FIT:
+        if task.stage == FIT and trained is not None:
             return self.fit(task, data, state, trained)
+        if task.stage == FIT:
+            return self.fit(task, data, state)
         if task.stage == EVALUATE:
             return self.evaluate(task, data, state), None
         if task.stage in STEPS:
