@@ -144,7 +144,7 @@ def build_algorithm(config: RunConfig, names: list[str] | None = None) -> Algori
     if config.rl is not None and config.rl.method == "fedpg_br":
         from fedforge.rl.fedpg_br_server import fedpg_br
 
-        return fedpg_br(config.rl, config.seed)
+        return fedpg_br(config.rl, config.seed, opt)
     if a.name == "fedprox":
         return FedProx(local=local, server_optimizer=opt, mu=a.mu)
     if a.name == "scaffold":

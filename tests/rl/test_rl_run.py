@@ -151,7 +151,7 @@ def test_a_resumed_run_continues_where_it_stopped(tmp_path: Path) -> None:
         ('[privacy]\nmode = "sample"\nnoise_multiplier = 1.0', "DP-SGD) clips examples"),
         ('[attack]\nkind = "label_flip"', "poisons examples"),
         ('[rl]\nmethod = "fedpg"\npenalty = "kl"', "rl.penalty applies to rl.method = 'fedavg'"),
-        ("[rl]\nserver_lr = 0.1", "rl.server_lr applies to rl.method = 'fedpg_br'"),
+        ("[rl]\nmini_batch = 8", "rl.mini_batch applies to rl.method = 'fedpg_br'"),
         ("[rl]\nfaulty = 3", "rl.faulty = 3 exceeds rl.agents = 2"),
     ],
 )

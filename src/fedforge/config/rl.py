@@ -19,7 +19,8 @@ class RLConfig(Section):
     steps (``client.lr``); ``fedpg`` has each agent report its gradient estimate at the
     global policy and the server step along the mean (``server.optimizer``, ``server.lr``);
     ``fedpg_br`` adds FedPG-BR's server: the Byzantine filter (``aggregation.kind =
-    'fedpg_br'``) and SCSG steps on the server's own environment."""
+    'fedpg_br'``) and SCSG steps (each a ``server.optimizer`` step) on the server's own
+    environment."""
 
     env: Literal["CartPole-v1", "Acrobot-v1"] = "CartPole-v1"
     agents: int = Field(2, ge=1, description="simulation: the number of agents")
@@ -54,7 +55,6 @@ class RLConfig(Section):
     faulty: int = Field(0, ge=0, description="simulation: agents 0..faulty-1 are faulty")
     fault: Literal["random_noise", "random_action", "sign_flip"] = "sign_flip"
     mini_batch: int = Field(4, ge=1, description="fedpg_br: the server's trajectories per step")
-    server_lr: float = Field(1e-2, gt=0, description="fedpg_br: the server's SCSG step size")
     max_inner_steps: int = Field(
         20, ge=1, description="fedpg_br: cap on the geometric number of SCSG steps"
     )

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 LOCAL_SGD_KEYS = ("epochs", "batch_size", "momentum", "weight_decay")
 FEDAVG_ONLY = ("iterations", "optimizer", "penalty", "penalty_coef")
-FEDPG_BR_ONLY = ("mini_batch", "server_lr", "max_inner_steps")
+FEDPG_BR_ONLY = ("mini_batch", "max_inner_steps")
 DATA_ATTACKS = ("label_flip", "backdoor")
 
 
@@ -79,11 +79,6 @@ def _fedpg_br_problems(config: RunConfig) -> list[str]:
                 f"rl.method = 'fedpg_br' filters the agents' reports with its own rule: set "
                 f"aggregation.kind = 'fedpg_br' (not {kind!r}; secure aggregation would hide "
                 "the reports the filter must see)"
-            )
-        if {"optimizer", "lr", "momentum"} & set(changed(config.server, "rounds")):
-            out.append(
-                "server.optimizer, server.lr and server.momentum do not apply to "
-                "rl.method = 'fedpg_br': the server steps by SCSG with rl.server_lr"
             )
         if config.privacy.mode != "off":
             out.append(
