@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTENDERS = ["sequential", "vectorized", "vectorized-1", "workers", "plain", "flower"]
 LABEL = {
     "sequential": "fedforge sequential",
-    "vectorized": "fedforge vectorized (vmap, CPU, 2 threads: the default)",
+    "vectorized": "fedforge vectorized (vmap, CPU, default threads)",
     "vectorized-1": "fedforge vectorized (vmap, CPU, 1 thread)",
     "workers": "fedforge workers (2 processes)",
     "plain": "plain PyTorch loop",

@@ -16,6 +16,7 @@ import time
 
 PROCESS_START = time.perf_counter()
 
+import itertools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 
@@ -29,18 +30,6 @@ from fedforge.runtime.simulation import simulate  # noqa: E402
 from fedforge.train.models import fedavg_cnn  # noqa: E402
 from fedforge.train.program import LocalSGD  # noqa: E402
 from fedforge.train.torch_model import TorchModel  # noqa: E402
-
-
-class CpuTimer(Timer):
-    """The round timer, also noting this process's CPU seconds when the first round starts
-    (the start-up's share of the process tree's CPU time)."""
-
-    startup_cpu = 0.0
-
-    def round_started(self, round_number: int, client_ids: list[int]) -> None:
-        if self.first_round_start is None:
-            self.startup_cpu = time.process_time()
-        super().round_started(round_number, client_ids)
 
 
 def main() -> None:
@@ -71,7 +60,7 @@ def main() -> None:
             "startup_cpu_s": startup_cpu,
         }
     else:
-        timer = CpuTimer()
+        timer = Timer()  # every round's start: wall and process-tree CPU seconds
         local = LocalSGD(lr=wl.LR, epochs=wl.EPOCHS, batch_size=wl.BATCH)
         result = simulate(
             model,
@@ -84,12 +73,13 @@ def main() -> None:
             listener=timer,
             threads=1 if name.endswith("-1") else None,
         )
-        assert timer.first_round_start is not None
+        timer.round_started(rounds + 1, [])  # the end of the last round
+        (first_wall, first_cpu), walls = timer.marks[0], [m[0] for m in timer.marks]
         out = {
-            "startup_s": timer.first_round_start - PROCESS_START,
-            "round_s": timer.rounds,
+            "startup_s": first_wall - PROCESS_START,
+            "round_s": [b - a for a, b in itertools.pairwise(walls)],
             "accuracy": result.history[-1].test_accuracy,
-            "startup_cpu_s": timer.startup_cpu,
+            "startup_cpu_s": first_cpu,  # the start-up's share of the tree's CPU seconds
         }
     out["cpu_s"] = time.process_time()
     print(json.dumps(out))

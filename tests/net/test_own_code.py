@@ -3,13 +3,13 @@
 loop from files beside the configuration, under secure aggregation; a fourth site whose model
 differs is refused in the handshake with both fingerprints and the first differing parameter;
 the run stops early where the simulation does (server.stop_when) with the simulation's model,
-and a restarted server stays stopped."""
+and a restarted server stays stopped. A `workload = "module:NAME"` object deploys the same
+way, and ends with its simulation's model."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +128,83 @@ def test_a_new_project_deploys_unchanged_and_a_different_model_is_refused(tmp_pa
         stop_all([again])
     assert "stopped early: test_loss reached" in (tmp_path / "again.log").read_text()
     assert load_file(str(tmp_path / "state" / "final_model.safetensors")).keys() == deployed.keys()
+
+
+TASK = """
+import numpy as np
+import torch
+import fedforge as ff
+
+
+def model():
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def blobs(seed, n):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    return x, ((x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 0)).astype(np.int64)
+
+
+def train(model, loader, config):
+    optimizer = config.sgd(model)
+    for _ in range(config.epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+
+# A deployed client without --data is called with its client id as site.index.
+TASK = ff.Workload(
+    model=model,
+    data=lambda site: blobs(site.index, 30 + 10 * site.index),
+    train=train,
+    test=lambda: blobs(99, 40),
+    sites=2,
+)
+"""
+
+
+@pytest.mark.usefixtures("isolated_imports")
+def test_a_workload_object_runs_over_the_network_as_in_simulation(tmp_path: Path) -> None:
+    """`workload = "task:TASK"` names one object (model, data by client id, training loop,
+    central test set) that the server and each client build from the same configuration."""
+    (tmp_path / "task.py").write_text(TASK)
+    keys = make_keys(tmp_path, ["site0", "site1"])
+    port = free_port()
+    config = tmp_path / "fedforge.toml"
+    config.write_text(
+        'workload = "task:TASK"\nseed = 1\n'
+        "[client]\nepochs = 2\nbatch_size = 8\nlr = 0.3\n"
+        "[server]\nrounds = 2\nclients_per_round = 2\n"
+        f'[deploy]\naddress = "127.0.0.1:{port}"\nkeys = "{keys}"\n'
+        f'state_dir = "{tmp_path / "state"}"\nmin_clients = 2\nround_timeout_s = 60\nlinger_s = 0\n'
+    )
+    server = fedforge(["server", str(config)], tmp_path / "server.log")
+    clients = [
+        fedforge(
+            [
+                *("client", str(config), "--server", f"127.0.0.1:{port}"),
+                "--credentials",
+                str(keys / name),
+            ],
+            tmp_path / f"{name}.log",
+        )
+        for name in ("site0", "site1")
+    ]
+    try:
+        assert server.wait(timeout=180) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        for name, client in zip(("site0", "site1"), clients, strict=True):
+            assert client.wait(timeout=60) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        stop_all([server, *clients])
+    simulated = simulate_config(
+        load_config(config), build_dataset(load_config(config)), backend="sequential"
+    )
+    assert simulated.history[-1].clients_completed == 2
+    assert simulated.history[-1].test_accuracy > simulated.history[0].test_accuracy
+    deployed = load_file(str(tmp_path / "state" / "final_model.safetensors"))
+    assert deployed.keys() == simulated.state.params.keys()
+    for name, value in simulated.state.params.items():
+        np.testing.assert_allclose(deployed[name], value, rtol=0, atol=1e-5, err_msg=name)

@@ -122,6 +122,87 @@ def test_a_training_function_under_central_dp_and_secure_aggregation_from_a_conf
     assert last.metrics["dp.epsilon"] > 0 and last.labels["dp.mode"] == "central"
 
 
+LABEL_MEANS = np.array([blob_site(ff.Site(i)).y.mean() for i in range(SITES)])
+SIZES = np.array([40 + 20 * i for i in range(SITES)])
+DIM = sum(p.size for p in _initial().values())  # every coordinate moves by a site's label mean
+DP = ["privacy.noise_multiplier=0.01", "privacy.clip_norm=10.0"]  # 10 > every update's norm
+UNIFORM_NOISE = 0.01 * 10.0 / SITES  # the noised mean's stddev, each client weighing 1
+LOCAL_NOISE = 0.01 * 10.0 * float(np.sqrt((SIZES**2).sum()) / SIZES.sum())  # weighted mean
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected", "noise"),
+    [
+        (['aggregation.kind="median"'], float(np.median(LABEL_MEANS)), 0.0),
+        (
+            ['aggregation.kind="trimmed_mean"', "aggregation.trim=0.34"],
+            float(np.median(LABEL_MEANS)),
+            0.0,
+        ),
+        (['aggregation.kind="geometric_median"'], float(np.median(LABEL_MEANS)), 0.0),
+        (['aggregation.kind="krum"'], None, 0.0),  # one whole record
+        (["update.clip_norm=5.0"], 5.0 / np.sqrt(DIM), 0.0),  # every update is clipped
+        (['update.codec="float16"'], float(np.average(LABEL_MEANS, weights=SIZES)), 1e-3),
+        (['update.codec="q8"'], float(np.average(LABEL_MEANS, weights=SIZES)), 1e-5),
+        (  # RDP: PLD accounting of so small a multiplier takes a minute
+            ['privacy.mode="central"', 'privacy.accountant="rdp"', *DP],
+            float(LABEL_MEANS.mean()),
+            UNIFORM_NOISE,
+        ),
+        (['privacy.mode="local"', *DP], float(np.average(LABEL_MEANS, weights=SIZES)), LOCAL_NOISE),
+        (
+            [
+                'privacy.mode="distributed"',
+                'aggregation.kind="secure_sum"',
+                "secagg.complete_graph=true",
+                *DP,
+            ],
+            float(LABEL_MEANS.mean()),
+            UNIFORM_NOISE,
+        ),
+    ],
+    ids=[
+        "median",
+        "trimmed_mean",
+        "geometric_median",
+        "krum",
+        "clip",
+        "float16",
+        "q8",
+        "central_dp",
+        "local_dp",
+        "distributed_dp",
+    ],
+)
+def test_a_training_function_runs_with_every_aggregation_kind_and_stage(
+    overrides: list[str], expected: float | None, noise: float
+) -> None:
+    """Every site's loop moves every weight by its mean label, so each rule and stage has a
+    known aggregate: robust rules pick the median site (krum one site's record), clipping
+    shrinks each update to its bound, codecs round it, DP adds noise of the configured size."""
+    config = load_config(
+        None,
+        [
+            'workload="tests.workload.test_workload:WORKLOAD"',
+            "server.rounds=1",
+            f"server.clients_per_round={SITES}",
+            *overrides,
+        ],
+    )
+    result = simulate_config(config, build_dataset(config), backend="sequential")
+    assert result.history[-1].clients_completed == SITES
+    initial = _initial()
+    moved = np.concatenate([(result.state.params[n] - initial[n]).ravel() for n in initial])
+    if expected is None:
+        assert np.abs(LABEL_MEANS - moved.mean()).min() < 1e-5 and moved.std() < 1e-5
+    elif noise <= 1e-3:
+        np.testing.assert_allclose(moved, expected, rtol=0, atol=max(noise, 1e-5))
+    else:  # the noise has its configured size, around the right mean
+        assert abs(moved.mean() - expected) < 6 * noise / np.sqrt(DIM)
+        assert 0.6 * noise < moved.std() < 1.5 * noise
+        assert result.history[-1].metrics["dp.epsilon"] > 0
+
+
 def test_a_factory_and_a_loader_beside_the_configuration_run_in_simulation(
     tmp_path: Path,
 ) -> None:
@@ -203,7 +284,7 @@ def test_a_training_function_refuses_what_it_cannot_run(overrides: list[str], pr
 
 
 def test_a_configured_training_function_declares_its_metrics_and_proximal_term() -> None:
-    with pytest.raises(ConfigError, match="client.train_metrics describes client.train"):
+    with pytest.raises(ConfigError, match=r"client\.train_metrics describes client\.train"):
         load_config(None, ['client.train_metrics=["seen"]'])
     config = load_config(
         None,

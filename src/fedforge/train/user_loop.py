@@ -92,7 +92,7 @@ def loop_problem(
             return (
                 f"{algorithm_name} adds mu/2 ||w - w_global||^2 to the local objective: the "
                 "training function must add config.proximal(model) to its loss and declare "
-                "it with Workload(proximal=True)"
+                "it with Workload(proximal=True) or client.train_proximal = true"
             )
     return None
 
@@ -216,7 +216,7 @@ def reported_metrics(returned: object, declared: tuple[str, ...]) -> dict[str, f
         if name != TRAIN_LOSS and name not in declared:
             raise FedforgeError(
                 f"the training function returned the metric {str(name)[:40]!r}, which the "
-                "workload does not declare (Workload.metrics)"
+                "workload does not declare (Workload.metrics or client.train_metrics)"
             )
         try:
             out[name] = float(value)
