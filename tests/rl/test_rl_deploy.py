@@ -97,6 +97,12 @@ def test_two_agents_train_over_the_network_on_their_own_environments(tmp_path: P
     assert all(np.isfinite(v).all() for v in final.values())
     server_log = (tmp_path / "server.log").read_text()
     assert "Traceback" not in server_log
+    # Each agent joined with the environment its own configuration names.
+    assert (
+        "its own Agent (Agent(env_id='CartPole-v1', horizon=60, physics=(9.8, 1.0, 0.1, 0.4, "
+        in (tmp_path / "agent0.log").read_text()
+    )
+    assert "agent=1, fault=None)" in (tmp_path / "agent1.log").read_text()
 
 
 def test_an_agents_physics_come_from_its_own_configuration() -> None:

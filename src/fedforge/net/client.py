@@ -291,13 +291,15 @@ class _Worker:
         disk = DiskStateStore(root / _safe_name(self.run_id))
         self.store = EphemeralSessions(disk, SESSION)
         holdout = len(self.data.holdout) if self.data.holdout is not None else 0
+        held = f"{len(self.data.train)} examples ({holdout} held out)"
+        if self.data.site is not None:  # an opaque site: its own object (an RL agent's env)
+            held = f"its own {type(self.data.site).__name__} ({str(self.data.site)[:200]})"
         log.info(
-            "joined run %s as %s (id %d) with %d examples (%d held out); state in %s",
+            "joined run %s as %s (id %d) with %s; state in %s",
             self.run_id,
             w.client_name,
             self.client_id,
-            len(self.data.train),
-            holdout,
+            held,
             disk.directory,
         )
         # Declare the data sizes: the server caps the sample counts it accepts from us by them.
