@@ -18,6 +18,7 @@ from fedforge.cli import app
 from fedforge.config import load_config
 from fedforge.config.rl import RLConfig
 from fedforge.core.errors import ConfigError
+from fedforge.experiment import build_dataset, simulate_config
 from fedforge.report.history import History
 from fedforge.report.plots import trajectories_per_agent
 from fedforge.rl.fedpg_br_server import fedpg_br
@@ -183,3 +184,26 @@ def test_fedpg_br_under_secure_aggregation_is_refused(tmp_path: Path) -> None:
     with pytest.raises((ConfigError, ValueError)) as caught:
         load_config(path)
     assert "secure aggregation would hide the reports the filter must see" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "stages",
+    [
+        '[update]\nclip_norm = 0.05\ncodec = "q8"\n[aggregation]\nkind = "median"\n',
+        '[privacy]\nmode = "central"\nnoise_multiplier = 0.5\nclip_norm = 0.05\n'
+        '[aggregation]\nkind = "secure_sum"\n',
+    ],
+    ids=["clip-q8-median", "central-dp-secagg"],
+)
+def test_the_usual_stages_apply_to_agents_records(tmp_path: Path, stages: str) -> None:
+    path = tmp_path / "rl.toml"
+    path.write_text(TINY.replace("[evaluation]\nfraction = 1.0\n", "") + stages)
+    config = load_config(path)
+    result = simulate_config(config, build_dataset(config), backend="sequential")
+    last = result.history[-1]
+    assert last.round == 2 and last.clients_completed == 2
+    metrics = last.metrics
+    if "privacy" in stages:
+        assert metrics["dp.epsilon"] > 0
+    else:
+        assert metrics["clip.clipped"] == 2.0  # both agents' policy changes exceed 0.05
