@@ -3,12 +3,14 @@ agents that learn from their own environments is refused at load, with the reaso
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from fedforge.config.base import changed
 from fedforge.config.workload import user_code
 
 if TYPE_CHECKING:
+    from fedforge.config.rl import RLConfig
     from fedforge.config.run import RunConfig
 
 LOCAL_SGD_KEYS = ("epochs", "batch_size", "momentum", "weight_decay")
@@ -50,6 +52,7 @@ def rl_problems(config: RunConfig) -> list[str]:
             f"attack.kind = {config.attack.kind!r} poisons examples: an RL agent has none "
             "(use rl.faulty and rl.fault, or an attack on updates)"
         )
+    out += _environment_problems(rl)
     if rl.faulty > rl.agents:
         out.append(f"rl.faulty = {rl.faulty} exceeds rl.agents = {rl.agents}")
     defaults = type(rl).model_fields
@@ -66,6 +69,32 @@ def rl_problems(config: RunConfig) -> list[str]:
             if getattr(rl, key) != defaults[key].get_default()
         ]
     out += _fedpg_br_problems(config)
+    return out
+
+
+def _environment_problems(rl: RLConfig) -> list[str]:
+    """Physical parameters the environment does not have, or ranges it cannot take."""
+    from fedforge.rl.envs import batch_env
+
+    env = batch_env(rl.env)
+    out = []
+    for label, ranges in (("spread", rl.spread), ("heldout_spread", rl.heldout_spread)):
+        for name, (low, high) in ranges.items():
+            if name not in env.parameters:
+                out.append(
+                    f"rl.{label}: {rl.env} has no physical parameter {name!r}; choose from "
+                    f"{', '.join(env.parameters)}"
+                )
+            elif not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
+                out.append(f"rl.{label}.{name}: need finite 0 < low <= high, got ({low}, {high})")
+    for name, value in rl.physics.items():
+        if name not in env.parameters:
+            out.append(
+                f"rl.physics: {rl.env} has no physical parameter {name!r}; choose from "
+                f"{', '.join(env.parameters)}"
+            )
+        elif not (math.isfinite(value) and value > 0):
+            out.append(f"rl.physics.{name}: need a finite positive value, got {value}")
     return out
 
 
