@@ -26,7 +26,8 @@ from fedforge.net import client as client_module
 from fedforge.net.client import FederatedClient, builtin_partition, npz_loader
 from fedforge.net.keys import ClientCredentials
 from fedforge.secagg import crypto
-from fedforge.secagg.client import Identity, SecAggClient, Session
+from fedforge.secagg.client import SecAggClient
+from fedforge.secagg.session import Identity, Session
 from tests.secagg.hostile import BadSignature, CraftedInput, CraftedUnmask, GarbageShares, ZeroKey
 
 

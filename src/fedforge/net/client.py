@@ -48,8 +48,9 @@ from fedforge.net.site import LocalSite, join, ready
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import DiskStateStore, EphemeralSessions
 from fedforge.secagg.aggregation import SecureAggregation
-from fedforge.secagg.client import Identity, SecAggClient
+from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import SESSION
+from fedforge.secagg.session import Identity
 from fedforge.stages.base import StageChain
 from fedforge.train.user_loop import SiteEvaluation
 from fedforge.workload.fingerprint import fingerprint
