@@ -27,7 +27,11 @@ def answer(
     a fit whose training its cohort did)."""
     try:
         state = app.stored_state(task, store)
-        record, new_state = app.handle(task, data.client_data(task.client_id), state, trained)
+        site = data.client_data(task.client_id)
+        if trained is None:
+            record, new_state = app.handle(task, site, state)
+        else:
+            record, new_state = app.handle(task, site, state, trained)
     except Exception as exc:  # a failing client must not stop the round
         return failure(task.client_id, exc)
     if new_state is not None:
