@@ -284,21 +284,35 @@ def dashboard(
     run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or running).")],
     port: Annotated[int, typer.Option("--port", help="Port (0: any free port).")] = DEFAULT_PORT,
     host: Annotated[
-        str, typer.Option("--host", help="Address to listen on (default: this machine only).")
+        str,
+        typer.Option(
+            "--host",
+            help="Address to listen on (default: this machine only; any other needs a token).",
+        ),
     ] = "127.0.0.1",
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="File holding the token requests must carry (default: the "
+            "FEDFORGE_DASHBOARD_TOKEN environment variable); required beyond loopback.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a run's live dashboard (accuracy, loss, clients, privacy) until Ctrl-C."""
     import threading
 
-    from fedforge.report.dashboard import Dashboard
+    from fedforge.report.dashboard import Dashboard, read_token
 
     if not (run_dir / "config.toml").is_file():
         raise _fail(FedforgeError(f"{run_dir} is not a run directory (no config.toml)"), 2)
     try:
-        server = Dashboard(run_dir, host=host, port=port)
-    except OSError as exc:
+        token = read_token(token_file)
+        server = Dashboard(run_dir, host=host, port=port, token=token)
+    except (OSError, FedforgeError) as exc:
         raise _fail(exc, 2) from None
-    console.print(f"dashboard of {run_dir}: {server.url} (Ctrl-C to stop)", soft_wrap=True)
+    how = " (open it with ?token=<the token> once)" if token else ""
+    console.print(f"dashboard of {run_dir}: {server.url}{how} (Ctrl-C to stop)", soft_wrap=True)
     try:
         threading.Event().wait()
     except KeyboardInterrupt:
@@ -455,6 +469,31 @@ def keys_revoke(
     console.print(f"revoked {name!r} (serial {serial})")
 
 
+@keys_app.command("renew")
+def keys_renew(
+    name: Annotated[str, typer.Argument(help="Client whose certificate to renew.")],
+    keys: Annotated[Path, typer.Option("--keys", help="Keys directory.")] = Path("keys"),
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Where to write client.crt and ca.crt (default KEYS/NAME)."),
+    ] = None,
+) -> None:
+    """Issue a client a new certificate for the key it already holds (before or after the
+    old one expires); the old certificate is refused from then on."""
+    from fedforge.net.keys import renew_client
+
+    target = out or keys / name
+    try:
+        expires = renew_client(keys, name, target)
+    except FedforgeError as exc:
+        raise _fail(exc) from None
+    console.print(
+        f"renewed {name!r} until {expires:%Y-%m-%d}: put {target / 'client.crt'} and "
+        f"{target / 'ca.crt'} into the site's credentials directory",
+        soft_wrap=True,
+    )
+
+
 @app.command()
 def server(
     config: Annotated[Path | None, typer.Argument(help="TOML run configuration.")] = None,
@@ -483,8 +522,16 @@ def server(
     dashboard_port: DashboardPort = DEFAULT_PORT,
 ) -> None:
     """Serve a federated run over gRPC (mutual TLS); resumes from deploy.state_dir."""
+    import os
+    import shlex
+    import sqlite3
+    import sys
+
     from fedforge.config import load_config
 
+    # gRPC's own log would write a line for every failed TLS handshake (anyone can cause
+    # them); GRPC_VERBOSITY=INFO shows them.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     _setup_logging()
     try:
         cfg = load_config(config, set_)
@@ -499,10 +546,6 @@ def server(
             "not authenticated. Never use this beyond localhost.[/]"
         )
     try:
-        if new_run:
-            from fedforge.runtime.checkpoint import CheckpointStore
-
-            CheckpointStore.discard(Path(cfg.deploy.state_dir))
         if dashboard:
             board = _start_dashboard(Path(cfg.deploy.state_dir), dashboard_port)
         result = run_server(
@@ -510,8 +553,16 @@ def server(
             insecure=insecure,
             client_names=client,
             allow_remote_insecure=allow_remote_insecure,
+            new_run=new_run,
         )
-    except (FedforgeError, OSError) as exc:
+    except OSError as exc:  # a full disk: one line, and the command that continues
+        from fedforge.report.stops import environment_text
+
+        again = [a for a in sys.argv[1:] if a != "--new-run"]
+        command = shlex.join(["fedforge", *again])
+        text = environment_text(exc, Path(cfg.deploy.state_dir), command)
+        raise _fail(FedforgeError(text or str(exc))) from None
+    except (FedforgeError, sqlite3.Error) as exc:
         raise _fail(exc) from None
     finally:
         if board is not None:
@@ -555,14 +606,15 @@ def client_command(
     With CONFIG, the site's model and data come from its own configuration and are read and
     checked before it connects; the run's settings (algorithm, rounds, privacy) from the
     server."""
-    from fedforge.config import load_config
-    from fedforge.net.client import FederatedClient
     from fedforge.net.keys import ClientCredentials
-    from fedforge.net.site import LocalSite, prepare
 
     _setup_logging()
-    try:
+    try:  # (credentials first: unusable ones are refused before the heavy imports)
         creds = ClientCredentials.load(credentials) if credentials else None
+        from fedforge.config import load_config
+        from fedforge.net.client import FederatedClient
+        from fedforge.net.site import LocalSite, prepare
+
         site = prepare(load_config(config), data) if config is not None else LocalSite(None, data)
         client = FederatedClient(server_address, creds, site, name=name, state_dir=state_dir)
         rounds = client.run()

@@ -22,7 +22,12 @@ from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.report.history import RoundRecord
-from fedforge.runtime.checkpoint import CheckpointStore
+from fedforge.runtime.checkpoint import Checkpoint, CheckpointStore
+
+# How much longer than on a quiet machine the tests wait for a process or an event before
+# they fail (on a loaded machine a process can take a minute to import torch): generous
+# deadlines cost nothing when things work.
+PATIENCE = 3
 
 BASE_CONFIG = """
 seed = 3
@@ -87,7 +92,7 @@ def write_config(
     min_completed: int = 1,
     max_retries: int = 3,
     linger: float = 0,
-    heartbeat: float = 1.0,
+    heartbeat: float = 3.0,
     deploy_extra: str = "",
     server_extra: str = "",
     extra: str = "",
@@ -155,6 +160,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def wait_for_run(
+    server: subprocess.Popen[bytes], sites: subprocess.Popen[bytes], timeout: float
+) -> int:
+    """The server's exit code once it ends; a sites process that fails first ends the wait
+    at once (the server would wait for its clients until ``timeout``)."""
+    wait_for(
+        lambda: server.poll() is not None or sites.poll() not in (None, 0),
+        timeout,
+        "the server to end",
+    )
+    assert server.poll() is not None, f"the sites exited {sites.returncode} before the server"
+    return server.returncode
+
+
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:
@@ -162,7 +181,7 @@ def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
         p.wait(timeout=10)
 
 
-def wait_for_port(port: int, timeout: float = 60) -> None:
+def wait_for_port(port: int, timeout: float = 60 * PATIENCE) -> None:
     def listening() -> bool:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -180,19 +199,22 @@ def channel(port: int, ca: bytes, key: bytes | None, cert: bytes | None) -> grpc
     return grpc.secure_channel(f"127.0.0.1:{port}", tls)
 
 
-def base_architecture() -> list[str]:
-    """The architecture fingerprint of BASE_CONFIG's model (the 64-32-10 MLP on digits),
-    which a client declares with its data sizes."""
+def base_architecture(hidden: tuple[int, ...] = (32,)) -> list[str]:
+    """The architecture fingerprint of BASE_CONFIG's model (the 64-32-10 MLP on digits, or
+    the given hidden widths), which a client declares with its data sizes."""
     from fedforge.train.models import mlp
     from fedforge.workload.fingerprint import fingerprint
 
-    return list(fingerprint(mlp(64, 10, [32]), {"data.dataset": "digits"}).entries)
+    return list(fingerprint(mlp(64, 10, list(hidden)), {"data.dataset": "digits"}).entries)
 
 
 class CraftedClient:
     """Speaks the protocol by hand so the test can send what a real client never would."""
 
-    def __init__(self, port: int, creds: Path, declared: int = 0) -> None:
+    def __init__(
+        self, port: int, creds: Path, declared: int = 0, architecture: list[str] | None = None
+    ) -> None:
+        self.architecture = architecture if architecture is not None else base_architecture()
         self.channel = channel(
             port,
             (creds / "ca.crt").read_bytes(),
@@ -215,6 +237,7 @@ class CraftedClient:
         self.saw_run_complete = False
         self.run_id = ""
         self.task_id = b""
+        self.welcome_config = ""  # the configuration the server sent this site
 
     def _requests(self) -> Iterator[pb.ClientMessage]:
         while (m := self.out.get()) is not None:
@@ -235,11 +258,12 @@ class CraftedClient:
             kind = message.WhichOneof("body")
             if kind == "welcome":
                 self.run_id = message.envelope.run_id
+                self.welcome_config = message.welcome.config_toml
                 # Declare the data sizes and the model, as a real client does once welcomed.
                 hello = pb.Hello(
                     protocol_version=PROTOCOL_VERSION,
                     num_examples=self.declared,
-                    architecture=base_architecture(),
+                    architecture=self.architecture,
                 )
                 self.out.put(pb.ClientMessage(hello=hello))
             elif kind == "task":
@@ -346,16 +370,21 @@ class FreezableProxy:
         self.listener.close()
 
 
-def log_has(path: Path, text: str) -> bool:
-    return path.exists() and text in path.read_text(errors="replace")
-
-
-def stored_history(state: Path) -> list[RoundRecord]:
-    """The round records a server checkpointed in its state directory."""
+def stored_run(state: Path) -> Checkpoint:
+    """The run stored in the state directory ``state`` (it must hold one)."""
     store = CheckpointStore(state)
     try:
         checkpoint = store.load()
     finally:
         store.close()
     assert checkpoint is not None
-    return list(checkpoint.history)
+    return checkpoint
+
+
+def log_has(path: Path, text: str) -> bool:
+    return path.exists() and text in path.read_text(errors="replace")
+
+
+def stored_history(state: Path) -> list[RoundRecord]:
+    """The round records a server checkpointed in its state directory."""
+    return list(stored_run(state).history)

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from fedforge.report.dashboard import Dashboard, page
+from fedforge.core.errors import FedforgeError
+from fedforge.report.dashboard import Dashboard, page, read_token
 from fedforge.report.history import History
 from fedforge.report.live import LiveState
 from tests.test_cli import SMALL, fedforge
@@ -195,6 +196,37 @@ def test_the_dashboard_page_updates_in_a_headless_browser(tmp_path: Path) -> Non
 def test_dashboard_command_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     proc = fedforge("dashboard", str(tmp_path), "--port", "0")
     assert proc.returncode == 2 and "not a run directory" in proc.stderr
+
+
+def test_beyond_loopback_the_dashboard_requires_a_token_never_from_argv(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("")
+    # All interfaces and no token: refused in one line (it served the run to anyone).
+    proc = fedforge("dashboard", str(tmp_path), "--host", "0.0.0.0", "--port", "0")
+    assert proc.returncode == 2, proc.stderr
+    assert "refusing to serve the dashboard on 0.0.0.0 without a token" in proc.stderr
+    short = tmp_path / "short.token"
+    short.write_text("abc\n")
+    with pytest.raises(FedforgeError, match="fewer than 16"):
+        read_token(short)
+    token = "s3cret-token-0123456789"
+    with Dashboard(tmp_path, host="0.0.0.0", port=0, token=token) as board:
+        url = f"http://127.0.0.1:{board.url.rsplit(':', 1)[1]}"
+        for path in ("/", "/api/state", "/?token=wrong-token-0123456789"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                get(url + path)
+            assert refused.value.code == 401
+        request = urllib.request.Request(
+            url + "/api/state", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["status"] == "waiting"
+        # The page opened once with ?token= sets a cookie its polls then carry.
+        with urllib.request.urlopen(f"{url}/?token={token}", timeout=10) as response:
+            cookie = response.headers["Set-Cookie"].split(";", 1)[0]
+            assert "HttpOnly" in response.headers["Set-Cookie"]
+        request = urllib.request.Request(url + "/api/state", headers={"Cookie": cookie})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
 
 
 def test_live_state_of_an_empty_folder_is_waiting(tmp_path: Path) -> None:

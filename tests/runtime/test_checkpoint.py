@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import logging
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from fedforge.algorithms.base import ServerState
 from fedforge.core.errors import FedforgeError
 from fedforge.report.history import History, RoundRecord
-from fedforge.runtime.checkpoint import CheckpointStore
+from fedforge.runtime.checkpoint import KEY_FILE, CheckpointStore, file_digest
 
 
 def _state(round_number: int) -> ServerState:
@@ -89,3 +92,63 @@ def test_a_lost_or_unreadable_database_is_not_started_over(tmp_path: Path) -> No
     CheckpointStore.discard(tmp_path)  # what --new-run does
     run_id, state, history = _resume(tmp_path)
     assert state.round == 0 and not history and run_id
+
+
+def _forge(directory: Path, round_number: int, value: float) -> None:
+    """What someone who can write the state directory but not read its key can do: change a
+    checkpoint's floats and record the new file's SHA-256 in the database."""
+    path = directory / f"round_{round_number:06d}.safetensors"
+    store = CheckpointStore(directory)
+    arrays = {k: np.full_like(v, value) for k, v in load_file(str(path)).items()}
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()
+    save_file(arrays, str(path), metadata=metadata)
+    with store.db:
+        store.db.execute(
+            "UPDATE rounds SET digest = ? WHERE round = ?", (file_digest(path), round_number)
+        )
+    store.close()
+
+
+def test_a_modified_checkpoint_or_record_is_refused_not_only_a_corrupted_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id = _three_rounds(tmp_path)
+    key = tmp_path / KEY_FILE
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and len(key.read_bytes()) == 32
+    _forge(tmp_path, 3, 99.0)  # digest recomputed: only the HMAC can tell
+    with caplog.at_level(logging.WARNING, "fedforge"):
+        resumed, state, _ = _resume(tmp_path)
+    assert (resumed, state.round) == (run_id, 2)
+    assert "round 3's row fails its HMAC (modified)" in caplog.text
+    # A record of an earlier round edited in the database (say, to lower a reported epsilon).
+    store = CheckpointStore(tmp_path)
+    with store.db:
+        store.db.execute("UPDATE rounds SET record = replace(record, '0.5', '0.9') WHERE round = 1")
+    store.close()
+    with pytest.raises(FedforgeError, match=r"round 1 .* fails its HMAC: it was modified"):
+        _resume(tmp_path)
+    # Without its key, a keyed run cannot be authenticated: refused, not re-keyed.
+    _three_rounds(tmp_path / "other")
+    (tmp_path / "other" / KEY_FILE).unlink()
+    with pytest.raises(FedforgeError, match=r"checkpoint\.key is missing"):
+        _resume(tmp_path / "other")
+
+
+def test_checkpoints_from_before_keying_are_verified_then_keyed_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id = _three_rounds(tmp_path)
+    (tmp_path / KEY_FILE).unlink()
+    store = CheckpointStore(tmp_path)
+    with store.db:
+        store.db.execute("UPDATE rounds SET mac = NULL")  # as an older fedforge wrote them
+    store.close()
+    with caplog.at_level(logging.WARNING, "fedforge"):
+        assert _resume(tmp_path)[:2][0] == run_id
+    assert caplog.text.count("verified by their SHA-256 and keyed now") == 1
+    caplog.clear()
+    resumed, state, history = _resume(tmp_path)  # keyed from now on: no second warning
+    assert (resumed, state.round, len(history)) == (run_id, 3, 4) and not caplog.text
+    _forge(tmp_path, 3, 5.0)
+    assert _resume(tmp_path)[1].round == 2

@@ -11,12 +11,14 @@ from hypothesis import strategies as st
 from fedforge.core.records import FIT, ClientFailure, Record, Task
 from fedforge.runtime.messages import (
     MAGIC,
+    MAX_HEADER_BYTES,
     MessageError,
     decode_reply,
     decode_task,
     encode_failure,
     encode_reply,
     encode_task,
+    json_depth,
 )
 
 SHARED = {
@@ -106,6 +108,26 @@ def test_garbage_raises_message_error(garbage: bytes) -> None:
         decode_reply(garbage)
     with pytest.raises(MessageError):
         decode_task(garbage)
+
+
+def _header_message(header: bytes) -> bytes:
+    return MAGIC + len(header).to_bytes(4, "little") + header
+
+
+def test_deeply_nested_or_huge_headers_are_refused_before_parsing() -> None:
+    # 100,000 nested arrays made json.loads raise RecursionError; brackets inside strings
+    # are no nesting.
+    nested = b'{"names": {}, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    quoted = b'{"kind": "failure", "client_id": 1, "error": "' + b"[" * 5000 + b'", '
+    quoted += b'"tb": "", "rejected": false, "names": {}}'
+    for decode in (decode_reply, decode_task):
+        with pytest.raises(MessageError, match="nested deeper than"):
+            decode(_header_message(nested))
+        with pytest.raises(MessageError, match="exceeds"):
+            decode(MAGIC + (MAX_HEADER_BYTES + 1).to_bytes(4, "little") + b" " * (9 << 20))
+    failure = decode_reply(_header_message(quoted))
+    assert isinstance(failure, ClientFailure) and failure.error == "[" * 5000
+    assert json_depth(b'{"a": [1, {"b": "]]{{"}], "c": "\\"}') == 3
 
 
 def test_a_task_is_not_a_reply_and_a_reply_not_a_task() -> None:

@@ -1,64 +1,38 @@
 """``fedforge client``: connect, authenticate, answer pushed tasks, reconnect after failures.
 
-A task is answered by the same :class:`~fedforge.runtime.client_app.ClientApp` the simulation
-runs, with the same seed, so a deployment computes what a simulation computes. Client state
-(e.g. SCAFFOLD's control variate) lives in a :class:`DiskStateStore` under the client's state
+A task is answered (by :class:`~fedforge.net.worker.SiteWorker`) with the same
+:class:`~fedforge.runtime.client_app.ClientApp` the simulation runs, with the same seed, so a
+deployment computes what a simulation computes. Client state (e.g. SCAFFOLD's control variate)
+lives in a :class:`~fedforge.runtime.client_state.DiskStateStore` under the client's state
 directory, one subdirectory per run, and survives a client restart.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import random
 import threading
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import torch
 
-from fedforge.config import RunConfig
 from fedforge.core.errors import FedforgeError
-from fedforge.core.records import FIT, Record, Task
-from fedforge.experiment import (
-    build_aggregation,
-    build_algorithm,
-    build_loop,
-    build_sample_dp,
-    build_stages,
-)
-from fedforge.net.codec import (
-    Reassembler,
-    array_bytes,
-    decode_params,
-    encode_params,
-    split_payload,
-)
 from fedforge.net.keys import ClientCredentials
+from fedforge.net.peer import peer_text
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.server import grpc_options
 from fedforge.net.service import PROTOCOL_VERSION
-from fedforge.net.site import LocalSite, join, ready
-from fedforge.runtime.client_app import ClientApp
-from fedforge.runtime.client_state import DiskStateStore, EphemeralSessions
-from fedforge.secagg.aggregation import SecureAggregation
-from fedforge.secagg.client import SecAggClient
-from fedforge.secagg.protocol import SESSION
+from fedforge.net.site import LocalSite, ready
+from fedforge.net.worker import Outbox, SiteWorker
 from fedforge.secagg.session import Identity
-from fedforge.stages.base import StageChain
-from fedforge.train.user_loop import SiteEvaluation
-from fedforge.workload.fingerprint import fingerprint
 
 log = logging.getLogger("fedforge")
 
-DEFAULT_STATE_ROOT = Path("client-state")
-Outbox = queue.Queue[pb.ClientMessage | Iterator[pb.ClientMessage] | None]
 # Refusals that retrying cannot change. Anything else (UNAVAILABLE, RESOURCE_EXHAUSTED, a
 # stream cancelled or timed out...) is transient: the client reconnects with backoff.
 FATAL = {
@@ -69,6 +43,11 @@ FATAL = {
 }
 # gRPC's words for a TLS handshake that failed on a certificate (ours or the server's).
 TLS_REFUSALS = ("CERTIFICATE_VERIFY_FAILED", "BAD_SIGNATURE", "certificate verify failed")
+# A server that closes the connection once its TLS handshake is under way ("Socket closed",
+# not "Handshake read failed": that is a relay with nothing behind it), this many times in a
+# row and never once welcoming the client, refuses it in the TLS handshake (a server that is
+# down refuses the connection instead).
+CLOSED_BEFORE_WELCOME = 4
 SILENT_SERVER_HEARTBEATS = 3.0  # a server silent this many heartbeat intervals is gone
 
 
@@ -125,6 +104,7 @@ class FederatedClient:
     def run(self) -> int:
         """Serve the run until it completes; return the number of fit tasks answered."""
         attempt = 0
+        closed = 0  # connections in a row the server closed before welcoming the client
         self._trained = 0
         self.site = ready(self.site)  # a workload's data is read and checked before connecting
         while True:
@@ -134,7 +114,7 @@ class FederatedClient:
                     return self._trained
                 attempt = 1 if self._joined else attempt + 1
             except grpc.RpcError as exc:
-                code, details = exc.code(), str(exc.details())
+                code, details = exc.code(), peer_text(str(exc.details()))
                 if code in FATAL:
                     raise FatalClientError(
                         f"server refused the client: {code.name}: {details}"
@@ -145,6 +125,10 @@ class FederatedClient:
                         "accept this client's certificate, or the server's certificate is not "
                         f"signed by this client's ca.crt ({details})"
                     ) from None
+                refused = "Socket closed" in details and "Handshake read failed" not in details
+                closed = closed + 1 if refused and not self._joined else 0
+                if closed >= CLOSED_BEFORE_WELCOME:
+                    raise FatalClientError(self._closed_explanation(closed)) from None
                 log.warning("connection lost (%s: %s)", code.name, details)
                 # After a session that was established, back off from the start again.
                 attempt = 1 if self._joined else attempt + 1
@@ -153,6 +137,18 @@ class FederatedClient:
             delay = self.backoff.delay(attempt)
             log.info("reconnecting in %.1f s", delay)
             time.sleep(delay)
+
+    def _closed_explanation(self, times: int) -> str:
+        if self.credentials is None:
+            return (
+                f"the server closed the connection {times} times before answering: it "
+                "probably requires TLS; pass this site's --credentials"
+            )
+        return (
+            f"the server closed the connection {times} times before answering: it refuses "
+            "this client's certificate in the TLS handshake (revoked and replaced, issued by "
+            "another CA, or expired on the server's clock); ask the coordinator"
+        )
 
     def _identity(self) -> Identity | None:
         """What signs this client's secure-aggregation keys: its certificate key."""
@@ -192,7 +188,7 @@ class FederatedClient:
             stream = pb_grpc.FederationStub(channel).Connect(requests())  # type: ignore[no-untyped-call]
             watch = _ServerWatch(stream, stop)
             try:
-                worker = _Worker(outbox, self.site, self.state_dir, self._identity())
+                worker = SiteWorker(outbox, self.site, self.state_dir, self._identity())
                 for message in stream:
                     watch.busy = True
                     kind = message.WhichOneof("body")
@@ -207,7 +203,9 @@ class FederatedClient:
                     elif kind == "task":
                         self._trained += worker.task(message)
                     elif kind == "reject":
-                        log.warning("server rejected a message: %s", message.reject.reason)
+                        log.warning(
+                            "server rejected a message: %s", peer_text(message.reject.reason)
+                        )
                     elif kind == "run_complete":
                         log.info("run complete after %d rounds", message.run_complete.rounds)
                         return True
@@ -254,167 +252,3 @@ def _start_heartbeats(outbox: Outbox, stop: threading.Event, interval_s: float) 
             outbox.put(pb.ClientMessage(heartbeat=pb.Heartbeat()))
 
     threading.Thread(target=beat, daemon=True, name="heartbeat").start()
-
-
-class _Worker:
-    """Holds the client app, data and state store of one connection and answers tasks."""
-
-    def __init__(
-        self, outbox: Outbox, site: LocalSite, state_dir: Path | None, identity: Identity | None
-    ) -> None:
-        self.outbox = outbox
-        self.identity = identity
-        self.site = site
-        self.state_dir = state_dir
-        self.run_id = ""
-        self.reassembler: Reassembler | None = None
-
-    def welcome(self, message: pb.ServerMessage) -> None:
-        w = message.welcome
-        self.run_id = message.envelope.run_id
-        self.client_id = int(w.client_id)
-        self.config = RunConfig.model_validate(tomllib.loads(w.config_toml))
-        # One small model per process: extra intra-op threads only oversubscribe the cores.
-        torch.set_num_threads(self.config.runtime.threads or 1)
-        joined = join(self.site, self.config, self.client_id)
-        self.data = joined.data
-        self.app = ClientApp(
-            build_algorithm(self.config, [n for n, _ in joined.model.named_parameters()]),
-            joined.model,
-            StageChain(build_stages(self.config, population=None)),
-            build_sample_dp(self.config),
-            secure_client(self.config, self.identity),
-            build_loop(joined.workload),
-            SiteEvaluation.of(joined.workload),
-        )
-        architecture = fingerprint(joined.model, joined.workload.schema)
-        root = self.state_dir or DEFAULT_STATE_ROOT / _safe_name(w.client_name)
-        disk = DiskStateStore(root / _safe_name(self.run_id))
-        self.store = EphemeralSessions(disk, SESSION)
-        holdout = len(self.data.holdout) if self.data.holdout is not None else 0
-        held = f"{len(self.data.train)} examples ({holdout} held out)"
-        if self.data.site is not None:  # an opaque site: its own object (an RL agent's env)
-            held = f"its own {type(self.data.site).__name__} ({str(self.data.site)[:200]})"
-        log.info(
-            "joined run %s as %s (id %d) with %s; state in %s",
-            self.run_id,
-            w.client_name,
-            self.client_id,
-            held,
-            disk.directory,
-        )
-        # Declare the data sizes: the server caps the sample counts it accepts from us by them.
-        self.outbox.put(
-            pb.ClientMessage(
-                hello=pb.Hello(
-                    protocol_version=PROTOCOL_VERSION,
-                    num_examples=len(self.data.train),
-                    holdout_examples=holdout,
-                    architecture=list(architecture.entries),
-                )
-            )
-        )
-
-    def _envelope(self, round_number: int) -> pb.Envelope:
-        return pb.Envelope(run_id=self.run_id, round=round_number, nonce=os.urandom(16))
-
-    def _reply_messages(
-        self, round_number: int, stage: str, task_id: bytes, encoded: bytes, record: Record
-    ) -> Iterator[pb.ClientMessage]:
-        for piece in split_payload(encoded):
-            header = piece.index == 0  # the server reads the header from the first chunk
-            yield pb.ClientMessage(
-                envelope=self._envelope(round_number),
-                reply=pb.ReplyChunk(
-                    stage=stage,
-                    num_examples=record.num_examples if header else 0,
-                    scalars=record.scalars if header else {},
-                    metrics=record.metrics if header else {},
-                    chunk=piece,
-                    task_id=task_id,
-                ),
-            )
-
-    def task(self, message: pb.ServerMessage) -> int:
-        """Consume one chunk; when the task is complete, answer it. Returns 1 for an
-        answered fit task, else 0."""
-        if message.envelope.run_id != self.run_id:
-            log.warning("ignoring a task for another run")
-            return 0
-        body = message.task
-        if body.chunk.index == 0:
-            self.reassembler = Reassembler(max_bytes=1 << 40)
-            self.receive_started = time.time()
-        if self.reassembler is None:
-            log.warning("ignoring a task chunk without its transfer's start")
-            return 0
-        payload = self.reassembler.add(body.chunk)
-        if payload is None:
-            return 0
-        self.reassembler = None  # release the chunks
-        # The reply (or failure report) echoes the task's id: the server takes no other.
-        round_number, stage, task_id = int(message.envelope.round), body.stage, body.task_id
-        received = time.time()
-        log.info(
-            "round %d: received a %s task (%.1f MB, %d array bytes) in %.3f s (%.6f-%.6f)",
-            round_number,
-            stage,
-            len(payload) / 1e6,
-            array_bytes(payload),
-            received - self.receive_started,
-            self.receive_started,
-            received,
-        )
-        try:
-            task = Task(
-                stage,
-                round_number,
-                self.client_id,
-                int.from_bytes(body.seed, "little"),
-                decode_params(payload),
-                dict(body.scalars),
-            )
-            del payload
-            started = time.perf_counter()
-            state = self.app.stored_state(task, self.store)
-            record, new_state = self.app.handle(task, self.data, state)
-            if new_state is not None:  # saved before the reply: a retried round reads it back
-                self.store.put(self.client_id, new_state, round_number)
-            log.info(
-                "round %d: %s done in %.4f s", round_number, stage, time.perf_counter() - started
-            )
-        except Exception as exc:
-            log.exception("the %s task of round %d failed", stage, round_number)
-            self.outbox.put(
-                pb.ClientMessage(
-                    envelope=self._envelope(round_number),
-                    failure=pb.ClientFailureReport(
-                        error=f"{type(exc).__name__}: {exc}", task_id=task_id
-                    ),
-                )
-            )
-            return 0
-        encoded = encode_params(record.arrays)
-        log.info(
-            "round %d: sending a %s reply (%d bytes, %d array bytes)",
-            round_number,
-            stage,
-            len(encoded),
-            array_bytes(encoded),
-        )
-        self.outbox.put(self._reply_messages(round_number, stage, task_id, encoded, record))
-        return 1 if stage == FIT else 0
-
-
-def secure_client(config: RunConfig, identity: Identity | None) -> SecAggClient | None:
-    """The secure-aggregation side of a deployed client, when the run uses it."""
-    aggregation = build_aggregation(config)  # the server's: the same withholding rules
-    if not isinstance(aggregation, SecureAggregation):
-        return None
-    return SecAggClient(identity, withhold_metrics=aggregation.withhold_metrics)
-
-
-def _safe_name(name: str) -> str:
-    """A name usable as one path component."""
-    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".")
-    return cleaned or "client"

@@ -6,10 +6,17 @@ transport through one queue, each tagged with the id of the task it answers: 16 
 per task (one client, one exchange, one attempt), so an answer to an earlier exchange or
 attempt of the same round can never pass for the current one. All coordination uses conditions
 and blocking queues.
+
+A session's outbox is bounded (:data:`OUTBOX_LIMIT` items): a client that does not read its
+stream cannot make the server queue work for it without end; its session is closed instead.
+Two live processes holding one identity would evict each other forever: the hub lets a new
+session replace a live one once, and refuses a newcomer while the session it would replace
+is alive and replaced another recently (logged once, naming both addresses).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -27,6 +34,17 @@ log = logging.getLogger("fedforge")
 
 Outgoing = pb.ServerMessage | Iterable[pb.ServerMessage]
 TASK_ID_BYTES = 16
+OUTBOX_LIMIT = 16  # items (a task, a rejection...) waiting to be streamed to one client
+# A session that sent something within this many heartbeat intervals is alive; a newcomer
+# of its identity within FLAP_HEARTBEATS intervals (at least FLAP_MIN_S) of the previous
+# replacement is refused while it is.
+ALIVE_HEARTBEATS = 2.0
+FLAP_HEARTBEATS = 12.0
+FLAP_MIN_S = 30.0
+
+
+class IdentityInUse(Exception):
+    """A second live process connected with an identity that is connected and alive."""
 
 
 def new_task_id() -> bytes:
@@ -52,6 +70,9 @@ class PendingTask:
     stage: str
     reassembler: Reassembler
     header: ReplyHeader | None = None
+    # Every chunk of the task was handed to the client's stream (a client that does not
+    # read it never gets there).
+    delivered: bool = False
 
 
 @dataclass
@@ -60,10 +81,12 @@ class Session:
     client_id: int
     declared_examples: int
     declared_holdout: int = 0
-    outbox: queue.Queue[Outgoing | None] = field(default_factory=queue.Queue)
+    peer: str = ""  # the client's address, as gRPC gives it
+    outbox: queue.Queue[Outgoing | None] = field(default_factory=lambda: queue.Queue(OUTBOX_LIMIT))
     task: PendingTask | None = None
     # The last task id a stale message was dropped for (logged once, not once per chunk).
     stale_task_id: bytes = b""
+    stale_tasks: int = 0  # late tasks answered (each counted once, whatever its chunks)
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_seen: float = field(default_factory=time.monotonic)  # the last message received
@@ -79,8 +102,14 @@ class Session:
     def seen(self) -> None:
         self.last_seen = time.monotonic()
 
-    def send(self, item: Outgoing) -> None:
-        self.outbox.put(item)
+    def send(self, item: Outgoing) -> bool:
+        """Queue ``item`` for the client; False when its outbox is full (the client does not
+        read its stream: the caller closes the session)."""
+        try:
+            self.outbox.put_nowait(item)
+        except queue.Full:
+            return False
+        return True
 
     def drain(self, heartbeat_s: float, heartbeat: pb.ServerMessage) -> Iterator[pb.ServerMessage]:
         """Messages to stream to the client, until the session closes."""
@@ -90,7 +119,7 @@ class Session:
             except queue.Empty:
                 yield heartbeat
                 continue
-            if item is None:
+            if item is None or self.closed:
                 return
             if isinstance(item, pb.ServerMessage):
                 yield item
@@ -101,11 +130,14 @@ class Session:
 class Hub:
     """Connected sessions, the per-round nonce set and the reply queue."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, heartbeat_s: float = 5.0) -> None:
         self.run_id = run_id
+        self.heartbeat_s = heartbeat_s
         self.current_round = 0
         self.finished: int | None = None  # the last round, once the run is complete
         self._sessions: dict[str, Session] = {}
+        self._replaced: dict[str, float] = {}  # name -> when a session of it was last replaced
+        self._flapping: set[str] = set()  # names whose flapping was logged (once)
         self._changed = threading.Condition()
         self._nonces: set[bytes] = set()
         self._nonce_lock = threading.Lock()
@@ -120,18 +152,51 @@ class Hub:
         )
 
     # Sessions ---------------------------------------------------------------------------
-    def open(self, name: str, client_id: int, declared_examples: int) -> Session:
+    def open(self, name: str, client_id: int, declared_examples: int, peer: str = "") -> Session:
         """A new session for ``name``. An authenticated client that connects again replaces
-        its previous session (frozen, or silently cut off by the network), which is closed."""
+        its previous session (frozen, or silently cut off by the network), which is closed;
+        unless that session is alive and itself replaced another recently: two processes
+        share the identity, and the newcomer is refused (:class:`IdentityInUse`)."""
+        now = time.monotonic()
         with self._changed:
             old = self._sessions.get(name)
-            session = Session(name, client_id, declared_examples)
+            if old is not None and self._flaps(old, now):
+                first = name not in self._flapping
+                self._flapping.add(name)
+                if first:
+                    log.warning(
+                        "client %s: two live processes use this identity (connected from %s, "
+                        "and again from %s): they would evict each other; the newcomer is "
+                        "refused while the connected one is alive",
+                        name,
+                        old.peer or "?",
+                        peer or "?",
+                    )
+                raise IdentityInUse(
+                    f"client {name} is already connected (from {old.peer or '?'}) and alive; "
+                    "is another process using these credentials?"
+                )
+            session = Session(name, client_id, declared_examples, peer=peer)
             self._sessions[name] = session
+            if old is not None:
+                self._replaced[name] = now
             self._changed.notify_all()
         if old is not None and not old.closed:
-            log.warning("client %s connected again: its previous session is closed", name)
+            log.warning(
+                "client %s connected again (from %s): its previous session (from %s) is closed",
+                name,
+                peer or "?",
+                old.peer or "?",
+            )
             self.close(old, "replaced by a new session of the same client")
         return session
+
+    def _flaps(self, old: Session, now: float) -> bool:
+        """Whether replacing ``old`` now would be flapping: it is alive (sent something within
+        ALIVE_HEARTBEATS intervals) and replaced a session of its name recently."""
+        window = max(FLAP_MIN_S, FLAP_HEARTBEATS * self.heartbeat_s)
+        alive = now - old.last_seen < ALIVE_HEARTBEATS * self.heartbeat_s
+        return alive and not old.closed and now - self._replaced.get(old.name, -window) < window
 
     def close(self, session: Session, reason: str = "client disconnected") -> None:
         with self._changed:
@@ -140,18 +205,21 @@ class Hub:
             session.closed = True
             if self._sessions.get(session.name) is session:
                 del self._sessions[session.name]
+                self._flapping.discard(session.name)  # a later flapping is logged again
             self._changed.notify_all()
         with session.lock:
             task, session.task = session.task, None
         if task is not None:
             self.results.put((task.task_id, ClientFailure(session.client_id, reason)))
         # The callbacks first (the handler's ``context.cancel``: the client sees its stream
-        # cancelled), then the end of the outbox (else the stream could end as if complete).
-        # A refused session skips them: its handler ends the stream with the refusal.
+        # cancelled), then the end of the outbox (else the stream could end as if complete;
+        # a full outbox needs no end: its reader sees the session closed).
+        # A refused session skips the callbacks: its handler ends the stream with the refusal.
         if session.refusal is None:
             for callback in session.on_close:
                 callback()
-        session.outbox.put(None)
+        with contextlib.suppress(queue.Full):
+            session.outbox.put_nowait(None)
 
     def refuse(self, session: Session, reason: str) -> None:
         """Close ``session`` for good: its stream ends with ``reason`` (a client that cannot
@@ -250,10 +318,25 @@ class Hub:
             envelope=self.envelope(), run_complete=pb.RunComplete(rounds=self.finished)
         )
 
+    def send(self, session: Session, item: Outgoing) -> bool:
+        """Queue ``item`` for ``session``'s client; a client whose outbox is full does not read
+        its stream: its session is closed (logged) and False returned."""
+        if session.send(item):
+            return True
+        if not session.closed:
+            log.warning(
+                "client %s does not read its stream (%d messages wait for it): closing its session",
+                session.name,
+                OUTBOX_LIMIT,
+            )
+            self.close(session, "its stream is not read (send queue full)")
+        return False
+
     def broadcast(self, message: pb.ServerMessage) -> None:
         with self._changed:
-            for session in self._sessions.values():
-                session.send(message)
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            self.send(session, message)
 
     # Replay protection -------------------------------------------------------------------
     def start_round(self, round_number: int) -> None:

@@ -14,14 +14,18 @@ client.csr`` and returns ``client.crt`` and ``ca.crt``, which complete ``DIR``. 
 keys add-client NAME`` makes the key at the coordinator, for demos on one machine.) Private
 keys are ECDSA P-256, written with mode 0600. A revocation takes effect at once: the server
 re-reads ``revoked.txt`` when it changes and closes the revoked client's session.
+
+Client names follow :data:`fedforge.net.registry.NAME_RULE` wherever one is accepted.
+Certificates last 825 days; ``fedforge keys renew NAME`` issues a site a new one for the same
+key (the registry then holds the new one only).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +35,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedforge.core.errors import FedforgeError
+from fedforge.net.registry import (
+    ClientRegistry,
+    CredentialsError,
+    RevocationList,
+    certificate_identity,
+    check_client_name,
+    expiry_problem,
+    warn_if_expiring,
+)
 
 VALIDITY = dt.timedelta(days=825)
-
-
-class CredentialsError(FedforgeError):
-    """Credentials are missing, malformed or not allowed."""
+log = logging.getLogger("fedforge")
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -72,6 +81,7 @@ def _issue(
     ca: bool = False,
     server_names: list[str] | None = None,
     client: bool = False,
+    validity: dt.timedelta = VALIDITY,
 ) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
@@ -82,7 +92,7 @@ def _issue(
         .public_key(key if isinstance(key, ec.EllipticCurvePublicKey) else key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + VALIDITY)
+        .not_valid_after(now + validity)
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     if ca:
@@ -146,26 +156,22 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-def _check_name(name: str) -> None:
-    if not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise CredentialsError(f"client name {name!r}: use letters, digits, '-', '_' or '.'")
-
-
 def _new_registry_entry(directory: Path, name: str) -> Path:
-    _check_name(name)
+    check_client_name(name)
     registry = directory / "clients" / f"{name}.crt"
     if registry.exists():
         raise CredentialsError(f"client {name!r} already exists; revoke it or pick another name")
     return registry
 
 
-def add_client(directory: Path, name: str, out: Path) -> None:
-    """Issue a client certificate for ``name`` and write its credentials directory ``out``
-    (the key is made here: for demos; sites should use :func:`request_certificate`)."""
+def add_client(directory: Path, name: str, out: Path, *, validity: dt.timedelta = VALIDITY) -> None:
+    """Issue a client certificate for ``name``, valid for ``validity``, and write its
+    credentials directory ``out`` (the key is made here: for demos; sites should use
+    :func:`request_certificate`)."""
     registry = _new_registry_entry(directory, name)
     ca_cert, ca_key = _load_ca(directory)
     key = _new_key()
-    cert = _issue(name, key, ca_cert, ca_key, client=True)
+    cert = _issue(name, key, ca_cert, ca_key, client=True, validity=validity)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_private(out / "client.key", _pem_key(key))
     (out / "client.crt").write_bytes(_pem_cert(cert))
@@ -177,7 +183,7 @@ def request_certificate(name: str, out: Path) -> Path:
     """At a site: make the site's private key (``out/client.key``, mode 0600) and a
     certificate signing request for ``name`` (``out/client.csr``, returned) to send to the
     coordinator. The key never leaves ``out``."""
-    _check_name(name)
+    check_client_name(name)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     if (out / "client.key").exists():
         raise CredentialsError(f"{out} already holds a client key; refusing to overwrite it")
@@ -226,39 +232,36 @@ def ca_fingerprint(directory: Path) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":")
 
 
-def revoke_client(directory: Path, name: str) -> int:
-    """Revoke ``name``'s certificate; return its serial number."""
-    registry = directory / "clients" / f"{name}.crt"
+def _registered(directory: Path, name: str) -> x509.Certificate:
+    registry = directory / "clients" / f"{check_client_name(name)}.crt"
     if not registry.exists():
         raise CredentialsError(f"no client {name!r} in {directory}")
-    serial = x509.load_pem_x509_certificate(registry.read_bytes()).serial_number
+    return x509.load_pem_x509_certificate(registry.read_bytes())
+
+
+def renew_client(directory: Path, name: str, out: Path) -> dt.datetime:
+    """Issue ``name`` a new certificate for the key its registered one certifies (the site
+    keeps its key), register it in place of the old one (which the server refuses from then
+    on) and write ``out/client.crt`` and ``out/ca.crt``; return the new expiry."""
+    old = _registered(directory, name)
+    public_key = old.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise CredentialsError(f"{name}'s registered certificate does not hold an ECDSA key")
+    ca_cert, ca_key = _load_ca(directory)
+    cert = _issue(name, public_key, ca_cert, ca_key, client=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "client.crt").write_bytes(_pem_cert(cert))
+    (out / "ca.crt").write_bytes(_pem_cert(ca_cert))
+    (directory / "clients" / f"{name}.crt").write_bytes(_pem_cert(cert))
+    return cert.not_valid_after_utc
+
+
+def revoke_client(directory: Path, name: str) -> int:
+    """Revoke ``name``'s certificate; return its serial number."""
+    serial = _registered(directory, name).serial_number
     with open(directory / "revoked.txt", "a") as f:
         f.write(f"{serial}\n")
     return serial
-
-
-class RevocationList:
-    """The serials in ``revoked.txt``, re-read whenever the file changes (no restart)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int] | None = None
-        self._serials: frozenset[int] = frozenset()
-        self.current()
-
-    def current(self) -> frozenset[int]:
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            return self._serials  # keep the last list rather than forgive everyone
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            if stamp != self._stamp:
-                text = self.path.read_text()
-                self._serials = frozenset(int(s) for s in text.split() if s.isdigit())
-                self._stamp = stamp
-            return self._serials
 
 
 @dataclass(frozen=True)
@@ -266,8 +269,13 @@ class ServerCredentials:
     private_key: bytes
     certificate: bytes
     ca_certificate: bytes
-    clients: dict[str, int]  # registered client name -> certificate serial
+    registry: ClientRegistry
     revocations: RevocationList
+
+    @property
+    def clients(self) -> dict[str, int]:
+        """Registered client name -> certificate serial (as registered now)."""
+        return {name: c.serial_number for name, c in self.registry.certificates().items()}
 
     @property
     def revoked(self) -> frozenset[int]:
@@ -284,21 +292,44 @@ class ServerCredentials:
     @classmethod
     def load(cls, directory: Path) -> ServerCredentials:
         try:
-            clients = {
-                p.stem: x509.load_pem_x509_certificate(p.read_bytes()).serial_number
-                for p in sorted((directory / "clients").glob("*.crt"))
-            }
             if not (directory / "revoked.txt").exists():
                 raise FileNotFoundError(directory / "revoked.txt")
-            return cls(
+            creds = cls(
                 (directory / "server.key").read_bytes(),
                 (directory / "server.crt").read_bytes(),
                 (directory / "ca.crt").read_bytes(),
-                clients,
+                ClientRegistry(directory / "clients"),
                 RevocationList(directory / "revoked.txt"),
             )
         except FileNotFoundError as exc:
             raise CredentialsError(f"incomplete keys directory {directory}: {exc}") from exc
+        creds.check_expiry(directory)
+        return creds
+
+    def check_expiry(self, directory: Path) -> None:
+        """Refuse an expired server or CA certificate; warn about one that expires soon, and
+        name the registered clients whose certificates expired or expire soon."""
+        for data, what in ((self.certificate, "server.crt"), (self.ca_certificate, "ca.crt")):
+            cert = x509.load_pem_x509_certificate(data)
+            problem = expiry_problem(cert, f"{directory / what}")
+            if problem:
+                raise CredentialsError(f"{problem}: no client can connect; make new keys")
+            warn_if_expiring(cert, f"{directory / what}", "make new keys before then")
+        revoked = self.revocations.current()
+        for name, cert in self.registry.certificates().items():
+            if cert.serial_number in revoked:
+                continue
+            problem = expiry_problem(cert, f"the certificate of client {name}")
+            if problem:
+                log.warning(
+                    "%s: it cannot connect until renewed (`fedforge keys renew %s`)", problem, name
+                )
+            else:
+                warn_if_expiring(
+                    cert,
+                    f"the certificate of client {name}",
+                    f"renew it with `fedforge keys renew {name}`",
+                )
 
 
 @dataclass(frozen=True)
@@ -338,12 +369,17 @@ class ClientCredentials:
             ) from None
         if cert.public_key() != key.public_key():
             raise CredentialsError(f"{directory}/client.crt does not match client.key")
-
-
-def certificate_identity(pem: bytes) -> tuple[str, int]:
-    """(common name, serial number) of a PEM certificate."""
-    cert = x509.load_pem_x509_certificate(pem)
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if not names:
-        raise CredentialsError("certificate has no common name")
-    return str(names[0].value), cert.serial_number
+        name = certificate_identity(self.certificate)[0]
+        renew = (
+            f"ask the coordinator to run `fedforge keys renew {name}` and put the client.crt "
+            f"and ca.crt it returns into {directory}"
+        )
+        problem = expiry_problem(ca, f"{directory}/ca.crt")
+        if problem:
+            raise CredentialsError(
+                f"{problem}: the run's CA is no longer valid; ask the coordinator"
+            )
+        problem = expiry_problem(cert, f"{directory}/client.crt")
+        if problem:
+            raise CredentialsError(f"{problem}: the server will refuse this client; {renew}")
+        warn_if_expiring(cert, f"{directory}/client.crt", renew)

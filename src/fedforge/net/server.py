@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -42,19 +41,23 @@ from fedforge.experiment import (
     build_workload,
 )
 from fedforge.net.codec import encoded_size_bound
+from fedforge.net.deployment import settle_run, site_config_toml
 from fedforge.net.hub import Hub
 from fedforge.net.keys import ServerCredentials
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+from fedforge.net.registry import check_client_name
 from fedforge.net.service import FederationService
 from fedforge.net.sizes import SiteSizes
 from fedforge.net.supervision import RetryPolicy, RoundLog, Watchdog
 from fedforge.net.transport import NetworkTransport
 from fedforge.privacy.dp_sgd import dp_sgd_labels
 from fedforge.privacy.setup import secret_sampling_seed
+from fedforge.report.dashboard import is_loopback_host
 from fedforge.report.history import History
 from fedforge.report.listeners import ListenerGroup
 from fedforge.report.live import LIVE, LiveLog
-from fedforge.report.rundir import provenance, start_provenance, write_provenance
+from fedforge.report.rundir import provenance, start_provenance, write_provenance, write_report
+from fedforge.report.runlock import RunDirInUse, hold
 from fedforge.runtime.async_driver import AsyncDriver
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
@@ -141,12 +144,16 @@ def run_server(
     listener: RoundListener | None = None,
     client_names: list[str] | None = None,
     allow_remote_insecure: bool = False,
+    new_run: bool = False,
 ) -> ServerRun:
     """Serve until ``config.server.rounds`` rounds are complete; resume from checkpoints.
 
-    Clients are the names registered in the keys directory (ids in sorted name order), or
-    ``client_names`` when ``insecure``. ``insecure`` listens on loopback only unless
-    ``allow_remote_insecure``.
+    Clients are the names registered in the keys directory, or ``client_names`` when
+    ``insecure``; their ids are fixed for the run (see :func:`settle_run`). ``insecure``
+    listens on loopback only unless ``allow_remote_insecure``. The server holds the state
+    directory's run lock while it lives: a second server on it is refused (RunDirInUse), and
+    a dashboard tells a live server from a killed one. ``new_run`` deletes the stored state
+    (once the lock is held) and starts over.
     """
     d = config.deploy
     if insecure and not allow_remote_insecure and not is_loopback(d.address):
@@ -154,11 +161,36 @@ def run_server(
             f"--insecure refuses to listen on {d.address}: without TLS anyone on the network "
             "can read and forge updates; listen on 127.0.0.1, or pass --allow-remote-insecure"
         )
+    state_dir = Path(d.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = hold(state_dir)
+    except RunDirInUse as exc:
+        raise RunDirInUse(f"deploy.state_dir {exc}") from None
+    with lock:
+        if new_run:
+            CheckpointStore.discard(state_dir)
+        return _serve(config, insecure, listener, client_names)
+
+
+def _serve(
+    config: RunConfig,
+    insecure: bool,
+    listener: RoundListener | None,
+    client_names: list[str] | None,
+) -> ServerRun:
+    """The body of :func:`run_server`, run while the state directory is locked."""
+    d = config.deploy
     credentials = None if insecure else ServerCredentials.load(Path(d.keys))
-    names = sorted(credentials.clients) if credentials else sorted(client_names or [])
-    if not names:
+    if credentials is not None:  # a revoked client is no longer one of the federation
+        revoked = credentials.revoked_names()
+        registered = [n for n in credentials.registry.names() if n not in revoked]
+    else:
+        registered = sorted(client_names or [])
+    if not registered:
         raise FedforgeError("no clients are registered; run `fedforge keys add-client NAME`")
-    client_ids = {name: i for i, name in enumerate(names)}
+    for name in registered:
+        check_client_name(name)
 
     if config.attack.kind != "none":
         log.warning("[attack] simulates attackers in simulations only; the server ignores it")
@@ -182,19 +214,25 @@ def run_server(
         )
         if problem:
             raise ConfigError(problem)
-    known_sizes = data is not None and d.client_data == "builtin" and len(names) <= data.num_clients
-    sizes = [data.client_size(c) for c in range(len(names))] if data and known_sizes else None
-    chain = StageChain(build_stages(config, len(names), sizes))
-    sample_dp = build_sample_dp(config)
     store = CheckpointStore(Path(d.state_dir))
-    run_id, state, history = store.open_run(config.seed, algorithm.init(model.get_params()))
+    try:
+        run_id, state, history = store.open_run(config.seed, algorithm.init(model.get_params()))
+        # Ids are the run's: recorded at its start, kept across restarts; new names get new ids.
+        partitions = data.num_clients if data is not None else None
+        client_ids = settle_run(store, config, registered, partitions, run_id, history)
+    except BaseException:
+        store.close()
+        raise
     if history:
         log.info("resuming run %s after round %d", run_id, state.round)
-    for name, cid in client_ids.items():
-        store.register_client(name, cid, state.round)
+    names = {cid: name for name, cid in client_ids.items()}  # id -> name
+    known_sizes = data is not None and d.client_data == "builtin"
+    sizes = [data.client_size(c) for c in sorted(names)] if data and known_sizes else None
+    chain = StageChain(build_stages(config, len(names), sizes))
+    sample_dp = build_sample_dp(config)
     run_log = start_run_log(Path(d.state_dir), config, resumed=bool(history))
 
-    hub = Hub(run_id)
+    hub = Hub(run_id, d.heartbeat_s)
     if state.round >= config.server.rounds:
         hub.finished = state.round  # a complete run: answer late clients, then exit
     # A stream holds a worker thread while it lives; a refused certificate holds none and a
@@ -212,7 +250,7 @@ def run_server(
             hub,
             credentials,
             client_ids,
-            welcome_toml(config),
+            site_config_toml(config),
             d.heartbeat_s,
             d.hello_timeout_s,
             fingerprint(setup.model, workload.schema),
@@ -277,7 +315,7 @@ def run_server(
         eval_metrics=site_eval.metrics if site_eval is not None else (),
         federated_eval=build_federated_eval(config),
         listener=RoundLog(ListenerGroup([LiveLog(Path(d.state_dir) / LIVE), listener]), names),
-        describe=lambda cid: names[cid] if 0 <= cid < len(names) else f"client {cid}",
+        describe=lambda cid: names.get(cid, f"client {cid}"),
         client_metrics=(DP_SGD_EPSILON,) if sample_dp else loop_metrics(workload),
         labels=dp_sgd_labels(sample_dp) if sample_dp else {},
         sampling_seed=secret_sampling_seed(config),
@@ -321,6 +359,7 @@ def run_server(
                 checkpoint=lambda s, h: retry.round_done(lambda: store.save(run_id, s, h)),
             )
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
+        write_report(Path(d.state_dir), config, history, data, "network")
         finish_run_log(Path(d.state_dir), run_log, driver.stop_reason)
         hub.finish(state.round)
         if d.linger_s > 0:
@@ -366,11 +405,6 @@ def loop_metrics(workload: Workload) -> tuple[str, ...]:
     return workload.metrics if workload.train is not None else ()
 
 
-def welcome_toml(config: RunConfig) -> str:
-    """The configuration sent to clients: the run's, without the server's own paths."""
-    return to_toml(config.model_copy(update={"project_dir": None}))
-
-
 def start_run_log(state_dir: Path, config: RunConfig, *, resumed: bool) -> dict[str, Any]:
     """What ``fedforge dashboard STATE_DIR`` reads of a deployed run, beside its checkpoint:
     the configuration, the provenance and the live log (emptied when a new run starts)."""
@@ -390,10 +424,4 @@ def finish_run_log(state_dir: Path, record: dict[str, Any], stop_reason: str | N
 
 def is_loopback(address: str) -> bool:
     """Whether ``host:port`` listens on the loopback interface only."""
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(address.rsplit(":", 1)[0])

@@ -11,10 +11,12 @@ import grpc
 
 from fedforge.core.records import ClientFailure, Record
 from fedforge.net.codec import ProtocolError, decode_params
-from fedforge.net.hub import Hub, ReplyHeader, Session
-from fedforge.net.keys import ServerCredentials, certificate_identity
+from fedforge.net.hub import Hub, IdentityInUse, ReplyHeader, Session
+from fedforge.net.keys import ServerCredentials
+from fedforge.net.peer import LogLimiter, peer_host, peer_text
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+from fedforge.net.registry import certificate_identity
 from fedforge.workload.fingerprint import Fingerprint, received
 
 log = logging.getLogger("fedforge")
@@ -26,6 +28,7 @@ INVALID_LIMIT = 32
 INVALID_WINDOW_S = 10.0
 MAX_REJECT_REPLIES = 4  # Reject messages sent per session; later ones are dropped silently
 MAX_PENDING_HELLOS = 2  # streams of one identity that may wait for their Hello at once
+REFUSAL_LOG_S = 60.0  # refused connections: the first of an address is logged, then one a minute
 
 
 class FederationService(pb_grpc.FederationServicer):
@@ -50,6 +53,19 @@ class FederationService(pb_grpc.FederationServicer):
         self.hello_timeout_s = hello_timeout_s
         self._pending: dict[str, int] = {}  # identity -> streams waiting for their Hello
         self._pending_lock = threading.Lock()
+        self._refusals = LogLimiter(REFUSAL_LOG_S)
+
+    def _refuse(
+        self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, what: str
+    ) -> None:
+        """Abort the stream with ``code`` and ``reason``; log ``what`` (a refused connection)
+        at most once a minute per peer address and kind, with the count of those not logged."""
+        peer = context.peer()
+        unlogged = self._refusals.allow((peer_host(peer), code))
+        if unlogged is not None:
+            more = f" ({unlogged} more from {peer_host(peer)} since the last such line)"
+            log.warning("%s from %s%s", what, peer, more if unlogged else "")
+        context.abort(code, reason)
 
     def _authenticate(self, context: grpc.ServicerContext) -> str:
         """The client's registered, unrevoked name from its verified certificate, checked
@@ -60,11 +76,19 @@ class FederationService(pb_grpc.FederationServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         name, serial = certificate_identity(pem[0])
         if serial in self.credentials.revoked_now():
-            log.warning("refused revoked certificate of %r from %s", name, context.peer())
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"certificate of {name!r} is revoked")
-        if self.credentials.clients.get(name) != serial or name not in self.client_ids:
-            log.warning("refused unregistered client %r from %s", name, context.peer())
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{name!r} is not a registered client")
+            self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate of {name!r} is revoked",
+                f"refused revoked certificate of {name!r}",
+            )
+        if self.credentials.registry.serial(name) != serial or name not in self.client_ids:
+            self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{name!r} is not a registered client",
+                f"refused unregistered client {name!r}",
+            )
         return name
 
     def _read_hello(
@@ -74,14 +98,16 @@ class FederationService(pb_grpc.FederationServicer):
         (the stream is then cancelled: a silent stream holds a server thread for at most
         that long, and one identity may hold at most MAX_PENDING_HELLOS of them)."""
         with self._pending_lock:
-            if self._pending.get(who, 0) >= MAX_PENDING_HELLOS:
-                log.warning(
-                    "refused a stream of %s from %s: too many await a Hello", who, context.peer()
-                )
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, "too many connections await a Hello"
-                )
-            self._pending[who] = self._pending.get(who, 0) + 1
+            crowded = self._pending.get(who, 0) >= MAX_PENDING_HELLOS
+            if not crowded:
+                self._pending[who] = self._pending.get(who, 0) + 1
+        if crowded:
+            self._refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many connections await a Hello",
+                f"refused a stream of {who}: too many await a Hello",
+            )
         timer = threading.Timer(self.hello_timeout_s, context.cancel)
         timer.daemon = True
         timer.start()
@@ -102,13 +128,13 @@ class FederationService(pb_grpc.FederationServicer):
         authenticated = self._authenticate(context) if self.credentials is not None else None
         first = self._read_hello(request_iterator, context, authenticated or context.peer())
         if first is None:
-            log.warning(
-                "closed a stream from %s (%s) that sent no Hello within %g s",
-                context.peer(),
-                authenticated or "unauthenticated",
-                self.hello_timeout_s,
+            self._refuse(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "no Hello in time",
+                f"closed a stream ({authenticated or 'unauthenticated'}) that sent no Hello "
+                f"within {self.hello_timeout_s:g} s",
             )
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello in time")
             return  # abort raises; this line only informs the type checker
         if first.WhichOneof("body") != "hello":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
@@ -124,7 +150,13 @@ class FederationService(pb_grpc.FederationServicer):
             log.info("client %s connected after the run completed: told so", name)
             yield self.hub.complete_message()
             return
-        session = self.hub.open(name, self.client_ids[name], first.hello.num_examples)
+        try:
+            session = self.hub.open(
+                name, self.client_ids[name], first.hello.num_examples, context.peer()
+            )
+        except IdentityInUse as exc:
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            return  # abort raises; this line only informs the type checker
         session.on_close.append(context.cancel)  # a closed session ends its stream
         log.info("client %s (id %d) connected from %s", name, session.client_id, context.peer())
         reader = threading.Thread(
@@ -201,8 +233,9 @@ class FederationService(pb_grpc.FederationServicer):
 
     def _reject(self, session: Session, reason: str, *, fail_task: bool) -> None:
         if self._invalid(session, reason):
-            session.send(
-                pb.ServerMessage(envelope=self.hub.envelope(), reject=pb.Reject(reason=reason))
+            self.hub.send(
+                session,
+                pb.ServerMessage(envelope=self.hub.envelope(), reject=pb.Reject(reason=reason)),
             )
         if not fail_task:
             return
@@ -261,9 +294,9 @@ class FederationService(pb_grpc.FederationServicer):
                 if session.task is not task:
                     return
                 session.task = None
-            self.hub.results.put(
-                (task.task_id, ClientFailure(session.client_id, message.failure.error[:2000]))
-            )
+            # The client's own words: escaped, so they cannot forge a line of the server's log.
+            error = peer_text(message.failure.error, 2000)
+            self.hub.results.put((task.task_id, ClientFailure(session.client_id, error)))
             return
         if kind != "reply":
             self._reject(session, f"unexpected message {kind!r}", fail_task=True)
@@ -304,13 +337,17 @@ class FederationService(pb_grpc.FederationServicer):
 
     def _drop_stale(self, session: Session, kind: str, task_id: bytes) -> None:
         """Drop a reply chunk or failure report for a task that is not the client's current
-        one, logging once per stale task (not once per chunk)."""
+        one. The chunks of one late transfer pass silently; the session's first late task is
+        logged, and every further one counts as an invalid message (so a client sending
+        chunks with ever new task ids is disconnected, not logged line by line)."""
         with session.lock:
             if session.stale_task_id == task_id:
                 return
             session.stale_task_id = task_id
-        if session.invalid:  # already noticed: count it, do not log each one
-            self._invalid(session, f"a late {kind} for task {task_id[:8].hex()}")
+            session.stale_tasks += 1
+            first = session.stale_tasks == 1
+        if not first:
+            self._invalid(session, f"a late {kind} for task {task_id[:8].hex() or '(no id)'}")
             return
         log.warning(
             "client %s: dropped a late %s for task %s, which is not its current task",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from fedforge.net.hub import Hub
 from fedforge.net.keys import ServerCredentials
@@ -35,13 +35,13 @@ class RoundLog(RoundListener):
     """One INFO line per round, with names of the clients that failed, were rejected,
     excluded from the secure sum, refused as outliers, or clamped to their size cap."""
 
-    def __init__(self, inner: RoundListener, names: list[str]) -> None:
+    def __init__(self, inner: RoundListener, names: Mapping[int, str]) -> None:
         self.inner = inner
-        self.names = names
+        self.names = names  # client id -> name
         self.started = time.monotonic()
 
     def _name(self, cid: int) -> str:
-        return self.names[cid] if 0 <= cid < len(self.names) else f"client {cid}"
+        return self.names.get(cid, f"client {cid}")
 
     def round_started(self, round_number: int, client_ids: list[int]) -> None:
         self.started = time.monotonic()

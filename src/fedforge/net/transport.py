@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from fedforge.core.params import Params
 from fedforge.core.records import ClientFailure, Reply, Task
 from fedforge.net.codec import Reassembler, encode_params, split_payload
-from fedforge.net.hub import Hub, PendingTask, new_task_id
+from fedforge.net.hub import Hub, PendingTask, Session, new_task_id
 from fedforge.net.proto import fedforge_pb2 as pb
 
 log = logging.getLogger("fedforge")
@@ -44,6 +44,16 @@ def seed_bytes(seed: int) -> bytes:
 class _InFlight:
     client_id: int
     deadline: float  # time.monotonic()
+    task: PendingTask
+    session: Session
+
+
+def _delivering(
+    messages: Iterator[pb.ServerMessage], task: PendingTask
+) -> Iterator[pb.ServerMessage]:
+    """``messages``, marking ``task`` delivered once the stream has taken the last one."""
+    yield from messages
+    task.delivered = True
 
 
 class NetworkTransport:
@@ -123,11 +133,11 @@ class NetworkTransport:
                 closed = session.closed  # (replaced since it was looked up: no one reads it)
                 if not closed:
                     session.task = pending
-            if closed:
+            messages = self._task_messages(task, pending.task_id, payload, digest, deadline_ms)
+            if closed or not self.hub.send(session, _delivering(messages, pending)):
                 self._ready.append(ClientFailure(cid, "client disconnected"))
                 continue
-            session.send(self._task_messages(task, pending.task_id, payload, digest, deadline_ms))
-            self._in_flight[pending.task_id] = _InFlight(cid, deadline)
+            self._in_flight[pending.task_id] = _InFlight(cid, deadline, pending, session)
 
     @property
     def in_flight(self) -> int:
@@ -151,6 +161,8 @@ class NetworkTransport:
             if due.deadline <= now and self.hub.results.empty():
                 # (a reply already queued is taken first: it came before the driver looked)
                 self._forget(task_id)
+                if not due.task.delivered:
+                    return self._not_reading(due)
                 return ClientFailure(
                     due.client_id, f"no result within the {self.round_timeout_s:g} s deadline"
                 )
@@ -167,6 +179,19 @@ class NetworkTransport:
                 return reply
             # it raced its task's deadline, or answers a cancelled task: not a reply now
             log.debug("dropped a stale result of client %d", reply.client_id)
+
+    def _not_reading(self, due: _InFlight) -> ClientFailure:
+        """The failure of a client whose task its stream never took in time: it does not read
+        what the server sends (a zombie). Its session is closed, so it is not sampled again
+        and nothing more is queued for it."""
+        reason = (
+            f"its task was not delivered within the {self.round_timeout_s:g} s deadline: "
+            "the client does not read its stream; disconnected"
+        )
+        if not due.session.closed:
+            log.warning("client %s: %s", due.session.name, reason)
+            self.hub.close(due.session, reason)
+        return ClientFailure(due.client_id, f"no result: {reason}")
 
     def _forget(self, task_id: bytes) -> None:
         """Stop waiting for a task: its client's late answer will be dropped."""

@@ -19,7 +19,9 @@ TIME_LABELS = (
 )
 
 
-def plot_report(history: History, label_counts: np.ndarray, path: Path, title: str = "") -> None:
+def plot_report(
+    history: History, label_counts: np.ndarray | None, path: Path, title: str = ""
+) -> None:
     """Write a PNG of what the run recorded."""
     import matplotlib.pyplot as plt
 
@@ -28,7 +30,7 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
     plt.close(fig)
 
 
-def report_figure(history: History, label_counts: np.ndarray, title: str = "") -> Any:
+def report_figure(history: History, label_counts: np.ndarray | None, title: str = "") -> Any:
     """The report as a matplotlib figure: accuracy and loss per round (round 0 is the
     initial model), accuracy against cumulative traffic and wall time, time per round by
     part, cumulative traffic, stage and client metrics, and the partition's labels (for RL
@@ -106,7 +108,9 @@ def report_figure(history: History, label_counts: np.ndarray, title: str = "") -
         {k for r in history for k in r.metrics if not k.startswith(("fed_eval.", "dp.", "clock."))}
     )
     if history.metric(TRAJECTORIES):
-        _return_vs_trajectories(ax_part, history, len(label_counts))
+        # (a deployment plots no label counts: its sampled agents stand for the population)
+        agents = len(label_counts) if label_counts is not None else None
+        _return_vs_trajectories(ax_part, history, agents or max(r.clients_sampled for r in history))
     else:
         _label_bars(ax_part, label_counts, plt)
     for name in names:
@@ -205,7 +209,11 @@ def _return_vs_trajectories(ax: Any, history: History, agents: int) -> None:
     ax.legend(fontsize=8)
 
 
-def _label_bars(ax: Any, label_counts: np.ndarray, plt: Any) -> None:
+def _label_bars(ax: Any, label_counts: np.ndarray | None, plt: Any) -> None:
+    if label_counts is None:  # sites with their own data: their labels never leave them
+        ax.set(title="Examples per client by label")
+        ax.text(0.5, 0.5, "each site's labels stay on the site", ha="center", va="center")
+        return
     clients = np.arange(len(label_counts), dtype=float)
     labels = [str(label) for label in range(label_counts.shape[1])]
     cmap = plt.get_cmap("tab10" if label_counts.shape[1] <= 10 else "tab20")

@@ -19,7 +19,7 @@ from safetensors.numpy import save
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import FedforgeError
 from fedforge.data.federated import FederatedDataset
-from fedforge.report.history import RoundRecord, accuracy_text
+from fedforge.report.history import History, RoundRecord, accuracy_text
 from fedforge.report.live import settings_text
 from fedforge.report.plots import plot_report
 from fedforge.report.runlock import LOCK, RunDirInUse, RunLock, hold, in_use_text, owner
@@ -219,12 +219,24 @@ def write_run_dir(
     out_dir.mkdir(parents=True, exist_ok=True)
     if provenance_record is not None:
         write_provenance(out_dir, provenance_record)
-    result.history.save(out_dir / "history.json")
     # Written through an ordinary open(), as a new file, so it gets the same mode as the
     # others (safetensors' save_file creates it 0600 whatever the umask).
     model_path = out_dir / "model.safetensors"
     model_path.unlink(missing_ok=True)
     model_path.write_bytes(save(result.state.params))
+    write_report(out_dir, config, result.history, data, result.backend)
+
+
+def write_report(
+    out_dir: Path,
+    config: RunConfig,
+    history: History,
+    data: FederatedDataset | None,
+    backend: str,
+) -> None:
+    """``history.json`` and ``report.png`` of a run (simulated or deployed) in ``out_dir``;
+    ``data`` None: a deployment on the sites' own data (no label distribution to plot)."""
+    history.save(out_dir / "history.json")
     settings = settings_text(config.model_dump(mode="json", exclude_none=True))
     if config.rl is not None:  # agents, not a dataset
         rl = config.rl
@@ -233,10 +245,11 @@ def write_run_dir(
             f"{rl.episodes} episodes a round, {rl.estimator}, aggregation "
             f"{config.aggregation.kind}, seed {config.seed}"
         )
-    title = f"{settings}\n{result.history[-1].round} rounds on the {result.backend} backend"
-    last = result.history[-1]
+    title = f"{settings}\n{history[-1].round} rounds on the {backend} backend"
+    last = history[-1]
     if math.isnan(last.test_accuracy):  # no built-in accuracy: what the run evaluated
         title += f", final {accuracy_text(last)}"
     else:
         title += f", final test accuracy {100 * last.test_accuracy:.2f}%"
-    plot_report(result.history, data.label_distribution(), out_dir / "report.png", title)
+    labels = data.label_distribution() if data is not None else None
+    plot_report(history, labels, out_dir / "report.png", title)

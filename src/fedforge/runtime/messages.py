@@ -14,6 +14,7 @@ so a NaN update or a wrong shape arrives exactly as the client produced it.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,12 @@ from fedforge.core.records import ClientFailure, Record, Task
 
 MAGIC = b"FFM1"
 _LENGTH = struct.Struct("<I")
+# A header holds a few small fields and the array names: far below these bounds, which are
+# checked before the JSON is parsed (so nesting cannot exhaust the parser's recursion).
+MAX_HEADER_BYTES = 8 << 20
+MAX_HEADER_DEPTH = 8
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
 _SHARED, _STATE, _ARRAYS = "shared", "state", "arrays"
 
 
@@ -71,6 +78,16 @@ def _floats(values: object, what: str) -> dict[str, float]:
     return out
 
 
+def json_depth(text: bytes) -> int:
+    """The deepest nesting of arrays and objects in JSON ``text``, counted without parsing
+    (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub(b'""', text)):
+        depth += 1 if match.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def _pack(header: dict[str, Any], groups: dict[str, Params | None]) -> bytes:
     tensors: dict[str, np.ndarray] = {}
     names: dict[str, list[str] | None] = {}
@@ -101,8 +118,13 @@ def _unpack(data: bytes) -> tuple[dict[str, Any], dict[str, Params | None]]:
     (length,) = _LENGTH.unpack_from(data, len(MAGIC))
     if start + length > len(data):
         raise MessageError("truncated message header")
+    if length > MAX_HEADER_BYTES:
+        raise MessageError(f"message header of {length} bytes exceeds {MAX_HEADER_BYTES}")
+    text = data[start : start + length]
+    if json_depth(text) > MAX_HEADER_DEPTH:
+        raise MessageError(f"message header nested deeper than {MAX_HEADER_DEPTH} levels")
     try:
-        header = json.loads(data[start : start + length])
+        header = json.loads(text)
     except (UnicodeDecodeError, ValueError) as exc:
         raise MessageError(f"bad message header: {exc}") from exc
     if not isinstance(header, dict) or not isinstance(header.get("names"), dict):
