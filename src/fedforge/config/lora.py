@@ -70,6 +70,8 @@ def lora_problems(config: RunConfig) -> list[str]:
     if not lora.enabled:
         return [f"lora.{k} applies with lora.model or lora.pretrained" for k in changed(lora, "")]
     out = []
+    if config.rl is not None:
+        out.append("[lora] and [rl] configure two different runs: keep one")
     if lora.model is not None and lora.pretrained is not None:
         out.append("lora.model and lora.pretrained: name one base model")
     if lora.pretrained is not None and lora.task is None:
