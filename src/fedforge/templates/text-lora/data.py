@@ -43,4 +43,7 @@ def check_site(path: Path) -> Counter[str]:
 if __name__ == "__main__":
     for name in sys.argv[1:]:
         counts = check_site(Path(name))
-        print(f"{name}: {sum(counts.values())} texts, " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        print(
+            f"{name}: {sum(counts.values())} texts, "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        )
