@@ -70,6 +70,7 @@ class PendingTask:
     stage: str
     reassembler: Reassembler
     header: ReplyHeader | None = None
+    reply_started: float = 0.0  # time.time() of the reply's first chunk
     # Every chunk of the task was handed to the client's stream (a client that does not
     # read it never gets there).
     delivered: bool = False

@@ -26,6 +26,7 @@ INVALID_LIMIT = 32
 INVALID_WINDOW_S = 10.0
 MAX_REJECT_REPLIES = 4  # Reject messages sent per session; later ones are dropped silently
 MAX_PENDING_HELLOS = 2  # streams of one identity that may wait for their Hello at once
+LOGGED_REPLY_BYTES = 1 << 20  # a reply this large is logged with its transfer time
 REFUSAL_LOG_S = 60.0  # refused connections: the first of an address is logged, then one a minute
 
 
@@ -286,6 +287,7 @@ class FederationService(pb_grpc.FederationServicer):
         try:
             payload = task.reassembler.add(reply.chunk)
             if task.header is None:  # the transfer's first chunk (the reassembler checked)
+                task.reply_started = time.time()
                 task.header = ReplyHeader(
                     int(reply.num_examples), dict(reply.scalars), dict(reply.metrics)
                 )
@@ -300,6 +302,18 @@ class FederationService(pb_grpc.FederationServicer):
                 return
             session.task = None
         header = task.header
+        ended = time.time()
+        log.log(
+            logging.INFO if len(payload) >= LOGGED_REPLY_BYTES else logging.DEBUG,
+            "round %d: received a %s reply of %s (%.1f MB) in %.3f s (%.6f-%.6f)",
+            task.round,
+            task.stage,
+            session.name,
+            len(payload) / 1e6,
+            ended - task.reply_started,
+            task.reply_started,
+            ended,
+        )
         record = Record(
             session.client_id,
             header.num_examples,
