@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from fedforge.core.records import ClientFailure, Record
-from fedforge.net.codec import Reassembler
 from fedforge.net.proto import fedforge_pb2 as pb
+from fedforge.net.stream import StreamDecoder
 
 log = logging.getLogger("fedforge")
 
@@ -68,7 +68,7 @@ class PendingTask:
     task_id: bytes
     round: int
     stage: str
-    reassembler: Reassembler
+    receiver: StreamDecoder  # the reply, received straight into its arrays
     header: ReplyHeader | None = None
     reply_started: float = 0.0  # time.time() of the reply's first chunk
     # Every chunk of the task was handed to the client's stream (a client that does not

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 
 from fedforge.core.records import ClientFailure, Record
-from fedforge.net.codec import ProtocolError, decode_params
+from fedforge.net.codec import ProtocolError
 from fedforge.net.hub import Hub, IdentityInUse, ReplyHeader, Session
 from fedforge.net.keys import ServerCredentials
 from fedforge.net.peer import LogLimiter, peer_host, peer_text
@@ -285,15 +285,14 @@ class FederationService(pb_grpc.FederationServicer):
             )
             return
         try:
-            payload = task.reassembler.add(reply.chunk)
-            if task.header is None:  # the transfer's first chunk (the reassembler checked)
+            arrays = task.receiver.add(reply.chunk)
+            if task.header is None:  # the transfer's first chunk (the receiver checked)
                 task.reply_started = time.time()
                 task.header = ReplyHeader(
                     int(reply.num_examples), dict(reply.scalars), dict(reply.metrics)
                 )
-            if payload is None:
+            if arrays is None:
                 return
-            arrays = decode_params(payload)
         except ProtocolError as exc:
             self._reject(session, f"reply rejected: {exc}", fail_task=True)
             return
@@ -303,13 +302,14 @@ class FederationService(pb_grpc.FederationServicer):
             session.task = None
         header = task.header
         ended = time.time()
+        size = task.receiver.received
         log.log(
-            logging.INFO if len(payload) >= LOGGED_REPLY_BYTES else logging.DEBUG,
+            logging.INFO if size >= LOGGED_REPLY_BYTES else logging.DEBUG,
             "round %d: received a %s reply of %s (%.1f MB) in %.3f s (%.6f-%.6f)",
             task.round,
             task.stage,
             session.name,
-            len(payload) / 1e6,
+            size / 1e6,
             ended - task.reply_started,
             task.reply_started,
             ended,

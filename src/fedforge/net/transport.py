@@ -17,7 +17,6 @@ deadline is dropped.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import time
@@ -25,11 +24,11 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from fedforge.core.params import Params
+from fedforge.core.params import Params, ParamSpec
 from fedforge.core.records import ClientFailure, Reply, Task
-from fedforge.net.codec import Reassembler, encode_params, split_payload
 from fedforge.net.hub import Hub, PendingTask, Session, new_task_id
 from fedforge.net.proto import fedforge_pb2 as pb
+from fedforge.net.stream import Encoded, StreamDecoder, encode_into, stream_chunks
 
 log = logging.getLogger("fedforge")
 SEED_BYTES = 16
@@ -75,19 +74,22 @@ class NetworkTransport:
         # stage -> the largest reply a valid record of it encodes to (from its wire spec);
         # a reply announcing more is refused at its first chunk.
         self.reply_limits: dict[str, int] = {}
+        # stage -> the arrays its replies must hold (checked at a reply's header, before its
+        # arrays are allocated); a stage without one is checked by the driver once received.
+        self.reply_specs: dict[str, ParamSpec] = {}
         self._in_flight: dict[bytes, _InFlight] = {}  # by task id
         self._ready: deque[Reply] = deque()  # failures decided when submitting
-        self._encoded: tuple[Params, bytes, bytes] | None = None  # (shared, payload, digest)
+        self._encoded: tuple[Params, Encoded] | None = None  # (shared, its payload)
 
     def reply_limit(self, stage: str) -> int:
         return min(self.reply_limits.get(stage, self.max_payload_bytes), self.max_payload_bytes)
 
     def _task_messages(
-        self, task: Task, task_id: bytes, payload: bytes, digest: bytes, deadline_ms: int
+        self, task: Task, task_id: bytes, payload: Encoded, deadline_ms: int
     ) -> Iterator[pb.ServerMessage]:
         seed = seed_bytes(task.seed)
         scalars = {k: float(v) for k, v in task.scalars.items()}
-        for chunk in split_payload(payload, self.chunk_bytes, digest):
+        for chunk in stream_chunks(payload, self.chunk_bytes):
             yield pb.ServerMessage(
                 envelope=self.hub.envelope(task.round),
                 task=pb.TaskChunk(
@@ -100,14 +102,15 @@ class NetworkTransport:
                 ),
             )
 
-    def _encode(self, shared: Params) -> tuple[bytes, bytes]:
-        """``shared``'s payload and digest; tasks sharing one dict (an exchange's, or the
-        tasks an asynchronous run hands out on one model version) encode it once."""
+    def _encode(self, shared: Params) -> Encoded:
+        """``shared``'s payload; tasks sharing one dict (an exchange's, or the tasks an
+        asynchronous run hands out on one model version) encode it once, into one buffer
+        that every client's stream reads its chunks from (never copied per client)."""
         if self._encoded is None or self._encoded[0] is not shared:
-            payload = encode_params(shared)
+            self._encoded = None  # (the previous payload is released before the next is made)
             # (keeping the dict alive keeps its identity unique)
-            self._encoded = (shared, payload, hashlib.sha256(payload).digest())
-        return self._encoded[1], self._encoded[2]
+            self._encoded = (shared, encode_into(shared))
+        return self._encoded[1]
 
     def submit(self, tasks: Sequence[Task]) -> None:
         """Push ``tasks`` to their clients and return at once; their replies come from
@@ -125,15 +128,16 @@ class NetworkTransport:
                     ClientFailure(cid, "client disconnected before the exchange started")
                 )
                 continue
-            payload, digest = self._encode(task.shared)
-            pending = PendingTask(
-                new_task_id(), task.round, task.stage, Reassembler(self.reply_limit(task.stage))
+            payload = self._encode(task.shared)
+            receiver = StreamDecoder(
+                self.reply_limit(task.stage), self.reply_specs.get(task.stage), finite=True
             )
+            pending = PendingTask(new_task_id(), task.round, task.stage, receiver)
             with session.lock:
                 closed = session.closed  # (replaced since it was looked up: no one reads it)
                 if not closed:
                     session.task = pending
-            messages = self._task_messages(task, pending.task_id, payload, digest, deadline_ms)
+            messages = self._task_messages(task, pending.task_id, payload, deadline_ms)
             if closed or not self.hub.send(session, _delivering(messages, pending)):
                 self._ready.append(ClientFailure(cid, "client disconnected"))
                 continue
