@@ -75,7 +75,9 @@ def times(log: Path, pattern: str) -> list[tuple[str, ...]]:
     return re.findall(pattern, log.read_text())
 
 
-def run(model_mb: float, clients: int, rounds: int, layers: int, chunk_kb: int) -> None:
+def run(
+    model_mb: float, clients: int, rounds: int, layers: int, chunk_kb: int, uploads: int
+) -> None:
     names = [f"c{i}" for i in range(clients)]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(os.environ.get("BENCH_KEEP", d))
@@ -87,9 +89,11 @@ def run(model_mb: float, clients: int, rounds: int, layers: int, chunk_kb: int) 
             model="mlp",
             hidden=hidden_for(model_mb, layers),
             partitions=200,
-            deploy_extra=f"linger_s = 0\nchunk_kb = {chunk_kb}",
+            deploy_extra=f"linger_s = 0\nchunk_kb = {chunk_kb}\nmax_concurrent_uploads = {uploads}",
         )
-        server = spawn([sys.executable, "-m", "fedforge.cli", "server", str(cfg)], tmp / "server.log")
+        server = spawn(
+            [sys.executable, "-m", "fedforge.cli", "server", str(cfg)], tmp / "server.log"
+        )
         procs = {"server": server}
         for n in names:
             cmd = [sys.executable, "-m", "fedforge.cli", "client", "--server", f"127.0.0.1:{port}"]
@@ -101,20 +105,32 @@ def run(model_mb: float, clients: int, rounds: int, layers: int, chunk_kb: int) 
         down = [
             (float(mb), float(s))
             for n in names
-            for mb, s in times(tmp / f"{n}.log", r"received a fit task \(([\d.]+) MB.*?in ([\d.]+) s")
+            for mb, s in times(
+                tmp / f"{n}.log", r"received a fit task \(([\d.]+) MB.*?in ([\d.]+) s"
+            )
         ]
-        train = [float(s) for n in names for s in times(tmp / f"{n}.log", r"fit done in ([\d.]+) s")]
+        train = [
+            float(s) for n in names for s in times(tmp / f"{n}.log", r"fit done in ([\d.]+) s")
+        ]
         up = [
             (float(mb), float(s))
-            for mb, s in times(tmp / "server.log", r"received a fit reply of \S+ \(([\d.]+) MB\) in ([\d.]+) s")
+            for mb, s in times(
+                tmp / "server.log", r"received a fit reply of \S+ \(([\d.]+) MB\) in ([\d.]+) s"
+            )
         ]
-        walls = [float(s) for s in times(tmp / "server.log", r"round \d+: \d+ sampled.*, ([\d.]+) s\n")]
+        walls = [
+            float(s) for s in times(tmp / "server.log", r"round \d+: \d+ sampled.*, ([\d.]+) s\n")
+        ]
         size_mb = down[0][0]
         keys = tmp / "keys"
         raw = statistics.median(raw_grpc.measure(int(size_mb * 1e6), chunk_kb << 10, keys))
     model = size_mb * 1e6
-    print(f"model {size_mb:.0f} MB ({layers} hidden layers), {clients} clients, {rounds} rounds, chunk {chunk_kb} KiB")
-    print(f"  server peak RSS {peaks['server'] / 2**20:.0f} MiB = {peaks['server'] / model:.2f}x model")
+    print(
+        f"model {size_mb:.0f} MB ({layers} hidden layers), {clients} clients, {rounds} rounds, chunk {chunk_kb} KiB"
+    )
+    print(
+        f"  server peak RSS {peaks['server'] / 2**20:.0f} MiB = {peaks['server'] / model:.2f}x model"
+    )
     worst = max(peaks[n] for n in names)
     print(f"  client peak RSS (largest) {worst / 2**20:.0f} MiB = {worst / model:.2f}x model")
     print(
@@ -135,8 +151,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--chunk-kb", type=int, default=1024)
+    parser.add_argument("--uploads", type=int, default=0, help="deploy.max_concurrent_uploads")
     args = parser.parse_args()
-    run(args.model_mb, args.clients, args.rounds, args.layers, args.chunk_kb)
+    run(args.model_mb, args.clients, args.rounds, args.layers, args.chunk_kb, args.uploads)
 
 
 if __name__ == "__main__":

@@ -115,9 +115,11 @@ def main() -> None:
         serve(args.serve, total, chunk, args.tls)
         return
     rates = measure(total, chunk, args.tls)
-    print(f"raw gRPC {args.mb} MiB in {args.chunk_kb} KiB messages: " + ", ".join(
-        f"{r / 1e9:.2f}" for r in rates
-    ) + " GB/s")
+    print(
+        f"raw gRPC {args.mb} MiB in {args.chunk_kb} KiB messages: "
+        + ", ".join(f"{r / 1e9:.2f}" for r in rates)
+        + " GB/s"
+    )
 
 
 if __name__ == "__main__":

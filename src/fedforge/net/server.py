@@ -17,10 +17,10 @@ import torch
 from safetensors.numpy import save_file
 
 from fedforge.aggregate.kinds import Aggregation
-from fedforge.algorithms.base import ServerState
+from fedforge.algorithms.base import Algorithm, ServerState
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import ConfigError, FedforgeError
-from fedforge.core.params import Params, ParamSpec, spec_of
+from fedforge.core.params import Params, ParamSpec, num_bytes, spec_of
 from fedforge.core.records import EVALUATE, FIT
 from fedforge.core.rng import RngStreams
 from fedforge.experiment import (
@@ -39,6 +39,7 @@ from fedforge.net.codec import encoded_size_bound
 from fedforge.net.deployment import settle_run, site_config_toml
 from fedforge.net.hub import Hub
 from fedforge.net.keys import ServerCredentials
+from fedforge.net.memory_plan import MemoryPlan, check_budget, server_plan
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.registry import check_client_name
 from fedforge.net.service import FederationService
@@ -126,6 +127,36 @@ def reply_limits(fit: ParamSpec, population: int) -> dict[str, int]:
     return limits
 
 
+def plan_memory(
+    config: RunConfig,
+    state: ServerState,
+    algorithm: Algorithm,
+    chain: StageChain,
+    model: TorchModel,
+    registered: int,
+) -> MemoryPlan:
+    """The server's estimated peak memory for this run (see ``net/memory_plan.py``)."""
+    trainable = [name for name, _ in model.module.named_parameters()]
+    update = chain.wire_spec(algorithm.record_spec(spec_of(state.params), trainable)).arrays
+    broadcast = {**state.params, **algorithm.broadcast(state)}
+    fedbuff = build_fedbuff(config)
+    if fedbuff is not None:
+        per_round = fedbuff.concurrency
+    elif config.server.sampler == "uniform":
+        per_round = min(config.server.clients_per_round, registered)
+    else:
+        per_round = registered
+    return server_plan(
+        model_bytes=num_bytes(state.params),
+        state_bytes=num_bytes(state.optimizer_state) + num_bytes(state.extras),
+        broadcast_bytes=num_bytes(broadcast),
+        update=update,
+        kind=build_aggregation(config).kind,
+        per_round=per_round,
+        uploads=config.deploy.max_concurrent_uploads,
+    )
+
+
 def run_server(
     config: RunConfig,
     *,
@@ -185,7 +216,14 @@ def run_server(
     sample_dp = build_sample_dp(config)
     run_log = start_run_log(Path(d.state_dir), config, resumed=bool(history))
 
-    hub = Hub(run_id, d.heartbeat_s)
+    plan = plan_memory(config, state, algorithm, chain, model, len(names))
+    log.info("%s", plan.line())
+    try:
+        check_budget(plan, d.memory_budget_mb)
+    except BaseException:
+        store.close()
+        raise
+    hub = Hub(run_id, d.heartbeat_s, d.max_concurrent_uploads)
     if state.round >= config.server.rounds:
         hub.finished = state.round  # a complete run: answer late clients, then exit
     # A stream holds a worker thread while it lives; a refused certificate holds none and a

@@ -222,6 +222,8 @@ class FederationService(pb_grpc.FederationServicer):
         with session.lock:
             task, session.task = session.task, None
         if task is not None:
+            task.receiver.discard()
+            self.hub.uploads.released()
             self.hub.results.put(
                 (task.task_id, ClientFailure(session.client_id, reason, rejected=True))
             )
@@ -284,6 +286,8 @@ class FederationService(pb_grpc.FederationServicer):
                 fail_task=True,
             )
             return
+        if task.header is None and not self.hub.uploads.acquire(session, task):
+            return  # its task ended while the reply waited for a slot
         try:
             arrays = task.receiver.add(reply.chunk)
             if task.header is None:  # the transfer's first chunk (the receiver checked)
@@ -300,6 +304,7 @@ class FederationService(pb_grpc.FederationServicer):
             if session.task is not task:
                 return
             session.task = None
+        self.hub.uploads.released()
         header = task.header
         ended = time.time()
         size = task.receiver.received

@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +35,7 @@ from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.runtime.validation import layout_error
 
 # safetensors' dtype names of the dtypes allowed on the wire (little-endian).
-DTYPE_NAMES = {
+DTYPE_NAMES: dict[np.dtype, str] = {
     np.dtype("<f2"): "F16",
     np.dtype("<f4"): "F32",
     np.dtype("<f8"): "F64",
@@ -60,7 +62,7 @@ class Encoded:
 
 
 def _byte_view(arr: np.ndarray) -> memoryview:
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return memoryview(arr.reshape(-1).view(np.uint8).data)
 
 
 def encode_pieces(params: Mapping[str, np.ndarray]) -> Encoded:
@@ -149,7 +151,7 @@ def parse_header(text: bytes, data_bytes: int) -> list[Slot]:
     """The arrays a safetensors header describes, in data order; ProtocolError unless they
     are allowed dtypes exactly tiling the ``data_bytes`` after the header."""
 
-    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         if len({k for k, _ in pairs}) != len(pairs):
             raise ProtocolError("payload header names an array twice")
         return dict(pairs)
@@ -164,11 +166,13 @@ def parse_header(text: bytes, data_bytes: int) -> list[Slot]:
     slots = []
     for name, entry in header.items():
         try:
-            dtype = NAMED_DTYPES[entry["dtype"]]
+            dtype: np.dtype = NAMED_DTYPES[entry["dtype"]]
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(v) for v in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"{name[:60]}: malformed or disallowed header entry ({exc})") from None
+            raise ProtocolError(
+                f"{name[:60]}: malformed or disallowed header entry ({exc})"
+            ) from None
         if any(d < 0 for d in shape) or not 0 <= begin <= end:
             raise ProtocolError(f"{name[:60]}: negative shape or offsets in the header")
         if end - begin != int(np.prod(shape, dtype=object)) * dtype.itemsize:
@@ -207,6 +211,15 @@ class StreamDecoder:
         self._views: list[np.ndarray] = []  # each array's bytes, in data order
         self._slot = 0  # the array being filled
         self._checked = 0  # its elements checked for finiteness
+        self._discarded = False
+        self._lock = threading.Lock()
+
+    def discard(self) -> None:
+        """Drop what was received (a refused or abandoned transfer frees its arrays now);
+        safe from another thread than the one adding chunks."""
+        with self._lock:
+            self._discarded = True
+            self._arrays, self._views, self._head = {}, [], bytearray()
 
     @property
     def header_done(self) -> bool:
@@ -214,6 +227,12 @@ class StreamDecoder:
 
     def add(self, chunk: pb.Chunk) -> Params | None:
         """Take the next chunk; the arrays once the transfer is complete, else None."""
+        with self._lock:
+            if self._discarded:
+                raise ProtocolError("the transfer was abandoned")
+            return self._add(chunk)
+
+    def _add(self, chunk: pb.Chunk) -> Params | None:
         first = check_chunk(self._first, chunk, self._count, self.max_bytes)
         self._first = first
         data = memoryview(chunk.data)

@@ -200,11 +200,13 @@ class NetworkTransport:
     def _forget(self, task_id: bytes) -> None:
         """Stop waiting for a task: its client's late answer will be dropped."""
         flight = self._in_flight.pop(task_id)
+        flight.task.receiver.discard()  # (a reply cut off midway frees its arrays now)
         session = self.hub.session_for(flight.client_id)
         if session is not None:
             with session.lock:
                 if session.task is not None and session.task.task_id == task_id:
                     session.task = None
+        self.hub.uploads.released()
 
     def cancel(self) -> None:
         """Stop waiting for every task in flight (and forget failures not yet polled)."""
