@@ -121,19 +121,42 @@ def _slices(pieces: Sequence[memoryview], chunk_bytes: int) -> Iterator[bytes]:
         yield b"".join(parts)
 
 
-def stream_chunks(encoded: Encoded, chunk_bytes: int) -> Iterator[pb.Chunk]:
-    """The protocol chunks of ``encoded`` (a fresh transfer id), produced lazily."""
+@dataclass(frozen=True)
+class ChunkPart:
+    """One protocol chunk of a payload, written into a message with :meth:`fill`."""
+
+    transfer_id: bytes
+    index: int
+    count: int
+    total_bytes: int
+    sha256: bytes
+    data: bytes
+
+    def fill(self, chunk: pb.Chunk) -> None:
+        """Write this chunk into ``chunk``, a field of the outgoing message: a message built
+        around a finished chunk copies it, at a fraction of the speed (about a tenth here)."""
+        chunk.transfer_id = self.transfer_id
+        chunk.index = self.index
+        chunk.count = self.count
+        chunk.total_bytes = self.total_bytes
+        chunk.sha256 = self.sha256
+        chunk.data = self.data
+
+
+def chunk_parts(encoded: Encoded, chunk_bytes: int) -> Iterator[ChunkPart]:
+    """The chunks of ``encoded`` (a fresh transfer id), cut lazily from its pieces."""
     transfer_id = os.urandom(16)
     count = max(1, -(-encoded.size // chunk_bytes))
     for index, data in enumerate(_slices(encoded.pieces, chunk_bytes)):
-        yield pb.Chunk(
-            transfer_id=transfer_id,
-            index=index,
-            count=count,
-            total_bytes=encoded.size,
-            sha256=encoded.digest,
-            data=data,
-        )
+        yield ChunkPart(transfer_id, index, count, encoded.size, encoded.digest, data)
+
+
+def stream_chunks(encoded: Encoded, chunk_bytes: int) -> Iterator[pb.Chunk]:
+    """The chunks of ``encoded`` as messages of their own."""
+    for part in chunk_parts(encoded, chunk_bytes):
+        chunk = pb.Chunk()
+        part.fill(chunk)
+        yield chunk
 
 
 @dataclass(frozen=True)

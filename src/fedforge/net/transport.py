@@ -28,7 +28,7 @@ from fedforge.core.params import Params, ParamSpec
 from fedforge.core.records import ClientFailure, Reply, Task
 from fedforge.net.hub import Hub, PendingTask, Session, new_task_id
 from fedforge.net.proto import fedforge_pb2 as pb
-from fedforge.net.stream import Encoded, StreamDecoder, encode_into, stream_chunks
+from fedforge.net.stream import Encoded, StreamDecoder, chunk_parts, encode_into
 
 log = logging.getLogger("fedforge")
 SEED_BYTES = 16
@@ -89,18 +89,16 @@ class NetworkTransport:
     ) -> Iterator[pb.ServerMessage]:
         seed = seed_bytes(task.seed)
         scalars = {k: float(v) for k, v in task.scalars.items()}
-        for chunk in stream_chunks(payload, self.chunk_bytes):
-            yield pb.ServerMessage(
-                envelope=self.hub.envelope(task.round),
-                task=pb.TaskChunk(
-                    stage=task.stage,
-                    seed=seed,
-                    scalars=scalars,
-                    deadline_unix_ms=deadline_ms,
-                    chunk=chunk,
-                    task_id=task_id,
-                ),
-            )
+        for part in chunk_parts(payload, self.chunk_bytes):
+            message = pb.ServerMessage(envelope=self.hub.envelope(task.round))
+            body = message.task
+            body.stage = task.stage
+            body.seed = seed
+            body.scalars.update(scalars)
+            body.deadline_unix_ms = deadline_ms
+            body.task_id = task_id
+            part.fill(body.chunk)
+            yield message
 
     def _encode(self, shared: Params) -> Encoded:
         """``shared``'s payload; tasks sharing one dict (an exchange's, or the tasks an

@@ -34,7 +34,7 @@ from fedforge.net.codec import DEFAULT_CHUNK_BYTES, ProtocolError, encoded_size_
 from fedforge.net.peer import peer_text
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.service import PROTOCOL_VERSION
-from fedforge.net.stream import Encoded, StreamDecoder, encode_pieces, stream_chunks
+from fedforge.net.stream import Encoded, StreamDecoder, chunk_parts, encode_pieces
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import DiskStateStore, EphemeralSessions
 from fedforge.secagg.aggregation import SecureAggregation
@@ -117,19 +117,17 @@ class SiteWorker:
         self, round_number: int, stage: str, task_id: bytes, encoded: Encoded, record: Record
     ) -> Iterator[pb.ClientMessage]:
         # Chunks are cut from the record's arrays as the stream takes them (no encoded copy).
-        for piece in stream_chunks(encoded, DEFAULT_CHUNK_BYTES):
-            header = piece.index == 0  # the server reads the header from the first chunk
-            yield pb.ClientMessage(
-                envelope=self._envelope(round_number),
-                reply=pb.ReplyChunk(
-                    stage=stage,
-                    num_examples=record.num_examples if header else 0,
-                    scalars=record.scalars if header else {},
-                    metrics=record.metrics if header else {},
-                    chunk=piece,
-                    task_id=task_id,
-                ),
-            )
+        for part in chunk_parts(encoded, DEFAULT_CHUNK_BYTES):
+            message = pb.ClientMessage(envelope=self._envelope(round_number))
+            reply = message.reply
+            reply.stage = stage
+            reply.task_id = task_id
+            if part.index == 0:  # the server reads the header from the first chunk
+                reply.num_examples = record.num_examples
+                reply.scalars.update(record.scalars)
+                reply.metrics.update(record.metrics)
+            part.fill(reply.chunk)
+            yield message
 
     def task(self, message: pb.ServerMessage) -> int:
         """Consume one chunk; when the task is complete, answer it. Returns 1 for an
