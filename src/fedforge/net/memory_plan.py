@@ -45,7 +45,8 @@ class MemoryPlan:
 
 
 def gb(size: int) -> str:
-    return f"{size / 1e9:.2f} GB"
+    """A size in GB (in MB below one GB)."""
+    return f"{size / 1e9:.2f} GB" if size >= 10**9 else f"{size / 1e6:.1f} MB"
 
 
 def server_plan(
@@ -62,9 +63,11 @@ def server_plan(
     other server state (optimizer moments, control variates) ``state_bytes``, the arrays
     broadcast to every client (encoded once) ``broadcast_bytes``; records of
     spec ``update``, aggregated by ``kind`` over up to ``per_round`` records a round, with
-    up to ``uploads`` replies received at once (0: every record of the round at once)."""
+    up to ``uploads`` replies received at once (0: every record of the round at once) while
+    the driver folds the one received before them into the aggregate."""
     record = spec_bytes(update)
-    in_flight = min(uploads, per_round) if uploads else per_round
+    # Replies being received, and the record the driver is folding in meanwhile.
+    in_flight = (min(uploads, per_round) if uploads else per_round) + 1
     if kind == "mean":
         aggregation = spec_bytes(update, 8) + record  # the float64 running sum, the mean
     elif kind == "gather":
