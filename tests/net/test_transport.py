@@ -139,13 +139,13 @@ def test_tasks_go_down_once_encoded_and_records_come_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[int] = []
-    real = transport_module.encode_into
+    real = transport_module.encode_pieces
 
     def counting(params: dict[str, np.ndarray]) -> Encoded:
         calls.append(1)
         return real(params)
 
-    monkeypatch.setattr(transport_module, "encode_into", counting)
+    monkeypatch.setattr(transport_module, "encode_pieces", counting)
     _, service, transport, (a, b) = _setup(timeout=1.0)
     tasks = [Task(FIT, 3, cid, SEED + cid, SHARED, {"clip_norm": 2.5}) for cid in (0, 1)]
     exchange = Exchange(transport, tasks)

@@ -76,8 +76,7 @@ def server_plan(
         aggregation = spec_bytes(update, 8) + record
     return MemoryPlan(
         {
-            "model": model_bytes,
-            "evaluation copy": model_bytes,
+            "model": model_bytes,  # (evaluated in place: no second copy)
             "server state": state_bytes,
             "new model": model_bytes,
             "broadcast": broadcast_bytes,

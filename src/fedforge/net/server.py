@@ -258,7 +258,7 @@ def run_server(
     log.info("run %s serving on %s (%d registered clients)", run_id, d.address, len(names))
 
     def evaluator(params: Params) -> Evaluation:
-        model.set_params(params)
+        model.share_params(params)  # the model's arrays themselves: no second copy
         return evaluate(model, data.test)
 
     site_sizes = SiteSizes(hub, d, data, lambda cid: names[cid])

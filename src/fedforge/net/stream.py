@@ -5,9 +5,9 @@ The payload is a safetensors file (``decode_params`` reads it whole), produced a
 without ever holding it as one byte string:
 
 - :func:`encode_pieces` lays out the header and a byte view of each array (no copy of the
-  data); :func:`stream_chunks` cuts the pieces into protocol chunks (one chunk-sized copy at a
-  time). :func:`encode_into` writes the pieces into one buffer, for a payload streamed to many
-  receivers (the round's broadcast, serialized once).
+  data): the round's broadcast is encoded once and every client's stream reads the same
+  memory; :func:`chunk_parts` cuts the pieces into protocol chunks (one chunk-sized copy at
+  a time, written into the outgoing message in place).
 - :class:`StreamDecoder` checks each chunk as :class:`~fedforge.net.codec.Reassembler` does,
   parses the header as soon as it has arrived, checks it against the expected arrays (names,
   shapes, dtypes: the records' own validation, before anything is allocated), allocates each
@@ -90,18 +90,6 @@ def encode_pieces(params: Mapping[str, np.ndarray]) -> Encoded:
     for piece in pieces:
         digest.update(piece)
     return Encoded(pieces, len(head) + offset, digest.digest())
-
-
-def encode_into(params: Mapping[str, np.ndarray]) -> Encoded:
-    """:func:`encode_pieces` copied into one buffer (one piece): a payload that outlives
-    changes to the arrays, streamed to every receiver from the same memory."""
-    encoded = encode_pieces(params)
-    buffer = bytearray(encoded.size)
-    at = 0
-    for piece in encoded.pieces:
-        buffer[at : at + len(piece)] = piece
-        at += len(piece)
-    return Encoded((memoryview(buffer),), encoded.size, encoded.digest)
 
 
 def _slices(pieces: Sequence[memoryview], chunk_bytes: int) -> Iterator[bytes]:

@@ -28,7 +28,7 @@ from fedforge.core.params import Params, ParamSpec
 from fedforge.core.records import ClientFailure, Reply, Task
 from fedforge.net.hub import Hub, PendingTask, Session, new_task_id
 from fedforge.net.proto import fedforge_pb2 as pb
-from fedforge.net.stream import Encoded, StreamDecoder, chunk_parts, encode_into
+from fedforge.net.stream import Encoded, StreamDecoder, chunk_parts, encode_pieces
 
 log = logging.getLogger("fedforge")
 SEED_BYTES = 16
@@ -102,12 +102,15 @@ class NetworkTransport:
 
     def _encode(self, shared: Params) -> Encoded:
         """``shared``'s payload; tasks sharing one dict (an exchange's, or the tasks an
-        asynchronous run hands out on one model version) encode it once, into one buffer
-        that every client's stream reads its chunks from (never copied per client)."""
+        asynchronous run hands out on one model version) encode it once: a header and a view
+        of each array, which every client's stream cuts its chunks from (no copy of the
+        model, none per client). The server never writes a model's arrays in place (an
+        update makes new ones); if anything did, the digest taken here would no longer match
+        and the clients would refuse the task, not train on a torn model."""
         if self._encoded is None or self._encoded[0] is not shared:
             self._encoded = None  # (the previous payload is released before the next is made)
             # (keeping the dict alive keeps its identity unique)
-            self._encoded = (shared, encode_into(shared))
+            self._encoded = (shared, encode_pieces(shared))
         return self._encoded[1]
 
     def submit(self, tasks: Sequence[Task]) -> None:
