@@ -299,7 +299,7 @@ def run_server(
     # refused at their first chunk: a client holds O(model) server memory at most.
     transport.reply_limits = reply_limits(driver.fit_spec.arrays, len(names))
     # ... and a reply whose header names other arrays is refused before they are allocated.
-    transport.reply_specs = {FIT: driver.fit_spec.arrays, EVALUATE: {}}
+    transport.reply_specs = {FIT: driver.fit_reply_spec.arrays, EVALUATE: driver.eval_spec.arrays}
     # Rounds start once min_clients are connected, with whoever is connected (the sampler
     # draws from them).
     needed = min(d.min_clients, len(names))
