@@ -61,10 +61,10 @@ def watch(procs: dict[str, subprocess.Popen[bytes]], timeout_s: float) -> dict[s
     peaks = dict.fromkeys(procs, 0)
     deadline = time.monotonic() + timeout_s
     while any(p.poll() is None for p in procs.values()):
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or procs["server"].poll() not in (None, 0):
             for p in procs.values():
                 p.kill()
-            raise SystemExit("timed out")
+            raise SystemExit("timed out, or the server failed")
         for name, p in procs.items():
             peaks[name] = max(peaks[name], peak_rss(p.pid))
         time.sleep(0.05)

@@ -45,7 +45,7 @@ class TorchModel:
         previous storage is released."""
         for name, tensor in self._tensors.items():
             array = np.asarray(params[name])
-            if array.shape != tuple(tensor.shape) or array.dtype != tensor.numpy().dtype:
+            if array.shape != tuple(tensor.shape) or array.dtype != tensor.detach().numpy().dtype:
                 raise ValueError(f"{name}: {array.shape} {array.dtype} does not fit the model")
             if not (array.flags.c_contiguous and array.flags.writeable):
                 array = np.array(array)  # (torch shares writeable, contiguous memory only)
