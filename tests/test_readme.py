@@ -248,6 +248,11 @@ class Shell:
         if argv[:3] == ["python", "-m", "pytest"]:
             assert " ".join(argv) in (ROOT / ".ci" / "run").read_text()
             return None
+        if argv[:2] == ["python", "-c"] and argv[3:4] == [">"]:  # python -c CODE > FILE
+            made = subprocess.run([sys.executable, "-c", argv[2]], capture_output=True, text=True)
+            assert made.returncode == 0, made.stderr
+            (self.scratch / argv[4]).write_text(made.stdout)
+            return None
         assert argv[0] == "fedforge", f"README command the tests do not know: {argv}"
         args, target = argv[1:], None
         if ">" in args:  # fedforge config > my.toml
@@ -265,7 +270,14 @@ class Shell:
         if path == ("run",):
             return self.fedforge_run(params)
         if path == ("dashboard",):
-            assert str(params["run_dir"]) in self.made
+            from fedforge.report.dashboard import is_loopback_host, read_token
+
+            # A run directory an earlier command made, or a server's default state directory.
+            deployed = str(params["run_dir"]) == RunConfig().deploy.state_dir
+            assert deployed or str(params["run_dir"]) in self.made, params["run_dir"]
+            if not is_loopback_host(params["host"]):  # served beyond loopback: with a token
+                token_file = params["token_file"] and self.scratch / params["token_file"]
+                assert read_token(token_file) is not None
         elif path == ("server",):
             load_config(ROOT / params["config"], params["set_"])
         elif path == ("client",):
@@ -295,6 +307,13 @@ class Shell:
             if not (self.scratch / "keys").exists():  # the coordinator's own keys
                 assert self.runner.invoke(app, ["keys", "init", "keys"]).exit_code == 0
             shutil.copy(self.scratch / "credentials" / "client.csr", self.scratch / args[2])
+        if args[:2] == ["keys", "renew"] and not (self.scratch / "keys").exists():
+            # the coordinator's keys, in which the site was registered earlier
+            for setup in (
+                ["keys", "init", "keys"],
+                ["keys", "add-client", args[2], "--keys", "keys"],
+            ):
+                assert self.runner.invoke(app, setup).exit_code == 0
         result = self.runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         if args[:2] == ["keys", "sign"]:

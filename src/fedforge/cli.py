@@ -493,7 +493,9 @@ def server(
 ) -> None:
     """Serve a federated run over gRPC (mutual TLS); resumes from deploy.state_dir."""
     import os
+    import shlex
     import sqlite3
+    import sys
 
     from fedforge.config import load_config
 
@@ -514,10 +516,6 @@ def server(
             "not authenticated. Never use this beyond localhost.[/]"
         )
     try:
-        if new_run:
-            from fedforge.runtime.checkpoint import CheckpointStore
-
-            CheckpointStore.discard(Path(cfg.deploy.state_dir))
         if dashboard:
             board = _start_dashboard(Path(cfg.deploy.state_dir), dashboard_port)
         result = run_server(
@@ -525,8 +523,16 @@ def server(
             insecure=insecure,
             client_names=client,
             allow_remote_insecure=allow_remote_insecure,
+            new_run=new_run,
         )
-    except (FedforgeError, OSError, sqlite3.Error) as exc:  # (a full disk: one line)
+    except OSError as exc:  # a full disk: one line, and the command that continues
+        from fedforge.report.stops import environment_text
+
+        again = [a for a in sys.argv[1:] if a != "--new-run"]
+        command = shlex.join(["fedforge", *again])
+        text = environment_text(exc, Path(cfg.deploy.state_dir), command)
+        raise _fail(FedforgeError(text or str(exc))) from None
+    except (FedforgeError, sqlite3.Error) as exc:
         raise _fail(exc) from None
     finally:
         if board is not None:

@@ -160,6 +160,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def wait_for_run(
+    server: subprocess.Popen[bytes], sites: subprocess.Popen[bytes], timeout: float
+) -> int:
+    """The server's exit code once it ends; a sites process that fails first ends the wait
+    at once (the server would wait for its clients until ``timeout``)."""
+    wait_for(
+        lambda: server.poll() is not None or sites.poll() not in (None, 0),
+        timeout,
+        "the server to end",
+    )
+    assert server.poll() is not None, f"the sites exited {sites.returncode} before the server"
+    return server.returncode
+
+
 def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         if p.poll() is None:

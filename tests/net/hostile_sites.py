@@ -22,11 +22,12 @@ from cryptography import x509
 
 from fedforge.config import RunConfig
 from fedforge.core.records import Record, Task
-from fedforge.net import client as client_module
+from fedforge.net import worker as worker_module
 from fedforge.net.client import FederatedClient, builtin_partition, npz_loader
 from fedforge.net.keys import ClientCredentials
 from fedforge.secagg import crypto
-from fedforge.secagg.client import Identity, SecAggClient, Session
+from fedforge.secagg.client import SecAggClient
+from fedforge.secagg.session import Identity, Session
 from tests.secagg.hostile import BadSignature, CraftedInput, CraftedUnmask, GarbageShares, ZeroKey
 
 
@@ -72,7 +73,7 @@ def start_sites(port: int, keys: Path, state: Path, sites: list[str], log: Path)
 
 
 def main(server: str, keys: Path, state: Path, sites: dict[str, str]) -> int:
-    real = client_module.secure_client
+    real = worker_module.secure_client
 
     def secure_client(config: RunConfig, identity: Identity | None) -> SecAggClient | None:
         honest = real(config, identity)
@@ -82,7 +83,7 @@ def main(server: str, keys: Path, state: Path, sites: dict[str, str]) -> int:
         behaviour = BEHAVIOURS[sites[name].split(":")[0]]
         return behaviour(identity, withhold_metrics=honest.withhold_metrics)
 
-    client_module.secure_client = secure_client  # each site's secure side, by its name
+    worker_module.secure_client = secure_client  # each site's secure side, by its name
     done: dict[str, int] = {}
 
     def serve(name: str) -> None:

@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 
 from tests.net.helpers import (
+    PATIENCE,
     free_port,
     make_keys,
     start_server,
     stop_all,
     stored_history,
+    wait_for_run,
     write_config,
 )
 from tests.net.hostile_sites import start_sites
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(PATIENCE * 300)
 HONEST = ["alice", "bob", "carol", "dave"]
 HOSTILE = {"mallory-key": "key", "mallory-sig": "sig", "mallory-x": "shifty"}
 
@@ -34,14 +36,16 @@ def test_hostile_sites_are_excluded_and_the_honest_rounds_complete(tmp_path: Pat
     keys = make_keys(tmp_path, names)
     port = free_port()
     extra = '[aggregation]\nkind = "secure_sum"\n[secagg]\ncomplete_graph = true\n'
-    cfg = write_config(tmp_path, keys, port, rounds=3, clients=len(names), timeout=60, extra=extra)
+    cfg = write_config(
+        tmp_path, keys, port, rounds=3, clients=len(names), timeout=60 * PATIENCE, extra=extra
+    )
     server = start_server(cfg, tmp_path / "server.log")
     behaviours = [f"{n}={HOSTILE.get(n, 'honest')}" for n in names]
     sites = start_sites(port, keys, tmp_path / "client-state", behaviours, tmp_path / "sites.log")
     log = tmp_path / "server.log"
     try:
-        assert server.wait(timeout=200) == 0, log.read_text()[-4000:]
-        assert sites.wait(timeout=30) == 0, (tmp_path / "sites.log").read_text()[-4000:]
+        assert wait_for_run(server, sites, 200 * PATIENCE) == 0, log.read_text()[-4000:]
+        assert sites.wait(timeout=30 * PATIENCE) == 0, (tmp_path / "sites.log").read_text()[-4000:]
     finally:
         stop_all([server, sites])
     history = stored_history(tmp_path / "state")

@@ -18,6 +18,7 @@ from fedforge.data.datasets import load_digits
 from fedforge.net.codec import Reassembler, decode_params, encode_params, split_payload
 from fedforge.net.proto import fedforge_pb2 as pb
 from tests.net.helpers import (
+    PATIENCE,
     CraftedClient,
     free_port,
     make_keys,
@@ -25,11 +26,12 @@ from tests.net.helpers import (
     stop_all,
     stored_history,
     wait_for_port,
+    wait_for_run,
     write_config,
 )
 from tests.net.hostile_sites import start_sites
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(PATIENCE * 300)
 HOLDOUT_CLAIM = 10_000_000
 
 
@@ -121,7 +123,7 @@ def test_poison_is_refused_and_large_honest_sites_are_clamped_not_rejected(
         rounds=2,
         clients=20,  # the built-in partition: a and b get small shares
         min_clients=4,
-        timeout=60,
+        timeout=60 * PATIENCE,
         server_extra='sampler = "poisson"\nsampling_rate = 1.0',
         uniform=False,
         deploy_extra='client_data = "own"\nsite_examples = { b = 10 }',
@@ -137,8 +139,8 @@ def test_poison_is_refused_and_large_honest_sites_are_clamped_not_rejected(
         liar = Poisoner(port, keys / "zz-liar")
         thread = threading.Thread(target=liar.serve, daemon=True)
         thread.start()
-        assert server.wait(timeout=200) == 0, log.read_text()[-4000:]
-        assert sites.wait(timeout=30) == 0, (tmp_path / "sites.log").read_text()[-4000:]
+        assert wait_for_run(server, sites, 200 * PATIENCE) == 0, log.read_text()[-4000:]
+        assert sites.wait(timeout=30 * PATIENCE) == 0, (tmp_path / "sites.log").read_text()[-4000:]
     finally:
         stop_all([server, sites])
         if liar is not None:

@@ -25,6 +25,7 @@ from fedforge.net.keys import (
 )
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
+from fedforge.report.live import LiveState
 from tests.net.helpers import (
     PATIENCE,
     CraftedClient,
@@ -45,6 +46,7 @@ from tests.net.helpers import (
 
 pytestmark = pytest.mark.timeout(PATIENCE * 300)
 NAMES = ["c0", "c1", "c2"]
+DATABASE = "state.sqlite"
 
 
 def _history(state: Path) -> list[tuple[int, int, int]]:
@@ -332,3 +334,33 @@ def test_operator_mistakes_get_clear_refusals(tmp_path: Path) -> None:
     server = start_server(cfg, tmp_path / "s.log")
     assert server.wait(timeout=60 * PATIENCE) == 1
     assert "but no run to resume" in (tmp_path / "s.log").read_text()
+
+
+def test_one_server_owns_a_state_directory_and_a_killed_one_is_not_shown_running(
+    tmp_path: Path,
+) -> None:
+    """A second ``fedforge server`` on a live server's state directory (even with --new-run)
+    is refused with one line naming the owner, and deletes nothing; the dashboard shows the
+    live server ``running`` and the SIGKILLed one ``killed``."""
+    keys = make_keys(tmp_path, NAMES)
+    cfg = write_config(tmp_path, keys, free_port(), rounds=1)  # waits for clients that never come
+    state, first_log, second_log = tmp_path / "state", tmp_path / "first.log", tmp_path / "2.log"
+    first = start_server(cfg, first_log)
+    try:
+        wait_for(lambda: log_has(first_log, "serving on"), 60 * PATIENCE, "the first server")
+        stored = (state / DATABASE).stat().st_ino  # the first server writes on into it
+        other_port = f"deploy.address=127.0.0.1:{free_port()}"
+        second = fedforge(["server", str(cfg), "--set", other_port, "--new-run"], second_log)
+        assert second.wait(timeout=60 * PATIENCE) == 1
+        said = [line for line in second_log.read_text().splitlines() if line.strip()]
+        assert len(said) == 1, said
+        assert f"deploy.state_dir {state} is in use by the run in process {first.pid}" in said[0]
+        assert (state / DATABASE).stat().st_ino == stored  # --new-run deleted nothing
+        assert first.poll() is None
+        assert LiveState(state).state()["status"] == "running"
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10 * PATIENCE)
+    finally:
+        stop_all([first])
+    live = LiveState(state).state()
+    assert live["status"] == "killed" and str(first.pid) in live["status_reason"]

@@ -10,11 +10,13 @@ import numpy as np
 
 from fedforge.core.params import ArraySpec
 from fedforge.core.records import Record, RecordSpec, Task
-from fedforge.secagg.client import Identity, SecAggClient, Session, keep
+from fedforge.secagg.client import Answer, SecAggClient
 from fedforge.secagg.crypto import SecAggError
+from fedforge.secagg.graph import neighbours
 from fedforge.secagg.protocol import STEPS, SecAggParams
 from fedforge.secagg.records import Layout, SecureSum
 from fedforge.secagg.server import SecAggRound
+from fedforge.secagg.session import Identity, Session, keep
 
 Tamper = Callable[[Task], Task]  # the server's outgoing task, changed in flight
 
@@ -54,13 +56,18 @@ def run_session(
     errors: dict[int, str] | None = None,
     clients: Mapping[int, SecAggClient] | None = None,
     server_verifies: bool = True,
+    batched: bool = False,
+    graph_seed: bytes | None = None,
 ) -> Outcome:
     """One session over ``inputs``; ``drop[step]``: clients that vanish at that step (they
     never answer it); a client whose step raises is a dropout too, its error recorded in
     ``errors``; ``clients``: who answers for some clients (a hostile one). With
     ``identities`` the server checks the signatures itself unless not ``server_verifies``
     (then only the neighbours do); their certificates are named ``site<id>``. A reply the
-    server rejects excludes its client, as in the driver. Raises SecAggAbort."""
+    server rejects excludes its client, as in the driver. ``batched``: each step's honest
+    clients answer as one chunk (``SecAggClient.handle_chunk``), as in the vectorized
+    runtime. ``graph_seed``: the server announces this graph seed instead of a fresh one
+    (the same graph in two sessions). Raises SecAggAbort."""
     dim = len(next(iter(inputs.values())).arrays["w"])
     names = tuple(next(iter(inputs.values())).scalars)
     spec = RecordSpec({"w": ArraySpec((dim,), np.float32)}, scalars=names)
@@ -79,24 +86,27 @@ def run_session(
         ca_pem=next(iter(identities.values())).ca_pem if identities and server_verifies else None,
         names={c: f"site{c}" for c in inputs},
     )
+    if graph_seed is not None:
+        server.graph_seed = graph_seed
+        server.graph = neighbours(server.participants, server.degree, graph_seed)
     replies: dict[str, dict[int, Record]] = {}
     errors = {} if errors is None else errors  # the caller's dict survives an abort
     for step in STEPS:
         replies[step] = {}
-        for task in server.tasks(step, {c: 1000 + c for c in inputs}):
+        tasks = [
+            (tamper[step](task) if tamper and step in tamper else task)
+            for task in server.tasks(step, {c: 1000 + c for c in inputs})
+            if task.client_id not in (drop or {}).get(step, set())
+        ]
+        answers = _answer(tasks, sessions, clients or {}, identities, batched)
+        for task, answer in zip(tasks, answers, strict=True):
             cid = task.client_id
-            if cid in (drop or {}).get(step, set()):
+            if isinstance(answer, Exception):
+                if not isinstance(answer, SecAggError):
+                    raise answer
+                errors[cid] = str(answer)
                 continue
-            if tamper and step in tamper:
-                task = tamper[step](task)
-            client = (clients or {}).get(cid) or SecAggClient(
-                identities[cid] if identities else None
-            )
-            try:
-                reply, sessions[cid] = client.handle(task, sessions[cid])
-            except SecAggError as exc:
-                errors[cid] = str(exc)
-                continue
+            reply, sessions[cid] = answer
             problem = server.check(step, reply)
             if problem is not None:
                 errors[cid] = problem
@@ -107,3 +117,35 @@ def run_session(
     outcome = Outcome(server, server.result(), {}, replies, errors)
     outcome.inputs = {c: r.arrays["w"] for c, r in inputs.items()}
     return outcome
+
+
+def _answer(
+    tasks: list[Task],
+    sessions: Mapping[int, Session | None],
+    clients: Mapping[int, SecAggClient],
+    identities: Mapping[int, Identity] | None,
+    batched: bool,
+) -> list[Answer]:
+    """Each task's answer: per client, or the honest clients' tasks as one chunk."""
+
+    def honest(cid: int) -> SecAggClient:
+        return SecAggClient(identities[cid] if identities else None)
+
+    def alone(task: Task) -> Answer:
+        client = clients.get(task.client_id) or honest(task.client_id)
+        try:
+            return client.handle(task, sessions[task.client_id])
+        except SecAggError as exc:
+            return exc
+
+    if not batched or identities:  # signed keys: each client holds its own identity
+        return [alone(t) for t in tasks]
+    chunk = [t for t in tasks if t.client_id not in clients]
+    answers = dict(
+        zip(
+            [t.client_id for t in chunk],
+            SecAggClient().handle_chunk(chunk, [sessions[t.client_id] for t in chunk]),
+            strict=True,
+        )
+    )
+    return [answers[t.client_id] if t.client_id in answers else alone(t) for t in tasks]

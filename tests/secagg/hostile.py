@@ -11,7 +11,8 @@ from cryptography import x509
 
 from fedforge.core.records import Record, Task
 from fedforge.secagg import crypto, shamir
-from fedforge.secagg.client import SecAggClient, Session, pack_identity
+from fedforge.secagg.client import SecAggClient
+from fedforge.secagg.session import Session, pack_identity
 
 
 def _with(record: Record, **arrays: np.ndarray) -> Record:

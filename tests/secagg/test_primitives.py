@@ -7,8 +7,10 @@ import os
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedforge.core.errors import ConfigError
+from fedforge.core.keystream import KeystreamBuffer, keystream, keystream_words
 from fedforge.secagg import crypto, ring, shamir
 from fedforge.secagg.graph import default_degree, neighbours
 
@@ -112,3 +114,31 @@ def test_stochastic_rounding_is_unbiased_and_integers_are_exact() -> None:
     assert abs(decoded.mean() - 0.3) < 3 * 0.25 / np.sqrt(len(value))
     bits = np.array([0.0, 1.0, 1.0, 0.0, 3.0])
     assert np.array_equal(ring.decode(ring.encode(bits, 0, 64, rng), 0, 64), bits)
+
+
+def test_keystreams_are_the_aes_256_ctr_keystream_from_a_zero_counter() -> None:
+    key = bytes(range(32))
+    reference = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    want = reference.update(bytes(4003))  # zeros encrypted: the keystream itself
+    assert keystream(key, 4003) == want
+    buffer = KeystreamBuffer(1000, np.uint32)
+    other = buffer.expand(bytes(32)).copy()
+    assert buffer.expand(key).tobytes() == want[:4000]  # the buffer is reused ...
+    assert not np.array_equal(other, buffer.expand(key))  # ... for each key in turn
+    assert keystream_words(key, 500, np.uint64).tobytes() == want[:4000]
+    assert keystream_words(key, 0, np.uint16).size == 0
+
+
+def test_the_low_order_keys_are_exactly_the_ones_agreement_refuses() -> None:
+    """Each listed point makes a real agreement all zero (so OpenSSL refuses it); keys next
+    to them, and fresh keys, are accepted by both."""
+    own = crypto.KeyPair.generate().private
+    for u in sorted(crypto.LOW_ORDER):
+        raw = u.to_bytes(32, "little")
+        with pytest.raises(crypto.SecAggError, match="bad public key"):
+            crypto.agree(own, raw)
+        with pytest.raises(crypto.SecAggError, match="low order"):
+            crypto.check_public_key(raw)
+    for raw in [(2).to_bytes(32, "little"), crypto.KeyPair.generate().public]:
+        crypto.check_public_key(raw)
+        assert len(crypto.agree(own, raw)) == 32

@@ -19,7 +19,7 @@ from fedforge.core.params import ArraySpec
 from fedforge.core.records import Record, RecordSpec, Task
 from fedforge.net.keys import ClientCredentials, add_client, init_keys
 from fedforge.secagg import crypto, ring
-from fedforge.secagg.client import Identity, SecAggClient, keep, pack_identity
+from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.graph import _ring
 from fedforge.secagg.protocol import (
     ADVERTISE,
@@ -32,6 +32,7 @@ from fedforge.secagg.protocol import (
 )
 from fedforge.secagg.records import Layout
 from fedforge.secagg.server import SecAggRound
+from fedforge.secagg.session import Identity, keep, pack_identity
 from tests.secagg.harness import Tamper, records, run_session
 
 COMPLETE = SecAggParams(complete=True)

@@ -18,14 +18,16 @@ from fedforge.core.records import FIT, Record, Task
 from fedforge.core.rng import RngStreams
 from fedforge.data.federated import ClientData, FederatedDataset
 from fedforge.report.history import History
+from fedforge.runtime.backends import BackendOptions
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import MemoryStateStore
 from fedforge.runtime.driver import Driver
 from fedforge.runtime.sampling import UniformSampler
 from fedforge.runtime.sequential import SequentialTransport
 from fedforge.secagg.aggregation import SecureAggregation
-from fedforge.secagg.client import SecAggClient
-from fedforge.secagg.protocol import SHARE, STEPS, UNMASK, SecAggParams
+from fedforge.secagg.client import Answer, SecAggClient
+from fedforge.secagg.protocol import ADVERTISE, MASK, SHARE, STEPS, UNMASK, SecAggParams
+from fedforge.secagg.session import Session
 from fedforge.train.program import LocalSGD
 from fedforge.train.torch_model import TorchModel
 from tests.conftest import small_mlp
@@ -198,3 +200,34 @@ def test_no_session_secret_is_written_to_a_simulation_state_dir(
     files = [f for f in (tmp_path / "clients").rglob("*") if f.is_file()]
     assert files  # client state was written (the slot file and its layout) ...
     assert not any(b"secagg/" in f.read_bytes() for f in files)  # ... but no session
+
+
+def test_the_vectorized_runtime_runs_each_step_once_per_chunk(
+    small_federated: FederatedDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each secure-aggregation step is one chunk of the round's clients; the mask step's
+    chunks hold their masked inputs within the memory budget; the mean is unchanged."""
+    chunks: dict[str, list[int]] = {}
+    real = SecAggClient.handle_chunk
+
+    def spy(self: SecAggClient, tasks: list[Task], sessions: list[Session | None]) -> list[Answer]:
+        chunks.setdefault(tasks[0].stage, []).append(len(tasks))
+        return real(self, tasks, sessions)
+
+    monkeypatch.setattr(SecAggClient, "handle_chunk", spy)
+    record_bytes = 4 * sum(p.numel() for p in small_mlp().parameters())
+    secure = fedforge.simulate(
+        small_mlp(),
+        small_federated,
+        FedAvg(local=LOCAL, server_optimizer=fedforge.FedAdam(lr=0.01)),
+        rounds=1,
+        clients_per_round=8,
+        seed=3,
+        backend="vectorized",
+        options=BackendOptions(memory_budget=3 * 2 * record_bytes),  # 3 masked inputs
+        aggregation=SecureAggregation(),
+    )
+    assert chunks == {ADVERTISE: [8], SHARE: [8], MASK: [3, 3, 2], UNMASK: [8]}
+    plain = run(small_federated, WeightedMean(), "sequential", rounds=1)
+    for name, value in plain.state.params.items():
+        np.testing.assert_allclose(secure.state.params[name], value, atol=ATOL)

@@ -31,7 +31,7 @@ from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.server import grpc_options
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.net.worker import DataLoader, Outbox, SiteWorker
-from fedforge.secagg.client import Identity
+from fedforge.secagg.session import Identity
 
 log = logging.getLogger("fedforge")
 

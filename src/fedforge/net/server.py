@@ -53,6 +53,7 @@ from fedforge.report.history import History
 from fedforge.report.listeners import ListenerGroup
 from fedforge.report.live import LIVE, LiveLog
 from fedforge.report.rundir import provenance, start_provenance, write_provenance, write_report
+from fedforge.report.runlock import RunDirInUse, hold
 from fedforge.runtime.async_driver import AsyncDriver
 from fedforge.runtime.checkpoint import CheckpointStore
 from fedforge.runtime.client_app import DP_SGD_EPSILON
@@ -164,12 +165,16 @@ def run_server(
     listener: RoundListener | None = None,
     client_names: list[str] | None = None,
     allow_remote_insecure: bool = False,
+    new_run: bool = False,
 ) -> ServerRun:
     """Serve until ``config.server.rounds`` rounds are complete; resume from checkpoints.
 
     Clients are the names registered in the keys directory, or ``client_names`` when
     ``insecure``; their ids are fixed for the run (see :func:`settle_run`). ``insecure``
-    listens on loopback only unless ``allow_remote_insecure``.
+    listens on loopback only unless ``allow_remote_insecure``. The server holds the state
+    directory's run lock while it lives: a second server on it is refused (RunDirInUse), and
+    a dashboard tells a live server from a killed one. ``new_run`` deletes the stored state
+    (once the lock is held) and starts over.
     """
     d = config.deploy
     if insecure and not allow_remote_insecure and not is_loopback(d.address):
@@ -177,6 +182,26 @@ def run_server(
             f"--insecure refuses to listen on {d.address}: without TLS anyone on the network "
             "can read and forge updates; listen on 127.0.0.1, or pass --allow-remote-insecure"
         )
+    state_dir = Path(d.state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = hold(state_dir)
+    except RunDirInUse as exc:
+        raise RunDirInUse(f"deploy.state_dir {exc}") from None
+    with lock:
+        if new_run:
+            CheckpointStore.discard(state_dir)
+        return _serve(config, insecure, listener, client_names)
+
+
+def _serve(
+    config: RunConfig,
+    insecure: bool,
+    listener: RoundListener | None,
+    client_names: list[str] | None,
+) -> ServerRun:
+    """The body of :func:`run_server`, run while the state directory is locked."""
+    d = config.deploy
     credentials = None if insecure else ServerCredentials.load(Path(d.keys))
     if credentials is not None:  # a revoked client is no longer one of the federation
         revoked = credentials.revoked_names()

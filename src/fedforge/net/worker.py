@@ -38,8 +38,9 @@ from fedforge.net.stream import Encoded, StreamDecoder, chunk_parts, encode_piec
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import DiskStateStore, EphemeralSessions
 from fedforge.secagg.aggregation import SecureAggregation
-from fedforge.secagg.client import Identity, SecAggClient
+from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import SESSION
+from fedforge.secagg.session import Identity
 from fedforge.stages.base import StageChain
 
 log = logging.getLogger("fedforge")

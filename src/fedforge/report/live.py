@@ -177,7 +177,7 @@ class LiveState:
         ``stopped`` when the run said why it ended early (Ctrl-C, an error); ``killed`` when
         its process ended without a word (SIGKILL, a crash of the machine); ``waiting``
         before a run starts. A directory no run ever locked (a deployment's state
-        directory) is ``running`` once it has a configuration."""
+        directory from before servers locked it) is ``running`` once it has a configuration."""
         if "finished" in provenance:
             return "finished", ""
         state, info = owner(self.run_dir)

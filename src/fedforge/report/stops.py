@@ -54,13 +54,15 @@ def complete_text(run_dir: Path, rounds: int) -> str | None:
     )
 
 
-def environment_text(exc: BaseException, run_dir: Path) -> str | None:
+def environment_text(exc: BaseException, run_dir: Path, command: str | None = None) -> str | None:
     """One line for an error of the machine rather than of the run (a full disk, memory, a
-    file the run cannot write); None for anything else."""
+    file the run cannot write), ending with the ``command`` that continues the run (default:
+    ``fedforge run --resume RUN_DIR``); None for anything else."""
+    command = command or resume_command(run_dir)
     if isinstance(exc, MemoryError):
         return (
             "out of memory while training; lower the model's size, client.batch_size or "
-            "runtime.memory_budget_mb, then continue with: " + resume_command(run_dir)
+            "runtime.memory_budget_mb, then continue with: " + command
         )
     if not isinstance(exc, OSError):
         return None
@@ -69,7 +71,6 @@ def environment_text(exc: BaseException, run_dir: Path) -> str | None:
     if exc.errno in DISK_FULL:
         return (
             f"cannot write{where}: {what}; the run stopped and its saved rounds are intact: "
-            f"free disk space (or raise the file size limit), then continue with: "
-            f"{resume_command(run_dir)}"
+            f"free disk space (or raise the file size limit), then continue with: {command}"
         )
-    return f"cannot use{where}: {what}; the run stopped (continue with: {resume_command(run_dir)})"
+    return f"cannot use{where}: {what}; the run stopped (continue with: {command})"

@@ -13,6 +13,7 @@ secure-aggregation steps of the same round then read and update that session.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -33,8 +34,9 @@ from fedforge.privacy.dp_sgd import (
     train_dp_sgd,
 )
 from fedforge.runtime.client_state import ClientStateStore
-from fedforge.secagg.client import SecAggClient, keep
+from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import SESSION, STEPS
+from fedforge.secagg.session import Session, keep
 from fedforge.stages.base import STAGE_STATE, StageChain
 from fedforge.train.evaluate import evaluate
 from fedforge.train.program import INITIAL_LOSS, Tensors, batch_order, task_epochs
@@ -64,6 +66,12 @@ def to_arrays(tensors: Tensors) -> Params:
 def without_session(state: Params) -> Params:
     """``state`` without its secure-aggregation session."""
     return {k: v for k, v in state.items() if not k.startswith(SESSION)}
+
+
+def session_of(state: Params | None) -> Session | None:
+    """The secure-aggregation session in ``state`` (None: there is none)."""
+    session = {k[len(SESSION) :]: v for k, v in (state or {}).items() if k.startswith(SESSION)}
+    return session or None
 
 
 def torch_seed(task_seed: int) -> int:
@@ -226,13 +234,31 @@ class ClientApp:
     def secure_step(self, task: Task, state: Params | None) -> tuple[Record, Params]:
         """One secure-aggregation step on the session in ``state``; the rest of the state
         (an algorithm's, a DP-SGD ledger) is kept as it is."""
+        answer = self.secure_chunk([task], [state])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def secure_chunk(
+        self, tasks: Sequence[Task], states: Sequence[Params | None]
+    ) -> list[tuple[Record, Params] | Exception]:
+        """One secure-aggregation step for many clients at once (the vectorized runtime;
+        ``secure_step`` is a chunk of one): each client's reply and new state, or the
+        exception that failed it alone."""
         if self.secure is None:
-            raise FedforgeError(f"{task.stage}: this client does not run secure aggregation")
-        state = dict(state or {})
-        session = {k[len(SESSION) :]: v for k, v in state.items() if k.startswith(SESSION)}
-        record, new_session = self.secure.handle(task, session or None)
-        kept = without_session(state)
-        return record, {**kept, **{SESSION + k: v for k, v in (new_session or {}).items()}}
+            why = "this client does not run secure aggregation"
+            return [FedforgeError(f"{t.stage}: {why}") for t in tasks]
+        sessions = [session_of(state) for state in states]
+        answers = self.secure.handle_chunk(tasks, sessions)
+        out: list[tuple[Record, Params] | Exception] = []
+        for state, answer in zip(states, answers, strict=True):
+            if isinstance(answer, Exception):
+                out.append(answer)
+                continue
+            record, session = answer
+            kept = without_session(state or {})
+            out.append((record, {**kept, **{SESSION + k: v for k, v in (session or {}).items()}}))
+        return out
 
     def _train(
         self, task: Task, data: ClientData, shared: Tensors, own: Tensors, personal: Tensors

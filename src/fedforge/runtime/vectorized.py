@@ -4,7 +4,8 @@ Clients are sorted by step count and chunked to a memory budget. Each chunk: the
 states are stacked, :class:`~fedforge.train.cohort.CohortTrainer` runs the local program for
 all of them, ``vmap(algorithm.finish)`` turns the stack into records, and the stages encode
 the whole chunk. The chunk travels to the driver as one :class:`RecordBatch`, which it
-validates and sums with array operations. Other tasks (federated evaluation) run per client.
+validates and sums with array operations. The secure-aggregation steps run once per chunk
+(``ClientApp.secure_chunk``); other tasks (federated evaluation) run per client.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from fedforge.runtime.client_app import ClientApp, to_arrays, to_tensors
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sequential import answer
 from fedforge.runtime.threads import ThreadGovernor
+from fedforge.secagg.protocol import MASK, SESSION, STEPS
+from fedforge.secagg.session import RECORD
 from fedforge.train.cohort import ClientPlan, CohortTrainer
 from fedforge.train.program import INITIAL_LOSS, task_epochs
 
@@ -81,9 +84,12 @@ class VectorizedTransport:
 
     def exchange(self, tasks: Sequence[Task]) -> Iterator[Reply]:
         fit = [t for t in tasks if t.stage == FIT]
+        secure = [t for t in tasks if t.stage in STEPS]
         for task in tasks:
-            if task.stage != FIT:
+            if task.stage != FIT and task.stage not in STEPS:
                 yield answer(self.app, task, self.data, self.store)
+        if secure:
+            yield from self._secure_steps(secure)
         if not fit:
             return
         self.threads.before_round()
@@ -112,6 +118,35 @@ class VectorizedTransport:
                     except Exception as exc:
                         tb = traceback.format_exc()
                         yield ClientFailure(task.client_id, f"{type(exc).__name__}: {exc}", tb)
+
+    def _secure_steps(self, tasks: Sequence[Task]) -> Iterator[Reply]:
+        """Secure-aggregation tasks, each step in chunks: a chunk runs the step once for all
+        its clients (``ClientApp.secure_chunk``)."""
+        for stage in dict.fromkeys(t.stage for t in tasks):
+            step = [t for t in tasks if t.stage == stage]
+            states = [self.app.stored_state(t, self.store) for t in step]
+            size = self._secure_chunk_size(states) if stage == MASK else len(step)
+            for start in range(0, len(step), size):
+                chunk = step[start : start + size]
+                answers = self.app.secure_chunk(chunk, states[start : start + size])
+                for task, done in zip(chunk, answers, strict=True):
+                    if isinstance(done, Exception):
+                        why = f"{type(done).__name__}: {done}"
+                        tb = "".join(traceback.format_exception(done))
+                        yield ClientFailure(task.client_id, why, tb)
+                        continue
+                    reply, state = done
+                    self.store.put(task.client_id, state, task.round)
+                    yield reply
+
+    def _secure_chunk_size(self, states: Sequence[Params | None]) -> int:
+        """Clients per mask-step chunk: their masked inputs (ring words, at most twice the
+        float32 record they keep) within the memory budget."""
+        kept = SESSION + RECORD
+        record = max(
+            sum(v.nbytes for k, v in (s or {}).items() if k.startswith(kept)) for s in states
+        )
+        return max(1, self.memory_budget // max(2 * record, 1))
 
     def _stored_states(self, chunk: Sequence[Task]) -> list[Params | None]:
         """Each client's stored state, read once per chunk (None: none yet, or stateless)."""

@@ -1,32 +1,32 @@
-"""The client side of SecAgg+: one pure step per exchange, on an explicit session.
+"""The client side of SecAgg+: one step per exchange, on an explicit session
+(``session.py``), for one client or a chunk of clients answered in one process.
 
-A session is a dict of numpy arrays (so it travels and persists like any client state): the
-record kept after training, the session's private keys, the neighbours' public keys, and the
-shares received. Each step checks that it follows the previous one; after ``unmask`` the
-session is gone, so a replayed unmask request finds nothing to answer with.
-
-In deployment a client signs its advertised keys with its certificate key (``Identity``) and
-refuses neighbours whose keys are not signed by a certificate of the run's CA.
+Every step is written for a chunk (:meth:`SecAggClient.handle_chunk`); one client's step
+(:meth:`SecAggClient.handle`, what a deployed client runs) is a chunk of one, so simulation
+and deployment run the same code and the same cryptography. What a chunk shares is only what
+is provably equal at both ends of a pair: an X25519 agreement of two of its clients is
+computed once (``masking.PairKeys``), and a pairwise mask is expanded once and added at one
+end, subtracted at the other. Each client's reply is exactly the one it computes alone.
+After ``unmask`` the session is gone, so a replayed unmask request finds nothing to answer
+with. In deployment a client signs its advertised keys with its certificate key and refuses
+neighbours whose keys are not signed by a certificate of the run's CA.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fedforge.compress.rotation import rotate
 from fedforge.core.params import Params
 from fedforge.core.records import Record, Task
-from fedforge.privacy import discrete_gaussian
 from fedforge.secagg import crypto, ring, shamir
 from fedforge.secagg.graph import neighbours_of
+from fedforge.secagg.masking import MaskParams, Masks, PairKeys, add_masks, encode_input
 from fedforge.secagg.protocol import (
     ADVERTISE,
     CIPHERTEXT_BYTES,
@@ -34,126 +34,48 @@ from fedforge.secagg.protocol import (
     IDENTITY_BYTES,
     MASK,
     PUBLIC_KEYS_BYTES,
-    ROTATION_BLOCK,
     SHARE,
     SHARE_KINDS,
-    STEPS,
     UNMASK,
     least_threshold,
-    rotation_seed,
+)
+from fedforge.secagg.session import (
+    Identity,
+    Session,
+    advance,
+    blob,
+    forget_record,
+    ids,
+    kept_record,
+    pack_identity,
+    u8,
+    unpack_identity,
 )
 
-Session = dict[str, np.ndarray]
-KEPT = 0  # the record is kept; the next step is ADVERTISE
+# One client's answer in a chunk: its reply and new session (None after unmask), or why it
+# failed (its failure alone: the chunk's other clients answer).
+Answer = tuple[Record, Session | None] | Exception
+T = TypeVar("T")
+_STEP_METHODS = {ADVERTISE: "advertise", SHARE: "share", MASK: "mask", UNMASK: "unmask"}
 
 
-@dataclass(frozen=True)
-class Identity:
-    """A deployed client's signing key (PEM) and certificate (DER), and the run's CA (PEM)."""
-
-    private_key_pem: bytes
-    certificate_der: bytes
-    ca_pem: bytes
-
-    @classmethod
-    def from_pem(cls, private_key_pem: bytes, certificate_pem: bytes, ca_pem: bytes) -> Identity:
-        """From a deployed client's credentials (``client.key``, ``client.crt``, ``ca.crt``)."""
-        cert = x509.load_pem_x509_certificate(certificate_pem)
-        return cls(private_key_pem, cert.public_bytes(serialization.Encoding.DER), ca_pem)
-
-
-def keep(
-    record: Record, round_number: int, *, withhold_metrics: bool = False
-) -> tuple[Record, Session]:
-    """After training: the reply the fit exchange gets (example count and metrics only;
-    ``withhold_metrics``: not even those, as under distributed DP, whose server learns
-    nothing it has not noised) and the session of round ``round_number`` that keeps the
-    record on the client."""
-    # Copies: a vectorized runtime reuses the storage of the batch the record came from.
-    session: Session = {f"record/{k}": np.array(v, copy=True) for k, v in record.arrays.items()}
-    for name, value in record.scalars.items():
-        session[f"scalar/{name}"] = np.array([value], np.float64)
-    session["step"] = np.array([KEPT], np.int64)
-    session["round"] = np.array([round_number], np.int64)
-    if withhold_metrics:
-        return Record(record.client_id, 1, {}), session
-    return Record(record.client_id, record.num_examples, {}, metrics=dict(record.metrics)), session
-
-
-def _u8(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, np.uint8).copy()
-
-
-def _ids(arr: object, what: str) -> np.ndarray:
-    if not isinstance(arr, np.ndarray) or arr.dtype != np.int64 or arr.ndim != 1:
-        raise crypto.SecAggError(f"{what} must be a 1-D int64 array")
-    return arr
-
-
-def _blob(arr: object, what: str, shape: tuple[int, ...]) -> np.ndarray:
-    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.shape != shape:
-        raise crypto.SecAggError(f"{what} must be a uint8 array of shape {shape}")
-    return arr
-
-
-def _advance(session: Session | None, task: Task) -> Session:
-    """The session, checked to belong to the task's round and be at the step before it."""
-    step = task.stage
-    if session is None or "step" not in session or int(session["round"][0]) != task.round:
-        raise crypto.SecAggError(f"{step}: no secure-aggregation session for this round")
-    index = STEPS.index(step)
-    if int(session["step"][0]) != index:
-        raise crypto.SecAggError(
-            f"{step} out of order: the session is at step {int(session['step'][0])}"
-        )
-    out = dict(session)
-    out["step"] = np.array([index + 1], np.int64)
-    return out
-
-
-def pack_identity(signature: bytes, certificate: bytes) -> np.ndarray:
-    if len(signature) > 72 or len(certificate) > 4096:
-        raise crypto.SecAggError("signature or certificate too long")
-    data = struct.pack("<H", len(signature)) + signature.ljust(72, b"\0")
-    data += struct.pack("<H", len(certificate)) + certificate.ljust(4096, b"\0")
-    return _u8(data)
-
-
-def unpack_identity(blob: np.ndarray) -> tuple[bytes, bytes]:
-    data = _blob(blob, "identity", (IDENTITY_BYTES,)).tobytes()
-    (sig_len,) = struct.unpack_from("<H", data, 0)
-    (cert_len,) = struct.unpack_from("<H", data, 74)
-    if sig_len > 72 or cert_len > 4096:
-        raise crypto.SecAggError("malformed identity")
-    return data[2 : 2 + sig_len], data[76 : 76 + cert_len]
-
-
-def _digests(
+def digest_rows(
     context: bytes, round_number: int, dealer: int, holder: int, shares: bytes
-) -> np.ndarray:
-    """The digest row of one holder's pair of shares (seed share, key share)."""
+) -> bytes:
+    """The digest row of one holder's pair of shares (seed share, key share), 64 bytes."""
     half = shamir.SHARE_BYTES
     pieces = (shares[:half], shares[half:])
-    return np.stack(
-        [
-            _u8(crypto.share_digest(context, round_number, dealer, holder, kind, piece))
-            for kind, piece in zip(SHARE_KINDS, pieces, strict=True)
-        ]
+    return b"".join(
+        crypto.share_digest(context, round_number, dealer, holder, kind, piece)
+        for kind, piece in zip(SHARE_KINDS, pieces, strict=True)
     )
 
 
 def _open_share(
-    c_sk: X25519PrivateKey,
-    peer_c_pk: bytes,
-    message: bytes,
-    context: bytes,
-    round_number: int,
-    sender: int,
-    me: int,
+    share_key: bytes, message: bytes, context: bytes, round_number: int, sender: int, me: int
 ) -> bytes:
     """The (seed share, key share) ``sender`` encrypted for this client; SecAggError when
     it does not authenticate, names other clients, or holds no field elements."""
-    share_key = crypto.derive_key(crypto.agree(c_sk, peer_c_pk), "share", context)
     plaintext = crypto.decrypt(
         share_key, message, crypto.associated_data(context, round_number, sender, me)
     )
@@ -166,8 +88,42 @@ def _open_share(
     return shares
 
 
+def _per_client(
+    step: Callable[[Task, Session | None], T],
+    tasks: Sequence[Task],
+    sessions: Sequence[Session | None],
+) -> list[T | Exception]:
+    """One client's part of a chunk's step for each client: its result, or the exception
+    that failed it (that client alone fails; the others answer)."""
+    out: list[T | Exception] = []
+    for task, session in zip(tasks, sessions, strict=True):
+        try:
+            out.append(step(task, session))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def _only(answers: list[T | Exception]) -> T:
+    """A chunk of one's answer, raising its failure."""
+    (answer,) = answers
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+@dataclass
+class _Masking:
+    """One client's mask step before its masks: the encoded input and the masks it adds."""
+
+    session: Session
+    total: np.ndarray
+    masks: list[tuple[bytes, int]]  # (mask key, +1 or -1)
+    refused: list[int]
+
+
 class SecAggClient:
-    """Answers the four secure-aggregation steps for one client."""
+    """Answers the four secure-aggregation steps, for one client or a chunk of them."""
 
     def __init__(self, identity: Identity | None = None, *, withhold_metrics: bool = False) -> None:
         self.identity = identity
@@ -179,12 +135,58 @@ class SecAggClient:
             return self.unmask(task, session), None
         return step[task.stage](task, session)
 
-    # 1. Advertise keys ---------------------------------------------------------------------
+    def handle_chunk(
+        self, tasks: Sequence[Task], sessions: Sequence[Session | None]
+    ) -> list[Answer]:
+        """One step's tasks for many clients (each with its session), in task order. A
+        subclass that changes a step (a hostile client in tests) answers it per client."""
+        if not tasks:
+            return []
+        stages = {t.stage for t in tasks}
+        if len(stages) != 1 or not stages <= set(_STEP_METHODS):
+            raise crypto.SecAggError(f"a chunk holds one secure-aggregation step, got {stages}")
+        (step,) = stages
+        name = _STEP_METHODS[step]
+        if any(getattr(type(self), n) is not getattr(SecAggClient, n) for n in (name, "handle")):
+            return list(_per_client(self.handle, tasks, sessions))
+        chunk = {
+            ADVERTISE: self._advertise_chunk,
+            SHARE: self._share_chunk,
+            MASK: self._mask_chunk,
+            UNMASK: self._unmask_chunk,
+        }[step]
+        return chunk(tasks, sessions)
+
+    # One client: a chunk of one ------------------------------------------------------------
     def advertise(self, task: Task, session: Session | None) -> tuple[Record, Session]:
-        s = _advance(session, task)
-        participants = _ids(task.shared.get("participants"), "participants")
-        seed = _blob(task.shared.get("graph_seed"), "graph seed", (32,))
-        context = _blob(task.shared.get("context"), "context", (32,))
+        record, s = _only(self._advertise_chunk([task], [session]))
+        assert s is not None
+        return record, s
+
+    def share(self, task: Task, session: Session | None) -> tuple[Record, Session]:
+        record, s = _only(self._share_chunk([task], [session]))
+        assert s is not None
+        return record, s
+
+    def mask(self, task: Task, session: Session | None) -> tuple[Record, Session]:
+        record, s = _only(self._mask_chunk([task], [session]))
+        assert s is not None
+        return record, s
+
+    def unmask(self, task: Task, session: Session | None) -> Record:
+        return _only(self._unmask_chunk([task], [session]))[0]
+
+    # 1. Advertise keys ---------------------------------------------------------------------
+    def _advertise_chunk(
+        self, tasks: Sequence[Task], sessions: Sequence[Session | None]
+    ) -> list[Answer]:
+        return _per_client(self._advertise_one, tasks, sessions)
+
+    def _advertise_one(self, task: Task, session: Session | None) -> tuple[Record, Session]:
+        s = advance(session, task)
+        participants = ids(task.shared.get("participants"), "participants")
+        seed = blob(task.shared.get("graph_seed"), "graph seed", (32,))
+        context = blob(task.shared.get("context"), "context", (32,))
         degree, threshold = int(task.scalars["secagg.degree"]), int(task.scalars["secagg.t"])
         me = task.client_id
         if me not in set(participants.tolist()):
@@ -202,81 +204,126 @@ class SecAggClient:
             context=context.copy(),
             neighbourhood=np.array(mine, np.int64),
             threshold=np.array([threshold], np.int64),
-            c_sk=_u8(c.private),
-            s_sk=_u8(m.private),
+            c_sk=u8(c.private),
+            c_pk=u8(c.public),  # its own public keys: what PairKeys pairs agreements by
+            s_sk=u8(m.private),
+            s_pk=u8(m.public),
         )
         keys = c.public + m.public
-        arrays = {"keys": _u8(keys)}
+        arrays = {"keys": u8(keys)}
         if self.identity is not None:
-            name = crypto.certificate_name(
-                x509.load_der_x509_certificate(self.identity.certificate_der)
+            statement = crypto.key_statement(
+                context.tobytes(), task.round, me, self.identity.name, keys
             )
-            statement = crypto.key_statement(context.tobytes(), task.round, me, name, keys)
             signature = crypto.sign(self.identity.private_key_pem, statement)
             arrays["identity"] = pack_identity(signature, self.identity.certificate_der)
         return Record(me, 1, arrays), s
 
     # 2. Share keys -------------------------------------------------------------------------
-    def share(self, task: Task, session: Session | None) -> tuple[Record, Session]:
-        s = _advance(session, task)
+    def _share_chunk(
+        self, tasks: Sequence[Task], sessions: Sequence[Session | None]
+    ) -> list[Answer]:
+        keys = PairKeys()
+        return _per_client(lambda t, s: self._share_one(t, s, keys), tasks, sessions)
+
+    def _check_identities(self, task: Task, context: bytes, neighbours: np.ndarray) -> None:
+        """Deployment: every neighbour's keys signed by a distinct certificate of the CA."""
+        assert self.identity is not None
+        keys = task.shared["neighbour_keys"]
+        identities = blob(
+            task.shared.get("neighbour_identities"),
+            "identities",
+            (len(neighbours), IDENTITY_BYTES),
+        )
+        names = {self.identity.name}
+        for cid, key, packed in zip(neighbours.tolist(), keys, identities, strict=True):
+            signature, certificate = unpack_identity(packed)
+
+            def statement(name: str, cid: int = cid, key: np.ndarray = key) -> bytes:
+                return crypto.key_statement(context, task.round, cid, name, key.tobytes())
+
+            name = crypto.verify(self.identity.ca_pem, certificate, signature, statement)
+            if name in names:  # one site, one slot: a second id for a name is refused
+                raise crypto.SecAggError(f"two neighbours claim the certificate of {name!r}")
+            names.add(name)
+
+    def _share_one(
+        self, task: Task, session: Session | None, pairs: PairKeys
+    ) -> tuple[Record, Session]:
+        s = advance(session, task)
         me, context = task.client_id, s["context"].tobytes()
-        ids = _ids(task.shared.get("neighbours"), "neighbours")
-        keys = _blob(task.shared.get("neighbour_keys"), "keys", (len(ids), PUBLIC_KEYS_BYTES))
+        neighbours = ids(task.shared.get("neighbours"), "neighbours")
+        keys = blob(task.shared.get("neighbour_keys"), "keys", (len(neighbours), PUBLIC_KEYS_BYTES))
         allowed = set(s["neighbourhood"].tolist())
-        if len(set(ids.tolist())) != len(ids) or not set(ids.tolist()) <= allowed:
+        named = neighbours.tolist()
+        if len(set(named)) != len(named) or not set(named) <= allowed:
             raise crypto.SecAggError("the server named clients outside this client's graph")
         threshold = int(s["threshold"][0])
-        if len(ids) + 1 < threshold:
+        if len(named) + 1 < threshold:
             raise crypto.SecAggError(
-                f"only {len(ids)} neighbours advertised keys; {threshold - 1} needed"
+                f"only {len(named)} neighbours advertised keys; {threshold - 1} needed"
             )
         if self.identity is not None:
-            identities = task.shared.get("neighbour_identities")
-            _blob(identities, "identities", (len(ids), IDENTITY_BYTES))
-            assert identities is not None
-            own = crypto.certificate_name(
-                x509.load_der_x509_certificate(self.identity.certificate_der)
-            )
-            names = {own}
-            for cid, key, blob in zip(ids.tolist(), keys, identities, strict=True):
-                signature, certificate = unpack_identity(blob)
-
-                def statement(name: str, cid: int = cid, key: np.ndarray = key) -> bytes:
-                    return crypto.key_statement(context, task.round, cid, name, key.tobytes())
-
-                name = crypto.verify(self.identity.ca_pem, certificate, signature, statement)
-                if name in names:  # one site, one slot: a second id for a name is refused
-                    raise crypto.SecAggError(f"two neighbours claim the certificate of {name!r}")
-                names.add(name)
+            self._check_identities(task, context, neighbours)
         seed = os.urandom(32)
-        holders = [me, *ids.tolist()]
+        holders = [me, *named]
         seed_shares = shamir.split(seed, threshold, holders)
         key_shares = shamir.split(s["s_sk"].tobytes(), threshold, holders)
-        c_sk = crypto.private_key(s["c_sk"].tobytes())
-        ciphertexts = np.empty((len(ids), CIPHERTEXT_BYTES), np.uint8)
-        for row, (cid, key) in enumerate(zip(ids.tolist(), keys, strict=True)):
+        c_sk, c_pk = crypto.private_key(s.pop("c_sk").tobytes()), s["c_pk"].tobytes()
+        ciphertexts = np.empty((len(named), CIPHERTEXT_BYTES), np.uint8)
+        share_keys = np.empty((len(named), crypto.KEY_BYTES), np.uint8)
+        for row, (cid, key) in enumerate(zip(named, keys, strict=True)):
             plaintext = struct.pack("<qq", me, cid) + seed_shares[cid] + key_shares[cid]
-            share_key = crypto.derive_key(crypto.agree(c_sk, key[:32].tobytes()), "share", context)
+            share_key = pairs.derive(c_sk, c_pk, key[:32].tobytes(), "share", context)
             aad = crypto.associated_data(context, task.round, me, cid)
-            ciphertexts[row] = _u8(crypto.encrypt(share_key, plaintext, aad))
-        digests = np.stack(
-            [_digests(context, task.round, me, h, seed_shares[h] + key_shares[h]) for h in holders]
+            ciphertexts[row] = u8(crypto.encrypt(share_key, plaintext, aad))
+            share_keys[row] = u8(share_key)  # the same key opens what ``cid`` sends back
+        digests = b"".join(
+            digest_rows(context, task.round, me, h, seed_shares[h] + key_shares[h]) for h in holders
         )
         s.update(
-            seed=_u8(seed),
-            neighbours=ids.copy(),
+            seed=u8(seed),
+            neighbours=neighbours.copy(),
             neighbour_keys=keys.copy(),
-            own_shares=_u8(seed_shares[me] + key_shares[me]),
+            share_keys=share_keys,
+            own_shares=u8(seed_shares[me] + key_shares[me]),
         )
-        arrays = {"receivers": ids.copy(), "ciphertexts": ciphertexts, "share_digests": digests}
+        arrays = {
+            "receivers": neighbours.copy(),
+            "ciphertexts": ciphertexts,
+            "share_digests": u8(digests).reshape(len(holders), *DIGEST_ROW),
+        }
         return Record(me, 1, arrays), s
 
     # 3. Masked input -----------------------------------------------------------------------
-    def mask(self, task: Task, session: Session | None) -> tuple[Record, Session]:
-        s = _advance(session, task)
+    def _mask_chunk(
+        self, tasks: Sequence[Task], sessions: Sequence[Session | None]
+    ) -> list[Answer]:
+        pairs, rounding = PairKeys(), ring.Rounding()  # shared by the chunk's clients
+        prepared = _per_client(
+            lambda t, s: self._prepare_mask(t, s, pairs, rounding), tasks, sessions
+        )
+        ready = [m for m in prepared if isinstance(m, _Masking)]
+        masks: Masks = {}
+        for row, masking in enumerate(ready):
+            for key, sign in masking.masks:
+                masks.setdefault(key, []).append((row, sign))
+        add_masks([m.total for m in ready], masks)
+        answers: list[Answer] = []
+        for task, done in zip(tasks, prepared, strict=True):
+            if isinstance(done, Exception):
+                answers.append(done)
+                continue
+            arrays = {"masked": done.total, "refused": np.array(done.refused, np.int64)}
+            answers.append((Record(task.client_id, 1, arrays), done.session))
+        return answers
+
+    @staticmethod
+    def _open_shares(task: Task, s: Session) -> tuple[list[int], list[int], np.ndarray]:
+        """The senders whose shares check out, those whose do not, and the shares."""
         me, context = task.client_id, s["context"].tobytes()
-        senders = _ids(task.shared.get("senders"), "senders")
-        ciphertexts = _blob(
+        senders = ids(task.shared.get("senders"), "senders")
+        ciphertexts = blob(
             task.shared.get("ciphertexts"), "ciphertexts", (len(senders), CIPHERTEXT_BYTES)
         )
         known = {int(c): row for row, c in enumerate(s["neighbours"].tolist())}
@@ -284,88 +331,62 @@ class SecAggClient:
             raise crypto.SecAggError("shares forwarded from clients that are not neighbours")
         if len(senders) + 1 < int(s["threshold"][0]):
             raise crypto.SecAggError("too few neighbours shared keys to continue securely")
-        digests = _blob(
+        digests = blob(
             task.shared.get("share_digests"), "share digests", (len(senders), *DIGEST_ROW)
         )
-        c_sk = crypto.private_key(s["c_sk"].tobytes())
         accepted: list[int] = []
         refused: list[int] = []
         received = np.empty((len(senders), 2 * shamir.SHARE_BYTES), np.uint8)
         for cid, message, digest in zip(senders.tolist(), ciphertexts, digests, strict=True):
-            peer_c_pk = s["neighbour_keys"][known[cid], :32].tobytes()
+            share_key = s["share_keys"][known[cid]].tobytes()
             try:
-                share = _open_share(
-                    c_sk, peer_c_pk, message.tobytes(), context, task.round, cid, me
-                )
-                if _digests(context, task.round, cid, me, share).tobytes() != digest.tobytes():
+                share = _open_share(share_key, message.tobytes(), context, task.round, cid, me)
+                if digest_rows(context, task.round, cid, me, share) != digest.tobytes():
                     raise crypto.SecAggError("a share differs from the digest its dealer sent")
             except crypto.SecAggError:  # the sender's fault: reported, never masked with
                 refused.append(cid)
                 continue
-            received[len(accepted)] = _u8(share)
+            received[len(accepted)] = u8(share)
             accepted.append(cid)
         if len(accepted) + 1 < int(s["threshold"][0]):
             raise crypto.SecAggError(
                 f"only {len(accepted)} neighbours' shares checked out (refused: {refused}): "
                 "too few to continue securely"
             )
-        senders = np.array(accepted, np.int64)
-        received = received[: len(accepted)]
-        params = MaskParams.from_scalars(task.scalars)
-        total = self._encode_input(s, params, task.seed)
-        total += crypto.mask(
-            crypto.self_mask_key(s["seed"].tobytes(), context), len(total), total.dtype
-        )
-        s_sk = crypto.private_key(s["s_sk"].tobytes())
-        for cid in senders.tolist():
-            peer_s_pk = s["neighbour_keys"][known[cid], 32:].tobytes()
-            pair = crypto.mask(
-                crypto.pair_mask_key(s_sk, peer_s_pk, context), len(total), total.dtype
-            )
-            if me < cid:
-                total += pair
-            else:
-                total -= pair
-        s.update(senders=senders.copy(), received=received)
-        for key in [k for k in s if k.startswith(("record/", "scalar/"))]:
-            del s[key]  # the plaintext record is not needed any more
-        return Record(me, 1, {"masked": total, "refused": np.array(refused, np.int64)}), s
+        return accepted, refused, received[: len(accepted)]
 
-    @staticmethod
-    def _encode_input(s: Session, params: MaskParams, seed: int) -> np.ndarray:
-        """The record clipped to the clip norm, times the weight, then its summed scalars
-        and the clipped bit, as ring words (arrays and scalars in name order)."""
-        names = sorted(k for k in s if k.startswith("record/"))
-        flat = [s[k].astype(np.float64).ravel() for k in names]
-        vector = np.concatenate(flat) if flat else np.zeros(0)
-        norm = float(np.sqrt(np.einsum("i,i->", vector, vector)))  # no BLAS threads
-        clipped = norm > params.clip_norm
-        if clipped:
-            vector *= params.clip_norm * (1 - 1e-9) / norm
-        vector *= params.weight
-        if params.rotation_block:
-            shared_rotation = rotation_seed(s["context"].tobytes())  # the same for everyone
-            vector = rotate(vector[None], [shared_rotation], params.rotation_block)[0].astype(
-                np.float64
-            )
-        scalars = [float(s[k][0]) for k in sorted(k for k in s if k.startswith("scalar/"))]
-        # The clipped bit only without noise: under distributed DP it would be released bare.
-        tail = np.array([*scalars, *([float(clipped)] if params.noise_units == 0 else [])])
-        if np.any(np.abs(tail) > params.scalar_bound) or not np.isfinite(vector).all():
-            raise crypto.SecAggError("a summed scalar is outside the ring's bound, or NaN")
-        rng = np.random.default_rng(seed)  # stochastic rounding from the client's stream
-        words = ring.encode(vector, params.array_bits, params.ring_bits, rng)
-        if params.noise_units > 0:  # distributed DP: integer noise, added before masking
-            noise = discrete_gaussian.sample(params.noise_units, len(words), os.urandom(32))
-            words += noise.view(np.uint64).astype(words.dtype)
-        return np.concatenate([words, ring.encode(tail, params.scalar_bits, params.ring_bits, rng)])
+    def _prepare_mask(
+        self, task: Task, session: Session | None, pairs: PairKeys, rounding: ring.Rounding
+    ) -> _Masking:
+        s = advance(session, task)
+        me, context = task.client_id, s["context"].tobytes()
+        accepted, refused, received = self._open_shares(task, s)
+        params = MaskParams.from_scalars(task.scalars)
+        arrays, scalars = kept_record(s)
+        total = encode_input(arrays, scalars, params, context, task.seed, rounding)
+        masks = [(crypto.self_mask_key(s["seed"].tobytes(), context), 1)]
+        s_sk, s_pk = crypto.private_key(s["s_sk"].tobytes()), s["s_pk"].tobytes()
+        known = {int(c): row for row, c in enumerate(s["neighbours"].tolist())}
+        for cid in accepted:
+            peer_s_pk = s["neighbour_keys"][known[cid], 32:].tobytes()
+            key = pairs.derive(s_sk, s_pk, peer_s_pk, "mask", context)
+            masks.append((key, 1 if me < cid else -1))
+        s.update(senders=np.array(accepted, np.int64), received=received)
+        forget_record(s)
+        return _Masking(s, total, masks, refused)
 
     # 4. Unmask -----------------------------------------------------------------------------
-    def unmask(self, task: Task, session: Session | None) -> Record:
-        s = _advance(session, task)
+    def _unmask_chunk(
+        self, tasks: Sequence[Task], sessions: Sequence[Session | None]
+    ) -> list[Answer]:
+        return _per_client(lambda t, s: (self._unmask_one(t, s), None), tasks, sessions)
+
+    @staticmethod
+    def _unmask_one(task: Task, session: Session | None) -> Record:
+        s = advance(session, task)
         me = task.client_id
-        survivors = set(_ids(task.shared.get("survivors"), "survivors").tolist())
-        dropouts = set(_ids(task.shared.get("dropouts"), "dropouts").tolist())
+        survivors = set(ids(task.shared.get("survivors"), "survivors").tolist())
+        dropouts = set(ids(task.shared.get("dropouts"), "dropouts").tolist())
         senders = s["senders"].tolist()
         if survivors & dropouts:
             raise crypto.SecAggError("the server asked for both shares of one client")
@@ -389,54 +410,3 @@ class SecAggClient:
             ),
         }
         return Record(me, 1, arrays)
-
-
-@dataclass(frozen=True)
-class MaskParams:
-    """What the server sends with the mask step: the client's weight and the encoding."""
-
-    weight: float
-    clip_norm: float
-    ring_bits: int
-    array_bits: int
-    scalar_bits: int
-    scalar_bound: float
-    noise_units: float = 0.0  # distributed DP: discrete Gaussian stddev, in ring units
-    rotation_block: int = 0  # > 0: records are rotated in blocks of this size first
-
-    @classmethod
-    def from_scalars(cls, scalars: Mapping[str, float]) -> MaskParams:
-        try:
-            p = cls(
-                weight=float(scalars["secagg.weight"]),
-                clip_norm=float(scalars["secagg.clip_norm"]),
-                ring_bits=int(scalars["secagg.ring_bits"]),
-                array_bits=int(scalars["secagg.array_bits"]),
-                scalar_bits=int(scalars["secagg.scalar_bits"]),
-                scalar_bound=float(scalars["secagg.scalar_bound"]),
-                noise_units=float(scalars.get("secagg.noise_units", 0.0)),
-                rotation_block=int(scalars.get("secagg.rotation_block", 0)),
-            )
-        except KeyError as exc:
-            raise crypto.SecAggError(f"the mask step lacks {exc.args[0]!r}") from None
-        if not 0 < p.weight <= 1 or not p.clip_norm > 0 or p.ring_bits not in (16, 32, 64):
-            raise crypto.SecAggError("bad mask parameters (weight, clip norm or ring)")
-        if not (p.noise_units == 0 or p.noise_units >= 0.5):  # Kairouz et al. need s >= 1/2
-            raise crypto.SecAggError("bad noise level")
-        if p.rotation_block not in (0, ROTATION_BLOCK):
-            raise crypto.SecAggError("bad rotation block")
-        if not -64 < p.array_bits <= 62 or not -64 < p.scalar_bits <= 62:
-            raise crypto.SecAggError("bad fixed-point precision")
-        return p
-
-    def scalars(self) -> dict[str, float]:
-        return {
-            "secagg.weight": self.weight,
-            "secagg.clip_norm": self.clip_norm,
-            "secagg.ring_bits": float(self.ring_bits),
-            "secagg.array_bits": float(self.array_bits),
-            "secagg.scalar_bits": float(self.scalar_bits),
-            "secagg.scalar_bound": self.scalar_bound,
-            "secagg.noise_units": self.noise_units,
-            "secagg.rotation_block": float(self.rotation_block),
-        }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -43,10 +44,18 @@ def neighbours_of(client: int, participants: Sequence[int], degree: int, seed: b
 
 def _ring(participants: Sequence[int], degree: int, seed: bytes) -> np.ndarray:
     """The participants in ring order (sorted for the complete graph)."""
-    ids = np.array(sorted(int(p) for p in participants), np.int64)
+    return _cached_ring(tuple(sorted(int(p) for p in participants)), degree, seed)
+
+
+@lru_cache(maxsize=8)
+def _cached_ring(ids_sorted: tuple[int, ...], degree: int, seed: bytes) -> np.ndarray:
+    """The ring, computed once for the many clients of one session that one process
+    answers for (read only: it is shared)."""
+    ids = np.array(ids_sorted, np.int64)
     if len(np.unique(ids)) != len(ids):
         raise ValueError("participants must be distinct")
     if degree >= len(ids) - 1:
+        ids.setflags(write=False)
         return ids
     if degree < 2 or degree % 2:
         raise ValueError(f"a sparse graph needs an even degree >= 2, got {degree}")
@@ -54,7 +63,9 @@ def _ring(participants: Sequence[int], degree: int, seed: bytes) -> np.ndarray:
     digests = [
         hashlib.sha256(seed + int(c).to_bytes(8, "little", signed=True)).digest() for c in ids
     ]
-    return ids[np.array(sorted(range(len(ids)), key=digests.__getitem__), np.int64)]
+    ring = ids[np.array(sorted(range(len(ids)), key=digests.__getitem__), np.int64)]
+    ring.setflags(write=False)
+    return ring
 
 
 def _around(ring: np.ndarray, position: int, degree: int) -> list[int]:

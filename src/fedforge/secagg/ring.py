@@ -66,12 +66,59 @@ def _ceil_log2(x: float) -> int:
     return max(math.ceil(math.log2(x)), 0)
 
 
+class Rounding:
+    """Scratch for stochastic rounding, reused across the records of a chunk (fresh arrays
+    as large as a model cost page faults every time); it grows to the longest vector."""
+
+    def __init__(self, size: int = 0) -> None:
+        self.size = -1
+        self.reserve(size)
+
+    def reserve(self, size: int) -> None:
+        """Room for vectors of ``size`` values."""
+        if size <= self.size:
+            return
+        self.size = size
+        self._values, self._up, self._low = (np.empty(size) for _ in range(3))
+        self._below = np.empty(size, bool)
+
+    def values(self, n: int) -> np.ndarray:
+        """Scratch for the float64 vector to encode (its caller fills it; encoding it
+        overwrites it)."""
+        return self._values[:n]
+
+    def encode(
+        self,
+        values: np.ndarray,
+        f: int,
+        bits: int,
+        rng: np.random.Generator,
+        out: np.ndarray,
+        scale: float = 1.0,
+    ) -> None:
+        """``scale * values * 2^f`` (a 1-D vector), rounded up with probability equal to its
+        fractional part (so unbiased), into ``out`` as ring words."""
+        n = len(values)
+        if out.shape != (n,) or out.dtype != ring_dtype(bits):
+            raise ValueError(f"{n} values round into {n} words of a {bits}-bit ring")
+        self.reserve(n)
+        scaled, up, low = self._values[:n], self._up[:n], self._low[:n]
+        np.multiply(values, scale * 2.0**f, out=scaled)  # in place when values is scratch
+        rng.random(out=up)
+        np.floor(scaled, out=low)
+        np.subtract(scaled, low, out=scaled)  # the fractional part, exactly
+        np.add(low, np.less(up, scaled, out=self._below[:n]), out=low)
+        ints = up.view(np.int64)  # the uniforms are spent
+        np.copyto(ints, low, casting="unsafe")  # exact: integers below 2^53
+        np.copyto(out, ints.view(np.uint64), casting="unsafe")  # mod 2^bits
+
+
 def encode(values: np.ndarray, f: int, bits: int, rng: np.random.Generator) -> np.ndarray:
     """Stochastically rounded ``values * 2^f`` as ring words (values already bounded)."""
-    scaled = np.asarray(values, np.float64) * 2.0**f
-    low = np.floor(scaled)
-    rounded = low + (rng.random(scaled.shape) < (scaled - low))
-    return rounded.astype(np.int64).view(np.uint64).astype(ring_dtype(bits))
+    flat = np.asarray(values, np.float64).ravel()
+    out = np.empty(len(flat), ring_dtype(bits))
+    Rounding(len(flat)).encode(flat, f, bits, rng, out)
+    return out.reshape(np.shape(values))
 
 
 def decode(words: np.ndarray, f: int, bits: int) -> np.ndarray:

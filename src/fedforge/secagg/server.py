@@ -23,8 +23,8 @@ from fedforge.core.params import Params
 from fedforge.core.records import Record, Task
 from fedforge.privacy import discrete_gaussian
 from fedforge.secagg import crypto, ring, shamir
-from fedforge.secagg.client import MaskParams, unpack_identity
 from fedforge.secagg.graph import neighbours
+from fedforge.secagg.masking import MaskParams, Masks, add_masks
 from fedforge.secagg.protocol import (
     ADVERTISE,
     CIPHERTEXT_BYTES,
@@ -43,6 +43,7 @@ from fedforge.secagg.protocol import (
     threshold_for,
 )
 from fedforge.secagg.records import Layout, SecureSum, Transcript
+from fedforge.secagg.session import unpack_identity
 from fedforge.secagg.verify import identity_problem, key_problem, settle_disputes, sum_problem
 
 
@@ -93,6 +94,7 @@ class SecAggRound:
         self.threshold = threshold_for(self.degree + 1, params.threshold)
         self.transcript = Transcript()
         self.keys: dict[int, bytes] = {}
+        self.advertised_by: dict[bytes, int] = {}  # each advertised public key's client
         self.identities: dict[int, np.ndarray] = {}
         self.outbox: dict[int, dict[int, np.ndarray]] = {}  # receiver -> sender -> ciphertext
         self.senders: dict[int, list[int]] = {}  # whose shares each client got (its masks)
@@ -269,7 +271,9 @@ class SecAggRound:
     def _check_advertise(self, cid: int, a: Params) -> str | None:
         _shape(a["keys"], np.uint8, (PUBLIC_KEYS_BYTES,), "keys")
         keys = a["keys"].tobytes()
-        problem = key_problem(keys, {c: k for c, k in self.keys.items() if c != cid})
+        owners = {self.advertised_by.get(half) for half in (keys[:32], keys[32:])}
+        others = sorted(c for c in owners if c is not None and c != cid)
+        problem = key_problem(keys, {c: self.keys[c] for c in others})
         if problem is None and self.require_identities:
             _shape(a["identity"], np.uint8, (IDENTITY_BYTES,), "identity")
             unpack_identity(a["identity"])
@@ -322,6 +326,8 @@ class SecAggRound:
         self.transcript.replied.setdefault(stage, []).append(cid)
         if stage == ADVERTISE:
             self.keys[cid] = a["keys"].tobytes()
+            for half in (self.keys[cid][:32], self.keys[cid][32:]):
+                self.advertised_by.setdefault(half, cid)
             if "identity" in a:
                 self.identities[cid] = a["identity"].copy()
         elif stage == SHARE:
@@ -357,9 +363,10 @@ class SecAggRound:
         total = np.zeros(self.words, self.dtype)
         for cid in survivors:
             total += self.masked[cid]
+        masks: Masks = {}  # what to take off the sum, one keystream per key
         for cid in survivors:
             seed = self._recover(self.seed_shares, cid, "self-mask seed")
-            total -= crypto.mask(crypto.self_mask_key(seed, self.context), len(total), self.dtype)
+            masks.setdefault(crypto.self_mask_key(seed, self.context), []).append((0, -1))
         # Dropouts whose pairwise masks some survivor added: only their keys are needed.
         dropped = sorted({c for s in survivors for c in self.senders[s]} - set(survivors))
         for cid in dropped:
@@ -376,11 +383,9 @@ class SecAggRound:
                 if cid not in self.senders[other]:
                     continue
                 key = crypto.pair_mask_key(s_sk, self.keys[other][32:], self.context)
-                pair = crypto.mask(key, len(total), self.dtype)
-                if other < cid:  # the survivor added +mask; remove it
-                    total -= pair
-                else:
-                    total += pair
+                # The survivor added +mask when its id is the lower one: remove it.
+                masks.setdefault(key, []).append((0, -1 if other < cid else 1))
+        add_masks([total], masks)
         params = self.mask_params(survivors[0])
         n = self.array_words
         array_values = ring.decode(total[:n], params.array_bits, params.ring_bits)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from fedforge.secagg import crypto
-from fedforge.secagg.client import unpack_identity
+from fedforge.secagg.session import unpack_identity
 
 # How far a sum of discrete Gaussians strays, in stddevs beyond sqrt(d) (sub-Gaussian tail:
 # exceeded with probability below exp(-NOISE_TAIL**2 / 2), 2e-22).
