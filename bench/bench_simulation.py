@@ -3,6 +3,7 @@ GEMM floor, side by side.
 
     python -m bench.bench_simulation [--configs A,B,C,D] [--contenders ...] [--repeats 3]
         [--flower-python PATH] [--skip-flower] [--timeout 900] [--src OTHER_CHECKOUT/src]
+        [--before OTHER_CHECKOUT/src]
 
 Workload (``bench/workload.py``): mnist5k, Dirichlet(0.5), 2NN, E=1, B=10, lr=0.05.
 Configurations: A N=100, 10/round, 20 rounds; B N=100, all clients, 5 rounds; C N=1,000,
@@ -14,6 +15,8 @@ rounds after the first (the first alone when there is one) and then over repeats
 seconds are reported beside them. Peak memory is the sampled resident size of the whole
 process tree. ``floor`` is the round's matrix products run as whole-cohort GEMMs
 (``bench/contender.py``). Flower runs from a separate venv (see bench/README.md).
+``--before`` also runs every fedforge contender from another checkout's sources, interleaved
+with this one's (labelled "before"), for before/after ratios measured in one run.
 """
 
 from __future__ import annotations
@@ -67,6 +70,14 @@ LABEL = {
 }
 
 
+BEFORE = "@before"
+
+
+def label(name: str) -> str:
+    base = name.removesuffix(BEFORE)
+    return LABEL[base] + (" (before)" if name.endswith(BEFORE) else "")
+
+
 def typical(rounds: list[float]) -> float:
     return statistics.median(rounds[1:]) if len(rounds) > 1 else rounds[0]
 
@@ -92,15 +103,28 @@ def run_config(
     contenders: list[str],
     repeats: int,
     src: Path = ROOT / "src",
+    before: Path | None = None,
 ) -> list[dict]:  # type: ignore[type-arg]
-    env = {**os.environ, "PYTHONPATH": f"{src}:{ROOT}", "PYTHONUNBUFFERED": "1"}
-    runs: dict[str, list[dict]] = {name: [] for name in contenders}  # type: ignore[type-arg]
+    def env(sources: Path) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": f"{sources}:{ROOT}", "PYTHONUNBUFFERED": "1"}
+
+    runs: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+    plan = [(name, name, src) for name in contenders]
+    if before is not None:  # each fedforge contender from the other sources, right after
+        plan = [
+            step
+            for name, _, _ in plan
+            for step in [(name, name, src)]
+            + ([(name + BEFORE, name, before)] if name not in ("plain", "flower", "floor") else [])
+        ]
+    for label, _, _ in plan:
+        runs[label] = []
     for _ in range(repeats):
-        for name in contenders:
+        for label, name, sources in plan:
             cmd = command(name, key, flower, workdir)
             if cmd is None:
                 continue
-            done = run_measured(cmd, timeout, env)
+            done = run_measured(cmd, timeout, env(sources))
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
             run: dict = {"whole_s": done.wall_s, "peak_mib": done.peak_rss_bytes / 2**20}  # type: ignore[type-arg]
             if done.returncode == 0 and lines:
@@ -112,8 +136,8 @@ def run_config(
                 )
             else:
                 run["error"] = "timeout" if done.returncode is None else done.stderr[-2000:]
-            runs[name].append(run)
-            print(json.dumps({"config": key, "contender": name, **run})[:400], flush=True)
+            runs[label].append(run)
+            print(json.dumps({"config": key, "contender": label, **run})[:400], flush=True)
     rows = []
     n, k, rounds = CONFIGS[key]
     for name, done_runs in runs.items():
@@ -137,11 +161,11 @@ def table(rows: list[dict]) -> str:  # type: ignore[type-arg]
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['config']} | {LABEL[r['contender']]} | {r['error'][:40]} | | | |")
+            out.append(f"| {r['config']} | {label(r['contender'])} | {r['error'][:40]} | | | |")
             continue
         acc = "-" if r["contender"] == "floor" else f"{100 * r['accuracy']:.2f}%"
         out.append(
-            f"| {r['config']} | {LABEL[r['contender']]} | {r['cpu_s']:.3f} | {r['wall_s']:.3f} | "
+            f"| {r['config']} | {label(r['contender'])} | {r['cpu_s']:.3f} | {r['wall_s']:.3f} | "
             f"{r['peak_mib']:.0f} | {acc} |"
         )
     return "\n".join(out)
@@ -167,6 +191,15 @@ def ratios(rows: list[dict]) -> str:  # type: ignore[type-arg]
             if name.startswith("vectorized-") and name in got:
                 ratio = got[name]["cpu_s"] / vec["cpu_s"]
                 parts.append(f"{name.removeprefix('vectorized-')} / FedAvg {ratio:.2f}x")
+        old = got.get("vectorized" + BEFORE)
+        for name in CONTENDERS:
+            if old and name.startswith("vectorized-") and name + BEFORE in got:
+                ratio = got[name + BEFORE]["cpu_s"] / old["cpu_s"]
+                parts.append(f"before: {name.removeprefix('vectorized-')} / FedAvg {ratio:.2f}x")
+        for name in CONTENDERS:
+            if name + BEFORE in got and name in got:
+                speedup = got[name + BEFORE]["cpu_s"] / got[name]["cpu_s"]
+                parts.append(f"{name} before / after {speedup:.2f}x")
         lines.append(f"{key}: " + ", ".join(parts))
     return "\n".join(lines)
 
@@ -183,6 +216,9 @@ def main() -> None:
     parser.add_argument(
         "--src", type=Path, default=ROOT / "src", help="fedforge sources to time (another checkout)"
     )
+    parser.add_argument(
+        "--before", type=Path, default=None, help="also time these sources, interleaved"
+    )
     args = parser.parse_args()
     flower = None if args.skip_flower or not args.flower_python.exists() else args.flower_python
     if flower is None and "flower" in args.contenders:
@@ -191,7 +227,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.configs.split(","):
             names = args.contenders.split(",")
-            rows += run_config(key, flower, args.timeout, Path(tmp), names, args.repeats, args.src)
+            rows += run_config(
+                key, flower, args.timeout, Path(tmp), names, args.repeats, args.src, args.before
+            )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=2))
     print()

@@ -89,10 +89,12 @@ def algorithm(variant: str) -> Algorithm:
     return FedAvg(local=local)
 
 
-def stages(variant: str, work: wl.Workload) -> list[Stage]:
+def stages(variant: str, work: wl.Workload, k: int, rounds: int) -> list[Stage]:
     if variant not in STAGES:
         return []
-    cfg = load_config(None, STAGES[variant])
+    # The run's cohort and length, which central DP's accounting checks against the sampler.
+    run = [f"server.clients_per_round={k}", f"server.rounds={rounds}"]
+    cfg = load_config(None, [*run, *STAGES[variant]])
     return build_stages(cfg, work.data.num_clients, work.data.client_sizes())
 
 
@@ -208,7 +210,7 @@ def main() -> None:
                 seed=wl.SEED,
                 backend=backend,  # type: ignore[arg-type]
                 listener=timer,
-                stages=stages(variant, work),
+                stages=stages(variant, work, k, rounds),
                 threads=THREADS,
                 state_dir=Path(tmp) if variant.endswith("-cli") else None,
             )

@@ -1,6 +1,6 @@
 """Flower's simulation on the benchmark workload; runs in the Flower venv (no fedforge there).
 
-    .venv-flwr/bin/python bench/flower_sim.py WORKLOAD.npz N K ROUNDS
+    .venv-flwr/bin/python bench/flower_sim.py WORKLOAD.npz N K ROUNDS [2nn|cnn]
 
 Uses flwr 1.41's ``run_simulation`` with the Ray backend, the FedAvg strategy, centralized
 evaluation each round, and the same local training as the plain loop (same arrays,
@@ -27,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 from proc_tree import tree_cpu_seconds  # noqa: E402  (bench/, this script's directory)
 
 WORKLOAD, N, K, ROUNDS = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+MODEL = sys.argv[5] if len(sys.argv) > 5 else "2nn"  # cnn: the FedAvg paper's CNN
 EPOCHS, BATCH, LR, SEED = 1, 10, 0.05, 0
 
 
@@ -36,6 +37,20 @@ def load() -> dict[str, np.ndarray]:
 
 
 def make_model() -> torch.nn.Module:
+    if MODEL == "cnn":  # fedforge.train.models.fedavg_cnn, layer for layer (same state names)
+        return torch.nn.Sequential(
+            torch.nn.Unflatten(1, (1, 28, 28)),
+            torch.nn.Conv2d(1, 32, 5, padding=2),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 5, padding=2),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(64 * 7 * 7, 512),
+            torch.nn.ReLU(),
+            torch.nn.Linear(512, 10),
+        )
     return torch.nn.Sequential(
         torch.nn.Linear(784, 200),
         torch.nn.ReLU(),

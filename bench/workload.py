@@ -17,7 +17,7 @@ from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data import partition
 from fedforge.data.datasets import ArrayDataset, load_mnist5k
 from fedforge.data.federated import FederatedDataset
-from fedforge.train.models import mlp, seeded
+from fedforge.train.models import fedavg_cnn, mlp, seeded
 from fedforge.train.torch_model import TorchModel
 
 SEED = 0
@@ -30,15 +30,17 @@ class Workload:
     init: dict[str, np.ndarray]
 
 
-def build(num_clients: int) -> Workload:
+def build(num_clients: int, model: str = "2nn") -> Workload:
+    """The workload with the 2NN, or with the FedAvg paper's CNN (``model="cnn"``)."""
     train, test = load_mnist5k()
     tiles = -(-3 * num_clients // len(train))  # at least ~3 examples per client on average
     if tiles > 1:
         train = ArrayDataset(np.tile(train.x, (tiles, 1)), np.tile(train.y, tiles))
     rng = RngStreams(SEED).generator(Purpose.PARTITION)
     parts = partition.dirichlet(train.y, num_clients, ALPHA, rng)
-    model = seeded(lambda: mlp(784, 10), RngStreams(SEED).int_seed(Purpose.INIT))
-    return Workload(FederatedDataset(train, test, parts), TorchModel(model).get_params())
+    make = (lambda: fedavg_cnn((1, 28, 28), 10)) if model == "cnn" else (lambda: mlp(784, 10))
+    module = seeded(make, RngStreams(SEED).int_seed(Purpose.INIT))
+    return Workload(FederatedDataset(train, test, parts), TorchModel(module).get_params())
 
 
 def save(workload: Workload, path: Path) -> None:

@@ -54,3 +54,23 @@ def ray_cluster():  # type: ignore[no-untyped-def]
                 raise
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def isolated_imports():  # type: ignore[no-untyped-def]
+    """Forget the project modules a test imports (a project's ``models``, ``data``...) and
+    the project directories it puts on ``sys.path``, so later tests import their own."""
+    import sys
+
+    from fedforge.workload.imports import PROJECT_MODULES
+
+    path, projects = list(sys.path), dict(PROJECT_MODULES)
+    yield
+    added = [d for d in sys.path if d not in path]  # the test's project directories
+    for name, module in list(sys.modules.items()):
+        where = getattr(module, "__file__", None) or ""
+        if name in PROJECT_MODULES or any(where.startswith(d) for d in added):
+            del sys.modules[name]
+    sys.path[:] = path
+    PROJECT_MODULES.clear()
+    PROJECT_MODULES.update(projects)

@@ -8,7 +8,8 @@
   parser), ``--resume`` and ``dashboard`` name a directory an earlier command made,
   ``fedforge config`` and ``--version`` run, the credentials commands (``keys ...``) run in a
   scratch directory in order, ``server`` loads its configuration and ``client`` its
-  credentials, ``pip install`` names extras that exist.
+  credentials, ``pip install`` names extras that exist; ``fedforge new`` makes its project in
+  the scratch directory and ``cd`` enters it, so the commands after it run in the project.
 * Output samples run and match: the configuration error printed verbatim, the trace CSV
   reads as a trace.
 """
@@ -241,10 +242,20 @@ class Shell:
         self.monkeypatch = monkeypatch
         self.runner = CliRunner()
         self.made: set[str] = set()  # run directories earlier commands make
+        self.cwd = ROOT  # where configuration files are found (a new project, once entered)
+
+    @property
+    def here(self) -> Path:
+        """Where credentials are made and read: the project entered, else the scratch."""
+        return self.cwd if self.cwd.is_relative_to(self.scratch) else self.scratch
 
     def run(self, argv: list[str]) -> None:
         if argv[0] == "pip":
             return self.pip(argv)
+        if argv[0] == "cd":  # into a project `fedforge new` made
+            self.cwd = self.scratch / argv[1] if self.cwd == ROOT else self.cwd / argv[1]
+            assert self.cwd.is_dir(), argv
+            return None
         if argv[:3] == ["python", "-m", "pytest"]:
             assert " ".join(argv) in (ROOT / ".ci" / "run").read_text()
             return None
@@ -269,6 +280,8 @@ class Shell:
         path, params = parse(args)
         if path == ("run",):
             return self.fedforge_run(params)
+        if path == ("new",):
+            return self.new(args)
         if path == ("dashboard",):
             from fedforge.report.dashboard import is_loopback_host, read_token
 
@@ -279,11 +292,16 @@ class Shell:
                 token_file = params["token_file"] and self.scratch / params["token_file"]
                 assert read_token(token_file) is not None
         elif path == ("server",):
-            load_config(ROOT / params["config"], params["set_"])
+            load_config(self.cwd / params["config"], params["set_"])
         elif path == ("client",):
             from fedforge.net.keys import ClientCredentials
 
-            ClientCredentials.load(self.scratch / params["credentials"])
+            ClientCredentials.load(self.here / params["credentials"])
+            if params["config"] is not None:  # the site's own configuration and data
+                from fedforge.net.site import prepare
+
+                data = self.cwd / params["data"] if params["data"] else None
+                prepare(load_config(self.cwd / params["config"]), data)
         elif path[0] == "keys":
             self.keys(args)
         else:
@@ -294,7 +312,7 @@ class Shell:
         if params["resume"] is not None:
             assert str(params["resume"]) in self.made, params["resume"]
             return
-        config = ROOT / params["config"] if params["config"] else None
+        config = self.cwd / params["config"] if params["config"] else None
         check_simulation(load_config(config, params["set_"]))
         if params["out"] is not None:
             self.made.add(str(params["out"]))
@@ -302,7 +320,7 @@ class Shell:
     def keys(self, args: list[str]) -> None:
         """Credentials commands run for real; between the site's and the coordinator's steps
         the files travel as the README's comments say."""
-        self.monkeypatch.chdir(self.scratch)
+        self.monkeypatch.chdir(self.here)
         if args[:2] == ["keys", "sign"]:
             if not (self.scratch / "keys").exists():  # the coordinator's own keys
                 assert self.runner.invoke(app, ["keys", "init", "keys"]).exit_code == 0
@@ -319,6 +337,13 @@ class Shell:
         if args[:2] == ["keys", "sign"]:
             for name in ("client.crt", "ca.crt"):
                 shutil.copy(self.scratch / name, self.scratch / "credentials" / name)
+        self.monkeypatch.chdir(ROOT)
+
+    def new(self, args: list[str]) -> None:
+        """``fedforge new``: the project is made (or the templates listed) for real."""
+        self.monkeypatch.chdir(self.scratch)
+        result = self.runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
         self.monkeypatch.chdir(ROOT)
 
     def pip(self, argv: list[str]) -> None:
@@ -338,7 +363,7 @@ def test_every_bash_command_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyP
     shell = Shell(tmp_path, monkeypatch)
     seen = 0
     for index, block in enumerate(bash):
-        shell.scratch = tmp_path / str(index)
+        shell.scratch, shell.cwd = tmp_path / str(index), ROOT  # each block from the top
         shell.scratch.mkdir()
         for argv in commands(block.code):
             shell.run(argv)

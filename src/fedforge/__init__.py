@@ -105,6 +105,11 @@ _EXPORTS: dict[str, str] = {
     "LocalSGD": "fedforge.train.program",
     "Proximal": "fedforge.train.program",
     "TorchModel": "fedforge.train.torch_model",
+    # your model, data and training loop
+    "Site": "fedforge.workload.base",
+    "TrainConfig": "fedforge.workload.base",
+    "Workload": "fedforge.workload.base",
+    "read_data": "fedforge.workload.readers",
 }
 
 __all__ = [
@@ -170,6 +175,7 @@ __all__ = [
     "ServerSGD",
     "ServerState",
     "SimulationResult",
+    "Site",
     "Stage",
     "StageChain",
     "StochasticQuantizer",
@@ -178,8 +184,10 @@ __all__ = [
     "Task",
     "TopK",
     "TorchModel",
+    "TrainConfig",
     "UniformSampler",
     "WeightedMean",
+    "Workload",
     "draw_devices",
     "head_names",
     "load_config",
@@ -187,6 +195,7 @@ __all__ = [
     "load_mnist5k",
     "make_synthetic",
     "partition",
+    "read_data",
     "read_trace",
     "simulate",
     "weighted_mean",
@@ -262,3 +271,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from fedforge.stages.dp_noise import CentralGaussian, LocalGaussian
     from fedforge.train.program import LocalProgram, LocalSGD, Proximal
     from fedforge.train.torch_model import TorchModel
+    from fedforge.workload.base import Site, TrainConfig, Workload
+    from fedforge.workload.readers import read_data

@@ -187,15 +187,14 @@ def run(
 def _print_end(head: str, history: History, stop_reason: str | None, tail: str = "") -> None:
     """The line that ends a run: rounds, accuracy, loss and epsilon (and why it stopped
     early, when it did)."""
-    from fedforge.report.history import privacy_text
+    from fedforge.report.history import accuracy_text, privacy_text
 
     last = history[-1]
     if stop_reason:
         console.print(f"[bold yellow]stopped early[/]: {stop_reason}", soft_wrap=True)
     dp = privacy_text(last)
     console.print(
-        f"{head}: {last.round} rounds, test accuracy {100 * last.test_accuracy:.2f}%, "
-        f"test loss {last.test_loss:.4f}{', ' + dp if dp else ''}{tail}",
+        f"{head}: {last.round} rounds, {accuracy_text(last)}{', ' + dp if dp else ''}{tail}",
         soft_wrap=True,
     )
 
@@ -333,6 +332,37 @@ def config_command() -> None:
     from fedforge.config.describe import describe_config
 
     typer.echo(describe_config(), nl=False)
+
+
+@app.command("new")
+def new_command(
+    name: Annotated[
+        Path | None, typer.Argument(help="The project directory to create (its name).")
+    ] = None,
+    template: Annotated[
+        str, typer.Option("--template", help="The project's template (--list shows them).")
+    ] = "tabular",
+    list_: Annotated[bool, typer.Option("--list", help="List the templates.")] = False,
+) -> None:
+    """Create a runnable project: configuration, models.py, data.py, sample data, a README
+    and a test, ready for `fedforge run fedforge.toml` and a deployment."""
+    from fedforge.templates import create, templates
+
+    if list_ or name is None:
+        for key, description in templates().items():
+            typer.echo(f"{key:10} {description}")
+        if name is None and not list_:
+            raise _fail(ValueError("give the project's name: fedforge new NAME"), 2)
+        return
+    try:
+        written = create(template, name)
+    except FedforgeError as exc:
+        raise _fail(exc, 2) from None
+    console.print(
+        f"created {name} from the {template!r} template ({len(written)} files); next: "
+        f"cd {name} && fedforge run fedforge.toml (and python -m pytest -q)",
+        soft_wrap=True,
+    )
 
 
 keys_app = typer.Typer(help="Create and manage deployment credentials.", no_args_is_help=True)
@@ -543,12 +573,23 @@ def server(
 @app.command("client")
 def client_command(
     server_address: Annotated[str, typer.Option("--server", help="Server HOST:PORT.")],
+    config: Annotated[
+        Path | None,
+        typer.Argument(
+            help="This site's own configuration (its model.factory, data.loader, client.train "
+            "or workload, and how to read its data); without it, the run's built-in model."
+        ),
+    ] = None,
     credentials: Annotated[
         Path | None, typer.Option("--credentials", help="Credentials directory (add-client).")
     ] = None,
     data: Annotated[
         Path | None,
-        typer.Option("--data", help="Local data .npz (arrays x, y); default: the run's partition."),
+        typer.Option(
+            "--data",
+            help="This site's data: a CSV, Parquet or .npz file, or an image folder (one "
+            "subfolder per class); default: its share of the run's built-in dataset.",
+        ),
     ] = None,
     name: Annotated[str, typer.Option("--name", help="--insecure servers only: client name.")] = "",
     state_dir: Annotated[
@@ -560,16 +601,22 @@ def client_command(
         ),
     ] = None,
 ) -> None:
-    """Join a federated run: train on pushed work until the run completes."""
+    """Join a federated run: train on pushed work until the run completes.
+
+    With CONFIG, the site's model and data come from its own configuration and are read and
+    checked before it connects; the run's settings (algorithm, rounds, privacy) from the
+    server."""
     from fedforge.net.keys import ClientCredentials
 
     _setup_logging()
     try:  # (credentials first: unusable ones are refused before the heavy imports)
         creds = ClientCredentials.load(credentials) if credentials else None
-        from fedforge.net.client import FederatedClient, builtin_partition, npz_loader
+        from fedforge.config import load_config
+        from fedforge.net.client import FederatedClient
+        from fedforge.net.site import LocalSite, prepare
 
-        loader = npz_loader(str(data)) if data else builtin_partition
-        client = FederatedClient(server_address, creds, loader, name=name, state_dir=state_dir)
+        site = prepare(load_config(config), data) if config is not None else LocalSite(None, data)
+        client = FederatedClient(server_address, creds, site, name=name, state_dir=state_dir)
         rounds = client.run()
     except FedforgeError as exc:
         raise _fail(exc) from None

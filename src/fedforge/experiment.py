@@ -29,8 +29,6 @@ from fedforge.config import RunConfig
 from fedforge.config.checks import clients_drawn
 from fedforge.core.errors import ConfigError
 from fedforge.core.rng import Purpose, RngStreams
-from fedforge.data import partition as part
-from fedforge.data.datasets import load_digits, load_mnist5k, make_synthetic
 from fedforge.data.federated import FederatedDataset
 from fedforge.privacy.dp_sgd import SampleDP
 from fedforge.privacy.setup import privacy_stages, secret_sampling_seed
@@ -53,6 +51,7 @@ from fedforge.runtime.driver import FederatedEvaluation, RoundListener
 from fedforge.runtime.memory import check_training_memory
 from fedforge.runtime.sampling import PoissonSampler, Sampler, UniformSampler
 from fedforge.runtime.simulation import SimulationResult, simulate
+from fedforge.runtime.stopping import StopRule
 from fedforge.runtime.stragglers import Stragglers
 from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.stages.base import Stage
@@ -60,65 +59,68 @@ from fedforge.stages.clip import FixedClip
 from fedforge.stages.compress import Compress
 from fedforge.train.models import logistic, mlp, seeded
 from fedforge.train.program import LocalSGD
+from fedforge.train.user_loop import UserLoop
+from fedforge.workload.base import Workload
+from fedforge.workload.configured import DataShape, configured_workload, project_dir
+from fedforge.workload.federate import federate
+
+
+def build_workload(config: RunConfig, data: FederatedDataset | None = None) -> Workload:
+    """The workload the configuration names (built-in or yours); ``data`` is the federation
+    a built-in model takes its input shape and classes from (see ``configured_workload``)."""
+    return configured_workload(config, DataShape.of(data) if data is not None else None)
 
 
 def build_dataset(config: RunConfig) -> FederatedDataset:
-    """The configured federated dataset; with federated evaluation, each client's data is
-    split into a training part and a held-out part (seeded)."""
-    data = _build_partitioned(config)
-    if config.evaluation.fraction > 0:
-        rng = RngStreams(config.seed).generator(Purpose.PARTITION, 1)
-        data = data.with_holdout(config.evaluation.holdout, rng)
-    return data
-
-
-def _build_partitioned(config: RunConfig) -> FederatedDataset:
-    data_cfg, p = config.data, config.partition
-    rng = RngStreams(config.seed).generator(Purpose.PARTITION)
-    if data_cfg.dataset == "synthetic":
-        synth = make_synthetic(data_cfg.alpha, data_cfg.beta, data_cfg.devices, seed=config.seed)
-        train, test = synth.train, synth.test
-        if p.scheme == "natural":
-            return FederatedDataset(train, test, synth.device_indices)
-    else:
-        train, test = load_mnist5k() if data_cfg.dataset == "mnist5k" else load_digits()
-    if p.scheme == "iid":
-        indices = part.iid(len(train), p.num_clients, rng)
-    elif p.scheme == "dirichlet":
-        indices = part.dirichlet(train.y, p.num_clients, p.alpha, rng)
-    elif p.scheme == "shards":
-        indices = part.shards(train.y, p.num_clients, p.shards_per_client, rng)
-    else:
-        indices = part.quantity_skew(len(train), p.num_clients, p.exponent, rng)
-    return FederatedDataset(train, test, indices)
+    """The configured federated dataset: a built-in dataset partitioned over clients, or one
+    client per site of your data; with federated evaluation, each client's data is split
+    into a training part and a held-out part (seeded)."""
+    holdout = config.evaluation.holdout if config.evaluation.fraction > 0 else None
+    return federate(
+        configured_workload(config), root=project_dir(config), seed=config.seed, holdout=holdout
+    )
 
 
 def build_model(config: RunConfig, data: FederatedDataset) -> nn.Module:
-    """The configured model, initialized from the run seed; refused before any memory is
-    allocated when training it cannot fit in this machine's memory."""
-    in_features, classes = data.train.x.shape[1], data.num_classes
-    check_model_memory(config, in_features, classes)
+    """The configured model for ``data``, initialized from the run seed; a built-in model is
+    refused before any memory is allocated when training it cannot fit in this machine's
+    memory."""
+    workload = build_workload(config, data)
+    if config.model.factory is None and config.workload is None:
+        check_model_memory(config, workload)
     seed = RngStreams(config.seed).int_seed(Purpose.INIT)
-    return seeded(lambda: _model(config, in_features, classes), seed)
+    return seeded(workload.model, seed)
 
 
-def _model(config: RunConfig, in_features: int, classes: int) -> nn.Module:
-    if config.model.name == "logistic":
-        return logistic(in_features, classes)
-    return mlp(in_features, classes, config.model.hidden)
-
-
-def check_model_memory(config: RunConfig, in_features: int, classes: int) -> None:
-    """Refuse a configured model too large to train here (sized on torch's meta device,
-    which allocates nothing)."""
+def check_model_memory(config: RunConfig, workload: Workload) -> None:
+    """Refuse a configured built-in model too large to train here (sized on torch's meta
+    device, which allocates nothing)."""
     import torch
 
     with torch.device("meta"):
-        num_params = sum(p.numel() for p in _model(config, in_features, classes).parameters())
+        num_params = sum(p.numel() for p in workload.model().parameters())
     copies = {"adam": 2, "yogi": 2, "adagrad": 1}.get(config.server.optimizer, 0)
     copies += int(config.server.momentum > 0) + int(config.client.momentum > 0)
-    lower = "lower model.hidden" if config.model.name == "mlp" else "use fewer features"
+    lower = {"mlp": "lower model.hidden", "cnn": "lower model.channels or model.dense"}.get(
+        config.model.name,
+        "use fewer features" if config.model.name == "logistic" else "lower model.channels",
+    )
     check_training_memory(num_params, optimizer_copies=copies, what_to_lower=lower)
+
+
+def build_loop(workload: Workload) -> UserLoop | None:
+    """The workload's training function, if it has one."""
+    if workload.train is None:
+        return None
+    return UserLoop(workload.train, workload.metrics, workload.proximal)
+
+
+def build_stop_rule(config: RunConfig) -> StopRule | None:
+    stop = config.server.stop_when
+    if stop.metric is None:
+        return None
+    mode = StopRule.default_mode(stop.metric) if stop.mode == "auto" else stop.mode
+    return StopRule(stop.metric, stop.threshold, stop.patience, mode, stop.min_delta)
 
 
 def build_server_optimizer(config: RunConfig) -> ServerOptimizer:
@@ -129,7 +131,9 @@ def build_server_optimizer(config: RunConfig) -> ServerOptimizer:
     return adaptive(lr=s.lr or 0.01, beta1=s.beta1, beta2=s.beta2, tau=s.tau)
 
 
-def build_algorithm(config: RunConfig) -> Algorithm:
+def build_algorithm(config: RunConfig, names: list[str] | None = None) -> Algorithm:
+    """The configured algorithm; ``names`` are the model's parameter names (FedPer's and
+    FedRep's head; default: the configured built-in model's)."""
     c, a = config.client, config.algorithm
     local = LocalSGD(
         lr=c.lr,
@@ -147,11 +151,14 @@ def build_algorithm(config: RunConfig) -> Algorithm:
         return FedNova(local=local, server_optimizer=opt)
     if a.name == "qfedavg":
         return QFedAvg(local=local, server_optimizer=opt, q=a.q)
-    if a.name == "fedper":
-        names = [n for n, _ in _architecture(config).named_parameters()]
-        return FedPer(local=local, server_optimizer=opt, head=head_names(names, a.head_layers))
-    if a.name == "fedrep":
-        head = head_names([n for n, _ in _architecture(config).named_parameters()], a.head_layers)
+    if a.name in ("fedper", "fedrep"):
+        names = names or [n for n, _ in _architecture(config).named_parameters()]
+        try:
+            head = head_names(names, a.head_layers)
+        except ValueError as exc:
+            raise ConfigError(f"algorithm.head_layers: {exc}") from None
+        if a.name == "fedper":
+            return FedPer(local=local, server_optimizer=opt, head=head)
         return FedRep(local=local, server_optimizer=opt, head=head, head_epochs=a.head_epochs)
     if a.name == "ditto":
         return Ditto(local=local, server_optimizer=opt, lam=a.lam)
@@ -159,7 +166,7 @@ def build_algorithm(config: RunConfig) -> Algorithm:
 
 
 def _architecture(config: RunConfig) -> nn.Module:
-    """The configured model on dummy sizes: its parameter names are the real model's."""
+    """The configured built-in MLP on dummy sizes: its parameter names are the real model's."""
     if config.model.name == "logistic":
         return logistic(1, 2)
     return mlp(1, 2, config.model.hidden)
@@ -328,10 +335,12 @@ def simulate_config(
     check_simulation(config)
     aggregation = build_aggregation(config)
     attack = plan_attack(config, data, aggregation)
+    workload = build_workload(config, attack.data)
+    names = [n for n, _ in build_model(config, attack.data).named_parameters()]
     return simulate(
-        build_model(config, attack.data),
+        workload,
         attack.data,
-        build_algorithm(config),
+        build_algorithm(config, names),
         rounds=config.server.rounds,
         sampler=build_sampler(config) if config.asynchronous.mode == "off" else None,
         seed=config.seed,
@@ -353,6 +362,7 @@ def simulate_config(
         resume=resume,
         clock=build_clock(config, data.num_clients),
         fedbuff=build_fedbuff(config),
+        stop_when=build_stop_rule(config),
         outliers=build_outliers(config, deployed=False),
         max_refused=config.aggregation.max_refused,
     )
@@ -362,7 +372,8 @@ def prepare_data(config: RunConfig) -> FederatedDataset:
     """The configured dataset, once the configured model is known to fit in memory (so a
     model far too large is refused before a run directory is touched)."""
     data = build_dataset(config)
-    check_model_memory(config, data.train.x.shape[1], data.num_classes)
+    if config.model.factory is None and config.workload is None:
+        check_model_memory(config, build_workload(config, data))
     return data
 
 
@@ -408,5 +419,6 @@ def run_experiment(
             live.stopped(exc)
             raise
         record["finished"] = datetime.now().astimezone().isoformat(timespec="seconds")
+        record["stop_reason"] = result.stop_reason
         write_run_dir(out_dir, config, result, data, record)
     return result

@@ -1,6 +1,7 @@
 """Update codecs: sizes match the formulas, quantizers are unbiased, errors stay bounded."""
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -312,3 +313,91 @@ def test_batched_codecs_send_each_clients_bytes_bit_for_bit(
     kept = TopK(0.7).encode(x[2:3]).indices[0]  # 421 of 601: 401 non-zeros, 20 zeros
     expected = np.concatenate([np.arange(20), np.arange(200, 601)])
     np.testing.assert_array_equal(kept, expected)  # the lowest tied zeros win
+
+
+def _radix2_reference(a: torch.Tensor, size: int) -> torch.Tensor:
+    """The plain radix-2 butterflies, lowest index bit first (strided views throughout)."""
+    lead = a.numel() // size
+    src = a.reshape(lead, size).clone()
+    dst = torch.empty_like(src)
+    h = 1
+    while h < size:
+        s, t = src.view(lead, size // (2 * h), 2, h), dst.view(lead, size // (2 * h), 2, h)
+        torch.add(s[:, :, 0], s[:, :, 1], out=t[:, :, 0])
+        torch.sub(s[:, :, 0], s[:, :, 1], out=t[:, :, 1])
+        src, dst = dst, src
+        h *= 2
+    return src.view(a.shape)
+
+
+def test_the_transposed_walsh_hadamard_transform_equals_plain_butterflies_bit_for_bit() -> None:
+    from fedforge.compress import kernels
+
+    scratch = kernels.Scratch(torch.device("cpu"))
+    for size in (1, 2, 4, 8, 32, 128, 2048, 4096):
+        for rows in (1, 3):
+            x = torch.from_numpy(_batch(rows, 3 * size, seed=size))
+            expected = _radix2_reference(x, size)
+            got = x.clone()
+            assert kernels.fwht_(got, size, scratch) is got
+            assert torch.equal(got, expected), size
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [
+        StochasticQuantizer(8, 256),
+        StochasticQuantizer(4, 64),
+        StochasticQuantizer(1, None),
+        TopK(0.05),
+        Rotated(StochasticQuantizer(4, 128), block=128),
+    ],
+    ids=lambda c: c.name,
+)
+def test_a_weighted_sum_of_payloads_equals_the_sum_of_the_decoded_rows(codec: Any) -> None:
+    x = _batch(6, 1001, seed=3)
+    weights = np.array([1.0, 2.5, 0.5, 7.0, 1.0, 3.0])
+    payload = codec.encode(x, list(range(6)))
+    expected = weights @ codec.decode(payload, 1001).astype(np.float64)
+    got = codec.weighted_sum(payload, 1001, weights)
+    exact = isinstance(codec, TopK)  # (quantizers accumulate in float32, as a chunk's sum)
+    tolerance = 1e-12 if exact else 1e-6 * np.abs(expected).max()
+    np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=tolerance)
+    if isinstance(codec, TopK):  # indices not strictly ascending: not summed so
+        forged = replace(payload, indices=payload.indices[:, ::-1].copy())
+        assert codec.weighted_sum(forged, 1001, weights) is None
+
+
+def _top_k_by_full_partition(x: np.ndarray, k: int) -> np.ndarray:
+    """The k largest magnitudes' indices by one partition of each whole row (ties at the cut
+    to the lowest indices)."""
+    magnitude = np.abs(x)
+    cut = np.partition(magnitude, x.shape[1] - k, axis=1)[:, x.shape[1] - k]
+    rows = []
+    for row, c in zip(magnitude, cut, strict=True):
+        above = np.flatnonzero(row > c)
+        rows.append(np.union1d(above, np.flatnonzero(row == c)[: k - len(above)]))
+    return np.array(rows)
+
+
+def test_top_k_from_sampled_candidates_equals_a_full_partition() -> None:
+    """The CPU selection among the candidates above a sampled threshold picks exactly the
+    indices a partition of the whole row does: Gaussian and heavy-tailed rows, ties at the
+    cut, rows of a few distinct values, all-zero rows, k from 1 to d."""
+    from fedforge.compress import kernels
+
+    rng = np.random.default_rng(5)
+    ties = rng.standard_normal((2, 9000)).astype(np.float32)
+    ties[:, ::7] = 5.0  # 1,286 equal magnitudes at the top
+    rows = [
+        rng.standard_normal((3, 50_000)).astype(np.float32),
+        rng.standard_t(1.2, (2, 20_000)).astype(np.float32),
+        ties,
+        rng.integers(-3, 4, (3, 5000)).astype(np.float32),
+        np.zeros((1, 700), np.float32),
+    ]
+    for x in rows:
+        d = x.shape[1]
+        for k in {1, 7, math.ceil(0.01 * d), min(1286, d), d // 3, d - 1, d}:
+            expected = _top_k_by_full_partition(x, k)
+            np.testing.assert_array_equal(kernels._top_k_rows(x, k), expected, err_msg=f"{k}")

@@ -199,10 +199,22 @@ def channel(port: int, ca: bytes, key: bytes | None, cert: bytes | None) -> grpc
     return grpc.secure_channel(f"127.0.0.1:{port}", tls)
 
 
+def base_architecture(hidden: tuple[int, ...] = (32,)) -> list[str]:
+    """The architecture fingerprint of BASE_CONFIG's model (the 64-32-10 MLP on digits, or
+    the given hidden widths), which a client declares with its data sizes."""
+    from fedforge.train.models import mlp
+    from fedforge.workload.fingerprint import fingerprint
+
+    return list(fingerprint(mlp(64, 10, list(hidden)), {"data.dataset": "digits"}).entries)
+
+
 class CraftedClient:
     """Speaks the protocol by hand so the test can send what a real client never would."""
 
-    def __init__(self, port: int, creds: Path, declared: int = 0) -> None:
+    def __init__(
+        self, port: int, creds: Path, declared: int = 0, architecture: list[str] | None = None
+    ) -> None:
+        self.architecture = architecture if architecture is not None else base_architecture()
         self.channel = channel(
             port,
             (creds / "ca.crt").read_bytes(),
@@ -248,8 +260,12 @@ class CraftedClient:
             if kind == "welcome":
                 self.run_id = message.envelope.run_id
                 self.welcome_config = message.welcome.config_toml
-                # Declare the data sizes, as a real client does once welcomed.
-                hello = pb.Hello(protocol_version=PROTOCOL_VERSION, num_examples=self.declared)
+                # Declare the data sizes and the model, as a real client does once welcomed.
+                hello = pb.Hello(
+                    protocol_version=PROTOCOL_VERSION,
+                    num_examples=self.declared,
+                    architecture=self.architecture,
+                )
                 self.out.put(pb.ClientMessage(hello=hello))
             elif kind == "task":
                 assert message.task.stage == FIT and len(message.task.seed) == 16

@@ -23,8 +23,9 @@ from cryptography import x509
 from fedforge.config import RunConfig
 from fedforge.core.records import Record, Task
 from fedforge.net import worker as worker_module
-from fedforge.net.client import FederatedClient, builtin_partition, npz_loader
+from fedforge.net.client import FederatedClient
 from fedforge.net.keys import ClientCredentials
+from fedforge.net.site import LocalSite
 from fedforge.secagg import crypto
 from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.session import Identity, Session
@@ -91,7 +92,7 @@ def main(server: str, keys: Path, state: Path, sites: dict[str, str]) -> int:
         site = FederatedClient(
             server,
             ClientCredentials.load(keys / name),
-            npz_loader(data) if data else builtin_partition,
+            LocalSite(data=Path(data)) if data else None,  # its own file, else its share
             name=name,
             state_dir=state / name,
         )

@@ -22,6 +22,7 @@ from fedforge.net.service import INVALID_LIMIT, PROTOCOL_VERSION
 from tests.net.helpers import (
     PATIENCE,
     CraftedClient,
+    base_architecture,
     free_port,
     make_keys,
     start_client,
@@ -56,7 +57,11 @@ class Zombie:
         self.out: queue.Queue[pb.ClientMessage | None] = queue.Queue()
         hello = pb.Hello(protocol_version=PROTOCOL_VERSION)
         self.out.put(pb.ClientMessage(hello=hello))
-        self.out.put(pb.ClientMessage(hello=hello))  # the sizes a welcomed client declares
+        # The sizes and the model a welcomed client declares (the run's 64-512-10 MLP).
+        declared = pb.Hello(
+            protocol_version=PROTOCOL_VERSION, architecture=base_architecture((512,))
+        )
+        self.out.put(pb.ClientMessage(hello=declared))
         self.stream = pb_grpc.FederationStub(self.channel).Connect(self._requests())
         self.stop = threading.Event()
         threading.Thread(target=self._beat, daemon=True).start()
@@ -101,7 +106,7 @@ def test_a_zombie_a_twin_and_a_flooding_liar_cannot_stall_or_blind_the_run(
     try:
         wait_for_port(port)
         zombie = Zombie(port, keys / "zombie")
-        liar = CraftedClient(port, keys / "liar")
+        liar = CraftedClient(port, keys / "liar", architecture=base_architecture((512,)))
         round_number, _ = liar.next_task()
         liar.out.put(
             pb.ClientMessage(

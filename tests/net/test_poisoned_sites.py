@@ -20,6 +20,7 @@ from fedforge.net.proto import fedforge_pb2 as pb
 from tests.net.helpers import (
     PATIENCE,
     CraftedClient,
+    base_architecture,
     free_port,
     make_keys,
     start_server,
@@ -51,7 +52,11 @@ class Poisoner(CraftedClient):
                 kind = message.WhichOneof("body")
                 if kind == "welcome":
                     self.run_id = message.envelope.run_id
-                    hello = pb.Hello(num_examples=1, holdout_examples=HOLDOUT_CLAIM)
+                    hello = pb.Hello(
+                        num_examples=1,
+                        holdout_examples=HOLDOUT_CLAIM,
+                        architecture=base_architecture(),
+                    )
                     hello.protocol_version = self._version()
                     self.out.put(pb.ClientMessage(hello=hello))
                 elif kind == "task":
@@ -106,7 +111,8 @@ def test_poison_is_refused_and_large_honest_sites_are_clamped_not_rejected(
     tmp_path: Path,
 ) -> None:
     """Sites a and b train on their shares of the built-in data (about 70 examples each), big
-    on 1000 of its own; b's operator figure (deploy.site_examples) is stale, 10. The median
+    on 1000 of its own (800 trained on, 200 held out for federated evaluation, as a site's own
+    file is split); b's operator figure (deploy.site_examples) is stale, 10. The median
     declaration (the liar's 1 included) is about 70: big counts at most 10 x that, b at most
     10: both clamped, both take part. The liar's poisoned rounds are refused and retried
     without it; its held-out claim is clamped too, and the per-site spread is reported."""
@@ -161,6 +167,6 @@ def test_poison_is_refused_and_large_honest_sites_are_clamped_not_rejected(
     assert history[-1].metrics["fed_eval.accuracy"] < 0.99  # was 0.99999 before the caps
     text = log.read_text()
     assert "refused the aggregate (model unchanged): outlying updates (zz-liar" in text
-    assert "client big declares 1000 examples" in text and "(clamped, still taking part" in text
+    assert "client big declares 800 examples" in text and "(clamped, still taking part" in text
     assert "outside the allowed range" not in text  # nobody rejected for its size
     assert os.path.exists(tmp_path / "state" / "final_model.safetensors")

@@ -267,3 +267,47 @@ def test_noise_source_keys_use_the_whole_key() -> None:
     assert NoiseSource(seed=1).key("x", 2) != NoiseSource(seed=1).key("x", 3)
     with pytest.raises(ValueError):
         keystream_uniforms(bytes(16), 1)  # AES-256 only
+
+
+def test_the_server_skips_reading_again_only_records_its_own_clip_produced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In one process the server's check of the very batch its clip stage produced reuses
+    the client-side norms (one pass over the records, not two) and decodes the same; a copy
+    of the stage, a second check, a lower server bound or replaced arrays are read again."""
+    import copy
+    import pickle
+
+    from fedforge.stages import clip as clip_module
+
+    reads: list[int] = []
+    full = clip_module.row_norms
+
+    def counted(b: RecordBatch) -> np.ndarray:
+        reads.append(len(b))
+        return full(b)
+
+    monkeypatch.setattr(clip_module, "row_norms", counted)
+    values = np.random.default_rng(4).normal(size=(5, 6)) * 3
+    values[0] *= 0.01  # one record within the bound
+    stage = FixedClip(1.0)
+    encoded = stage.encode(batch(values), {"clip.norm": 1.0}, [0] * 5)
+    assert len(reads) == 1
+    server = stage.decode(encoded, {"norm": 1.0})
+    assert len(reads) == 1  # reused: not read again
+    fresh = copy.deepcopy(stage).decode(encoded, {"norm": 1.0})
+    assert len(reads) == 2  # a copy of the stage vouches for nothing
+    np.testing.assert_array_equal(server.arrays["w"], fresh.arrays["w"])
+    np.testing.assert_array_equal(server.scalars["clip.clipped"], fresh.scalars["clip.clipped"])
+    stage.decode(encoded, {"norm": 1.0})
+    assert len(reads) == 3  # vouched for once
+    assert pickle.loads(pickle.dumps(stage))._bounded == {}
+    again = stage.encode(batch(values), {"clip.norm": 1.0}, [0] * 5)
+    stage.decode(again, {"norm": 0.5})  # the server's bound is lower than the client's
+    assert len(reads) == 5
+    forged = stage.encode(batch(values), {"clip.norm": 1.0}, [0] * 5)
+    forged = forged.replace_arrays({"w": forged.arrays["w"] * 10})  # changed after the clip
+    checked = stage.decode(forged, {"norm": 1.0})
+    assert len(reads) == 7
+    assert np.linalg.norm(checked.arrays["w"].astype(np.float64), axis=1).max() <= 1.0
+    assert checked.scalars["clip.clipped"].tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]

@@ -369,6 +369,49 @@ def test_ray_backend_runs_fedreps_two_phases_as_sequential(small_federated, ray_
         assert on_ray.history[-1].metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
+@pytest.mark.usefixtures("isolated_imports")
+def test_ray_runs_a_training_function_from_a_project_directory(tmp_path, ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    """The training function and the model class live in a project directory the actors
+    cannot import: they travel by value, and the run equals the sequential one."""
+    (tmp_path / "loop.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = torch.nn.Linear(64, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x)\n"
+        "def make():\n"
+        "    return Net()\n"
+        "def train(model, loader, config):\n"
+        "    opt = config.sgd(model)\n"
+        "    for x, y in loader:\n"
+        "        opt.zero_grad()\n"
+        "        torch.nn.functional.cross_entropy(model(x), y).backward()\n"
+        "        opt.step()\n"
+    )
+    from fedforge.config import load_config
+    from fedforge.experiment import build_dataset, simulate_config
+
+    config = load_config(
+        None,
+        [
+            f'project_dir="{tmp_path}"',
+            'model.factory="loop:make"',
+            'client.train="loop:train"',
+            'data.dataset="digits"',
+            "partition.num_clients=4",
+            "server.clients_per_round=4",
+            "server.rounds=2",
+            "client.epochs=1",
+        ],
+    )
+    seq = simulate_config(config, build_dataset(config), backend="sequential")
+    on_ray = simulate_config(config, build_dataset(config), backend="ray")
+    assert on_ray.backend == "ray" and on_ray.history[-1].clients_completed == 4
+    assert_same(seq, on_ray)
+
+
 def test_dead_ray_actor_fails_one_client_and_is_replaced(small_federated, ray_cluster) -> None:  # type: ignore[no-untyped-def]
     from fedforge.runtime.ray_transport import RayTransport
 

@@ -3,13 +3,15 @@ decodes to the same model, and the codec composes with clipping."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
 from fedforge import simulate
 from fedforge.aggregate.kinds import WeightedMean
 from fedforge.algorithms.fedavg import FedAvg
-from fedforge.compress.codecs import BFloat16, StochasticQuantizer
+from fedforge.compress.codecs import BFloat16, StochasticQuantizer, TopK
 from fedforge.compress.rotation import Rotated
 from fedforge.core.errors import ConfigError
 from fedforge.core.params import spec_of
@@ -147,3 +149,37 @@ def test_error_feedback_and_downlink_agree_across_runtimes(
         not np.allclose(reference.state.params[k], v) for k, v in plain.state.params.items()
     )
     assert differs  # the compression is real
+
+
+@pytest.mark.parametrize(
+    "codec",
+    [StochasticQuantizer(8, 64), TopK(0.1), Rotated(StochasticQuantizer(4, 16), 16)],
+    ids=lambda c: c.name,
+)
+def test_a_mean_sums_compressed_records_without_decoding_them_to_the_same_aggregate(
+    codec: object,
+) -> None:
+    """The server's mean of a chunk of encoded records, summed from the payloads, equals the
+    mean of the decoded records (weights capped alike); a sum that is not finite is refused
+    so the records are decoded and checked one by one."""
+    from fedforge.aggregate.kinds import StreamingMean
+    from fedforge.core.records import RecordBatch
+
+    chain = StageChain([Compress(codec)])
+    layout = {"b": np.zeros(7, np.float32), "w": np.zeros((5, 9), np.float32)}
+    chain.wire_spec(RecordSpec(spec_of(layout)))
+    rng = np.random.default_rng(1)
+    arrays = {k: rng.normal(size=(6, *v.shape)).astype(np.float32) for k, v in layout.items()}
+    batch = RecordBatch(np.arange(6), np.array([3, 1, 8, 2, 5, 4]), arrays)
+    encoded, _ = chain.encode(batch, {}, list(range(6)))
+    weights = encoded.num_examples.astype(np.float64)
+    summed, decoded = StreamingMean(max_weight=6.0), StreamingMean(max_weight=6.0)
+    assert summed.add_summed(encoded, weights, partial(chain.weighted_sum, encoded))
+    decoded.add(chain.decode(encoded, {}), weights)
+    got, expected = summed.result(), decoded.result()
+    assert got.total_weight == expected.total_weight and got.downweighted == [2]
+    for name, value in expected.arrays.items():
+        assert got.arrays[name].dtype == value.dtype and got.arrays[name].shape == value.shape
+        np.testing.assert_allclose(got.arrays[name], value, rtol=1e-6, atol=1e-7)
+    overflow = np.full(6, 1e308)
+    assert not StreamingMean().add_summed(encoded, overflow, partial(chain.weighted_sum, encoded))

@@ -13,6 +13,7 @@ Summed scalars (a clipped bit, a step count) are summed beside the arrays by eve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -113,6 +114,15 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(a if a.flags.writeable else a.copy())
 
 
+@dataclass(frozen=True)
+class Summed:
+    """The weighted sum of some records computed without decoding each one: per array name,
+    the float64 sum shaped as the decoded array, and the decoded array's dtype."""
+
+    sums: dict[str, torch.Tensor]
+    dtypes: dict[str, np.dtype]
+
+
 class StreamingMean:
     """Running weighted sum of record batches; ``result`` divides by the total weight.
 
@@ -160,6 +170,19 @@ class StreamingMean:
                 chunks[name] = chunk
         self._commit(batch, w, capped, chunks)
 
+    def add_summed(
+        self, batch: RecordBatch, weights: np.ndarray, summer: Callable[[np.ndarray], Summed | None]
+    ) -> bool:
+        """Add the records whose weighted sum ``summer(capped weights)`` computes without
+        materializing them (from their encoded form). False, adding nothing, when ``summer``
+        cannot (None) or its sum is not finite (then decode and :meth:`add` the records)."""
+        w, capped = self._weights(batch, weights)
+        summed = summer(w)
+        if summed is None or not all(bool(torch.isfinite(c).all()) for c in summed.sums.values()):
+            return False
+        self._commit(batch, w, capped, summed.sums, summed.dtypes)
+        return True
+
     def add_finite(self, batch: RecordBatch, weights: np.ndarray) -> list[str | None]:
         """:meth:`add` of the rows whose arrays are all finite, checked in the same pass as
         the sum: with positive weights a finite sum proves every row finite (a NaN or an
@@ -201,16 +224,25 @@ class StreamingMean:
         w: np.ndarray,
         capped: np.ndarray,
         chunks: dict[str, torch.Tensor],
+        dtypes: dict[str, np.dtype] | None = None,
     ) -> None:
-        """Add the batch: its precomputed ``chunks`` (several rows), or its one row exactly."""
+        """Add the batch: its precomputed ``chunks`` (the weighted sums of several rows, or
+        of rows summed from their encoded form, whose ``dtypes`` are given), or its one row
+        exactly."""
         self._downweighted.extend(int(c) for c in batch.client_ids[capped])
         if not self._sums:
-            self._sums = {k: np.zeros(v.shape[1:], np.float64) for k, v in batch.arrays.items()}
-            self._dtypes = {k: v.dtype for k, v in batch.arrays.items()}
+            if dtypes is None:
+                self._sums = {k: np.zeros(v.shape[1:], np.float64) for k, v in batch.arrays.items()}
+                self._dtypes = {k: v.dtype for k, v in batch.arrays.items()}
+            else:
+                self._sums = {k: np.zeros(tuple(c.shape), np.float64) for k, c in chunks.items()}
+                self._dtypes = dict(dtypes)
         rows = len(batch)
         for name, total in self._sums.items():
             target = torch.from_numpy(total.reshape(-1))
-            if rows == 1:  # the product itself in float64, exactly (in blocks: the
+            if name in chunks:
+                target.add_(chunks[name].reshape(-1))
+            elif rows == 1:  # the product itself in float64, exactly (in blocks: the
                 # promotion to float64 costs no copy of a large array)
                 row = batch.arrays[name].reshape(-1)
                 if row.dtype.kind != "f":
@@ -219,8 +251,6 @@ class StreamingMean:
                 for start in range(0, len(row), ADD_BLOCK):
                     end = start + ADD_BLOCK
                     target[start:end].add_(source[start:end], alpha=float(w[0]))
-            else:
-                target.add_(chunks[name])
         add_scalars(self._scalars, batch)
         self._client_ids.extend(int(c) for c in batch.client_ids)
         self.total_weight += float(w.sum())

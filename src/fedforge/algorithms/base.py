@@ -13,7 +13,7 @@ Algorithms never import a runtime.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 import torch
 
@@ -52,6 +52,9 @@ class RoundContext:
 class Algorithm(Protocol):
     """Client side: ``program`` and ``finish``. Server side: ``init``, ``broadcast``,
     ``record_spec``, ``server_update``."""
+
+    # Why a training function cannot replace the local program (None: it can).
+    loop_refusal: ClassVar[str | None]
 
     @property
     def local(self) -> LocalSGD: ...

@@ -11,6 +11,7 @@ local training; ``lam -> inf`` keeps the personal model at the global one.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ PERSONAL = "personal/"
 class Ditto(FedAvg):
     lam: float = 0.1
     personalized: bool = True
+    loop_refusal: ClassVar[str | None] = (
+        "it trains a personal copy beside the model on the same batches"
+    )
 
     def __post_init__(self) -> None:
         if self.lam < 0:

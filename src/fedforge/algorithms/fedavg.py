@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,9 @@ class FedAvg:
     weighting: Weighting = "examples"
     accepts_stages: bool = True
     personalized: bool = False
+    # Why a training function (``client.train``) cannot replace the local program: None when
+    # the algorithm needs only the trained weights (the record is ``local - global``).
+    loop_refusal: ClassVar[str | None] = None
 
     def program(self) -> LocalProgram:
         return LocalProgram(self.local)

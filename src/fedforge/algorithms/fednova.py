@@ -12,6 +12,7 @@ updates, so the server reads ``tau_eff = sum p_i a_i`` and moves the model by
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ class FedNova(FedAvg):
     # The normalizer travels beside the update: a stage that scaled the record (clipping)
     # would scale tau_eff with it.
     accepts_stages: bool = False
+    loop_refusal: ClassVar[str | None] = (
+        "it normalizes the update by the local steps of plain SGD (with momentum)"
+    )
 
     def finish(
         self, delta: Tensors, shared: Tensors, own: Tensors, steps: torch.Tensor

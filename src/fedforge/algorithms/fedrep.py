@@ -12,6 +12,7 @@ partial work shortens the body phase; the head phase always runs in full.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from fedforge.algorithms.fedper import FedPer
 from fedforge.train.program import HeadFirst, LocalProgram
@@ -21,6 +22,9 @@ from fedforge.train.program import HeadFirst, LocalProgram
 class FedRep(FedPer):
     # Head-only epochs per round (the paper's tau_h); None: as many as the body's epochs.
     head_epochs: int | None = None
+    loop_refusal: ClassVar[str | None] = (
+        "its head-only then body-only schedule is the built-in program's"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -13,6 +13,7 @@ gives ``Delta_k = -L dy_k``, ``h_k = L``: FedAvg with uniform weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ class QFedAvg(FedAvg):
     weighting: Weighting = "uniform"
     # h_k travels beside the update: a stage that scaled the record would scale h_k with it.
     accepts_stages: bool = False
+    loop_refusal: ClassVar[str | None] = (
+        "it takes 1 / client.lr as the Lipschitz constant of plain local SGD"
+    )
 
     def __post_init__(self) -> None:
         if self.q < 0:

@@ -11,6 +11,7 @@ The server applies its optimizer to the mean ``dy`` (plain: ``x += lr_g * mean d
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ class Scaffold(FedAvg):
     # The client updates its control variate from the control delta *before* the update
     # stages run; a stage that changes the record (clipping) would break c = mean(c_i).
     accepts_stages: bool = False
+    loop_refusal: ClassVar[str | None] = (
+        "it corrects every local gradient step with control variates"
+    )
 
     def program(self) -> LocalProgram:
         return LocalProgram(self.local, corrections=(ControlCorrection(CONTROL),))

@@ -8,7 +8,10 @@ and ``from_arrays`` rebuilds a payload from its named arrays. Randomness comes f
 per row (an int in ``[0, 2**128)``, e.g. the row's task seed), seeding the row's own stream,
 so a row's encoding never depends on the other rows of its batch. The quantizers and top-k
 run as torch tensor programs (:mod:`fedforge.compress.kernels`) over the whole batch, on the
-CPU or CUDA: a chunk of clients encodes to the bytes each client would send alone.
+CPU or CUDA: a chunk of clients encodes to the bytes each client would send alone. The
+quantizers, top-k and the rotation also offer ``weighted_sum(payload, d, weights)``: the
+``(d,)`` weighted sum of the decoded rows, computed without an ``(n, d)`` array of them (the
+server's weighted mean uses it, ``stages/compress.py``).
 
 Bytes per parameter (d large; block scales are float32 ``low`` and ``step``)::
 
@@ -268,13 +271,14 @@ class StochasticQuantizer:
         """The payload's (codes, low, step) of a float32 ``(n, d)`` tensor, on its device."""
         n, d = x.shape
         size, count = self._blocks(d)
-        uniforms = torch.from_numpy(kernels.lanes(keys, _QUANTIZE, d)).to(x.device)
         codes = torch.empty((n, -(-d * self.bits // 8)), dtype=torch.uint8, device=x.device)
         low = torch.empty((n, count), dtype=torch.float32, device=x.device)
         step = torch.empty_like(low)
-        for rows in kernels.tiles(n, d, x.device):
-            c, low[rows], step[rows] = kernels.quantize(x[rows], uniforms[rows], self.bits, size)
-            codes[rows] = kernels.pack(c, self.bits)
+        scratch = kernels.Scratch(x.device)
+        for rows in kernels.tiles(n, d, x.device):  # (each tile's random lanes drawn for it)
+            uniforms = torch.from_numpy(kernels.lanes(keys[rows], _QUANTIZE, d)).to(x.device)
+            c, low[rows], step[rows] = kernels.quantize(x[rows], uniforms, self.bits, size, scratch)
+            kernels.pack(c, self.bits, codes[rows], scratch)
         # A NaN or an infinity reaches its block's minimum or maximum.
         finite = torch.isfinite(low).all(dim=1) & torch.isfinite(step).all(dim=1)
         if not bool(finite.all()):
@@ -282,7 +286,10 @@ class StochasticQuantizer:
             raise ValueError(f"rows {bad} are not finite: clip or reject them before quantizing")
         return codes, low, step
 
-    def decode(self, payload: QuantizedPayload, d: int) -> np.ndarray:
+    def _tensors(
+        self, payload: QuantizedPayload, d: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The payload's (codes, low, step) as tensors, refused unless shaped for ``d``."""
         count = self._blocks(d)[1]
         _check(
             payload,
@@ -292,8 +299,10 @@ class StochasticQuantizer:
                 "step": (count, np.float32),
             },
         )
-        tensors = (_tensor(payload.codes), _tensor(payload.low), _tensor(payload.step))
-        return self.decode_tensor(*tensors, d).numpy()
+        return _tensor(payload.codes), _tensor(payload.low), _tensor(payload.step)
+
+    def decode(self, payload: QuantizedPayload, d: int) -> np.ndarray:
+        return self.decode_tensor(*self._tensors(payload, d), d).numpy()
 
     def decode_tensor(
         self, codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor, d: int
@@ -302,10 +311,29 @@ class StochasticQuantizer:
         size = self._blocks(d)[0]
         n = codes.shape[0]
         out = empty((n, d), torch.float32, codes.device)
+        scratch = kernels.Scratch(codes.device)
         for rows in kernels.tiles(n, d, codes.device):
-            values = kernels.unpack(codes[rows], self.bits, d)
+            values = kernels.unpack(codes[rows], self.bits, d, scratch)
             kernels.dequantize(values, low[rows], step[rows], size, out[rows])
         return out
+
+    def weighted_sum(self, payload: QuantizedPayload, d: int, weights: np.ndarray) -> torch.Tensor:
+        """``weights @ decode(payload, d)`` as ``(d,)`` float64, accumulated in float32 as the
+        server's sum of a chunk of decoded records is, each tile of rows decoded into a small
+        buffer and added at once (no ``(n, d)`` array of decoded rows)."""
+        codes, low, step = self._tensors(payload, d)
+        size = self._blocks(d)[0]
+        with np.errstate(over="ignore"):  # (a weight past float32: a sum not finite, refused)
+            w = torch.from_numpy(np.asarray(weights, np.float32))
+        n = codes.shape[0]
+        total = torch.zeros(d, dtype=torch.float32)  # (as a chunk's matrix-vector sum)
+        scratch = kernels.Scratch(codes.device)
+        for rows in kernels.tiles(n, d, codes.device):
+            values = kernels.unpack(codes[rows], self.bits, d, scratch)
+            out = scratch.get("decoded", (rows.stop - rows.start, d), torch.float32)
+            kernels.dequantize(values, low[rows], step[rows], size, out)
+            total.addmv_(out.t(), w[rows])
+        return total.double()
 
     def encoded_bytes(self, d: int) -> int:
         """``ceil(d * bits / 8) + 8 * ceil(d / block)`` (one block per row when None)."""
@@ -369,6 +397,25 @@ class TopK:
             raise ValueError(f"top-k indices outside [0, {d}): the payload is corrupt")
         indices = torch.from_numpy(payload.indices.astype(np.int64))
         return self.decode_tensor(indices, _tensor(payload.values), d).numpy()
+
+    def weighted_sum(
+        self, payload: TopKPayload, d: int, weights: np.ndarray
+    ) -> torch.Tensor | None:
+        """``weights @ decode(payload, d)`` as ``(d,)`` float64 from the kept entries alone
+        (no dense rows); None when some row's indices are not strictly ascending (never so
+        from :meth:`encode`: such a payload is decoded as :meth:`decode` does)."""
+        k = self.k(d)
+        _check(payload, {"indices": (k, np.int32), "values": (k, np.float32)})
+        indices = payload.indices
+        if indices.size and not (0 <= indices.min() <= indices.max() < d):
+            raise ValueError(f"top-k indices outside [0, {d}): the payload is corrupt")
+        if k > 1 and not bool((np.diff(indices, axis=1) > 0).all()):
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):  # (a sum not finite is refused)
+            scaled = payload.values.astype(np.float64) * np.asarray(weights, np.float64)[:, None]
+        total = torch.zeros(d, dtype=torch.float64)
+        flat = torch.from_numpy(indices.astype(np.int64).reshape(-1))
+        return total.index_add_(0, flat, torch.from_numpy(scaled.reshape(-1)))
 
     @staticmethod
     def decode_tensor(indices: torch.Tensor, values: torch.Tensor, d: int) -> torch.Tensor:

@@ -38,12 +38,14 @@ def rotation_shape(d: int, block: int | None = None) -> tuple[int, int]:
     return size, -(-d // size) * size
 
 
-def _signs(keys: Sequence[int], length: int, size: int) -> torch.Tensor:
-    """``(n, length)`` float32 of +-1/sqrt(size), one random bit per coordinate."""
+def _signs(keys: Sequence[int], length: int, size: int, out: torch.Tensor) -> torch.Tensor:
+    """``(n, length)`` float32 of +-1/sqrt(size) into ``out``, one random bit per coordinate
+    (the low bit of each byte first; a set bit is negative)."""
     words = _words(keys, _ROTATE, -(-length // 64)).astype("<u8", copy=False)
     bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, :length]
-    scale = np.float32(1 / math.sqrt(size))
-    return torch.from_numpy(scale - (2 * scale) * bits.astype(np.float32))
+    scale = float(np.float32(1 / math.sqrt(size)))
+    out.copy_(torch.from_numpy(bits))  # 0 or 1, then exactly +scale or -scale:
+    return out.mul_(-2 * scale).add_(scale)
 
 
 def rotate(x: np.ndarray, seeds: Seeds, block: int | None = None) -> np.ndarray:
@@ -63,11 +65,14 @@ def rotate_tensor(x: torch.Tensor, keys: Sequence[int], block: int | None) -> to
     n, d = x.shape
     size, length = rotation_shape(d, block)
     out = empty((n, length), torch.float32, x.device)
+    scratch = kernels.Scratch(x.device)
     for rows in kernels.tiles(n, length, x.device):
-        y = torch.zeros((rows.stop - rows.start, length), dtype=torch.float32, device=x.device)
+        y = out[rows]
         y[:, :d] = x[rows]
-        y.mul_(_signs(keys[rows], length, size).to(x.device))
-        out[rows] = kernels.fwht_(y, size)
+        y[:, d:] = 0.0
+        signs = scratch.get("signs", tuple(y.shape), torch.float32)
+        y.mul_(_signs(keys[rows], length, size, signs))
+        kernels.fwht_(y, size, scratch)
     return out
 
 
@@ -85,13 +90,15 @@ def unrotate_tensor(
     y: torch.Tensor, keys: Sequence[int], d: int, block: int | None
 ) -> torch.Tensor:
     """:func:`unrotate` of ``(n, D)`` rows on their device (``y`` is overwritten)."""
+    y = y.contiguous()  # (the transform runs in place on whole rows)
     n, length = y.shape
     size = rotation_shape(d, block)[0]
     out = empty((n, d), torch.float32, y.device)
+    scratch = kernels.Scratch(y.device)
     for rows in kernels.tiles(n, length, y.device):
-        z = kernels.fwht_(y[rows], size)
-        z.mul_(_signs(keys[rows], length, size).to(y.device))
-        out[rows] = z[:, :d]
+        z = kernels.fwht_(y[rows], size, scratch)
+        signs = _signs(keys[rows], length, size, scratch.get("signs", tuple(z.shape), z.dtype))
+        torch.mul(z[:, :d], signs[:, :d], out=out[rows])
     return out
 
 
@@ -129,11 +136,31 @@ class Rotated(Generic[P]):
         return RotatedPayload(seed.reshape(-1, 2), self.inner.encode(y, keys))
 
     def decode(self, payload: RotatedPayload[P], d: int) -> np.ndarray:
+        seeds = self._seeds(payload)
+        length = rotation_shape(d, self.block)[1]
+        rotated = torch.from_numpy(self.inner.decode(payload.inner, length))  # (fresh: ours)
+        return unrotate_tensor(rotated, seeds, d, self.block).numpy()
+
+    @staticmethod
+    def _seeds(payload: RotatedPayload[P]) -> list[int]:
         if payload.seed.ndim != 2 or payload.seed.shape[1] != 2:
             raise ValueError(f"the rotation seed must be (n, 2) uint64, got {payload.seed.shape}")
-        seeds = [int(lo) | int(hi) << 64 for lo, hi in payload.seed.tolist()]
+        return [int(lo) | int(hi) << 64 for lo, hi in payload.seed.tolist()]
+
+    def weighted_sum(self, payload: RotatedPayload[P], d: int, weights: np.ndarray) -> torch.Tensor:
+        """``weights @ decode(payload, d)`` as ``(d,)`` float64, accumulated in float32 as the
+        server's sum of a chunk of decoded records is, a tile of rows decoded at a time (no
+        ``(n, d)`` array of decoded rows)."""
+        seeds = self._seeds(payload)
         length = rotation_shape(d, self.block)[1]
-        return unrotate(self.inner.decode(payload.inner, length), seeds, d, self.block)
+        with np.errstate(over="ignore"):  # (a weight past float32: a sum not finite, refused)
+            w = torch.from_numpy(np.asarray(weights, np.float32))
+        total = torch.zeros(d, dtype=torch.float32)
+        for rows in kernels.tiles(len(seeds), length, torch.device("cpu")):
+            inner = self.inner.decode(payload.inner.select(rows), length)
+            rotated = unrotate_tensor(torch.from_numpy(inner), seeds[rows], d, self.block)
+            total.addmv_(rotated.t(), w[rows])
+        return total.double()
 
     def encoded_bytes(self, d: int) -> int:
         """``16 + inner.encoded_bytes(D)`` with D the padded length (:func:`rotation_shape`)."""

@@ -16,5 +16,5 @@ def changed(section: Section, switch: str) -> list[str]:
     return [
         name
         for name, info in type(section).model_fields.items()
-        if name != switch and getattr(section, name) != info.default
+        if name != switch and getattr(section, name) != info.get_default(call_default_factory=True)
     ]

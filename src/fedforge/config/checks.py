@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, cast
 from fedforge.aggregate.gather import BOUNDED_RULES, WHOLE_RECORD_RULES, RobustAggregation, Rule
 from fedforge.config.base import changed
 from fedforge.config.ignored import ignored_settings
+from fedforge.config.workload import workload_problems
 from fedforge.core.errors import ConfigError
 from fedforge.secagg.protocol import ROTATION_BLOCK
 from fedforge.secagg.ring import frac_bits, rotated_bound
@@ -24,8 +25,11 @@ OUTLIERS_UNDER_CENTRAL_DP = (
 
 
 def num_clients(config: RunConfig) -> int:
-    """The simulated population: the synthetic devices, or ``partition.num_clients``."""
-    if config.partition.scheme == "natural":
+    """The simulated population: one client per file of ``data.sites``, the synthetic
+    devices, or ``partition.num_clients``."""
+    if config.data.sites:
+        return len(config.data.sites)
+    if config.partition.scheme == "natural" and config.data.builtin:
         return config.data.devices
     return config.partition.num_clients
 
@@ -42,7 +46,7 @@ def clients_drawn(config: RunConfig) -> int:
 
 def problems(config: RunConfig) -> list[str]:
     """Every cross-section problem of ``config`` (empty: it composes)."""
-    out = general_problems(config)
+    out = general_problems(config) + workload_problems(config)
     out += config.privacy.problems() + privacy_conflicts(config) + secagg_conflicts(config)
     out += privacy_sampling_conflicts(config)
     out += config.clock.problems() + clock_conflicts(config)
@@ -52,7 +56,8 @@ def problems(config: RunConfig) -> list[str]:
 def general_problems(config: RunConfig) -> list[str]:
     """Data, model, algorithm and robust aggregation."""
     out = []
-    if config.partition.scheme == "natural" and config.data.dataset != "synthetic":
+    builtin_data = config.data.builtin and config.workload is None
+    if config.partition.scheme == "natural" and builtin_data and config.data.dataset != "synthetic":
         out.append(
             "partition.scheme 'natural' needs data.dataset = 'synthetic' "
             "(the only dataset with its own devices)"
@@ -63,6 +68,7 @@ def general_problems(config: RunConfig) -> list[str]:
     if synchronous and server.sampler == "uniform" and server.clients_per_round > clients:
         natural = config.partition.scheme == "natural"
         where = "data.devices" if natural else "partition.num_clients"
+        where = "data.sites" if config.data.sites else where
         out.append(
             f"server.clients_per_round: {server.clients_per_round} exceeds the "
             f"number of clients ({clients}); lower it or raise {where}"
@@ -85,13 +91,12 @@ def general_problems(config: RunConfig) -> list[str]:
             f"aggregation.kind = {kind!r} cannot run algorithm.name = {algorithm.name!r}: it "
             "separates normalizer and update; use mean, (multi_)krum or geometric_median"
         )
-    layers = 1 if config.model.name == "logistic" else len(config.model.hidden) + 1
+    layers = builtin_layers(config)
     personal_head = algorithm.name in ("fedper", "fedrep")
-    if personal_head and algorithm.head_layers >= layers:
+    if personal_head and layers is not None and algorithm.head_layers >= layers:
         out.append(
             f"algorithm.head_layers: {algorithm.head_layers} leaves no shared body in a "
-            f"model of {layers} layer(s); lower it ({algorithm.name} needs "
-            "model.name = 'mlp')"
+            f"model of {layers} layer(s); lower it"
         )
     if algorithm.head_epochs is not None and algorithm.name != "fedrep":
         out.append(
@@ -106,9 +111,22 @@ def general_problems(config: RunConfig) -> list[str]:
             "update.codec: its normalizer travels in the record beside the update"
         )
     out += aggregation_problems(config)
-    if config.attack.kind == "backdoor" and config.data.dataset == "synthetic":
-        out.append("attack.kind = 'backdoor' needs image data (mnist5k or digits)")
     return out
+
+
+def builtin_layers(config: RunConfig) -> int | None:
+    """Layers with parameters of the configured built-in model (None: your model)."""
+    model = config.model
+    if model.factory is not None or config.workload is not None:
+        return None
+    if model.name == "logistic":
+        return 1
+    if model.name == "mlp":
+        return len(model.hidden) + 1
+    if model.name == "cnn":
+        return 4
+    widths = len(model.channels) if model.channels is not None else 2
+    return 2 + 4 * widths  # stem, per width a block (conv, norm, conv) and a stride, output
 
 
 def aggregation_problems(config: RunConfig) -> list[str]:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from fedforge.config.run import RunConfig
 from fedforge.config.system import RuntimeConfig, device_problem, ray_installed
+from fedforge.config.workload import user_code
 from fedforge.core.errors import ConfigError
 
 
@@ -87,7 +88,19 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
     problems = runtime_problems(config.runtime)
     if problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
-    return config
+    return with_project_dir(config, Path(path).parent if path is not None else Path.cwd())
+
+
+def with_project_dir(config: RunConfig, directory: Path) -> RunConfig:
+    """``config`` with ``project_dir`` set to ``directory`` (absolute) when it names code or
+    data files and leaves it unset, so a run directory's copy resolves them from anywhere; a
+    relative ``project_dir`` is taken relative to ``directory``."""
+    data = config.data
+    names_files = bool(user_code(config) or data.sites or data.test)
+    if config.project_dir is None and not names_files:
+        return config
+    root = directory / (config.project_dir or ".")
+    return config.model_copy(update={"project_dir": str(root.resolve())})
 
 
 def runtime_problems(runtime: RuntimeConfig) -> list[str]:

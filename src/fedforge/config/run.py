@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedforge.config.base import Section
 from fedforge.config.checks import problems
 from fedforge.config.system import AsyncConfig, ClockConfig, DeployConfig, RuntimeConfig
-from fedforge.config.task import DataConfig, ModelConfig, PartitionConfig
+from fedforge.config.task import DataConfig, ModelConfig, PartitionConfig, check_import_path
 from fedforge.config.training import (
     AlgorithmConfig,
     ClientConfig,
@@ -43,6 +43,21 @@ class RunConfig(Section):
     deploy: DeployConfig = DeployConfig()
     clock: ClockConfig = ClockConfig()
     asynchronous: AsyncConfig = AsyncConfig()
+    project_dir: str | None = Field(
+        None,
+        description="where import paths and relative data paths resolve (default: the "
+        "configuration file's directory)",
+    )
+    workload: str | None = Field(
+        None,
+        description="your whole workload: 'module:attribute' naming a fedforge.Workload "
+        "(model, data and optionally a training loop) instead of [model]/[data] keys",
+    )
+
+    @field_validator("workload")
+    @classmethod
+    def _workload_path(cls, value: str | None) -> str | None:
+        return check_import_path(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

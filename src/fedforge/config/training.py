@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from fedforge.config.base import Section
+from fedforge.config.task import check_import_path
 
 
 class AlgorithmConfig(Section):
@@ -36,6 +37,55 @@ class ClientConfig(Section):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    train: str | None = Field(
+        None,
+        description="your training loop: 'module:function' called as train(model, loader, "
+        "config) instead of the built-in local SGD",
+    )
+    train_proximal: bool = Field(
+        False,
+        description="client.train adds config.proximal(model) to its loss (needed by fedprox)",
+    )
+    train_metrics: list[str] = Field(
+        default_factory=list,
+        description="metrics client.train may return beside train_loss (recorded per round)",
+    )
+
+    @field_validator("train")
+    @classmethod
+    def _train_path(cls, value: str | None) -> str | None:
+        return check_import_path(value)
+
+
+class StopConfig(Section):
+    """Early stopping: end the run once ``metric`` reaches ``threshold``, or once it has not
+    improved for ``patience`` rounds (either, when both are set). Off without a metric."""
+
+    metric: str | None = Field(
+        None,
+        description="test_accuracy, test_loss (central evaluation), fed_eval.accuracy, "
+        "fed_eval.loss (federated evaluation), train_loss, or another recorded metric",
+    )
+    threshold: float | None = Field(None, description="stop once the metric reaches this")
+    patience: int | None = Field(
+        None, ge=1, description="stop after this many rounds without a new best"
+    )
+    mode: Literal["auto", "max", "min"] = Field(
+        "auto", description="whether larger is better (auto: min for losses, else max)"
+    )
+    min_delta: float = Field(0.0, ge=0, description="patience: the least change that improves")
+
+    @property
+    def enabled(self) -> bool:
+        return self.metric is not None
+
+    def problems(self) -> list[str]:
+        if self.metric is None:
+            unset = [k for k in ("threshold", "patience") if getattr(self, k) is not None]
+            return [f"server.stop_when.{k} needs server.stop_when.metric" for k in unset]
+        if self.threshold is None and self.patience is None:
+            return ["server.stop_when needs a threshold, a patience or both"]
+        return []
 
 
 class ServerConfig(Section):
@@ -51,6 +101,7 @@ class ServerConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1, description="adaptive: first-moment decay")
     beta2: float = Field(0.99, ge=0, lt=1, description="adam/yogi: second-moment decay")
     tau: float = Field(1e-3, gt=0, description="adaptive: adaptivity (epsilon)")
+    stop_when: StopConfig = StopConfig()
 
 
 class EvaluationConfig(Section):

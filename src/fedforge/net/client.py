@@ -19,18 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from fedforge.core.errors import FedforgeError
-from fedforge.data.datasets import ArrayDataset
-from fedforge.data.federated import ClientData, FederatedDataset
 from fedforge.net.keys import ClientCredentials
 from fedforge.net.peer import peer_text
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.server import grpc_options
 from fedforge.net.service import PROTOCOL_VERSION
-from fedforge.net.worker import DataLoader, Outbox, SiteWorker
+from fedforge.net.site import LocalSite, ready
+from fedforge.net.worker import Outbox, SiteWorker
 from fedforge.secagg.session import Identity
 
 log = logging.getLogger("fedforge")
@@ -53,25 +51,6 @@ CLOSED_BEFORE_WELCOME = 4
 SILENT_SERVER_HEARTBEATS = 3.0  # a server silent this many heartbeat intervals is gone
 
 
-def builtin_partition(data: FederatedDataset, client_id: int) -> ClientData:
-    """The client's share of the run's built-in dataset (for demos and tests), with the same
-    held-out split as the simulation's when federated evaluation is configured."""
-    if client_id >= data.num_clients:
-        raise FedforgeError(f"client id {client_id} has no partition ({data.num_clients} exist)")
-    return data.client_data(client_id)
-
-
-def npz_loader(path: str) -> DataLoader:
-    """Local data from an ``.npz`` with arrays ``x`` (float32) and ``y`` (int64); all of it
-    is training data (no held-out split, so this client cannot evaluate)."""
-
-    def load(data: FederatedDataset, client_id: int) -> ClientData:
-        with np.load(path, allow_pickle=False) as f:
-            return ClientData(ArrayDataset(f["x"].astype(np.float32), f["y"].astype(np.int64)))
-
-    return load
-
-
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with jitter between reconnection attempts."""
@@ -92,7 +71,7 @@ class FederatedClient:
         self,
         address: str,
         credentials: ClientCredentials | None,
-        data_loader: DataLoader = builtin_partition,
+        site: LocalSite | None = None,
         *,
         name: str = "",
         max_message_mb: int = 16,
@@ -100,8 +79,11 @@ class FederatedClient:
         max_attempts: int | None = None,
         state_dir: Path | None = None,
     ) -> None:
-        """``state_dir`` holds the client's persistent state (one subdirectory per run);
-        default ``client-state/<client name>`` in the working directory."""
+        """``site`` is this client's own workload and data (see :class:`LocalSite`; default:
+        the run's built-in workload and the client's share of its dataset); with a workload,
+        data given as a path is read and checked against the model before the client
+        connects. ``state_dir`` holds the client's persistent state (one subdirectory per
+        run); default ``client-state/<client name>`` in the working directory."""
         if credentials is None:
             log.warning(
                 "INSECURE: no TLS: the server is not authenticated and traffic to %s is "
@@ -110,7 +92,7 @@ class FederatedClient:
             )
         self.address = address
         self.credentials = credentials
-        self.data_loader = data_loader
+        self.site = site or LocalSite()
         self.name = name
         self.max_message_mb = max_message_mb
         self.backoff = backoff or Backoff()
@@ -124,6 +106,7 @@ class FederatedClient:
         attempt = 0
         closed = 0  # connections in a row the server closed before welcoming the client
         self._trained = 0
+        self.site = ready(self.site)  # a workload's data is read and checked before connecting
         while True:
             self._joined = False
             try:
@@ -205,7 +188,7 @@ class FederatedClient:
             stream = pb_grpc.FederationStub(channel).Connect(requests())  # type: ignore[no-untyped-call]
             watch = _ServerWatch(stream, stop)
             try:
-                worker = SiteWorker(outbox, self.data_loader, self.state_dir, self._identity())
+                worker = SiteWorker(outbox, self.site, self.state_dir, self._identity())
                 for message in stream:
                     watch.busy = True
                     kind = message.WhichOneof("body")

@@ -100,14 +100,16 @@ def settle_run(
     store: CheckpointStore,
     config: RunConfig,
     registered: Sequence[str],
-    partitions: int,
+    partitions: int | None,
     run_id: str,
     history: History,
 ) -> dict[str, int]:
     """At a server's start: refuse a configuration the stored run cannot take (one line
     naming the key), say when ``server.rounds`` extends it, fix the registered clients' ids
     (see :func:`assign_client_ids`) and refuse ids without a share of the built-in dataset;
-    record the ids and the configuration. Returns name -> id."""
+    record the ids and the configuration. ``partitions`` None: a run on the sites' own data
+    (a workload, ``data.sites`` or ``data.loader``), which has no built-in shares. Returns
+    name -> id."""
     resumed = bool(history)
     if resumed:
         stored = store.meta(CONFIG_KEY)
@@ -131,7 +133,7 @@ def settle_run(
     stored_ids = store.clients() if resumed else {}
     ids = assign_client_ids(stored_ids, registered)
     new = sorted(set(ids) - set(stored_ids))
-    if config.deploy.client_data == "builtin":
+    if config.deploy.client_data == "builtin" and partitions is not None:
         problem = partition_problem(ids, partitions, new, run_id if resumed else None)
         if problem:
             raise ConfigError(problem)
@@ -153,7 +155,7 @@ def site_config_toml(config: RunConfig) -> str:
     import tomli_w
 
     raw = config.model_dump(mode="json", exclude_none=True)
-    for section in ("deploy", "attack"):
+    for section in ("deploy", "attack", "project_dir"):  # (the server's own paths)
         raw.pop(section, None)
     threads = raw.pop("runtime", {}).get("threads")
     if threads is not None:

@@ -97,6 +97,8 @@ class Session:
     invalid_times: deque[float] = field(default_factory=deque)  # the recent ones
     # Called once when the hub closes the session (ends the client's stream).
     on_close: list[Callable[[], object]] = field(default_factory=list)
+    # Why the server refused the client for good (its stream ends with FAILED_PRECONDITION).
+    refusal: str | None = None
 
     def seen(self) -> None:
         self.last_seen = time.monotonic()
@@ -259,10 +261,18 @@ class Hub:
         # The callbacks first (the handler's ``context.cancel``: the client sees its stream
         # cancelled), then the end of the outbox (else the stream could end as if complete;
         # a full outbox needs no end: its reader sees the session closed).
-        for callback in session.on_close:
-            callback()
+        # A refused session skips the callbacks: its handler ends the stream with the refusal.
+        if session.refusal is None:
+            for callback in session.on_close:
+                callback()
         with contextlib.suppress(queue.Full):
             session.outbox.put_nowait(None)
+
+    def refuse(self, session: Session, reason: str) -> None:
+        """Close ``session`` for good: its stream ends with ``reason`` (a client that cannot
+        take part, e.g. another architecture), which the client does not retry."""
+        session.refusal = reason
+        self.close(session, reason)
 
     def reap(self, silent_after_s: float) -> list[str]:
         """Close every session that sent nothing (not even a heartbeat) for

@@ -22,18 +22,23 @@ from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params, ParamSpec, num_bytes, spec_of
 from fedforge.core.records import EVALUATE, FIT
-from fedforge.core.rng import RngStreams
+from fedforge.core.rng import Purpose, RngStreams
+from fedforge.data.datasets import ArrayDataset
+from fedforge.data.federated import FederatedDataset
 from fedforge.experiment import (
     build_aggregation,
     build_algorithm,
     build_dataset,
     build_fedbuff,
     build_federated_eval,
+    build_loop,
     build_model,
     build_outliers,
     build_sample_dp,
     build_sampler,
     build_stages,
+    build_stop_rule,
+    build_workload,
 )
 from fedforge.net.codec import encoded_size_bound
 from fedforge.net.deployment import settle_run, site_config_toml
@@ -62,7 +67,12 @@ from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.protocol import CIPHERTEXT_BYTES, IDENTITY_BYTES, MASK, STEPS
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
+from fedforge.train.models import seeded
 from fedforge.train.torch_model import TorchModel
+from fedforge.train.user_loop import loop_problem
+from fedforge.workload.base import Workload
+from fedforge.workload.federate import load_test
+from fedforge.workload.fingerprint import fingerprint
 
 log = logging.getLogger("fedforge")
 
@@ -221,22 +231,34 @@ def _serve(
             "time): set clock.enabled = false"
         )
     torch.set_num_threads(config.runtime.threads or 1)
-    data = build_dataset(config)
-    model = TorchModel(build_model(config, data))
-    algorithm = build_algorithm(config)
+    setup = server_setup(config)
+    data, model, workload = setup.data, TorchModel(setup.model), setup.workload
+    algorithm = build_algorithm(config, [n for n, _ in setup.model.named_parameters()])
+    loop = build_loop(workload)
+    if loop is not None:  # the clients' training function against the run's algorithm
+        problem = loop_problem(
+            type(algorithm).__name__,
+            algorithm.loop_refusal,
+            algorithm.program(),
+            loop,
+            config.privacy.mode == "sample",
+        )
+        if problem:
+            raise ConfigError(problem)
     store = CheckpointStore(Path(d.state_dir))
     try:
         run_id, state, history = store.open_run(config.seed, algorithm.init(model.get_params()))
         # Ids are the run's: recorded at its start, kept across restarts; new names get new ids.
-        client_ids = settle_run(store, config, registered, data.num_clients, run_id, history)
+        partitions = data.num_clients if data is not None else None
+        client_ids = settle_run(store, config, registered, partitions, run_id, history)
     except BaseException:
         store.close()
         raise
     if history:
         log.info("resuming run %s after round %d", run_id, state.round)
     names = {cid: name for name, cid in client_ids.items()}  # id -> name
-    known_sizes = d.client_data == "builtin" and max(names) < data.num_clients
-    sizes = [data.client_size(c) for c in sorted(names)] if known_sizes else None
+    known_sizes = data is not None and d.client_data == "builtin"
+    sizes = [data.client_size(c) for c in sorted(names)] if data and known_sizes else None
     chain = StageChain(build_stages(config, len(names), sizes))
     sample_dp = build_sample_dp(config)
     run_log = start_run_log(Path(d.state_dir), config, resumed=bool(history))
@@ -263,7 +285,13 @@ def _serve(
     )
     pb_grpc.add_FederationServicer_to_server(  # type: ignore[no-untyped-call]
         FederationService(
-            hub, credentials, client_ids, site_config_toml(config), d.heartbeat_s, d.hello_timeout_s
+            hub,
+            credentials,
+            client_ids,
+            site_config_toml(config),
+            d.heartbeat_s,
+            d.hello_timeout_s,
+            fingerprint(setup.model, workload.schema),
         ),
         server,
     )
@@ -283,8 +311,9 @@ def _serve(
     log.info("run %s serving on %s (%d registered clients)", run_id, d.address, len(names))
 
     def evaluator(params: Params) -> Evaluation:
+        assert setup.test is not None
         model.share_params(params)  # the model's arrays themselves: no second copy
-        return evaluate(model, data.test)
+        return evaluate(model, setup.test)
 
     site_sizes = SiteSizes(hub, d, data, lambda cid: names[cid])
 
@@ -311,14 +340,15 @@ def _serve(
         aggregation=deployed_aggregation(
             config, credentials, {cid: name for name, cid in client_ids.items()}
         ),
-        evaluator=evaluator,
+        evaluator=evaluator if setup.test is not None and len(setup.test) else None,
         federated_eval=build_federated_eval(config),
         listener=RoundLog(ListenerGroup([LiveLog(Path(d.state_dir) / LIVE), listener]), names),
         describe=lambda cid: names.get(cid, f"client {cid}"),
-        client_metrics=(DP_SGD_EPSILON,) if sample_dp else (),
+        client_metrics=(DP_SGD_EPSILON,) if sample_dp else loop_metrics(workload),
         labels=dp_sgd_labels(sample_dp) if sample_dp else {},
         sampling_seed=secret_sampling_seed(config),
         downlink=config.update.downlink,
+        stop_when=build_stop_rule(config),
     )
     # Replies announcing more bytes than a valid record of their stage encodes to are
     # refused at their first chunk: a client holds O(model) server memory at most.
@@ -360,7 +390,7 @@ def _serve(
             )
         save_file(state.params, str(Path(d.state_dir) / "final_model.safetensors"))
         write_report(Path(d.state_dir), config, history, data, "network")
-        finish_run_log(Path(d.state_dir), run_log)
+        finish_run_log(Path(d.state_dir), run_log, driver.stop_reason)
         hub.finish(state.round)
         if d.linger_s > 0:
             log.info("run complete; answering late clients for %g s", d.linger_s)
@@ -371,6 +401,33 @@ def _serve(
         server.stop(grace=2).wait()
         store.close()
     return ServerRun(run_id, history, state, driver.stop_reason)
+
+
+@dataclass(frozen=True)
+class ServerSetup:
+    """What the server builds from the configuration: the workload, its model (initialized
+    from the run seed), the central test set (None: none) and, for a built-in dataset, the
+    federation whose shares clients train on."""
+
+    workload: Workload
+    model: torch.nn.Module
+    test: ArrayDataset | None
+    data: FederatedDataset | None
+
+
+def server_setup(config: RunConfig) -> ServerSetup:
+    if config.data.builtin and config.workload is None:
+        data = build_dataset(config)
+        workload = build_workload(config, data)
+        return ServerSetup(workload, build_model(config, data), data.test, data)
+    workload = build_workload(config)
+    model = seeded(workload.model, RngStreams(config.seed).int_seed(Purpose.INIT))
+    return ServerSetup(workload, model, load_test(workload), None)
+
+
+def loop_metrics(workload: Workload) -> tuple[str, ...]:
+    """The metrics clients report beside ``train_loss`` (a training function's)."""
+    return workload.metrics if workload.train is not None else ()
 
 
 def start_run_log(state_dir: Path, config: RunConfig, *, resumed: bool) -> dict[str, Any]:
@@ -384,8 +441,9 @@ def start_run_log(state_dir: Path, config: RunConfig, *, resumed: bool) -> dict[
     return start_provenance(state_dir, record, resume=resumed)
 
 
-def finish_run_log(state_dir: Path, record: dict[str, Any]) -> None:
+def finish_run_log(state_dir: Path, record: dict[str, Any], stop_reason: str | None) -> None:
     record["finished"] = datetime.now().astimezone().isoformat(timespec="seconds")
+    record["stop_reason"] = stop_reason  # why the run ended before its last round, if it did
     write_provenance(state_dir, record)
 
 

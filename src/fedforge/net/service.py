@@ -17,10 +17,12 @@ from fedforge.net.peer import LogLimiter, peer_host, peer_text
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.registry import certificate_identity
+from fedforge.workload.fingerprint import Fingerprint, received
 
 log = logging.getLogger("fedforge")
-PROTOCOL_VERSION = 4  # 3: tasks carry an id that replies and failure reports echo;
-# 4: secure aggregation's share digests and refused shares
+PROTOCOL_VERSION = 5  # 3: tasks carry an id that replies and failure reports echo;
+# 4: secure aggregation's share digests and refused shares; 5: the Hello after the Welcome
+# carries the architecture fingerprint
 # A session that sends this many invalid messages within INVALID_WINDOW_S is disconnected.
 INVALID_LIMIT = 32
 INVALID_WINDOW_S = 10.0
@@ -41,8 +43,10 @@ class FederationService(pb_grpc.FederationServicer):
         welcome_config: str,
         heartbeat_s: float,
         hello_timeout_s: float = 10.0,
+        architecture: Fingerprint | None = None,
     ) -> None:
         self.hub = hub
+        self.architecture = architecture  # the server's model fingerprint (None: unchecked)
         self.credentials = credentials
         self.client_ids = client_ids
         self.welcome_config = welcome_config
@@ -169,6 +173,8 @@ class FederationService(pb_grpc.FederationServicer):
         )
         yield pb.ServerMessage(envelope=self.hub.envelope(), welcome=welcome)
         yield from session.drain(self.heartbeat_s, pb.ServerMessage(heartbeat=pb.Heartbeat()))
+        if session.refusal is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, session.refusal)
 
     def _read(self, requests: Iterator[pb.ClientMessage], session: Session) -> None:
         try:
@@ -183,6 +189,21 @@ class FederationService(pb_grpc.FederationServicer):
             log.exception("unexpected error reading from client %s", session.name)
         finally:
             self.hub.close(session)
+
+    def _architecture_problem(self, session: Session, hello: pb.Hello) -> str | None:
+        """Why the client's model is not the server's (None: the same architecture)."""
+        if self.architecture is None:
+            return None
+        theirs = received(list(hello.architecture))
+        if theirs is None:
+            return "the client sent no valid architecture fingerprint"
+        diff = self.architecture.difference(theirs, "the server", session.name)
+        if diff is None:
+            return None
+        return (
+            f"architecture mismatch: the server's model is {self.architecture.digest}, "
+            f"{session.name}'s is {theirs.digest}; first difference: {diff}"
+        )
 
     def _invalid(self, session: Session, reason: str) -> bool:
         """Count an invalid message; log the session's first one; disconnect a session that
@@ -234,6 +255,11 @@ class FederationService(pb_grpc.FederationServicer):
             return
         if kind == "hello":  # the data-size declarations, accepted once per session
             hello = message.hello
+            problem = None if session.ready else self._architecture_problem(session, hello)
+            if problem is not None:
+                log.warning("refused client %s: %s", session.name, problem)
+                self.hub.refuse(session, problem)
+                return
             if session.declared_examples <= 0 < hello.num_examples:
                 session.declared_examples = int(hello.num_examples)
             if session.declared_holdout <= 0 < hello.holdout_examples:

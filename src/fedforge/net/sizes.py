@@ -41,13 +41,14 @@ class SiteSizes:
 
     hub: Hub
     deploy: DeployConfig
-    data: FederatedDataset
+    data: FederatedDataset | None  # the built-in dataset (None: a run on the sites' own data)
     name_of: Callable[[int], str]
     logged: set[tuple[str, str, int]] = field(default_factory=set)
 
     def _known(self, cid: int, stage: str) -> int | None:
         """The site's share of the built-in dataset (training or held-out), if it has one."""
-        if self.deploy.client_data != "builtin" or cid >= self.data.num_clients:
+        builtin = self.deploy.client_data == "builtin" and self.data is not None
+        if not builtin or self.data is None or cid >= self.data.num_clients:
             return None
         return self.data.client_size(cid) if stage == FIT else self.data.holdout_size(cid)
 

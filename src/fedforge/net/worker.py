@@ -12,7 +12,7 @@ import os
 import queue
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,12 +21,10 @@ from fedforge.config import RunConfig
 from fedforge.core.errors import FedforgeError
 from fedforge.core.params import spec_of
 from fedforge.core.records import FIT, Record, Task
-from fedforge.data.federated import ClientData, FederatedDataset
 from fedforge.experiment import (
     build_aggregation,
     build_algorithm,
-    build_dataset,
-    build_model,
+    build_loop,
     build_sample_dp,
     build_stages,
 )
@@ -34,6 +32,7 @@ from fedforge.net.codec import DEFAULT_CHUNK_BYTES, ProtocolError, encoded_size_
 from fedforge.net.peer import peer_text
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.service import PROTOCOL_VERSION
+from fedforge.net.site import LocalSite, join
 from fedforge.net.stream import Encoded, StreamDecoder, chunk_parts, encode_pieces
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import DiskStateStore, EphemeralSessions
@@ -42,12 +41,10 @@ from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import SESSION
 from fedforge.secagg.session import Identity
 from fedforge.stages.base import StageChain
+from fedforge.workload.fingerprint import fingerprint
 
 log = logging.getLogger("fedforge")
 
-# The client's local data (training and held-out split), given the run's built-in federated
-# dataset and the client's id.
-DataLoader = Callable[[FederatedDataset, int], ClientData]
 DEFAULT_STATE_ROOT = Path("client-state")
 Outbox = queue.Queue[pb.ClientMessage | Iterator[pb.ClientMessage] | None]
 # What a task may announce beyond what the run's broadcast arrays encode to: the
@@ -59,11 +56,11 @@ class SiteWorker:
     """Holds the client app, data and state store of one connection and answers tasks."""
 
     def __init__(
-        self, outbox: Outbox, loader: DataLoader, state_dir: Path | None, identity: Identity | None
+        self, outbox: Outbox, site: LocalSite, state_dir: Path | None, identity: Identity | None
     ) -> None:
         self.outbox = outbox
         self.identity = identity
-        self.loader = loader
+        self.site = site
         self.state_dir = state_dir
         self.run_id = ""
         self.receiver: StreamDecoder | None = None
@@ -76,15 +73,17 @@ class SiteWorker:
         self.config = RunConfig.model_validate(tomllib.loads(w.config_toml))
         # One small model per process: extra intra-op threads only oversubscribe the cores.
         torch.set_num_threads(self.config.runtime.threads or 1)
-        federated = build_dataset(self.config)  # built once: model shapes and built-in data
-        self.data = self.loader(federated, self.client_id)
+        joined = join(self.site, self.config, self.client_id)
+        self.data = joined.data
         self.app = ClientApp(
-            build_algorithm(self.config),
-            build_model(self.config, federated),
+            build_algorithm(self.config, [n for n, _ in joined.model.named_parameters()]),
+            joined.model,
             StageChain(build_stages(self.config, population=None)),
             build_sample_dp(self.config),
             secure_client(self.config, self.identity),
+            build_loop(joined.workload),
         )
+        architecture = fingerprint(joined.model, joined.workload.schema)
         self.max_task_bytes = task_size_limit(self.app)
         root = self.state_dir or DEFAULT_STATE_ROOT / _safe_name(w.client_name)
         disk = DiskStateStore(root / _safe_name(self.run_id))
@@ -107,6 +106,7 @@ class SiteWorker:
                     protocol_version=PROTOCOL_VERSION,
                     num_examples=len(self.data.train),
                     holdout_examples=holdout,
+                    architecture=list(architecture.entries),
                 )
             )
         )

@@ -104,6 +104,17 @@ def privacy_text(record: RoundRecord) -> str:
     return ""
 
 
+def accuracy_text(record: RoundRecord) -> str:
+    """``test accuracy 95.61%, test loss 0.1769``; without a central test set, the federated
+    evaluation's accuracy (or that there was no evaluation)."""
+    if not math.isnan(record.test_accuracy):
+        return f"test accuracy {100 * record.test_accuracy:.2f}%, test loss {record.test_loss:.4f}"
+    federated = record.metrics.get("fed_eval.accuracy", math.nan)
+    if not math.isnan(federated):
+        return f"federated evaluation accuracy {100 * federated:.2f}% (no central test set)"
+    return "no central test set and no federated evaluation"
+
+
 class History(list[RoundRecord]):
     """The list of round records, with JSON round-tripping."""
 

@@ -19,7 +19,9 @@ TIME_LABELS = (
 )
 
 
-def plot_report(history: History, label_counts: np.ndarray, path: Path, title: str = "") -> None:
+def plot_report(
+    history: History, label_counts: np.ndarray | None, path: Path, title: str = ""
+) -> None:
     """Write a PNG of what the run recorded."""
     import matplotlib.pyplot as plt
 
@@ -28,7 +30,7 @@ def plot_report(history: History, label_counts: np.ndarray, path: Path, title: s
     plt.close(fig)
 
 
-def report_figure(history: History, label_counts: np.ndarray, title: str = "") -> Any:
+def report_figure(history: History, label_counts: np.ndarray | None, title: str = "") -> Any:
     """The report as a matplotlib figure: accuracy and loss per round (round 0 is the
     initial model), accuracy against cumulative traffic and wall time, time per round by
     part, cumulative traffic, stage and client metrics, and the partition's labels."""
@@ -150,7 +152,11 @@ def _stacked_steps(ax: Any, x: np.ndarray, values: np.ndarray, labels: Sequence[
         bottom = bottom + row
 
 
-def _label_bars(ax: Any, label_counts: np.ndarray, plt: Any) -> None:
+def _label_bars(ax: Any, label_counts: np.ndarray | None, plt: Any) -> None:
+    if label_counts is None:  # sites with their own data: their labels never leave them
+        ax.set(title="Examples per client by label")
+        ax.text(0.5, 0.5, "each site's labels stay on the site", ha="center", va="center")
+        return
     clients = np.arange(len(label_counts), dtype=float)
     labels = [str(label) for label in range(label_counts.shape[1])]
     cmap = plt.get_cmap("tab10" if label_counts.shape[1] <= 10 else "tab20")

@@ -227,11 +227,17 @@ def write_run_dir(
 
 
 def write_report(
-    out_dir: Path, config: RunConfig, history: History, data: FederatedDataset, backend: str
+    out_dir: Path,
+    config: RunConfig,
+    history: History,
+    data: FederatedDataset | None,
+    backend: str,
 ) -> None:
-    """``history.json`` and ``report.png`` of a run (simulated or deployed) in ``out_dir``."""
+    """``history.json`` and ``report.png`` of a run (simulated or deployed) in ``out_dir``;
+    ``data`` None: a deployment on the sites' own data (no label distribution to plot)."""
     history.save(out_dir / "history.json")
     settings = settings_text(config.model_dump(mode="json", exclude_none=True))
     title = f"{settings}\n{history[-1].round} rounds on the {backend} backend"
     title += f", final test accuracy {100 * history[-1].test_accuracy:.2f}%"
-    plot_report(history, data.label_distribution(), out_dir / "report.png", title)
+    labels = data.label_distribution() if data is not None else None
+    plot_report(history, labels, out_dir / "report.png", title)

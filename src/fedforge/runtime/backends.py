@@ -10,12 +10,13 @@ from typing import Literal
 import torch
 
 from fedforge.core.errors import ConfigError
+from fedforge.data.datasets import ArrayDataset
 from fedforge.data.federated import FederatedDataset
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sequential import SequentialTransport
 from fedforge.runtime.transport import Transport
-from fedforge.train.cohort import vectorization_blocker
+from fedforge.train.cohort import vectorization_blocker, vmap_problem
 from fedforge.train.program import LocalProgram
 
 log = logging.getLogger("fedforge")
@@ -39,14 +40,27 @@ def resolve_backend(
     program: LocalProgram,
     module: torch.nn.Module,
     blocker: str | None = None,
+    sample: ArrayDataset | None = None,
+    device: str | None = None,
 ) -> str:
     """The concrete backend ``name`` stands for; ``auto`` logs what it chose and why.
-    ``blocker`` is a reason the run cannot be vectorized beyond the model and program's."""
+    ``blocker`` is a reason the run cannot be vectorized beyond the model and program's;
+    with ``sample`` (training examples), a model ``vmap`` cannot batch is one too. On the
+    CPU (``device``, default: cuda when present), ``auto`` leaves convolutional models to one
+    client at a time, which is faster there."""
     if name == "vectorized" and blocker:
         raise ConfigError(f"runtime.backend 'vectorized' is not possible: {blocker}")
-    if name != "auto":
+    if name not in ("auto", "vectorized"):
         return name
     blocker = blocker or vectorization_blocker(module, program)
+    if blocker is None and sample is not None:
+        blocker = vmap_problem(module, sample.x)
+    if name == "vectorized":
+        if blocker:
+            raise ConfigError(f"runtime.backend 'vectorized' is not possible: {blocker}")
+        log.info("backend vectorized: %s", type(module).__name__)
+        return name
+    blocker = blocker or slower_batched(module, device)
     if blocker is None:
         log.info("backend auto -> vectorized: the model and local training batch across clients")
         return "vectorized"
@@ -55,6 +69,24 @@ def resolve_backend(
         return "workers"
     log.info("backend auto -> sequential: cannot vectorize (%s) and no fork here", blocker)
     return "sequential"
+
+
+def slower_batched(module: torch.nn.Module, device: str | None) -> str | None:
+    """Why batching ``module`` on ``device`` would be slower than training one client at a
+    time, or None: on the CPU, vmap runs a batch of convolutions with per-client weights as
+    one grouped convolution, measured slower than the clients one by one (bench/README.md,
+    section 15: the FedAvg CNN, 1.4x the CPU time on one thread)."""
+    from fedforge.runtime.vectorized import default_device
+
+    where = torch.device(device) if device else default_device()
+    if where.type != "cpu":
+        return None
+    if any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in module.modules()):
+        return (
+            "on the CPU, vmap runs the clients' convolutions as one grouped convolution, "
+            "slower than one client at a time (runtime.backend = 'vectorized' forces it)"
+        )
+    return None
 
 
 def backend_device(name: str, options: BackendOptions) -> str:
@@ -82,6 +114,8 @@ def make_transport(
         from fedforge.runtime.vectorized import VectorizedTransport
 
         blocker = vectorization_blocker(app.module, app.program)
+        if app.loop is not None:
+            blocker = "a training function (your own loop) trains one client at a time"
         if blocker:
             raise ConfigError(f"runtime.backend 'vectorized' is not possible: {blocker}")
         return VectorizedTransport(

@@ -41,6 +41,7 @@ from fedforge.stages.base import STAGE_STATE, StageChain
 from fedforge.train.evaluate import evaluate
 from fedforge.train.program import INITIAL_LOSS, Tensors, batch_order, task_epochs
 from fedforge.train.torch_model import TorchModel
+from fedforge.train.user_loop import UserLoop, loop_problem, proximal_mu, run_loop
 
 DP_SGD_STEPS = "dp_sgd/steps"  # the client's DP-SGD steps so far, kept in its state
 DP_SGD_LEDGER = "dp_sgd/ledger"  # ... by (sampling rate, noise multiplier): rows of 3
@@ -88,6 +89,7 @@ class ClientApp:
         stages: StageChain | None = None,
         sample_dp: SampleDP | None = None,
         secure: SecAggClient | None = None,
+        loop: UserLoop | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.stages = stages or StageChain()
@@ -103,6 +105,12 @@ class ClientApp:
                 "any server optimizer)"
             )
         self.sample_dp = sample_dp  # DP-SGD inside the client instead of the plain program
+        if loop is not None:
+            name, refusal = type(algorithm).__name__, algorithm.loop_refusal
+            problem = loop_problem(name, refusal, self.program, loop, sample_dp is not None)
+            if problem:
+                raise ConfigError(problem)
+        self.loop = loop  # your training function instead of the built-in program
         self.secure = secure  # secure aggregation: the record stays here until masked
         sample = {n: np.zeros(1, np.float32) for n in self.trainable}
         # DP-SGD keeps the client's own privacy ledger (its steps so far) in its state;
@@ -122,7 +130,8 @@ class ClientApp:
     @property
     def extra_metrics(self) -> tuple[str, ...]:
         """Metrics this app's fit records carry beyond ``train_loss``."""
-        return (DP_SGD_EPSILON,) if self.sample_dp else ()
+        loop = self.loop.metrics if self.loop is not None else ()
+        return (DP_SGD_EPSILON,) if self.sample_dp else loop
 
     def stored_state(self, task: Task, store: ClientStateStore) -> Params | None:
         """The client's state ``task`` starts from (fit tasks of a stateful algorithm, and
@@ -184,7 +193,19 @@ class ClientApp:
         personal = {
             n: own[key].clone().requires_grad_(True) for n, key in starts.items() if n not in names
         }
-        if self.sample_dp is None:
+        if self.loop is not None:
+            steps, metrics = run_loop(
+                self.loop,
+                self.module,
+                data.train,
+                self.algorithm.local,
+                epochs=task_epochs(task.scalars, self.algorithm.local),
+                round_number=task.round,
+                seed=torch_seed(task.seed),
+                mu=proximal_mu(self.program),
+                shared=shared,
+            )
+        elif self.sample_dp is None:
             steps, metrics["train_loss"] = self._train(task, data, shared, own, personal)
         else:
             x, y = torch.from_numpy(data.train.x), torch.from_numpy(data.train.y)

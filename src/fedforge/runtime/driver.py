@@ -58,6 +58,7 @@ from fedforge.runtime.exchange import (
 from fedforge.runtime.plain_fit import plain_fit
 from fedforge.runtime.sampling import Sampler
 from fedforge.runtime.secure_fit import secure_fit
+from fedforge.runtime.stopping import STOPPED, StopRule
 from fedforge.runtime.stragglers import Stragglers
 from fedforge.runtime.transport import Transport
 from fedforge.runtime.validation import validate_batch
@@ -129,6 +130,7 @@ class Driver:
     # Simulation on a virtual clock: only online clients are sampled, stragglers dropped.
     clock: VirtualClock | None = None
     stragglers: Stragglers | None = None  # simulation: clients that can do only partial work
+    stop_when: StopRule | None = None  # early stopping on a recorded metric
     count_cap: Callable[[int, str], int | None] | None = None
     outliers: OutlierBound | None = None
     max_refused: int = 3
@@ -557,6 +559,8 @@ class Driver:
             history.append(self.initial_record(state))
             if checkpoint:
                 checkpoint(state, history)
+        elif self._stopped(history):  # a resumed run that had stopped early stays stopped
+            return state
         while state.round < rounds:
             short, refused = 0, 0
             self.benched = set()
@@ -595,9 +599,24 @@ class Driver:
                     )
             state = new_state
             history.append(record)
+            stopped = self._stopped(history)
             if checkpoint:
                 checkpoint(state, history)
+            if stopped:
+                return state
         return state
+
+    def _stopped(self, history: History) -> bool:
+        """Whether early stopping ends the run after ``history``'s last round; if so, the
+        reason is the driver's ``stop_reason`` and that round's ``stopped`` label."""
+        reason = self.stop_when.reason(history) if self.stop_when is not None else None
+        if reason is None:
+            return False
+        log.info("stopping early after round %d: %s", history[-1].round, reason)
+        self.stop_reason = reason
+        last = history[-1]
+        history[-1] = replace(last, labels={**last.labels, STOPPED: reason})
+        return True
 
     def _retry_after_refusal(self, round_number: int, refused: int, refusal: Refusal) -> None:
         """Leave the refusal's offenders out of the round's next attempt, or stop the run

@@ -4,6 +4,7 @@ it arrives; the aggregate is refused when the records include an outlier (the dr
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 from fedforge.aggregate.guard import Refusal, aggregate_problem, record_norms
@@ -32,11 +33,21 @@ def plain_fit(
         and not driver.stages.decodes
         and driver.outliers is None
     )
+    # A mean of records that only a codec decodes sums them from their encoded form (each
+    # row decoded into a small buffer, or top-k's entries alone) when the codec can.
+    summed = (
+        isinstance(accumulator, StreamingMean) and driver.stages.decodes and driver.outliers is None
+    )
 
     def accept(batch: RecordBatch) -> list[str | None] | None:
         if fused:
             assert isinstance(accumulator, StreamingMean)
             return accumulator.add_finite(batch, driver._weights(batch))
+        if summed and len(batch) > 1:
+            assert isinstance(accumulator, StreamingMean)
+            weights = driver._weights(batch)
+            if accumulator.add_summed(batch, weights, partial(driver.stages.weighted_sum, batch)):
+                return None
         decoded = driver.stages.decode(batch, state.stage_states)
         if driver.outliers is not None:
             rows = zip(decoded.client_ids, record_norms(decoded), decoded.num_examples, strict=True)

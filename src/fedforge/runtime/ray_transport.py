@@ -7,8 +7,9 @@ arrays of an exchange go to each actor once, with its first task of the exchange
 stays with the parent: it reads a client's state from its store into the task and writes the
 new state the reply brings back. Ray itself ships the actor's constructor arguments (the app
 and the dataset) with its own serializer (cloudpickle), once per actor, inside the cluster you
-started, so use it only on a cluster you trust. An actor that dies fails only the client it
-was running and is replaced.
+started, so use it only on a cluster you trust; your modules loaded from a project directory
+(a model factory, a training function) travel by value, so actors need not find them. An
+actor that dies fails only the client it was running and is replaced.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import ClientStateStore
 from fedforge.runtime.sequential import failure
 from fedforge.runtime.workers import TaskServer, message_for, reply_from
+from fedforge.workload.imports import PROJECT_MODULES
 
 log = logging.getLogger("fedforge")
 
@@ -63,6 +65,8 @@ class RayTransport:
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         self.app, self.store = app, store
+        for module in PROJECT_MODULES.values():  # your code from a project directory: by value
+            ray.cloudpickle.register_pickle_by_value(module)  # type: ignore[no-untyped-call]
         self._actor_class = ray.remote(num_cpus=cpus_per_actor)(ClientActor)
         self._init_args = (app, ray.put(data), max(1, int(cpus_per_actor)))
         self._generation = 0

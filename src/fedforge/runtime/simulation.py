@@ -42,6 +42,7 @@ from fedforge.runtime.driver import Driver, FederatedEvaluation, RoundListener
 from fedforge.runtime.memory import check_training_memory
 from fedforge.runtime.sampling import Sampler, UniformSampler
 from fedforge.runtime.state_slots import ClientStates, run_states
+from fedforge.runtime.stopping import StopRule
 from fedforge.runtime.stragglers import Stragglers
 from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.client import SecAggClient
@@ -50,6 +51,9 @@ from fedforge.stages.base import Stage, StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.models import seeded
 from fedforge.train.torch_model import TorchModel
+from fedforge.train.user_loop import UserLoop
+from fedforge.workload.base import Workload
+from fedforge.workload.federate import check_federation, describe, federate
 
 Probe = Callable[[torch.nn.Module], float]
 
@@ -69,8 +73,8 @@ ModelFactory = Callable[[], torch.nn.Module]
 
 
 def simulate(
-    model: torch.nn.Module | ModelFactory,
-    data: FederatedDataset,
+    model: torch.nn.Module | ModelFactory | Workload,
+    data: FederatedDataset | None = None,
     algorithm: Algorithm = FedAvg(),  # noqa: B008 (frozen, immutable)
     *,
     rounds: int = 10,
@@ -96,12 +100,16 @@ def simulate(
     clock: ClockSpec | None = None,
     fedbuff: FedBuff | None = None,
     stragglers: Stragglers | None = None,
+    stop_when: StopRule | None = None,
     outliers: OutlierBound | None = None,
     max_refused: int = 3,
 ) -> SimulationResult:
     """Run ``rounds`` of federated training and return the result.
 
-    ``model`` is a module, whose current weights are the initial global model (it is not
+    ``model`` is a :class:`~fedforge.Workload` (your model, data and optionally training
+    loop: ``data`` defaults to its sites pooled, each holding out 20% for
+    ``federated_eval``), or a model with ``data`` a :class:`FederatedDataset`:
+    a module, whose current weights are the initial global model (it is not
     modified: ``result.model`` is a trained copy), or a function that builds one: it is called
     under torch's RNG seeded from ``seed``, so the initial model follows the run seed (as in the
     command line's runs) whatever torch's global RNG holds. ``backend`` picks how clients
@@ -125,6 +133,7 @@ def simulate(
     (``runtime/clock.py``); ``fedbuff`` trains asynchronously on that clock, ``rounds`` then
     counting server updates.
     ``stragglers`` makes a share of each round's clients do partial work (or drops them).
+    ``stop_when`` ends the run early (a metric's threshold or patience).
     ``outliers`` refuses a round with a record far larger than the round's others (retried
     without it); a round refused more than ``max_refused`` times stops the run with an
     error (``aggregate/guard.py``).
@@ -132,9 +141,21 @@ def simulate(
     stderr: ``0`` (or False) nothing, ``1`` (or True, the default) a line for round 0, then
     at most one every 5 seconds, and the last round, ``2`` a line every round.
     """
+    loop, workload = None, None
+    if isinstance(model, Workload):
+        workload = model
+        if data is None:
+            data = federate(workload, seed=seed, holdout=0.2 if federated_eval else None)
+        if workload.train is not None:
+            loop = UserLoop(workload.train, workload.metrics, workload.proximal)
+        model = workload.model
+    if data is None:
+        raise ConfigError("simulate needs data: a FederatedDataset, or pass a Workload")
     if not isinstance(model, torch.nn.Module):
         model = seeded(model, RngStreams(seed).int_seed(Purpose.INIT))
     check_training_memory(sum(p.numel() for p in model.parameters()))
+    if workload is not None:  # your data against your model, before any client trains
+        check_federation(data, model, [describe(s) for s in workload.site_list()])
     chain = StageChain(stages)
     chain.check(aggregation)
     if fedbuff is not None and sample_dp is not None:
@@ -148,12 +169,16 @@ def simulate(
         raise ConfigError(
             "federated evaluation needs held-out client data: use data.with_holdout(...)"
         )
-    dp_sgd = "DP-SGD trains one client at a time through Opacus" if sample_dp else None
-    chosen = resolve_backend(backend, algorithm.program(), model, dp_sgd)
+    blocker = "DP-SGD trains one client at a time through Opacus" if sample_dp else None
+    if loop is not None:
+        blocker = "a training function (your own loop) trains one client at a time"
+    options = options or BackendOptions()
+    chosen = resolve_backend(
+        backend, algorithm.program(), model, blocker, data.train, options.device
+    )
     previous_threads = torch.get_num_threads()
     # One thread unless set; the vectorized runtime takes more while other processes leave
     # cores idle (runtime/threads.py).
-    options = options or BackendOptions()
     if threads is not None:
         options = replace(options, threads=threads)
     torch.set_num_threads(options.threads or 1)
@@ -190,6 +215,8 @@ def simulate(
             clock=clock,
             fedbuff=fedbuff,
             stragglers=stragglers,
+            stop_when=stop_when,
+            loop=loop,
             outliers=outliers,
             max_refused=max_refused,
         )
@@ -225,6 +252,8 @@ def _simulate(
     clock: ClockSpec | None = None,
     fedbuff: FedBuff | None = None,
     stragglers: Stragglers | None = None,
+    stop_when: StopRule | None = None,
+    loop: UserLoop | None = None,
     outliers: OutlierBound | None = None,
     max_refused: int = 3,
 ) -> SimulationResult:
@@ -260,7 +289,7 @@ def _simulate(
     secure = None
     if isinstance(aggregation, SecureAggregation):
         secure = SecAggClient(withhold_metrics=aggregation.withhold_metrics)
-    app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure)
+    app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure, loop)
     transport = make_transport(chosen, app, data, store, options)
     listener.run_started(chosen, backend_device(chosen, options))
     virtual = _virtual_clock(clock, fedbuff, algorithm, data)
@@ -278,7 +307,7 @@ def _simulate(
         ),
         stages=chain,
         aggregation=aggregation,
-        evaluator=evaluator,
+        evaluator=evaluator if len(data.test) else None,  # no test set: no central evaluation
         federated_eval=federated_eval,
         listener=listener,
         client_states=store,
@@ -288,6 +317,7 @@ def _simulate(
         downlink=downlink,
         clock=virtual if fedbuff is None else None,
         stragglers=stragglers,
+        stop_when=stop_when,
         outliers=outliers,
         max_refused=max_refused,
     )

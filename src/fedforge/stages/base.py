@@ -32,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from fedforge.aggregate.kinds import Aggregate, Aggregation
+from fedforge.aggregate.kinds import Aggregate, Aggregation, Summed
 from fedforge.core.errors import ConfigError
 from fedforge.core.params import Params
 from fedforge.core.records import RecordBatch, RecordSpec
@@ -254,6 +254,17 @@ class StageChain:
         for s in reversed(self.stages):
             batch = s.decode(batch, self._state(states, s))
         return batch
+
+    def weighted_sum(self, batch: RecordBatch, weights: np.ndarray) -> Summed | None:
+        """``weights @ decoded rows`` without decoding each record, when one stage alone
+        decodes and it can sum its records so (a codec: ``stages/compress.py``); else None
+        (decode the records)."""
+        plain = StageDefaults.decode
+        decoding = [s for s in self.stages if getattr(type(s), "decode", None) is not plain]
+        if len(decoding) != 1 or not hasattr(decoding[0], "weighted_sum"):
+            return None
+        summed: Summed | None = decoding[0].weighted_sum(batch, weights)
+        return summed
 
     def weights(self, batch: RecordBatch, weights: np.ndarray) -> np.ndarray:
         for s in self.stages:

@@ -10,8 +10,9 @@ round toward a target quantile of the clients' update norms.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,7 +37,13 @@ def row_norms(batch: RecordBatch) -> np.ndarray:
 
 def clip_rows(batch: RecordBatch, norm: float) -> tuple[RecordBatch, np.ndarray]:
     """Scale every record to L2 norm <= ``norm``; return the batch and the clipped mask."""
-    norms = row_norms(batch)
+    return clip_to_norms(batch, norm, row_norms(batch))
+
+
+def clip_to_norms(
+    batch: RecordBatch, norm: float, norms: np.ndarray
+) -> tuple[RecordBatch, np.ndarray]:
+    """:func:`clip_rows` of records whose L2 norms are ``norms``."""
     clipped = norms > norm
     if not clipped.any():
         return batch, clipped
@@ -50,14 +57,52 @@ def clip_rows(batch: RecordBatch, norm: float) -> tuple[RecordBatch, np.ndarray]
     return batch.replace_arrays(arrays), clipped
 
 
+def _identity(batch: RecordBatch) -> tuple[int, ...]:
+    return tuple(id(a) for a in batch.arrays.values())
+
+
+@dataclass(frozen=True)
+class _Bounded:
+    """Records this stage object clipped itself, in this process: their arrays (weakly: the
+    very objects, not equal copies) and the bound their rows are known to be within."""
+
+    arrays: tuple[weakref.ref[np.ndarray], ...]
+    bound: float
+
+    def holds(self, batch: RecordBatch) -> bool:
+        current = tuple(batch.arrays.values())
+        return len(current) == len(self.arrays) and all(
+            ref() is a for ref, a in zip(self.arrays, current, strict=True)
+        )
+
+
+class _ClippedHere(dict[tuple[int, ...], _Bounded]):
+    """:class:`_Bounded` batches by their arrays' ids. A copy (pickled for another process,
+    deep-copied) starts empty: what one object clipped says nothing about another's."""
+
+    def __reduce__(self) -> tuple[type[_ClippedHere], tuple[()]]:
+        return (_ClippedHere, ())
+
+
 @dataclass(frozen=True)
 class FixedClip(StageDefaults):
+    """Scale each record to L2 norm at most ``norm`` on the client; the server clips again.
+
+    In simulation the client's and the server's side are the same object in one process: a
+    record batch that reaches :meth:`decode` as the very arrays this object's :meth:`encode`
+    produced (no stage replaced them: a codec's decoded rows are new arrays) has known norms
+    within the bound, so the server's check reuses them instead of reading every record
+    again. A record from anywhere else (another process, the network, a test) is always
+    checked in full."""
+
     norm: float
     name: str = "clip"
     position: str = "clip"
     commutes_with_sum: bool = True  # the server-side check is per record, before any sum
     report_clipped: bool = True  # local DP sends nothing it does not noise: no clipped bit
     recheck: bool = True  # re-clip on the server; not after client-side noise (local DP)
+    # Batches this object clipped in this process and has not checked yet (see above).
+    _bounded: _ClippedHere = field(default_factory=_ClippedHere, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.norm > 0:
@@ -75,10 +120,28 @@ class FixedClip(StageDefaults):
     def encode(
         self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
     ) -> RecordBatch:
-        clipped_batch, clipped = clip_rows(batch, broadcast[f"{self.name}.norm"])
+        bound = broadcast[f"{self.name}.norm"]
+        norms = row_norms(batch)
+        clipped_batch, clipped = clip_to_norms(batch, bound, norms)
+        if self.recheck and bool(np.isfinite(norms).all()):  # (not NaN: then not within)
+            self._remember(clipped_batch, bound)
         if not self.report_clipped:
             return clipped_batch
         return clipped_batch.with_scalars(**{f"{self.name}.clipped": clipped.astype(np.float64)})
+
+    def _remember(self, batch: RecordBatch, bound: float) -> None:
+        """Note ``batch`` as clipped to ``bound`` here (forgetting batches that are gone)."""
+        for key in [k for k, b in self._bounded.items() if b.arrays[0]() is None]:
+            del self._bounded[key]
+        refs = tuple(weakref.ref(a) for a in batch.arrays.values())
+        if refs:
+            self._bounded[_identity(batch)] = _Bounded(refs, bound)
+
+    def clipped_here(self, batch: RecordBatch, bound: float) -> bool:
+        """Whether this object clipped ``batch`` (these very arrays) to at most ``bound`` in
+        this process and no check has used that yet (each such batch is vouched for once)."""
+        known = self._bounded.pop(_identity(batch), None)
+        return known is not None and known.holds(batch) and known.bound <= bound
 
     def decode(self, batch: RecordBatch, state: StageState) -> RecordBatch:
         """The server re-applies the bound (a no-op for honest clients; a client that skipped
@@ -86,7 +149,10 @@ class FixedClip(StageDefaults):
         noise after the clip (local DP) the record's norm is the noise's: nothing to check."""
         if not self.recheck:
             return batch
-        clipped_batch, clipped = clip_rows(batch, state["norm"])
+        if self.clipped_here(batch, state["norm"]):
+            clipped_batch, clipped = batch, np.zeros(len(batch), bool)
+        else:
+            clipped_batch, clipped = clip_rows(batch, state["norm"])
         if not self.report_clipped:
             return clipped_batch
         key = f"{self.name}.clipped"

@@ -10,12 +10,14 @@ server's clip check runs on the decoded record (decode runs in reverse chain ord
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from fedforge.aggregate.kinds import Summed
 from fedforge.compress.codecs import error_feedback_
 from fedforge.core.params import ArraySpec, Params
 from fedforge.core.records import RecordBatch, RecordSpec
@@ -23,6 +25,21 @@ from fedforge.stages.base import StageDefaults, StageState
 
 PREFIX = "codec/"
 RESIDUAL = "residual"  # error feedback's client state: what the codec has not sent yet
+
+
+class _RowsBuffer(threading.local):
+    """A thread's reusable ``(n, d)`` float32 buffer for the flattened records it encodes
+    (a fresh one page-faults on every write). A copy starts empty."""
+
+    rows: np.ndarray | None = None
+
+    def __reduce__(self) -> tuple[type[_RowsBuffer], tuple[()]]:
+        return (_RowsBuffer, ())
+
+    def take(self, n: int, d: int) -> np.ndarray:
+        if self.rows is None or self.rows.shape[0] < n or self.rows.shape[1] != d:
+            self.rows = np.empty((n, d), np.float32)
+        return self.rows[:n]
 
 
 @dataclass(frozen=True)
@@ -36,6 +53,7 @@ class Compress(StageDefaults):
     commutes_with_sum: bool = False
     # The record layout (name -> shape, dtype), learnt from the wire spec on the server.
     _layout: dict[str, ArraySpec] = field(default_factory=dict, compare=False, repr=False)
+    _buffer: _RowsBuffer = field(default_factory=_RowsBuffer, compare=False, repr=False)
 
     def wire_spec(self, spec: RecordSpec) -> RecordSpec:
         self._layout.clear()
@@ -63,10 +81,19 @@ class Compress(StageDefaults):
             return parts[0].astype(np.float32)  # (a copy: error feedback overwrites it)
         return np.concatenate(parts, axis=1, dtype=np.float32)
 
+    def _rows_view(self, batch: RecordBatch) -> np.ndarray:
+        """The flattened records for reading only: in this thread's reusable buffer."""
+        names = sorted(batch.arrays)
+        parts = [batch.arrays[k].reshape(len(batch), -1) for k in names]
+        if len(parts) == 1 and parts[0].dtype == np.float32:
+            return parts[0]
+        out = self._buffer.take(len(batch), sum(p.shape[1] for p in parts))
+        return np.concatenate(parts, axis=1, out=out, casting="same_kind")
+
     def encode(
         self, batch: RecordBatch, broadcast: Mapping[str, float], seeds: Sequence[int]
     ) -> RecordBatch:
-        payload = self.codec.encode(self._rows(batch), list(seeds))
+        payload = self.codec.encode(self._rows_view(batch), list(seeds))
         return batch.replace_arrays({PREFIX + k: v for k, v in payload.arrays().items()})
 
     def encode_with_state(
@@ -99,6 +126,26 @@ class Compress(StageDefaults):
             arrays[name] = block.astype(spec.dtype, copy=False)  # (views when float32)
             start += size
         return batch.replace_arrays(arrays)
+
+    def weighted_sum(self, batch: RecordBatch, weights: np.ndarray) -> Summed | None:
+        """``weights @ rows`` of the decoded records, for a weighted mean that needs no
+        decoded record; None when the codec cannot sum its payloads without decoding them
+        (then :meth:`decode` them)."""
+        summer = getattr(self.codec, "weighted_sum", None)
+        if summer is None:
+            return None
+        payload = self.codec.from_arrays(
+            {k.removeprefix(PREFIX): v for k, v in batch.arrays.items()}
+        )
+        total = summer(payload, self.width(), weights)
+        if total is None:
+            return None
+        sums, start = {}, 0
+        for name, spec in self._layout.items():
+            size = int(np.prod(spec.shape, dtype=np.int64))
+            sums[name] = total[start : start + size].view(spec.shape)
+            start += size
+        return Summed(sums, {name: np.dtype(spec.dtype) for name, spec in self._layout.items()})
 
     def bytes_per_record(self) -> int:
         """Encoded bytes of one record (the codec's formula)."""

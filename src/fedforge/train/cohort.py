@@ -64,6 +64,31 @@ def vectorization_blocker(module: torch.nn.Module, program: LocalProgram) -> str
     return None
 
 
+def vmap_problem(module: torch.nn.Module, x: np.ndarray) -> str | None:
+    """Why ``torch.func.vmap`` cannot batch gradient steps of ``module`` on examples like
+    ``x`` (tried on two clients of one example each, labelled class 0: the probe is about the
+    model, not the labels), or None when it can."""
+    from torch.func import functional_call, grad
+
+    if len(x) == 0:
+        return None
+    params = {
+        n: p.detach().unsqueeze(0).repeat(2, *[1] * p.dim()) for n, p in module.named_parameters()
+    }
+    xs = torch.from_numpy(np.ascontiguousarray(x[:1])).unsqueeze(0).repeat(2, *[1] * x.ndim)
+    ys = torch.zeros((2, 1), dtype=torch.int64)
+
+    def loss(weights: Tensors, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(functional_call(module, weights, (xb,)), yb)
+
+    try:
+        vmap(grad(loss), randomness="error")(params, xs, ys)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return f"torch.func.vmap cannot batch this model ({type(exc).__name__}: {first})"
+    return None
+
+
 class CohortTrainer:
     """Trains many clients of one model at once; math identical to ``LocalProgram.step``."""
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedforge/net/proto/fedforge.proto\x12\x0b\x66\x65\x64\x66orge.v1\"8\n\x08\x45nvelope\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"m\n\x05\x43hunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"_\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x18\n\x10holdout_examples\x18\x04 \x01(\x03\"\x0b\n\tHeartbeat\"\xb3\x02\n\nReplyChunk\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x35\n\x07scalars\x18\x03 \x03(\x0b\x32$.fedforge.v1.ReplyChunk.ScalarsEntry\x12\x35\n\x07metrics\x18\x04 \x03(\x0b\x32$.fedforge.v1.ReplyChunk.MetricsEntry\x12!\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x12.fedforge.v1.Chunk\x12\x0f\n\x07task_id\x18\x06 \x01(\x0c\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"5\n\x13\x43lientFailureReport\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\x0c\"\xf1\x01\n\rClientMessage\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.fedforge.v1.Envelope\x12#\n\x05hello\x18\x02 \x01(\x0b\x32\x12.fedforge.v1.HelloH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.fedforge.v1.HeartbeatH\x00\x12(\n\x05reply\x18\x04 \x01(\x0b\x32\x17.fedforge.v1.ReplyChunkH\x00\x12\x33\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32 .fedforge.v1.ClientFailureReportH\x00\x42\x06\n\x04\x62ody\"\\\n\x07Welcome\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\x03\x12\x13\n\x0b\x63onfig_toml\x18\x03 \x01(\t\x12\x14\n\x0cheartbeat_ms\x18\x04 \x01(\x03\"\xdc\x01\n\tTaskChunk\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x0c\x12\x34\n\x07scalars\x18\x03 \x03(\x0b\x32#.fedforge.v1.TaskChunk.ScalarsEntry\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12!\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x12.fedforge.v1.Chunk\x12\x0f\n\x07task_id\x18\x06 \x01(\x0c\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x18\n\x06Reject\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1d\n\x0bRunComplete\x12\x0e\n\x06rounds\x18\x01 \x01(\x03\"\x97\x02\n\rServerMessage\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.fedforge.v1.Envelope\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.fedforge.v1.WelcomeH\x00\x12&\n\x04task\x18\x03 \x01(\x0b\x32\x16.fedforge.v1.TaskChunkH\x00\x12%\n\x06reject\x18\x04 \x01(\x0b\x32\x13.fedforge.v1.RejectH\x00\x12+\n\theartbeat\x18\x05 \x01(\x0b\x32\x16.fedforge.v1.HeartbeatH\x00\x12\x30\n\x0crun_complete\x18\x06 \x01(\x0b\x32\x18.fedforge.v1.RunCompleteH\x00\x42\x06\n\x04\x62ody2S\n\nFederation\x12\x45\n\x07\x43onnect\x12\x1a.fedforge.v1.ClientMessage\x1a\x1a.fedforge.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fedforge/net/proto/fedforge.proto\x12\x0b\x66\x65\x64\x66orge.v1\"8\n\x08\x45nvelope\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"m\n\x05\x43hunk\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x0c\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"u\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x18\n\x10holdout_examples\x18\x04 \x01(\x03\x12\x14\n\x0c\x61rchitecture\x18\x05 \x03(\t\"\x0b\n\tHeartbeat\"\xb3\x02\n\nReplyChunk\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x03\x12\x35\n\x07scalars\x18\x03 \x03(\x0b\x32$.fedforge.v1.ReplyChunk.ScalarsEntry\x12\x35\n\x07metrics\x18\x04 \x03(\x0b\x32$.fedforge.v1.ReplyChunk.MetricsEntry\x12!\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x12.fedforge.v1.Chunk\x12\x0f\n\x07task_id\x18\x06 \x01(\x0c\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"5\n\x13\x43lientFailureReport\x12\r\n\x05\x65rror\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\x0c\"\xf1\x01\n\rClientMessage\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.fedforge.v1.Envelope\x12#\n\x05hello\x18\x02 \x01(\x0b\x32\x12.fedforge.v1.HelloH\x00\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.fedforge.v1.HeartbeatH\x00\x12(\n\x05reply\x18\x04 \x01(\x0b\x32\x17.fedforge.v1.ReplyChunkH\x00\x12\x33\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32 .fedforge.v1.ClientFailureReportH\x00\x42\x06\n\x04\x62ody\"\\\n\x07Welcome\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\x03\x12\x13\n\x0b\x63onfig_toml\x18\x03 \x01(\t\x12\x14\n\x0cheartbeat_ms\x18\x04 \x01(\x03\"\xdc\x01\n\tTaskChunk\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x0c\x12\x34\n\x07scalars\x18\x03 \x03(\x0b\x32#.fedforge.v1.TaskChunk.ScalarsEntry\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12!\n\x05\x63hunk\x18\x05 \x01(\x0b\x32\x12.fedforge.v1.Chunk\x12\x0f\n\x07task_id\x18\x06 \x01(\x0c\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x18\n\x06Reject\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x1d\n\x0bRunComplete\x12\x0e\n\x06rounds\x18\x01 \x01(\x03\"\x97\x02\n\rServerMessage\x12\'\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x15.fedforge.v1.Envelope\x12\'\n\x07welcome\x18\x02 \x01(\x0b\x32\x14.fedforge.v1.WelcomeH\x00\x12&\n\x04task\x18\x03 \x01(\x0b\x32\x16.fedforge.v1.TaskChunkH\x00\x12%\n\x06reject\x18\x04 \x01(\x0b\x32\x13.fedforge.v1.RejectH\x00\x12+\n\theartbeat\x18\x05 \x01(\x0b\x32\x16.fedforge.v1.HeartbeatH\x00\x12\x30\n\x0crun_complete\x18\x06 \x01(\x0b\x32\x18.fedforge.v1.RunCompleteH\x00\x42\x06\n\x04\x62ody2S\n\nFederation\x12\x45\n\x07\x43onnect\x12\x1a.fedforge.v1.ClientMessage\x1a\x1a.fedforge.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,31 +42,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHUNK']._serialized_start=108
   _globals['_CHUNK']._serialized_end=217
   _globals['_HELLO']._serialized_start=219
-  _globals['_HELLO']._serialized_end=314
-  _globals['_HEARTBEAT']._serialized_start=316
-  _globals['_HEARTBEAT']._serialized_end=327
-  _globals['_REPLYCHUNK']._serialized_start=330
-  _globals['_REPLYCHUNK']._serialized_end=637
-  _globals['_REPLYCHUNK_SCALARSENTRY']._serialized_start=543
-  _globals['_REPLYCHUNK_SCALARSENTRY']._serialized_end=589
-  _globals['_REPLYCHUNK_METRICSENTRY']._serialized_start=591
-  _globals['_REPLYCHUNK_METRICSENTRY']._serialized_end=637
-  _globals['_CLIENTFAILUREREPORT']._serialized_start=639
-  _globals['_CLIENTFAILUREREPORT']._serialized_end=692
-  _globals['_CLIENTMESSAGE']._serialized_start=695
-  _globals['_CLIENTMESSAGE']._serialized_end=936
-  _globals['_WELCOME']._serialized_start=938
-  _globals['_WELCOME']._serialized_end=1030
-  _globals['_TASKCHUNK']._serialized_start=1033
-  _globals['_TASKCHUNK']._serialized_end=1253
-  _globals['_TASKCHUNK_SCALARSENTRY']._serialized_start=543
-  _globals['_TASKCHUNK_SCALARSENTRY']._serialized_end=589
-  _globals['_REJECT']._serialized_start=1255
-  _globals['_REJECT']._serialized_end=1279
-  _globals['_RUNCOMPLETE']._serialized_start=1281
-  _globals['_RUNCOMPLETE']._serialized_end=1310
-  _globals['_SERVERMESSAGE']._serialized_start=1313
-  _globals['_SERVERMESSAGE']._serialized_end=1592
-  _globals['_FEDERATION']._serialized_start=1594
-  _globals['_FEDERATION']._serialized_end=1677
+  _globals['_HELLO']._serialized_end=336
+  _globals['_HEARTBEAT']._serialized_start=338
+  _globals['_HEARTBEAT']._serialized_end=349
+  _globals['_REPLYCHUNK']._serialized_start=352
+  _globals['_REPLYCHUNK']._serialized_end=659
+  _globals['_REPLYCHUNK_SCALARSENTRY']._serialized_start=565
+  _globals['_REPLYCHUNK_SCALARSENTRY']._serialized_end=611
+  _globals['_REPLYCHUNK_METRICSENTRY']._serialized_start=613
+  _globals['_REPLYCHUNK_METRICSENTRY']._serialized_end=659
+  _globals['_CLIENTFAILUREREPORT']._serialized_start=661
+  _globals['_CLIENTFAILUREREPORT']._serialized_end=714
+  _globals['_CLIENTMESSAGE']._serialized_start=717
+  _globals['_CLIENTMESSAGE']._serialized_end=958
+  _globals['_WELCOME']._serialized_start=960
+  _globals['_WELCOME']._serialized_end=1052
+  _globals['_TASKCHUNK']._serialized_start=1055
+  _globals['_TASKCHUNK']._serialized_end=1275
+  _globals['_TASKCHUNK_SCALARSENTRY']._serialized_start=565
+  _globals['_TASKCHUNK_SCALARSENTRY']._serialized_end=611
+  _globals['_REJECT']._serialized_start=1277
+  _globals['_REJECT']._serialized_end=1301
+  _globals['_RUNCOMPLETE']._serialized_start=1303
+  _globals['_RUNCOMPLETE']._serialized_end=1332
+  _globals['_SERVERMESSAGE']._serialized_start=1335
+  _globals['_SERVERMESSAGE']._serialized_end=1614
+  _globals['_FEDERATION']._serialized_start=1616
+  _globals['_FEDERATION']._serialized_end=1699
 # @@protoc_insertion_point(module_scope)

@@ -1,7 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -33,16 +33,18 @@ class Chunk(_message.Message):
     def __init__(self, transfer_id: _Optional[bytes] = ..., index: _Optional[int] = ..., count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "num_examples", "name", "holdout_examples")
+    __slots__ = ("protocol_version", "num_examples", "name", "holdout_examples", "architecture")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     HOLDOUT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     num_examples: int
     name: str
     holdout_examples: int
-    def __init__(self, protocol_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., name: _Optional[str] = ..., holdout_examples: _Optional[int] = ...) -> None: ...
+    architecture: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol_version: _Optional[int] = ..., num_examples: _Optional[int] = ..., name: _Optional[str] = ..., holdout_examples: _Optional[int] = ..., architecture: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ()
