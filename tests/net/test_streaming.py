@@ -32,6 +32,7 @@ from fedforge.train.torch_model import TorchModel
 from tests.net.helpers import (
     PATIENCE,
     CraftedClient,
+    base_architecture,
     free_port,
     make_keys,
     start_server,
@@ -209,7 +210,8 @@ def test_a_reply_corrupted_in_its_last_chunk_never_touches_the_aggregate(
     sites: list[CraftedClient] = []
     try:
         wait_for_port(port)
-        sites = [CraftedClient(port, keys / n, declared=100) for n in names]
+        architecture = base_architecture((5000, 5000))
+        sites = [CraftedClient(port, keys / n, 100, architecture) for n in names]
         with ThreadPoolExecutor(len(sites)) as pool:  # each site declares its size at once
             received = list(pool.map(lambda site: site.next_task(keep=False), sites))
         updates = {
