@@ -5,6 +5,8 @@ refused at start."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import threading
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from fedforge.aggregate.kinds import StreamingMean
@@ -104,6 +108,33 @@ def test_a_bad_reply_is_refused_at_the_chunk_that_shows_it() -> None:
     last.data = bytes([last.data[0] ^ 1]) + last.data[1:]
     with pytest.raises(ProtocolError, match="digest mismatch"):
         _decode([*chunks[:-1], last], StreamDecoder(1 << 20))
+
+
+JSON_VALUES = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=4)
+ENTRIES = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F64", "U8", "I64", "BOOL", "F8"]) | JSON_VALUES,
+        "shape": st.lists(st.integers(-2, 2**40), max_size=3) | JSON_VALUES,
+        "data_offsets": st.lists(st.integers(-2, 2**40), max_size=3) | JSON_VALUES,
+    }
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    header=st.dictionaries(st.text(max_size=6), ENTRIES | JSON_VALUES, max_size=3),
+    tail=st.binary(max_size=64),
+)
+def test_fuzz_stream_decoder_raises_only_protocol_errors(header: dict, tail: bytes) -> None:  # type: ignore[type-arg]
+    """Any header a hostile peer writes (well-formed JSON of any shape) and any bytes after it:
+    the decoder refuses with ProtocolError, never another exception, never a large allocation."""
+    text = json.dumps(header).encode()
+    payload = len(text).to_bytes(8, "little") + text + tail
+    for chunk_bytes in (5, 1 << 10):
+        decoder = StreamDecoder(1 << 16, finite=True)
+        with contextlib.suppress(ProtocolError):
+            for chunk in split_payload(payload, chunk_bytes):
+                decoder.add(chunk)
 
 
 def _service(max_uploads: int) -> tuple[FederationService, NetworkTransport, list]:  # type: ignore[type-arg]
