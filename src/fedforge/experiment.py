@@ -110,9 +110,7 @@ def check_model_memory(config: RunConfig, workload: Workload) -> None:
 
 def build_loop(workload: Workload) -> UserLoop | None:
     """The workload's training function, if it has one."""
-    if workload.train is None:
-        return None
-    return UserLoop(workload.train, workload.metrics, workload.proximal)
+    return UserLoop.of(workload)
 
 
 def build_stop_rule(config: RunConfig) -> StopRule | None:
@@ -143,6 +141,10 @@ def build_algorithm(config: RunConfig, names: list[str] | None = None) -> Algori
         weight_decay=c.weight_decay,
     )
     opt = build_server_optimizer(config)
+    if config.rl is not None and config.rl.method == "fedpg_br":
+        from fedforge.rl.fedpg_br_server import fedpg_br
+
+        return fedpg_br(config.rl, config.seed, opt)
     if a.name == "fedprox":
         return FedProx(local=local, server_optimizer=opt, mu=a.mu)
     if a.name == "scaffold":
@@ -237,6 +239,10 @@ def build_aggregation(config: RunConfig) -> Aggregation:
         quantile=a.norm_quantile,
         tau=a.tau,
         iterations=a.iterations,
+        sigma=a.sigma,
+        delta=a.delta,
+        alpha=a.alpha,
+        batch_size=config.rl.episodes if config.rl is not None else 1,
     )
 
 

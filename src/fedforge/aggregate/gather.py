@@ -28,6 +28,7 @@ Rule = Literal[
     "geometric_median",
     "norm_bound",
     "centered_clipping",
+    "fedpg_br",
 ]
 BOUNDED_RULES = ("trimmed_mean", "krum", "multi_krum", "bulyan")  # need a known cohort size
 # Rules whose result is a convex combination of whole records: a value averaged beside the
@@ -50,6 +51,10 @@ class RobustAggregation:
     quantile: float | None = None  # ... or this quantile of the round's norms
     tau: float = 1.0  # centered_clipping: radius
     iterations: int = 3  # centered_clipping: iterations
+    sigma: float = 0.06  # fedpg_br: bound on one trajectory's gradient deviation
+    delta: float = 0.6  # fedpg_br: the filter's failure probability
+    alpha: float = 0.3  # fedpg_br: the faulty share tolerated (< 0.5)
+    batch_size: int = 1  # fedpg_br: trajectories behind each report (B)
     kind: Kind = "gather"
 
     @property
@@ -83,6 +88,10 @@ class RobustAggregation:
             return robust.geometric_median(rows, weights)
         if self.rule == "norm_bound":
             return robust.norm_bound(rows, weights, self.max_norm, self.quantile)
+        if self.rule == "fedpg_br":  # FedPG-BR's gradient filter (Fan et al. 2021)
+            from fedforge.rl.fedpg_br import byzantine_filter
+
+            return byzantine_filter(rows, self.sigma, self.batch_size, self.delta, self.alpha)
         center = np.zeros(rows.shape[1])
         return robust.centered_clipping(rows, weights, center, self.tau, self.iterations)
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, cast
 from fedforge.aggregate.gather import BOUNDED_RULES, WHOLE_RECORD_RULES, RobustAggregation, Rule
 from fedforge.config.base import changed
 from fedforge.config.ignored import ignored_settings
+from fedforge.config.rl_checks import rl_problems
 from fedforge.config.workload import workload_problems
 from fedforge.core.errors import ConfigError
 from fedforge.secagg.protocol import ROTATION_BLOCK
@@ -26,7 +27,9 @@ OUTLIERS_UNDER_CENTRAL_DP = (
 
 def num_clients(config: RunConfig) -> int:
     """The simulated population: one client per file of ``data.sites``, the synthetic
-    devices, or ``partition.num_clients``."""
+    devices, or ``partition.num_clients``; an RL run's ``rl.agents``."""
+    if config.rl is not None:
+        return config.rl.agents
     if config.data.sites:
         return len(config.data.sites)
     if config.partition.scheme == "natural" and config.data.builtin:
@@ -46,7 +49,7 @@ def clients_drawn(config: RunConfig) -> int:
 
 def problems(config: RunConfig) -> list[str]:
     """Every cross-section problem of ``config`` (empty: it composes)."""
-    out = general_problems(config) + workload_problems(config)
+    out = general_problems(config) + workload_problems(config) + rl_problems(config)
     out += config.privacy.problems() + privacy_conflicts(config) + secagg_conflicts(config)
     out += privacy_sampling_conflicts(config)
     out += config.clock.problems() + clock_conflicts(config)

@@ -173,6 +173,11 @@ SCOPES = (
         "aggregation.kind = 'centered_clipping'",
     ),
     Scope(
+        ("aggregation.sigma", "aggregation.delta", "aggregation.alpha"),
+        lambda c: c.aggregation.kind == "fedpg_br",
+        "aggregation.kind = 'fedpg_br'",
+    ),
+    Scope(
         _keys("secagg", SECAGG_KEYS),
         lambda c: c.aggregation.kind == "secure_sum",
         "aggregation.kind = 'secure_sum'",

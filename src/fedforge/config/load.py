@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -23,7 +23,7 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
         if err["type"] == "extra_forbidden":
             section: Any = model
             for part in err["loc"][:-1]:
-                section = section.model_fields[str(part)].annotation
+                section = _section_type(section.model_fields[str(part)].annotation)
             allowed = ", ".join(section.model_fields)
             msg = f"unknown key; allowed keys here: {allowed}"
         elif err["type"] == "value_error":
@@ -38,6 +38,14 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {key}: {msg}")
     return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _section_type(annotation: Any) -> Any:
+    """The section model of a field's annotation (an optional section's, e.g. ``[rl]``)."""
+    for arg in get_args(annotation):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return annotation
 
 
 def _parse_value(text: str) -> Any:

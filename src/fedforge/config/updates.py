@@ -106,6 +106,11 @@ class AggregationConfig(Section):
     )
     tau: float = Field(1.0, gt=0, description="centered_clipping: clipping radius")
     iterations: int = Field(3, ge=1, description="centered_clipping: iterations")
+    sigma: float = Field(
+        0.06, gt=0, description="fedpg_br: bound on one trajectory's gradient deviation"
+    )
+    delta: float = Field(0.6, gt=0, lt=1, description="fedpg_br: the filter's failure probability")
+    alpha: float = Field(0.3, ge=0, lt=0.5, description="fedpg_br: faulty share tolerated")
     outlier_ratio: float | None = Field(
         None,
         ge=0,

@@ -15,10 +15,23 @@ from fedforge.data.partition import Partition, label_counts
 @dataclass(frozen=True)
 class ClientData:
     """One client's local data: what it trains on, and its held-out split (if any) for
-    federated evaluation."""
+    federated evaluation. ``site`` is an opaque workload's object (an RL agent's
+    environment): ``train`` and ``holdout`` are then one placeholder row each (the site's
+    weight and its evaluation slot), the object goes to the workload's functions unread."""
 
     train: ArrayDataset
     holdout: ArrayDataset | None = None
+    site: object | None = None
+
+    @classmethod
+    def of_object(cls, site: object, holdout: bool = True) -> ClientData:
+        """An opaque site: its object, one placeholder training row, one held-out row."""
+        return cls(placeholder(1), placeholder(1) if holdout else None, site)
+
+
+def placeholder(rows: int) -> ArrayDataset:
+    """``rows`` examples without features: an opaque site's weight in the runtimes' counts."""
+    return ArrayDataset(np.zeros((rows, 0), np.float32), np.zeros(rows, np.int64))
 
 
 @dataclass(frozen=True)
@@ -37,8 +50,12 @@ class FederatedDataset:
     test: ArrayDataset
     partition: Partition
     holdout: Partition | None = None
+    sites: tuple[object, ...] | None = None  # an opaque workload's objects, one per client
+    test_site: object | None = None  # ... and its central test object
 
     def __post_init__(self) -> None:
+        if self.sites is not None and len(self.sites) != len(self.partition):
+            raise DataError("sites needs one object per client")
         for name in ("train", "test"):
             if not isinstance(getattr(self, name), ArrayDataset):
                 raise DataError(f"{name} must be an ArrayDataset(x, y)")
@@ -102,7 +119,24 @@ class FederatedDataset:
         held = None
         if self.holdout is not None and len(self.holdout[client_id]):
             held = self.train.subset(self.holdout[client_id])
-        return ClientData(self.client(client_id), held)
+        site = self.sites[client_id] if self.sites is not None else None
+        return ClientData(self.client(client_id), held, site)
+
+    @classmethod
+    def of_objects(
+        cls, sites: list[object], test: object | None, holdout: bool
+    ) -> FederatedDataset:
+        """An opaque workload's sites: one placeholder row each (and one held out each,
+        with ``holdout``), the objects beside them."""
+        n = len(sites)
+        rows = 2 * n if holdout else n
+        partition = [np.array([i]) for i in range(n)]
+        held = [np.array([n + i]) for i in range(n)] if holdout else None
+        return cls(placeholder(rows), placeholder(0), partition, held, tuple(sites), test)
+
+    @property
+    def opaque(self) -> bool:
+        return self.sites is not None
 
     def client_size(self, client_id: int) -> int:
         return len(self.partition[client_id])

@@ -69,9 +69,9 @@ from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.models import seeded
 from fedforge.train.torch_model import TorchModel
-from fedforge.train.user_loop import loop_problem
+from fedforge.train.user_loop import SiteEvaluation, central_evaluation, loop_problem
 from fedforge.workload.base import Workload
-from fedforge.workload.federate import load_test
+from fedforge.workload.federate import load_test, load_test_object
 from fedforge.workload.fingerprint import fingerprint
 
 log = logging.getLogger("fedforge")
@@ -310,10 +310,19 @@ def _serve(
     server.start()
     log.info("run %s serving on %s (%d registered clients)", run_id, d.address, len(names))
 
+    site_eval = SiteEvaluation.of(workload)
+
     def evaluator(params: Params) -> Evaluation:
-        assert setup.test is not None
         model.share_params(params)  # the model's arrays themselves: no second copy
+        if site_eval is not None:
+            return central_evaluation(site_eval, model.module, central_test)
+        assert setup.test is not None
         return evaluate(model, setup.test)
+
+    central_test: object = setup.test_site if workload.opaque else setup.test
+    has_test = central_test is not None and (
+        site_eval is not None if workload.opaque else len(setup.test or ())
+    )
 
     site_sizes = SiteSizes(hub, d, data, lambda cid: names[cid])
 
@@ -340,7 +349,8 @@ def _serve(
         aggregation=deployed_aggregation(
             config, credentials, {cid: name for name, cid in client_ids.items()}
         ),
-        evaluator=evaluator if setup.test is not None and len(setup.test) else None,
+        evaluator=evaluator if has_test else None,
+        eval_metrics=site_eval.metrics if site_eval is not None else (),
         federated_eval=build_federated_eval(config),
         listener=RoundLog(ListenerGroup([LiveLog(Path(d.state_dir) / LIVE), listener]), names),
         describe=lambda cid: names.get(cid, f"client {cid}"),
@@ -413,9 +423,14 @@ class ServerSetup:
     model: torch.nn.Module
     test: ArrayDataset | None
     data: FederatedDataset | None
+    test_site: object | None = None  # an opaque workload's central test object
 
 
 def server_setup(config: RunConfig) -> ServerSetup:
+    if config.rl is not None:  # agents hold environments; the server its held-out physics
+        workload = build_workload(config)
+        model = seeded(workload.model, RngStreams(config.seed).int_seed(Purpose.INIT))
+        return ServerSetup(workload, model, None, None, load_test_object(workload))
     if config.data.builtin and config.workload is None:
         data = build_dataset(config)
         workload = build_workload(config, data)

@@ -80,6 +80,8 @@ def join(site: LocalSite, config: RunConfig, client_id: int) -> Joined:
     seed = RngStreams(config.seed).int_seed(Purpose.INIT)
     workload, data = site.workload, site.data
     own = data is not None
+    if workload is None and config.rl is not None:  # an agent of the run's own [rl]
+        workload = build_workload(config)
     if workload is None:
         named = user_code(config)
         if named:

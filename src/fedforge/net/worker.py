@@ -41,6 +41,7 @@ from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import SESSION
 from fedforge.secagg.session import Identity
 from fedforge.stages.base import StageChain
+from fedforge.train.user_loop import SiteEvaluation
 from fedforge.workload.fingerprint import fingerprint
 
 log = logging.getLogger("fedforge")
@@ -82,6 +83,7 @@ class SiteWorker:
             build_sample_dp(self.config),
             secure_client(self.config, self.identity),
             build_loop(joined.workload),
+            SiteEvaluation.of(joined.workload),
         )
         architecture = fingerprint(joined.model, joined.workload.schema)
         self.max_task_bytes = task_size_limit(self.app)
@@ -90,13 +92,15 @@ class SiteWorker:
         check_own_id(disk.directory, self.client_id)
         self.store = EphemeralSessions(disk, SESSION)
         holdout = len(self.data.holdout) if self.data.holdout is not None else 0
+        held = f"{len(self.data.train)} examples ({holdout} held out)"
+        if self.data.site is not None:  # an opaque site: its own object (an RL agent's env)
+            held = f"its own {type(self.data.site).__name__} ({str(self.data.site)[:200]})"
         log.info(
-            "joined run %s as %s (id %d) with %d examples (%d held out); state in %s",
+            "joined run %s as %s (id %d) with %s; state in %s",
             self.run_id,
             w.client_name,
             self.client_id,
-            len(self.data.train),
-            holdout,
+            held,
             disk.directory,
         )
         # Declare the data sizes: the server caps the sample counts it accepts from us by them.

@@ -106,13 +106,36 @@ def privacy_text(record: RoundRecord) -> str:
 
 def accuracy_text(record: RoundRecord) -> str:
     """``test accuracy 95.61%, test loss 0.1769``; without a central test set, the federated
-    evaluation's accuracy (or that there was no evaluation)."""
+    evaluation's accuracy (or that there was no evaluation). A workload's own evaluation
+    (``Workload.evaluate``): its central ``test_<name>`` metrics, else its federated ones."""
     if not math.isnan(record.test_accuracy):
         return f"test accuracy {100 * record.test_accuracy:.2f}%, test loss {record.test_loss:.4f}"
+    own = workload_scores(record)
+    if own:
+        return own
     federated = record.metrics.get("fed_eval.accuracy", math.nan)
     if not math.isnan(federated):
         return f"federated evaluation accuracy {100 * federated:.2f}% (no central test set)"
     return "no central test set and no federated evaluation"
+
+
+STANDARD_FED_EVAL = ("fed_eval.accuracy", "fed_eval.loss", "fed_eval.clients")
+
+
+def workload_scores(record: RoundRecord) -> str:
+    """``test episode_return 187.4`` (a workload's central evaluation), else ``federated
+    evaluation episode_return 180.2``; empty when the round has neither."""
+    central = {k[5:]: v for k, v in record.metrics.items() if k.startswith("test_")}
+    if central:
+        return ", ".join(f"test {k} {v:.4g}" for k, v in sorted(central.items()))
+    federated = {
+        k[9:]: v
+        for k, v in record.metrics.items()
+        if k.startswith("fed_eval.") and k not in STANDARD_FED_EVAL and k.count(".") == 1
+    }
+    if federated and math.isnan(record.metrics.get("fed_eval.accuracy", math.nan)):
+        return ", ".join(f"federated evaluation {k} {v:.4g}" for k, v in sorted(federated.items()))
+    return ""
 
 
 class History(list[RoundRecord]):

@@ -33,7 +33,9 @@ def plot_report(
 def report_figure(history: History, label_counts: np.ndarray | None, title: str = "") -> Any:
     """The report as a matplotlib figure: accuracy and loss per round (round 0 is the
     initial model), accuracy against cumulative traffic and wall time, time per round by
-    part, cumulative traffic, stage and client metrics, and the partition's labels."""
+    part, cumulative traffic, stage and client metrics, and the partition's labels (for RL
+    agents, whose records report ``trajectories``: the return against the trajectories each
+    agent has collected so far)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,6 +43,9 @@ def report_figure(history: History, label_counts: np.ndarray | None, title: str 
 
     rounds = [r.round for r in history]
     accuracy = [100 * r.test_accuracy for r in history]
+    score = _workload_score(history)  # a workload's own central evaluation, if it has one
+    if score is not None:
+        accuracy = [r.metrics.get(score, math.nan) for r in history]
     trained = [r for r in history if r.round > 0]
     clock = history.metric("clock.time")
     columns = 4 if clock else 3  # the virtual clock adds a column of its own
@@ -85,6 +90,10 @@ def report_figure(history: History, label_counts: np.ndarray | None, title: str 
     )
     ax_wall.plot(np.cumsum([r.wall_seconds for r in history]), accuracy, marker=".")
     ax_wall.set(title="Accuracy vs time", xlabel="cumulative wall time (s)", ylabel="accuracy (%)")
+    if score is not None:
+        for ax in (ax_acc, ax_comm, ax_wall):
+            ax.set_title(ax.get_title().replace("Accuracy", score))
+            ax.set_ylabel(score)
     x = [r.round for r in trained]
     fields = ("train_seconds", "aggregate_seconds", "eval_seconds")
     seconds = np.array([[getattr(r, f) for r in trained] for f in fields]).reshape(3, -1)
@@ -98,6 +107,12 @@ def report_figure(history: History, label_counts: np.ndarray | None, title: str 
     names = sorted(
         {k for r in history for k in r.metrics if not k.startswith(("fed_eval.", "dp.", "clock."))}
     )
+    if history.metric(TRAJECTORIES):
+        # (a deployment plots no label counts: its sampled agents stand for the population)
+        agents = len(label_counts) if label_counts is not None else None
+        _return_vs_trajectories(ax_part, history, agents or max(r.clients_sampled for r in history))
+    else:
+        _label_bars(ax_part, label_counts, plt)
     for name in names:
         series = history.metric(name)
         ax_metrics.plot([r for r, _ in series], [v for _, v in series], marker=".", label=name)
@@ -105,7 +120,6 @@ def report_figure(history: History, label_counts: np.ndarray | None, title: str 
     ax_metrics.plot(x, [r.clients_failed for r in trained], label="clients failed")
     ax_metrics.set(title="Stage and client metrics", xlabel="round")
     ax_metrics.legend(fontsize=8)
-    _label_bars(ax_part, label_counts, plt)
     for ax in fig.axes:
         ax.grid(alpha=0.3)
     if title:
@@ -150,6 +164,49 @@ def _stacked_steps(ax: Any, x: np.ndarray, values: np.ndarray, labels: Sequence[
     for row, label in zip(values, labels, strict=True):
         ax.fill_between(x, bottom, bottom + row, step="mid", label=label, linewidth=0)
         bottom = bottom + row
+
+
+TRAJECTORIES = "trajectories"  # an RL agent's trajectories in a round (fedforge.rl.workload)
+RETURNS = (
+    ("test_episode_return", "global policy, held-out physics"),
+    ("fed_eval.episode_return", "global policy, agents' own environments"),
+    ("episode_return", "agents' local episodes"),
+)
+
+
+def _workload_score(history: History) -> str | None:
+    """The first ``test_<name>`` metric of a workload's own evaluation, when the run has no
+    built-in accuracy."""
+    if any(not math.isnan(r.test_accuracy) for r in history):
+        return None
+    names = sorted({k for r in history for k in r.metrics if k.startswith("test_")})
+    return names[0] if names else None
+
+
+def trajectories_per_agent(history: History, agents: int) -> list[tuple[int, float]]:
+    """(round, trajectories per agent so far): each round adds the accepted agents' mean
+    trajectories times their share of the ``agents``."""
+    total, out = 0.0, [(0, 0.0)]
+    for r in history:
+        if r.round > 0 and TRAJECTORIES in r.metrics:
+            total += r.metrics[TRAJECTORIES] * r.clients_completed / max(agents, 1)
+        if r.round > 0:
+            out.append((r.round, total))
+    return out
+
+
+def _return_vs_trajectories(ax: Any, history: History, agents: int) -> None:
+    used = dict(trajectories_per_agent(history, agents))
+    for key, label in RETURNS:
+        series = [(used[r], v) for r, v in history.metric(key) if r in used]
+        if series:
+            ax.plot([u for u, _ in series], [v for _, v in series], marker=".", label=label)
+    ax.set(
+        title="Mean episode return vs trajectories per agent",
+        xlabel="trajectories per agent so far",
+        ylabel="mean episode return",
+    )
+    ax.legend(fontsize=8)
 
 
 def _label_bars(ax: Any, label_counts: np.ndarray | None, plt: Any) -> None:

@@ -3,6 +3,7 @@ for logs and the Python API (:class:`LineProgress`): round, accuracy, loss, clie
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from typing import TextIO
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedforge.report.history import RoundRecord, privacy_text
+from fedforge.report.history import RoundRecord, privacy_text, workload_scores
 from fedforge.runtime.driver import ACCEPTED, RoundListener
 
 
@@ -59,11 +60,12 @@ class ProgressListener(RoundListener):
         self.progress.update(self.task, clients=f"{self._done}/{self._sampled}")
 
     def round_finished(self, record: RoundRecord) -> None:
+        own = workload_scores(record) if math.isnan(record.test_accuracy) else ""
         self.progress.update(
             self.task,
             completed=record.round,
-            acc=f"{100 * record.test_accuracy:5.1f}%",
-            loss=f"{record.test_loss:.3f}",
+            acc=own or f"{100 * record.test_accuracy:5.1f}%",
+            loss="" if own else f"{record.test_loss:.3f}",
             dp=privacy_text(record),
         )
 
@@ -108,10 +110,12 @@ class LineProgress(RoundListener):
 def round_line(record: RoundRecord, total_rounds: int, elapsed: float) -> str:
     """``round 3/50: accuracy 85.2%, loss 0.432, clients 10/10, 1.2 s`` (and epsilon, and
     failed or rejected clients, when there are)."""
-    parts = [
-        f"round {record.round}/{total_rounds}: accuracy {100 * record.test_accuracy:.1f}%",
+    own = workload_scores(record) if math.isnan(record.test_accuracy) else ""
+    scores = [own] if own else [
+        f"accuracy {100 * record.test_accuracy:.1f}%",
         f"loss {record.test_loss:.4g}",
-    ]
+    ]  # fmt: skip
+    parts = [f"round {record.round}/{total_rounds}: {scores[0]}", *scores[1:]]
     if record.round > 0:
         sampled = f"/{record.clients_sampled}" if record.clients_sampled else ""
         clients = f"clients {record.clients_completed}{sampled}"

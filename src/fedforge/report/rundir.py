@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import secrets
 import shutil
@@ -18,7 +19,7 @@ from safetensors.numpy import save
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import FedforgeError
 from fedforge.data.federated import FederatedDataset
-from fedforge.report.history import History, RoundRecord
+from fedforge.report.history import History, RoundRecord, accuracy_text
 from fedforge.report.live import settings_text
 from fedforge.report.plots import plot_report
 from fedforge.report.runlock import LOCK, RunDirInUse, RunLock, hold, in_use_text, owner
@@ -237,7 +238,18 @@ def write_report(
     ``data`` None: a deployment on the sites' own data (no label distribution to plot)."""
     history.save(out_dir / "history.json")
     settings = settings_text(config.model_dump(mode="json", exclude_none=True))
+    if config.rl is not None:  # agents, not a dataset
+        rl = config.rl
+        settings = (
+            f"{rl.method} on {rl.env}, {rl.agents} agents ({rl.faulty} faulty), "
+            f"{rl.episodes} episodes a round, {rl.estimator}, aggregation "
+            f"{config.aggregation.kind}, seed {config.seed}"
+        )
     title = f"{settings}\n{history[-1].round} rounds on the {backend} backend"
-    title += f", final test accuracy {100 * history[-1].test_accuracy:.2f}%"
+    last = history[-1]
+    if math.isnan(last.test_accuracy):  # no built-in accuracy: what the run evaluated
+        title += f", final {accuracy_text(last)}"
+    else:
+        title += f", final test accuracy {100 * last.test_accuracy:.2f}%"
     labels = data.label_distribution() if data is not None else None
     plot_report(history, labels, out_dir / "report.png", title)

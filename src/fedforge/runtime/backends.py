@@ -110,6 +110,10 @@ def make_transport(
 ) -> Transport:
     if name == "sequential":
         return SequentialTransport(app, data, store)
+    if name == "vectorized" and app.loop is not None and app.loop.cohort is not None:
+        from fedforge.runtime.site_cohort import SiteCohortTransport
+
+        return SiteCohortTransport(app, data, store)
     if name == "vectorized":
         from fedforge.runtime.vectorized import VectorizedTransport
 

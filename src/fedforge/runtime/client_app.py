@@ -40,8 +40,16 @@ from fedforge.secagg.session import Session, keep
 from fedforge.stages.base import STAGE_STATE, StageChain
 from fedforge.train.evaluate import evaluate
 from fedforge.train.program import INITIAL_LOSS, Tensors, batch_order, task_epochs
+from fedforge.train.site_cohort import Trained
 from fedforge.train.torch_model import TorchModel
-from fedforge.train.user_loop import UserLoop, loop_problem, proximal_mu, run_loop
+from fedforge.train.user_loop import (
+    SiteEvaluation,
+    UserLoop,
+    loop_problem,
+    proximal_mu,
+    run_evaluate,
+    run_loop,
+)
 
 DP_SGD_STEPS = "dp_sgd/steps"  # the client's DP-SGD steps so far, kept in its state
 DP_SGD_LEDGER = "dp_sgd/ledger"  # ... by (sampling rate, noise multiplier): rows of 3
@@ -90,6 +98,7 @@ class ClientApp:
         sample_dp: SampleDP | None = None,
         secure: SecAggClient | None = None,
         loop: UserLoop | None = None,
+        site_eval: SiteEvaluation | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.stages = stages or StageChain()
@@ -111,6 +120,12 @@ class ClientApp:
             if problem:
                 raise ConfigError(problem)
         self.loop = loop  # your training function instead of the built-in program
+        self.site_eval = site_eval  # your evaluation function instead of loss and accuracy
+        if site_eval is not None and algorithm.personalized:
+            raise ConfigError(
+                f"{type(algorithm).__name__} evaluates a personal model beside the global one "
+                "with the built-in loss and accuracy: it cannot run a workload's evaluate"
+            )
         self.secure = secure  # secure aggregation: the record stays here until masked
         sample = {n: np.zeros(1, np.float32) for n in self.trainable}
         # DP-SGD keeps the client's own privacy ledger (its steps so far) in its state;
@@ -154,10 +169,13 @@ class ClientApp:
         return state
 
     def handle(
-        self, task: Task, data: ClientData, state: Params | None
+        self, task: Task, data: ClientData, state: Params | None, trained: Trained | None = None
     ) -> tuple[Record, Params | None]:
+        """The reply to ``task``; ``trained``: a fit's training already done (a cohort's)."""
         if task.stage in (FIT, EVALUATE):  # a compressed broadcast back to float32
             task = replace(task, shared=decode_broadcast(dict(task.shared)))
+        if task.stage == FIT and trained is not None:
+            return self.fit(task, data, state, trained)
         if task.stage == FIT:
             return self.fit(task, data, state)
         if task.stage == EVALUATE:
@@ -167,7 +185,7 @@ class ClientApp:
         raise FedforgeError(f"unknown task stage {task.stage!r}")
 
     def fit(
-        self, task: Task, data: ClientData, state: Params | None
+        self, task: Task, data: ClientData, state: Params | None, trained: Trained | None = None
     ) -> tuple[Record, Params | None]:
         names = self.model.names
         shared = to_tensors(dict(task.shared))
@@ -193,7 +211,12 @@ class ClientApp:
         personal = {
             n: own[key].clone().requires_grad_(True) for n, key in starts.items() if n not in names
         }
-        if self.loop is not None:
+        if trained is not None:  # trained with its cohort (train/site_cohort.py)
+            with torch.no_grad():
+                for name, param in self.module.named_parameters():
+                    param.copy_(trained.params[name])
+            steps, metrics = trained.steps, dict(trained.metrics)
+        elif self.loop is not None:
             steps, metrics = run_loop(
                 self.loop,
                 self.module,
@@ -204,7 +227,10 @@ class ClientApp:
                 seed=torch_seed(task.seed),
                 mu=proximal_mu(self.program),
                 shared=shared,
+                site=data.site,
             )
+        elif data.site is not None:
+            raise FedforgeError("an opaque site trains only with the workload's training function")
         elif self.sample_dp is None:
             steps, metrics["train_loss"] = self._train(task, data, shared, own, personal)
         else:
@@ -317,6 +343,12 @@ class ClientApp:
             raise FedforgeError("this client has no held-out data to evaluate on")
         params = {n: task.shared[n] for n in self.model.names}
         self.model.set_params(params)
+        if self.site_eval is not None:  # your evaluation: on the site's object or examples
+            site = data.site if data.site is not None else data.holdout
+            scores = run_evaluate(self.site_eval, self.module, site)
+            return Record(task.client_id, len(data.holdout), {}, metrics=scores)
+        if data.site is not None:
+            raise FedforgeError("an opaque site is evaluated only by the workload's evaluate")
         result = evaluate(self.model, data.holdout)
         metrics = {"loss": result.loss, "accuracy": result.accuracy}
         if self.algorithm.personalized:

@@ -122,6 +122,7 @@ class Driver:
     describe: Callable[[int], str] = str
     client_states: ClientStateStore | None = None  # simulation: the runtime's state store
     client_metrics: tuple[str, ...] = ()  # metrics fit records carry beyond train_loss
+    eval_metrics: tuple[str, ...] = ()  # a workload's evaluate: its metrics (else loss, accuracy)
     labels: dict[str, str] = field(default_factory=dict)  # recorded with every round
     # Central DP's amplification by sampling needs a sample nobody can predict: then the
     # sampler draws from this secret seed (kept by the server only), not from the run seed.
@@ -156,7 +157,8 @@ class Driver:
         else:
             self.fit_reply_spec = self.fit_spec
         personal = (PERSONAL_ACCURACY, PERSONAL_LOSS) if self.algorithm.personalized else ()
-        self.eval_spec = RecordSpec({}, metrics=("accuracy", "loss", *personal))
+        scores = self.eval_metrics or ("accuracy", "loss", *personal)
+        self.eval_spec = RecordSpec({}, metrics=scores)
 
     def _check_algorithm(self) -> None:
         """An algorithm whose record must reach the server as the client computed it
@@ -443,7 +445,9 @@ class Driver:
         if fed is not None:
             fed_exchange, fed_bytes = fed
             bytes_down += fed_bytes
-            metrics.update(federated_metrics(fed_exchange, self.algorithm.personalized))
+            metrics.update(
+                federated_metrics(fed_exchange, self.algorithm.personalized, self.eval_metrics)
+            )
             clients["fed_eval_failed"] = fed_exchange.failed + fed_exchange.rejected
             clients["fed_eval_clamped"] = fed_exchange.clamped
         eval_seconds = time.perf_counter() - eval_started

@@ -89,10 +89,16 @@ class Exchanged:
         return self.sums[metric] / self.examples
 
 
-def federated_metrics(exchange: Exchanged, personalized: bool) -> dict[str, float]:
+def federated_metrics(
+    exchange: Exchanged, personalized: bool, names: tuple[str, ...] = ()
+) -> dict[str, float]:
     """A federated evaluation's metrics: the example-weighted means (counts clamped to each
     client's cap), and beside them the unweighted spread over clients (``client_mean``,
-    ``worst10``, ``min``), which no client's claimed count can move."""
+    ``worst10``, ``min``), which no client's claimed count can move. ``names``: a workload's
+    own evaluation metrics instead of loss and accuracy (their means)."""
+    if names:
+        own = {f"fed_eval.{n}": exchange.mean(n) for n in names}
+        return {**own, "fed_eval.clients": float(exchange.accepted)}
     metrics = {
         "fed_eval.accuracy": exchange.mean("accuracy"),
         "fed_eval.loss": exchange.mean("loss"),

@@ -51,7 +51,7 @@ from fedforge.stages.base import Stage, StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.models import seeded
 from fedforge.train.torch_model import TorchModel
-from fedforge.train.user_loop import UserLoop
+from fedforge.train.user_loop import SiteEvaluation, UserLoop, central_evaluation
 from fedforge.workload.base import Workload
 from fedforge.workload.federate import check_federation, describe, federate
 
@@ -141,20 +141,19 @@ def simulate(
     stderr: ``0`` (or False) nothing, ``1`` (or True, the default) a line for round 0, then
     at most one every 5 seconds, and the last round, ``2`` a line every round.
     """
-    loop, workload = None, None
+    loop, workload, site_eval = None, None, None
     if isinstance(model, Workload):
         workload = model
         if data is None:
             data = federate(workload, seed=seed, holdout=0.2 if federated_eval else None)
-        if workload.train is not None:
-            loop = UserLoop(workload.train, workload.metrics, workload.proximal)
+        loop, site_eval = UserLoop.of(workload), SiteEvaluation.of(workload)
         model = workload.model
     if data is None:
         raise ConfigError("simulate needs data: a FederatedDataset, or pass a Workload")
     if not isinstance(model, torch.nn.Module):
         model = seeded(model, RngStreams(seed).int_seed(Purpose.INIT))
     check_training_memory(sum(p.numel() for p in model.parameters()))
-    if workload is not None:  # your data against your model, before any client trains
+    if workload is not None and not data.opaque:  # your data against your model, first
         check_federation(data, model, [describe(s) for s in workload.site_list()])
     chain = StageChain(stages)
     chain.check(aggregation)
@@ -165,6 +164,10 @@ def simulate(
             "asynchronous training samples no rounds (an idle online client gets work as "
             "soon as one of the fedbuff.concurrency slots frees): pass no sampler"
         )
+    if federated_eval is not None and data.opaque and site_eval is None:
+        raise ConfigError(
+            "federated evaluation of an opaque workload needs its evaluate(model, site_data)"
+        )
     if federated_eval is not None and data.holdout is None:
         raise ConfigError(
             "federated evaluation needs held-out client data: use data.with_holdout(...)"
@@ -173,9 +176,12 @@ def simulate(
     if loop is not None:
         blocker = "a training function (your own loop) trains one client at a time"
     options = options or BackendOptions()
-    chosen = resolve_backend(
-        backend, algorithm.program(), model, blocker, data.train, options.device
-    )
+    if loop is not None and loop.cohort is not None and backend in ("auto", "vectorized"):
+        chosen = "vectorized"  # the workload trains a cohort at once (Workload.train_cohort)
+    else:
+        chosen = resolve_backend(
+            backend, algorithm.program(), model, blocker, data.train, options.device
+        )
     previous_threads = torch.get_num_threads()
     # One thread unless set; the vectorized runtime takes more while other processes leave
     # cores idle (runtime/threads.py).
@@ -217,6 +223,7 @@ def simulate(
             stragglers=stragglers,
             stop_when=stop_when,
             loop=loop,
+            site_eval=site_eval,
             outliers=outliers,
             max_refused=max_refused,
         )
@@ -254,15 +261,21 @@ def _simulate(
     stragglers: Stragglers | None = None,
     stop_when: StopRule | None = None,
     loop: UserLoop | None = None,
+    site_eval: SiteEvaluation | None = None,
     outliers: OutlierBound | None = None,
     max_refused: int = 3,
 ) -> SimulationResult:
     streams = RngStreams(seed)
     eval_model = TorchModel(copy.deepcopy(model))
+    test: object = data.test_site if data.opaque else data.test
+    central = test is not None and (site_eval is not None if data.opaque else len(data.test) > 0)
 
     def evaluator(params: Params) -> Evaluation:
         eval_model.set_params(params)
-        result = evaluate(eval_model, data.test)
+        if site_eval is not None:
+            result = central_evaluation(site_eval, eval_model.module, test)
+        else:
+            result = evaluate(eval_model, data.test)
         for name, probe in probes.items():
             result.metrics[name] = probe(eval_model.module)
         return result
@@ -289,7 +302,7 @@ def _simulate(
     secure = None
     if isinstance(aggregation, SecureAggregation):
         secure = SecAggClient(withhold_metrics=aggregation.withhold_metrics)
-    app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure, loop)
+    app = ClientApp(algorithm, copy.deepcopy(model), chain, sample_dp, secure, loop, site_eval)
     transport = make_transport(chosen, app, data, store, options)
     listener.run_started(chosen, backend_device(chosen, options))
     virtual = _virtual_clock(clock, fedbuff, algorithm, data)
@@ -307,7 +320,8 @@ def _simulate(
         ),
         stages=chain,
         aggregation=aggregation,
-        evaluator=evaluator if len(data.test) else None,  # no test set: no central evaluation
+        evaluator=evaluator if central else None,  # no test set: no central evaluation
+        eval_metrics=site_eval.metrics if site_eval is not None else (),
         federated_eval=federated_eval,
         listener=listener,
         client_states=store,

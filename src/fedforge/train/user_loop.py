@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.data.datasets import ArrayDataset
+from fedforge.train.evaluate import Evaluation
 from fedforge.train.program import LocalProgram, LocalSGD, Proximal, Tensors
-from fedforge.workload.base import TrainConfig, TrainFunction
+from fedforge.train.site_cohort import train_config
+from fedforge.workload.base import CohortFunction, EvaluateFunction, TrainFunction, Workload
 from fedforge.workload.imports import call_user
 
 TRAIN_LOSS = "train_loss"
@@ -33,11 +35,27 @@ MAX_METRICS = 64
 @dataclass(frozen=True)
 class UserLoop:
     """A training function and what it declares: the metrics it may report beside
-    ``train_loss``, and whether it adds the proximal term when ``config.mu`` > 0."""
+    ``train_loss``, and whether it adds the proximal term when ``config.mu`` > 0; ``opaque``
+    that it trains on a site's object rather than a loader."""
 
     function: TrainFunction
     metrics: tuple[str, ...] = ()
     proximal: bool = False
+    opaque: bool = False
+    cohort: CohortFunction | None = None  # the same for many opaque sites at once
+
+    @classmethod
+    def of(cls, workload: Workload) -> UserLoop | None:
+        """The workload's training function, if it has one."""
+        if workload.train is None:
+            return None
+        return cls(
+            workload.train,
+            workload.metrics,
+            workload.proximal,
+            workload.opaque,
+            workload.train_cohort,
+        )
 
     def __post_init__(self) -> None:
         if len(self.metrics) > MAX_METRICS or TRAIN_LOSS in self.metrics:
@@ -94,38 +112,94 @@ def run_loop(
     seed: int,
     mu: float,
     shared: Tensors,
+    site: object | None = None,
 ) -> tuple[int, dict[str, float]]:
     """Run the training function on ``module``; (steps, metrics with ``train_loss``). Steps
-    are the configured local SGD steps (the loop's own are unknown)."""
-    generator = torch.Generator().manual_seed(seed)
-    dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
-    loader = DataLoader(
-        dataset, batch_size=local.batch_size or len(data), shuffle=True, generator=generator
-    )
+    are the configured local SGD steps (the loop's own are unknown); an opaque ``site`` is
+    handed to the function instead of a loader (its steps: the epochs)."""
+    if loop.opaque != (site is not None):
+        raise FedforgeError("an opaque workload's training function needs its site's object")
+    source: object = site
+    if site is None:
+        generator = torch.Generator().manual_seed(seed)
+        dataset = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+        source = DataLoader(
+            dataset, batch_size=local.batch_size or len(data), shuffle=True, generator=generator
+        )
     names = {n for n, _ in module.named_parameters()}
-    config = TrainConfig(
-        epochs=epochs,
-        lr=local.lr,
-        batch_size=local.batch_size,
-        momentum=local.momentum,
-        weight_decay=local.weight_decay,
-        round=round_number,
-        seed=seed,
-        mu=mu,
-        # Copies: the loop may not write into the round's broadcast (the server's model).
-        global_params={n: t.clone() for n, t in shared.items() if n in names},
-    )
+    config = train_config(
+        local, epochs=epochs, round_number=round_number, seed=seed, mu=mu, shared=shared,
+        names=names,
+    )  # fmt: skip
     module.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         returned = call_user(
-            loop.function, "the training function", module, loader, config, error=FedforgeError
+            loop.function, "the training function", module, source, config, error=FedforgeError
         )
     module.cpu()  # a loop may have moved it to an accelerator
     metrics = reported_metrics(returned, loop.metrics)
+    if site is not None:
+        missing = [n for n in (TRAIN_LOSS, *loop.metrics) if n not in metrics]
+        if missing:
+            raise FedforgeError(
+                f"the training function returned no {missing[0]!r}: an opaque workload's "
+                "function reports train_loss and every metric it declares"
+            )
+        return epochs, metrics
     if TRAIN_LOSS not in metrics:
         metrics[TRAIN_LOSS] = mean_loss(module, data)
     return epochs * local.batches(len(data)), metrics
+
+
+@dataclass(frozen=True)
+class SiteEvaluation:
+    """A workload's ``evaluate(model, site_data)`` and the metric names it returns."""
+
+    function: EvaluateFunction
+    metrics: tuple[str, ...]
+
+    @classmethod
+    def of(cls, workload: Workload) -> SiteEvaluation | None:
+        if workload.evaluate is None:
+            return None
+        return cls(workload.evaluate, workload.evaluate_metrics)
+
+
+def run_evaluate(
+    evaluation: SiteEvaluation, module: torch.nn.Module, site_data: object
+) -> dict[str, float]:
+    """The workload's evaluation function on ``site_data``: every declared metric, a number."""
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            returned = call_user(
+                evaluation.function, "the evaluate function", module, site_data, error=FedforgeError
+            )
+    finally:
+        module.train(training)
+    if not isinstance(returned, Mapping):
+        raise FedforgeError(
+            f"the evaluate function returned {type(returned).__name__}: return a dict of metrics"
+        )
+    out: dict[str, float] = {}
+    for name in evaluation.metrics:
+        if name not in returned:
+            raise FedforgeError(f"the evaluate function returned no {name!r}")
+        try:
+            out[name] = float(returned[name])
+        except (TypeError, ValueError):
+            raise FedforgeError(
+                f"the evaluate function's metric {name!r} is not a number"
+            ) from None
+    extra = set(returned) - set(out)
+    if extra:
+        raise FedforgeError(
+            f"the evaluate function returned {str(sorted(map(str, extra))[0])[:40]!r}, which "
+            "Workload.evaluate_metrics does not declare"
+        )
+    return out
 
 
 def reported_metrics(returned: object, declared: tuple[str, ...]) -> dict[str, float]:
@@ -165,3 +239,12 @@ def mean_loss(module: torch.nn.Module, data: ArrayDataset, batch_size: int = 102
         total += float(torch.nn.functional.cross_entropy(module(x), y, reduction="sum"))
     module.train(training)
     return total / max(len(data), 1) if len(data) else math.nan
+
+
+def central_evaluation(
+    evaluation: SiteEvaluation, module: torch.nn.Module, test: object
+) -> Evaluation:
+    """The workload's evaluation function on the central test data, as ``test_<name>``
+    metrics (no built-in loss or accuracy)."""
+    scores = run_evaluate(evaluation, module, test)
+    return Evaluation(math.nan, math.nan, {f"test_{n}": v for n, v in scores.items()})

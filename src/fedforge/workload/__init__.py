@@ -37,10 +37,13 @@ the parameter roles (``TorchModel`` exchanges every floating tensor today). Prov
 the handshake by adding its weights' SHA-256 to ``schema`` (no protocol change). Token ids are
 integer ``x`` arrays (the readers accept them). A Hugging Face ``Trainer`` is a ``train``.
 
-**For RL.** ``data(site)`` may return an environment; ``sitedata.as_client_data`` is the one
-place that converts a data function's result and needs a branch for it (``ClientData`` holds
-arrays today, and ``len(train)`` weighs the update), and ``train(model, env, config)``
-collects trajectories. The vectorized runtime batches the built-in program only.
+**Opaque sites (RL).** ``Workload(opaque=True)``: ``data(site)`` returns any object (an RL
+agent's environment); ``ClientData.of_object`` holds it beside one placeholder row (the site's
+weight, and its evaluation slot) and ``FederatedDataset.of_objects`` pools a simulation's, so
+every runtime, the driver and the stages run unchanged; ``train(model, site_data, config)``
+gets the object, ``evaluate(model, site_data)`` (any workload) replaces loss and accuracy,
+``train_cohort`` trains a round's sites at once on the vectorized runtime
+(``runtime/site_cohort.py``). ``fedforge.rl.workload`` is the RL workload on it.
 """
 
 from fedforge.workload.base import Site, TrainConfig, TrainFunction, Workload

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fedforge.core.errors import ConfigError
+
 if TYPE_CHECKING:
     from fedforge.data.federated import FederatedDataset
 
@@ -69,8 +71,16 @@ class TrainConfig:
         )
 
 
-# train(model, loader, config) -> metrics (e.g. {"train_loss": 0.3}) or None.
+# train(model, loader, config) -> metrics (e.g. {"train_loss": 0.3}) or None; with
+# Workload(opaque=True), train(model, site_data, config): the data function's object itself.
 TrainFunction = Callable[[nn.Module, Any, TrainConfig], Mapping[str, float] | None]
+# train_cohort(model, sites, configs) -> [(trained parameters, metrics)], one per site.
+CohortFunction = Callable[
+    [nn.Module, list[Any], list[TrainConfig]],
+    Sequence[tuple[Mapping[str, torch.Tensor], Mapping[str, float]]],
+]
+# evaluate(model, site_data) -> metrics (every name in Workload.evaluate_metrics).
+EvaluateFunction = Callable[[nn.Module, Any], Mapping[str, float]]
 
 
 @dataclass(frozen=True)
@@ -91,6 +101,19 @@ class Workload:
     meaning (label order, feature columns): server and clients compare them with the
     architecture. ``federation`` (simulation only) builds every site at once; the built-in
     datasets use it to keep one pooled array and index arrays.
+
+    ``opaque=True`` says a site's data is not examples: ``data(site)`` returns any object (an
+    RL agent's environment and its physics) that fedforge holds without reading and hands
+    unchanged to ``train(model, site_data, config)`` (required) and ``evaluate``; ``test()``
+    returns such an object too. Each site then weighs 1 in the aggregate. ``evaluate(model,
+    site_data)``, when given, scores the global model instead of the built-in loss and
+    accuracy: federated evaluation calls it on each evaluating site's data (an opaque site's
+    object, else its held-out examples as an ``ArrayDataset``) and records
+    ``fed_eval.<name>``; central evaluation calls it on ``test()``'s result and records
+    ``test_<name>``. It returns a number for every name in ``evaluate_metrics``.
+    ``train_cohort(model, sites, configs)`` (opaque workloads) trains a whole cohort at once
+    and is what the vectorized runtime runs: per site, the parameters and metrics ``train``
+    would have given (``fedforge.train.site_cohort``).
     """
 
     model: Callable[[], nn.Module]
@@ -103,6 +126,15 @@ class Workload:
     schema: Mapping[str, str] = field(default_factory=dict)
     federation: Callable[[], FederatedDataset] | None = None
     name: str = "workload"
+    opaque: bool = False
+    evaluate: EvaluateFunction | None = None
+    evaluate_metrics: tuple[str, ...] = ()
+    train_cohort: CohortFunction | None = None
+
+    def __post_init__(self) -> None:
+        problem = workload_problem(self)
+        if problem is not None:
+            raise ConfigError(problem)
 
     def site_list(self, root: Path | None = None, seed: int = 0) -> list[Site]:
         """The sites a simulation federates, relative paths resolved against ``root``."""
@@ -110,3 +142,32 @@ class Workload:
             return [Site(i, None, seed) for i in range(self.sites)]
         base = root or Path.cwd()
         return [Site(i, base / Path(p), seed) for i, p in enumerate(self.sites)]
+
+
+MAX_EVALUATE_METRICS = 64
+
+
+def workload_problem(workload: Workload) -> str | None:
+    """What makes ``workload`` inconsistent (one line), or None."""
+    if workload.opaque and workload.train is None:
+        return (
+            "Workload(opaque=True): fedforge cannot train on an opaque site object itself: "
+            "give train(model, site_data, config)"
+        )
+    if workload.train_cohort is not None and not (workload.opaque and workload.train):
+        return "Workload.train_cohort trains opaque sites: give opaque=True and train too"
+    if workload.opaque and workload.federation is not None:
+        return "Workload(opaque=True) federates data(site) results: give no federation"
+    if workload.evaluate is not None and not callable(workload.evaluate):
+        return f"Workload.evaluate is a {type(workload.evaluate).__name__}, not a function"
+    names = workload.evaluate_metrics
+    if workload.evaluate is not None and not names:
+        return "Workload.evaluate needs evaluate_metrics: the names of the metrics it returns"
+    if names and workload.evaluate is None:
+        return "Workload.evaluate_metrics names metrics of no evaluate function"
+    if len(names) > MAX_EVALUATE_METRICS or len(set(names)) != len(names):
+        return f"Workload.evaluate_metrics: at most {MAX_EVALUATE_METRICS} distinct names"
+    bad = [n for n in names if not isinstance(n, str) or not n.isidentifier()]
+    if bad:
+        return f"Workload.evaluate_metrics: {str(bad[0])[:40]!r} is not a plain name"
+    return None

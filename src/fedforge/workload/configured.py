@@ -62,6 +62,10 @@ def configured_workload(config: RunConfig, shape: DataShape | None = None) -> Wo
     shape and classes from ``model.inputs`` and ``model.classes`` (or ``data.labels``) when
     set, else from ``shape``, else from the central test set."""
     root = project_dir(config)
+    if config.rl is not None:
+        from fedforge.rl.workload import rl_workload
+
+        return rl_workload(config.rl, config.seed)
     if config.workload is not None:
         return _named_workload(config, root)
     if config.data.builtin:

@@ -29,11 +29,23 @@ def describe(site: Site) -> str:
 
 
 def load_site(workload: Workload, site: Site) -> ClientData:
-    """``workload.data(site)``, converted and checked (one DataError line if it is bad)."""
+    """``workload.data(site)``, converted and checked (one DataError line if it is bad); an
+    opaque workload's object is kept as it is, with one held-out slot for evaluation."""
     value = call_user(
         workload.data, f"the data function for {describe(site)}", site, error=DataError
     )
+    if workload.opaque:
+        if value is None:
+            raise DataError(f"the data function for {describe(site)} returned None")
+        return ClientData.of_object(value)
     return as_client_data(value, describe(site))
+
+
+def load_test_object(workload: Workload) -> object | None:
+    """An opaque workload's central test object (None: no central evaluation)."""
+    if workload.test is None:
+        return None
+    return call_user(workload.test, "the workload's test function", error=DataError)
 
 
 def load_test(workload: Workload) -> ArrayDataset | None:
@@ -69,23 +81,31 @@ def federate(
 ) -> FederatedDataset:
     """Every site of ``workload`` (relative paths resolved against ``root``) pooled into one
     federated dataset, each site split for federated evaluation when ``holdout`` is given."""
+    if workload.opaque:
+        objects = [load_site(workload, site).site for site in _sites(workload, root, seed)]
+        return FederatedDataset.of_objects(objects, load_test_object(workload), holdout is not None)
     if workload.federation is not None:
         data = workload.federation()
         if holdout is not None:
             data = data.with_holdout(holdout, RngStreams(seed).generator(Purpose.PARTITION, 1))
         return data
-    sites = workload.site_list(root, seed)
-    if not sites:
-        raise ConfigError(
-            "the workload has no sites to simulate: give Workload(sites=...) a number of sites "
-            "or their paths (data.sites in a configuration)"
-        )
+    sites = _sites(workload, root, seed)
     parts = [load_site(workload, site) for site in sites]
     if holdout is not None:
         parts = [
             split_holdout(p, holdout, seed, s.index) for p, s in zip(parts, sites, strict=True)
         ]
     return pool(parts, sites, load_test(workload))
+
+
+def _sites(workload: Workload, root: Path | None, seed: int) -> list[Site]:
+    sites = workload.site_list(root, seed)
+    if not sites:
+        raise ConfigError(
+            "the workload has no sites to simulate: give Workload(sites=...) a number of sites "
+            "or their paths (data.sites in a configuration)"
+        )
+    return sites
 
 
 def check_federation(data: FederatedDataset, module: torch.nn.Module, names: Sequence[str]) -> None:

@@ -77,7 +77,10 @@ def check_against_model(
 ) -> None:
     """Stop a site whose examples the model cannot take or whose labels it cannot predict:
     the feature shape (against ``inputs``, the model's declared input shape, when known; by
-    a forward pass otherwise) and the labels (within the model's output classes)."""
+    a forward pass otherwise) and the labels (within the model's output classes). An opaque
+    site's object is the workload's own business."""
+    if data.site is not None:
+        return
     parts = [("", data.train)] + ([(" (held-out split)", data.holdout)] if data.holdout else [])
     for suffix, part in parts:
         shape = tuple(part.x.shape[1:])
