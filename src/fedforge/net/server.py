@@ -313,9 +313,10 @@ def _serve(
     site_eval = SiteEvaluation.of(workload)
 
     def evaluator(params: Params) -> Evaluation:
-        model.share_params(params)  # the model's arrays themselves: no second copy
-        if site_eval is not None:
+        if site_eval is not None:  # the workload's own code: a copy, whatever it writes
+            model.set_params(params)
             return central_evaluation(site_eval, model.module, central_test)
+        model.share_params(params)  # the model's arrays themselves (read in eval mode only)
         assert setup.test is not None
         return evaluate(model, setup.test)
 
