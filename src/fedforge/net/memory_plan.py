@@ -58,13 +58,15 @@ def server_plan(
     kind: str,
     per_round: int,
     uploads: int,
+    evaluation_copy: bool = False,
 ) -> MemoryPlan:
     """The estimate for a server whose global model takes ``model_bytes``, its algorithm's
     other server state (optimizer moments, control variates) ``state_bytes``, the arrays
     broadcast to every client (encoded once) ``broadcast_bytes``; records of
     spec ``update``, aggregated by ``kind`` over up to ``per_round`` records a round, with
     up to ``uploads`` replies received at once (0: every record of the round at once) while
-    the driver folds the one received before them into the aggregate."""
+    the driver folds the one received before them into the aggregate; ``evaluation_copy``:
+    the model is evaluated on a copy (a workload's own evaluation code), not in place."""
     record = spec_bytes(update)
     # Replies being received, and the record the driver is folding in meanwhile.
     in_flight = (min(uploads, per_round) if uploads else per_round) + 1
@@ -76,7 +78,8 @@ def server_plan(
         aggregation = spec_bytes(update, 8) + record
     return MemoryPlan(
         {
-            "model": model_bytes,  # (evaluated in place: no second copy)
+            "model": model_bytes,
+            **({"evaluation copy": model_bytes} if evaluation_copy else {}),
             "server state": state_bytes,
             "new model": model_bytes,
             "broadcast": broadcast_bytes,

@@ -145,6 +145,7 @@ def plan_memory(
     chain: StageChain,
     model: TorchModel,
     registered: int,
+    evaluation_copy: bool = False,
 ) -> MemoryPlan:
     """The server's estimated peak memory for this run (see ``net/memory_plan.py``)."""
     trainable = [name for name, _ in model.module.named_parameters()]
@@ -165,6 +166,7 @@ def plan_memory(
         kind=build_aggregation(config).kind,
         per_round=per_round,
         uploads=config.deploy.max_concurrent_uploads,
+        evaluation_copy=evaluation_copy,
     )
 
 
@@ -263,7 +265,8 @@ def _serve(
     sample_dp = build_sample_dp(config)
     run_log = start_run_log(Path(d.state_dir), config, resumed=bool(history))
 
-    plan = plan_memory(config, state, algorithm, chain, model, len(names))
+    site_eval = SiteEvaluation.of(workload)  # (its own code evaluates a copy of the model)
+    plan = plan_memory(config, state, algorithm, chain, model, len(names), site_eval is not None)
     log.info("%s", plan.line())
     try:
         check_budget(plan, d.memory_budget_mb)
@@ -309,8 +312,6 @@ def _serve(
         raise FedforgeError(f"cannot listen on {d.address}")
     server.start()
     log.info("run %s serving on %s (%d registered clients)", run_id, d.address, len(names))
-
-    site_eval = SiteEvaluation.of(workload)
 
     def evaluator(params: Params) -> Evaluation:
         if site_eval is not None:  # the workload's own code: a copy, whatever it writes
