@@ -23,11 +23,13 @@ from safetensors.numpy import load_file
 from fedforge.aggregate.kinds import StreamingMean
 from fedforge.algorithms.base import RoundContext
 from fedforge.config import load_config
-from fedforge.core.params import spec_of
+from fedforge.core.errors import ConfigError
+from fedforge.core.params import ArraySpec, spec_of
 from fedforge.core.records import FIT, Record, Task
 from fedforge.experiment import build_algorithm, build_dataset, build_model
 from fedforge.net.codec import ProtocolError, decode_params, encode_params, split_payload
 from fedforge.net.hub import Hub
+from fedforge.net.memory_plan import RUNTIME_BYTES, check_budget, server_plan
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.service import FederationService
 from fedforge.net.stream import StreamDecoder, encode_pieces, stream_chunks
@@ -311,3 +313,19 @@ def test_a_server_over_its_memory_budget_refuses_to_start(tmp_path: Path) -> Non
         lines[0],
     ), lines[0]
     assert not (tmp_path / "state" / "final_model.safetensors").exists()
+
+
+def test_the_memory_plan_counts_sums_robust_rules_and_uploads_in_flight() -> None:
+    update = {"w": ArraySpec((1000,), np.dtype(np.float32))}  # 4 kB a record
+    common = {"model_bytes": 4000, "state_bytes": 8000, "broadcast_bytes": 4000, "update": update}
+    mean = server_plan(kind="mean", per_round=10, uploads=2, **common).parts
+    assert mean["aggregation (mean)"] == 8000 + 4000  # the float64 sum and the mean
+    assert mean["replies in flight (3)"] == 3 * 4000  # two received, one being folded in
+    robust = server_plan(kind="gather", per_round=10, uploads=0, **common)
+    assert robust.parts["aggregation (gather)"] == 10 * 4000 + 4000  # every record of a round
+    assert robust.parts["replies in flight (11)"] == 11 * 4000
+    assert robust.total == sum(robust.parts.values()) > RUNTIME_BYTES
+    assert robust.line().startswith(f"estimated peak server memory {robust.total / 1e6:.1f} MB (")
+    check_budget(robust, 0)  # no budget
+    with pytest.raises(ConfigError, match=r"exceeds deploy\.memory_budget_mb = 1"):
+        check_budget(robust, 1)
