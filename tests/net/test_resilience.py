@@ -199,7 +199,8 @@ def test_a_partitioned_site_is_dropped_within_heartbeats_and_waited_for(tmp_path
     # c2 reaches the server through a relay that then stops forwarding (a silent partition).
     # Every round needs all three results: the server drops c2's dead session within a few
     # heartbeats, retries with the two sites left, then waits for c2 (never exits) and
-    # finishes once the network heals.
+    # finishes once the network heals. Eight rounds: the partition must begin while the run
+    # still has rounds to go, however late a loaded machine lets this test see round 1 end.
     keys = make_keys(tmp_path, NAMES)
     port = free_port()
     proxy = FreezableProxy(port)
@@ -207,7 +208,7 @@ def test_a_partitioned_site_is_dropped_within_heartbeats_and_waited_for(tmp_path
         tmp_path,
         keys,
         port,
-        rounds=3,
+        rounds=8,
         clients=3,
         min_clients=2,
         timeout=60,
@@ -238,7 +239,7 @@ def test_a_partitioned_site_is_dropped_within_heartbeats_and_waited_for(tmp_path
     finally:
         proxy.close()
         stop_all([server, *clients])
-    assert [accepted for _, _, accepted in _history(tmp_path / "state")[1:]] == [3, 3, 3]
+    assert [accepted for _, _, accepted in _history(tmp_path / "state")[1:]] == [3] * 8
 
 
 def test_rounds_start_with_the_sites_there_and_late_sites_learn_the_run_ended(
