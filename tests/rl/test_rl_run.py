@@ -181,6 +181,10 @@ def test_a_resumed_run_continues_where_it_stopped(tmp_path: Path) -> None:
         ('[rl]\nmethod = "fedpg"\npenalty = "kl"', "rl.penalty applies to rl.method = 'fedavg'"),
         ("[rl]\nmini_batch = 8", "rl.mini_batch applies to rl.method = 'fedpg_br'"),
         ("[rl]\nfaulty = 3", "rl.faulty = 3 exceeds rl.agents = 2"),
+        (
+            '[rl]\nestimator = "standardized"\nbaseline = false',
+            "cannot run with rl.baseline = false",
+        ),
         ("[rl]\nbogus = 1", "rl.bogus: unknown key; allowed keys here: env, agents"),
         ("[rl]\nphysics = { pole = 0.4 }", "rl.physics: CartPole-v1 has no physical parameter"),
     ],
