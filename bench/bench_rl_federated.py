@@ -128,7 +128,9 @@ def speedup(args: argparse.Namespace) -> None:
 
 
 def faulty(args: argparse.Namespace) -> None:
-    print("| attack | server | seed | trajectories per agent to 475 | best return | wall s | filter |")
+    print(
+        "| attack | server | seed | trajectories per agent to 475 | best return | wall s | filter |"
+    )
     print("|---|---|---:|---:|---:|---:|---|")
     for attack in args.attacks:
         for server in args.servers:

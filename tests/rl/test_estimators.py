@@ -157,8 +157,8 @@ def test_standardized_weights_by_hand() -> None:
     first = np.array([2.71, 1.9, 1.0])
     second = np.array([1.9, 1.0])
     expected = [
-        list((first - first.mean()) / first.std(ddof=1) * 2 / 5) + [0.0],
-        list((second - second.mean()) / second.std(ddof=1) * 2 / 5) + [0.0, 0.0],
+        [*((first - first.mean()) / first.std(ddof=1) * 2 / 5), 0.0],
+        [*((second - second.mean()) / second.std(ddof=1) * 2 / 5), 0.0, 0.0],
     ]
     np.testing.assert_allclose(weights[0].numpy(), expected, atol=1e-6)
     one_step = step_weights(torch.ones(1, 1, 3), torch.tensor([[[True, False, False]]]),
