@@ -59,6 +59,7 @@ from fedforge.stages.clip import FixedClip
 from fedforge.stages.compress import Compress
 from fedforge.train.models import logistic, mlp, seeded
 from fedforge.train.program import LocalSGD
+from fedforge.train.torch_model import trainable_names
 from fedforge.train.user_loop import UserLoop
 from fedforge.workload.base import Workload
 from fedforge.workload.configured import DataShape, configured_workload, project_dir
@@ -141,6 +142,11 @@ def build_algorithm(config: RunConfig, names: list[str] | None = None) -> Algori
         weight_decay=c.weight_decay,
     )
     opt = build_server_optimizer(config)
+    if config.lora.enabled:
+        from fedforge.llm.workload import LoraSetup, lora_algorithm
+
+        mu = a.mu if a.name == "fedprox" else 0.0
+        return lora_algorithm(LoraSetup.of(config), local, opt, mu)
     if config.rl is not None and config.rl.method == "fedpg_br":
         from fedforge.rl.fedpg_br_server import fedpg_br
 
@@ -224,6 +230,10 @@ def build_sample_dp(config: RunConfig) -> SampleDP | None:
 
 def build_aggregation(config: RunConfig) -> Aggregation:
     a = config.aggregation
+    if config.lora.enabled and config.lora.aggregation == "exact":
+        from fedforge.aggregate.stacked import StackedRecords
+
+        return StackedRecords()
     if a.kind == "mean":
         return WeightedMean(max_weight=a.max_weight)
     if a.kind == "secure_sum":
@@ -342,7 +352,7 @@ def simulate_config(
     aggregation = build_aggregation(config)
     attack = plan_attack(config, data, aggregation)
     workload = build_workload(config, attack.data)
-    names = [n for n, _ in build_model(config, attack.data).named_parameters()]
+    names = trainable_names(build_model(config, attack.data))
     return simulate(
         workload,
         attack.data,

@@ -43,6 +43,10 @@ class Aggregate:
     # Clients whose record reached the server but is not in the sum (rejected, or in a refused
     # round): local DP's ledger counts them too.
     unsummed: list[int] = field(default_factory=list)
+    # Every record's arrays stacked (row i: ``client_ids[i]``) and their weights, for an
+    # algorithm whose update is not a function of the mean (exact LoRA: ``StackedRecords``).
+    stacked: Params | None = None
+    weights: np.ndarray | None = None
 
 
 class Accumulator(Protocol):

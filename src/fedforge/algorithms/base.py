@@ -15,12 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol
 
+import numpy as np
 import torch
 
 from fedforge.aggregate.kinds import Aggregate
 from fedforge.core.params import Params, ParamSpec
 from fedforge.core.records import RecordSpec
 from fedforge.train.program import LocalProgram, LocalSGD, Tensors
+from fedforge.train.torch_model import FROZEN
 
 Weighting = Literal["examples", "uniform"]
 
@@ -97,3 +99,24 @@ class Algorithm(Protocol):
     def server_update(
         self, state: ServerState, aggregate: Aggregate, context: RoundContext
     ) -> ServerState: ...
+
+
+def model_view(algorithm: Algorithm, state: ServerState) -> Params:
+    """The global model as evaluated and sent to evaluate: the parameters and the offsets
+    the algorithm broadcasts for frozen parameters (``frozen/<name>``: exact LoRA's folded
+    residual); nothing else of the broadcast."""
+    offsets = {k: v for k, v in algorithm.broadcast(state).items() if k.startswith(FROZEN)}
+    return {**state.params, **offsets} if offsets else state.params
+
+
+METRIC = "metric/"  # server-state extras the round records as metrics (scalars)
+
+
+def state_metrics(state: ServerState) -> dict[str, float]:
+    """The scalars an algorithm keeps in its extras as ``metric/<name>`` (exact LoRA's
+    residual norm), recorded with the round."""
+    return {
+        k[len(METRIC) :]: float(np.asarray(v).reshape(-1)[0])
+        for k, v in state.extras.items()
+        if k.startswith(METRIC)
+    }

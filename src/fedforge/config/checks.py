@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, cast
 from fedforge.aggregate.gather import BOUNDED_RULES, WHOLE_RECORD_RULES, RobustAggregation, Rule
 from fedforge.config.base import changed
 from fedforge.config.ignored import ignored_settings
+from fedforge.config.lora import lora_problems
 from fedforge.config.rl_checks import rl_problems
 from fedforge.config.workload import workload_problems
 from fedforge.core.errors import ConfigError
@@ -27,7 +28,9 @@ OUTLIERS_UNDER_CENTRAL_DP = (
 
 def num_clients(config: RunConfig) -> int:
     """The simulated population: one client per file of ``data.sites``, the synthetic
-    devices, or ``partition.num_clients``; an RL run's ``rl.agents``."""
+    devices, ``lora.clients``, or ``partition.num_clients``; an RL run's ``rl.agents``."""
+    if config.lora.enabled:
+        return config.lora.clients
     if config.rl is not None:
         return config.rl.agents
     if config.data.sites:
@@ -53,6 +56,7 @@ def problems(config: RunConfig) -> list[str]:
     out += config.privacy.problems() + privacy_conflicts(config) + secagg_conflicts(config)
     out += privacy_sampling_conflicts(config)
     out += config.clock.problems() + clock_conflicts(config)
+    out += lora_problems(config)
     return out + ignored_settings(config)
 
 

@@ -6,6 +6,7 @@ from pydantic import Field, field_validator, model_validator
 
 from fedforge.config.base import Section
 from fedforge.config.checks import problems
+from fedforge.config.lora import LoraConfig
 from fedforge.config.rl import RLConfig
 from fedforge.config.system import AsyncConfig, ClockConfig, DeployConfig, RuntimeConfig
 from fedforge.config.task import DataConfig, ModelConfig, PartitionConfig, check_import_path
@@ -44,6 +45,7 @@ class RunConfig(Section):
     deploy: DeployConfig = DeployConfig()
     clock: ClockConfig = ClockConfig()
     asynchronous: AsyncConfig = AsyncConfig()
+    lora: LoraConfig = LoraConfig()
     rl: RLConfig | None = Field(
         None, description="federated reinforcement learning: agents and their environments"
     )

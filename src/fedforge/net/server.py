@@ -67,7 +67,7 @@ from fedforge.secagg.protocol import CIPHERTEXT_BYTES, IDENTITY_BYTES, MASK, STE
 from fedforge.stages.base import StageChain
 from fedforge.train.evaluate import Evaluation, evaluate
 from fedforge.train.models import seeded
-from fedforge.train.torch_model import TorchModel
+from fedforge.train.torch_model import TorchModel, trainable_names
 from fedforge.train.user_loop import SiteEvaluation, central_evaluation, loop_problem
 from fedforge.workload.base import Workload
 from fedforge.workload.federate import load_test, load_test_object
@@ -202,7 +202,7 @@ def _serve(
     torch.set_num_threads(config.runtime.threads or 1)
     setup = server_setup(config)
     data, model, workload = setup.data, TorchModel(setup.model), setup.workload
-    algorithm = build_algorithm(config, [n for n, _ in setup.model.named_parameters()])
+    algorithm = build_algorithm(config, trainable_names(setup.model))
     loop = build_loop(workload)
     if loop is not None:  # the clients' training function against the run's algorithm
         problem = loop_problem(
@@ -276,6 +276,7 @@ def _serve(
 
     def evaluator(params: Params) -> Evaluation:
         model.set_params(params)
+        model.set_frozen_offsets(params)  # (an algorithm's frozen/ offsets, when it has them)
         if site_eval is not None:
             return central_evaluation(site_eval, model.module, central_test)
         assert setup.test is not None
@@ -300,7 +301,7 @@ def _serve(
         sampler=build_sampler(config),
         streams=RngStreams(config.seed),
         model_spec=spec_of(state.params),
-        trainable=[name for name, _ in model.module.named_parameters()],
+        trainable=trainable_names(model.module),
         population=sampling_population(config, hub, len(names)),
         population_size=lambda: len(names),
         example_cap=site_sizes.limit,
@@ -391,7 +392,7 @@ def server_setup(config: RunConfig) -> ServerSetup:
         workload = build_workload(config)
         model = seeded(workload.model, RngStreams(config.seed).int_seed(Purpose.INIT))
         return ServerSetup(workload, model, None, None, load_test_object(workload))
-    if config.data.builtin and config.workload is None:
+    if config.data.builtin and config.workload is None and not config.lora.enabled:
         data = build_dataset(config)
         workload = build_workload(config, data)
         return ServerSetup(workload, build_model(config, data), data.test, data)

@@ -48,6 +48,7 @@ from fedforge.secagg.client import SecAggClient
 from fedforge.secagg.protocol import SESSION
 from fedforge.secagg.session import Identity
 from fedforge.stages.base import StageChain
+from fedforge.train.torch_model import trainable_names
 from fedforge.train.user_loop import SiteEvaluation
 from fedforge.workload.fingerprint import fingerprint
 
@@ -84,7 +85,7 @@ class SiteWorker:
         joined = join(self.site, self.config, self.client_id)
         self.data = joined.data
         self.app = ClientApp(
-            build_algorithm(self.config, [n for n, _ in joined.model.named_parameters()]),
+            build_algorithm(self.config, trainable_names(joined.model)),
             joined.model,
             StageChain(build_stages(self.config, population=None)),
             build_sample_dp(self.config),

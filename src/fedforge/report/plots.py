@@ -166,6 +166,7 @@ def _stacked_steps(ax: Any, x: np.ndarray, values: np.ndarray, labels: Sequence[
         bottom = bottom + row
 
 
+MAX_LABEL_SERIES = 20  # beyond this many labels (a vocabulary), the rest is one "other"
 TRAJECTORIES = "trajectories"  # an RL agent's trajectories in a round (fedforge.rl.workload)
 RETURNS = (
     ("test_episode_return", "global policy, held-out physics"),
@@ -216,6 +217,11 @@ def _label_bars(ax: Any, label_counts: np.ndarray | None, plt: Any) -> None:
         return
     clients = np.arange(len(label_counts), dtype=float)
     labels = [str(label) for label in range(label_counts.shape[1])]
+    if len(labels) > MAX_LABEL_SERIES:  # the most frequent labels, then everything else
+        top = np.sort(np.argsort(-label_counts.sum(0), kind="stable")[: MAX_LABEL_SERIES - 1])
+        rest = np.delete(label_counts, top, axis=1).sum(1, keepdims=True)
+        label_counts = np.concatenate([label_counts[:, top], rest], axis=1)
+        labels = [*(str(label) for label in top), "other"]
     cmap = plt.get_cmap("tab10" if label_counts.shape[1] <= 10 else "tab20")
     ax.set_prop_cycle(color=[cmap(i % cmap.N) for i in range(len(labels))])
     _stacked_steps(ax, clients, label_counts.T.astype(float), labels)

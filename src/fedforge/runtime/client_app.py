@@ -104,7 +104,8 @@ class ClientApp:
         self.stages = stages or StageChain()
         self.model = TorchModel(module)
         self.module = module
-        self.parameters = dict(module.named_parameters())  # (looked up once: it walks modules)
+        # The trained parameters (looked up once: it walks modules); frozen ones stay local.
+        self.parameters = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.trainable = list(self.parameters)
         self.program = algorithm.program()
         if sample_dp is not None and type(algorithm) is not FedAvg:
@@ -198,6 +199,7 @@ class ClientApp:
             state = self.algorithm.init_client_state({n: task.shared[n] for n in self.trainable})
         own = {k: t.clone() for k, t in to_tensors(state).items()}  # finish may overwrite it
         self.model.set_params({n: task.shared[n] for n in names})
+        self.model.set_frozen_offsets(task.shared)
         metrics: dict[str, float] = {}
         if self.program.initial_loss:  # the global model's loss on the local data
             own[INITIAL_LOSS] = torch.tensor(
@@ -343,6 +345,7 @@ class ClientApp:
             raise FedforgeError("this client has no held-out data to evaluate on")
         params = {n: task.shared[n] for n in self.model.names}
         self.model.set_params(params)
+        self.model.set_frozen_offsets(task.shared)
         if self.site_eval is not None:  # your evaluation: on the site's object or examples
             site = data.site if data.site is not None else data.holdout
             scores = run_evaluate(self.site_eval, self.module, site)

@@ -23,7 +23,13 @@ import numpy as np
 from fedforge.aggregate.gather import combines_whole_records, is_mean
 from fedforge.aggregate.guard import OutlierBound, Refusal, params_problem
 from fedforge.aggregate.kinds import Aggregate, Aggregation, WeightedMean
-from fedforge.algorithms.base import Algorithm, RoundContext, ServerState
+from fedforge.algorithms.base import (
+    Algorithm,
+    RoundContext,
+    ServerState,
+    model_view,
+    state_metrics,
+)
 from fedforge.compress.downlink import Downlink, encode_broadcast
 from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import ParamSpec, num_bytes
@@ -405,6 +411,7 @@ class Driver:
                 state = replace(state, stage_states=stage_states)
             else:
                 state = replace(updated, stage_states=stage_states)
+                metrics.update(state_metrics(state))
                 clients["excluded"] = aggregate.excluded
                 clients["downweighted"] = aggregate.downweighted
         else:
@@ -436,7 +443,9 @@ class Driver:
             self._forget_unused_states(round_number, sampled, fit.accepted_ids + fit.rejected)
 
         eval_started = time.perf_counter()
-        evaluation = self.evaluator(state.params) if self.evaluator and counts else None
+        evaluation = (
+            self.evaluator(model_view(self.algorithm, state)) if self.evaluator and counts else None
+        )
         if evaluation is not None:
             metrics.update(evaluation.metrics)
         # (stragglers the clock dropped downloaded the model too)
@@ -508,7 +517,7 @@ class Driver:
         count = max(1, round(fed.fraction * len(population)))
         rng = self.streams.generator(Purpose.EVALUATION, state.round)
         chosen = sorted(int(c) for c in rng.choice(population, size=count, replace=False))
-        model = encode_broadcast(state.params, self.downlink)
+        model = encode_broadcast(model_view(self.algorithm, state), self.downlink)
         tasks = [Task(EVALUATE, state.round, cid, 0, model) for cid in chosen]
         check = self._spec_check(self.eval_spec, EVALUATE)
         exchange = self._exchange(tasks, check, lambda batch: None, notify=None)
@@ -517,7 +526,7 @@ class Driver:
     def initial_record(self, state: ServerState) -> RoundRecord:
         """Round 0: the initial model's central evaluation."""
         started = time.perf_counter()
-        evaluation = self.evaluator(state.params) if self.evaluator else None
+        evaluation = self.evaluator(model_view(self.algorithm, state)) if self.evaluator else None
         seconds = time.perf_counter() - started
         record = RoundRecord(
             round=state.round,

@@ -13,7 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from fedforge.aggregate.guard import OutlierBound
 from fedforge.aggregate.kinds import Aggregation, WeightedMean
-from fedforge.algorithms.base import Algorithm, ServerState
+from fedforge.algorithms.base import Algorithm, ServerState, model_view
 from fedforge.algorithms.fedavg import FedAvg
 from fedforge.compress.downlink import Downlink
 from fedforge.core.errors import ConfigError
@@ -272,6 +272,7 @@ def _simulate(
 
     def evaluator(params: Params) -> Evaluation:
         eval_model.set_params(params)
+        eval_model.set_frozen_offsets(params)  # (an algorithm's frozen/ offsets, if any)
         if site_eval is not None:
             result = central_evaluation(site_eval, eval_model.module, test)
         else:
@@ -351,6 +352,7 @@ def _simulate(
         if isinstance(states, ClientStates) and states is not client_states:
             states.close()
     eval_model.set_params(state.params)
+    eval_model.set_frozen_offsets(model_view(algorithm, state))
     return SimulationResult(
         history=history,
         state=state,

@@ -57,6 +57,12 @@ def vectorization_blocker(module: torch.nn.Module, program: LocalProgram) -> str
     """Why ``module`` trained by ``program`` cannot run vectorized, or None if it can."""
     if not program.uses_cross_entropy:
         return "a custom loss function (the batched path implements masked cross-entropy)"
+    if any(not p.requires_grad for p in module.parameters()):
+        return (
+            "the model has frozen parameters (a LoRA base): the vectorized runtime stacks every "
+            "parameter per client, a copy of the base each (fedforge.llm.batched trains LoRA "
+            "cohorts over one base, but is not wired into the runtime yet)"
+        )
     if any(True for _ in module.buffers()):
         return "the model has buffers (e.g. batch norm statistics), which are per-call state"
     if any(isinstance(m, RANDOM_LAYERS) for m in module.modules()):

@@ -32,10 +32,11 @@ trained weights into the record, so every stage, aggregation kind and runtime bu
 vectorized one run it. An algorithm that needs the program's internals says why in its
 ``loop_refusal`` class attribute and is refused at load (``user_loop.loop_problem``).
 
-**For LoRA.** ``model()`` returns the frozen base with adapters; an adapter-only exchange needs
-the parameter roles (``TorchModel`` exchanges every floating tensor today). Prove the base in
-the handshake by adding its weights' SHA-256 to ``schema`` (no protocol change). Token ids are
-integer ``x`` arrays (the readers accept them). A Hugging Face ``Trainer`` is a ``train``.
+**For LoRA.** ``fedforge.llm.workload`` is the LoRA workload (``[lora]``): ``model()``
+returns the frozen base with adapters; a parameter with ``requires_grad = False`` is never
+exchanged (``train/torch_model.py``) and the fingerprint carries the SHA-256 of the frozen
+weights. Token ids are integer ``x`` arrays. A Hugging Face ``Trainer`` is a ``train``
+(``fedforge.llm.hf_trainer``).
 
 **Opaque sites (RL).** ``Workload(opaque=True)``: ``data(site)`` returns any object (an RL
 agent's environment); ``ClientData.of_object`` holds it beside one placeholder row (the site's

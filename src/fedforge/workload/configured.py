@@ -68,6 +68,10 @@ def configured_workload(config: RunConfig, shape: DataShape | None = None) -> Wo
         return rl_workload(config.rl, config.seed)
     if config.workload is not None:
         return _named_workload(config, root)
+    if config.lora.enabled:
+        from fedforge.llm.workload import configured_lora
+
+        return _with_loop(config, root, configured_lora(config))
     if config.data.builtin:
         base = builtin_workload(config, shape.classes if shape is not None else None)
     else:
@@ -76,18 +80,20 @@ def configured_workload(config: RunConfig, shape: DataShape | None = None) -> Wo
         base = replace(base, model=_factory(config, root))
     elif not config.data.builtin:
         base = replace(base, model=_builtin_model(config, _shape_source(base, shape)))
-    if config.client.train is not None:
-        train = load_object(config.client.train, root, "client.train")
-        if not callable(train):
-            raise ConfigError(f"client.train = {config.client.train!r} is not a function")
-        c = config.client
-        base = replace(
-            base,
-            train=_as_train(train),
-            proximal=c.train_proximal,
-            metrics=tuple(c.train_metrics),
-        )
-    return base
+    return _with_loop(config, root, base)
+
+
+def _with_loop(config: RunConfig, root: Path, base: Workload) -> Workload:
+    """``base`` with ``client.train`` as its training function, when set."""
+    if config.client.train is None:
+        return base
+    train = load_object(config.client.train, root, "client.train")
+    if not callable(train):
+        raise ConfigError(f"client.train = {config.client.train!r} is not a function")
+    c = config.client
+    return replace(
+        base, train=_as_train(train), proximal=c.train_proximal, metrics=tuple(c.train_metrics)
+    )
 
 
 def _named_workload(config: RunConfig, root: Path) -> Workload:

@@ -1,7 +1,9 @@
 """The architecture fingerprint server and clients compare in the handshake: every tensor
-of the model's state (name, dtype, shape) and the settings that give the data its meaning
-(``Workload.schema``), hashed. A client whose fingerprint differs is refused with both
-fingerprints and the first entry that differs, before it takes part in a round."""
+of the model's state (name, dtype, shape), the SHA-256 of its frozen weights (a LoRA base,
+which never travels: each side proves it holds the same one) and the settings that give the
+data its meaning (``Workload.schema``), hashed. A client whose fingerprint differs is
+refused with both fingerprints and the first entry that differs, before it takes part in a
+round."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from fedforge.train.torch_model import frozen_digest
 
 MAX_ENTRIES = 100_000  # a client's architecture listing is refused beyond this
 MAX_ENTRY_CHARS = 512
@@ -39,11 +43,14 @@ class Fingerprint:
 
 
 def fingerprint(module: torch.nn.Module, schema: Mapping[str, str] | None = None) -> Fingerprint:
-    """The fingerprint of ``module``'s state and the data ``schema``."""
+    """The fingerprint of ``module``'s state, its frozen weights and the data ``schema``."""
     entries = [
         f"{name} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
         for name, t in module.state_dict().items()
     ]
+    frozen = frozen_digest(module)
+    if frozen is not None:
+        entries.append(f"frozen weights sha256 {frozen}")
     entries += [f"schema {key} = {value}" for key, value in sorted((schema or {}).items())]
     return Fingerprint(tuple(entries))
 
