@@ -251,8 +251,9 @@ class CraftedClient:
             return exc
         raise AssertionError("the server accepted the connection")
 
-    def next_task(self) -> tuple[int, dict[str, np.ndarray]]:
-        """The round and the shared arrays of the next task (a fit task: the model)."""
+    def next_task(self, keep: bool = True) -> tuple[int, dict[str, np.ndarray]]:
+        """The round and the shared arrays of the next task (a fit task: the model);
+        ``keep=False``: its chunks are read and dropped (no arrays)."""
         assembler = Reassembler(1 << 30)
         for message in self.stream:
             kind = message.WhichOneof("body")
@@ -269,7 +270,12 @@ class CraftedClient:
             elif kind == "task":
                 assert message.task.stage == FIT and len(message.task.seed) == 16
                 self.task_id = message.task.task_id
-                payload = assembler.add(message.task.chunk)
+                chunk = message.task.chunk
+                if not keep:
+                    if chunk.index == chunk.count - 1:
+                        return message.envelope.round, {}
+                    continue
+                payload = assembler.add(chunk)
                 if payload is not None:
                     return message.envelope.round, decode_params(payload)
         raise AssertionError("stream ended before a task")

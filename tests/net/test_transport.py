@@ -20,6 +20,7 @@ from fedforge.net.codec import Reassembler, decode_params, encode_params, split_
 from fedforge.net.hub import Hub, Session
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.service import FederationService
+from fedforge.net.stream import Encoded
 from fedforge.net.transport import NetworkTransport
 
 SHARED = {"w": np.arange(40, dtype=np.float32).reshape(4, 10), "b": np.ones(10, np.float32)}
@@ -59,6 +60,8 @@ def _setup(timeout: float = 5.0) -> tuple[Hub, FederationService, NetworkTranspo
 def _receive(session: Session) -> tuple[pb.TaskChunk, int, dict[str, np.ndarray]]:
     """The next task pushed to ``session``: its last chunk, round and decoded arrays."""
     item = session.outbox.get(timeout=10)
+    while isinstance(item, pb.ServerMessage) and item.WhichOneof("body") == "reject":
+        item = session.outbox.get(timeout=10)  # (a reply refused as it arrived is told so)
     assert item is not None
     messages = [item] if isinstance(item, pb.ServerMessage) else list(item)
     assembler = Reassembler(1 << 20)
@@ -136,13 +139,13 @@ def test_tasks_go_down_once_encoded_and_records_come_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[int] = []
-    real = transport_module.encode_params
+    real = transport_module.encode_pieces
 
-    def counting(params: dict[str, np.ndarray]) -> bytes:
+    def counting(params: dict[str, np.ndarray]) -> Encoded:
         calls.append(1)
         return real(params)
 
-    monkeypatch.setattr(transport_module, "encode_params", counting)
+    monkeypatch.setattr(transport_module, "encode_pieces", counting)
     _, service, transport, (a, b) = _setup(timeout=1.0)
     tasks = [Task(FIT, 3, cid, SEED + cid, SHARED, {"clip_norm": 2.5}) for cid in (0, 1)]
     exchange = Exchange(transport, tasks)

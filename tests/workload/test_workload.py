@@ -14,7 +14,7 @@ import torch
 
 import fedforge as ff
 from fedforge.config import load_config
-from fedforge.core.errors import ConfigError
+from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.experiment import build_dataset, simulate_config
 from fedforge.secagg.aggregation import SecureAggregation
 from fedforge.secagg.protocol import SecAggParams
@@ -352,14 +352,54 @@ def test_auto_takes_workers_for_a_model_vmap_cannot_batch(caplog: pytest.LogCapt
         )
 
 
-def test_an_undeclared_metric_fails_the_client_with_the_reason() -> None:
+def test_an_undeclared_metric_fails_the_client_with_the_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     def loop(model: torch.nn.Module, loader: object, config: ff.TrainConfig) -> dict[str, float]:
         return {"auc": 0.9}
 
-    result = ff.simulate(
-        ff.Workload(small_model, blob_site, train=loop, sites=2), rounds=1, clients_per_round=2
+    # Every client fails in every round: the run is an error, not a success with the
+    # initial model, and each client's reason is in the log.
+    failing = ff.Workload(small_model, blob_site, train=loop, sites=2)
+    expected = r"no client completed any of the 2 rounds \(4 "
+    with (
+        caplog.at_level(logging.WARNING, logger="fedforge"),
+        pytest.raises(FedforgeError, match=expected),
+    ):
+        ff.simulate(failing, rounds=2, clients_per_round=2)
+    assert "auc" in caplog.text
+
+
+def always_fails(model: torch.nn.Module, loader: object, config: ff.TrainConfig) -> None:
+    raise RuntimeError("the site's loop is broken")
+
+
+def test_a_run_whose_clients_all_fail_exits_non_zero_with_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fedforge.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--quiet",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            'client.train="tests.workload.test_workload:always_fails"',
+            "--set",
+            'data.dataset="synthetic"',
+            "--set",
+            "partition.num_clients=3",
+            "--set",
+            "server.clients_per_round=3",
+            "--set",
+            "server.rounds=2",
+        ],
     )
-    assert result.history[-1].clients_failed == 2
+    assert result.exit_code == 1, result.output
+    assert "no client completed any of the 2 rounds (6 client failures" in result.output
 
 
 def test_a_simulation_stops_on_a_site_whose_labels_the_model_cannot_predict() -> None:

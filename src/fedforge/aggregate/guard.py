@@ -17,7 +17,7 @@ without the offenders (:class:`Refusal`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,18 +36,32 @@ class Refusal:
     offenders: dict[int, str] = field(default_factory=dict)
 
 
+NORM_BLOCK = 1 << 18  # columns per block: float64 temporaries stay a few MB per record
+
+
+def _blocks(flat: list[np.ndarray]) -> Iterator[np.ndarray]:
+    """Each ``(rows, d)`` array's columns in float64 blocks of at most NORM_BLOCK."""
+    for f in flat:
+        for start in range(0, f.shape[1], NORM_BLOCK):
+            yield f[:, start : start + NORM_BLOCK].astype(np.float64)
+
+
 def record_norms(batch: RecordBatch) -> np.ndarray:
-    """Each record's L2 norm over all its arrays, in float64, without overflow."""
+    """Each record's L2 norm over all its arrays, in float64, without overflow (scaled by
+    the record's largest magnitude), in blocks: a large model costs no float64 copy."""
     rows = len(batch)
     if not batch.arrays:
         return np.zeros(rows)
     flat = [np.asarray(a).reshape(rows, -1) for a in batch.arrays.values()]
-    largest = np.max([np.max(np.abs(f), axis=1) if f.shape[1] else np.zeros(rows) for f in flat], 0)
-    scale = np.where((largest > 0) & np.isfinite(largest), largest, 1.0).astype(np.float64)
+    largest = np.zeros(rows)
+    for block in _blocks(flat):
+        if block.shape[1]:
+            largest = np.maximum(largest, np.max(np.abs(block), axis=1))
+    scale = np.where((largest > 0) & np.isfinite(largest), largest, 1.0)
     squares = np.zeros(rows)
-    for f in flat:
-        scaled = f.astype(np.float64) / scale[:, None]
-        squares += np.einsum("ij,ij->i", scaled, scaled)
+    for block in _blocks(flat):
+        block /= scale[:, None]
+        squares += np.einsum("ij,ij->i", block, block)
     return np.asarray(scale * np.sqrt(squares), np.float64)
 
 

@@ -25,6 +25,7 @@ from fedforge.core.params import Params
 from fedforge.core.records import RecordBatch
 
 Kind = Literal["mean", "gather", "secure_sum"]
+ADD_BLOCK = 1 << 20  # elements per step of a record's float64 add
 
 
 @dataclass(frozen=True)
@@ -245,11 +246,15 @@ class StreamingMean:
             target = torch.from_numpy(total.reshape(-1))
             if name in chunks:
                 target.add_(chunks[name].reshape(-1))
-            elif rows == 1:  # the product itself in float64, exactly
+            elif rows == 1:  # the product itself in float64, exactly (in blocks: the
+                # promotion to float64 costs no copy of a large array)
                 row = batch.arrays[name].reshape(-1)
                 if row.dtype.kind != "f":
                     row = row.astype(np.float64)
-                target.add_(_tensor(row), alpha=float(w[0]))
+                source = _tensor(row)
+                for start in range(0, len(row), ADD_BLOCK):
+                    end = start + ADD_BLOCK
+                    target[start:end].add_(source[start:end], alpha=float(w[0]))
         add_scalars(self._scalars, batch)
         self._client_ids.extend(int(c) for c in batch.client_ids)
         self.total_weight += float(w.sum())

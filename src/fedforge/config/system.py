@@ -147,6 +147,20 @@ class DeployConfig(Section):
         description="after the last round, keep answering late clients that the run is "
         "complete for this long",
     )
+    max_concurrent_uploads: int = Field(
+        0,
+        ge=0,
+        description="replies received at once: each holds one update in server memory from "
+        "its first chunk until its last verifies; more wait (flow control holds their "
+        "clients back); 0: no limit",
+    )
+    memory_budget_mb: int = Field(
+        0,
+        ge=0,
+        description="refuse to start when the server's estimated peak memory (model, server "
+        "state, aggregation buffers, broadcast, replies in flight) exceeds this many MB; 0: "
+        "no budget (the estimate is logged either way)",
+    )
     client_data: Literal["builtin", "own"] = Field(
         "builtin",
         description="builtin: clients train on their share of the run's dataset and are held "

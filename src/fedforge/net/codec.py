@@ -119,32 +119,10 @@ class Reassembler:
 
     def add(self, chunk: pb.Chunk) -> bytes | None:
         """Add the next chunk; return the payload when complete, else None."""
-        first = self._first
-        if first is None:
-            if chunk.index != 0:
-                raise ProtocolError(f"transfer starts at chunk {chunk.index}, expected 0")
-            if chunk.total_bytes > self.max_bytes:
-                raise ProtocolError(
-                    f"transfer of {chunk.total_bytes} bytes exceeds the limit of "
-                    f"{self.max_bytes} bytes for this reply"
-                )
-            if chunk.count < 1 or chunk.count > max(1, chunk.total_bytes):
-                raise ProtocolError(
-                    f"transfer of {chunk.total_bytes} bytes in {chunk.count} chunks is malformed"
-                )
-            if len(chunk.sha256) != 32 or len(chunk.transfer_id) != 16:
-                raise ProtocolError("chunk header has a malformed digest or transfer id")
-            self._first = first = chunk
+        first = check_chunk(self._first, chunk, self._count, self.max_bytes)
+        if self._first is None:
+            self._first = first
             self._buffer = bytearray(chunk.total_bytes)
-        elif (chunk.transfer_id, chunk.count, chunk.total_bytes, chunk.sha256) != (
-            first.transfer_id,
-            first.count,
-            first.total_bytes,
-            first.sha256,
-        ):
-            raise ProtocolError("chunk does not belong to the transfer in progress")
-        elif chunk.index != self._count:
-            raise ProtocolError(f"chunk {chunk.index} out of order, expected {self._count}")
         end = self._size + len(chunk.data)
         if end > first.total_bytes:
             raise ProtocolError("transfer is longer than announced")
@@ -154,10 +132,46 @@ class Reassembler:
         self._count += 1
         if self._count < first.count:
             return None
-        if self._size != first.total_bytes:
-            raise ProtocolError(f"transfer truncated: {self._size} of {first.total_bytes} bytes")
-        if self._hash.digest() != first.sha256:
-            raise ProtocolError("payload digest mismatch (corrupted or tampered transfer)")
+        check_complete(first, self._size, self._hash.digest())
         payload = bytes(self._buffer)
         self._buffer = bytearray()
         return payload
+
+
+def check_chunk(first: pb.Chunk | None, chunk: pb.Chunk, received: int, max_bytes: int) -> pb.Chunk:
+    """Check ``chunk`` as the next (``received`` came before it) of the transfer that
+    ``first`` started (None: ``chunk`` must start one, announcing at most ``max_bytes``);
+    return the transfer's first chunk."""
+    if first is None:
+        if chunk.index != 0:
+            raise ProtocolError(f"transfer starts at chunk {chunk.index}, expected 0")
+        if chunk.total_bytes > max_bytes:
+            raise ProtocolError(
+                f"transfer of {chunk.total_bytes} bytes exceeds the limit of "
+                f"{max_bytes} bytes for this reply"
+            )
+        if chunk.count < 1 or chunk.count > max(1, chunk.total_bytes):
+            raise ProtocolError(
+                f"transfer of {chunk.total_bytes} bytes in {chunk.count} chunks is malformed"
+            )
+        if len(chunk.sha256) != 32 or len(chunk.transfer_id) != 16:
+            raise ProtocolError("chunk header has a malformed digest or transfer id")
+        return chunk
+    if (chunk.transfer_id, chunk.count, chunk.total_bytes, chunk.sha256) != (
+        first.transfer_id,
+        first.count,
+        first.total_bytes,
+        first.sha256,
+    ):
+        raise ProtocolError("chunk does not belong to the transfer in progress")
+    if chunk.index != received:
+        raise ProtocolError(f"chunk {chunk.index} out of order, expected {received}")
+    return first
+
+
+def check_complete(first: pb.Chunk, size: int, digest: bytes) -> None:
+    """Check a transfer whose last chunk arrived: its size and digest as announced."""
+    if size != first.total_bytes:
+        raise ProtocolError(f"transfer truncated: {size} of {first.total_bytes} bytes")
+    if digest != first.sha256:
+        raise ProtocolError("payload digest mismatch (corrupted or tampered transfer)")

@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from fedforge.core.records import ClientFailure, Record
-from fedforge.net.codec import Reassembler
 from fedforge.net.proto import fedforge_pb2 as pb
+from fedforge.net.stream import StreamDecoder
 
 log = logging.getLogger("fedforge")
 
@@ -68,8 +68,9 @@ class PendingTask:
     task_id: bytes
     round: int
     stage: str
-    reassembler: Reassembler
+    receiver: StreamDecoder  # the reply, received straight into its arrays
     header: ReplyHeader | None = None
+    reply_started: float = 0.0  # time.time() of the reply's first chunk
     # Every chunk of the task was handed to the client's stream (a client that does not
     # read it never gets there).
     delivered: bool = False
@@ -127,11 +128,55 @@ class Session:
                 yield from item
 
 
+class UploadSlots:
+    """At most ``limit`` replies received at once (0: no limit): a reply's arrays are held
+    from its first chunk until its last verifies, so this bounds the server's memory for
+    replies in flight to ``limit`` updates. The reader of a reply that finds every slot taken
+    waits (not reading its stream, so gRPC's flow control holds the client back), keeping
+    its session alive, until a slot frees or its task is over (deadline, disconnect).
+
+    A slot is held by a (session, task) pair while the task is the session's current one
+    and its reply has started: whatever ends the task (its reply complete or refused, the
+    deadline, a disconnect) frees the slot; :meth:`released` wakes the waiters at once."""
+
+    def __init__(self, limit: int, recheck_s: float = 0.5) -> None:
+        self.limit = limit
+        self.recheck_s = recheck_s  # the longest a waiter sleeps without looking again
+        self._holders: list[tuple[Session, PendingTask]] = []
+        self._changed = threading.Condition()
+
+    def _busy(self) -> int:
+        self._holders = [(s, t) for s, t in self._holders if not s.closed and s.task is t]
+        return len(self._holders)
+
+    def acquire(self, session: Session, task: PendingTask) -> bool:
+        """Take a slot for ``task``'s reply; False when the task ended while waiting."""
+        if not self.limit:
+            return True
+        with self._changed:
+            while self._busy() >= self.limit:
+                if session.closed or session.task is not task:
+                    return False
+                session.seen()  # it is sending (we are not reading): alive
+                self._changed.wait(self.recheck_s)
+            if session.closed or session.task is not task:
+                return False
+            self._holders.append((session, task))
+            return True
+
+    def released(self) -> None:
+        """A reply ended (complete, refused or abandoned): let a waiter look again."""
+        if self.limit:
+            with self._changed:
+                self._changed.notify_all()
+
+
 class Hub:
     """Connected sessions, the per-round nonce set and the reply queue."""
 
-    def __init__(self, run_id: str, heartbeat_s: float = 5.0) -> None:
+    def __init__(self, run_id: str, heartbeat_s: float = 5.0, max_uploads: int = 0) -> None:
         self.run_id = run_id
+        self.uploads = UploadSlots(max_uploads)
         self.heartbeat_s = heartbeat_s
         self.current_round = 0
         self.finished: int | None = None  # the last round, once the run is complete
@@ -210,7 +255,9 @@ class Hub:
         with session.lock:
             task, session.task = session.task, None
         if task is not None:
+            task.receiver.discard()
             self.results.put((task.task_id, ClientFailure(session.client_id, reason)))
+        self.uploads.released()
         # The callbacks first (the handler's ``context.cancel``: the client sees its stream
         # cancelled), then the end of the outbox (else the stream could end as if complete;
         # a full outbox needs no end: its reader sees the session closed).

@@ -17,10 +17,10 @@ import torch
 from safetensors.numpy import save_file
 
 from fedforge.aggregate.kinds import Aggregation
-from fedforge.algorithms.base import ServerState
+from fedforge.algorithms.base import Algorithm, ServerState
 from fedforge.config import RunConfig, to_toml
 from fedforge.core.errors import ConfigError, FedforgeError
-from fedforge.core.params import Params, ParamSpec, spec_of
+from fedforge.core.params import Params, ParamSpec, num_bytes, spec_of
 from fedforge.core.records import EVALUATE, FIT
 from fedforge.core.rng import Purpose, RngStreams
 from fedforge.data.datasets import ArrayDataset
@@ -44,6 +44,7 @@ from fedforge.net.codec import encoded_size_bound
 from fedforge.net.deployment import settle_run, site_config_toml
 from fedforge.net.hub import Hub
 from fedforge.net.keys import ServerCredentials
+from fedforge.net.memory_plan import MemoryPlan, check_budget, server_plan
 from fedforge.net.proto import fedforge_pb2_grpc as pb_grpc
 from fedforge.net.registry import check_client_name
 from fedforge.net.service import FederationService
@@ -135,6 +136,38 @@ def reply_limits(fit: ParamSpec, population: int) -> dict[str, int]:
     limits[FIT] = encoded_size_bound(fit)
     limits[EVALUATE] = encoded_size_bound({})
     return limits
+
+
+def plan_memory(
+    config: RunConfig,
+    state: ServerState,
+    algorithm: Algorithm,
+    chain: StageChain,
+    model: TorchModel,
+    registered: int,
+    evaluation_copy: bool = False,
+) -> MemoryPlan:
+    """The server's estimated peak memory for this run (see ``net/memory_plan.py``)."""
+    trainable = [name for name, _ in model.module.named_parameters()]
+    update = chain.wire_spec(algorithm.record_spec(spec_of(state.params), trainable)).arrays
+    broadcast = {**state.params, **algorithm.broadcast(state)}
+    fedbuff = build_fedbuff(config)
+    if fedbuff is not None:
+        per_round = fedbuff.concurrency
+    elif config.server.sampler == "uniform":
+        per_round = min(config.server.clients_per_round, registered)
+    else:
+        per_round = registered
+    return server_plan(
+        model_bytes=num_bytes(state.params),
+        state_bytes=num_bytes(state.optimizer_state) + num_bytes(state.extras),
+        broadcast_bytes=num_bytes(broadcast),
+        update=update,
+        kind=build_aggregation(config).kind,
+        per_round=per_round,
+        uploads=config.deploy.max_concurrent_uploads,
+        evaluation_copy=evaluation_copy,
+    )
 
 
 def run_server(
@@ -232,7 +265,15 @@ def _serve(
     sample_dp = build_sample_dp(config)
     run_log = start_run_log(Path(d.state_dir), config, resumed=bool(history))
 
-    hub = Hub(run_id, d.heartbeat_s)
+    site_eval = SiteEvaluation.of(workload)  # (its own code evaluates a copy of the model)
+    plan = plan_memory(config, state, algorithm, chain, model, len(names), site_eval is not None)
+    log.info("%s", plan.line())
+    try:
+        check_budget(plan, d.memory_budget_mb)
+    except BaseException:
+        store.close()
+        raise
+    hub = Hub(run_id, d.heartbeat_s, d.max_concurrent_uploads)
     if state.round >= config.server.rounds:
         hub.finished = state.round  # a complete run: answer late clients, then exit
     # A stream holds a worker thread while it lives; a refused certificate holds none and a
@@ -272,10 +313,11 @@ def _serve(
     server.start()
     log.info("run %s serving on %s (%d registered clients)", run_id, d.address, len(names))
 
-    site_eval = SiteEvaluation.of(workload)
-
     def evaluator(params: Params) -> Evaluation:
-        model.set_params(params)
+        if site_eval is not None:  # the workload's own code: a copy, whatever it writes
+            model.set_params(params)
+        else:  # the model's arrays themselves (read in eval mode only)
+            model.share_params(params)
         model.set_frozen_offsets(params)  # (an algorithm's frozen/ offsets, when it has them)
         if site_eval is not None:
             return central_evaluation(site_eval, model.module, central_test)
@@ -326,6 +368,8 @@ def _serve(
     # Replies announcing more bytes than a valid record of their stage encodes to are
     # refused at their first chunk: a client holds O(model) server memory at most.
     transport.reply_limits = reply_limits(driver.fit_spec.arrays, len(names))
+    # ... and a reply whose header names other arrays is refused before they are allocated.
+    transport.reply_specs = {FIT: driver.fit_reply_spec.arrays, EVALUATE: driver.eval_spec.arrays}
     # Rounds start once min_clients are connected, with whoever is connected (the sampler
     # draws from them).
     needed = min(d.min_clients, len(names))

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 
 from fedforge.core.records import ClientFailure, Record
-from fedforge.net.codec import ProtocolError, decode_params
+from fedforge.net.codec import ProtocolError
 from fedforge.net.hub import Hub, IdentityInUse, ReplyHeader, Session
 from fedforge.net.keys import ServerCredentials
 from fedforge.net.peer import LogLimiter, peer_host, peer_text
@@ -28,6 +28,7 @@ INVALID_LIMIT = 32
 INVALID_WINDOW_S = 10.0
 MAX_REJECT_REPLIES = 4  # Reject messages sent per session; later ones are dropped silently
 MAX_PENDING_HELLOS = 2  # streams of one identity that may wait for their Hello at once
+LOGGED_REPLY_BYTES = 1 << 20  # a reply this large is logged with its transfer time
 REFUSAL_LOG_S = 60.0  # refused connections: the first of an address is logged, then one a minute
 
 
@@ -242,6 +243,8 @@ class FederationService(pb_grpc.FederationServicer):
         with session.lock:
             task, session.task = session.task, None
         if task is not None:
+            task.receiver.discard()
+            self.hub.uploads.released()
             self.hub.results.put(
                 (task.task_id, ClientFailure(session.client_id, reason, rejected=True))
             )
@@ -309,15 +312,17 @@ class FederationService(pb_grpc.FederationServicer):
                 fail_task=True,
             )
             return
+        if task.header is None and not self.hub.uploads.acquire(session, task):
+            return  # its task ended while the reply waited for a slot
         try:
-            payload = task.reassembler.add(reply.chunk)
-            if task.header is None:  # the transfer's first chunk (the reassembler checked)
+            arrays = task.receiver.add(reply.chunk)
+            if task.header is None:  # the transfer's first chunk (the receiver checked)
+                task.reply_started = time.time()
                 task.header = ReplyHeader(
                     int(reply.num_examples), dict(reply.scalars), dict(reply.metrics)
                 )
-            if payload is None:
+            if arrays is None:
                 return
-            arrays = decode_params(payload)
         except ProtocolError as exc:
             self._reject(session, f"reply rejected: {exc}", fail_task=True)
             return
@@ -325,7 +330,21 @@ class FederationService(pb_grpc.FederationServicer):
             if session.task is not task:
                 return
             session.task = None
+        self.hub.uploads.released()
         header = task.header
+        ended = time.time()
+        size = task.receiver.received
+        log.log(
+            logging.INFO if size >= LOGGED_REPLY_BYTES else logging.DEBUG,
+            "round %d: received a %s reply of %s (%.1f MB) in %.3f s (%.6f-%.6f)",
+            task.round,
+            task.stage,
+            session.name,
+            size / 1e6,
+            ended - task.reply_started,
+            task.reply_started,
+            ended,
+        )
         record = Record(
             session.client_id,
             header.num_examples,

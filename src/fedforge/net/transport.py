@@ -17,7 +17,6 @@ deadline is dropped.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import time
@@ -25,11 +24,11 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from fedforge.core.params import Params
+from fedforge.core.params import Params, ParamSpec
 from fedforge.core.records import ClientFailure, Reply, Task
-from fedforge.net.codec import Reassembler, encode_params, split_payload
 from fedforge.net.hub import Hub, PendingTask, Session, new_task_id
 from fedforge.net.proto import fedforge_pb2 as pb
+from fedforge.net.stream import Encoded, StreamDecoder, chunk_parts, encode_pieces
 
 log = logging.getLogger("fedforge")
 SEED_BYTES = 16
@@ -75,39 +74,44 @@ class NetworkTransport:
         # stage -> the largest reply a valid record of it encodes to (from its wire spec);
         # a reply announcing more is refused at its first chunk.
         self.reply_limits: dict[str, int] = {}
+        # stage -> the arrays its replies must hold (checked at a reply's header, before its
+        # arrays are allocated); a stage without one is checked by the driver once received.
+        self.reply_specs: dict[str, ParamSpec] = {}
         self._in_flight: dict[bytes, _InFlight] = {}  # by task id
         self._ready: deque[Reply] = deque()  # failures decided when submitting
-        self._encoded: tuple[Params, bytes, bytes] | None = None  # (shared, payload, digest)
+        self._encoded: tuple[Params, Encoded] | None = None  # (shared, its payload)
 
     def reply_limit(self, stage: str) -> int:
         return min(self.reply_limits.get(stage, self.max_payload_bytes), self.max_payload_bytes)
 
     def _task_messages(
-        self, task: Task, task_id: bytes, payload: bytes, digest: bytes, deadline_ms: int
+        self, task: Task, task_id: bytes, payload: Encoded, deadline_ms: int
     ) -> Iterator[pb.ServerMessage]:
         seed = seed_bytes(task.seed)
         scalars = {k: float(v) for k, v in task.scalars.items()}
-        for chunk in split_payload(payload, self.chunk_bytes, digest):
-            yield pb.ServerMessage(
-                envelope=self.hub.envelope(task.round),
-                task=pb.TaskChunk(
-                    stage=task.stage,
-                    seed=seed,
-                    scalars=scalars,
-                    deadline_unix_ms=deadline_ms,
-                    chunk=chunk,
-                    task_id=task_id,
-                ),
-            )
+        for part in chunk_parts(payload, self.chunk_bytes):
+            message = pb.ServerMessage(envelope=self.hub.envelope(task.round))
+            body = message.task
+            body.stage = task.stage
+            body.seed = seed
+            body.scalars.update(scalars)
+            body.deadline_unix_ms = deadline_ms
+            body.task_id = task_id
+            part.fill(body.chunk)
+            yield message
 
-    def _encode(self, shared: Params) -> tuple[bytes, bytes]:
-        """``shared``'s payload and digest; tasks sharing one dict (an exchange's, or the
-        tasks an asynchronous run hands out on one model version) encode it once."""
+    def _encode(self, shared: Params) -> Encoded:
+        """``shared``'s payload; tasks sharing one dict (an exchange's, or the tasks an
+        asynchronous run hands out on one model version) encode it once: a header and a view
+        of each array, which every client's stream cuts its chunks from (no copy of the
+        model, none per client). The server never writes a model's arrays in place (an
+        update makes new ones); if anything did, the digest taken here would no longer match
+        and the clients would refuse the task, not train on a torn model."""
         if self._encoded is None or self._encoded[0] is not shared:
-            payload = encode_params(shared)
+            self._encoded = None  # (the previous payload is released before the next is made)
             # (keeping the dict alive keeps its identity unique)
-            self._encoded = (shared, payload, hashlib.sha256(payload).digest())
-        return self._encoded[1], self._encoded[2]
+            self._encoded = (shared, encode_pieces(shared))
+        return self._encoded[1]
 
     def submit(self, tasks: Sequence[Task]) -> None:
         """Push ``tasks`` to their clients and return at once; their replies come from
@@ -125,15 +129,16 @@ class NetworkTransport:
                     ClientFailure(cid, "client disconnected before the exchange started")
                 )
                 continue
-            payload, digest = self._encode(task.shared)
-            pending = PendingTask(
-                new_task_id(), task.round, task.stage, Reassembler(self.reply_limit(task.stage))
+            payload = self._encode(task.shared)
+            receiver = StreamDecoder(
+                self.reply_limit(task.stage), self.reply_specs.get(task.stage), finite=True
             )
+            pending = PendingTask(new_task_id(), task.round, task.stage, receiver)
             with session.lock:
                 closed = session.closed  # (replaced since it was looked up: no one reads it)
                 if not closed:
                     session.task = pending
-            messages = self._task_messages(task, pending.task_id, payload, digest, deadline_ms)
+            messages = self._task_messages(task, pending.task_id, payload, deadline_ms)
             if closed or not self.hub.send(session, _delivering(messages, pending)):
                 self._ready.append(ClientFailure(cid, "client disconnected"))
                 continue
@@ -196,11 +201,13 @@ class NetworkTransport:
     def _forget(self, task_id: bytes) -> None:
         """Stop waiting for a task: its client's late answer will be dropped."""
         flight = self._in_flight.pop(task_id)
+        flight.task.receiver.discard()  # (a reply cut off midway frees its arrays now)
         session = self.hub.session_for(flight.client_id)
         if session is not None:
             with session.lock:
                 if session.task is not None and session.task.task_id == task_id:
                     session.task = None
+        self.hub.uploads.released()
 
     def cancel(self) -> None:
         """Stop waiting for every task in flight (and forget failures not yet polled)."""

@@ -28,19 +28,12 @@ from fedforge.experiment import (
     build_sample_dp,
     build_stages,
 )
-from fedforge.net.codec import (
-    ProtocolError,
-    Reassembler,
-    array_bytes,
-    decode_params,
-    encode_params,
-    encoded_size_bound,
-    split_payload,
-)
+from fedforge.net.codec import DEFAULT_CHUNK_BYTES, ProtocolError, encoded_size_bound
 from fedforge.net.peer import peer_text
 from fedforge.net.proto import fedforge_pb2 as pb
 from fedforge.net.service import PROTOCOL_VERSION
 from fedforge.net.site import LocalSite, join
+from fedforge.net.stream import Encoded, StreamDecoder, chunk_parts, encode_pieces
 from fedforge.runtime.client_app import ClientApp
 from fedforge.runtime.client_state import DiskStateStore, EphemeralSessions
 from fedforge.secagg.aggregation import SecureAggregation
@@ -72,7 +65,7 @@ class SiteWorker:
         self.site = site
         self.state_dir = state_dir
         self.run_id = ""
-        self.reassembler: Reassembler | None = None
+        self.receiver: StreamDecoder | None = None
         self.refused_transfer = b""  # the transfer id of a task refused at its first chunk
 
     def welcome(self, message: pb.ServerMessage) -> None:
@@ -127,21 +120,20 @@ class SiteWorker:
         return pb.Envelope(run_id=self.run_id, round=round_number, nonce=os.urandom(16))
 
     def _reply_messages(
-        self, round_number: int, stage: str, task_id: bytes, encoded: bytes, record: Record
+        self, round_number: int, stage: str, task_id: bytes, encoded: Encoded, record: Record
     ) -> Iterator[pb.ClientMessage]:
-        for piece in split_payload(encoded):
-            header = piece.index == 0  # the server reads the header from the first chunk
-            yield pb.ClientMessage(
-                envelope=self._envelope(round_number),
-                reply=pb.ReplyChunk(
-                    stage=stage,
-                    num_examples=record.num_examples if header else 0,
-                    scalars=record.scalars if header else {},
-                    metrics=record.metrics if header else {},
-                    chunk=piece,
-                    task_id=task_id,
-                ),
-            )
+        # Chunks are cut from the record's arrays as the stream takes them (no encoded copy).
+        for part in chunk_parts(encoded, DEFAULT_CHUNK_BYTES):
+            message = pb.ClientMessage(envelope=self._envelope(round_number))
+            reply = message.reply
+            reply.stage = stage
+            reply.task_id = task_id
+            if part.index == 0:  # the server reads the header from the first chunk
+                reply.num_examples = record.num_examples
+                reply.scalars.update(record.scalars)
+                reply.metrics.update(record.metrics)
+            part.fill(reply.chunk)
+            yield message
 
     def task(self, message: pb.ServerMessage) -> int:
         """Consume one chunk; when the task is complete, answer it. Returns 1 for an
@@ -155,15 +147,16 @@ class SiteWorker:
         if body.chunk.index == 0:
             # What the server announces is checked against what the run can send before any
             # of it is allocated: a compromised server cannot make this site allocate more.
-            self.reassembler = Reassembler(max_bytes=self.max_task_bytes)
+            # Received straight into the arrays the task hands the client app.
+            self.receiver = StreamDecoder(max_bytes=self.max_task_bytes)
             self.receive_started = time.time()
-        if self.reassembler is None:
+        if self.receiver is None:
             log.warning("ignoring a task chunk without its transfer's start")
             return 0
         try:
-            payload = self.reassembler.add(body.chunk)
+            shared = self.receiver.add(body.chunk)
         except ProtocolError as exc:
-            self.reassembler = None
+            self.receiver = None
             self.refused_transfer = body.chunk.transfer_id
             log.warning("refused a %s task from the server: %s", peer_text(body.stage, 40), exc)
             self.outbox.put(
@@ -175,9 +168,9 @@ class SiteWorker:
                 )
             )
             return 0
-        if payload is None:
+        if shared is None:
             return 0
-        self.reassembler = None  # release the chunks
+        size, self.receiver = self.receiver.received, None
         # The reply (or failure report) echoes the task's id: the server takes no other.
         round_number, stage, task_id = int(message.envelope.round), body.stage, body.task_id
         shown = peer_text(stage, 40)  # the server's word, in this site's log
@@ -186,8 +179,8 @@ class SiteWorker:
             "round %d: received a %s task (%.1f MB, %d array bytes) in %.3f s (%.6f-%.6f)",
             round_number,
             shown,
-            len(payload) / 1e6,
-            array_bytes(payload),
+            size / 1e6,
+            sum(a.nbytes for a in shared.values()),
             received - self.receive_started,
             self.receive_started,
             received,
@@ -198,10 +191,10 @@ class SiteWorker:
                 round_number,
                 self.client_id,
                 int.from_bytes(body.seed, "little"),
-                decode_params(payload),
+                shared,
                 dict(body.scalars),
             )
-            del payload
+            del shared
             started = time.perf_counter()
             state = self.app.stored_state(task, self.store)
             record, new_state = self.app.handle(task, self.data, state)
@@ -221,13 +214,13 @@ class SiteWorker:
                 )
             )
             return 0
-        encoded = encode_params(record.arrays)
+        encoded = encode_pieces(record.arrays)
         log.info(
             "round %d: sending a %s reply (%d bytes, %d array bytes)",
             round_number,
             shown,
-            len(encoded),
-            array_bytes(encoded),
+            encoded.size,
+            sum(a.nbytes for a in record.arrays.values()),
         )
         self.outbox.put(self._reply_messages(round_number, stage, task_id, encoded, record))
         return 1 if stage == FIT else 0

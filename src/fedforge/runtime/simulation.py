@@ -16,7 +16,7 @@ from fedforge.aggregate.kinds import Aggregation, WeightedMean
 from fedforge.algorithms.base import Algorithm, ServerState, model_view
 from fedforge.algorithms.fedavg import FedAvg
 from fedforge.compress.downlink import Downlink
-from fedforge.core.errors import ConfigError
+from fedforge.core.errors import ConfigError, FedforgeError
 from fedforge.core.params import Params, spec_of
 from fedforge.core.records import FIT
 from fedforge.core.rng import Purpose, RngStreams
@@ -351,6 +351,9 @@ def _simulate(
             checkpoints.close()
         if isinstance(states, ClientStates) and states is not client_states:
             states.close()
+    problem = nothing_trained(history)
+    if problem:
+        raise FedforgeError(problem)
     eval_model.set_params(state.params)
     eval_model.set_frozen_offsets(model_view(algorithm, state))
     return SimulationResult(
@@ -359,6 +362,19 @@ def _simulate(
         model=eval_model.module,
         backend=chosen,
         stop_reason=driver.stop_reason,
+    )
+
+
+def nothing_trained(history: History) -> str | None:
+    """Why a run whose clients all failed in every round must not end as a success (the
+    model never moved), or None. Rounds with simulated dropouts only are not failures."""
+    rounds = [r for r in history if r.round > 0]
+    failed = sum(r.clients_failed for r in rounds)
+    if not rounds or failed == 0 or any(r.clients_completed for r in rounds):
+        return None
+    return (
+        f"no client completed any of the {len(rounds)} rounds ({failed} client failures, "
+        "their errors are logged above): the model was never trained"
     )
 
 

@@ -10,30 +10,47 @@ of the arrays is checked by the sum itself, in the same pass.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from fedforge.aggregate.kinds import rows_finite
+from fedforge.core.params import ParamSpec
 from fedforge.core.records import RecordBatch, RecordSpec
+
+
+def layout_error(
+    layout: Mapping[str, tuple[tuple[int, ...], np.dtype]], spec: ParamSpec
+) -> str | None:
+    """Why arrays of these (shape, dtype) by name are not exactly ``spec``'s (None: they
+    are). Used on whole records and on a streamed payload's header before it is received."""
+    missing, extra = spec.keys() - layout.keys(), layout.keys() - spec.keys()
+    if missing or extra:
+        return (
+            f"array names differ from the spec: missing {sorted(missing)}, "
+            f"unexpected {sorted(extra)}"
+        )
+    for name, want in spec.items():
+        shape, dtype = layout[name]
+        if tuple(shape) != tuple(want.shape):
+            return f"{name}: shape {tuple(shape)}, expected {tuple(want.shape)}"
+        if dtype != want.dtype:
+            return f"{name}: dtype {dtype}, expected {want.dtype}"
+    return None
 
 
 def _structure_error(batch: RecordBatch, spec: RecordSpec) -> str | None:
     rows = len(batch)
     if not isinstance(batch.arrays, dict):
         return f"arrays must be a dict, got {type(batch.arrays).__name__}"
-    missing, extra = spec.arrays.keys() - batch.arrays.keys(), batch.arrays.keys() - spec.arrays
-    if missing or extra:
-        return (
-            f"array names differ from the spec: missing {sorted(missing)}, "
-            f"unexpected {sorted(extra)}"
-        )
-    for name, want in spec.arrays.items():
-        arr = batch.arrays[name]
+    for name, arr in batch.arrays.items():
         if not isinstance(arr, np.ndarray):
             return f"{name}: expected a numpy array, got {type(arr).__name__}"
-        if arr.shape != (rows, *want.shape):
-            return f"{name}: shape {arr.shape[1:]}, expected {want.shape}"
-        if arr.dtype != want.dtype:
-            return f"{name}: dtype {arr.dtype}, expected {want.dtype}"
+        if arr.shape[:1] != (rows,):
+            return f"{name}: {arr.shape[0] if arr.ndim else 0} rows, expected {rows}"
+    error = layout_error({k: (v.shape[1:], v.dtype) for k, v in batch.arrays.items()}, spec.arrays)
+    if error is not None:
+        return error
     for field, names in (("scalars", spec.scalars), ("metrics", spec.metrics)):
         got = getattr(batch, field)
         if set(got) != set(names):

@@ -101,6 +101,18 @@ class TorchModel:
             for name, tensor in self._tensors.items():
                 tensor.copy_(torch.from_numpy(np.ascontiguousarray(params[name])))
 
+    def share_params(self, params: Params) -> None:
+        """Make the module's floating-point state views of ``params`` (no copy): for a model
+        that is only read (the server's evaluation) of arrays never written in place. Its
+        previous storage is released."""
+        for name, tensor in self._tensors.items():
+            array = np.asarray(params[name])
+            if array.shape != tuple(tensor.shape) or array.dtype != tensor.detach().numpy().dtype:
+                raise ValueError(f"{name}: {array.shape} {array.dtype} does not fit the model")
+            if not (array.flags.c_contiguous and array.flags.writeable):
+                array = np.array(array)  # (torch shares writeable, contiguous memory only)
+            tensor.data = torch.from_numpy(array)
+
     def set_frozen_offsets(self, shared: Mapping[str, np.ndarray]) -> None:
         """Frozen parameter ``n`` becomes its local value plus ``shared["frozen/" + n]``
         (its local value where no offset is given). An offset naming no frozen tensor, or of
