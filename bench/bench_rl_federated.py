@@ -11,7 +11,9 @@ steps with Adam, ``--server-lr``); trajectories per agent until the round's mean
 agents' own episodes reaches 475 (the run stops there), per K and seed, and the median.
 
 ``faulty``: 10 agents of which 3 faulty (each attack), FedPG with the plain mean, FedPG with
-the coordinate median, and FedPG-BR (filter + SCSG, Adam steps); trajectories per agent until
+the coordinate median, and FedPG-BR (filter + SCSG, Adam steps; the paper's settings are
+``--episodes 16 --server-lr 0.001 --sigma 0.06``, its standardized estimator by default, and
+the rounds in which the filter kept every honest agent are printed); trajectories per agent until
 the global policy's mean return (3 episodes on each of 2 held-out settings of gymnasium's
 default physics: the faulty agents' own episodes would pull the agents' mean down) reaches
 475, within ``--budget`` trajectories per agent (else "not within", with the best round's).
@@ -66,9 +68,11 @@ def run_to_target(
     budget: int,
     seed: int,
     metric: str = RETURN,
+    kept: list[str] | None = None,
 ) -> tuple[float | None, float, float]:
     """(trajectories per agent when the round's ``metric`` reached the target, or None; the
-    best round's value; wall seconds)."""
+    best round's value; wall seconds). ``kept``, if given, receives a line on the filter:
+    in how many rounds it kept every honest agent, and excluded every faulty one."""
     rounds = budget // rl.episodes
     started = time.perf_counter()
     result = simulate(
@@ -87,6 +91,12 @@ def run_to_target(
     last = result.history[-1]
     reached = last.metrics.get(metric, 0.0) >= TARGET
     used = sum(r.metrics.get(TRAJECTORIES, 0.0) for r in result.history)
+    if kept is not None:
+        faulty = set(range(rl.faulty))
+        excluded = [set(r.clients.get("excluded", [])) for r in result.history[1:]]
+        honest_kept = sum(e <= faulty for e in excluded)
+        faulty_out = sum(e >= faulty for e in excluded)
+        kept.append(f"{honest_kept}/{len(excluded)} all honest kept, {faulty_out} all faulty out")
     return (used if reached else None), best, seconds
 
 
@@ -118,8 +128,10 @@ def speedup(args: argparse.Namespace) -> None:
 
 
 def faulty(args: argparse.Namespace) -> None:
-    print("| attack | server | seed | trajectories per agent to 475 | best return | wall s |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        "| attack | server | seed | trajectories per agent to 475 | best return | wall s | filter |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|")
     for attack in args.attacks:
         for server in args.servers:
             for seed in args.seeds:
@@ -130,19 +142,22 @@ def faulty(args: argparse.Namespace) -> None:
                 )  # fmt: skip
                 algorithm: Algorithm = fedpg(args.server_lr)
                 aggregation: Aggregation = WeightedMean()
+                kept: list[str] | None = None
                 if server == "median":
                     aggregation = RobustAggregation("median")
                 elif server == "fedpg_br":
                     algorithm = fedpg_br(rl, seed, FedAdam(lr=args.server_lr, beta2=0.999))
                     aggregation = RobustAggregation(
-                        "fedpg_br", sigma=args.sigma, batch_size=rl.episodes, alpha=0.4
+                        "fedpg_br", sigma=args.sigma, batch_size=rl.episodes, alpha=args.alpha
                     )
+                    kept = []
                 used, best, seconds = run_to_target(
-                    rl, algorithm, aggregation, args.budget, seed, "test_episode_return"
+                    rl, algorithm, aggregation, args.budget, seed, "test_episode_return", kept
                 )
                 shown = f"{used:.0f}" if used is not None else f"not within {args.budget}"
                 print(
-                    f"| {attack} | {server} | {seed} | {shown} | {best:.1f} | {seconds:.0f} |",
+                    f"| {attack} | {server} | {seed} | {shown} | {best:.1f} | {seconds:.0f} "
+                    f"| {kept[0] if kept else ''} |",
                     flush=True,
                 )
 
@@ -226,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--attacks", nargs="+", default=["random_noise", "random_action", "sign_flip"]
     )
     parser.add_argument("--servers", nargs="+", default=["mean", "median", "fedpg_br"])
-    parser.add_argument("--sigma", type=float, default=25.0)
+    parser.add_argument("--sigma", type=float, default=0.06)
+    parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--kl", type=float, default=1.0)

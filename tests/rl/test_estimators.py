@@ -3,6 +3,7 @@ the lower variance."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.func import grad
@@ -146,3 +147,22 @@ def test_estimator_refuses_bad_settings() -> None:
         Estimator("ppo")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="2 episodes"):
         step_weights(torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool), Estimator())
+
+
+def test_standardized_weights_by_hand() -> None:
+    """The FedPG-BR authors' estimator: rewards-to-go standardized within each episode
+    (sample std), scaled so the estimate is a mean over the batch's 5 steps."""
+    rewards = torch.tensor([[[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]]])
+    weights = step_weights(rewards, rewards > 0, Estimator("standardized", 0.9))
+    first = np.array([2.71, 1.9, 1.0])
+    second = np.array([1.9, 1.0])
+    expected = [
+        [*((first - first.mean()) / first.std(ddof=1) * 2 / 5), 0.0],
+        [*((second - second.mean()) / second.std(ddof=1) * 2 / 5), 0.0, 0.0],
+    ]
+    np.testing.assert_allclose(weights[0].numpy(), expected, atol=1e-6)
+    one_step = step_weights(torch.ones(1, 1, 3), torch.tensor([[[True, False, False]]]),
+                            Estimator("standardized"))  # fmt: skip
+    assert one_step.abs().sum() == 0  # no spread: no weight
+    with pytest.raises(ValueError, match="without a baseline"):
+        Estimator("standardized", baseline=False)

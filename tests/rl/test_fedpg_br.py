@@ -194,3 +194,32 @@ def test_inner_loop_climbs_and_falls_back_without_mu() -> None:
     assert value(stepped) > value(theta0) + 0.3 and value(alone) > value(theta0) + 0.3
     unchanged = scsg_inner_loop(policy, theta0, mu, 0, sample, est, ascent(0.5))
     assert all(torch.equal(unchanged[n], theta0[n]) for n in theta0)
+
+
+def test_inner_loop_stops_once_the_step_ratio_leaves_the_band() -> None:
+    """The authors' early stop: a step that moves the policy so far that the sampled steps'
+    mean ratio pi_0 / pi_n leaves [0.995, 1.005] ends the loop (the step before it stands);
+    tiny steps run all of them; without mu (the server alone) there is no reference."""
+    policy, theta0, _, exact = _bandit_policy()
+    seeds = iter(range(300, 400))
+    taken: list[int] = []
+
+    def sample(params):
+        return _bandit_episodes(policy, params, 64, seed=next(seeds))
+
+    def counted(lr: float):
+        def step(params, direction):
+            taken.append(1)
+            return ascent(lr)(params, direction)
+
+        return step
+
+    est, mu = Estimator("gpomdp", 1.0, True), exact(theta0)
+    far = scsg_inner_loop(policy, theta0, mu, 5, sample, est, counted(5.0))
+    assert len(taken) == 1 and not all(torch.equal(far[n], theta0[n]) for n in theta0)
+    taken.clear()
+    scsg_inner_loop(policy, theta0, mu, 5, sample, est, counted(1e-4))
+    assert len(taken) == 5
+    taken.clear()
+    scsg_inner_loop(policy, theta0, None, 5, sample, est, counted(5.0))
+    assert len(taken) == 5

@@ -115,7 +115,7 @@ def test_fedpg_br_filters_noisy_agents_and_keeps_honest_ones() -> None:
     result = simulate(
         rl_workload(rl, 0),
         algorithm=fedpg_br(rl, 0),
-        aggregation=RobustAggregation("fedpg_br", sigma=25.0, batch_size=6, alpha=0.4),
+        aggregation=RobustAggregation("fedpg_br", batch_size=6, alpha=0.4),
         rounds=2,
         clients_per_round=5,
         verbose=0,
@@ -125,11 +125,38 @@ def test_fedpg_br_filters_noisy_agents_and_keeps_honest_ones() -> None:
     assert result.history[-1].round == 2
 
 
+def test_fedpg_br_keeps_every_honest_agent_in_every_round() -> None:
+    """With the paper's settings (the authors' standardized estimator, sigma 0.06, Adam lr
+    1e-3), 3 of 10 agents flipping signs: the filter keeps all 7 honest agents in every round
+    and excludes the flippers in most. (With GPOMDP's unnormalized reports it kept nobody.)"""
+    rl = RLConfig(
+        agents=10, episodes=32, max_episode_steps=100, heldout=0, method="fedpg_br", faulty=3,
+        fault="sign_flip",
+    )  # fmt: skip
+    assert rl.estimator == "standardized"
+    result = simulate(
+        rl_workload(rl, 1),
+        algorithm=fedpg_br(rl, 1),
+        aggregation=RobustAggregation("fedpg_br", batch_size=rl.episodes),  # sigma 0.06
+        rounds=6,
+        clients_per_round=10,
+        seed=1,
+        backend="vectorized",
+        verbose=0,
+    )
+    excluded = [set(r.clients.get("excluded", [])) for r in result.history[1:]]
+    assert len(excluded) == 6
+    kept = [10 - len(e) for e in excluded]
+    assert all(e <= {0, 1, 2} for e in excluded), excluded  # every honest agent, every round
+    assert all(k >= 7 for k in kept), kept
+    assert sum(e == {0, 1, 2} for e in excluded) >= 5, excluded
+
+
 def test_a_resumed_run_continues_where_it_stopped(tmp_path: Path) -> None:
     rl = _tiny(method="fedpg_br", heldout=0)
     run = {
         "algorithm": fedpg_br(rl, 1),
-        "aggregation": RobustAggregation("fedpg_br", sigma=25.0, batch_size=3),
+        "aggregation": RobustAggregation("fedpg_br", batch_size=3),
         "clients_per_round": 3,
         "seed": 1,
         "verbose": 0,
@@ -154,6 +181,10 @@ def test_a_resumed_run_continues_where_it_stopped(tmp_path: Path) -> None:
         ('[rl]\nmethod = "fedpg"\npenalty = "kl"', "rl.penalty applies to rl.method = 'fedavg'"),
         ("[rl]\nmini_batch = 8", "rl.mini_batch applies to rl.method = 'fedpg_br'"),
         ("[rl]\nfaulty = 3", "rl.faulty = 3 exceeds rl.agents = 2"),
+        (
+            '[rl]\nestimator = "standardized"\nbaseline = false',
+            "cannot run with rl.baseline = false",
+        ),
         ("[rl]\nbogus = 1", "rl.bogus: unknown key; allowed keys here: env, agents"),
         ("[rl]\nphysics = { pole = 0.4 }", "rl.physics: CartPole-v1 has no physical parameter"),
     ],

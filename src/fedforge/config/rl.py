@@ -3,9 +3,9 @@ environment (:mod:`fedforge.rl.workload` turns it into a workload)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from fedforge.config.base import Section
 
@@ -20,7 +20,11 @@ class RLConfig(Section):
     global policy and the server step along the mean (``server.optimizer``, ``server.lr``);
     ``fedpg_br`` adds FedPG-BR's server: the Byzantine filter (``aggregation.kind =
     'fedpg_br'``) and SCSG steps (each a ``server.optimizer`` step) on the server's own
-    environment."""
+    environment.
+
+    ``estimator`` defaults to ``gpomdp``, and under ``fedpg_br`` to ``standardized`` (the
+    FedPG-BR authors' estimator: its scale stays fixed, so the filter's fixed radius
+    ``aggregation.sigma = 0.06`` keeps the honest agents all run long)."""
 
     env: Literal["CartPole-v1", "Acrobot-v1"] = "CartPole-v1"
     agents: int = Field(2, ge=1, description="simulation: the number of agents")
@@ -44,7 +48,7 @@ class RLConfig(Section):
     iterations: int = Field(1, ge=1, description="fedavg: local ascent steps per round")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="fedavg: the local optimizer")
     discount: float = Field(0.999, gt=0, le=1)
-    estimator: Literal["reinforce", "gpomdp"] = "gpomdp"
+    estimator: Literal["reinforce", "gpomdp", "standardized"] = "gpomdp"
     baseline: bool = True
     penalty: Literal["none", "kl", "prox"] = Field(
         "none", description="fedavg: a penalty toward the global policy (FedKL, FedProx)"
@@ -58,3 +62,11 @@ class RLConfig(Section):
     max_inner_steps: int = Field(
         20, ge=1, description="fedpg_br: cap on the geometric number of SCSG steps"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_default_estimator(cls, data: Any) -> Any:
+        """``fedpg_br`` without an ``estimator`` takes ``standardized`` (see the class)."""
+        if isinstance(data, dict) and data.get("method") == "fedpg_br" and "estimator" not in data:
+            return {**data, "estimator": "standardized"}
+        return data

@@ -53,6 +53,11 @@ def rl_problems(config: RunConfig) -> list[str]:
             "(use rl.faulty and rl.fault, or an attack on updates)"
         )
     out += _environment_problems(rl)
+    if rl.estimator == "standardized" and not rl.baseline:
+        out.append(
+            "rl.estimator = 'standardized' subtracts each episode's mean reward-to-go: it "
+            "cannot run with rl.baseline = false (choose gpomdp or reinforce)"
+        )
     if rl.faulty > rl.agents:
         out.append(f"rl.faulty = {rl.faulty} exceeds rl.agents = {rl.agents}")
     defaults = type(rl).model_fields

@@ -25,9 +25,17 @@ report is within ``T_mu`` of every other honest one, and ``mu_mom`` is within ``
 honest report); ``radius_scale=2`` gives that guaranteed variant. With fewer than K/2 faulty
 agents, a group of faulty reports, however they collude, never has a majority around it.
 
-The gradients are :mod:`fedforge.rl.estimators`' (the paper's GPOMDP, unbiased); the authors'
-code instead weighs each step by its reward-to-go standardized within the episode, a biased
-variant not reproduced here.
+The gradients are :mod:`fedforge.rl.estimators`'; FedPG-BR runs default to its
+``standardized`` estimator, the authors' (rewards-to-go standardized within each episode, the
+mean over steps): with it the reports' scale stays fixed as episodes grow, so one radius
+(``sigma = 0.06`` on CartPole, the authors' ``codes/options.py``) serves the whole run. With
+GPOMDP's unnormalized estimates the honest reports' spread grows with the return and a fixed
+``sigma`` ends up keeping nobody (bench/README.md section 16).
+
+Settings of the authors' released code (flint-xf-fan/Byzantine-Federated-RL, ``codes/``) that
+this module follows: the radii above, ``N ~ Geometric(b / (B + b))`` on {1, 2, ...}, and the
+inner loop's early stop once the mean per-step likelihood ratio ``pi_0(a|s) / pi_n(a|s)`` of
+the server's sampled steps leaves [0.995, 1.005] (``codes/agent.py``).
 """
 
 from __future__ import annotations
@@ -129,6 +137,20 @@ def importance_weights(
         return torch.exp(torch.where(traj.alive[0], ref - now, 0.0).sum(dim=-1))
 
 
+RATIO_BAND = (0.995, 1.005)  # the authors' early stop of the inner loop
+
+
+def mean_step_ratio(
+    policy: Policy, params_ref: Tensors, params_now: Tensors, traj: Trajectories
+) -> float:
+    """The mean over one agent's sampled steps of ``pi_ref(a | s) / pi_now(a | s)``."""
+    with torch.no_grad():
+        ref = policy.log_prob(params_ref, traj.obs[0], traj.actions[0])
+        now = policy.log_prob(params_now, traj.obs[0], traj.actions[0])
+        alive = traj.alive[0]
+        return float(torch.exp(ref - now)[alive].mean())
+
+
 def scsg_direction(
     policy: Policy,
     params_now: Tensors,
@@ -163,12 +185,15 @@ def scsg_inner_loop(
     """SCSG from ``theta0``: ``steps`` times, sample the server's own trajectories at the
     current policy and ``step`` along :func:`scsg_direction`. ``mu`` None (the filter kept
     nobody) steps along the server's own gradient estimate instead. The importance weights
-    are products over whole episodes and grow or vanish as ``theta_n`` leaves ``theta_0``
-    (the authors' code stops the inner loop once their mean leaves [0.995, 1.005]; that
-    heuristic is not applied here), so keep the step small or the loop short."""
+    are products over whole episodes and grow or vanish as ``theta_n`` leaves ``theta_0``, so
+    the loop stops, as the authors' does, before a step whose sampled steps' mean ratio
+    (:func:`mean_step_ratio`) leaves ``RATIO_BAND``."""
     params = dict(theta0)
+    low, high = RATIO_BAND
     for _ in range(steps):
         traj = sample(params)
+        if mu is not None and not low <= mean_step_ratio(policy, theta0, params, traj) <= high:
+            break
         if mu is None:
             weights = step_weights(traj.rewards, traj.alive, estimator)[0]
             direction = policy_gradient(policy, params, traj.obs[0], traj.actions[0], weights)

@@ -4,8 +4,9 @@ estimate at the global policy, :mod:`fedforge.rl.workload`), the Byzantine filte
 server's own environment (:func:`~fedforge.rl.fedpg_br.scsg_inner_loop`) from the global
 policy, along the filtered mean. The server's environment has gymnasium's default physics;
 its trajectories are drawn from the run seed and the round, so a resumed run repeats them.
-Each SCSG step is a step of the server optimizer (``server.optimizer``, ``server.lr``; Adam in
-the authors' code) along the SCSG direction, its state kept in the server state.
+Each SCSG step is a step of the server optimizer (``server.optimizer``, ``server.lr``; Adam with
+lr 1e-3 in the authors' code, ``codes/agent.py`` and ``codes/options.py``) along the SCSG
+direction, its state kept in the server state.
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ class FedPGBR(FedAvg):
 
 def fedpg_br(rl: RLConfig, seed: int, server_optimizer: ServerOptimizer | None = None) -> FedPGBR:
     """FedPG-BR's server for the agents ``rl`` describes (SCSG steps: ``server_optimizer``,
-    by default Adam with lr 0.01)."""
+    by default the authors' Adam with lr 1e-3)."""
     return FedPGBR(
-        server_optimizer=server_optimizer or FedAdam(lr=0.01, beta2=0.999),
+        server_optimizer=server_optimizer or FedAdam(lr=1e-3, beta2=0.999),
         env_id=rl.env,
         horizon=rl.max_episode_steps,
         hidden=tuple(rl.hidden),
