@@ -174,7 +174,10 @@ def test_a_restarted_site_replaces_its_hung_session(tmp_path: Path) -> None:
     # would after 75 s, longer than a new process takes to start even on a loaded machine).
     keys = make_keys(tmp_path, NAMES)
     port = free_port()
-    cfg = write_config(tmp_path, keys, port, rounds=4, clients=3, epochs=3, heartbeat=30.0)
+    # Many rounds: a round of this model takes milliseconds, and the hang must begin while the
+    # run still has rounds to go, however late a loaded machine lets this test see round 1
+    # end (the hung site then holds its round until its new process replaces it).
+    cfg = write_config(tmp_path, keys, port, rounds=200, clients=3, epochs=3, heartbeat=30.0)
     server = start_server(cfg, tmp_path / "server.log")
     clients = {n: start_client(port, keys / n, tmp_path / f"{n}.log") for n in NAMES}
     restarted = None
@@ -291,12 +294,16 @@ def test_sites_make_their_own_keys_and_a_revocation_needs_no_restart(tmp_path: P
     assert sorted(p.name for p in keys.rglob("*.key")) == ["ca.key", "server.key"]
     assert "CA fingerprint" in (tmp_path / "keys.log").read_text()
     port = free_port()
-    cfg = write_config(tmp_path, keys, port, rounds=200, clients=3, min_clients=2)
+    # Rounds of milliseconds: the run must outlast the revocation (the server is stopped below).
+    cfg = write_config(tmp_path, keys, port, rounds=100_000, clients=3, min_clients=2)
     server = start_server(cfg, tmp_path / "server.log")
     sites = tmp_path / "sites"
     clients = {n: start_client(port, sites / n, tmp_path / f"{n}.log") for n in NAMES}
     try:
         wait_for(lambda: log_has(tmp_path / "server.log", "round 2:"), 120 * PATIENCE, "round 2")
+        # c2 is revoked while connected (not refused at a later connection).
+        connected = "client c2 (id 2) connected"
+        wait_for(lambda: log_has(tmp_path / "server.log", connected), 120 * PATIENCE, "c2")
         revoke_client(keys, "c2")
         wait_for(
             lambda: log_has(tmp_path / "server.log", "client c2: its certificate was revoked"),
